@@ -1,0 +1,367 @@
+"""App: the agent registry, publishing, and the lifespan hooks a worker runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
+from omnidaemon.brokers import Broker, MemoryBroker, Subscription, open_broker
+from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.envelope import Envelope
+from omnidaemon.errors import ConfigurationError
+from omnidaemon.retry import Backoff
+from omnidaemon.settings import Settings
+
+__all__ = ["App", "Hook", "Lifespan"]
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+Hook = Callable[[], Awaitable[None]]
+"""An `on_startup` / `on_shutdown` hook: an async function without arguments."""
+Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
+"""A lifespan: called with the app, returns an async context manager the worker runs inside."""
+
+_log = structlog.get_logger("omnidaemon.app")
+
+
+class App:
+    """An omnidaemon application: a name, a broker, and the agents that run on it.
+
+    Args:
+        name: The app's name, recorded as `source` on every event it publishes.
+        broker: A broker URL (`memory://`) or a `Broker`; by default `OMNIDAEMON_BROKER_URL`.
+        lifespan: An async context manager factory run around the worker (open clients before
+            the first event, close them after the last).
+        settings: Settings to use instead of reading the environment.
+
+    Example:
+        ```python
+        app = App("docs")
+
+        @app.agent("document.uploaded", publishes="text.extracted", max_retries=3)
+        async def extract_text(event: Uploaded, ctx: Context) -> Extracted:
+            ...
+        ```
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: str | Broker | None = None,
+        lifespan: Lifespan | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.name = validate_agent_name(name)
+        self.settings = settings if settings is not None else Settings.from_env()
+        self._broker_source = broker
+        self._broker: Broker | None = broker if isinstance(broker, Broker) else None
+        self._connected = False
+        self._lifespan = lifespan
+        self._agents: dict[str, AgentSpec] = {}
+        self._startup: list[Hook] = []
+        self._shutdown: list[Hook] = []
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, agents={list(self._agents)})"
+
+    # Declaring agents ---------------------------------------------------------------------
+
+    @property
+    def agents(self) -> Mapping[str, AgentSpec]:
+        """The registered agents by name (read-only)."""
+        return MappingProxyType(self._agents)
+
+    def agent(
+        self,
+        topic: str,
+        *,
+        name: str | None = None,
+        publishes: str | None = None,
+        max_retries: int = 3,
+        retry_backoff: float | timedelta | Backoff = 1.0,
+        concurrency: int = 16,
+        timeout: float | timedelta | None = None,
+        reclaim_idle: float | timedelta = 30.0,
+        start: Literal["earliest", "latest"] = "earliest",
+        description: str | None = None,
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated function as an agent consuming `topic`.
+
+        The handler's first parameter's annotation is the payload type; a parameter annotated
+        `Context` receives the context. The function is returned unchanged, so it can still be
+        called directly in unit tests.
+
+        Args:
+            topic: The topic to consume, e.g. `"document.uploaded"`.
+            name: The agent's name and consumer group; default: the function's name. Two agents
+                on one topic each get every event; workers running the same agent share them.
+            publishes: A topic the return value is published to (typed pipelines).
+            max_retries: Retries after the first attempt before the event is dead-lettered.
+            retry_backoff: Seconds before the first retry (doubling after each failure, with
+                jitter), or a `Backoff`.
+            concurrency: Most handlers of this agent running at once in one worker.
+            timeout: Seconds one attempt may run before it fails with `TimeoutError`.
+            reclaim_idle: Seconds after which another worker takes over a delivery whose
+                worker stopped renewing its lease (crashed).
+            start: Where a new agent starts reading: `"earliest"` retained event or `"latest"`.
+            description: Shown by the CLI; default: the handler's docstring.
+
+        Raises:
+            TypeError: The handler's signature cannot be used (see the message).
+            ValueError: A bad topic, name or option.
+        """
+
+        def decorate(handler: HandlerT) -> HandlerT:
+            spec = build_agent_spec(
+                handler,
+                topic=topic,
+                name=name,
+                publishes=publishes,
+                max_retries=max_retries,
+                retry_backoff=retry_backoff,
+                concurrency=concurrency,
+                timeout=timeout,
+                reclaim_idle=reclaim_idle,
+                start=start,
+                description=description,
+            )
+            if spec.name in self._agents:
+                raise ValueError(
+                    f"an agent named {spec.name!r} is already registered on app {self.name!r}; "
+                    "pass name=... to tell them apart"
+                )
+            self._agents[spec.name] = spec
+            return handler
+
+        return decorate
+
+    def on_startup(self, hook: Hook) -> Hook:
+        """Register an async function the worker runs before it consumes any event."""
+        self._startup.append(hook)
+        return hook
+
+    def on_shutdown(self, hook: Hook) -> Hook:
+        """Register an async function the worker runs after the last handler finished."""
+        self._shutdown.append(hook)
+        return hook
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Run the lifespan context and the startup hooks; on exit, the shutdown hooks.
+
+        The worker runs its consumers inside this; call it yourself only to run the hooks
+        without a worker.
+        """
+        async with AsyncExitStack() as stack:
+            if self._lifespan is not None:
+                await stack.enter_async_context(self._lifespan(self))
+            for hook in self._startup:
+                await hook()
+            try:
+                yield
+            finally:
+                for hook in self._shutdown:
+                    await hook()
+
+    # The broker ---------------------------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The broker this app publishes to and consumes from (made on first use)."""
+        if self._broker is None:
+            url = self._broker_source or self.settings.broker_url
+            if url is None:
+                # The embedded durable bus becomes the default once it lands; until then an
+                # unconfigured app runs in-process, and says so.
+                _log.warning(
+                    "no broker configured: using the in-process memory:// bus; events do not "
+                    "leave this process (set OMNIDAEMON_BROKER_URL to share a bus)"
+                )
+                self._broker = MemoryBroker(f"app:{self.name}")
+            elif isinstance(url, str):
+                self._broker = open_broker(url)
+        assert self._broker is not None
+        return self._broker
+
+    async def connect(self) -> None:
+        """Connect to the broker. Publishing and serving connect on their own."""
+        if not self._connected:
+            await self.broker.connect()
+            self._connected = True
+
+    async def close(self) -> None:
+        """Close the broker connection."""
+        if self._connected:
+            self._connected = False
+            await self.broker.close()
+
+    async def __aenter__(self) -> App:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # Publishing ---------------------------------------------------------------------------
+
+    def _envelope(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        correlation_id: str | None,
+        causation_id: str | None,
+        reply_to: str | None,
+        webhook: str | None,
+        tenant_id: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> Envelope[Any]:
+        if headers is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise TypeError("headers must map str to str")
+        return Envelope.new(
+            topic,
+            payload,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            reply_to=reply_to,
+            webhook=webhook,
+            source=self.name,
+            tenant_id=tenant_id,
+            headers=dict(headers) if headers else None,
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        reply_to: str | None = None,
+        webhook: str | None = None,
+        tenant_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish one event and return its id.
+
+        Args:
+            topic: Where to publish, e.g. `"document.uploaded"`.
+            payload: A pydantic model, dataclass, TypedDict or any JSON-compatible value.
+            correlation_id: Ties events of one workflow together; default: the new event's id.
+            causation_id: The id of the event that caused this one (`Context.publish` sets it).
+            reply_to: A topic the handler's return value is sent to.
+            webhook: A URL the outcome is POSTed to.
+            tenant_id: Carried unchanged to handlers.
+            headers: String metadata carried unchanged.
+
+        Raises:
+            ValueError: The topic name is invalid.
+            TypeError: The payload cannot be encoded as JSON.
+        """
+        envelope = self._envelope(
+            topic,
+            payload,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            reply_to=reply_to,
+            webhook=webhook,
+            tenant_id=tenant_id,
+            headers=headers,
+        )
+        data = envelope.encode()
+        await self.connect()
+        await self.broker.publish(topic, data)
+        return envelope.id
+
+    async def publish_many(
+        self, events: Iterable[tuple[str, Any]], *, correlation_id: str | None = None
+    ) -> list[str]:
+        """Publish several `(topic, payload)` events in one round trip; return their ids."""
+        envelopes = [
+            self._envelope(
+                topic,
+                payload,
+                correlation_id=correlation_id,
+                causation_id=None,
+                reply_to=None,
+                webhook=None,
+                tenant_id=None,
+                headers=None,
+            )
+            for topic, payload in events
+        ]
+        await self.connect()
+        await self.broker.publish_many([(e.topic, e.encode()) for e in envelopes])
+        return [e.id for e in envelopes]
+
+    # Inspecting ---------------------------------------------------------------------------
+
+    def get_agent(self, name: str) -> AgentSpec:
+        """The agent called `name`; `ConfigurationError` listing the known names if none is."""
+        try:
+            return self._agents[name]
+        except KeyError:
+            known = ", ".join(sorted(self._agents)) or "none"
+            raise ConfigurationError(
+                f"app {self.name!r} has no agent {name!r} (agents: {known})"
+            ) from None
+
+    async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
+        """Up to `limit` events in `agent`'s dead-letter queue, oldest first."""
+        spec = self.get_agent(agent)
+        await self.connect()
+        records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)
+        return [DeadLetter.decode(record) for record in records]
+
+    # Running ------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        agents: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        """Run the agents in the current event loop until cancelled.
+
+        Args:
+            agents: Names of the agents to run; default: all.
+            concurrency: Override every agent's `concurrency`.
+            shutdown_grace: Seconds in-flight handlers get to finish on a graceful stop.
+        """
+        from omnidaemon.worker.runner import Worker
+
+        await Worker(
+            self, agents=agents, concurrency=concurrency, shutdown_grace=shutdown_grace
+        ).run()
+
+    @asynccontextmanager
+    async def running(
+        self,
+        *,
+        agents: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        shutdown_grace: float | None = None,
+    ) -> AsyncIterator[None]:
+        """Run the agents for the duration of the block, then stop them gracefully.
+
+        Example:
+            ```python
+            async with app.running():
+                await app.publish("document.uploaded", {"file_path": "a.pdf", "user_id": "u1"})
+                ...
+            ```
+        """
+        from omnidaemon.worker.runner import Worker
+
+        worker = Worker(self, agents=agents, concurrency=concurrency, shutdown_grace=shutdown_grace)
+        async with worker.started():
+            yield

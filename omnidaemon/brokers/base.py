@@ -1,0 +1,154 @@
+"""The broker contract: everything omnidaemon needs from an event bus.
+
+A broker moves opaque bytes. It knows topics, consumer groups (one per agent), consumers (one
+per worker process and agent), pending deliveries, per-group retries and per-group dead letters;
+it knows nothing about envelopes, payload types, apps or workers. Every implementation keeps the
+same promises, checked by one conformance suite:
+
+- **Fan-out and load sharing.** Every group subscribed to a topic gets every entry published
+  after the group's start point; within one group, each entry is delivered to one consumer.
+- **At least once.** A delivered entry stays *pending* for its group until `ack`, `retry` or
+  `dead_letter` settles it. A pending entry whose lease is not renewed (`extend`) for
+  `min_idle` seconds can be taken over by another consumer (`reclaim`); that counts as a new
+  attempt.
+- **Per-group retries.** `retry` settles the delivery and schedules a new delivery of the same
+  bytes to the same group only, after a delay, with `attempt + 1`. Settling and scheduling are
+  one atomic step; so are settling and dead-lettering in `dead_letter`.
+- **Cancellation.** Any call may be cancelled. A cancelled `fetch` may leave entries pending
+  for the consumer (they are reclaimed later), never lose them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+__all__ = ["Broker", "Delivery", "Subscription"]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One consumer group on one topic: the broker's view of an agent.
+
+    Attributes:
+        topic: The topic the group reads.
+        group: The group's name (the agent's name).
+        start: Where a newly created group starts reading: `"earliest"` (the oldest entry the
+            topic still retains, so events published before the first worker started are
+            handled) or `"latest"` (only entries published after the group was created).
+    """
+
+    topic: str
+    group: str
+    start: Literal["earliest", "latest"] = "earliest"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of one entry to one consumer of a group.
+
+    Attributes:
+        id: The broker's id of the delivered entry, unique within `origin`.
+        data: The entry's bytes, exactly as published.
+        attempt: 1 for the first delivery to this group, plus one per retry and per reclaim.
+        origin: Which of the subscription's queues the entry came from (broker-specific; pass
+            the delivery back unchanged to settle it).
+    """
+
+    id: str
+    data: bytes
+    attempt: int
+    origin: str = ""
+
+
+class Broker(ABC):
+    """An event bus that omnidaemon runs on.
+
+    Use it as an async context manager, or call `connect` and `close`. Every method except
+    `connect` may be called only while connected.
+    """
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """The broker's URL with any password masked: safe to log."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close connections. Idempotent; pending deliveries stay pending."""
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # Publishing ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Append one entry to `topic`; durable when this returns."""
+
+    async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        """Append several `(topic, data)` entries, in order; a broker may pipeline them."""
+        for topic, data in entries:
+            await self.publish(topic, data)
+
+    # Consuming ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def subscribe(self, sub: Subscription) -> None:
+        """Create the consumer group if it does not exist. Idempotent."""
+
+    @abstractmethod
+    async def fetch(
+        self, sub: Subscription, consumer: str, count: int, timeout: float
+    ) -> list[Delivery]:
+        """Deliver up to `count` entries to `consumer`: retries that are due first, then new
+        entries. Waits up to `timeout` seconds for at least one; returns `[]` if none came."""
+
+    @abstractmethod
+    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+        """Settle deliveries as done. Acking an already settled delivery is a no-op."""
+
+    @abstractmethod
+    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+        """Atomically settle `delivery` and schedule its entry for this group alone, `delay`
+        seconds from now, as attempt `delivery.attempt + 1`."""
+
+    @abstractmethod
+    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
+        """Atomically settle `delivery` and append `record` to the group's dead-letter queue."""
+
+    @abstractmethod
+    async def extend(
+        self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
+    ) -> None:
+        """Renew the lease of deliveries `consumer` is still working on, so that they are not
+        reclaimed while it is alive."""
+
+    @abstractmethod
+    async def reclaim(
+        self, sub: Subscription, consumer: str, min_idle: float, count: int
+    ) -> list[Delivery]:
+        """Take over up to `count` pending deliveries whose lease is older than `min_idle`
+        seconds (their consumer is presumed dead), each as a new attempt."""
+
+    # Inspection ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
+        """Up to `limit` records from the group's dead-letter queue, oldest first."""

@@ -1,0 +1,307 @@
+"""`memory://`: an in-process bus with the delivery semantics of the real one.
+
+It backs `omnidaemon.testing` and single-process runs. Entries never leave the process: a
+publisher in another process cannot reach it. Brokers opened on the same `memory://NAME` URL in
+one process share one bus.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from omnidaemon.brokers.base import Broker, Delivery, Subscription
+
+__all__ = ["MemoryBroker"]
+
+_STREAM = "stream"
+_RETRY = "retry"
+
+
+@dataclass(slots=True)
+class _Pending:
+    delivery: Delivery
+    consumer: str
+    leased_at: float
+
+
+@dataclass(slots=True)
+class _Group:
+    cursor: int
+    pending: dict[tuple[str, str], _Pending] = field(default_factory=dict)
+    # (due, tiebreak, data, attempt): a heap ordered by due time.
+    scheduled: list[tuple[float, int, bytes, int]] = field(default_factory=list)
+    dead: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Topic:
+    entries: deque[tuple[int, bytes]] = field(default_factory=deque)
+    next_seq: int = 0
+    groups: dict[str, _Group] = field(default_factory=dict)
+
+
+class _Bus:
+    """The shared state behind every `MemoryBroker` opened on one name."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen = maxlen
+        self.topics: dict[str, _Topic] = {}
+        self.offset = 0.0  # seconds added to the monotonic clock by `fast_forward`
+        self._changed = anyio.Event()
+        self._tiebreak = itertools.count()
+
+    def now(self) -> float:
+        return time.monotonic() + self.offset
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_changed(self, timeout: float) -> None:
+        changed = self._changed
+        with anyio.move_on_after(max(0.0, timeout)):
+            await changed.wait()
+
+    def topic(self, name: str) -> _Topic:
+        topic = self.topics.get(name)
+        if topic is None:
+            topic = self.topics[name] = _Topic()
+        return topic
+
+    def append(self, name: str, data: bytes) -> None:
+        topic = self.topic(name)
+        topic.entries.append((topic.next_seq, data))
+        topic.next_seq += 1
+        self._trim(topic)
+
+    def _trim(self, topic: _Topic) -> None:
+        # Beyond maxlen, drop the oldest entries, but only those every group has read:
+        # the memory bus never loses an entry a group has yet to see.
+        floor = min((g.cursor for g in topic.groups.values()), default=topic.next_seq)
+        while len(topic.entries) > self.maxlen and topic.entries[0][0] < floor:
+            topic.entries.popleft()
+
+    def schedule(self, group: _Group, due: float, data: bytes, attempt: int) -> None:
+        heapq.heappush(group.scheduled, (due, next(self._tiebreak), data, attempt))
+
+    def next_due(self) -> float | None:
+        dues = [
+            g.scheduled[0][0]
+            for t in self.topics.values()
+            for g in t.groups.values()
+            if g.scheduled
+        ]
+        return min(dues, default=None)
+
+    def busy(self) -> bool:
+        """True while any group has unread entries, pending deliveries or due retries."""
+        now = self.now()
+        for topic in self.topics.values():
+            for group in topic.groups.values():
+                if group.cursor < topic.next_seq or group.pending:
+                    return True
+                if group.scheduled and group.scheduled[0][0] <= now:
+                    return True
+        return False
+
+
+_buses: weakref.WeakValueDictionary[str, _Bus] = weakref.WeakValueDictionary()
+
+
+class MemoryBroker(Broker):
+    """The in-process broker.
+
+    Args:
+        name: Brokers with the same name in one process share one bus; `None` makes a private
+            bus for this broker alone.
+        maxlen: Entries each topic retains once every group has read them.
+    """
+
+    def __init__(self, name: str | None = None, *, maxlen: int = 10_000) -> None:
+        self._name = name
+        if name is None:
+            self._bus = _Bus(maxlen)
+        else:
+            bus = _buses.get(name)
+            if bus is None:
+                bus = _Bus(maxlen)
+                _buses[name] = bus
+            self._bus = bus
+        self._ids = itertools.count()
+
+    @property
+    def url(self) -> str:
+        return f"memory://{self._name or ''}"
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    # Publishing ---------------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        self._bus.append(topic, data)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        for topic, data in entries:
+            self._bus.append(topic, data)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    # Consuming ----------------------------------------------------------------------------
+
+    def _group(self, sub: Subscription) -> _Group:
+        try:
+            return self._bus.topics[sub.topic].groups[sub.group]
+        except KeyError:
+            raise RuntimeError(f"not subscribed: {sub.group!r} on {sub.topic!r}") from None
+
+    async def subscribe(self, sub: Subscription) -> None:
+        topic = self._bus.topic(sub.topic)
+        if sub.group not in topic.groups:
+            start = topic.entries[0][0] if topic.entries else topic.next_seq
+            if sub.start == "latest":
+                start = topic.next_seq
+            topic.groups[sub.group] = _Group(cursor=start)
+        await anyio.lowlevel.checkpoint()
+
+    async def fetch(
+        self, sub: Subscription, consumer: str, count: int, timeout: float
+    ) -> list[Delivery]:
+        bus = self._bus
+        deadline = bus.now() + timeout
+        while True:
+            taken = self._take(sub, consumer, count)
+            if taken:
+                # No await between taking and returning: a cancelled fetch loses nothing.
+                return taken
+            now = bus.now()
+            if now >= deadline:
+                return []
+            group = self._group(sub)
+            wake = deadline if not group.scheduled else min(deadline, group.scheduled[0][0])
+            await bus.wait_changed(wake - now)
+
+    def _take(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
+        bus = self._bus
+        topic = bus.topics[sub.topic]
+        group = self._group(sub)
+        now = bus.now()
+        taken: list[Delivery] = []
+        while group.scheduled and group.scheduled[0][0] <= now and len(taken) < count:
+            _, _, data, attempt = heapq.heappop(group.scheduled)
+            taken.append(Delivery(f"r-{next(self._ids)}", data, attempt, _RETRY))
+        if len(taken) < count and group.cursor < topic.next_seq:
+            # Sequence numbers are contiguous, so the cursor maps straight to a position.
+            index = max(0, group.cursor - topic.entries[0][0])
+            while index < len(topic.entries) and len(taken) < count:
+                seq, data = topic.entries[index]
+                taken.append(Delivery(str(seq), data, 1, _STREAM))
+                group.cursor = seq + 1
+                index += 1
+        for delivery in taken:
+            group.pending[(delivery.origin, delivery.id)] = _Pending(delivery, consumer, now)
+        return taken
+
+    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+        group = self._group(sub)
+        for delivery in deliveries:
+            group.pending.pop((delivery.origin, delivery.id), None)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+        group = self._group(sub)
+        if group.pending.pop((delivery.origin, delivery.id), None) is not None:
+            due = self._bus.now() + max(0.0, delay)
+            self._bus.schedule(group, due, delivery.data, delivery.attempt + 1)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
+        group = self._group(sub)
+        if group.pending.pop((delivery.origin, delivery.id), None) is not None:
+            group.dead.append(record)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def extend(
+        self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
+    ) -> None:
+        group = self._group(sub)
+        now = self._bus.now()
+        for delivery in deliveries:
+            pending = group.pending.get((delivery.origin, delivery.id))
+            if pending is not None and pending.consumer == consumer:
+                pending.leased_at = now
+        await anyio.lowlevel.checkpoint()
+
+    async def reclaim(
+        self, sub: Subscription, consumer: str, min_idle: float, count: int
+    ) -> list[Delivery]:
+        group = self._group(sub)
+        now = self._bus.now()
+        claimed: list[Delivery] = []
+        for pending in group.pending.values():
+            if len(claimed) >= count:
+                break
+            if now - pending.leased_at >= min_idle:
+                old = pending.delivery
+                pending.delivery = Delivery(old.id, old.data, old.attempt + 1, old.origin)
+                pending.consumer = consumer
+                pending.leased_at = now
+                claimed.append(pending.delivery)
+        await anyio.lowlevel.checkpoint()
+        return claimed
+
+    # Inspection ---------------------------------------------------------------------------
+
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
+        await anyio.lowlevel.checkpoint()
+        return self.dead_letters_now(sub)[:limit]
+
+    def dead_letters_now(self, sub: Subscription) -> list[bytes]:
+        """Every record in the group's dead-letter queue, oldest first (no await needed)."""
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        return list(group.dead) if group else []
+
+    # Test support -------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """True while any group has unread entries, unsettled deliveries or retries now due."""
+        return self._bus.busy()
+
+    def has_scheduled(self) -> bool:
+        """True while any retry is scheduled for later."""
+        return self._bus.next_due() is not None
+
+    def fast_forward(self) -> bool:
+        """Move this bus's clock to the next scheduled retry, so that it is due now.
+
+        Returns False if no retry is scheduled. Used by `omnidaemon.testing` to run retries
+        without waiting out their backoff.
+        """
+        due = self._bus.next_due()
+        if due is None:
+            return False
+        self._bus.offset += max(0.0, due - self._bus.now())
+        self._bus.notify()
+        return True
+
+    async def wait_changed(self, timeout: float = math.inf) -> None:
+        """Wait until anything on the bus changes, or `timeout` seconds."""
+        await self._bus.wait_changed(timeout)

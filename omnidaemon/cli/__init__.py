@@ -1,0 +1,5 @@
+"""The `omnidaemon` command line."""
+
+from omnidaemon.cli.main import main
+
+__all__ = ["main"]

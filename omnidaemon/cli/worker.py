@@ -1,0 +1,144 @@
+"""`omnidaemon worker APP`: run an app's agents until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+import structlog
+
+from omnidaemon.errors import OmniDaemonError
+from omnidaemon.observability.logging import configure_logging
+from omnidaemon.settings import Settings
+from omnidaemon.worker.loader import load_app
+from omnidaemon.worker.runner import Worker
+
+__all__ = ["add_parser", "run"]
+
+_EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def add_parser(commands: Any) -> None:
+    """Add the `worker` command to the CLI's subcommands."""
+    parser = commands.add_parser(
+        "worker",
+        help="run an app's agents",
+        description=(
+            "Run the agents of APP until SIGINT or SIGTERM (a second signal exits at once)."
+        ),
+    )
+    parser.add_argument(
+        "app",
+        nargs="?",
+        metavar="APP",
+        help="'module:attribute' or a module holding one App (default: $OMNIDAEMON_APP)",
+    )
+    parser.add_argument(
+        "--agents", metavar="A,B", help="run only these agents (comma-separated names)"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive_int, metavar="N", help="override every agent's concurrency"
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        metavar="S",
+        help="seconds in-flight handlers get after a stop signal (default 30)",
+    )
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
+    parser.add_argument("--log-format", choices=["auto", "console", "json"])
+    parser.set_defaults(run=run)
+
+
+def _fail(message: str) -> int:
+    print(f"omnidaemon worker: error: {message}", file=sys.stderr)
+    return 2
+
+
+async def _serve(worker: Worker) -> bool:
+    """Run the worker with signal handling; return True if a second signal cut it short."""
+    log = structlog.get_logger("omnidaemon.worker")
+    interrupted = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            nonlocal interrupted
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if not interrupted and not worker_stopping.is_set():
+                        worker_stopping.set()
+                        log.info(
+                            "stopping: finishing in-flight handlers (signal again to exit now)",
+                            signal=signal.Signals(signum).name,
+                            grace=worker.shutdown_grace,
+                        )
+                        worker.stop()
+                    else:
+                        interrupted = True
+                        log.warning("exiting now", signal=signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
+
+        worker_stopping = anyio.Event()
+        tg.start_soon(watch_signals)
+        await worker.run()
+        tg.cancel_scope.cancel()
+    return interrupted
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the `worker` command; returns the exit status."""
+    try:
+        settings = Settings.from_env()
+    except OmniDaemonError as exc:
+        return _fail(str(exc))
+    target = args.app or settings.app
+    if not target:
+        return _fail(
+            "name the app to run, e.g. 'omnidaemon worker myapp:app' (or set OMNIDAEMON_APP)"
+        )
+    configure_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
+    try:
+        app = load_app(target)
+        worker = Worker(
+            app, agents=agents, concurrency=args.concurrency, shutdown_grace=args.shutdown_grace
+        )
+    except OmniDaemonError as exc:
+        return _fail(str(exc))
+    try:
+        interrupted = anyio.run(_serve, worker)
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        # Handlers running in threads cannot be cancelled; do not wait for them at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_INTERRUPTED)
+    return 0

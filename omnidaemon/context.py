@@ -1,0 +1,108 @@
+"""Context: what a handler knows about the event it is handling, and how it publishes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from omnidaemon.envelope import Envelope
+
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["Context"]
+
+
+class Context:
+    """Handed to a handler that declares a parameter annotated `Context`.
+
+    Attributes:
+        event: The envelope being handled (id, topic, correlation id, headers, ...).
+        agent: The name of the agent handling it.
+        attempt: 1 on the first delivery, then 2, 3, ... on retries and redeliveries.
+        max_attempts: The attempt after which a failure goes to the dead-letter queue.
+
+    Example:
+        ```python
+        @app.agent("text.extracted")
+        async def analyze(event: Extracted, ctx: Context) -> None:
+            ctx.log.info("analysing", chars=len(event.text))
+            await ctx.publish("analysis.completed", {"file_path": event.file_path})
+        ```
+    """
+
+    __slots__ = ("_app", "_log", "agent", "attempt", "event", "max_attempts")
+
+    def __init__(
+        self, app: App, event: Envelope[Any], *, agent: str, attempt: int, max_attempts: int
+    ) -> None:
+        self._app = app
+        self._log: structlog.typing.FilteringBoundLogger | None = None
+        self.event = event
+        self.agent = agent
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+
+    @property
+    def app(self) -> App:
+        """The app the agent belongs to."""
+        return self._app
+
+    @property
+    def event_id(self) -> str:
+        """The id of the event being handled."""
+        return self.event.id
+
+    @property
+    def topic(self) -> str:
+        """The topic of the event being handled."""
+        return self.event.topic
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The correlation id shared by every event of this workflow."""
+        return self.event.correlation_id
+
+    @property
+    def is_last_attempt(self) -> bool:
+        """True when a failure now sends the event to the dead-letter queue."""
+        return self.attempt >= self.max_attempts
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """A structlog logger bound to this event's id, topic, agent, attempt and correlation id."""
+        if self._log is None:
+            self._log = structlog.get_logger("omnidaemon.agent").bind(
+                event_id=self.event.id,
+                topic=self.event.topic,
+                agent=self.agent,
+                attempt=self.attempt,
+                correlation_id=self.event.correlation_id,
+            )
+        return self._log
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        reply_to: str | None = None,
+        webhook: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Publish an event caused by the one being handled.
+
+        The new event's `causation_id` is this event's id; its `correlation_id` and
+        `tenant_id` are carried over. Returns the new event's id.
+        """
+        return await self._app.publish(
+            topic,
+            payload,
+            correlation_id=self.event.correlation_id,
+            causation_id=self.event.id,
+            tenant_id=self.event.tenant_id,
+            reply_to=reply_to,
+            webhook=webhook,
+            headers=headers,
+        )

@@ -1,0 +1,223 @@
+"""The envelope: what one event looks like on the bus.
+
+An envelope is immutable once published. On the wire it is one JSON object encoded with orjson:
+
+```json
+{"v": 1, "id": "0193...", "topic": "document.uploaded", "payload": {...},
+ "created_at": "2026-11-24T10:30:00.123456Z", "correlation_id": "...", "causation_id": null,
+ "reply_to": null, "webhook": null, "source": "docs", "tenant_id": null, "headers": {}}
+```
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "WIRE_VERSION",
+    "Envelope",
+    "UnsupportedVersion",
+    "dumps",
+    "new_event_id",
+    "validate_topic",
+]
+
+WIRE_VERSION = 1
+"""The envelope version this release writes and reads."""
+
+PayloadT = TypeVar("PayloadT")
+
+_TOPIC_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_MAX_TOPIC_LENGTH = 200
+
+
+def validate_topic(topic: str) -> str:
+    """Return `topic` if it is a valid topic name, else raise `ValueError`.
+
+    A topic is dot-separated words of lowercase letters, digits, `_` and `-`
+    (`document.uploaded`, `billing.invoice-paid`).
+    """
+    if not isinstance(topic, str) or len(topic) > _MAX_TOPIC_LENGTH or not _TOPIC_RE.match(topic):
+        raise ValueError(
+            f"invalid topic name {topic!r}: use dot-separated words of [a-z0-9_-], "
+            "e.g. 'document.uploaded'"
+        )
+    return topic
+
+
+class _IdClock:
+    """UUIDv7 generator (RFC 9562), monotonic within one process.
+
+    Within one millisecond the 12-bit `rand_a` field is a counter started at a random value, so
+    ids made by one process sort in the order they were made.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def next(self) -> str:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._last_ms:
+                self._last_ms = ms
+                self._counter = int.from_bytes(os.urandom(2)) & 0x7FF
+            else:
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    # Counter exhausted: borrow the next millisecond rather than repeat an id.
+                    self._last_ms += 1
+                    self._counter = 0
+            ms, counter = self._last_ms, self._counter
+        rand_b = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
+        value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_ids = _IdClock()
+
+
+def new_event_id() -> str:
+    """Return a new time-ordered event id (a UUIDv7 string)."""
+    return _ids.next()
+
+
+def _default(obj: Any) -> Any:
+    # orjson handles dataclasses, datetimes, UUIDs and enums itself; pydantic models are ours to do.
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_DUMPS_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value: Any) -> bytes:
+    """Encode `value` as JSON bytes, the way omnidaemon puts anything on the bus.
+
+    Pydantic models, dataclasses, datetimes, UUIDs and enums are encoded; anything else that
+    JSON cannot hold raises `TypeError`.
+    """
+    return orjson.dumps(value, default=_default, option=_DUMPS_OPTIONS)
+
+
+class UnsupportedVersion(ValueError):
+    """An envelope was written by a newer omnidaemon than this one."""
+
+
+class Envelope(BaseModel, Generic[PayloadT]):
+    """One event: its payload and the metadata that routes and traces it.
+
+    Handlers usually receive only the payload; the envelope is `ctx.event`. Build one with
+    `Envelope.new` rather than by hand.
+
+    Attributes:
+        v: The wire version (currently 1).
+        id: Time-ordered unique id (UUIDv7).
+        topic: Where it was published, e.g. `document.uploaded`.
+        payload: The event's data, validated into the handler's payload type.
+        created_at: When it was published (UTC).
+        correlation_id: Shared by every event of one conversation or workflow.
+        causation_id: The id of the event whose handler published this one.
+        reply_to: A topic that the handler's return value is sent to.
+        webhook: A URL that the outcome is POSTed to.
+        source: The name of the app that published it.
+        tenant_id: Free-form tenant marker, carried unchanged.
+        headers: String metadata carried unchanged (tracing context, for example).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = WIRE_VERSION
+    id: str
+    topic: str
+    payload: PayloadT
+    created_at: datetime
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    reply_to: str | None = None
+    webhook: str | None = None
+    source: str | None = None
+    tenant_id: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        topic: str,
+        payload: PayloadT,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        reply_to: str | None = None,
+        webhook: str | None = None,
+        source: str | None = None,
+        tenant_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Envelope[PayloadT]:
+        """Make a new envelope with a fresh id and the current time.
+
+        The correlation id defaults to the new event's own id, so every chain of events has one.
+        """
+        event_id = new_event_id()
+        return cls.model_construct(
+            v=WIRE_VERSION,
+            id=event_id,
+            topic=validate_topic(topic),
+            payload=payload,
+            created_at=datetime.now(UTC),
+            correlation_id=correlation_id or event_id,
+            causation_id=causation_id,
+            reply_to=validate_topic(reply_to) if reply_to is not None else None,
+            webhook=webhook,
+            source=source,
+            tenant_id=tenant_id,
+            headers=dict(headers) if headers else {},
+        )
+
+    def encode(self) -> bytes:
+        """Return the wire form: orjson-encoded JSON bytes."""
+        return dumps(
+            {
+                "v": self.v,
+                "id": self.id,
+                "topic": self.topic,
+                "payload": self.payload,
+                "created_at": self.created_at,
+                "correlation_id": self.correlation_id,
+                "causation_id": self.causation_id,
+                "reply_to": self.reply_to,
+                "webhook": self.webhook,
+                "source": self.source,
+                "tenant_id": self.tenant_id,
+                "headers": self.headers,
+            }
+        )
+
+    @staticmethod
+    def check_version(data: bytes) -> None:
+        """Raise `UnsupportedVersion` if `data` claims a wire version this release cannot read.
+
+        Called on the error path only, to tell a version mismatch from a malformed entry.
+        """
+        try:
+            version = orjson.loads(data).get("v")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(version, int) and version != WIRE_VERSION:
+            raise UnsupportedVersion(
+                f"envelope version {version} is not supported by this omnidaemon "
+                f"(it reads version {WIRE_VERSION}); upgrade the workers"
+            )

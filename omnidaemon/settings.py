@@ -1,0 +1,70 @@
+"""Settings from the environment: one object, read once, every name prefixed `OMNIDAEMON_`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from omnidaemon.errors import ConfigurationError
+
+__all__ = ["Settings"]
+
+LogFormat = Literal["auto", "console", "json"]
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigurationError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """omnidaemon's configuration.
+
+    Attributes:
+        broker_url: `OMNIDAEMON_BROKER_URL`; `None` selects the default bus.
+        app: `OMNIDAEMON_APP`, the `module:attribute` the worker runs when none is given.
+        log_level: `OMNIDAEMON_LOG_LEVEL` (`DEBUG`, `INFO`, `WARNING`, `ERROR`).
+        log_format: `OMNIDAEMON_LOG_FORMAT`: `console`, `json`, or `auto` (console on a
+            terminal, JSON lines otherwise).
+        shutdown_grace: `OMNIDAEMON_SHUTDOWN_GRACE`, seconds in-flight handlers get to finish
+            after a stop signal.
+    """
+
+    broker_url: str | None = None
+    app: str | None = None
+    log_level: str = "INFO"
+    log_format: LogFormat = "auto"
+    shutdown_grace: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (default: `os.environ`)."""
+        env = os.environ if env is None else env
+        log_format = env.get("OMNIDAEMON_LOG_FORMAT", "auto").lower()
+        if log_format not in ("auto", "console", "json"):
+            raise ConfigurationError(
+                f"OMNIDAEMON_LOG_FORMAT={log_format!r}: use 'auto', 'console' or 'json'"
+            )
+        log_level = env.get("OMNIDAEMON_LOG_LEVEL", "INFO").upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigurationError(
+                f"OMNIDAEMON_LOG_LEVEL={log_level!r}: use DEBUG, INFO, WARNING or ERROR"
+            )
+        return cls(
+            broker_url=env.get("OMNIDAEMON_BROKER_URL") or None,
+            app=env.get("OMNIDAEMON_APP") or None,
+            log_level=log_level,
+            log_format=log_format,  # type: ignore[arg-type]
+            shutdown_grace=_float(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
+        )

@@ -1,0 +1,90 @@
+"""Batched acknowledgements: one broker round trip for many finished deliveries."""
+
+from __future__ import annotations
+
+import anyio
+import structlog
+
+from omnidaemon.brokers.base import Broker, Delivery, Subscription
+
+__all__ = ["AckBatcher"]
+
+_log = structlog.get_logger("omnidaemon.worker")
+
+
+class AckBatcher:
+    """Collects finished deliveries and acknowledges them in batches.
+
+    A batch is sent when it holds `max_batch` deliveries or `max_delay` seconds after its first
+    one, whichever comes first. A failed ack is kept and tried again; an ack that never reaches
+    the broker only means the event is delivered again (at least once), never lost.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        sub: Subscription,
+        *,
+        max_batch: int = 256,
+        max_delay: float = 0.002,
+    ) -> None:
+        self._broker = broker
+        self._sub = sub
+        self._max_batch = max_batch
+        self._max_delay = max_delay
+        self._pending: list[Delivery] = []
+        self._ready = anyio.Event()
+
+    def add(self, delivery: Delivery) -> None:
+        """Queue a delivery whose handler finished and whose outputs are written."""
+        self._pending.append(delivery)
+        if len(self._pending) == 1 or len(self._pending) >= self._max_batch:
+            self._ready.set()
+
+    async def run(self) -> None:
+        """Send batches until cancelled."""
+        failures = 0
+        while True:
+            await self._ready.wait()
+            self._ready = anyio.Event()
+            if len(self._pending) < self._max_batch:
+                await anyio.sleep(self._max_delay)
+            try:
+                await self._send()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    _log.warning(
+                        "acknowledgements failed; retrying",
+                        agent=self._sub.group,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                await anyio.sleep(min(5.0, 0.05 * 2**failures))
+                self._ready.set()
+
+    async def flush(self, attempts: int = 5) -> None:
+        """Send everything queued, shielded from cancellation; used on shutdown."""
+        with anyio.CancelScope(shield=True):
+            for attempt in range(attempts):
+                if not self._pending:
+                    return
+                try:
+                    await self._send()
+                except Exception as exc:
+                    if attempt == attempts - 1:
+                        _log.error(
+                            "could not acknowledge finished events before exit; "
+                            "they will be delivered again",
+                            agent=self._sub.group,
+                            count=len(self._pending),
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
+                        return
+                    await anyio.sleep(0.1 * 2**attempt)
+
+    async def _send(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            await self._broker.ack(self._sub, batch)
+            del self._pending[: len(batch)]

@@ -1,0 +1,363 @@
+"""The consume loop of one agent: fetch, validate, handle, then settle each delivery."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+from pydantic import ValidationError
+
+from omnidaemon.agents import AgentSpec
+from omnidaemon.brokers.base import Delivery, Subscription
+from omnidaemon.context import Context
+from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.retry import Reject, Retry
+from omnidaemon.worker.acks import AckBatcher
+
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["AgentConsumer"]
+
+_log = structlog.get_logger("omnidaemon.worker")
+
+_FETCH_TIMEOUT = 2.0  # seconds one fetch may block; bounds how stale the reclaim check gets
+_MAX_RECLAIM_INTERVAL = 5.0
+
+
+def _event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[str, Any]:
+    if envelope is None:
+        return {"entry_id": delivery.id, "attempt": delivery.attempt}
+    return {
+        "event_id": envelope.id,
+        "attempt": delivery.attempt,
+        "correlation_id": envelope.correlation_id,
+    }
+
+
+class AgentConsumer:
+    """Runs one agent in one worker: its consume loop, lease renewal and acknowledgements.
+
+    Invariants kept here (DESIGN.md section 4): a delivery is acknowledged only after its
+    handler returned and its outputs were published; a failure is retried for this agent only,
+    or dead-lettered with the reason; at most `concurrency` handlers run at once, and only as
+    many entries are fetched as there is room for.
+    """
+
+    def __init__(self, app: App, spec: AgentSpec, consumer: str, *, concurrency: int) -> None:
+        self._app = app
+        self._spec = spec
+        self._broker = app.broker
+        self.subscription = Subscription(spec.topic, spec.name, spec.start)
+        self.consumer = consumer
+        self._capacity = concurrency
+        self._in_flight: dict[tuple[str, str], Delivery] = {}
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._fetch_scope: anyio.CancelScope | None = None
+        self._acks = AckBatcher(self._broker, self.subscription)
+        self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
+        self._log = _log.bind(agent=spec.name, topic=spec.topic)
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries whose handlers are running."""
+        return len(self._in_flight)
+
+    async def subscribe(self) -> None:
+        """Create the agent's consumer group if it does not exist yet."""
+        await self._broker.subscribe(self.subscription)
+
+    def stop(self) -> None:
+        """Stop fetching; handlers in flight go on. Safe to call more than once."""
+        self._stopping = True
+        if self._fetch_scope is not None:
+            self._fetch_scope.cancel()
+        self._wake.set()
+
+    async def run(self, grace: float) -> None:
+        """Consume until `stop()`, then give in-flight handlers `grace` seconds and flush acks."""
+        async with anyio.create_task_group() as service:
+            service.start_soon(self._acks.run)
+            service.start_soon(self._renew_leases)
+            async with anyio.create_task_group() as handlers:
+                await self._dispatch(handlers)
+                with anyio.move_on_after(grace):
+                    while self._in_flight:
+                        await self._wait_wake()
+                if self._in_flight:
+                    self._log.warning(
+                        "shutdown grace period over: cancelling handlers; "
+                        "their events will be delivered again",
+                        handlers=len(self._in_flight),
+                        grace=grace,
+                    )
+                    handlers.cancel_scope.cancel()
+            await self._acks.flush()
+            service.cancel_scope.cancel()
+
+    async def _wait_wake(self) -> None:
+        await self._wake.wait()
+        self._wake = anyio.Event()
+
+    # Fetching -----------------------------------------------------------------------------
+
+    async def _dispatch(self, handlers: anyio.abc.TaskGroup) -> None:
+        reclaim_interval = min(self._spec.reclaim_idle / 2, _MAX_RECLAIM_INTERVAL)
+        next_reclaim = 0.0
+        failures = 0
+        while not self._stopping:
+            free = self._capacity - len(self._in_flight)
+            if free <= 0:
+                await self._wait_wake()
+                continue
+            now = anyio.current_time()
+            try:
+                deliveries: list[Delivery] = []
+                if now >= next_reclaim:
+                    next_reclaim = now + reclaim_interval
+                    deliveries = await self._broker.reclaim(
+                        self.subscription, self.consumer, self._spec.reclaim_idle, free
+                    )
+                    if deliveries:
+                        self._log.warning(
+                            "took over events whose worker stopped renewing them",
+                            count=len(deliveries),
+                        )
+                if not deliveries:
+                    with anyio.CancelScope() as self._fetch_scope:
+                        if self._stopping:
+                            break
+                        timeout = max(0.0, min(_FETCH_TIMEOUT, next_reclaim - now))
+                        deliveries = await self._broker.fetch(
+                            self.subscription, self.consumer, free, timeout
+                        )
+                    self._fetch_scope = None
+            except Exception as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 10))
+                if failures == 1:
+                    self._log.warning(
+                        "cannot fetch from the bus; retrying with backoff",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                with anyio.move_on_after(delay):
+                    await self._wait_wake()
+                continue
+            if failures:
+                self._log.info("fetching again", after_failures=failures)
+                failures = 0
+            for delivery in deliveries:
+                self._in_flight[(delivery.origin, delivery.id)] = delivery
+                handlers.start_soon(self._handle, delivery)
+
+    async def _renew_leases(self) -> None:
+        interval = self._spec.reclaim_idle / 3
+        while True:
+            await anyio.sleep(interval)
+            if not self._in_flight:
+                continue
+            try:
+                await self._broker.extend(
+                    self.subscription, self.consumer, list(self._in_flight.values())
+                )
+            except Exception as exc:
+                self._log.warning(
+                    "cannot renew leases of running handlers",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+    # Handling -----------------------------------------------------------------------------
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self._process(delivery)
+        except Exception as exc:
+            # Settling failed (the bus went away): the delivery stays pending and is delivered
+            # again after `reclaim_idle`, so nothing is lost.
+            self._log.error(
+                "could not settle event; it will be delivered again",
+                entry_id=delivery.id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        finally:
+            self._in_flight.pop((delivery.origin, delivery.id), None)
+            self._wake.set()
+
+    async def _process(self, delivery: Delivery) -> None:
+        spec = self._spec
+        if delivery.attempt > spec.policy.max_attempts:
+            await self._dead_letter(
+                delivery,
+                None,
+                "AttemptsExhausted",
+                f"delivered {delivery.attempt - 1} times without finishing (max_retries="
+                f"{spec.policy.max_retries}); the worker handling it probably crashed",
+            )
+            return
+        try:
+            envelope = spec.envelope_adapter.validate_json(delivery.data)
+            if envelope.v != WIRE_VERSION:
+                Envelope.check_version(delivery.data)
+        except UnsupportedVersion as exc:
+            await self._dead_letter(delivery, None, "UnsupportedVersion", str(exc))
+            return
+        except ValidationError as exc:
+            await self._reject_undecodable(delivery, exc)
+            return
+
+        ctx = Context(
+            self._app,
+            envelope,
+            agent=spec.name,
+            attempt=delivery.attempt,
+            max_attempts=spec.policy.max_attempts,
+        )
+        try:
+            result = await self._call(envelope.payload, ctx)
+        except Reject as exc:
+            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc)
+            return
+        except Retry as exc:
+            await self._fail(delivery, envelope, exc, exc.delay)
+            return
+        except Exception as exc:
+            await self._fail(delivery, envelope, exc, None)
+            return
+
+        if spec.return_adapter is not None:
+            try:
+                result = spec.return_adapter.validate_python(result)
+                output = spec.return_adapter.dump_python(result, mode="json")
+            except ValidationError as exc:
+                await self._dead_letter(
+                    delivery,
+                    envelope,
+                    "ReturnValidationError",
+                    f"{spec.handler.__qualname__} returned a value that does not match its "
+                    f"return annotation {spec.return_type!r}: {exc}",
+                    exc,
+                )
+                return
+        else:
+            output = result
+        if output is not None:
+            try:
+                await self._publish_outputs(envelope, output)
+            except Exception as exc:
+                await self._fail(delivery, envelope, exc, None)
+                return
+        self._acks.add(delivery)
+
+    async def _call(self, payload: Any, ctx: Context) -> Any:
+        spec = self._spec
+        with anyio.fail_after(spec.timeout):
+            if spec.is_async:
+                return await spec.invoke(payload, ctx)
+            return await anyio.to_thread.run_sync(
+                spec.invoke, payload, ctx, limiter=self._thread_limiter, abandon_on_cancel=True
+            )
+
+    async def _publish_outputs(self, envelope: Envelope[Any], output: Any) -> None:
+        targets = [t for t in (self._spec.publishes, envelope.reply_to) if t is not None]
+        if not targets:
+            return
+        entries = []
+        for topic in targets:
+            out = self._app._envelope(
+                topic,
+                output,
+                correlation_id=envelope.correlation_id,
+                causation_id=envelope.id,
+                reply_to=None,
+                webhook=None,
+                tenant_id=envelope.tenant_id,
+                headers=None,
+            )
+            entries.append((topic, out.encode()))
+        await self._broker.publish_many(entries)
+
+    # Settling failures --------------------------------------------------------------------
+
+    async def _fail(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        exc: Exception,
+        delay: float | None,
+    ) -> None:
+        policy = self._spec.policy
+        if delivery.attempt >= policy.max_attempts:
+            await self._dead_letter(
+                delivery,
+                envelope,
+                type(exc).__name__,
+                str(exc) or repr(exc),
+                exc,
+            )
+            return
+        if delay is None:
+            delay = policy.backoff.delay(delivery.attempt)
+        await self._broker.retry(self.subscription, delivery, delay)
+        self._log.warning(
+            "handler failed; will retry",
+            **_event_fields(envelope, delivery),
+            error=f"{type(exc).__name__}: {exc}",
+            retry_in=round(delay, 3),
+            attempts_left=policy.max_attempts - delivery.attempt,
+        )
+
+    async def _reject_undecodable(self, delivery: Delivery, exc: ValidationError) -> None:
+        errors = exc.errors(include_url=False)
+        payload_only = bool(errors) and all(e["loc"][:1] == ("payload",) for e in errors)
+        try:
+            Envelope.check_version(delivery.data)
+        except UnsupportedVersion as version_error:
+            await self._dead_letter(delivery, None, "UnsupportedVersion", str(version_error))
+            return
+        if payload_only:
+            event_id: str | None = None
+            with contextlib.suppress(ValidationError):
+                event_id = Envelope[Any].model_validate_json(delivery.data).id
+            await self._dead_letter(
+                delivery,
+                None,
+                "PayloadValidationError",
+                f"payload does not match {self._spec.payload_type!r}: {exc}",
+                event_id=event_id,
+            )
+        else:
+            await self._dead_letter(
+                delivery, None, "MalformedEnvelope", f"not a readable omnidaemon envelope: {exc}"
+            )
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any] | None,
+        error_type: str,
+        message: str,
+        exc: BaseException | None = None,
+        *,
+        event_id: str | None = None,
+    ) -> None:
+        record = DeadLetter(
+            event_id=envelope.id if envelope is not None else event_id,
+            topic=self._spec.topic,
+            agent=self._spec.name,
+            entry=delivery.data.decode("utf-8", "backslashreplace"),
+            error_type=error_type,
+            error_message=message,
+            traceback="".join(traceback.format_exception(exc)) if exc is not None else None,
+            attempts=delivery.attempt,
+            failed_at=datetime.now(UTC),
+        )
+        await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        fields = _event_fields(envelope, delivery)
+        fields["event_id"] = record.event_id
+        self._log.error("event dead-lettered", **fields, error_type=error_type, error=message)

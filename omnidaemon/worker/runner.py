@@ -1,0 +1,119 @@
+"""Worker: runs an app's agents concurrently under one anyio task group, and stops gracefully."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from omnidaemon.errors import ConfigurationError
+from omnidaemon.worker.consumer import AgentConsumer
+
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["Worker", "consumer_name"]
+
+_log = structlog.get_logger("omnidaemon.worker")
+_worker_numbers = itertools.count(1)
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this worker: `<host>:<pid>:<n>`."""
+    return f"{socket.gethostname()}:{os.getpid()}:{next(_worker_numbers)}"
+
+
+class Worker:
+    """Runs some or all of an app's agents until asked to stop.
+
+    `App.serve`, `App.running` and `omnidaemon worker` are thin shells around it.
+
+    Args:
+        app: The app whose agents to run.
+        agents: Names of the agents to run; default: all of them.
+        concurrency: Override every agent's `concurrency`.
+        shutdown_grace: Seconds in-flight handlers get to finish after `stop()`; default: the
+            app's settings (`OMNIDAEMON_SHUTDOWN_GRACE`, 30 s).
+
+    Raises:
+        ConfigurationError: an unknown agent name, or an app without agents.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        agents: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        shutdown_grace: float | None = None,
+    ) -> None:
+        if not app.agents:
+            raise ConfigurationError(f"app {app.name!r} has no agents to run")
+        names = list(app.agents) if agents is None else list(dict.fromkeys(agents))
+        if not names:
+            raise ConfigurationError("no agents selected to run")
+        specs = [app.get_agent(name) for name in names]
+        if concurrency is not None and concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
+        self.app = app
+        self.name = consumer_name()
+        self.shutdown_grace = (
+            app.settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        )
+        self.consumers = [
+            AgentConsumer(app, spec, self.name, concurrency=concurrency or spec.concurrency)
+            for spec in specs
+        ]
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """Ask for a graceful stop: no new events; in-flight handlers get the grace period."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stop()` (graceful) or cancellation (immediate).
+
+        Startup hooks run first, and every consumer group exists before `task_status.started()`
+        is reported, so an event published after that is seen even by `start="latest"` agents.
+        """
+        app = self.app
+        await app.connect()
+        try:
+            async with app.lifespan():
+                for consumer in self.consumers:
+                    await consumer.subscribe()
+                _log.info(
+                    "worker started",
+                    app=app.name,
+                    agents=[c.subscription.group for c in self.consumers],
+                    broker=app.broker.url,
+                    consumer=self.name,
+                )
+                task_status.started()
+                async with anyio.create_task_group() as tg:
+                    for consumer in self.consumers:
+                        tg.start_soon(consumer.run, self.shutdown_grace)
+                    await self._stop.wait()
+                    for consumer in self.consumers:
+                        consumer.stop()
+            _log.info("worker stopped", app=app.name, consumer=self.name)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await app.close()
+
+    @asynccontextmanager
+    async def started(self) -> AsyncIterator[Worker]:
+        """Run the worker in the background for the block; stop it gracefully on exit."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.run)
+            try:
+                yield self
+            finally:
+                self.stop()
