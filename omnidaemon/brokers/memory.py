@@ -285,6 +285,12 @@ class MemoryBroker(Broker):
         """True while any group has unread entries, unsettled deliveries or retries now due."""
         return self._bus.busy()
 
+    def pending(self, sub: Subscription) -> int:
+        """How many deliveries of the group are unsettled (handed out, not yet settled)."""
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        return len(group.pending) if group else 0
+
     def has_scheduled(self) -> bool:
         """True while any retry is scheduled for later."""
         return self._bus.next_due() is not None

@@ -1,0 +1,204 @@
+"""The broker contract (`omnidaemon/brokers/base.py`), checked against every broker.
+
+Each broker joins by adding a factory to `BROKERS`; every test here runs against each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from uuid import uuid4
+
+import anyio
+import pytest
+
+from omnidaemon.brokers import Broker, MemoryBroker, Subscription
+
+pytestmark = pytest.mark.anyio
+
+BROKERS: dict[str, Callable[[], Broker]] = {
+    "memory": lambda: MemoryBroker(None),
+}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    async with BROKERS[request.param]() as b:
+        yield b
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"t{uuid4().hex[:12]}.events"
+
+
+async def fetch_all(broker: Broker, sub: Subscription, consumer: str, n: int) -> list[bytes]:
+    """Fetch until `n` entries arrived (or a deadline passes)."""
+    got: list[bytes] = []
+    with anyio.fail_after(5):
+        while len(got) < n:
+            batch = await broker.fetch(sub, consumer, n - len(got), 0.5)
+            await broker.ack(sub, batch)
+            got += [d.data for d in batch]
+    return got
+
+
+async def test_every_group_gets_every_entry(broker: Broker, topic: str) -> None:
+    a, b = Subscription(topic, "a"), Subscription(topic, "b")
+    await broker.subscribe(a)
+    await broker.subscribe(b)
+    await broker.publish_many([(topic, b"1"), (topic, b"2"), (topic, b"3")])
+    assert await fetch_all(broker, a, "c1", 3) == [b"1", b"2", b"3"]
+    assert await fetch_all(broker, b, "c1", 3) == [b"1", b"2", b"3"]
+
+
+async def test_consumers_of_one_group_share_entries(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish_many([(topic, str(i).encode()) for i in range(10)])
+    first = await broker.fetch(sub, "c1", 4, 0.5)
+    second = await broker.fetch(sub, "c2", 100, 0.5)
+    assert len(first) == 4
+    assert sorted(d.data for d in first + second) == sorted(str(i).encode() for i in range(10))
+    assert await broker.fetch(sub, "c3", 10, 0.05) == []
+
+
+async def test_new_group_starts_at_retained_history_or_latest(broker: Broker, topic: str) -> None:
+    await broker.publish(topic, b"before")
+    early, late = Subscription(topic, "early"), Subscription(topic, "late", start="latest")
+    await broker.subscribe(early)
+    await broker.subscribe(late)
+    await broker.publish(topic, b"after")
+    assert await fetch_all(broker, early, "c", 2) == [b"before", b"after"]
+    assert await fetch_all(broker, late, "c", 1) == [b"after"]
+
+
+async def test_subscribe_is_idempotent(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    assert await fetch_all(broker, sub, "c", 1) == [b"x"]
+    await broker.subscribe(sub)  # must not rewind the group
+    assert await broker.fetch(sub, "c", 10, 0.05) == []
+
+
+async def test_fetch_waits_for_a_publish(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    async with anyio.create_task_group() as tg:
+        got: list[bytes] = []
+
+        async def consume() -> None:
+            got.extend(d.data for d in await broker.fetch(sub, "c", 10, 5.0))
+
+        tg.start_soon(consume)
+        await anyio.wait_all_tasks_blocked()
+        await broker.publish(topic, b"late")
+    assert got == [b"late"]
+
+
+async def test_fetch_times_out_empty(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    start = anyio.current_time()
+    assert await broker.fetch(sub, "c", 10, 0.1) == []
+    assert anyio.current_time() - start >= 0.09
+
+
+async def test_first_delivery_is_attempt_one(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    [delivery] = await broker.fetch(sub, "c", 10, 0.5)
+    assert delivery.attempt == 1
+    assert delivery.data == b"x"
+
+
+async def test_retry_goes_to_the_failing_group_only(broker: Broker, topic: str) -> None:
+    failing, other = Subscription(topic, "failing"), Subscription(topic, "other")
+    await broker.subscribe(failing)
+    await broker.subscribe(other)
+    await broker.publish(topic, b"x")
+    [delivery] = await broker.fetch(failing, "c", 10, 0.5)
+    await broker.retry(failing, delivery, 0.0)
+    [again] = await broker.fetch(failing, "c", 10, 1.0)
+    assert (again.data, again.attempt) == (b"x", 2)
+    assert await fetch_all(broker, other, "c", 1) == [b"x"]
+    assert await broker.fetch(other, "c", 10, 0.1) == []
+
+
+async def test_retry_waits_for_its_delay(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    [delivery] = await broker.fetch(sub, "c", 10, 0.5)
+    start = anyio.current_time()
+    await broker.retry(sub, delivery, 0.3)
+    assert await broker.fetch(sub, "c", 10, 0.1) == []
+    [again] = await broker.fetch(sub, "c", 10, 2.0)
+    assert anyio.current_time() - start >= 0.29
+    assert again.attempt == 2
+
+
+async def test_dead_letter_settles_and_keeps_the_record(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish_many([(topic, b"bad"), (topic, b"worse")])
+    first, second = await broker.fetch(sub, "c", 10, 0.5)
+    await broker.dead_letter(sub, first, b"record-1")
+    await broker.dead_letter(sub, second, b"record-2")
+    assert await broker.dead_letters(sub, 10) == [b"record-1", b"record-2"]
+    assert await broker.dead_letters(sub, 1) == [b"record-1"]
+    assert await broker.reclaim(sub, "other", 0.0, 10) == []
+    assert await broker.dead_letters(Subscription(topic, "unrelated"), 10) == []
+
+
+async def test_unsettled_delivery_is_reclaimed_as_a_new_attempt(
+    broker: Broker, topic: str
+) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    [delivery] = await broker.fetch(sub, "crashed", 10, 0.5)
+    assert await broker.reclaim(sub, "alive", 10.0, 10) == []  # not idle long enough
+    with anyio.fail_after(5):
+        while not (claimed := await broker.reclaim(sub, "alive", 0.2, 10)):
+            await anyio.sleep(0.05)
+    assert [(d.data, d.attempt) for d in claimed] == [(b"x", 2)]
+    await broker.ack(sub, claimed)
+    await anyio.sleep(0.25)
+    assert await broker.reclaim(sub, "alive", 0.2, 10) == []
+
+
+async def test_extend_keeps_a_live_consumer_lease(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    deliveries = await broker.fetch(sub, "alive", 10, 0.5)
+    for _ in range(4):
+        await anyio.sleep(0.1)
+        await broker.extend(sub, "alive", deliveries)
+        assert await broker.reclaim(sub, "thief", 0.25, 10) == []
+
+
+async def test_ack_is_idempotent(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    deliveries = await broker.fetch(sub, "c", 10, 0.5)
+    await broker.ack(sub, deliveries)
+    await broker.ack(sub, deliveries)
+    await anyio.sleep(0.05)
+    assert await broker.reclaim(sub, "c2", 0.0, 10) == []
+
+
+async def test_fetch_hands_out_at_most_count(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish_many([(topic, b"x")] * 5)
+    assert len(await broker.fetch(sub, "c", 2, 0.5)) == 2
+    assert len(await broker.fetch(sub, "c", 2, 0.5)) == 2
+    assert len(await broker.fetch(sub, "c", 2, 0.5)) == 1
+
+
+async def test_url_hides_passwords(broker: Broker) -> None:
+    assert "@" not in broker.url or ":***@" in broker.url

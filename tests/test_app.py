@@ -1,0 +1,91 @@
+"""App: publishing, broker selection and the errors a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from omnidaemon import App, ConfigurationError
+from omnidaemon.brokers import MemoryBroker, Subscription, open_broker
+from omnidaemon.settings import Settings
+from omnidaemon.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_publish_returns_the_event_id_and_puts_one_entry_on_the_topic() -> None:
+    broker = MemoryBroker(None)
+    app = App("pub", broker=broker)
+    sub = Subscription("order.placed", "probe")
+    await broker.subscribe(sub)
+    event_id = await app.publish("order.placed", {"n": 1}, headers={"traceparent": "00-abc"})
+    [delivery] = await broker.fetch(sub, "c", 10, 1.0)
+    assert event_id.encode() in delivery.data
+    assert b'"traceparent":"00-abc"' in delivery.data
+
+
+async def test_publish_many_keeps_order() -> None:
+    broker = MemoryBroker(None)
+    app = App("pub", broker=broker)
+    sub = Subscription("order.placed", "probe")
+    await broker.subscribe(sub)
+    ids = await app.publish_many([("order.placed", {"n": i}) for i in range(5)])
+    deliveries = await broker.fetch(sub, "c", 10, 1.0)
+    assert [d.data.split(b'"id":"')[1][:36].decode() for d in deliveries] == ids
+
+
+async def test_publish_refuses_bad_input_before_anything_is_sent() -> None:
+    app = App("pub", broker=MemoryBroker(None))
+    with pytest.raises(ValueError, match="invalid topic name"):
+        await app.publish("Order Placed", {})
+    with pytest.raises(ValueError, match="invalid topic name"):
+        await app.publish("order.placed", {}, reply_to="not a topic")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        await app.publish("order.placed", {"when": object()})
+    with pytest.raises(TypeError, match="headers"):
+        await app.publish("order.placed", {}, headers={"n": 1})  # type: ignore[dict-item]
+
+
+def test_unknown_broker_scheme_is_a_clear_error_without_the_password() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        open_broker("kafka://user:hunter2@host:9092")
+    assert "kafka" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_memory_urls_with_one_name_share_a_bus() -> None:
+    a, b = open_broker("memory://shared-test"), open_broker("memory://shared-test")
+    assert isinstance(a, MemoryBroker) and isinstance(b, MemoryBroker)
+    assert a._bus is b._bus
+    assert open_broker("memory://other-test")._bus is not a._bus  # type: ignore[attr-defined]
+
+
+def test_broker_comes_from_the_environment() -> None:
+    app = App("env", settings=Settings.from_env({"OMNIDAEMON_BROKER_URL": "memory://env-test"}))
+    assert app.broker.url == "memory://env-test"
+
+
+def test_settings_reject_bad_values_with_the_variable_name() -> None:
+    with pytest.raises(ConfigurationError, match="OMNIDAEMON_LOG_FORMAT"):
+        Settings.from_env({"OMNIDAEMON_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigurationError, match="OMNIDAEMON_SHUTDOWN_GRACE"):
+        Settings.from_env({"OMNIDAEMON_SHUTDOWN_GRACE": "soon"})
+    with pytest.raises(ConfigurationError, match="OMNIDAEMON_LOG_LEVEL"):
+        Settings.from_env({"OMNIDAEMON_LOG_LEVEL": "loud"})
+    assert Settings.from_env({}).shutdown_grace == 30.0
+
+
+async def test_unknown_agent_names_list_the_known_ones() -> None:
+    app = App("names", broker=MemoryBroker(None))
+
+    @app.agent("a.b")
+    async def known(event: dict[str, int]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"no agent 'nope' \(agents: known\)"):
+        await app.dead_letters("nope")
+    with pytest.raises(ConfigurationError, match="no agent 'nope'"):
+        Worker(app, agents=["nope"])
+
+
+def test_a_worker_needs_agents() -> None:
+    with pytest.raises(ConfigurationError, match="has no agents"):
+        Worker(App("empty", broker=MemoryBroker(None)))

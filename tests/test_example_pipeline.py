@@ -1,0 +1,75 @@
+"""The example document pipeline, end to end through TestApp."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from omnidaemon.testing import TestApp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "document_pipeline_example", ROOT / "examples" / "document_pipeline.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.anyio
+async def test_pipeline_notifies_good_documents_and_dead_letters_the_poison_one() -> None:
+    example = load_example()
+    async with TestApp(example.app) as bus:
+        for document in example.DOCUMENTS:
+            await bus.publish("document.uploaded", document)
+        await bus.drain()
+
+        analyses = sorted(bus.published("analysis.completed"), key=lambda e: e.payload["user_id"])
+        assert [(e.payload["user_id"], e.payload["sentiment"]) for e in analyses] == [
+            ("ada", "positive"),
+            ("edsger", "positive"),
+            ("grace", "positive"),
+        ]
+        assert sorted(a.user_id for a in example.notified) == ["ada", "edsger", "grace"]
+
+        letters = {d.payload["file_path"]: d for d in bus.dead_letters("extract_text")}
+        assert set(letters) == {"reports/corrupt.pdf", "notes.txt"}
+        corrupt = letters["reports/corrupt.pdf"]
+        assert (corrupt.error_type, corrupt.attempts) == ("ValueError", 3)
+        assert "broken xref table" in corrupt.error_message
+        assert (letters["notes.txt"].error_type, letters["notes.txt"].attempts) == ("Reject", 1)
+        assert bus.dead_letters("analyze") == bus.dead_letters("notify_user") == []
+
+        # Every step of one document shares its correlation id and names its cause.
+        [q1_upload] = [e for e in bus.published("document.uploaded") if "q1" in str(e.payload)]
+        chain = [e for e in bus.published() if e.correlation_id == q1_upload.id]
+        assert [e.topic for e in chain] == [
+            "document.uploaded",
+            "text.extracted",
+            "analysis.completed",
+        ]
+        assert [e.causation_id for e in chain[1:]] == [chain[0].id, chain[1].id]
+
+
+@pytest.mark.slow
+def test_example_script_runs_and_reports() -> None:
+    result = subprocess.run(
+        [sys.executable, "examples/document_pipeline.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ada" in result.stdout and "edsger" in result.stdout
+    assert "reports/corrupt.pdf" in result.stdout and "after 3 attempt(s)" in result.stdout
+    assert "notes.txt" in result.stdout and "Reject" in result.stdout

@@ -1,0 +1,81 @@
+"""The user-facing test harness, `omnidaemon.testing.TestApp`."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from omnidaemon import App, Context
+from omnidaemon.brokers import MemoryBroker
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_test_app_swaps_the_broker_and_restores_it() -> None:
+    original = MemoryBroker(None)
+    app = App("t", broker=original)
+
+    @app.agent("a.b")
+    async def handle(event: dict[str, int]) -> None:
+        pass
+
+    from omnidaemon.testing import TestApp
+
+    async with TestApp(app) as bus:
+        assert app.broker is bus.broker
+        await bus.publish("a.b", {"n": 1})
+        await bus.drain()
+        assert [e.payload for e in bus.published("a.b")] == [{"n": 1}]
+    assert app.broker is original
+
+
+async def test_drain_skips_backoff_but_keeps_attempt_counts() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+    attempts: list[int] = []
+
+    @app.agent("a.b", max_retries=5, retry_backoff=600)  # ten minutes between attempts
+    async def flaky(event: dict[str, int], ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise RuntimeError("down")
+
+    with anyio.fail_after(5):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 1})
+            await bus.drain()
+    assert attempts == [1, 2, 3, 4, 5, 6]
+
+
+async def test_drain_times_out_on_a_handler_that_never_returns() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+
+    @app.agent("a.b")
+    async def stuck(event: dict[str, int]) -> None:
+        await anyio.sleep(3600)
+
+    async with TestApp(app, shutdown_grace=0.05) as bus:
+        await bus.publish("a.b", {"n": 1})
+        with pytest.raises(TimeoutError, match="still busy"):
+            await bus.drain(timeout=0.2)
+
+
+async def test_published_lists_everything_in_order_and_by_topic() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+
+    @app.agent("a.b", publishes="a.c")
+    async def relay(event: dict[str, int]) -> dict[str, int]:
+        return {"n": event["n"] * 10}
+
+    async with TestApp(app) as bus:
+        await bus.publish("a.b", {"n": 1})
+        await bus.drain()
+        assert [(e.topic, e.payload) for e in bus.published()] == [
+            ("a.b", {"n": 1}),
+            ("a.c", {"n": 10}),
+        ]
+        assert bus.dead_letters("relay") == []
