@@ -132,7 +132,7 @@ async def test_a_message_that_keeps_killing_workers_ends_in_the_dead_letter_queu
     await broker.subscribe(sub)
     await app.publish("job.queued", {"job_id": "poison"})
     # Three workers in a row die holding it: that uses up all max_retries + 1 attempts.
-    [delivery] = await broker.fetch(sub, "dead:1:1", 10, 1.0)
+    [_delivery] = await broker.fetch(sub, "dead:1:1", 10, 1.0)
     for n in (2, 3):
         with anyio.fail_after(5):
             while not (claimed := await broker.reclaim(sub, f"dead:{n}:1", 0.1, 10)):

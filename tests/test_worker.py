@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +166,7 @@ async def test_retry_delay_and_backoff_are_waited_out() -> None:
         await bus.publish("order.placed", {"order_id": "o1", "amount": 2})
         await bus.drain()
         assert len(bus.dead_letters("charge")) == 1
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 2
     assert gaps[0] >= 0.19  # initial
     assert gaps[1] >= 0.39  # initial * factor

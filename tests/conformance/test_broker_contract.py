@@ -152,13 +152,11 @@ async def test_dead_letter_settles_and_keeps_the_record(broker: Broker, topic: s
     assert await broker.dead_letters(Subscription(topic, "unrelated"), 10) == []
 
 
-async def test_unsettled_delivery_is_reclaimed_as_a_new_attempt(
-    broker: Broker, topic: str
-) -> None:
+async def test_unsettled_delivery_is_reclaimed_as_a_new_attempt(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)
     await broker.publish(topic, b"x")
-    [delivery] = await broker.fetch(sub, "crashed", 10, 0.5)
+    [_delivery] = await broker.fetch(sub, "crashed", 10, 0.5)
     assert await broker.reclaim(sub, "alive", 10.0, 10) == []  # not idle long enough
     with anyio.fail_after(5):
         while not (claimed := await broker.reclaim(sub, "alive", 0.2, 10)):
