@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: installs everything the tests need, then runs ruff, mypy and pytest.
+set -euo pipefail
+. "$(dirname "$0")/_venv.sh" dev
+
+# Integration tests start their own redis-server on a free loopback port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing redis-server from Debian's packages" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "redis-server is missing: install it (sudo apt-get install -y redis-server)" >&2
+        exit 1
+    fi
+fi
+
+echo "== ruff"
+.venv/bin/ruff check omnidaemon tests examples
+.venv/bin/ruff format --check omnidaemon tests examples
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/python -m pytest "$@"
