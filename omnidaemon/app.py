@@ -60,7 +60,8 @@ class App:
         self.name = validate_agent_name(name)
         self.settings = settings if settings is not None else Settings.from_env()
         self._broker_source = broker
-        self._broker: Broker | None = broker if isinstance(broker, Broker) else None
+        # An explicit URL is checked now, so a typo fails where the app is made.
+        self._broker: Broker | None = open_broker(broker) if isinstance(broker, str) else broker
         self._connected = False
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}

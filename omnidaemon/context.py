@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import anyio.from_thread
 import structlog
 
 from omnidaemon.envelope import Envelope
@@ -105,4 +106,24 @@ class Context:
             reply_to=reply_to,
             webhook=webhook,
             headers=headers,
+        )
+
+    def publish_sync(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        reply_to: str | None = None,
+        webhook: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """`publish` for plain `def` handlers, which run in a worker thread.
+
+        Blocks the handler's thread until the event is published; returns its id. Call it only
+        from a plain `def` handler (an `async def` handler awaits `publish` instead).
+        """
+        return anyio.from_thread.run(
+            lambda: self.publish(
+                topic, payload, reply_to=reply_to, webhook=webhook, headers=headers
+            )
         )

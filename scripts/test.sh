@@ -20,5 +20,6 @@ echo "== ruff"
 .venv/bin/ruff format --check omnidaemon tests examples
 echo "== mypy --strict"
 .venv/bin/mypy
+.venv/bin/mypy --strict tests/typing
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -441,3 +441,18 @@ async def test_lifespan_and_hooks_run_in_order() -> None:
         await bus.publish("order.placed", {"order_id": "o1", "amount": 1})
         await bus.drain()
     assert order == ["lifespan enter", "startup", "handled", "shutdown", "lifespan exit"]
+
+
+async def test_sync_handlers_publish_with_publish_sync() -> None:
+    app = new_app()
+
+    @app.agent("order.placed")
+    def charge(event: Order, ctx: Context) -> None:
+        ctx.publish_sync("order.charged", {"order_id": event.order_id})
+
+    async with TestApp(app) as bus:
+        first = await bus.publish("order.placed", {"order_id": "o1", "amount": 1})
+        await bus.drain()
+        [charged] = bus.published("order.charged")
+    assert charged.payload == {"order_id": "o1"}
+    assert charged.causation_id == first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -112,6 +113,11 @@ async def _serve(worker: Worker) -> bool:
     return interrupted
 
 
+def _backend_options() -> dict[str, Any]:
+    """Use uvloop when it is installed: a faster event loop for the same code."""
+    return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the `worker` command; returns the exit status."""
     try:
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     except OmniDaemonError as exc:
         return _fail(str(exc))
     try:
-        interrupted = anyio.run(_serve, worker)
+        interrupted = anyio.run(_serve, worker, backend_options=_backend_options())
     except KeyboardInterrupt:
         interrupted = True
     if interrupted:
