@@ -8,6 +8,7 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
+import anyio
 import structlog
 
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
@@ -63,6 +64,8 @@ class App:
         # An explicit URL is checked now, so a typo fails where the app is made.
         self._broker: Broker | None = open_broker(broker) if isinstance(broker, str) else broker
         self._connected = False
+        self._workers = 0  # workers running on this app's connection
+        self._opened_by_worker = False
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
         self._startup: list[Hook] = []
@@ -201,6 +204,23 @@ class App:
         if self._connected:
             self._connected = False
             await self.broker.close()
+
+    @asynccontextmanager
+    async def _worker_connection(self) -> AsyncIterator[Broker]:
+        """The connection a worker runs on: opened by the first worker if needed, and closed
+        when the last worker stops, unless someone else opened it."""
+        if not self._connected:
+            await self.connect()
+            self._opened_by_worker = True
+        self._workers += 1
+        try:
+            yield self.broker
+        finally:
+            self._workers -= 1
+            if self._workers == 0 and self._opened_by_worker:
+                self._opened_by_worker = False
+                with anyio.CancelScope(shield=True):
+                    await self.close()
 
     async def __aenter__(self) -> App:
         await self.connect()

@@ -36,6 +36,10 @@ class Retry(Exception):
         self.delay = None if delay is None else max(0.0, _seconds(delay))
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[Retry], tuple[float | None, str]]:
+        # Exceptions are rebuilt from their args when copied or pickled; ours are (delay, reason).
+        return (type(self), (self.delay, self.reason))
+
 
 class Reject(Exception):
     """Raise from a handler to send the event straight to the dead-letter queue.
@@ -77,8 +81,10 @@ class Backoff:
     def delay(self, failed_attempts: int) -> float:
         """Seconds to wait after `failed_attempts` failures (1 for the first)."""
         exponent = max(0, failed_attempts - 1)
-        # Cap the exponent so a large attempt count cannot overflow a float.
-        nominal = min(self.maximum, self.initial * self.factor ** min(exponent, 64))
+        try:
+            nominal = min(self.maximum, self.initial * float(self.factor) ** exponent)
+        except OverflowError:  # a long run of failures: the cap applies
+            nominal = self.maximum
         if self.jitter:
             return random.uniform(nominal / 2, nominal)
         return nominal

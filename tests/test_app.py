@@ -89,3 +89,44 @@ async def test_unknown_agent_names_list_the_known_ones() -> None:
 def test_a_worker_needs_agents() -> None:
     with pytest.raises(ConfigurationError, match="has no agents"):
         Worker(App("empty", broker=MemoryBroker(None)))
+
+
+class CountingBroker(MemoryBroker):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.open = False
+
+    async def connect(self) -> None:
+        self.open = True
+
+    async def close(self) -> None:
+        self.open = False
+
+
+async def test_workers_share_the_connection_and_the_last_one_closes_it() -> None:
+    broker = CountingBroker()
+    app = App("conn", broker=broker)
+
+    @app.agent("a.b")
+    async def handle(event: dict[str, int]) -> None: ...
+
+    async with Worker(app).started():
+        async with Worker(app).started():
+            assert broker.open
+        assert broker.open  # the first worker still runs on it
+    assert not broker.open
+
+
+async def test_a_worker_leaves_a_connection_it_did_not_open() -> None:
+    broker = CountingBroker()
+    app = App("conn", broker=broker)
+
+    @app.agent("a.b")
+    async def handle(event: dict[str, int]) -> None: ...
+
+    async with app:
+        async with app.running():
+            pass
+        assert broker.open
+        await app.publish("a.b", {"n": 1})
+    assert not broker.open

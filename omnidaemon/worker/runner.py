@@ -84,29 +84,24 @@ class Worker:
         is reported, so an event published after that is seen even by `start="latest"` agents.
         """
         app = self.app
-        await app.connect()
-        try:
-            async with app.lifespan():
+        async with app._worker_connection(), app.lifespan():
+            for consumer in self.consumers:
+                await consumer.subscribe()
+            _log.info(
+                "worker started",
+                app=app.name,
+                agents=[c.subscription.group for c in self.consumers],
+                broker=app.broker.url,
+                consumer=self.name,
+            )
+            task_status.started()
+            async with anyio.create_task_group() as tg:
                 for consumer in self.consumers:
-                    await consumer.subscribe()
-                _log.info(
-                    "worker started",
-                    app=app.name,
-                    agents=[c.subscription.group for c in self.consumers],
-                    broker=app.broker.url,
-                    consumer=self.name,
-                )
-                task_status.started()
-                async with anyio.create_task_group() as tg:
-                    for consumer in self.consumers:
-                        tg.start_soon(consumer.run, self.shutdown_grace)
-                    await self._stop.wait()
-                    for consumer in self.consumers:
-                        consumer.stop()
-            _log.info("worker stopped", app=app.name, consumer=self.name)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await app.close()
+                    tg.start_soon(consumer.run, self.shutdown_grace)
+                await self._stop.wait()
+                for consumer in self.consumers:
+                    consumer.stop()
+        _log.info("worker stopped", app=app.name, consumer=self.name)
 
     @asynccontextmanager
     async def started(self) -> AsyncIterator[Worker]:
