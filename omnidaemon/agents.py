@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ _MAX_NAME_LENGTH = 200
 
 def validate_agent_name(name: str) -> str:
     """Return `name` if it can name an agent (and so a consumer group), else raise `ValueError`."""
-    if not isinstance(name, str) or len(name) > _MAX_NAME_LENGTH or not _NAME_RE.match(name):
+    if not isinstance(name, str) or len(name) > _MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid agent name {name!r}: use letters, digits and '_', '.', ':', '-'")
     return name
 
@@ -80,18 +81,39 @@ class AgentSpec:
     invoke: Callable[[Any, Context], Any]
 
 
+def _qualname(handler: Handler) -> str:
+    name = getattr(handler, "__qualname__", None)
+    return name if isinstance(name, str) else type(handler).__qualname__
+
+
+def _is_coroutine_function(handler: Handler) -> bool:
+    # A callable object counts when its __call__ is `async def`.
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - the method itself is what is inspected
+    )
+
+
 def _resolve_hints(handler: Handler) -> dict[str, Any]:
+    target = handler if inspect.isroutine(handler) else getattr(handler, "__call__", handler)  # noqa: B004
     try:
-        return typing.get_type_hints(handler, include_extras=True)
+        return typing.get_type_hints(target, include_extras=True)
     except Exception as exc:
         raise TypeError(
-            f"cannot resolve the annotations of {handler.__qualname__}: {exc} "
+            f"cannot resolve the annotations of {_qualname(handler)}: {exc} "
             "(are the annotated types importable at module level?)"
         ) from exc
 
 
 def _is_context(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, Context)
+    """True for `Context`, a subclass, `Annotated[Context, ...]` and `Context | None`."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type):
+        return issubclass(annotation, Context)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(members) == 1 and _is_context(members[0])
+    return False
 
 
 def _make_invoker(
@@ -137,13 +159,13 @@ def build_agent_spec(
     """
     if not callable(handler):
         raise TypeError(f"@app.agent decorates a function, not {handler!r}")
-    qualname = getattr(handler, "__qualname__", repr(handler))
+    qualname = _qualname(handler)
     if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
         raise TypeError(f"{qualname}: a handler cannot be a generator; return the result instead")
     validate_topic(topic)
     if publishes is not None:
         validate_topic(publishes)
-    agent_name = validate_agent_name(name or qualname.split("<locals>.")[-1])
+    agent_name = validate_agent_name(name if name is not None else qualname.split("<locals>.")[-1])
 
     signature = inspect.signature(handler)
     hints = _resolve_hints(handler)
@@ -245,7 +267,7 @@ def build_agent_spec(
         reclaim_idle=reclaim_s,
         start=start,
         description=description if description is not None else inspect.getdoc(handler),
-        is_async=inspect.iscoroutinefunction(handler),
+        is_async=_is_coroutine_function(handler),
         envelope_adapter=envelope_adapter,
         return_adapter=return_adapter,
         invoke=_make_invoker(handler, positional, keyword),

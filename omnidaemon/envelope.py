@@ -47,7 +47,11 @@ def validate_topic(topic: str) -> str:
     A topic is dot-separated words of lowercase letters, digits, `_` and `-`
     (`document.uploaded`, `billing.invoice-paid`).
     """
-    if not isinstance(topic, str) or len(topic) > _MAX_TOPIC_LENGTH or not _TOPIC_RE.match(topic):
+    if (
+        not isinstance(topic, str)
+        or len(topic) > _MAX_TOPIC_LENGTH
+        or not _TOPIC_RE.fullmatch(topic)
+    ):
         raise ValueError(
             f"invalid topic name {topic!r}: use dot-separated words of [a-z0-9_-], "
             "e.g. 'document.uploaded'"

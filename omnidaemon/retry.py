@@ -84,7 +84,7 @@ class Backoff:
         try:
             nominal = min(self.maximum, self.initial * float(self.factor) ** exponent)
         except OverflowError:  # a long run of failures: the cap applies
-            nominal = self.maximum
+            nominal = self.maximum if self.initial > 0 else 0.0
         if self.jitter:
             return random.uniform(nominal / 2, nominal)
         return nominal

@@ -59,7 +59,7 @@ class Settings:
         log_level = env.get("OMNIDAEMON_LOG_LEVEL", "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigurationError(
-                f"OMNIDAEMON_LOG_LEVEL={log_level!r}: use DEBUG, INFO, WARNING or ERROR"
+                f"OMNIDAEMON_LOG_LEVEL={log_level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
             )
         return cls(
             broker_url=env.get("OMNIDAEMON_BROKER_URL") or None,

@@ -34,5 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the command line with `argv` (default: `sys.argv[1:]`) and exit."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Report unknown options against the command they were given to, with its help.
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     sys.exit(args.run(args))

@@ -20,8 +20,6 @@ from omnidaemon.worker.runner import Worker
 
 __all__ = ["add_parser", "run"]
 
-_EXIT_INTERRUPTED = 130
-
 
 def _positive_int(text: str) -> int:
     try:
@@ -71,10 +69,10 @@ def add_parser(commands: Any) -> None:
         help="seconds in-flight handlers get after a stop signal (default 30)",
     )
     parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], type=str.upper
     )
     parser.add_argument("--log-format", choices=["auto", "console", "json"])
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, parser=parser)
 
 
 def _fail(message: str) -> int:
@@ -82,35 +80,39 @@ def _fail(message: str) -> int:
     return 2
 
 
-async def _serve(worker: Worker) -> bool:
-    """Run the worker with signal handling; return True if a second signal cut it short."""
+async def _serve(worker: Worker) -> int | None:
+    """Run the worker with signal handling.
+
+    Returns None after a graceful stop, or the signal number that cut it short (the second).
+    """
     log = structlog.get_logger("omnidaemon.worker")
-    interrupted = False
+    killed_by: int | None = None
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
-            nonlocal interrupted
+            nonlocal killed_by
+            stopping = False
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    if not interrupted and not worker_stopping.is_set():
-                        worker_stopping.set()
+                    name = signal.Signals(signum).name
+                    if not stopping:
+                        stopping = True
                         log.info(
                             "stopping: finishing in-flight handlers (signal again to exit now)",
-                            signal=signal.Signals(signum).name,
+                            signal=name,
                             grace=worker.shutdown_grace,
                         )
                         worker.stop()
                     else:
-                        interrupted = True
-                        log.warning("exiting now", signal=signal.Signals(signum).name)
+                        killed_by = signum
+                        log.warning("exiting now", signal=name)
                         tg.cancel_scope.cancel()
                         return
 
-        worker_stopping = anyio.Event()
         tg.start_soon(watch_signals)
         await worker.run()
         tg.cancel_scope.cancel()
-    return interrupted
+    return killed_by
 
 
 def _backend_options() -> dict[str, Any]:
@@ -139,12 +141,14 @@ def run(args: argparse.Namespace) -> int:
     except OmniDaemonError as exc:
         return _fail(str(exc))
     try:
-        interrupted = anyio.run(_serve, worker, backend_options=_backend_options())
+        killed_by = anyio.run(_serve, worker, backend_options=_backend_options())
     except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        # Handlers running in threads cannot be cancelled; do not wait for them at exit.
+        killed_by = signal.SIGINT
+    if killed_by is not None or worker.abandoned_handlers:
+        # Plain `def` handlers cancelled by a hard stop or the end of the grace period may still
+        # run in threads, which cannot be cancelled: exit without waiting for them (their events
+        # were not acknowledged and will be delivered again).
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_EXIT_INTERRUPTED)
+        os._exit(128 + killed_by if killed_by is not None else 0)
     return 0

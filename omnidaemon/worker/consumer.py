@@ -59,6 +59,8 @@ class AgentConsumer:
         self._in_flight: dict[tuple[str, str], Delivery] = {}
         self._wake = anyio.Event()
         self._stopping = False
+        self.abandoned_handlers = False
+        """True once a shutdown cancelled handlers that outlived the grace period."""
         self._fetch_scope: anyio.CancelScope | None = None
         self._acks = AckBatcher(self._broker, self.subscription)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
@@ -97,6 +99,7 @@ class AgentConsumer:
                         handlers=len(self._in_flight),
                         grace=grace,
                     )
+                    self.abandoned_handlers = True
                     handlers.cancel_scope.cancel()
             await self._acks.flush()
             service.cancel_scope.cancel()

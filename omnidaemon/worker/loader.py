@@ -17,6 +17,8 @@ __all__ = ["load_app"]
 
 
 def _where(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return ""  # its message already names the file and line
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return ""
@@ -37,6 +39,8 @@ def _import(module_name: str) -> object:
         raise AppLoadError(
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{_where(exc)}"
         ) from None
+    except SystemExit as exc:
+        raise AppLoadError(f"importing {module_name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise AppLoadError(
             f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{_where(exc)}"
@@ -56,7 +60,7 @@ def load_app(target: str) -> App:
     from omnidaemon.app import App
 
     module_name, _, attribute = target.strip().partition(":")
-    if not module_name or (":" in target and not attribute):
+    if not module_name or (":" in target and not attribute) or ":" in attribute:
         raise AppLoadError(f"{target!r} is not 'module:attribute' (for example 'myapp:app')")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -73,6 +73,15 @@ class Worker:
         ]
         self._stop = anyio.Event()
 
+    @property
+    def abandoned_handlers(self) -> bool:
+        """True if the last stop cancelled handlers that outlived the grace period.
+
+        Plain `def` handlers among them may still be running in threads, which cannot be
+        cancelled; a process should exit without waiting for them.
+        """
+        return any(c.abandoned_handlers for c in self.consumers)
+
     def stop(self) -> None:
         """Ask for a graceful stop: no new events; in-flight handlers get the grace period."""
         self._stop.set()
