@@ -14,7 +14,7 @@ import structlog
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, MemoryBroker, Subscription, open_broker
 from omnidaemon.dead_letters import DeadLetter
-from omnidaemon.envelope import Envelope
+from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
@@ -231,7 +231,7 @@ class App:
 
     # Publishing ---------------------------------------------------------------------------
 
-    def _envelope(
+    def _encode(
         self,
         topic: str,
         payload: Any,
@@ -242,12 +242,13 @@ class App:
         webhook: str | None,
         tenant_id: str | None,
         headers: Mapping[str, str] | None,
-    ) -> Envelope[Any]:
+    ) -> tuple[str, bytes]:
+        """Validate and encode a new event from this app; return `(event_id, data)`."""
         if headers is not None and not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise TypeError("headers must map str to str")
-        return Envelope.new(
+        return encode_new(
             topic,
             payload,
             correlation_id=correlation_id,
@@ -287,7 +288,7 @@ class App:
             ValueError: The topic name is invalid.
             TypeError: The payload cannot be encoded as JSON.
         """
-        envelope = self._envelope(
+        event_id, data = self._encode(
             topic,
             payload,
             correlation_id=correlation_id,
@@ -297,31 +298,33 @@ class App:
             tenant_id=tenant_id,
             headers=headers,
         )
-        data = envelope.encode()
         await self.connect()
         await self.broker.publish(topic, data)
-        return envelope.id
+        return event_id
 
     async def publish_many(
         self, events: Iterable[tuple[str, Any]], *, correlation_id: str | None = None
     ) -> list[str]:
         """Publish several `(topic, payload)` events in one round trip; return their ids."""
-        envelopes = [
-            self._envelope(
+        encoded = [
+            (
                 topic,
-                payload,
-                correlation_id=correlation_id,
-                causation_id=None,
-                reply_to=None,
-                webhook=None,
-                tenant_id=None,
-                headers=None,
+                *self._encode(
+                    topic,
+                    payload,
+                    correlation_id=correlation_id,
+                    causation_id=None,
+                    reply_to=None,
+                    webhook=None,
+                    tenant_id=None,
+                    headers=None,
+                ),
             )
             for topic, payload in events
         ]
         await self.connect()
-        await self.broker.publish_many([(e.topic, e.encode()) for e in envelopes])
-        return [e.id for e in envelopes]
+        await self.broker.publish_many([(topic, data) for topic, _, data in encoded])
+        return [event_id for _, event_id, _ in encoded]
 
     # Inspecting ---------------------------------------------------------------------------
 

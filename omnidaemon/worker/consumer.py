@@ -259,12 +259,18 @@ class AgentConsumer:
 
     async def _call(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec
+        if spec.timeout is None:  # no cancel scope on the hot path when none is needed
+            return await self._invoke(payload, ctx)
         with anyio.fail_after(spec.timeout):
-            if spec.is_async:
-                return await spec.invoke(payload, ctx)
-            return await anyio.to_thread.run_sync(
-                spec.invoke, payload, ctx, limiter=self._thread_limiter, abandon_on_cancel=True
-            )
+            return await self._invoke(payload, ctx)
+
+    async def _invoke(self, payload: Any, ctx: Context) -> Any:
+        spec = self._spec
+        if spec.is_async:
+            return await spec.invoke(payload, ctx)
+        return await anyio.to_thread.run_sync(
+            spec.invoke, payload, ctx, limiter=self._thread_limiter, abandon_on_cancel=True
+        )
 
     async def _publish_outputs(self, envelope: Envelope[Any], output: Any) -> None:
         targets = [t for t in (self._spec.publishes, envelope.reply_to) if t is not None]
@@ -272,7 +278,7 @@ class AgentConsumer:
             return
         entries = []
         for topic in targets:
-            out = self._app._envelope(
+            _, data = self._app._encode(
                 topic,
                 output,
                 correlation_id=envelope.correlation_id,
@@ -282,7 +288,7 @@ class AgentConsumer:
                 tenant_id=envelope.tenant_id,
                 headers=None,
             )
-            entries.append((topic, out.encode()))
+            entries.append((topic, data))
         await self._broker.publish_many(entries)
 
     # Settling failures --------------------------------------------------------------------
