@@ -62,7 +62,11 @@ class App:
         self.settings = settings if settings is not None else Settings.from_env()
         self._broker_source = broker
         # An explicit URL is checked now, so a typo fails where the app is made.
-        self._broker: Broker | None = open_broker(broker) if isinstance(broker, str) else broker
+        self._broker: Broker | None = (
+            open_broker(broker, maxlen=self.settings.stream_maxlen)
+            if isinstance(broker, str)
+            else broker
+        )
         self._connected = False
         self._workers = 0  # workers running on this app's connection
         self._opened_by_worker = False
@@ -189,7 +193,7 @@ class App:
                 )
                 self._broker = MemoryBroker(f"app:{self.name}")
             elif isinstance(url, str):
-                self._broker = open_broker(url)
+                self._broker = open_broker(url, maxlen=self.settings.stream_maxlen)
         assert self._broker is not None
         return self._broker
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["AppLoadError", "ConfigurationError", "OmniDaemonError", "PayloadValidationError"]
+__all__ = [
+    "AppLoadError",
+    "BusUnavailable",
+    "ConfigurationError",
+    "OmniDaemonError",
+    "PayloadValidationError",
+]
 
 
 class OmniDaemonError(Exception):
@@ -11,6 +17,10 @@ class OmniDaemonError(Exception):
 
 class ConfigurationError(OmniDaemonError):
     """A setting, broker URL or agent declaration cannot work; the message says what to change."""
+
+
+class BusUnavailable(OmniDaemonError):
+    """The bus did not answer within the timeout; the message names it (without password)."""
 
 
 class AppLoadError(OmniDaemonError):

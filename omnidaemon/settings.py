@@ -27,6 +27,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigurationError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """omnidaemon's configuration.
@@ -39,6 +52,9 @@ class Settings:
             terminal, JSON lines otherwise).
         shutdown_grace: `OMNIDAEMON_SHUTDOWN_GRACE`, seconds in-flight handlers get to finish
             after a stop signal.
+        stream_maxlen: `OMNIDAEMON_STREAM_MAXLEN`, entries each topic stream keeps
+            (approximately) on Redis; an unread entry is trimmed only after this many newer
+            ones.
     """
 
     broker_url: str | None = None
@@ -46,6 +62,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
     shutdown_grace: float = 30.0
+    stream_maxlen: int = 100_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,4 +84,5 @@ class Settings:
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]
             shutdown_grace=_float(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
+            stream_maxlen=_positive_int(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
         )

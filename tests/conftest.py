@@ -1,10 +1,34 @@
-"""Shared fixtures: every async test runs on asyncio through anyio's pytest plugin."""
+"""Shared fixtures: asyncio through anyio's plugin, and a real Redis server for the session."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from tests.servers import RedisServer, running_redis
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server on a free loopback port, shared by the session (tests use unique keys)."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, with AOF on (`appendfsync always`), to restart."""
+    with running_redis(tmp_path, appendonly=True) as server:
+        yield server

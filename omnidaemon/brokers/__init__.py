@@ -6,15 +6,18 @@ from urllib.parse import urlsplit
 
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
+from omnidaemon.brokers.redis import RedisBroker, redact_url
 from omnidaemon.errors import ConfigurationError
 
-__all__ = ["Broker", "Delivery", "MemoryBroker", "Subscription", "open_broker"]
+__all__ = ["Broker", "Delivery", "MemoryBroker", "RedisBroker", "Subscription", "open_broker"]
 
-_SUPPORTED = ("memory://",)
+_SUPPORTED = ("redis://", "rediss://", "unix://", "memory://")
 
 
-def open_broker(url: str) -> Broker:
+def open_broker(url: str, *, maxlen: int | None = None) -> Broker:
     """Make the broker a URL names (not yet connected).
+
+    `maxlen` caps each topic stream of a Redis broker (approximately).
 
     Raises:
         ConfigurationError: the URL's scheme is not one this release supports.
@@ -23,6 +26,10 @@ def open_broker(url: str) -> Broker:
     if scheme == "memory":
         name = url[len("memory://") :] if url.startswith("memory://") else ""
         return MemoryBroker(name)
+    if scheme in ("redis", "rediss", "unix"):
+        if scheme != "unix" and not urlsplit(url).hostname:
+            raise ConfigurationError(f"broker URL {redact_url(url)} names no host")
+        return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)
     # Never echo the URL itself: it may carry a password.
     raise ConfigurationError(
         f"unsupported broker URL scheme {scheme!r}; this release supports: {', '.join(_SUPPORTED)}"

@@ -11,18 +11,19 @@ from uuid import uuid4
 import anyio
 import pytest
 
-from omnidaemon.brokers import Broker, MemoryBroker, Subscription
+from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
 
 pytestmark = pytest.mark.anyio
 
-BROKERS: dict[str, Callable[[], Broker]] = {
-    "memory": lambda: MemoryBroker(None),
+BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
+    "memory": lambda request: MemoryBroker(None),
+    "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
 }
 
 
 @pytest.fixture(params=sorted(BROKERS))
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    async with BROKERS[request.param]() as b:
+    async with BROKERS[request.param](request) as b:
         yield b
 
 

@@ -1,0 +1,127 @@
+"""Lua scripts of the Redis Streams broker: each one is a single atomic step on the server.
+
+Every script touches only keys of one topic (they share the `{topic}` hash tag), so each runs on
+one Redis Cluster slot. Times come from the server's clock (`TIME`), so workers on machines
+whose clocks disagree still agree on when a retry is due.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+RETRY = (
+    """
+-- Settle a delivery and schedule it again for this group only.
+-- KEYS: source stream (topic stream or the group's retry stream), the group's due-time zset
+-- ARGV: group, entry id, delay ms, zset member, delete-from-source flag
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+    return 0  -- settled already (another worker took it over and finished first)
+end
+if ARGV[5] == '1' then
+    redis.call('XDEL', KEYS[1], ARGV[2])
+end
+"""
+    + _NOW_MS
+    + """
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+)
+
+DEAD_LETTER = """
+-- Settle a delivery and append its record to the group's dead-letter stream.
+-- KEYS: source stream, dead-letter stream
+-- ARGV: group, entry id, record, delete-from-source flag
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+    return 0
+end
+if ARGV[4] == '1' then
+    redis.call('XDEL', KEYS[1], ARGV[2])
+end
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
+return 1
+"""
+
+FETCH_RETRIES = (
+    """
+-- Move due retries into the group's retry stream, then read from it without blocking.
+-- A zset member is '<attempt>\\n<unique>\\n<entry bytes>'.
+-- KEYS: the group's due-time zset, the group's retry stream
+-- ARGV: group, consumer, count
+"""
+    + _NOW_MS
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 256)
+for _, member in ipairs(due) do
+    local a_end = string.find(member, '\\n', 1, true)
+    local u_end = string.find(member, '\\n', a_end + 1, true)
+    redis.call('XADD', KEYS[2], '*', 'e', string.sub(member, u_end + 1),
+               'a', string.sub(member, 1, a_end - 1))
+    redis.call('ZREM', KEYS[1], member)
+end
+local entries = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                           'STREAMS', KEYS[2], '>')
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait_ms = -1
+if next_due[2] then
+    wait_ms = math.max(0, tonumber(next_due[2]) - now_ms)
+end
+if entries then
+    return {entries[1][2], wait_ms}
+end
+return {{}, wait_ms}
+"""
+)
+
+RECLAIM = """
+-- Take over deliveries idle longer than min_idle (their consumer is presumed dead) and report
+-- how often each was delivered, which is what attempts are counted from.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, consumer, min idle ms, count
+local out = {}
+local lost = 0
+local budget = tonumber(ARGV[4])
+for i, key in ipairs(KEYS) do
+    if budget - #out <= 0 then break end
+    local claimed = redis.call('XAUTOCLAIM', key, ARGV[1], ARGV[2], ARGV[3], '0-0',
+                               'COUNT', budget - #out)
+    for _, entry in ipairs(claimed[2]) do
+        if entry and entry ~= false and entry[2] then
+            local pending = redis.call('XPENDING', key, ARGV[1], entry[1], entry[1], 1)
+            local delivered = 1
+            if pending[1] then delivered = pending[1][4] end
+            table.insert(out, {i, entry[1], entry[2], delivered})
+        end
+    end
+    -- Entries trimmed from the stream while pending (Redis >= 7 lists them apart; 6.2 gives
+    -- nil entries): nothing is left to deliver, so clear them from the pending list.
+    if claimed[3] then
+        for _, id in ipairs(claimed[3]) do
+            redis.call('XACK', key, ARGV[1], id)
+            lost = lost + 1
+        end
+    end
+end
+return {out, lost}
+"""
+
+EXTEND = """
+-- Renew the leases of deliveries this consumer still owns (idle time back to 0). A delivery
+-- another worker took over in the meantime is left to that worker.
+-- KEYS: the stream the ids belong to
+-- ARGV: group, consumer, id...
+local renewed = 0
+for i = 3, #ARGV do
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+    if pending[1] and pending[1][2] == ARGV[2] then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+        renewed = renewed + 1
+    end
+end
+return renewed
+"""

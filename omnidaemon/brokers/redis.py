@@ -1,0 +1,354 @@
+"""`redis://`, `rediss://`, `unix://`: the production bus, on Redis Streams (Redis >= 6.2, Valkey).
+
+Layout per topic (every key carries the topic as a hash tag, so one topic lives in one Redis
+Cluster slot), with `omni` as the default prefix:
+
+- `omni:{<topic>}:stream`: the topic's entries, one field `e` holding the envelope; every
+  agent is a consumer group on it.
+- `omni:{<topic>}:due:<group>`: a sorted set of the group's scheduled retries by due time.
+- `omni:{<topic>}:retry:<group>`: the group's retry stream: due retries are moved here (one
+  atomic script) and read by the same group, with the attempt in field `a`.
+- `omni:{<topic>}:dlq:<group>`: the group's dead-letter stream, one field `r` per record.
+
+Trimming: each publish trims the topic stream to about `maxlen` entries (`XADD MAXLEN ~`). An
+entry no group has read yet is trimmed only once at least `maxlen` newer entries were published
+after it; size `maxlen` above the backlog your slowest agent may build up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from omnidaemon.brokers import _redis_scripts as scripts
+from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.errors import BusUnavailable
+
+__all__ = ["RedisBroker", "redact_url"]
+
+_log = structlog.get_logger("omnidaemon.broker")
+
+_STREAM = "s"
+_RETRY = "r"
+_RETRY_CHECK_INTERVAL = 0.05  # seconds between looks at the due-retry set while busy
+_SOCKET_TIMEOUT = 10.0  # must stay above the longest BLOCK a fetch asks for
+_MAX_BLOCK_MS = 5_000
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`: safe to log and to put in errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class RedisBroker(Broker):
+    """The Redis Streams broker.
+
+    Args:
+        url: `redis://[[user]:password@]host[:port][/db]`, `rediss://...` for TLS, or
+            `unix:///path/to/socket[?db=N]`.
+        prefix: The first part of every key.
+        maxlen: Entries each topic stream keeps (approximately; see the module docs).
+        topic_maxlen: Per-topic overrides of `maxlen`.
+        publish_timeout: Seconds a publish keeps trying an unreachable bus before it raises
+            `BusUnavailable`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "omni",
+        maxlen: int = 100_000,
+        topic_maxlen: Mapping[str, int] | None = None,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self._raw_url = url
+        self._url = redact_url(url)
+        self._prefix = prefix
+        self._maxlen = maxlen
+        self._topic_maxlen = dict(topic_maxlen or {})
+        self._publish_timeout = publish_timeout
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._unique = itertools.count()
+        self._unique_prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
+        # Per subscription: when the due-retry set was last looked at, and its next due time.
+        self._retry_state: dict[Subscription, tuple[float, float]] = {}
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    # Keys ---------------------------------------------------------------------------------
+
+    def stream_key(self, topic: str) -> str:
+        """The key of a topic's stream."""
+        return f"{self._prefix}:{{{topic}}}:stream"
+
+    def retry_key(self, sub: Subscription) -> str:
+        """The key of a group's retry stream."""
+        return f"{self._prefix}:{{{sub.topic}}}:retry:{sub.group}"
+
+    def due_key(self, sub: Subscription) -> str:
+        """The key of a group's sorted set of scheduled retries."""
+        return f"{self._prefix}:{{{sub.topic}}}:due:{sub.group}"
+
+    def dlq_key(self, sub: Subscription) -> str:
+        """The key of a group's dead-letter stream."""
+        return f"{self._prefix}:{{{sub.topic}}}:dlq:{sub.group}"
+
+    def _origin_key(self, sub: Subscription, origin: str) -> str:
+        return self.retry_key(sub) if origin == _RETRY else self.stream_key(sub.topic)
+
+    # Connection ---------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._client is not None:
+            return
+        client = aioredis.Redis.from_url(
+            self._raw_url,
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=5.0,
+            socket_keepalive=True,
+            health_check_interval=30,
+            decode_responses=False,
+        )
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("RETRY", "DEAD_LETTER", "FETCH_RETRIES", "RECLAIM", "EXTEND")
+        }
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The redis-py client (connected brokers only)."""
+        if self._client is None:
+            raise RuntimeError("the broker is not connected; call connect() first")
+        return self._client
+
+    def _maxlen_of(self, topic: str) -> int:
+        return self._topic_maxlen.get(topic, self._maxlen)
+
+    # Publishing ---------------------------------------------------------------------------
+
+    async def _with_publish_deadline(self, attempt: Any) -> None:
+        """Run `attempt()` until it succeeds, retrying an unreachable bus with backoff until
+        `publish_timeout`, then raise `BusUnavailable`."""
+        deadline = anyio.current_time() + self._publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                await attempt()
+                return
+            except _UNAVAILABLE as exc:
+                if anyio.current_time() + delay > deadline:
+                    raise BusUnavailable(
+                        f"cannot publish: the bus at {self._url} did not answer within "
+                        f"{self._publish_timeout:g} s ({type(exc).__name__}: {exc})"
+                    ) from exc
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        key = self.stream_key(topic)
+        maxlen = self._maxlen_of(topic)
+
+        async def attempt() -> None:
+            await self.client.xadd(key, {"e": data}, maxlen=maxlen, approximate=True)
+
+        await self._with_publish_deadline(attempt)
+
+    async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        if not entries:
+            return
+
+        async def attempt() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for topic, data in entries:
+                    pipe.xadd(
+                        self.stream_key(topic),
+                        {"e": data},
+                        maxlen=self._maxlen_of(topic),
+                        approximate=True,
+                    )
+                await pipe.execute()
+
+        await self._with_publish_deadline(attempt)
+
+    # Consuming ----------------------------------------------------------------------------
+
+    async def subscribe(self, sub: Subscription) -> None:
+        start = "$" if sub.start == "latest" else "0"
+        for key, first in ((self.stream_key(sub.topic), start), (self.retry_key(sub), "0")):
+            try:
+                await self.client.xgroup_create(key, sub.group, id=first, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def fetch(
+        self, sub: Subscription, consumer: str, count: int, timeout: float
+    ) -> list[Delivery]:
+        deadline = anyio.current_time() + timeout
+        try:
+            while True:
+                # One pass blocks until the deadline or the next known retry falls due.
+                deliveries = await self._fetch(
+                    sub, consumer, count, deadline - anyio.current_time()
+                )
+                if deliveries or anyio.current_time() >= deadline:
+                    return deliveries
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group was deleted under us (a purge): recreate it and go on.
+            await self.subscribe(sub)
+            return []
+
+    async def _fetch(
+        self, sub: Subscription, consumer: str, count: int, timeout: float
+    ) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        block_ms = min(_MAX_BLOCK_MS, max(0, int(timeout * 1000)))
+        now = anyio.current_time()
+        checked_at, next_due = self._retry_state.get(sub, (-math.inf, math.inf))
+        # The due-retry set is looked at every few ms while busy, and whenever a retry known
+        # to this worker falls due; other workers' retries are seen within one fetch timeout.
+        if now - checked_at >= _RETRY_CHECK_INTERVAL or next_due <= now:
+            entries, wait_ms = await self._scripts["FETCH_RETRIES"](
+                keys=[self.due_key(sub), self.retry_key(sub)],
+                args=[sub.group, consumer, count],
+            )
+            deliveries = [self._retry_delivery(entry) for entry in entries]
+            next_due = now + int(wait_ms) / 1000 if int(wait_ms) >= 0 else math.inf
+            self._retry_state[sub] = (-math.inf if deliveries else now, next_due)
+        if not deliveries and next_due < math.inf:
+            block_ms = min(block_ms, max(0, math.ceil((next_due - now) * 1000)))
+        if len(deliveries) >= count:
+            return deliveries
+        response: Any = await self.client.xreadgroup(
+            sub.group,
+            consumer,
+            {self.stream_key(sub.topic): ">"},
+            count=count - len(deliveries),
+            block=block_ms if not deliveries and block_ms > 0 else None,
+        )
+        for _stream, entries in response or ():
+            for entry_id, fields in entries:
+                deliveries.append(Delivery(_decode(entry_id), fields.get(b"e", b""), 1, _STREAM))
+        return deliveries
+
+    @staticmethod
+    def _retry_delivery(entry: Any) -> Delivery:
+        entry_id, flat = entry[0], entry[1]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        attempt = int(fields.get(b"a", b"2"))
+        return Delivery(_decode(entry_id), fields.get(b"e", b""), attempt, _RETRY)
+
+    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        from_stream = [d.id for d in deliveries if d.origin != _RETRY]
+        from_retry = [d.id for d in deliveries if d.origin == _RETRY]
+        async with self.client.pipeline(transaction=False) as pipe:
+            if from_stream:
+                pipe.xack(self.stream_key(sub.topic), sub.group, *from_stream)
+            if from_retry:
+                # Retry entries are read by this group alone: once settled they can go.
+                pipe.xack(self.retry_key(sub), sub.group, *from_retry)
+                pipe.xdel(self.retry_key(sub), *from_retry)
+            await pipe.execute()
+
+    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+        unique = f"{self._unique_prefix}-{next(self._unique)}"
+        member = f"{delivery.attempt + 1}\n{unique}\n".encode() + delivery.data
+        await self._scripts["RETRY"](
+            keys=[self._origin_key(sub, delivery.origin), self.due_key(sub)],
+            args=[
+                sub.group,
+                delivery.id,
+                max(0, int(delay * 1000)),
+                member,
+                "1" if delivery.origin == _RETRY else "0",
+            ],
+        )
+        self._retry_state.pop(sub, None)
+
+    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
+        await self._scripts["DEAD_LETTER"](
+            keys=[self._origin_key(sub, delivery.origin), self.dlq_key(sub)],
+            args=[sub.group, delivery.id, record, "1" if delivery.origin == _RETRY else "0"],
+        )
+
+    async def extend(
+        self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
+    ) -> None:
+        for origin in (_STREAM, _RETRY):
+            ids = [d.id for d in deliveries if (d.origin == _RETRY) == (origin == _RETRY)]
+            if ids:
+                await self._scripts["EXTEND"](
+                    keys=[self._origin_key(sub, origin)], args=[sub.group, consumer, *ids]
+                )
+
+    async def reclaim(
+        self, sub: Subscription, consumer: str, min_idle: float, count: int
+    ) -> list[Delivery]:
+        claimed, lost = await self._scripts["RECLAIM"](
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, consumer, max(0, int(min_idle * 1000)), count],
+        )
+        if lost:
+            _log.error(
+                "pending entries were trimmed from the stream before they were handled; "
+                "raise maxlen above the backlog",
+                topic=sub.topic,
+                agent=sub.group,
+                count=int(lost),
+            )
+        deliveries = []
+        for which, entry_id, flat, delivered in claimed:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            data = fields.get(b"e", b"")
+            if int(which) == 1:
+                deliveries.append(Delivery(_decode(entry_id), data, int(delivered), _STREAM))
+            else:
+                first = int(fields.get(b"a", b"2"))
+                attempt = first + int(delivered) - 1
+                deliveries.append(Delivery(_decode(entry_id), data, attempt, _RETRY))
+        return deliveries
+
+    # Inspection ---------------------------------------------------------------------------
+
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
+        entries: Any = await self.client.xrange(self.dlq_key(sub), count=limit)
+        return [fields[b"r"] for _id, fields in entries if b"r" in fields]
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
