@@ -17,6 +17,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope
 from omnidaemon.errors import (
     AppLoadError,
+    BusUnavailable,
     ConfigurationError,
     OmniDaemonError,
     PayloadValidationError,
@@ -28,6 +29,7 @@ __all__ = [
     "App",
     "AppLoadError",
     "Backoff",
+    "BusUnavailable",
     "ConfigurationError",
     "Context",
     "DeadLetter",

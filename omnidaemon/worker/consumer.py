@@ -27,6 +27,9 @@ __all__ = ["AgentConsumer"]
 _log = structlog.get_logger("omnidaemon.worker")
 
 _FETCH_TIMEOUT = 2.0  # seconds one fetch may block; bounds how stale the reclaim check gets
+# While handlers run, one of them may schedule a retry due sooner than a long fetch would
+# return: fetch in shorter slices then, so the retry is picked up on time.
+_BUSY_FETCH_TIMEOUT = 0.2
 _MAX_RECLAIM_INTERVAL = 5.0
 
 
@@ -136,7 +139,8 @@ class AgentConsumer:
                     with anyio.CancelScope() as self._fetch_scope:
                         if self._stopping:
                             break
-                        timeout = max(0.0, min(_FETCH_TIMEOUT, next_reclaim - now))
+                        longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
+                        timeout = max(0.0, min(longest, next_reclaim - now))
                         deliveries = await self._broker.fetch(
                             self.subscription, self.consumer, free, timeout
                         )

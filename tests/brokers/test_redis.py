@@ -1,0 +1,114 @@
+"""The Redis Streams broker's own promises: key layout, trimming, errors, secrets."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from omnidaemon import App, BusUnavailable, ConfigurationError
+from omnidaemon.brokers import RedisBroker, Subscription, open_broker
+from omnidaemon.brokers.redis import redact_url
+from tests.servers import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+def test_passwords_never_appear_in_the_url_it_reports() -> None:
+    assert redact_url("redis://:hunter2@host:6379/1") == "redis://:***@host:6379/1"
+    assert redact_url("rediss://user:hunter2@host/0") == "rediss://user:***@host/0"
+    assert redact_url("redis://host:6379") == "redis://host:6379"
+    assert redact_url("unix:///tmp/r.sock?db=2") == "unix:///tmp/r.sock?db=2"
+    assert "hunter2" not in RedisBroker("redis://:hunter2@host:6379").url
+    assert isinstance(open_broker("unix:///tmp/x.sock"), RedisBroker)
+    with pytest.raises(ConfigurationError, match="names no host") as info:
+        open_broker("redis://:hunter2@/0")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_publish_to_an_unreachable_bus_raises_bus_unavailable_in_time() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    broker = RedisBroker(url, publish_timeout=0.5)
+    app = App("pub", broker=broker)
+    start = anyio.current_time()
+    with pytest.raises(BusUnavailable) as info:
+        await app.publish("order.placed", {"n": 1})
+    assert anyio.current_time() - start < 5
+    assert "hunter2" not in str(info.value)
+    assert ":***@127.0.0.1" in str(info.value)
+    await app.close()
+
+
+async def test_keys_follow_the_documented_layout(redis_url: str) -> None:
+    topic = f"layout{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url)
+    sub = Subscription(topic, "agent_a")
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.publish(topic, b'{"x":1}')
+        [delivery] = await broker.fetch(sub, "c", 1, 1.0)
+        await broker.retry(sub, delivery, 60)
+        keys = sorted(k.decode() for k in await broker.client.keys(f"omni:{{{topic}}}:*"))
+    assert keys == [
+        f"omni:{{{topic}}}:due:agent_a",
+        f"omni:{{{topic}}}:retry:agent_a",
+        f"omni:{{{topic}}}:stream",
+    ]
+
+
+async def test_streams_are_capped_at_about_maxlen(redis_url: str) -> None:
+    topic = f"capped{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url, maxlen=1000)
+    async with broker:
+        await broker.publish_many([(topic, b"x")] * 5000)
+        length = await broker.client.xlen(broker.stream_key(topic))
+    assert 1000 <= length < 1500  # approximate trimming works in whole nodes
+
+
+async def test_a_deleted_stream_is_recreated_instead_of_failing_forever(redis_url: str) -> None:
+    topic = f"purged{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url)
+    sub = Subscription(topic, "g")
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.client.delete(broker.stream_key(topic), broker.retry_key(sub))
+        assert await broker.fetch(sub, "c", 10, 0.1) == []
+        await broker.publish(topic, b"after")
+        [delivery] = await broker.fetch(sub, "c", 10, 1.0)
+    assert delivery.data == b"after"
+
+
+async def test_entries_trimmed_while_pending_are_reported_not_redelivered(
+    redis_url: str,
+) -> None:
+    topic = f"trimmed{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url)
+    sub = Subscription(topic, "g")
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.publish(topic, b"lost")
+        assert len(await broker.fetch(sub, "dead", 10, 1.0)) == 1
+        await broker.client.xtrim(broker.stream_key(topic), maxlen=0, approximate=False)
+        await anyio.sleep(0.05)
+        with capture_logs() as logs:
+            assert await broker.reclaim(sub, "alive", 0.0, 10) == []
+        pending = await broker.client.xpending(broker.stream_key(topic), "g")
+    assert pending["pending"] == 0
+    assert any("trimmed" in e["event"] and e["count"] == 1 for e in logs)
+
+
+async def test_the_db_number_in_the_url_is_honoured(redis_url: str) -> None:
+    topic = f"db{uuid4().hex[:8]}.done"
+    db1 = RedisBroker(redis_url.rsplit("/", 1)[0] + "/1")
+    async with db1:
+        await db1.publish(topic, b"x")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.exists(db1.stream_key(topic)) == 0
+        await client.select(1)
+        assert await client.exists(db1.stream_key(topic)) == 1
+    finally:
+        await client.aclose()

@@ -1,0 +1,292 @@
+"""Delivery semantics (DESIGN.md section 4) through real workers, on every broker.
+
+Each broker joins by adding a factory to `BROKERS`. Worker processes are exercised in
+`test_worker_processes.py`; here workers run in the test's event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from uuid import uuid4
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from omnidaemon import App, Backoff, Context, Reject, Retry
+from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.envelope import Envelope
+from omnidaemon.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+# kind -> (request, bus name) -> a broker; brokers made with one bus name share one bus.
+BROKERS: dict[str, Callable[[pytest.FixtureRequest, str], Broker]] = {
+    "memory": lambda request, name: MemoryBroker(name),
+    "redis": lambda request, name: RedisBroker(request.getfixturevalue("redis_url")),
+}
+
+
+class Order(BaseModel):
+    order_id: str
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def make_app(request: pytest.FixtureRequest) -> Callable[[], App]:
+    """Make apps on one bus, each with its own connection, like separate processes."""
+    factory, name = BROKERS[request.param], f"conformance-{uuid4().hex}"
+    return lambda: App("conf", broker=factory(request, name))
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"conf{uuid4().hex[:10]}.events"
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+async def wait_dead_letters(app: App, agent: str, n: int, timeout: float = 10.0) -> list[Any]:
+    with anyio.fail_after(timeout):
+        while len(letters := await app.dead_letters(agent)) < n:
+            await anyio.sleep(0.02)
+    return letters
+
+
+async def test_retries_go_to_the_failing_agent_alone_with_exact_attempts(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    flaky: list[tuple[str, int]] = []
+    steady: list[str] = []
+
+    @app.agent(topic, max_retries=3, retry_backoff=Backoff(initial=0.01, jitter=False))
+    async def flaky_agent(event: Order, ctx: Context) -> None:
+        flaky.append((event.order_id, ctx.attempt))
+        if ctx.attempt < 3:
+            raise RuntimeError("try again")
+
+    @app.agent(topic)
+    async def steady_agent(event: Order) -> None:
+        steady.append(event.order_id)
+
+    async with app.running():
+        for i in range(3):
+            await app.publish(topic, {"order_id": f"o{i}"})
+        await wait_for(lambda: len(flaky) == 9 and len(steady) == 3)
+        await anyio.sleep(0.2)  # nothing more may arrive
+    assert sorted(steady) == ["o0", "o1", "o2"]
+    assert sorted(flaky) == sorted((f"o{i}", a) for i in range(3) for a in (1, 2, 3))
+
+
+async def test_dead_letter_keeps_envelope_error_traceback_and_attempts(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+
+    @app.agent(topic, max_retries=2, retry_backoff=0.01)
+    async def failing(event: Order) -> None:
+        raise ValueError(f"cannot handle {event.order_id}")
+
+    @app.agent(topic)
+    async def rejecting(event: Order) -> None:
+        raise Reject("permanently bad")
+
+    async with app.running():
+        event_id = await app.publish(topic, {"order_id": "o1"}, correlation_id="corr")
+        [failed] = await wait_dead_letters(app, "failing", 1)
+        [rejected] = await wait_dead_letters(app, "rejecting", 1)
+    assert failed.event_id == event_id
+    assert (failed.error_type, failed.error_message) == ("ValueError", "cannot handle o1")
+    assert failed.attempts == 3
+    assert failed.traceback and "cannot handle o1" in failed.traceback
+    assert failed.envelope is not None
+    assert failed.envelope.correlation_id == "corr"
+    assert failed.payload == {"order_id": "o1"}
+    assert (failed.topic, failed.agent) == (topic, "failing")
+    assert (rejected.error_type, rejected.attempts) == ("Reject", 1)
+
+
+async def test_invalid_and_undecodable_entries_are_dead_lettered_and_the_loop_goes_on(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    handled: list[str] = []
+
+    @app.agent(topic)
+    async def strict(event: Order) -> None:
+        handled.append(event.order_id)
+
+    future = Envelope.new(topic, {"order_id": "x"}).model_copy(update={"v": 99}).encode()
+    async with app.running():
+        await app.broker.publish(topic, b"\xff\xfe not json")
+        await app.publish(topic, {"order_id": 42})  # wrong type
+        await app.broker.publish(topic, future)
+        await app.publish(topic, {"order_id": "good"})
+        letters = await wait_dead_letters(app, "strict", 3)
+        await wait_for(lambda: handled == ["good"])
+    assert [d.error_type for d in letters] == [
+        "MalformedEnvelope",
+        "PayloadValidationError",
+        "UnsupportedVersion",
+    ]
+
+
+async def test_a_crashed_consumers_delivery_is_reclaimed_with_its_attempt_counted(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    attempts: list[int] = []
+
+    @app.agent(topic, reclaim_idle=0.3)
+    async def work(event: Order, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+
+    sub = Subscription(topic, "work")
+    await app.connect()
+    await app.broker.subscribe(sub)
+    await app.publish(topic, {"order_id": "o1"})
+    assert len(await app.broker.fetch(sub, "crashed:1:1", 10, 2.0)) == 1
+    async with app.running():
+        await wait_for(lambda: attempts == [2])
+    await app.close()
+
+
+async def test_a_retry_that_was_reclaimed_keeps_counting(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    sub = Subscription(topic, "work")
+    await app.connect()
+    broker = app.broker
+    await broker.subscribe(sub)
+    await app.publish(topic, {"order_id": "o1"})
+    [first] = await broker.fetch(sub, "w:1:1", 10, 2.0)
+    await broker.retry(sub, first, 0.0)
+    [second] = await broker.fetch(sub, "w:1:1", 10, 2.0)
+    assert second.attempt == 2
+    # The worker holding the retry dies; another takes it over as the third attempt.
+    with anyio.fail_after(5):
+        while not (claimed := await broker.reclaim(sub, "w:2:1", 0.2, 10)):
+            await anyio.sleep(0.05)
+    assert [d.attempt for d in claimed] == [3]
+    await broker.ack(sub, claimed)
+    await app.close()
+
+
+async def test_a_live_worker_keeps_the_lease_of_a_long_handler(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    first, second = make_app(), make_app()
+    runs: list[int] = []
+
+    for app in (first, second):
+
+        @app.agent(topic, reclaim_idle=0.3, name="slow")
+        async def slow(event: Order, ctx: Context) -> None:
+            runs.append(ctx.attempt)
+            await anyio.sleep(1.5)
+
+    async with first.running(), second.running():
+        await first.publish(topic, {"order_id": "o1"})
+        await wait_for(lambda: runs == [1])
+        await anyio.sleep(1.8)  # five reclaim periods: the other worker must not take it
+    assert runs == [1]
+
+
+async def test_workers_of_one_agent_share_and_agents_fan_out(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    apps = [make_app(), make_app()]
+    seen: list[tuple[str, int, str]] = []
+
+    for n, app in enumerate(apps):
+
+        @app.agent(topic, name="a", concurrency=2)
+        async def a(event: Order, worker: int = n) -> None:
+            seen.append(("a", worker, event.order_id))
+            await anyio.sleep(0.01)
+
+        @app.agent(topic, name="b")
+        async def b(event: Order, worker: int = n) -> None:
+            seen.append(("b", worker, event.order_id))
+
+    async with apps[0].running(), apps[1].running():
+        await apps[0].publish_many([(topic, {"order_id": f"o{i}"}) for i in range(40)])
+        await wait_for(lambda: len(seen) == 80)
+        await anyio.sleep(0.2)
+    expected = sorted(f"o{i}" for i in range(40))
+    assert sorted(e for agent, _, e in seen if agent == "a") == expected
+    assert sorted(e for agent, _, e in seen if agent == "b") == expected
+    assert {n for agent, n, _ in seen if agent == "a"} == {0, 1}
+
+
+async def test_graceful_stop_finishes_in_flight_work_and_acknowledges_it(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    started: list[str] = []
+    finished: list[str] = []
+
+    @app.agent(topic, concurrency=2, reclaim_idle=0.3)
+    async def work(event: Order) -> None:
+        started.append(event.order_id)
+        await anyio.sleep(0.4)
+        finished.append(event.order_id)
+
+    worker = Worker(app, shutdown_grace=5)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        await app.publish_many([(topic, {"order_id": f"o{i}"}) for i in range(4)])
+        await wait_for(lambda: len(started) == 2)
+        worker.stop()
+    assert sorted(finished) == sorted(started)
+    assert len(started) == 2
+
+    # The next worker gets exactly the two that were never started: nothing was lost,
+    # nothing acknowledged too early, nothing delivered twice.
+    async with app.running():
+        await wait_for(lambda: len(finished) == 4)
+        await anyio.sleep(0.5)
+    assert sorted(started) == [f"o{i}" for i in range(4)]
+
+
+async def test_start_latest_skips_history(make_app: Callable[[], App], topic: str) -> None:
+    app = make_app()
+    early: list[str] = []
+    late: list[str] = []
+
+    @app.agent(topic, name="early")
+    async def early_agent(event: Order) -> None:
+        early.append(event.order_id)
+
+    @app.agent(topic, name="late", start="latest")
+    async def late_agent(event: Order) -> None:
+        late.append(event.order_id)
+
+    await app.publish(topic, {"order_id": "before"})
+    async with app.running():
+        await app.publish(topic, {"order_id": "after"})
+        await wait_for(lambda: len(early) == 2 and len(late) == 1)
+    assert early == ["before", "after"]
+    assert late == ["after"]
+
+
+async def test_retry_delay_is_honoured(make_app: Callable[[], App], topic: str) -> None:
+    app = make_app()
+    times: list[float] = []
+
+    @app.agent(topic, max_retries=1)
+    async def later(event: Order) -> None:
+        times.append(anyio.current_time())
+        if len(times) == 1:
+            raise Retry(delay=0.5)
+
+    async with app.running():
+        await app.publish(topic, {"order_id": "o1"})
+        await wait_for(lambda: len(times) == 2)
+    assert times[1] - times[0] >= 0.45
