@@ -1,12 +1,13 @@
 """The document pipeline: upload -> extract -> analyze -> notify, with one poison document.
 
-Run it as a demo (a worker and a publisher in one process):
+Run its agents in a worker, and publish documents to them from another process:
 
-    python examples/document_pipeline.py
+    python -m omnidaemon worker examples.document_pipeline:app      # terminal 1
+    python examples/document_pipeline.py                            # terminal 2
 
-or run its agents as a worker and publish to it from elsewhere:
-
-    python -m omnidaemon worker examples.document_pipeline:app
+(`bash scripts/quickstart.sh` does both.) With no `OMNIDAEMON_BROKER_URL` both processes use
+the embedded bus, which the first of them starts. Add `--in-process` to run the agents inside
+the publisher instead, without a separate worker.
 
 Three documents go through all four steps. `corrupt.pdf` makes the extractor fail every time:
 it is retried twice with backoff and then parked in the dead-letter queue, with its error.
@@ -15,10 +16,13 @@ it is retried twice with backoff and then parked in the dead-letter queue, with 
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+from functools import partial
+
 import anyio
 from pydantic import BaseModel
 
-from omnidaemon import App, Context, Reject
+from omnidaemon import App, Context, DeadLetter, Reject
 
 app = App("docs")
 
@@ -72,14 +76,17 @@ async def analyze(event: Extracted) -> Analysis:
     )
 
 
-notified: list[Analysis] = []
+class Notified(BaseModel):
+    user_id: str
+    file_path: str
+    sentiment: str
 
 
-@app.agent("analysis.completed")
-def notify_user(event: Analysis, ctx: Context) -> None:
+@app.agent("analysis.completed", publishes="user.notified")
+def notify_user(event: Analysis, ctx: Context) -> Notified:
     """Tell the user their document is analysed (a plain function: it runs in a thread)."""
-    notified.append(event)
     ctx.log.info("user notified", user_id=event.user_id, sentiment=event.sentiment)
+    return Notified(user_id=event.user_id, file_path=event.file_path, sentiment=event.sentiment)
 
 
 DOCUMENTS = [
@@ -91,30 +98,57 @@ DOCUMENTS = [
 ]
 
 
-async def main() -> None:
-    """Run the agents, publish the documents, wait for every outcome, and report."""
-    async with app.running():
+async def publish_and_report(*, in_process: bool = False, timeout: float = 60) -> int:
+    """Publish the documents, wait until each one is notified or dead-lettered, and report.
+
+    A second app on the same bus listens to `user.notified`, the pipeline's last step. Returns
+    the process exit status: 0 when every document has an outcome.
+    """
+    watcher = App("docs-watcher")
+    notified: list[Notified] = []
+    ours: set[str] = set()
+
+    @watcher.agent("user.notified", start="latest")
+    async def collect(event: Notified, ctx: Context) -> None:
+        if ctx.event.correlation_id in ours:
+            notified.append(event)
+
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(watcher.running())
+        if in_process:
+            await stack.enter_async_context(app.running())
         for document in DOCUMENTS:
-            await app.publish("document.uploaded", document)
-        with anyio.fail_after(30):
-            while True:
-                dead = await app.dead_letters("extract_text")
-                if len(notified) + len(dead) >= len(DOCUMENTS):
-                    break
-                await anyio.sleep(0.05)
+            ours.add(await app.publish("document.uploaded", document))
+        print(f"published {len(DOCUMENTS)} documents; waiting for the pipeline...")
+        dead: list[DeadLetter] = []
+        with anyio.move_on_after(timeout) as waiting:
+            while len(notified) + len(dead) < len(DOCUMENTS):
+                await anyio.sleep(0.1)
+                letters = await app.dead_letters("extract_text", limit=50)
+                dead = [d for d in letters if d.event_id in ours]
+    await app.close()
+    if waiting.cancelled_caught:
+        print(
+            f"no outcome for every document after {timeout:g} s: is a worker running? "
+            "start one with: python -m omnidaemon worker examples.document_pipeline:app"
+        )
+        return 1
     print("\nnotified:")
-    for analysis in notified:
-        print(f"  {analysis.user_id:<8} {analysis.file_path:<22} {analysis.sentiment}")
+    for n in sorted(notified, key=lambda n: n.file_path):
+        print(f"  {n.user_id:<8} {n.file_path:<22} {n.sentiment}")
     print("dead-lettered:")
     for letter in dead:
         print(
             f"  {letter.payload['file_path']:<22} after {letter.attempts} attempt(s): "
             f"{letter.error_type}: {letter.error_message}"
         )
+    return 0
 
 
 if __name__ == "__main__":
+    import sys
+
     from omnidaemon.observability import configure_logging
 
-    configure_logging("INFO")
-    anyio.run(main)
+    configure_logging("WARNING")
+    sys.exit(anyio.run(partial(publish_and_report, in_process="--in-process" in sys.argv)))

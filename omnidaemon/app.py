@@ -9,10 +9,10 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 import anyio
-import structlog
 
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
-from omnidaemon.brokers import Broker, MemoryBroker, Subscription, open_broker
+from omnidaemon.brokers import Broker, Subscription, open_broker
+from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
@@ -27,15 +27,15 @@ Hook = Callable[[], Awaitable[None]]
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
 """A lifespan: called with the app, returns an async context manager the worker runs inside."""
 
-_log = structlog.get_logger("omnidaemon.app")
-
 
 class App:
     """An omnidaemon application: a name, a broker, and the agents that run on it.
 
     Args:
         name: The app's name, recorded as `source` on every event it publishes.
-        broker: A broker URL (`memory://`) or a `Broker`; by default `OMNIDAEMON_BROKER_URL`.
+        broker: A broker URL (`redis://...`, `unix://...`, `memory://`) or a `Broker`; by
+            default `OMNIDAEMON_BROKER_URL`, else the embedded bus (a local Valkey server that
+            omnidaemon starts on first use, data in `OMNIDAEMON_HOME`, default `./.omnidaemon`).
         lifespan: An async context manager factory run around the worker (open clients before
             the first event, close them after the last).
         settings: Settings to use instead of reading the environment.
@@ -185,13 +185,8 @@ class App:
         if self._broker is None:
             url = self._broker_source or self.settings.broker_url
             if url is None:
-                # The embedded durable bus becomes the default once it lands; until then an
-                # unconfigured app runs in-process, and says so.
-                _log.warning(
-                    "no broker configured: using the in-process memory:// bus; events do not "
-                    "leave this process (set OMNIDAEMON_BROKER_URL to share a bus)"
-                )
-                self._broker = MemoryBroker(f"app:{self.name}")
+                # No URL: the embedded bus, a local Valkey started on first connect.
+                self._broker = EmbeddedBroker(maxlen=self.settings.stream_maxlen)
             elif isinstance(url, str):
                 self._broker = open_broker(url, maxlen=self.settings.stream_maxlen)
         assert self._broker is not None
@@ -343,7 +338,7 @@ class App:
             ) from None
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
-        """Up to `limit` events in `agent`'s dead-letter queue, oldest first."""
+        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first."""
         spec = self.get_agent(agent)
         await self.connect()
         records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)

@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
-# The quick start: installs omnidaemon into .venv and runs the example document pipeline
-# (its agents in a worker, and a publisher sending it five documents).
+# The quick start: installs omnidaemon into .venv, starts a worker running the example document
+# pipeline's agents, and publishes five documents to it from a second process. Both use the
+# embedded bus (a local Valkey server omnidaemon starts in ./.omnidaemon): nothing to set up.
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh"
-exec .venv/bin/python examples/document_pipeline.py "$@"
+export OMNIDAEMON_LOG_FORMAT="${OMNIDAEMON_LOG_FORMAT:-console}"
+
+echo "== starting a worker: python -m omnidaemon worker examples.document_pipeline:app"
+.venv/bin/python -m omnidaemon worker examples.document_pipeline:app &
+worker=$!
+stop() {
+    kill -TERM "$worker" 2>/dev/null && wait "$worker" || true
+    echo "== the embedded bus keeps your events in ./.omnidaemon; stopping its server"
+    .venv/bin/python -m omnidaemon bus stop
+}
+trap stop EXIT
+
+echo "== publishing: python examples/document_pipeline.py"
+.venv/bin/python examples/document_pipeline.py

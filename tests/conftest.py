@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from omnidaemon.brokers.embedded_server import ensure_server, stop_server
 from tests.servers import RedisServer, running_redis
 
 
@@ -25,6 +28,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def embedded_home() -> Iterator[Path]:
+    """The home of an embedded Valkey server shared by the session, stopped at its end.
+
+    Made under /tmp with a short name: a unix socket path must stay under ~107 bytes.
+    """
+    home = Path(tempfile.mkdtemp(prefix="od"))
+    ensure_server(home)
+    try:
+        yield home
+    finally:
+        stop_server(home)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

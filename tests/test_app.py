@@ -130,3 +130,11 @@ async def test_a_worker_leaves_a_connection_it_did_not_open() -> None:
         assert broker.open
         await app.publish("a.b", {"n": 1})
     assert not broker.open
+
+
+def test_without_a_url_the_app_uses_the_embedded_bus(tmp_path: object) -> None:
+    from omnidaemon.brokers.embedded import EmbeddedBroker
+
+    app = App("local", settings=Settings.from_env({}))
+    assert isinstance(app.broker, EmbeddedBroker)
+    assert app.broker.url.startswith("embedded://")

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from omnidaemon.brokers.embedded_server import stop_server
 from omnidaemon.testing import TestApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +45,8 @@ async def test_pipeline_notifies_good_documents_and_dead_letters_the_poison_one(
             ("edsger", "positive"),
             ("grace", "positive"),
         ]
-        assert sorted(a.user_id for a in example.notified) == ["ada", "edsger", "grace"]
+        notified = bus.published("user.notified")
+        assert sorted(e.payload["user_id"] for e in notified) == ["ada", "edsger", "grace"]
 
         letters = {d.payload["file_path"]: d for d in bus.dead_letters("extract_text")}
         assert set(letters) == {"reports/corrupt.pdf", "notes.txt"}
@@ -56,20 +63,71 @@ async def test_pipeline_notifies_good_documents_and_dead_letters_the_poison_one(
             "document.uploaded",
             "text.extracted",
             "analysis.completed",
+            "user.notified",
         ]
-        assert [e.causation_id for e in chain[1:]] == [chain[0].id, chain[1].id]
+        assert [e.causation_id for e in chain[1:]] == [e.id for e in chain[:-1]]
+
+
+def check_report(stdout: str) -> None:
+    assert "ada" in stdout and "edsger" in stdout and "grace" in stdout
+    assert "reports/corrupt.pdf" in stdout and "after 3 attempt(s)" in stdout
+    assert "notes.txt" in stdout and "Reject" in stdout
+
+
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A short-pathed OMNIDAEMON_HOME whose embedded server is stopped afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="od"))
+    try:
+        yield home
+    finally:
+        stop_server(home)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_example_script_runs_and_reports() -> None:
-    result = subprocess.run(
-        [sys.executable, "examples/document_pipeline.py"],
+def test_worker_and_publisher_processes_on_the_embedded_bus(embedded_home: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OMNIDAEMON_")},
+        "OMNIDAEMON_HOME": str(embedded_home),
+        "OMNIDAEMON_LOG_FORMAT": "json",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "omnidaemon", "worker", "examples.document_pipeline:app"],
         cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "examples/document_pipeline.py"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, worker_log = worker.communicate(timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_report(result.stdout)
+    assert worker.returncode == 0, worker_log.decode(errors="replace")
+    assert (embedded_home / "valkey.sock").exists()  # one server, shared by both processes
+
+
+@pytest.mark.slow
+def test_example_runs_in_one_process(embedded_home: Path) -> None:
+    env = {**os.environ, "OMNIDAEMON_HOME": str(embedded_home)}
+    env.pop("OMNIDAEMON_BROKER_URL", None)
+    result = subprocess.run(
+        [sys.executable, "examples/document_pipeline.py", "--in-process"],
+        cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
     )
-    assert result.returncode == 0, result.stderr
-    assert "ada" in result.stdout and "edsger" in result.stdout
-    assert "reports/corrupt.pdf" in result.stdout and "after 3 attempt(s)" in result.stdout
-    assert "notes.txt" in result.stdout and "Reject" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_report(result.stdout)

@@ -151,4 +151,4 @@ class Broker(ABC):
 
     @abstractmethod
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
-        """Up to `limit` records from the group's dead-letter queue, oldest first."""
+        """The `limit` most recent records of the group's dead-letter queue, oldest first."""

@@ -271,7 +271,7 @@ class MemoryBroker(Broker):
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
         await anyio.lowlevel.checkpoint()
-        return self.dead_letters_now(sub)[:limit]
+        return self.dead_letters_now(sub)[-limit:] if limit > 0 else []
 
     def dead_letters_now(self, sub: Subscription) -> list[bytes]:
         """Every record in the group's dead-letter queue, oldest first (no await needed)."""

@@ -125,13 +125,16 @@ class RedisBroker(Broker):
     async def connect(self) -> None:
         if self._client is not None:
             return
+        options: dict[str, Any] = {}
+        if not self._raw_url.startswith("unix:"):
+            options["socket_keepalive"] = True  # TCP only: unix sockets take no such option
         client = aioredis.Redis.from_url(
             self._raw_url,
             socket_timeout=_SOCKET_TIMEOUT,
             socket_connect_timeout=5.0,
-            socket_keepalive=True,
             health_check_interval=30,
             decode_responses=False,
+            **options,
         )
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
@@ -346,8 +349,10 @@ class RedisBroker(Broker):
     # Inspection ---------------------------------------------------------------------------
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
-        entries: Any = await self.client.xrange(self.dlq_key(sub), count=limit)
-        return [fields[b"r"] for _id, fields in entries if b"r" in fields]
+        if limit <= 0:
+            return []
+        entries: Any = await self.client.xrevrange(self.dlq_key(sub), count=limit)
+        return [fields[b"r"] for _id, fields in reversed(entries) if b"r" in fields]
 
 
 def _decode(value: bytes | str) -> str:

