@@ -27,13 +27,13 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
-from omnidaemon.errors import BusUnavailable
+from omnidaemon.errors import BusUnavailable, ConfigurationError
 
 __all__ = ["RedisBroker", "redact_url"]
 
@@ -169,6 +169,11 @@ class RedisBroker(Broker):
             try:
                 await attempt()
                 return
+            except AuthenticationError as exc:
+                # Wrong credentials will not fix themselves: say so at once.
+                raise ConfigurationError(
+                    f"the bus at {self._url} refused the credentials in the broker URL ({exc})"
+                ) from None
             except _UNAVAILABLE as exc:
                 if anyio.current_time() + delay > deadline:
                     raise BusUnavailable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import uuid4
 
 import anyio
@@ -112,3 +113,32 @@ async def test_the_db_number_in_the_url_is_honoured(redis_url: str) -> None:
         assert await client.exists(db1.stream_key(topic)) == 1
     finally:
         await client.aclose()
+
+
+async def test_auth_from_the_url_and_no_password_in_errors_or_logs(tmp_path: Path) -> None:
+    from tests.servers import running_redis
+
+    with running_redis(tmp_path, password="s3cret-pw") as server:
+        topic = f"auth{uuid4().hex[:8]}.done"
+        app = App("auth", broker=server.url)
+        handled: list[int] = []
+
+        @app.agent(topic)
+        async def work(event: dict[str, int]) -> None:
+            handled.append(event["n"])
+
+        with capture_logs() as logs:
+            async with app.running():
+                await app.publish(topic, {"n": 1})
+                with anyio.fail_after(5):
+                    while not handled:
+                        await anyio.sleep(0.01)
+        assert "s3cret-pw" not in repr(logs)
+        assert "s3cret-pw" not in app.broker.url
+
+        wrong = App("auth", broker=server.url.replace("s3cret-pw", "wrong-pw"))
+        with pytest.raises(ConfigurationError, match="refused the credentials") as info:
+            with anyio.fail_after(3):  # at once, not after the unavailable-bus timeout
+                await wrong.publish(topic, {"n": 2})
+        assert "wrong-pw" not in str(info.value)
+        await wrong.close()
