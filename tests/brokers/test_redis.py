@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -142,3 +145,69 @@ async def test_auth_from_the_url_and_no_password_in_errors_or_logs(tmp_path: Pat
                 await wrong.publish(topic, {"n": 2})
         assert "wrong-pw" not in str(info.value)
         await wrong.close()
+
+
+def _make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1, made with openssl."""
+    ca_key, ca_crt = directory / "ca.key", directory / "ca.crt"
+    key, csr, crt = directory / "server.key", directory / "server.csr", directory / "server.crt"
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", str(ca_key), "-out", str(ca_crt))  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr))  # fmt: skip
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt))  # fmt: skip
+    return ca_crt, crt, key
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking only TLS on a free loopback port; yields (port, CA file)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    ca, crt, key = _make_tls_files(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+         "--tls-cert-file", str(crt), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield port, ca
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_tls_with_rediss_urls(tls_server: tuple[int, Path]) -> None:
+    port, ca = tls_server
+    broker = RedisBroker(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+    topic = f"tls{uuid4().hex[:8]}.done"
+    sub = Subscription(topic, "g")
+    with anyio.fail_after(10):
+        while True:  # until the server listens
+            try:
+                await broker.connect()
+                await broker.subscribe(sub)
+                break
+            except Exception:
+                await broker.close()
+                await anyio.sleep(0.05)
+    await broker.publish(topic, b"over tls")
+    [delivery] = await broker.fetch(sub, "c", 1, 2.0)
+    assert delivery.data == b"over tls"
+    await broker.close()
+    # A client that does not trust the server's CA is refused.
+    untrusting = RedisBroker(f"rediss://127.0.0.1:{port}/0", publish_timeout=0.3)
+    with pytest.raises(BusUnavailable):
+        await untrusting.connect()
+        await untrusting.publish(topic, b"x")
+    await untrusting.close()
