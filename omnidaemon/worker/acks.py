@@ -34,11 +34,16 @@ class AckBatcher:
         self._max_delay = max_delay
         self._pending: list[Delivery] = []
         self._ready = anyio.Event()
+        self._urgent = False
 
-    def add(self, delivery: Delivery) -> None:
-        """Queue a delivery whose handler finished and whose outputs are written."""
+    def add(self, delivery: Delivery, *, urgent: bool = False) -> None:
+        """Queue a delivery whose handler finished and whose outputs are written.
+
+        `urgent` sends the batch without waiting for more.
+        """
         self._pending.append(delivery)
-        if len(self._pending) == 1 or len(self._pending) >= self._max_batch:
+        self._urgent = self._urgent or urgent
+        if len(self._pending) == 1 or len(self._pending) >= self._max_batch or urgent:
             self._ready.set()
 
     async def run(self) -> None:
@@ -47,8 +52,9 @@ class AckBatcher:
         while True:
             await self._ready.wait()
             self._ready = anyio.Event()
-            if len(self._pending) < self._max_batch:
+            if len(self._pending) < self._max_batch and not self._urgent:
                 await anyio.sleep(self._max_delay)
+            self._urgent = False
             try:
                 await self._send()
                 failures = 0

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Delivery, Subscription
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["AgentConsumer"]
 
 _log = structlog.get_logger("omnidaemon.worker")
+_ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
 
 _FETCH_TIMEOUT = 2.0  # seconds one fetch may block; bounds how stale the reclaim check gets
 # While handlers run, one of them may schedule a retry due sooner than a long fetch would
@@ -65,6 +66,8 @@ class AgentConsumer:
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self._fetch_scope: anyio.CancelScope | None = None
+        self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
+        self._settled = anyio.Event()  # set whenever a handler finishes
         self._acks = AckBatcher(self._broker, self.subscription)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
@@ -119,21 +122,24 @@ class AgentConsumer:
         failures = 0
         while not self._stopping:
             free = self._capacity - len(self._in_flight)
-            if free <= 0:
+            if free <= 0 or self._isolating:
                 await self._wait_wake()
                 continue
             now = anyio.current_time()
             try:
                 deliveries: list[Delivery] = []
                 if now >= next_reclaim:
-                    next_reclaim = now + reclaim_interval
+                    # One at a time: a delivery is charged an attempt when it is taken over,
+                    # so take over only what is about to run (see _run_alone).
                     deliveries = await self._broker.reclaim(
-                        self.subscription, self.consumer, self._spec.reclaim_idle, free
+                        self.subscription, self.consumer, self._spec.reclaim_idle, 1
                     )
+                    next_reclaim = now if deliveries else now + reclaim_interval
                     if deliveries:
                         self._log.warning(
-                            "took over events whose worker stopped renewing them",
-                            count=len(deliveries),
+                            "took over an event whose worker stopped renewing it",
+                            entry_id=deliveries[0].id,
+                            attempt=deliveries[0].attempt,
                         )
                 if not deliveries:
                     with anyio.CancelScope() as self._fetch_scope:
@@ -159,12 +165,41 @@ class AgentConsumer:
             if failures:
                 self._log.info("fetching again", after_failures=failures)
                 failures = 0
+            last = self._spec.policy.max_attempts
+            suspects = [d for d in deliveries if d.attempt == last]
             for delivery in deliveries:
                 self._in_flight[(delivery.origin, delivery.id)] = delivery
-                handlers.start_soon(self._handle, delivery)
+                if delivery.attempt != last:
+                    handlers.start_soon(self._handle, delivery)
+            if suspects:
+                self._isolating = len(suspects)
+                handlers.start_soon(self._run_alone, suspects)
+
+    async def _run_alone(self, suspects: list[Delivery]) -> None:
+        """Handle reclaimed deliveries on their last attempt one at a time, with nothing else
+        in flight and nothing fetched meanwhile.
+
+        A worker died while handling each of them before. If one of them kills this worker
+        too, no other event is charged an attempt for it, so a poison message cannot drag
+        healthy events into the dead-letter queue with it.
+        """
+        held = {(d.origin, d.id) for d in suspects}
+        for delivery in suspects:
+            while any(key not in held for key in self._in_flight):
+                # No await between the check and the new event: no completion slips by.
+                self._settled = anyio.Event()
+                await self._settled.wait()
+            # Finished work is acknowledged before the suspect runs, so that if it kills this
+            # worker, nothing finished is delivered (and charged) again.
+            await self._acks.flush()
+            await self._handle(delivery)
+            held.discard((delivery.origin, delivery.id))
+            self._isolating -= 1
+        self._wake.set()
 
     async def _renew_leases(self) -> None:
         interval = self._spec.reclaim_idle / 3
+        failures = 0
         while True:
             await anyio.sleep(interval)
             if not self._in_flight:
@@ -173,11 +208,14 @@ class AgentConsumer:
                 await self._broker.extend(
                     self.subscription, self.consumer, list(self._in_flight.values())
                 )
+                failures = 0
             except Exception as exc:
-                self._log.warning(
-                    "cannot renew leases of running handlers",
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                failures += 1
+                if failures == 1:  # once per outage
+                    self._log.warning(
+                        "cannot renew leases of running handlers",
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
 
     # Handling -----------------------------------------------------------------------------
 
@@ -195,16 +233,22 @@ class AgentConsumer:
         finally:
             self._in_flight.pop((delivery.origin, delivery.id), None)
             self._wake.set()
+            self._settled.set()
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self._spec
         if delivery.attempt > spec.policy.max_attempts:
+            event_id = None
+            with contextlib.suppress(ValidationError):
+                event_id = _ANY_ENVELOPE.validate_json(delivery.data).id
             await self._dead_letter(
                 delivery,
                 None,
                 "AttemptsExhausted",
-                f"delivered {delivery.attempt - 1} times without finishing (max_retries="
-                f"{spec.policy.max_retries}); the worker handling it probably crashed",
+                f"its worker stopped without finishing it on all {delivery.attempt - 1} "
+                f"attempts (max_retries={spec.policy.max_retries}); a handler that crashes "
+                "or hangs its worker is the usual cause",
+                event_id=event_id,
             )
             return
         try:
@@ -259,7 +303,8 @@ class AgentConsumer:
             except Exception as exc:
                 await self._fail(delivery, envelope, exc, None)
                 return
-        self._acks.add(delivery)
+        # A redelivery's ack goes out at once: its worker may be one a poison message kills.
+        self._acks.add(delivery, urgent=delivery.attempt > 1)
 
     async def _call(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec
