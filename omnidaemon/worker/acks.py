@@ -35,6 +35,9 @@ class AckBatcher:
         self._pending: list[Delivery] = []
         self._ready = anyio.Event()
         self._urgent = False
+        # One send at a time: `flush()` may run while `run()` is sending, and two sends of the
+        # same batch would each remove a batch's worth from the queue, dropping acks unsent.
+        self._sending = anyio.Lock()
 
     def add(self, delivery: Delivery, *, urgent: bool = False) -> None:
         """Queue a delivery whose handler finished and whose outputs are written.
@@ -90,7 +93,8 @@ class AckBatcher:
                     await anyio.sleep(0.1 * 2**attempt)
 
     async def _send(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._max_batch]
-            await self._broker.ack(self._sub, batch)
-            del self._pending[: len(batch)]
+        async with self._sending:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                await self._broker.ack(self._sub, batch)
+                del self._pending[: len(batch)]  # appends happen at the end only

@@ -490,9 +490,11 @@ def test_healthy_events_delivered_alongside_a_poison_message_are_not_dead_letter
     supervise_until_dead_letter(fleet, "work")
     wait_for(lambda: fleet.settled("work"), SETTLE, "every event to be settled")
 
-    assert [letter.payload for letter in fleet.dead_letters("work")] == [
-        {"k": "poison", "poison": True}
-    ]
+    letters = fleet.dead_letters("work")
+    assert [letter.payload for letter in letters] == [{"k": "poison", "poison": True}], (
+        [(d.payload, d.error_type, d.attempts) for d in letters],
+        [(s.phase, s.key, s.attempt, s.pid) for s in fleet.steps()],
+    )
     assert set(fleet.done_counts()) == set(healthy)
 
 

@@ -1,0 +1,55 @@
+"""Batched acknowledgements: nothing finished is left unacknowledged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from omnidaemon.brokers import Delivery, MemoryBroker, Subscription
+from omnidaemon.worker.acks import AckBatcher
+
+pytestmark = pytest.mark.anyio
+
+
+class SlowAcks(MemoryBroker):
+    """Records every ack and takes a while over each, so sends overlap."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.acked: list[str] = []
+
+    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+        await anyio.sleep(0.05)
+        self.acked += [d.id for d in deliveries]
+
+
+async def test_a_flush_during_a_send_drops_nothing() -> None:
+    broker = SlowAcks()
+    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acks.run)
+        acks.add(Delivery("1", b"", 1), urgent=True)
+        await anyio.sleep(0.01)  # the background send of "1" is under way
+        async with anyio.create_task_group() as inner:
+            inner.start_soon(acks.flush)
+            await anyio.sleep(0.01)
+            acks.add(Delivery("2", b"", 1))  # arrives while the flush waits
+        await acks.flush()
+        tg.cancel_scope.cancel()
+    assert sorted(set(broker.acked)) == ["1", "2"]
+
+
+async def test_batches_are_sent_together_after_the_delay() -> None:
+    broker = SlowAcks()
+    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acks.run)
+        for i in range(5):
+            acks.add(Delivery(str(i), b"", 1))
+        with anyio.fail_after(2):
+            while len(broker.acked) < 5:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert broker.acked == ["0", "1", "2", "3", "4"]
