@@ -293,3 +293,34 @@ async def test_retry_delay_is_honoured(make_app: Callable[[], App], topic: str) 
         await app.publish(topic, {"order_id": "o1"})
         await wait_for(lambda: len(times) == 2)
     assert times[1] - times[0] >= 0.45
+
+
+async def test_concurrency_bounds_handlers_and_what_is_fetched(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    running = 0
+    peak = 0
+    release = anyio.Event()
+
+    @app.agent(topic, concurrency=2)
+    async def work(event: Order) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    async with app.running():
+        await app.publish_many([(topic, {"order_id": f"o{i}"}) for i in range(6)])
+        await wait_for(lambda: running == 2)
+        await anyio.sleep(0.3)  # time enough to over-fetch, were it going to
+        broker = app.broker
+        if isinstance(broker, RedisBroker):  # only two entries were handed to the worker
+            pending = await broker.client.xpending(broker.stream_key(topic), "work")
+            assert pending["pending"] == 2
+        elif isinstance(broker, MemoryBroker):
+            assert broker.pending(Subscription(topic, "work")) == 2
+        release.set()
+        await wait_for(lambda: running == 0)
+    assert peak == 2
