@@ -19,10 +19,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,10 +28,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, TypedDict
+from typing import Literal, TypedDict
 from urllib.parse import quote
 
+import redis
 import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from omnidaemon.errors import BusUnavailable, ConfigurationError
 
@@ -200,55 +201,19 @@ def find_server_binary(env: Mapping[str, str] | None = None) -> Path:
 # --- Talking to the server --------------------------------------------------------------------
 
 
-class _ReplyError(Exception):
-    """The server answered with a RESP error (e.g. `LOADING`)."""
-
-
-def _read_reply(stream: BinaryIO) -> bytes | str | int | None:
-    """Read one RESP reply: enough of the protocol for PING, INFO and SHUTDOWN.
-
-    Raises:
-        EOFError: the server closed the connection (as SHUTDOWN does when it succeeds).
-    """
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise EOFError("connection closed")
-    kind, body = line[:1], line[1:-2]
-    if kind == b"+":
-        return body.decode()
-    if kind == b"-":
-        raise _ReplyError(body.decode(errors="replace"))
-    if kind == b":":
-        return int(body)
-    if kind in (b"$", b"="):  # bulk string, or RESP3 verbatim string
-        size = int(body)
-        if size < 0:
-            return None
-        data = stream.read(size + 2)
-        if len(data) < size + 2:
-            raise EOFError("connection closed")
-        return data[:size]
-    raise _ReplyError(f"unexpected reply {line[:40]!r}")
-
-
-def _request(path: Path, *args: str, timeout: float = _PROBE_TIMEOUT) -> bytes | str | int | None:
-    """Send one command over the unix socket at `path` and return the reply.
-
-    Raises:
-        OSError: nothing accepted the connection, or no reply came within `timeout`.
-        EOFError: the connection closed before a reply.
-        _ReplyError: the server replied with an error.
-    """
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(os.fsencode(path))
-        conn.sendall(b"".join(parts))
-        with conn.makefile("rb") as stream:
-            return _read_reply(stream)
+@contextmanager
+def _client(path: Path, timeout: float = _PROBE_TIMEOUT) -> Iterator[redis.Redis]:
+    """A short-lived redis-py client on the unix socket at `path`, failing fast: no retries."""
+    client = redis.Redis(
+        unix_socket_path=os.fsdecode(path),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 _State = Literal["ready", "busy", "down"]
@@ -257,12 +222,12 @@ _State = Literal["ready", "busy", "down"]
 def _probe(path: Path) -> _State:
     """`ready` (answers PONG), `busy` (answers, but with an error such as LOADING) or `down`."""
     try:
-        reply = _request(path, "PING")
-    except _ReplyError:
+        with _client(path) as client:
+            return "ready" if client.ping() else "busy"
+    except redis.ResponseError:
         return "busy"
-    except (OSError, EOFError, ValueError):
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
         return "down"
-    return "ready" if reply == "PONG" else "busy"
 
 
 def _wait_ready(
@@ -299,13 +264,11 @@ def _wait_down(path: Path, timeout: float) -> bool:
 def _info_pid(path: Path) -> int | None:
     """The process id the server at `path` reports for itself."""
     try:
-        info = _request(path, "INFO", "server")
-    except (OSError, EOFError, ValueError, _ReplyError):
+        with _client(path) as client:
+            pid = client.info("server").get("process_id")
+    except (redis.RedisError, OSError):
         return None
-    if not isinstance(info, bytes):
-        return None
-    match = re.search(rb"^process_id:(\d+)\r?$", info, re.MULTILINE)
-    return int(match.group(1)) if match else None
+    return pid if isinstance(pid, int) else None
 
 
 # --- Processes --------------------------------------------------------------------------------
@@ -603,10 +566,11 @@ def stop_server(home: Path | None = None, timeout: float = 10) -> bool:
         if _probe(files.sock) != "down":
             pid = _info_pid(files.sock) or _read_pid(files)
             try:
-                _request(files.sock, "SHUTDOWN", timeout=timeout)
-            except (OSError, EOFError):
-                pass  # it closes the connection as it exits
-            except _ReplyError as exc:
+                with _client(files.sock, timeout) as client:
+                    client.shutdown()  # returns once the server closed the connection to exit
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass  # it went away by itself meanwhile
+            except redis.RedisError as exc:
                 raise EmbeddedServerError(
                     f"the embedded bus server refused to stop ({exc}); see {files.log}"
                 ) from None
