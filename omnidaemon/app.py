@@ -18,6 +18,7 @@ from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
+from omnidaemon.topology import TopicTypes, Topology
 
 __all__ = ["App", "Hook", "Lifespan"]
 
@@ -72,6 +73,7 @@ class App:
         self._opened_by_worker = False
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
+        self._topic_types: TopicTypes | None = None  # built on first publish
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
 
@@ -145,9 +147,29 @@ class App:
                     "pass name=... to tell them apart"
                 )
             self._agents[spec.name] = spec
+            self._topic_types = None
             return handler
 
         return decorate
+
+    def topology(self) -> Topology:
+        """The app's topics, agents and edges, as their type annotations declare them.
+
+        Example:
+            ```python
+            for topic in app.topology().topics.values():
+                print(topic.name, topic.producers, "->", topic.consumers)
+            ```
+        """
+        return Topology.of(self._agents.values())
+
+    def check_payload(self, topic: str, payload: Any) -> None:
+        """Raise `PayloadValidationError` if `payload` contradicts a type an agent of this app
+        declares for `topic` (as a payload parameter, or as the return type of `publishes=`).
+        Publishing calls this; topics without declared types accept anything."""
+        if self._topic_types is None:
+            self._topic_types = TopicTypes(self._agents.values())
+        self._topic_types.check(topic, payload)
 
     def on_startup(self, hook: Hook) -> Hook:
         """Register an async function the worker runs before it consumes any event."""
@@ -286,7 +308,10 @@ class App:
         Raises:
             ValueError: The topic name is invalid.
             TypeError: The payload cannot be encoded as JSON.
+            PayloadValidationError: The payload contradicts the type an agent of this app
+                declares for the topic.
         """
+        self.check_payload(topic, payload)
         event_id, data = self._encode(
             topic,
             payload,
@@ -305,6 +330,9 @@ class App:
         self, events: Iterable[tuple[str, Any]], *, correlation_id: str | None = None
     ) -> list[str]:
         """Publish several `(topic, payload)` events in one round trip; return their ids."""
+        events = list(events)
+        for topic, payload in events:
+            self.check_payload(topic, payload)
         encoded = [
             (
                 topic,

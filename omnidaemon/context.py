@@ -33,7 +33,7 @@ class Context:
         ```
     """
 
-    __slots__ = ("_app", "_log", "agent", "attempt", "event", "max_attempts")
+    __slots__ = ("_app", "_log", "agent", "attempt", "event", "max_attempts", "replied")
 
     def __init__(
         self, app: App, event: Envelope[Any], *, agent: str, attempt: int, max_attempts: int
@@ -44,6 +44,7 @@ class Context:
         self.agent = agent
         self.attempt = attempt
         self.max_attempts = max_attempts
+        self.replied = False
 
     @property
     def app(self) -> App:
@@ -82,6 +83,31 @@ class Context:
                 correlation_id=self.event.correlation_id,
             )
         return self._log
+
+    @property
+    def logger(self) -> structlog.typing.FilteringBoundLogger:
+        """The same bound logger as `log`."""
+        return self.log
+
+    async def reply(self, payload: Any, *, headers: dict[str, str] | None = None) -> str | None:
+        """Send `payload` to the event's `reply_to` topic now, before the handler returns.
+
+        The reply carries this event's correlation id, and its id as causation id. Once a
+        handler has replied, its return value is not sent to `reply_to` again. Returns the
+        reply's event id, or `None` when the event asked for no reply.
+        """
+        if self.event.reply_to is None:
+            return None
+        event_id = await self._app.publish(
+            self.event.reply_to,
+            payload,
+            correlation_id=self.event.correlation_id,
+            causation_id=self.event.id,
+            tenant_id=self.event.tenant_id,
+            headers=headers,
+        )
+        self.replied = True
+        return event_id
 
     async def publish(
         self,

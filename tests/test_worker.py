@@ -66,7 +66,9 @@ async def test_invalid_payload_is_dead_lettered_at_once_with_the_error() -> None
         calls.append(event)
 
     async with TestApp(app) as bus:
-        event_id = await bus.publish("order.placed", {"order_id": "o1", "amount": "lots"})
+        # Another program, which does not know the agent's type, publishes a wrong payload.
+        elsewhere = App("elsewhere", broker=bus.broker)
+        event_id = await elsewhere.publish("order.placed", {"order_id": "o1", "amount": "lots"})
         await bus.publish("order.placed", {"order_id": "o2", "amount": 2})
         await bus.drain()
         [letter] = bus.dead_letters("charge")

@@ -299,7 +299,7 @@ class AgentConsumer:
             output = result
         if output is not None:
             try:
-                await self._publish_outputs(envelope, output)
+                await self._publish_outputs(envelope, output, replied=ctx.replied)
             except Exception as exc:
                 await self._fail(delivery, envelope, exc, None)
                 return
@@ -321,8 +321,11 @@ class AgentConsumer:
             spec.invoke, payload, ctx, limiter=self._thread_limiter, abandon_on_cancel=True
         )
 
-    async def _publish_outputs(self, envelope: Envelope[Any], output: Any) -> None:
-        targets = [t for t in (self._spec.publishes, envelope.reply_to) if t is not None]
+    async def _publish_outputs(
+        self, envelope: Envelope[Any], output: Any, *, replied: bool
+    ) -> None:
+        reply_to = None if replied else envelope.reply_to
+        targets = [t for t in (self._spec.publishes, reply_to) if t is not None]
         if not targets:
             return
         entries = []

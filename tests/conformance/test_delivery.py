@@ -126,7 +126,8 @@ async def test_invalid_and_undecodable_entries_are_dead_lettered_and_the_loop_go
     future = Envelope.new(topic, {"order_id": "x"}).model_copy(update={"v": 99}).encode()
     async with app.running():
         await app.broker.publish(topic, b"\xff\xfe not json")
-        await app.publish(topic, {"order_id": 42})  # wrong type
+        # Another program, which does not know the agent's type, publishes a wrong payload.
+        await App("elsewhere", broker=app.broker).publish(topic, {"order_id": 42})
         await app.broker.publish(topic, future)
         await app.publish(topic, {"order_id": "good"})
         letters = await wait_dead_letters(app, "strict", 3)

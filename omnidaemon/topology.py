@@ -1,0 +1,150 @@
+"""Topology: an app's topics, agents and the edges between them, read from the agents' types.
+
+An agent consumes one topic (its payload type is that topic's declared type for it) and, with
+`publishes=`, produces another (its return annotation is what it puts there). Together these
+edges are the app's pipelines; `App.topology()` returns them, and publishing checks payloads
+against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from omnidaemon.agents import AgentSpec
+from omnidaemon.envelope import dumps
+from omnidaemon.errors import PayloadValidationError
+
+__all__ = ["Edge", "TopicSpec", "Topology", "TopicTypes", "type_name"]
+
+_RAW = (Any, dict, dict[str, Any], object)
+
+
+def type_name(tp: Any) -> str:
+    """A short readable name of a type, for messages and diagrams."""
+    return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """One edge of the graph: an agent consumes or publishes to a topic."""
+
+    agent: str
+    topic: str
+    kind: Literal["consumes", "publishes"]
+    payload_type: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic as the app's agents declare it.
+
+    Attributes:
+        name: The topic.
+        consumers: Agents that consume it.
+        producers: Agents whose return value is published to it (`publishes=`).
+        payload_types: The types declared for its payloads, raw `dict`/`Any` left out.
+    """
+
+    name: str
+    consumers: tuple[str, ...]
+    producers: tuple[str, ...]
+    payload_types: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The topics, agents and edges of an app."""
+
+    topics: Mapping[str, TopicSpec]
+    agents: tuple[str, ...]
+    edges: tuple[Edge, ...]
+
+    @classmethod
+    def of(cls, agents: Iterable[AgentSpec]) -> Topology:
+        """Build the topology of these agents."""
+        specs = list(agents)
+        edges: list[Edge] = []
+        for spec in specs:
+            edges.append(Edge(spec.name, spec.topic, "consumes", spec.payload_type))
+            if spec.publishes is not None:
+                edges.append(Edge(spec.name, spec.publishes, "publishes", spec.return_type))
+        topics: dict[str, TopicSpec] = {}
+        for name in dict.fromkeys(e.topic for e in edges):
+            on_topic = [e for e in edges if e.topic == name]
+            declared = [e.payload_type for e in on_topic if not _is_raw(e.payload_type)]
+            topics[name] = TopicSpec(
+                name=name,
+                consumers=tuple(e.agent for e in on_topic if e.kind == "consumes"),
+                producers=tuple(e.agent for e in on_topic if e.kind == "publishes"),
+                payload_types=tuple(dict.fromkeys(declared)),
+            )
+        return cls(topics=topics, agents=tuple(s.name for s in specs), edges=tuple(edges))
+
+    def to_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart: topics as rounded nodes, agents as boxes."""
+        ids = {t: f"t{i}" for i, t in enumerate(self.topics)}
+        lines = ["flowchart LR"]
+        lines += [f'    {ids[t]}(["{t}"])' for t in self.topics]
+        lines += [f'    a_{a.replace(".", "_").replace(":", "_").replace("-", "_")}["{a}"]'
+                  for a in self.agents]  # fmt: skip
+        for e in self.edges:
+            agent = "a_" + e.agent.replace(".", "_").replace(":", "_").replace("-", "_")
+            label = type_name(e.payload_type)
+            if e.kind == "consumes":
+                lines.append(f"    {ids[e.topic]} -->|{label}| {agent}")
+            else:
+                lines.append(f"    {agent} -->|{label}| {ids[e.topic]}")
+        return "\n".join(lines)
+
+
+def _is_raw(tp: Any) -> bool:
+    return any(tp is raw or tp == raw for raw in _RAW) or tp is type(None)
+
+
+class TopicTypes:
+    """Checks payloads against the types an app's agents declare for each topic."""
+
+    def __init__(self, agents: Iterable[AgentSpec]) -> None:
+        self._checks: dict[str, list[tuple[Any, TypeAdapter[Any], str]]] = {}
+        for spec in agents:
+            declared = [(spec.payload_type, spec.name, "consumes")]
+            if spec.publishes is not None:
+                declared.append((spec.return_type, spec.name, "publishes to"))
+            for tp, agent, verb in declared:
+                topic = spec.topic if verb == "consumes" else spec.publishes
+                if _is_raw(tp) or topic is None:
+                    continue
+                checks = self._checks.setdefault(topic, [])
+                if all(tp != seen for seen, _, _ in checks):
+                    checks.append((tp, TypeAdapter(tp), f"agent {agent!r} {verb} it"))
+
+    def check(self, topic: str, payload: Any) -> None:
+        """Raise `PayloadValidationError` if `payload` contradicts a type declared for `topic`."""
+        checks = self._checks.get(topic)
+        if not checks:
+            return
+        plain: Any = None
+        for tp, adapter, why in checks:
+            if isinstance(tp, type) and isinstance(payload, tp):
+                continue
+            if plain is None:
+                # What a consumer will see: the payload as JSON data.
+                plain = (
+                    payload if isinstance(payload, dict | list) else orjson.loads(dumps(payload))
+                )
+            try:
+                adapter.validate_python(plain)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}"
+                    for e in exc.errors(include_url=False)[:5]
+                )
+                raise PayloadValidationError(
+                    f"cannot publish to {topic!r}: the payload is not a valid "
+                    f"{type_name(tp)} ({why}): {problems}"
+                ) from None
