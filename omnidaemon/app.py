@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
@@ -27,6 +27,21 @@ Hook = Callable[[], Awaitable[None]]
 """An `on_startup` / `on_shutdown` hook: an async function without arguments."""
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
 """A lifespan: called with the app, returns an async context manager the worker runs inside."""
+
+
+def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> float:
+    """Seconds to hold an event back, from `publish(delay=...)` or `publish(at=...)`."""
+    if delay is not None and at is not None:
+        raise ValueError("give delay= or at=, not both")
+    if at is not None:
+        when = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    if delay is None:
+        return 0.0
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    if seconds < 0:
+        raise ValueError(f"delay must not be negative, not {seconds}")
+    return seconds
 
 
 class App:
@@ -292,6 +307,8 @@ class App:
         webhook: str | None = None,
         tenant_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
     ) -> str:
         """Publish one event and return its id.
 
@@ -304,6 +321,9 @@ class App:
             webhook: A URL the outcome is POSTed to.
             tenant_id: Carried unchanged to handlers.
             headers: String metadata carried unchanged.
+            delay: Seconds (or a `timedelta`) before agents see the event; held durably on
+                the bus meanwhile, so it survives restarts.
+            at: A time (timezone-aware, or naive UTC) at which agents see the event.
 
         Raises:
             ValueError: The topic name is invalid.
@@ -312,6 +332,7 @@ class App:
                 declares for the topic.
         """
         self.check_payload(topic, payload)
+        hold = _seconds_until(delay, at)
         event_id, data = self._encode(
             topic,
             payload,
@@ -323,7 +344,7 @@ class App:
             headers=headers,
         )
         await self.connect()
-        await self.broker.publish(topic, data)
+        await self.broker.publish(topic, data, delay=hold)
         return event_id
 
     async def publish_many(

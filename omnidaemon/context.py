@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
@@ -117,6 +118,8 @@ class Context:
         reply_to: str | None = None,
         webhook: str | None = None,
         headers: dict[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
     ) -> str:
         """Publish an event caused by the one being handled.
 
@@ -132,6 +135,8 @@ class Context:
             reply_to=reply_to,
             webhook=webhook,
             headers=headers,
+            delay=delay,
+            at=at,
         )
 
     def publish_sync(

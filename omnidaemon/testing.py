@@ -46,9 +46,9 @@ class _RecordingBroker(MemoryBroker):
         super().__init__(None)
         self.log: list[tuple[str, bytes]] = []
 
-    async def publish(self, topic: str, data: bytes) -> None:
+    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         self.log.append((topic, data))
-        await super().publish(topic, data)
+        await super().publish(topic, data, delay=delay)
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         self.log.extend(entries)

@@ -79,3 +79,21 @@ async def test_published_lists_everything_in_order_and_by_topic() -> None:
             ("a.c", {"n": 10}),
         ]
         assert bus.dead_letters("relay") == []
+
+
+async def test_drain_skips_publish_delays() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+    seen: list[int] = []
+
+    @app.agent("a.b")
+    async def work(event: dict[str, int]) -> None:
+        seen.append(event["n"])
+
+    with anyio.fail_after(5):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 2}, delay=3600)
+            await bus.publish("a.b", {"n": 1}, delay=60)
+            await bus.drain()
+    assert seen == [1, 2]

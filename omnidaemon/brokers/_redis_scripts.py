@@ -49,10 +49,12 @@ return 1
 
 FETCH_RETRIES = (
     """
--- Move due retries into the group's retry stream, then read from it without blocking.
--- A zset member is '<attempt>\\n<unique>\\n<entry bytes>'.
--- KEYS: the group's due-time zset, the group's retry stream
--- ARGV: group, consumer, count
+-- Move due retries into the group's retry stream, then read from it without blocking; also
+-- release the topic's delayed events that fell due into the topic stream.
+-- A retry member is '<attempt>\\n<unique>\\n<entry bytes>'; a delayed one '<unique>\\n<entry>'.
+-- KEYS: the group's due-time zset, the group's retry stream, the topic's delayed zset,
+--       the topic stream
+-- ARGV: group, consumer, count, topic maxlen
 """
     + _NOW_MS
     + """
@@ -64,12 +66,21 @@ for _, member in ipairs(due) do
                'a', string.sub(member, 1, a_end - 1))
     redis.call('ZREM', KEYS[1], member)
 end
+local delayed = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms, 'LIMIT', 0, 256)
+for _, member in ipairs(delayed) do
+    local u_end = string.find(member, '\\n', 1, true)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'e', string.sub(member, u_end + 1))
+    redis.call('ZREM', KEYS[3], member)
+end
 local entries = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
                            'STREAMS', KEYS[2], '>')
-local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local wait_ms = -1
-if next_due[2] then
-    wait_ms = math.max(0, tonumber(next_due[2]) - now_ms)
+for _, key in ipairs({KEYS[1], KEYS[3]}) do
+    local next_due = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if next_due[2] then
+        local w = math.max(0, tonumber(next_due[2]) - now_ms)
+        if wait_ms < 0 or w < wait_ms then wait_ms = w end
+    end
 end
 if entries then
     return {entries[1][2], wait_ms}

@@ -99,8 +99,12 @@ class Broker(ABC):
     # Publishing ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def publish(self, topic: str, data: bytes) -> None:
-        """Append one entry to `topic`; durable when this returns."""
+    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        """Append one entry to `topic`; durable when this returns.
+
+        With `delay` > 0 the entry is held, durably, and appended `delay` seconds from now
+        (wall-clock time, so a delay survives restarts of every process).
+        """
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         """Append several `(topic, data)` entries, in order; a broker may pipeline them."""

@@ -47,6 +47,8 @@ class _Topic:
     entries: deque[tuple[int, bytes]] = field(default_factory=deque)
     next_seq: int = 0
     groups: dict[str, _Group] = field(default_factory=dict)
+    # (due, tiebreak, data): delayed publishes, appended to `entries` when due.
+    delayed: list[tuple[float, int, bytes]] = field(default_factory=list)
 
 
 class _Bus:
@@ -100,12 +102,27 @@ class _Bus:
             for g in t.groups.values()
             if g.scheduled
         ]
+        dues += [t.delayed[0][0] for t in self.topics.values() if t.delayed]
         return min(dues, default=None)
+
+    def delay(self, name: str, data: bytes, seconds: float) -> None:
+        topic = self.topic(name)
+        heapq.heappush(topic.delayed, (self.now() + seconds, next(self._tiebreak), data))
+
+    def release_due(self, topic: _Topic) -> None:
+        """Append the topic's delayed entries whose time has come."""
+        now = self.now()
+        while topic.delayed and topic.delayed[0][0] <= now:
+            _, _, data = heapq.heappop(topic.delayed)
+            topic.entries.append((topic.next_seq, data))
+            topic.next_seq += 1
 
     def busy(self) -> bool:
         """True while any group has unread entries, pending deliveries or due retries."""
         now = self.now()
         for topic in self.topics.values():
+            if topic.delayed and topic.delayed[0][0] <= now and topic.groups:
+                return True
             for group in topic.groups.values():
                 if group.cursor < topic.next_seq or group.pending:
                     return True
@@ -150,8 +167,11 @@ class MemoryBroker(Broker):
 
     # Publishing ---------------------------------------------------------------------------
 
-    async def publish(self, topic: str, data: bytes) -> None:
-        self._bus.append(topic, data)
+    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        if delay > 0:
+            self._bus.delay(topic, data, delay)
+        else:
+            self._bus.append(topic, data)
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
@@ -191,14 +211,17 @@ class MemoryBroker(Broker):
             now = bus.now()
             if now >= deadline:
                 return []
-            group = self._group(sub)
+            group, topic = self._group(sub), bus.topics[sub.topic]
             wake = deadline if not group.scheduled else min(deadline, group.scheduled[0][0])
+            if topic.delayed:
+                wake = min(wake, topic.delayed[0][0])
             await bus.wait_changed(wake - now)
 
     def _take(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
         bus = self._bus
         topic = bus.topics[sub.topic]
         group = self._group(sub)
+        bus.release_due(topic)
         now = bus.now()
         taken: list[Delivery] = []
         while group.scheduled and group.scheduled[0][0] <= now and len(taken) < count:
@@ -292,7 +315,7 @@ class MemoryBroker(Broker):
         return len(group.pending) if group else 0
 
     def has_scheduled(self) -> bool:
-        """True while any retry is scheduled for later."""
+        """True while any retry or delayed event is scheduled for later."""
         return self._bus.next_due() is not None
 
     def fast_forward(self) -> bool:

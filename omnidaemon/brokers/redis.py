@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -113,6 +114,10 @@ class RedisBroker(Broker):
         """The key of a group's sorted set of scheduled retries."""
         return f"{self._prefix}:{{{sub.topic}}}:due:{sub.group}"
 
+    def delayed_key(self, topic: str) -> str:
+        """The key of a topic's sorted set of delayed events."""
+        return f"{self._prefix}:{{{topic}}}:delayed"
+
     def dlq_key(self, sub: Subscription) -> str:
         """The key of a group's dead-letter stream."""
         return f"{self._prefix}:{{{sub.topic}}}:dlq:{sub.group}"
@@ -183,14 +188,23 @@ class RedisBroker(Broker):
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def publish(self, topic: str, data: bytes) -> None:
+    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         key = self.stream_key(topic)
         maxlen = self._maxlen_of(topic)
 
-        async def attempt() -> None:
+        async def append() -> None:
             await self.client.xadd(key, {"e": data}, maxlen=maxlen, approximate=True)
 
-        await self._with_publish_deadline(attempt)
+        # A delayed entry is held in the topic's delayed set by wall-clock due time; consumers
+        # of the topic release it into the stream (FETCH_RETRIES) once the server's clock
+        # reaches it. The member is made once, so a retried ZADD cannot add it twice.
+        due_ms = int((time.time() + delay) * 1000)
+        member = f"{self._unique_prefix}-{next(self._unique)}\n".encode() + data
+
+        async def hold() -> None:
+            await self.client.zadd(self.delayed_key(topic), {member: due_ms})
+
+        await self._with_publish_deadline(hold if delay > 0 else append)
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         if not entries:
@@ -250,8 +264,13 @@ class RedisBroker(Broker):
         # to this worker falls due; other workers' retries are seen within one fetch timeout.
         if now - checked_at >= _RETRY_CHECK_INTERVAL or next_due <= now:
             entries, wait_ms = await self._scripts["FETCH_RETRIES"](
-                keys=[self.due_key(sub), self.retry_key(sub)],
-                args=[sub.group, consumer, count],
+                keys=[
+                    self.due_key(sub),
+                    self.retry_key(sub),
+                    self.delayed_key(sub.topic),
+                    self.stream_key(sub.topic),
+                ],
+                args=[sub.group, consumer, count, self._maxlen_of(sub.topic)],
             )
             deliveries = [self._retry_delivery(entry) for entry in entries]
             next_due = now + int(wait_ms) / 1000 if int(wait_ms) >= 0 else math.inf

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from omnidaemon import App, BusUnavailable, ConfigurationError
 from omnidaemon.brokers import RedisBroker, Subscription, open_broker
 from omnidaemon.brokers.redis import redact_url
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -211,3 +211,18 @@ async def test_tls_with_rediss_urls(tls_server: tuple[int, Path]) -> None:
         await untrusting.connect()
         await untrusting.publish(topic, b"x")
     await untrusting.close()
+
+
+async def test_delayed_events_survive_a_server_restart(durable_redis: RedisServer) -> None:
+    topic = f"delayed{uuid4().hex[:8]}.done"
+    sub = Subscription(topic, "g")
+    broker = RedisBroker(durable_redis.url)
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.publish(topic, b"held", delay=0.5)
+    durable_redis.restart()
+    broker = RedisBroker(durable_redis.url)
+    async with broker:
+        assert await broker.fetch(sub, "c", 10, 0.1) == []  # not yet
+        [delivery] = await broker.fetch(sub, "c", 10, 3.0)
+    assert delivery.data == b"held"

@@ -325,3 +325,32 @@ async def test_concurrency_bounds_handlers_and_what_is_fetched(
         release.set()
         await wait_for(lambda: running == 0)
     assert peak == 2
+
+
+async def test_delayed_events_are_seen_at_their_time_and_not_before(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    app = make_app()
+    seen: list[tuple[str, float]] = []
+
+    @app.agent(topic)
+    async def work(event: Order) -> None:
+        seen.append((event.order_id, anyio.current_time()))
+
+    async with app.running():
+        start = anyio.current_time()
+        await app.publish(topic, {"order_id": "later"}, delay=0.6)
+        await app.publish(topic, {"order_id": "sooner"}, delay=timedelta(seconds=0.3))
+        await app.publish(topic, {"order_id": "past"}, at=datetime.now(UTC) - timedelta(hours=1))
+        await app.publish(topic, {"order_id": "now"})
+        await wait_for(lambda: len(seen) == 4)
+    order = [name for name, _ in seen]
+    assert set(order[:2]) == {"past", "now"}
+    assert order[2:] == ["sooner", "later"]
+    times = dict(seen)
+    assert times["sooner"] - start >= 0.25
+    assert times["later"] - start >= 0.55
+    with pytest.raises(ValueError, match="not both"):
+        await app.publish(topic, {"order_id": "x"}, delay=1, at=datetime.now(UTC))
