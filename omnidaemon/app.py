@@ -18,6 +18,7 @@ from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
+from omnidaemon.sync import SyncPublisher
 from omnidaemon.topology import TopicTypes, Topology
 
 __all__ = ["App", "Hook", "Lifespan"]
@@ -89,6 +90,7 @@ class App:
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
         self._topic_types: TopicTypes | None = None  # built on first publish
+        self._sync: SyncPublisher | None = None  # publish_sync's loop, started on first use
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
 
@@ -236,7 +238,9 @@ class App:
             self._connected = True
 
     async def close(self) -> None:
-        """Close the broker connection."""
+        """Close the broker connection (and `publish_sync`'s, if it was used)."""
+        if self._sync is not None:
+            self._sync.close()
         if self._connected:
             self._connected = False
             await self.broker.close()
@@ -345,6 +349,51 @@ class App:
         )
         await self.connect()
         await self.broker.publish(topic, data, delay=hold)
+        return event_id
+
+    def publish_sync(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        webhook: str | None = None,
+        tenant_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        at: datetime | None = None,
+    ) -> str:
+        """`publish` for code without an event loop: Django or Flask views, scripts, threads.
+
+        Blocks until the bus has the event and returns its id. Runs on an event loop of
+        omnidaemon's own in a background thread, with its own connection, shared by every
+        thread of the process. Same arguments and errors as `publish`.
+
+        Raises:
+            RuntimeError: called from a running event loop (use `await app.publish`).
+        """
+        try:
+            anyio.get_current_task()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("publish_sync blocks: in async code, use `await app.publish(...)`")
+        self.check_payload(topic, payload)
+        hold = _seconds_until(delay, at)
+        event_id, data = self._encode(
+            topic,
+            payload,
+            correlation_id=correlation_id,
+            causation_id=None,
+            reply_to=reply_to,
+            webhook=webhook,
+            tenant_id=tenant_id,
+            headers=headers,
+        )
+        if self._sync is None:
+            self._sync = SyncPublisher(self.broker.clone)
+        self._sync.publish(topic, data, delay=hold)
         return event_id
 
     async def publish_many(

@@ -96,6 +96,19 @@ class Broker(ABC):
     ) -> None:
         await self.close()
 
+    def clone(self) -> Broker:
+        """A new, unconnected broker on the same bus, for use on another event loop.
+
+        Raises:
+            ConfigurationError: this bus cannot be reached from another event loop.
+        """
+        from omnidaemon.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"{type(self).__name__} cannot be used from another thread's event loop; "
+            "publish_sync needs a bus other processes can reach (Redis or the embedded bus)"
+        )
+
     # Publishing ---------------------------------------------------------------------------
 
     @abstractmethod

@@ -31,6 +31,9 @@ class EmbeddedBroker(RedisBroker):
         super().__init__(f"unix://{self.home}/valkey.sock", maxlen=maxlen)
         self._url = f"embedded://{self.home}"
 
+    def clone(self) -> EmbeddedBroker:
+        return EmbeddedBroker(self.home, maxlen=self._maxlen)
+
     async def connect(self) -> None:
         if self._client is not None:
             return

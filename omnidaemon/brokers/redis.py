@@ -100,6 +100,15 @@ class RedisBroker(Broker):
     def url(self) -> str:
         return self._url
 
+    def clone(self) -> RedisBroker:
+        return RedisBroker(
+            self._raw_url,
+            prefix=self._prefix,
+            maxlen=self._maxlen,
+            topic_maxlen=self._topic_maxlen,
+            publish_timeout=self._publish_timeout,
+        )
+
     # Keys ---------------------------------------------------------------------------------
 
     def stream_key(self, topic: str) -> str:

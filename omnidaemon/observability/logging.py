@@ -51,3 +51,5 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=out, format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request URL at INFO, query strings (webhook tokens) included.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,569 @@
+"""Webhooks against a real HTTP server on loopback: signatures, retries, and SSRF refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from omnidaemon.errors import ConfigurationError, OmniDaemonError
+from omnidaemon.retry import Backoff
+from omnidaemon.webhooks import (
+    WebhookRefused,
+    WebhookSender,
+    WebhookSettings,
+    check_url,
+    sign,
+    verify,
+)
+
+SECRET = "test-secret"
+TINY = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=False)
+
+# A receiver on loopback ------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    hang: bool = False  # hold the request until the test ends (a receiver that never answers)
+
+
+class Receiver:
+    """Records every request and answers with the scripted answers, then 200s."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self._answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver.requests.append(Received(self.path, dict(self.headers), body))
+                    answer = receiver._answers.pop(0) if receiver._answers else Answer()
+                if answer.hang:
+                    receiver.release.wait(10)
+                    return
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def script(self, *answers: int | Answer) -> None:
+        with self._lock:
+            self._answers = [a if isinstance(a, Answer) else Answer(a) for a in answers]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+    thread = threading.Thread(
+        target=rec.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    )
+    thread.start()
+    try:
+        yield rec
+    finally:
+        rec.release.set()
+        rec.server.shutdown()
+        rec.server.server_close()
+        thread.join(5)
+
+
+def settings(**overrides: Any) -> WebhookSettings:
+    values: dict[str, Any] = {
+        "secret": SECRET,
+        "allow_private": True,  # the receiver is on loopback
+        "timeout": 2.0,
+        "max_elapsed": 2.0,
+        "backoff": TINY,
+    }
+    values.update(overrides)
+    return WebhookSettings(**values)
+
+
+def fake_resolver(table: dict[str, Sequence[str]]) -> Any:
+    calls: list[str] = []
+
+    async def resolve(host: str, port: int) -> Sequence[str]:
+        calls.append(host)
+        if host not in table:
+            raise OSError(f"no such host {host}")
+        return table[host]
+
+    resolve.calls = calls  # type: ignore[attr-defined]
+    return resolve
+
+
+BODY = {"event_id": "evt-1", "topic": "doc.done", "status": "succeeded", "result": {"n": 1}}
+
+
+# Signatures -------------------------------------------------------------------------------------
+
+
+def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
+    body = b'{"a":1}'
+    expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert sign(body, 1_700_000_000, "k") == f"sha256={expected}"
+
+
+def test_verify_accepts_a_fresh_signature_and_rejects_tampering_and_replays() -> None:
+    body, ts = b'{"a":1}', 1_700_000_000
+    signature = sign(body, ts, SECRET)
+    assert verify(body, signature, ts, SECRET, now=ts + 10)
+    assert verify(body, signature, str(ts), SECRET, now=ts - 10)  # header value, clock skew
+    assert not verify(b'{"a":2}', signature, ts, SECRET, now=ts)  # tampered body
+    assert not verify(body, signature, ts, "other-secret", now=ts)
+    assert not verify(body, signature, ts + 1, SECRET, now=ts)  # timestamp changed
+    assert not verify(body, signature, ts, SECRET, now=ts + 301)  # too old: replay
+    assert not verify(body, signature, ts, SECRET, now=ts - 301)  # from the future
+    assert verify(body, signature, ts, SECRET, now=ts + 1000, tolerance=1000)
+    assert not verify(body, "sha256=" + "0" * 64, ts, SECRET, now=ts)
+    assert not verify(body, "garbage-ü", ts, SECRET, now=ts)
+    assert not verify(body, signature, "yesterday", SECRET, now=ts)
+    assert not verify(body, None, ts, SECRET, now=ts)  # header missing
+    assert not verify(body, signature, None, SECRET, now=ts)
+
+
+# Delivery ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_body_and_headers_arrive_and_the_receiver_verifies_them(receiver: Receiver) -> None:
+    async with WebhookSender(settings()) as sender:
+        outcome = await sender.deliver(receiver.url("/hook?x=1"), BODY, event_id="evt-1")
+
+    assert outcome.status == "delivered"
+    assert (outcome.attempts, outcome.status_code, outcome.error) == (1, 200, None)
+    assert sender.counts == {"delivered": 1, "failed": 0, "refused": 0}
+    [request] = receiver.requests
+    assert request.path == "/hook?x=1"
+    assert json.loads(request.body) == BODY
+    headers = request.headers
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"].startswith("omnidaemon/")
+    assert headers["X-Omnidaemon-Event-Id"] == "evt-1"
+    timestamp = int(headers["X-Omnidaemon-Timestamp"])
+    assert abs(timestamp - time.time()) < 60
+    signature = headers["X-Omnidaemon-Signature"]
+    assert verify(request.body, signature, headers["X-Omnidaemon-Timestamp"], SECRET)
+    assert not verify(request.body + b" ", signature, timestamp, SECRET)
+    assert not verify(request.body, signature, timestamp, SECRET, now=timestamp + 3600)
+
+
+@pytest.mark.anyio
+async def test_unsigned_mode_sends_no_signature_and_warns_once(receiver: Receiver) -> None:
+    with capture_logs() as logs:
+        async with WebhookSender(settings(secret=None)) as sender:
+            for _ in range(2):
+                outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+                assert outcome.status == "delivered"
+    assert len(receiver.requests) == 2
+    assert all("X-Omnidaemon-Signature" not in r.headers for r in receiver.requests)
+    assert all("X-Omnidaemon-Timestamp" in r.headers for r in receiver.requests)
+    warnings = [entry for entry in logs if entry["event"] == "webhooks are unsigned"]
+    assert len(warnings) == 1
+
+
+@pytest.mark.anyio
+async def test_errors_are_retried_until_delivered(receiver: Receiver) -> None:
+    receiver.script(500, 500, 200)
+    async with WebhookSender(settings()) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts, outcome.status_code) == ("delivered", 3, 200)
+    assert len(receiver.requests) == 3
+    # Every attempt is signed afresh and carries the same event id, for deduplication.
+    for request in receiver.requests:
+        assert request.headers["X-Omnidaemon-Event-Id"] == "evt-1"
+        assert verify(
+            request.body,
+            request.headers["X-Omnidaemon-Signature"],
+            request.headers["X-Omnidaemon-Timestamp"],
+            SECRET,
+        )
+
+
+@pytest.mark.anyio
+async def test_a_receiver_that_always_fails_makes_the_delivery_fail_in_bounded_time(
+    receiver: Receiver,
+) -> None:
+    receiver.script(*[500] * 1000)
+    with capture_logs() as logs:
+        async with WebhookSender(settings(max_elapsed=0.4)) as sender:
+            outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-9")
+    assert outcome.status == "failed"
+    assert (outcome.status_code, outcome.error) == (500, "HTTP 500")
+    assert outcome.attempts == len(receiver.requests) > 3
+    assert outcome.elapsed <= 0.4 + 0.25
+    assert sender.counts["failed"] == 1
+    [entry] = [e for e in logs if e["event"] == "webhook failed"]
+    assert entry["event_id"] == "evt-9"
+    assert entry["host"] == "127.0.0.1"
+    assert entry["attempts"] == outcome.attempts
+    assert entry["status"] == "failed"
+    assert "url" not in entry
+
+
+@pytest.mark.anyio
+async def test_max_elapsed_zero_tries_once(receiver: Receiver) -> None:
+    receiver.script(500)
+    async with WebhookSender(settings(max_elapsed=0)) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts, len(receiver.requests)) == ("failed", 1, 1)
+
+
+@pytest.mark.anyio
+async def test_connection_refused_is_retried_then_fails() -> None:
+    with socket.socket() as sock:  # a port nobody listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with WebhookSender(settings(max_elapsed=0.3)) as sender:
+        outcome = await sender.deliver(f"http://127.0.0.1:{port}/", BODY, event_id="evt-1")
+    assert outcome.status == "failed"
+    assert outcome.attempts > 1
+    assert outcome.status_code is None
+    assert outcome.error is not None and "ConnectError" in outcome.error
+    assert outcome.elapsed <= 0.3 + 0.25
+
+
+@pytest.mark.anyio
+async def test_a_receiver_that_never_answers_times_out_within_the_bound(
+    receiver: Receiver,
+) -> None:
+    receiver.script(*[Answer(hang=True)] * 10)
+    async with WebhookSender(settings(timeout=0.2, max_elapsed=0.3)) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert outcome.status == "failed"
+    assert outcome.error is not None and "timed out" in outcome.error.lower()
+    assert outcome.attempts == len(receiver.requests) >= 2
+    assert outcome.elapsed <= 0.3 + 0.25
+
+
+@pytest.mark.anyio
+async def test_retry_after_on_429_is_honoured(receiver: Receiver) -> None:
+    receiver.script(Answer(429, {"Retry-After": "1"}), 200)
+    async with WebhookSender(settings(max_elapsed=5)) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts) == ("delivered", 2)
+    assert outcome.elapsed >= 1.0  # not the 10 ms backoff
+    assert outcome.elapsed < 3.0
+
+
+@pytest.mark.anyio
+async def test_retry_after_past_the_bound_fails_at_once(receiver: Receiver) -> None:
+    receiver.script(Answer(503, {"Retry-After": "3600"}))
+    async with WebhookSender(settings(max_elapsed=5)) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts, outcome.status_code) == ("failed", 1, 503)
+    assert outcome.error is not None and "Retry-After" in outcome.error
+    assert outcome.elapsed < 1.0
+
+
+@pytest.mark.anyio
+async def test_a_redirect_is_not_followed(receiver: Receiver) -> None:
+    # The redirect points at the receiver itself: following it would show up as a GET.
+    redirect = Answer(302, {"Location": receiver.url("/elsewhere")})
+    receiver.script(redirect, redirect, 200)
+    async with WebhookSender(settings()) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts) == ("delivered", 3)
+    assert [r.path for r in receiver.requests] == ["/hook"] * 3
+
+
+@pytest.mark.anyio
+async def test_an_endless_redirect_fails_and_says_why(receiver: Receiver) -> None:
+    receiver.script(*[Answer(302, {"Location": receiver.url("/elsewhere")})] * 1000)
+    async with WebhookSender(settings(max_elapsed=0.1)) as sender:
+        outcome = await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    assert (outcome.status, outcome.status_code) == ("failed", 302)
+    assert outcome.error is not None and "redirects are not followed" in outcome.error
+    assert {r.path for r in receiver.requests} == {"/hook"}
+
+
+@pytest.mark.anyio
+async def test_the_connection_goes_to_the_checked_address(receiver: Receiver) -> None:
+    # `hooks.test` resolves only through our resolver: reaching the receiver proves the
+    # request was sent to the address that was checked, with the name kept in `Host`.
+    resolve = fake_resolver({"hooks.test": ["127.0.0.1"]})
+    config = settings(allowed_hosts=("hooks.test",))
+    async with WebhookSender(config, resolve=resolve) as sender:
+        outcome = await sender.deliver(receiver.url(host="hooks.test"), BODY, event_id="e")
+    assert outcome.status == "delivered"
+    [request] = receiver.requests
+    assert request.headers["Host"] == f"hooks.test:{receiver.port}"
+
+
+@pytest.mark.anyio
+async def test_a_host_that_does_not_resolve_is_retried_then_fails() -> None:
+    resolve = fake_resolver({})
+    async with WebhookSender(settings(max_elapsed=0.1), resolve=resolve) as sender:
+        outcome = await sender.deliver("http://nowhere.test/", BODY, event_id="evt-1")
+    assert outcome.status == "failed"
+    assert outcome.error is not None and "cannot resolve" in outcome.error
+    assert len(resolve.calls) == outcome.attempts > 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_deliveries_share_one_sender(receiver: Receiver) -> None:
+    async with WebhookSender(settings()) as sender, anyio.create_task_group() as tg:
+        for n in range(5):
+            tg.start_soon(
+                partial(sender.deliver, receiver.url(f"/hook/{n}"), BODY, event_id=f"e{n}")
+            )
+    assert sender.counts["delivered"] == 5
+    assert sorted(r.path for r in receiver.requests) == [f"/hook/{n}" for n in range(5)]
+
+
+@pytest.mark.anyio
+async def test_deliver_needs_an_open_sender() -> None:
+    with pytest.raises(RuntimeError, match="async with"):
+        await WebhookSender(settings()).deliver("http://127.0.0.1/", BODY, event_id="e")
+
+
+# SSRF -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:{port}/hook", "loopback"),
+        ("http://localhost:{port}/hook", "loopback"),
+        ("http://[::1]:{port}/hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]:{port}/hook", "loopback"),
+        ("http://10.0.0.1/hook", "private"),
+        ("http://172.16.5.4/hook", "private"),
+        ("http://192.168.1.1/hook", "private"),
+        ("http://[fd00::1]/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[fe80::1]/hook", "link-local"),
+        ("http://0.0.0.0:{port}/hook", "unspecified"),
+        ("http://[::]:{port}/hook", "unspecified"),
+        ("http://100.64.0.1/hook", "carrier-grade NAT"),
+        ("http://224.0.0.1/hook", "multicast"),
+        ("http://240.0.0.1/hook", "reserved"),
+        ("http://user:pw@example.com/hook", "credentials"),
+        ("ftp://127.0.0.1:{port}/hook", "scheme"),
+        ("file:///etc/passwd", "scheme"),
+    ],
+)
+async def test_ssrf_targets_are_refused_and_never_contacted(
+    receiver: Receiver, url: str, reason: str
+) -> None:
+    url = url.format(port=receiver.port)
+    config = settings(allow_private=False)
+    with pytest.raises(WebhookRefused, match=reason):
+        await check_url(url, config)
+    async with WebhookSender(config) as sender:
+        outcome = await sender.deliver(url, BODY, event_id="evt-1")
+    assert (outcome.status, outcome.attempts, outcome.status_code) == ("refused", 0, None)
+    assert outcome.error is not None and reason in outcome.error
+    assert sender.counts == {"delivered": 0, "failed": 0, "refused": 1}
+    assert receiver.requests == []
+
+
+@pytest.mark.anyio
+async def test_refusals_say_which_setting_allows_them() -> None:
+    with pytest.raises(WebhookRefused, match="OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE=1"):
+        await check_url("http://10.0.0.1/", settings(allow_private=False))
+    with pytest.raises(WebhookRefused, match="OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS"):
+        await check_url("https://evil.example/", settings(allowed_hosts=("good.example",)))
+    assert issubclass(WebhookRefused, OmniDaemonError)
+
+
+@pytest.mark.anyio
+async def test_every_resolved_address_must_be_public() -> None:
+    # A name with one public and one private address could connect to either.
+    resolve = fake_resolver({"mixed.test": ["93.184.216.34", "10.1.2.3"]})
+    with pytest.raises(WebhookRefused, match=r"'mixed.test', which resolves to 10\.1\.2\.3"):
+        await check_url("https://mixed.test/", settings(allow_private=False), resolve=resolve)
+    rebind = fake_resolver({"metadata.test": ["169.254.169.254"]})
+    with pytest.raises(WebhookRefused, match="link-local"):
+        await check_url("http://metadata.test/", settings(allow_private=False), resolve=rebind)
+    public = fake_resolver({"ok.test": ["93.184.216.34", "2606:2800:220:1::1"]})
+    await check_url("https://ok.test/", settings(allow_private=False), resolve=public)
+
+
+@pytest.mark.anyio
+async def test_public_addresses_and_allowed_private_ones_pass() -> None:
+    await check_url("https://93.184.216.34/hook", settings(allow_private=False))
+    await check_url("https://[2606:2800:220:1::1]/hook", settings(allow_private=False))
+    await check_url("http://[::ffff:93.184.216.34]/hook", settings(allow_private=False))
+    await check_url("http://10.0.0.1/hook", settings(allow_private=True))
+
+
+@pytest.mark.anyio
+async def test_refusal_messages_hide_credentials_path_and_query() -> None:
+    for url in (
+        "http://user:s3cret-pw@example.com/p4th?token=t0ken",
+        "http://10.0.0.1/p4th?token=t0ken",
+    ):
+        with pytest.raises(WebhookRefused) as info:
+            await check_url(url, settings(allow_private=False))
+        message = str(info.value)
+        for secret in ("s3cret-pw", "p4th", "t0ken"):
+            assert secret not in message
+
+
+@pytest.mark.anyio
+async def test_outcome_logs_show_the_host_only(receiver: Receiver) -> None:
+    url = receiver.url("/p4th?token=t0ken")
+    with capture_logs() as logs:
+        async with WebhookSender(settings()) as sender:
+            await sender.deliver(url, BODY, event_id="evt-1")
+            await sender.deliver(
+                "http://user:s3cret@10.0.0.1/p4th?token=t0ken", BODY, event_id="evt-2"
+            )
+    outcomes = [e for e in logs if e["event"].startswith("webhook ")]
+    assert [(e["event"], e["event_id"]) for e in outcomes] == [
+        ("webhook delivered", "evt-1"),
+        ("webhook refused", "evt-2"),
+    ]
+    text = repr(logs)
+    for secret in ("s3cret", "p4th", "t0ken", SECRET):
+        assert secret not in text
+    assert outcomes[0]["host"] == "127.0.0.1"
+
+
+# Allow-list -------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_allow_list_accepts_listed_hosts_and_refuses_others() -> None:
+    resolve = fake_resolver(
+        {
+            name: ["93.184.216.34"]
+            for name in ("hooks.example.com", "a.partner.io", "x.y.partner.io", "partner.io")
+        }
+    )
+    config = settings(
+        allow_private=False, allowed_hosts=("Hooks.Example.com.", "*.partner.io", "93.184.216.34")
+    )
+    for ok in (
+        "https://hooks.example.com/h",
+        "https://HOOKS.example.com:8443/h",
+        "https://a.partner.io/h",
+        "https://x.y.partner.io/h",
+        "https://93.184.216.34/h",
+    ):
+        await check_url(ok, config, resolve=resolve)
+    calls_so_far = len(resolve.calls)
+    for refused in (
+        "https://partner.io/h",  # the wildcard covers subdomains only
+        "https://evil.com/h",
+        "https://hooks.example.com.evil.com/h",
+        "https://evilpartner.io/h",
+        "https://93.184.216.35/h",
+    ):
+        with pytest.raises(WebhookRefused, match="not allowed"):
+            await check_url(refused, config, resolve=resolve)
+    assert len(resolve.calls) == calls_so_far  # refused before any lookup
+
+
+@pytest.mark.anyio
+async def test_an_allowed_host_must_still_be_public() -> None:
+    resolve = fake_resolver({"internal.example.com": ["10.0.0.7"]})
+    config = settings(allow_private=False, allowed_hosts=("internal.example.com",))
+    with pytest.raises(WebhookRefused, match="private"):
+        await check_url("https://internal.example.com/", config, resolve=resolve)
+
+
+# Settings ---------------------------------------------------------------------------------------
+
+
+def test_from_env_defaults() -> None:
+    config = WebhookSettings.from_env({})
+    assert config.secret is None
+    assert config.allowed_hosts == ()
+    assert config.allow_private is False
+    assert (config.timeout, config.max_elapsed) == (10.0, 300.0)
+    assert (config.backoff.initial, config.backoff.maximum) == (1.0, 60.0)
+
+
+def test_from_env_reads_every_variable() -> None:
+    config = WebhookSettings.from_env(
+        {
+            "OMNIDAEMON_WEBHOOK_SECRET": "s3cret",
+            "OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS": " hooks.example.com, *.Partner.io ,",
+            "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": "true",
+            "OMNIDAEMON_WEBHOOK_TIMEOUT": "2.5",
+            "OMNIDAEMON_WEBHOOK_MAX_ELAPSED": "60",
+        }
+    )
+    assert config.secret == "s3cret"
+    assert config.allowed_hosts == ("hooks.example.com", "*.partner.io")
+    assert config.allow_private is True
+    assert (config.timeout, config.max_elapsed) == (2.5, 60.0)
+    assert "s3cret" not in repr(config)
+    for value in ("1", "TRUE", "yes"):
+        env = {"OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": value}
+        assert WebhookSettings.from_env(env).allow_private is True
+    for value in ("0", "false", ""):
+        env = {"OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": value}
+        assert WebhookSettings.from_env(env).allow_private is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OMNIDAEMON_WEBHOOK_TIMEOUT", "soon"),
+        ("OMNIDAEMON_WEBHOOK_TIMEOUT", "0"),
+        ("OMNIDAEMON_WEBHOOK_TIMEOUT", "inf"),
+        ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "-1"),
+        ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "nan"),
+        ("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "maybe"),
+        ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "https://hooks.example.com"),
+        ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com:8443"),
+        ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com/path"),
+        ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "*"),
+        ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "a.*.example.com"),
+    ],
+)
+def test_from_env_names_the_variable_with_a_bad_value(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        WebhookSettings.from_env({name: value})
+
+
+def test_bad_settings_in_code_are_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        WebhookSettings(timeout=0)
+    with pytest.raises(ConfigurationError, match="max_elapsed"):
+        WebhookSettings(max_elapsed=-1)
+    with pytest.raises(ConfigurationError, match="not a host name"):
+        WebhookSettings(allowed_hosts=("http://x.example",))
