@@ -6,7 +6,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -93,10 +93,12 @@ def _is_coroutine_function(handler: Handler) -> bool:
     )
 
 
-def _resolve_hints(handler: Handler) -> dict[str, Any]:
+def _resolve_hints(handler: Handler, localns: Mapping[str, Any] | None) -> dict[str, Any]:
     target = handler if inspect.isroutine(handler) else getattr(handler, "__call__", handler)  # noqa: B004
     try:
-        return typing.get_type_hints(target, include_extras=True)
+        return typing.get_type_hints(
+            target, localns=dict(localns) if localns else None, include_extras=True
+        )
     except Exception as exc:
         raise TypeError(
             f"cannot resolve the annotations of {_qualname(handler)}: {exc} "
@@ -150,12 +152,15 @@ def build_agent_spec(
     reclaim_idle: float | timedelta = 30.0,
     start: Literal["earliest", "latest"] = "earliest",
     description: str | None = None,
+    localns: Mapping[str, Any] | None = None,
 ) -> AgentSpec:
     """Inspect `handler` and the decorator's options; raise `TypeError`/`ValueError` if unusable.
 
     The payload parameter is the one parameter not annotated with `Context`; it must be
     annotated with a type pydantic can validate (a model, TypedDict, dataclass, `dict`, `Any`,
-    ...). A `Context` parameter is optional and found by its annotation.
+    ...). A `Context` parameter is optional and found by its annotation. String annotations
+    (`from __future__ import annotations`) are resolved in the handler's module and in
+    `localns`, the scope the decorator was applied in.
     """
     if not callable(handler):
         raise TypeError(f"@app.agent decorates a function, not {handler!r}")
@@ -168,7 +173,7 @@ def build_agent_spec(
     agent_name = validate_agent_name(name if name is not None else qualname.split("<locals>.")[-1])
 
     signature = inspect.signature(handler)
-    hints = _resolve_hints(handler)
+    hints = _resolve_hints(handler, localns)
     positional: list[str] = []
     keyword: list[tuple[str, str]] = []
     payload_param: inspect.Parameter | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -145,6 +146,9 @@ class App:
         """
 
         def decorate(handler: HandlerT) -> HandlerT:
+            # The decorating scope's names resolve string annotations of a handler defined in
+            # a function (`from __future__ import annotations` with local types or imports).
+            localns = sys._getframe(1).f_locals
             spec = build_agent_spec(
                 handler,
                 topic=topic,
@@ -157,6 +161,7 @@ class App:
                 reclaim_idle=reclaim_idle,
                 start=start,
                 description=description,
+                localns=localns,
             )
             if spec.name in self._agents:
                 raise ValueError(

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -567,3 +568,86 @@ def test_bad_settings_in_code_are_configuration_errors() -> None:
         WebhookSettings(max_elapsed=-1)
     with pytest.raises(ConfigurationError, match="not a host name"):
         WebhookSettings(allowed_hosts=("http://x.example",))
+
+
+# Through the worker ------------------------------------------------------------------------
+
+
+def _envs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_SECRET", "whsec-test")
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "1")  # the receiver is on loopback
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("bus", ["memory", "redis"])
+async def test_the_worker_posts_each_outcome_once_when_the_event_is_finished(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, bus: str
+) -> None:
+    import orjson
+
+    from omnidaemon import App, Context
+    from omnidaemon.brokers import MemoryBroker, RedisBroker
+
+    _envs(monkeypatch)
+    broker = (
+        MemoryBroker(None) if bus == "memory" else RedisBroker(request.getfixturevalue("redis_url"))
+    )
+    app = App("hooks", broker=broker)
+    topic = f"hooks{uuid.uuid4().hex[:8]}.jobs"
+
+    @app.agent(topic, max_retries=2, retry_backoff=0.01)
+    async def work(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        if event.get("fail"):
+            raise ValueError("cannot do it")
+        return {"doubled": event["n"] * 2}
+
+    async with app.running():
+        ok = await app.publish(topic, {"n": 21}, webhook=receiver.url("/ok"), correlation_id="c1")
+        bad = await app.publish(topic, {"fail": True}, webhook=receiver.url("/bad"))
+        with anyio.fail_after(10):
+            while len(receiver.requests) < 2:
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.3)  # a third POST (one per failed attempt) must not come
+    by_path = {r.path: r for r in receiver.requests}
+    assert sorted(by_path) == ["/bad", "/ok"] and len(receiver.requests) == 2
+    for received in by_path.values():
+        headers = {k.lower(): v for k, v in received.headers.items()}
+        assert verify(
+            received.body,
+            headers["x-omnidaemon-signature"],
+            headers["x-omnidaemon-timestamp"],
+            "whsec-test",
+        )
+    good = orjson.loads(by_path["/ok"].body)
+    assert good["event_id"] == ok and good["status"] == "succeeded"
+    assert good["result"] == {"doubled": 42} and good["correlation_id"] == "c1"
+    assert good["agent"] == "work" and good["topic"] == topic and good["finished_at"]
+    failed = orjson.loads(by_path["/bad"].body)
+    assert failed["event_id"] == bad and failed["status"] == "dead_lettered"
+    assert failed["error"] == {"type": "ValueError", "message": "cannot do it"}
+    assert "result" not in failed
+
+
+@pytest.mark.anyio
+async def test_a_webhook_to_a_private_address_is_refused_by_the_worker(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+
+    monkeypatch.delenv("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", raising=False)
+    app = App("hooks", broker=MemoryBroker(None))
+    handled = anyio.Event()
+
+    @app.agent("ssrf.jobs")
+    async def work(event: dict[str, Any]) -> None:
+        handled.set()
+
+    with capture_logs() as logs:
+        async with app.running():
+            await app.publish("ssrf.jobs", {"n": 1}, webhook=receiver.url("/internal"))
+            with anyio.fail_after(5):
+                await handled.wait()
+                while not any(e["event"] == "webhook refused" for e in logs):
+                    await anyio.sleep(0.02)
+    assert receiver.requests == []

@@ -18,6 +18,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
+from omnidaemon.worker.notify import OutcomeNotifier
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -66,6 +67,7 @@ class AgentConsumer:
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self._fetch_scope: anyio.CancelScope | None = None
+        self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
         self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
         self._settled = anyio.Event()  # set whenever a handler finishes
         self._acks = AckBatcher(self._broker, self.subscription)
@@ -305,6 +307,8 @@ class AgentConsumer:
                 return
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
+        if self.notifier is not None:
+            self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
 
     async def _call(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec
@@ -419,6 +423,13 @@ class AgentConsumer:
             failed_at=datetime.now(UTC),
         )
         await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        if self.notifier is not None and envelope is not None:
+            self.notifier.finished(
+                envelope,
+                agent=self._spec.name,
+                status="dead_lettered",
+                error={"type": error_type, "message": message},
+            )
         fields = _event_fields(envelope, delivery)
         fields["event_id"] = record.event_id
         self._log.error("event dead-lettered", **fields, error_type=error_type, error=message)

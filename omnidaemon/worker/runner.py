@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.worker.consumer import AgentConsumer
+from omnidaemon.worker.notify import OutcomeNotifier
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -93,8 +94,13 @@ class Worker:
         is reported, so an event published after that is seen even by `start="latest"` agents.
         """
         app = self.app
-        async with app._worker_connection(), app.lifespan():
+        async with (
+            app._worker_connection(),
+            app.lifespan(),
+            OutcomeNotifier.running() as notifier,
+        ):
             for consumer in self.consumers:
+                consumer.notifier = notifier
                 await consumer.subscribe()
             _log.info(
                 "worker started",
@@ -110,6 +116,8 @@ class Worker:
                 await self._stop.wait()
                 for consumer in self.consumers:
                     consumer.stop()
+            # Outcomes of the last events may still be on their way to their webhooks.
+            await notifier.wait_idle(self.shutdown_grace)
         _log.info("worker stopped", app=app.name, consumer=self.name)
 
     @asynccontextmanager
