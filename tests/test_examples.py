@@ -1,0 +1,59 @@
+"""Every pattern example runs as documented, on the embedded bus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from omnidaemon.brokers.embedded_server import stop_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="od"))
+    try:
+        yield path
+    finally:
+        stop_server(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        ("delayed_reminders.py", ["right away", "at a fixed time", "in 2 seconds"]),
+        ("webhooks.py", ["dead_lettered  signature ok: True", "succeeded      signature ok: True"]),
+        ("sync_publish.py", ["welcomed: user0@example.com"]),
+    ],
+)
+def test_example_runs(home: Path, example: str, expected: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIDAEMON_")}
+    env["OMNIDAEMON_HOME"] = str(home)
+    result = subprocess.run(
+        [sys.executable, f"examples/{example}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for fragment in expected:
+        assert any(fragment in line for line in lines), result.stdout
+    if example == "delayed_reminders.py":
+        assert [line.split(": ", 1)[1] for line in lines if line.startswith("after")] == [
+            "right away",
+            "at a fixed time, 1 second from now",
+            "in 2 seconds",
+        ]
