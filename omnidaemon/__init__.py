@@ -22,6 +22,7 @@ from omnidaemon.errors import (
     OmniDaemonError,
     PayloadValidationError,
 )
+from omnidaemon.results import Result
 from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "OmniDaemonError",
     "PayloadValidationError",
     "Reject",
+    "Result",
     "Retry",
     "RetryPolicy",
     "__version__",

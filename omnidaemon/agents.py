@@ -58,6 +58,8 @@ class AgentSpec:
             taken over by another worker.
         start: Where a new consumer group starts: `"earliest"` or `"latest"`.
         description: Free text for `omnidaemon agents` and the docs.
+        store_results: Keep each event's status and result (`App.result`).
+        result_ttl: Seconds a stored result is kept.
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         envelope_adapter: Validates an envelope with this agent's payload type from JSON bytes.
         return_adapter: Validates the return value, or `None` when it is not checked.
@@ -79,6 +81,8 @@ class AgentSpec:
     envelope_adapter: TypeAdapter[Envelope[Any]]
     return_adapter: TypeAdapter[Any] | None
     invoke: Callable[[Any, Context], Any]
+    store_results: bool = False
+    result_ttl: float = 86_400.0
 
 
 def _qualname(handler: Handler) -> str:
@@ -153,6 +157,8 @@ def build_agent_spec(
     start: Literal["earliest", "latest"] = "earliest",
     description: str | None = None,
     localns: Mapping[str, Any] | None = None,
+    store_results: bool = False,
+    result_ttl: float | timedelta = 86_400.0,
 ) -> AgentSpec:
     """Inspect `handler` and the decorator's options; raise `TypeError`/`ValueError` if unusable.
 
@@ -256,6 +262,9 @@ def build_agent_spec(
     reclaim_s = _seconds(reclaim_idle)
     if reclaim_s <= 0:
         raise ValueError(f"{qualname}: reclaim_idle must be > 0 seconds")
+    ttl_s = _seconds(result_ttl)
+    if ttl_s <= 0:
+        raise ValueError(f"{qualname}: result_ttl must be > 0 seconds")
     if start not in ("earliest", "latest"):
         raise ValueError(f"{qualname}: start must be 'earliest' or 'latest', not {start!r}")
 
@@ -276,4 +285,6 @@ def build_agent_spec(
         envelope_adapter=envelope_adapter,
         return_adapter=return_adapter,
         invoke=_make_invoker(handler, positional, keyword),
+        store_results=store_results,
+        result_ttl=ttl_s,
     )

@@ -17,6 +17,7 @@ from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.results import Result
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
 from omnidaemon.sync import SyncPublisher
@@ -118,6 +119,8 @@ class App:
         reclaim_idle: float | timedelta = 30.0,
         start: Literal["earliest", "latest"] = "earliest",
         description: str | None = None,
+        store_results: bool | None = None,
+        result_ttl: float | timedelta = 86_400.0,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as an agent consuming `topic`.
 
@@ -139,6 +142,9 @@ class App:
                 worker stopped renewing its lease (crashed).
             start: Where a new agent starts reading: `"earliest"` retained event or `"latest"`.
             description: Shown by the CLI; default: the handler's docstring.
+            store_results: Keep each event's status and result for `App.result`; default:
+                `OMNIDAEMON_STORE_RESULTS`.
+            result_ttl: Seconds a stored result is kept (24 h).
 
         Raises:
             TypeError: The handler's signature cannot be used (see the message).
@@ -162,6 +168,10 @@ class App:
                 start=start,
                 description=description,
                 localns=localns,
+                store_results=(
+                    self.settings.store_results if store_results is None else store_results
+                ),
+                result_ttl=result_ttl,
             )
             if spec.name in self._agents:
                 raise ValueError(
@@ -439,6 +449,54 @@ class App:
             raise ConfigurationError(
                 f"app {self.name!r} has no agent {name!r} (agents: {known})"
             ) from None
+
+    async def result(
+        self, event_id: str, *, agent: str | None = None, timeout: float | None = None
+    ) -> Result:
+        """The stored status and result of an event, from agents with `store_results=True`.
+
+        Args:
+            event_id: The id `publish` returned.
+            agent: Which agent's result, when several agents store results for the event.
+            timeout: Wait up to this many seconds for the event to finish (`succeeded` or
+                `dead_lettered`); `None` returns the current status at once.
+
+        Returns:
+            The result; status `pending` while nothing is stored yet (or the id is unknown,
+            or its result expired).
+
+        Raises:
+            TimeoutError: `timeout` passed before the event finished.
+            ValueError: several agents stored results and `agent` was not given.
+        """
+        await self.connect()
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        delay = 0.01
+        while True:
+            current = await self._current_result(event_id, agent)
+            if current.finished or deadline is None:
+                return current
+            if anyio.current_time() >= deadline:
+                raise TimeoutError(
+                    f"event {event_id} did not finish within {timeout:g} s "
+                    f"(status: {current.status})"
+                )
+            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+            delay = min(delay * 2, 0.5)
+
+    async def _current_result(self, event_id: str, agent: str | None) -> Result:
+        records = await self.broker.get_results(event_id)
+        if agent is not None:
+            record = records.get(agent)
+        elif len(records) > 1:
+            raise ValueError(
+                f"agents {', '.join(sorted(records))} stored results for {event_id}: pass agent=..."
+            )
+        else:
+            record = next(iter(records.values()), None)
+        if record is None:
+            return Result(event_id=event_id, agent=agent, status="pending")
+        return Result.decode(record)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
         """The `limit` most recent events in `agent`'s dead-letter queue, oldest first."""

@@ -55,6 +55,8 @@ class Settings:
         stream_maxlen: `OMNIDAEMON_STREAM_MAXLEN`, entries each topic stream keeps
             (approximately) on Redis; an unread entry is trimmed only after this many newer
             ones.
+        store_results: `OMNIDAEMON_STORE_RESULTS`, the default of every agent's
+            `store_results`.
     """
 
     broker_url: str | None = None
@@ -63,6 +65,7 @@ class Settings:
     log_format: LogFormat = "auto"
     shutdown_grace: float = 30.0
     stream_maxlen: int = 100_000
+    store_results: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,4 +88,5 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             shutdown_grace=_float(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
             stream_maxlen=_positive_int(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
+            store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
         )

@@ -25,6 +25,7 @@ DOCUMENTED_NAMES = {
     "OmniDaemonError",
     "PayloadValidationError",
     "Reject",
+    "Result",
     "Retry",
     "RetryPolicy",
     "__version__",
@@ -44,6 +45,7 @@ DEFINED_IN = {
     "OmniDaemonError": "omnidaemon.errors",
     "PayloadValidationError": "omnidaemon.errors",
     "Reject": "omnidaemon.retry",
+    "Result": "omnidaemon.results",
     "Retry": "omnidaemon.retry",
     "RetryPolicy": "omnidaemon.retry",
 }

@@ -164,6 +164,17 @@ class Broker(ABC):
         """Take over up to `count` pending deliveries whose lease is older than `min_idle`
         seconds (their consumer is presumed dead), each as a new attempt."""
 
+    # Results ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def put_result(self, event_id: str, agent: str, record: bytes, ttl: float) -> None:
+        """Store `agent`'s result record for an event (replacing its previous one), kept for
+        `ttl` seconds after the last write."""
+
+    @abstractmethod
+    async def get_results(self, event_id: str) -> dict[str, bytes]:
+        """The stored result records of an event, by agent (empty when none is stored)."""
+
     # Inspection ---------------------------------------------------------------------------
 
     @abstractmethod

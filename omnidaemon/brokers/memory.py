@@ -58,6 +58,8 @@ class _Bus:
         self.maxlen = maxlen
         self.topics: dict[str, _Topic] = {}
         self.offset = 0.0  # seconds added to the monotonic clock by `fast_forward`
+        # event id -> (expires at, {agent: record})
+        self.results: dict[str, tuple[float, dict[str, bytes]]] = {}
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
 
@@ -289,6 +291,24 @@ class MemoryBroker(Broker):
                 claimed.append(pending.delivery)
         await anyio.lowlevel.checkpoint()
         return claimed
+
+    # Results ------------------------------------------------------------------------------
+
+    async def put_result(self, event_id: str, agent: str, record: bytes, ttl: float) -> None:
+        bus = self._bus
+        _, records = bus.results.get(event_id, (0.0, {}))
+        records[agent] = record
+        bus.results[event_id] = (bus.now() + ttl, records)
+        bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def get_results(self, event_id: str) -> dict[str, bytes]:
+        await anyio.lowlevel.checkpoint()
+        expires, records = self._bus.results.get(event_id, (0.0, {}))
+        if expires <= self._bus.now():
+            self._bus.results.pop(event_id, None)
+            return {}
+        return dict(records)
 
     # Inspection ---------------------------------------------------------------------------
 

@@ -379,6 +379,23 @@ class RedisBroker(Broker):
                 deliveries.append(Delivery(_decode(entry_id), data, attempt, _RETRY))
         return deliveries
 
+    # Results ------------------------------------------------------------------------------
+
+    def result_key(self, event_id: str) -> str:
+        """The key of an event's stored results (a hash: agent -> record)."""
+        return f"{self._prefix}:result:{event_id}"
+
+    async def put_result(self, event_id: str, agent: str, record: bytes, ttl: float) -> None:
+        key = self.result_key(event_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, agent, record)
+            pipe.pexpire(key, max(1, int(ttl * 1000)))
+            await pipe.execute()
+
+    async def get_results(self, event_id: str) -> dict[str, bytes]:
+        records: Any = await self.client.hgetall(self.result_key(event_id))
+        return {_decode(agent): record for agent, record in records.items()}
+
     # Inspection ---------------------------------------------------------------------------
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:

@@ -16,6 +16,7 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.notify import OutcomeNotifier
@@ -68,6 +69,7 @@ class AgentConsumer:
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self._fetch_scope: anyio.CancelScope | None = None
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
+        self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
         self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
         self._settled = anyio.Event()  # set whenever a handler finishes
         self._acks = AckBatcher(self._broker, self.subscription)
@@ -234,6 +236,7 @@ class AgentConsumer:
             )
         finally:
             self._in_flight.pop((delivery.origin, delivery.id), None)
+            self._started.pop((delivery.origin, delivery.id), None)
             self._wake.set()
             self._settled.set()
 
@@ -264,6 +267,9 @@ class AgentConsumer:
             await self._reject_undecodable(delivery, exc)
             return
 
+        if spec.store_results:
+            self._started[(delivery.origin, delivery.id)] = datetime.now(UTC)
+            await self._record(delivery, envelope.id, "running")
         ctx = Context(
             self._app,
             envelope,
@@ -305,6 +311,8 @@ class AgentConsumer:
             except Exception as exc:
                 await self._fail(delivery, envelope, exc, None)
                 return
+        if spec.store_results:  # written before the ack, like every other output
+            await self._record(delivery, envelope.id, "succeeded", result=output)
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         if self.notifier is not None:
@@ -369,12 +377,40 @@ class AgentConsumer:
         if delay is None:
             delay = policy.backoff.delay(delivery.attempt)
         await self._broker.retry(self.subscription, delivery, delay)
+        if self._spec.store_results:
+            error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+            await self._record(delivery, envelope.id, "retrying", error=error)
         self._log.warning(
             "handler failed; will retry",
             **_event_fields(envelope, delivery),
             error=f"{type(exc).__name__}: {exc}",
             retry_in=round(delay, 3),
             attempts_left=policy.max_attempts - delivery.attempt,
+        )
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        event_id: str,
+        status: ResultStatus,
+        *,
+        result: Any = None,
+        error: dict[str, str] | None = None,
+    ) -> None:
+        """Store the event's status for `App.result` (agents with `store_results=True`)."""
+        finished = status in FINAL_STATUSES
+        record = Result(
+            event_id=event_id,
+            agent=self._spec.name,
+            status=status,
+            result=result,
+            error=error,
+            attempts=delivery.attempt,
+            started_at=self._started.get((delivery.origin, delivery.id)),
+            finished_at=datetime.now(UTC) if finished else None,
+        )
+        await self._broker.put_result(
+            event_id, self._spec.name, record.encode(), self._spec.result_ttl
         )
 
     async def _reject_undecodable(self, delivery: Delivery, exc: ValidationError) -> None:
@@ -423,6 +459,9 @@ class AgentConsumer:
             failed_at=datetime.now(UTC),
         )
         await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        if self._spec.store_results and record.event_id is not None:
+            error = {"type": error_type, "message": message}
+            await self._record(delivery, record.event_id, "dead_lettered", error=error)
         if self.notifier is not None and envelope is not None:
             self.notifier.finished(
                 envelope,

@@ -354,3 +354,61 @@ async def test_delayed_events_are_seen_at_their_time_and_not_before(
     assert times["later"] - start >= 0.55
     with pytest.raises(ValueError, match="not both"):
         await app.publish(topic, {"order_id": "x"}, delay=1, at=datetime.now(UTC))
+
+
+async def test_stored_results_show_status_while_running_and_the_outcome_after(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    release = anyio.Event()
+    running = anyio.Event()
+
+    @app.agent(topic, store_results=True, max_retries=1, retry_backoff=0.05)
+    async def work(event: Order, ctx: Context) -> dict[str, str]:
+        if event.order_id == "slow":
+            running.set()
+            await release.wait()
+        if event.order_id == "bad":
+            raise ValueError("bad order")
+        return {"done": event.order_id}
+
+    async with app.running():
+        slow = await app.publish(topic, {"order_id": "slow"})
+        bad = await app.publish(topic, {"order_id": "bad"})
+        assert (await app.result("0190-unknown")).status == "pending"
+        with anyio.fail_after(5):
+            await running.wait()
+        current = await app.result(slow)
+        assert (current.status, current.attempts, current.agent) == ("running", 1, "work")
+        assert current.started_at is not None and current.finished_at is None
+        with pytest.raises(TimeoutError, match="did not finish"):
+            await app.result(slow, timeout=0.1)
+        release.set()
+        done = await app.result(slow, timeout=5)
+        failed = await app.result(bad, timeout=5)
+    assert (done.status, done.result, done.error) == ("succeeded", {"done": "slow"}, None)
+    assert done.finished and done.finished_at is not None
+    assert (failed.status, failed.attempts) == ("dead_lettered", 2)
+    assert failed.error == {"type": "ValueError", "message": "bad order"}
+
+
+async def test_results_name_their_agent_and_expire(make_app: Callable[[], App], topic: str) -> None:
+    app = make_app()
+
+    @app.agent(topic, store_results=True, result_ttl=0.5, name="first")
+    async def first(event: Order) -> str:
+        return "one"
+
+    @app.agent(topic, store_results=True, result_ttl=0.5, name="second")
+    async def second(event: Order) -> str:
+        return "two"
+
+    async with app.running():
+        event_id = await app.publish(topic, {"order_id": "o1"})
+        assert (await app.result(event_id, agent="first", timeout=5)).result == "one"
+        assert (await app.result(event_id, agent="second", timeout=5)).result == "two"
+        with pytest.raises(ValueError, match="pass agent="):
+            await app.result(event_id)
+        with anyio.fail_after(5):  # kept result_ttl after the last write, then gone
+            while (await app.result(event_id, agent="first")).status != "pending":
+                await anyio.sleep(0.1)
