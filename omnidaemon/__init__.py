@@ -16,6 +16,7 @@ from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope
 from omnidaemon.errors import (
+    AgentFailed,
     AppLoadError,
     BusUnavailable,
     ConfigurationError,
@@ -26,6 +27,7 @@ from omnidaemon.results import Result
 from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
 
 __all__ = [
+    "AgentFailed",
     "AgentSpec",
     "App",
     "AppLoadError",

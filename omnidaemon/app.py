@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
+from pydantic import TypeAdapter
 
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
@@ -17,6 +18,7 @@ from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
@@ -26,6 +28,7 @@ from omnidaemon.topology import TopicTypes, Topology
 __all__ = ["App", "Hook", "Lifespan"]
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+ReplyT = TypeVar("ReplyT")
 Hook = Callable[[], Awaitable[None]]
 """An `on_startup` / `on_shutdown` hook: an async function without arguments."""
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
@@ -449,6 +452,90 @@ class App:
             raise ConfigurationError(
                 f"app {self.name!r} has no agent {name!r} (agents: {known})"
             ) from None
+
+    @overload
+    async def request(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 30.0,
+        response_type: None = None,
+        correlation_id: str | None = None,
+        tenant_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any: ...
+
+    @overload
+    async def request(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 30.0,
+        response_type: type[ReplyT],
+        correlation_id: str | None = None,
+        tenant_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ReplyT: ...
+
+    async def request(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 30.0,
+        response_type: type[Any] | None = None,
+        correlation_id: str | None = None,
+        tenant_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Publish an event and wait for the handling agent's return value (request-reply).
+
+        Args:
+            topic: Where to publish the request.
+            payload: The request's payload.
+            timeout: Seconds to wait for the reply.
+            response_type: Validate the reply into this type (a model, dataclass, ...);
+                default: the reply as JSON data.
+
+        Returns:
+            The handler's return value (the first reply, if several agents answer).
+
+        Raises:
+            AgentFailed: the agent gave up on the request (it was dead-lettered), with the
+                remote error's type and message; raised as soon as that happens.
+            TimeoutError: no reply within `timeout` (no worker running the agent, or it is
+                still retrying).
+
+        Example:
+            ```python
+            quote = await app.request("quote.requested", {"sku": "A1"}, response_type=Quote)
+            ```
+        """
+        await self.connect()
+        reply_topic = new_reply_topic()
+        sub = Subscription(reply_topic, "requester")
+        await self.broker.subscribe(sub)  # before publishing, so the reply cannot be missed
+        try:
+            event_id = await self.publish(
+                topic,
+                payload,
+                reply_to=reply_topic,
+                correlation_id=correlation_id,
+                tenant_id=tenant_id,
+                headers=headers,
+            )
+            with anyio.move_on_after(timeout) as waiting:
+                reply = await wait_reply(self.broker, sub, event_id)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.broker.delete_topic(reply_topic)
+        if waiting.cancelled_caught:
+            raise TimeoutError(f"no reply to {event_id} on {topic!r} within {timeout:g} s")
+        if response_type is None:
+            return reply
+        return TypeAdapter(response_type).validate_python(reply)
 
     async def result(
         self, event_id: str, *, agent: str | None = None, timeout: float | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AgentFailed",
     "AppLoadError",
     "BusUnavailable",
     "ConfigurationError",
@@ -21,6 +22,24 @@ class ConfigurationError(OmniDaemonError):
 
 class BusUnavailable(OmniDaemonError):
     """The bus did not answer within the timeout; the message names it (without password)."""
+
+
+class AgentFailed(OmniDaemonError):
+    """The agent handling an `App.request` gave up on it (it was dead-lettered).
+
+    Attributes:
+        error_type: The remote exception's class name (`ValueError`, `Reject`, ...).
+        message: The remote exception's message.
+        agent: The agent that failed.
+        event_id: The request's event id.
+    """
+
+    def __init__(self, error_type: str, message: str, *, agent: str, event_id: str) -> None:
+        super().__init__(f"agent {agent!r} failed on {event_id}: {error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.agent = agent
+        self.event_id = event_id
 
 
 class AppLoadError(OmniDaemonError):

@@ -13,6 +13,7 @@ import pytest
 import omnidaemon
 
 DOCUMENTED_NAMES = {
+    "AgentFailed",
     "AgentSpec",
     "App",
     "AppLoadError",
@@ -33,6 +34,7 @@ DOCUMENTED_NAMES = {
 
 # Where each public name is defined, so `omnidaemon.X` is the very object the module defines.
 DEFINED_IN = {
+    "AgentFailed": "omnidaemon.errors",
     "AgentSpec": "omnidaemon.agents",
     "App": "omnidaemon.app",
     "AppLoadError": "omnidaemon.errors",

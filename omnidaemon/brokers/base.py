@@ -164,6 +164,10 @@ class Broker(ABC):
         """Take over up to `count` pending deliveries whose lease is older than `min_idle`
         seconds (their consumer is presumed dead), each as a new attempt."""
 
+    @abstractmethod
+    async def delete_topic(self, topic: str) -> None:
+        """Remove a topic with everything it holds: entries, groups, retries, dead letters."""
+
     # Results ------------------------------------------------------------------------------
 
     @abstractmethod

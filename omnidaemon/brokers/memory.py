@@ -292,6 +292,11 @@ class MemoryBroker(Broker):
         await anyio.lowlevel.checkpoint()
         return claimed
 
+    async def delete_topic(self, topic: str) -> None:
+        self._bus.topics.pop(topic, None)
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
     # Results ------------------------------------------------------------------------------
 
     async def put_result(self, event_id: str, agent: str, record: bytes, ttl: float) -> None:

@@ -379,6 +379,13 @@ class RedisBroker(Broker):
                 deliveries.append(Delivery(_decode(entry_id), data, attempt, _RETRY))
         return deliveries
 
+    async def delete_topic(self, topic: str) -> None:
+        # Every key of a topic shares its hash tag; a topic holds few keys (one per agent).
+        pattern = f"{self._prefix}:{{{_escape_glob(topic)}}}:*"
+        keys = [key async for key in self.client.scan_iter(match=pattern, count=500)]
+        if keys:
+            await self.client.delete(*keys)
+
     # Results ------------------------------------------------------------------------------
 
     def result_key(self, event_id: str) -> str:
@@ -403,6 +410,10 @@ class RedisBroker(Broker):
             return []
         entries: Any = await self.client.xrevrange(self.dlq_key(sub), count=limit)
         return [fields[b"r"] for _id, fields in reversed(entries) if b"r" in fields]
+
+
+def _escape_glob(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _decode(value: bytes | str) -> str:

@@ -16,6 +16,7 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.requests import FAILURE_HEADER, is_request_reply
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
@@ -305,7 +306,8 @@ class AgentConsumer:
                 return
         else:
             output = result
-        if output is not None:
+        # A request (App.request) always gets its reply, even an empty one.
+        if output is not None or is_request_reply(envelope.reply_to):
             try:
                 await self._publish_outputs(envelope, output, replied=ctx.replied)
             except Exception as exc:
@@ -337,7 +339,8 @@ class AgentConsumer:
         self, envelope: Envelope[Any], output: Any, *, replied: bool
     ) -> None:
         reply_to = None if replied else envelope.reply_to
-        targets = [t for t in (self._spec.publishes, reply_to) if t is not None]
+        publishes = self._spec.publishes if output is not None else None
+        targets = [t for t in (publishes, reply_to) if t is not None]
         if not targets:
             return
         entries = []
@@ -387,6 +390,21 @@ class AgentConsumer:
             retry_in=round(delay, 3),
             attempts_left=policy.max_attempts - delivery.attempt,
         )
+
+    async def _reply_failure(self, envelope: Envelope[Any], error_type: str, message: str) -> None:
+        """Tell a waiting `App.request` that the agent gave up, instead of letting it time out."""
+        assert envelope.reply_to is not None
+        _, data = self._app._encode(
+            envelope.reply_to,
+            {"type": error_type, "message": message, "agent": self._spec.name},
+            correlation_id=envelope.correlation_id,
+            causation_id=envelope.id,
+            reply_to=None,
+            webhook=None,
+            tenant_id=envelope.tenant_id,
+            headers={FAILURE_HEADER: "1"},
+        )
+        await self._broker.publish(envelope.reply_to, data)
 
     async def _record(
         self,
@@ -459,6 +477,8 @@ class AgentConsumer:
             failed_at=datetime.now(UTC),
         )
         await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        if envelope is not None and is_request_reply(envelope.reply_to):
+            await self._reply_failure(envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:
             error = {"type": error_type, "message": message}
             await self._record(delivery, record.event_id, "dead_lettered", error=error)

@@ -412,3 +412,80 @@ async def test_results_name_their_agent_and_expire(make_app: Callable[[], App], 
         with anyio.fail_after(5):  # kept result_ttl after the last write, then gone
             while (await app.result(event_id, agent="first")).status != "pending":
                 await anyio.sleep(0.1)
+
+
+class Quote(BaseModel):
+    sku: str
+    price: int
+
+
+async def test_request_returns_the_handlers_reply_and_cleans_up(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+
+    @app.agent(topic)
+    async def price(event: Order, ctx: Context) -> dict[str, Any]:
+        return {"sku": event.order_id, "price": 42}
+
+    async with app.running():
+        reply = await app.request(topic, {"order_id": "A1"}, timeout=10)
+        typed = await app.request(topic, {"order_id": "B2"}, timeout=10, response_type=Quote)
+    assert reply == {"sku": "A1", "price": 42}
+    assert typed == Quote(sku="B2", price=42)
+    broker = app.broker
+    if isinstance(broker, RedisBroker):
+        await broker.connect()
+        assert [k async for k in broker.client.scan_iter(match="omni:{omni-reply.*")] == []
+        await broker.close()
+    elif isinstance(broker, MemoryBroker):
+        assert not [t for t in broker._bus.topics if t.startswith("omni-reply.")]
+
+
+async def test_a_request_the_agent_gives_up_on_raises_agent_failed_at_once(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    from omnidaemon import AgentFailed
+
+    app = make_app()
+
+    @app.agent(topic, max_retries=1, retry_backoff=0.05)
+    async def price(event: Order) -> int:
+        if event.order_id == "reject":
+            raise Reject("unknown sku")
+        raise LookupError("price list unavailable")
+
+    async with app.running():
+        start = anyio.current_time()
+        with pytest.raises(AgentFailed) as failed:
+            await app.request(topic, {"order_id": "x"}, timeout=20)
+        assert anyio.current_time() - start < 10  # not the timeout
+        with pytest.raises(AgentFailed) as rejected:
+            await app.request(topic, {"order_id": "reject"}, timeout=20)
+    assert (failed.value.error_type, failed.value.message) == (
+        "LookupError",
+        "price list unavailable",
+    )
+    assert failed.value.agent == "price"
+    assert (rejected.value.error_type, rejected.value.message) == ("Reject", "unknown sku")
+
+
+async def test_a_request_nobody_answers_times_out(make_app: Callable[[], App], topic: str) -> None:
+    app = make_app()
+    with pytest.raises(TimeoutError, match="no reply"):
+        await app.request(topic, {"order_id": "x"}, timeout=0.3)
+    await app.close()
+
+
+async def test_ctx_reply_answers_early_and_only_once(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+
+    @app.agent(topic)
+    async def early(event: Order, ctx: Context) -> str:
+        await ctx.reply({"ack": event.order_id})
+        return "not sent again"
+
+    async with app.running():
+        assert await app.request(topic, {"order_id": "o1"}, timeout=10) == {"ack": "o1"}

@@ -11,7 +11,7 @@ from typing import Any, assert_type
 
 from pydantic import BaseModel
 
-from omnidaemon import App, Context, DeadLetter, Envelope
+from omnidaemon import App, Context, DeadLetter, Envelope, Result
 
 app = App("typing", broker="memory://typing")
 
@@ -46,6 +46,10 @@ async def publishing() -> None:
     assert_type(await app.publish("document.uploaded", Uploaded(file_path="a.pdf")), str)
     assert_type(await app.publish_many([("document.uploaded", {})]), list[str])
     assert_type(await app.dead_letters("extract"), list[DeadLetter])
+    assert_type(await app.request("document.uploaded", {}, response_type=Extracted), Extracted)
+    assert_type(await app.request("document.uploaded", {}), Any)
+    assert_type(await app.result("some-id"), Result)
+    assert_type(app.publish_sync("document.uploaded", {"file_path": "a"}), str)
 
 
 _: Coroutine[Any, Any, Extracted] = extract(Uploaded(file_path="a.pdf"), Context.__new__(Context))
