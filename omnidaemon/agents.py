@@ -60,6 +60,9 @@ class AgentSpec:
         description: Free text for `omnidaemon agents` and the docs.
         store_results: Keep each event's status and result (`App.result`).
         result_ttl: Seconds a stored result is kept.
+        idempotency_key: Maps a payload to its key; the handler runs at most once per key
+            among successful runs (see `omnidaemon.idempotency`).
+        idempotency_ttl: Seconds a key's successful result is remembered.
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         envelope_adapter: Validates an envelope with this agent's payload type from JSON bytes.
         return_adapter: Validates the return value, or `None` when it is not checked.
@@ -83,6 +86,8 @@ class AgentSpec:
     invoke: Callable[[Any, Context], Any]
     store_results: bool = False
     result_ttl: float = 86_400.0
+    idempotency_key: Callable[[Any], Any] | None = None
+    idempotency_ttl: float = 86_400.0
 
 
 def _qualname(handler: Handler) -> str:
@@ -159,6 +164,8 @@ def build_agent_spec(
     localns: Mapping[str, Any] | None = None,
     store_results: bool = False,
     result_ttl: float | timedelta = 86_400.0,
+    idempotency_key: Callable[[Any], Any] | None = None,
+    idempotency_ttl: float | timedelta = 86_400.0,
 ) -> AgentSpec:
     """Inspect `handler` and the decorator's options; raise `TypeError`/`ValueError` if unusable.
 
@@ -287,4 +294,6 @@ def build_agent_spec(
         invoke=_make_invoker(handler, positional, keyword),
         store_results=store_results,
         result_ttl=ttl_s,
+        idempotency_key=idempotency_key,
+        idempotency_ttl=_seconds(idempotency_ttl),
     )

@@ -124,6 +124,8 @@ class App:
         description: str | None = None,
         store_results: bool | None = None,
         result_ttl: float | timedelta = 86_400.0,
+        idempotency_key: Callable[[Any], Any] | None = None,
+        idempotency_ttl: float | timedelta = 86_400.0,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as an agent consuming `topic`.
 
@@ -148,6 +150,10 @@ class App:
             store_results: Keep each event's status and result for `App.result`; default:
                 `OMNIDAEMON_STORE_RESULTS`.
             result_ttl: Seconds a stored result is kept (24 h).
+            idempotency_key: A function of the payload (`lambda e: e.payment_id`): the handler
+                runs at most once per key among successful runs; a duplicate gets the stored
+                result. See `omnidaemon.idempotency` for the exact guarantee.
+            idempotency_ttl: Seconds a key's result is remembered (24 h).
 
         Raises:
             TypeError: The handler's signature cannot be used (see the message).
@@ -175,6 +181,8 @@ class App:
                     self.settings.store_results if store_results is None else store_results
                 ),
                 result_ttl=result_ttl,
+                idempotency_key=idempotency_key,
+                idempotency_ttl=idempotency_ttl,
             )
             if spec.name in self._agents:
                 raise ValueError(

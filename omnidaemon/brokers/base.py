@@ -179,6 +179,23 @@ class Broker(ABC):
     async def get_results(self, event_id: str) -> dict[str, bytes]:
         """The stored result records of an event, by agent (empty when none is stored)."""
 
+    # Keys and values ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def set_value(
+        self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
+    ) -> bool:
+        """Store `value` under `key` for `ttl` seconds; with `only_if_absent`, only when no
+        value is stored (atomically). Returns whether it was stored."""
+
+    @abstractmethod
+    async def get_value(self, key: str) -> bytes | None:
+        """The value stored under `key`, or `None`."""
+
+    @abstractmethod
+    async def delete_value(self, key: str) -> None:
+        """Remove `key`'s value, if any."""
+
     # Inspection ---------------------------------------------------------------------------
 
     @abstractmethod

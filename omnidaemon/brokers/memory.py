@@ -60,6 +60,7 @@ class _Bus:
         self.offset = 0.0  # seconds added to the monotonic clock by `fast_forward`
         # event id -> (expires at, {agent: record})
         self.results: dict[str, tuple[float, dict[str, bytes]]] = {}
+        self.values: dict[str, tuple[float, bytes]] = {}  # key -> (expires at, value)
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
 
@@ -314,6 +315,32 @@ class MemoryBroker(Broker):
             self._bus.results.pop(event_id, None)
             return {}
         return dict(records)
+
+    # Keys and values ----------------------------------------------------------------------
+
+    async def set_value(
+        self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        if only_if_absent and self._value(key) is not None:
+            return False
+        self._bus.values[key] = (self._bus.now() + ttl, value)
+        return True
+
+    async def get_value(self, key: str) -> bytes | None:
+        await anyio.lowlevel.checkpoint()
+        return self._value(key)
+
+    async def delete_value(self, key: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._bus.values.pop(key, None)
+
+    def _value(self, key: str) -> bytes | None:
+        expires, value = self._bus.values.get(key, (0.0, b""))
+        if expires <= self._bus.now():
+            self._bus.values.pop(key, None)
+            return None
+        return value
 
     # Inspection ---------------------------------------------------------------------------
 

@@ -403,6 +403,27 @@ class RedisBroker(Broker):
         records: Any = await self.client.hgetall(self.result_key(event_id))
         return {_decode(agent): record for agent, record in records.items()}
 
+    # Keys and values ----------------------------------------------------------------------
+
+    def value_key(self, key: str) -> str:
+        """The Redis key of a stored value."""
+        return f"{self._prefix}:value:{key}"
+
+    async def set_value(
+        self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
+    ) -> bool:
+        stored = await self.client.set(
+            self.value_key(key), value, px=max(1, int(ttl * 1000)), nx=only_if_absent
+        )
+        return bool(stored)
+
+    async def get_value(self, key: str) -> bytes | None:
+        value: Any = await self.client.get(self.value_key(key))
+        return bytes(value) if value is not None else None
+
+    async def delete_value(self, key: str) -> None:
+        await self.client.delete(self.value_key(key))
+
     # Inspection ---------------------------------------------------------------------------
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:

@@ -16,6 +16,7 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.idempotency import NOT_STORED, Idempotency
 from omnidaemon.requests import FAILURE_HEADER, is_request_reply
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
@@ -71,6 +72,18 @@ class AgentConsumer:
         self._fetch_scope: anyio.CancelScope | None = None
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
         self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
+        self._idempotency = (
+            Idempotency(
+                self._broker,
+                spec.name,
+                spec.idempotency_key,
+                ttl=spec.idempotency_ttl,
+                # A claim outlives the longest run it protects: the timeout, else 10 minutes.
+                lease=spec.timeout or 600.0,
+            )
+            if spec.idempotency_key is not None
+            else None
+        )
         self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
         self._settled = anyio.Event()  # set whenever a handler finishes
         self._acks = AckBatcher(self._broker, self.subscription)
@@ -278,47 +291,78 @@ class AgentConsumer:
             attempt=delivery.attempt,
             max_attempts=spec.policy.max_attempts,
         )
-        try:
-            result = await self._call(envelope.payload, ctx)
-        except Reject as exc:
-            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc)
-            return
-        except Retry as exc:
-            await self._fail(delivery, envelope, exc, exc.delay)
-            return
-        except Exception as exc:
-            await self._fail(delivery, envelope, exc, None)
-            return
-
-        if spec.return_adapter is not None:
+        idempotency_key: str | None = None
+        output: Any = NOT_STORED
+        if self._idempotency is not None:
             try:
-                result = spec.return_adapter.validate_python(result)
-                output = spec.return_adapter.dump_python(result, mode="json")
-            except ValidationError as exc:
-                await self._dead_letter(
-                    delivery,
-                    envelope,
-                    "ReturnValidationError",
-                    f"{spec.handler.__qualname__} returned a value that does not match its "
-                    f"return annotation {spec.return_type!r}: {exc}",
-                    exc,
-                )
+                idempotency_key = self._idempotency.key(envelope.payload)
+                output = await self._idempotency.claim(idempotency_key, envelope.id)
+            except Exception as exc:
+                await self._fail(delivery, envelope, exc, None)
                 return
-        else:
-            output = result
+            if output is not NOT_STORED:
+                self._log.info(
+                    "duplicate of a handled event: used the stored result",
+                    **_event_fields(envelope, delivery),
+                    idempotency_key=idempotency_key,
+                )
+        if output is NOT_STORED:
+            done, output = await self._run_handler(delivery, envelope, ctx)
+            if not done:
+                if idempotency_key is not None and self._idempotency is not None:
+                    await self._idempotency.release(idempotency_key)
+                return
         # A request (App.request) always gets its reply, even an empty one.
         if output is not None or is_request_reply(envelope.reply_to):
             try:
                 await self._publish_outputs(envelope, output, replied=ctx.replied)
             except Exception as exc:
+                if idempotency_key is not None and self._idempotency is not None:
+                    await self._idempotency.release(idempotency_key)
                 await self._fail(delivery, envelope, exc, None)
                 return
-        if spec.store_results:  # written before the ack, like every other output
+        # Written before the ack, like every other output.
+        if idempotency_key is not None and self._idempotency is not None:
+            await self._idempotency.succeeded(idempotency_key, envelope.id, output)
+        if spec.store_results:
             await self._record(delivery, envelope.id, "succeeded", result=output)
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
+
+    async def _run_handler(
+        self, delivery: Delivery, envelope: Envelope[Any], ctx: Context
+    ) -> tuple[bool, Any]:
+        """Run the handler and check its return value: `(True, output as JSON data)`, or
+        `(False, None)` once a failure has been settled (retry or dead letter)."""
+        spec = self._spec
+        try:
+            result = await self._call(envelope.payload, ctx)
+        except Reject as exc:
+            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc)
+            return False, None
+        except Retry as exc:
+            await self._fail(delivery, envelope, exc, exc.delay)
+            return False, None
+        except Exception as exc:
+            await self._fail(delivery, envelope, exc, None)
+            return False, None
+        if spec.return_adapter is None:
+            return True, result
+        try:
+            result = spec.return_adapter.validate_python(result)
+            return True, spec.return_adapter.dump_python(result, mode="json")
+        except ValidationError as exc:
+            await self._dead_letter(
+                delivery,
+                envelope,
+                "ReturnValidationError",
+                f"{spec.handler.__qualname__} returned a value that does not match its "
+                f"return annotation {spec.return_type!r}: {exc}",
+                exc,
+            )
+            return False, None
 
     async def _call(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec

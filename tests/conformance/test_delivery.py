@@ -489,3 +489,83 @@ async def test_ctx_reply_answers_early_and_only_once(
 
     async with app.running():
         assert await app.request(topic, {"order_id": "o1"}, timeout=10) == {"ack": "o1"}
+
+
+class Payment(BaseModel):
+    payment_id: str
+    amount: int
+
+
+async def test_idempotency_key_runs_the_handler_once_per_key(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    charged: list[tuple[str, int]] = []
+    release = anyio.Event()
+
+    @app.agent(topic, publishes=f"{topic}.charged", idempotency_key=lambda e: e.payment_id)
+    async def charge(event: Payment, ctx: Context) -> dict[str, Any]:
+        charged.append((event.payment_id, ctx.attempt))
+        if event.payment_id == "slow":
+            await release.wait()
+        return {"receipt": f"r-{event.payment_id}-{len(charged)}"}
+
+    outputs: list[dict[str, Any]] = []
+
+    @app.agent(f"{topic}.charged")
+    async def collect(event: dict[str, Any]) -> None:
+        outputs.append(event)
+
+    async with app.running():
+        # Duplicates published one after the other: the second gets the stored result.
+        await app.publish(topic, {"payment_id": "p1", "amount": 5})
+        await wait_for(lambda: len(outputs) == 1)
+        await app.publish(topic, {"payment_id": "p1", "amount": 5})
+        await wait_for(lambda: len(outputs) == 2)
+        # Duplicates in flight at the same time: one runs, the other waits for its result.
+        await app.publish_many([(topic, {"payment_id": "slow", "amount": 1})] * 2)
+        await wait_for(lambda: len(charged) == 2)
+        await anyio.sleep(0.3)  # the duplicate must be waiting, not running
+        assert [c for c in charged if c[0] == "slow"] == [("slow", 1)]
+        release.set()
+        await wait_for(lambda: len(outputs) == 4)
+    assert [p for p, _ in charged] == ["p1", "slow"]
+    assert outputs[0] == outputs[1] == {"receipt": "r-p1-1"}
+    assert outputs[2] == outputs[3] == {"receipt": "r-slow-2"}
+
+
+async def test_a_failed_run_releases_its_key_and_a_crashed_one_is_taken_over(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    from omnidaemon.envelope import dumps as encode
+
+    app = make_app()
+    runs: list[tuple[str, int]] = []
+
+    @app.agent(
+        topic,
+        idempotency_key=lambda e: e.payment_id,
+        retry_backoff=0.01,
+        store_results=True,
+    )
+    async def charge(event: Payment, ctx: Context) -> str:
+        runs.append((event.payment_id, ctx.attempt))
+        if event.payment_id == "flaky" and ctx.attempt == 1:
+            raise ConnectionError("gateway down")
+        return "ok"
+
+    await app.connect()
+    # A worker died while running "crashed": its claim names the same event, which is taken
+    # over at once instead of waiting for the claim's lease to run out.
+    crashed = await app.publish(topic, {"payment_id": "crashed", "amount": 1})
+    await app.broker.set_value(
+        "idempotency:charge:crashed",
+        encode({"state": "running", "event_id": crashed}),
+        600,
+    )
+    async with app.running():
+        flaky = await app.publish(topic, {"payment_id": "flaky", "amount": 1})
+        assert (await app.result(flaky, timeout=10)).status == "succeeded"
+        assert (await app.result(crashed, timeout=10)).status == "succeeded"
+    assert sorted(runs) == [("crashed", 1), ("flaky", 1), ("flaky", 2)]
+    await app.close()
