@@ -34,6 +34,8 @@ def home() -> Iterator[Path]:
         ("delayed_reminders.py", ["right away", "at a fixed time", "in 2 seconds"]),
         ("webhooks.py", ["dead_lettered  signature ok: True", "succeeded      signature ok: True"]),
         ("sync_publish.py", ["welcomed: user0@example.com"]),
+        ("request_reply.py", ["quote: A1 x4 = 10.00", "failed: Reject: unknown sku ZZ"]),
+        ("payments.py", ["the card was charged 1 time(s)", "duplicate: {'receipt'"]),
     ],
 )
 def test_example_runs(home: Path, example: str, expected: list[str]) -> None:
