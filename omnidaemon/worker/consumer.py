@@ -257,17 +257,18 @@ class AgentConsumer:
     async def _process(self, delivery: Delivery) -> None:
         spec = self._spec
         if delivery.attempt > spec.policy.max_attempts:
-            event_id = None
+            # Read as raw JSON only: the record, a waiting request and the webhook still learn
+            # which event it was, even if its payload would not validate.
+            exhausted: Envelope[Any] | None = None
             with contextlib.suppress(ValidationError):
-                event_id = _ANY_ENVELOPE.validate_json(delivery.data).id
+                exhausted = _ANY_ENVELOPE.validate_json(delivery.data)
             await self._dead_letter(
                 delivery,
-                None,
+                exhausted,
                 "AttemptsExhausted",
                 f"its worker stopped without finishing it on all {delivery.attempt - 1} "
                 f"attempts (max_retries={spec.policy.max_retries}); a handler that crashes "
                 "or hangs its worker is the usual cause",
-                event_id=event_id,
             )
             return
         try:

@@ -569,3 +569,36 @@ async def test_a_failed_run_releases_its_key_and_a_crashed_one_is_taken_over(
         assert (await app.result(crashed, timeout=10)).status == "succeeded"
     assert sorted(runs) == [("crashed", 1), ("flaky", 1), ("flaky", 2)]
     await app.close()
+
+
+async def test_a_request_that_kills_its_workers_ends_in_agent_failed(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    from omnidaemon import AgentFailed
+
+    app = make_app()
+
+    @app.agent(topic, max_retries=0, reclaim_idle=0.2)
+    async def price(event: Order) -> int:
+        return 1
+
+    sub = Subscription(topic, "price")
+    await app.connect()
+    await app.broker.subscribe(sub)
+    failures: list[AgentFailed] = []
+
+    async def ask() -> None:
+        try:
+            await app.request(topic, {"order_id": "boom"}, timeout=20)
+        except AgentFailed as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        with anyio.fail_after(5):  # a worker takes the request and dies holding it
+            while not await app.broker.fetch(sub, "dead:1:1", 1, 0.2):
+                pass
+        async with app.running():
+            await wait_for(lambda: bool(failures))
+    assert failures[0].error_type == "AttemptsExhausted"
+    await app.close()
