@@ -600,6 +600,33 @@ class App:
         records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)
         return [DeadLetter.decode(record) for record in records]
 
+    async def replay_dead_letters(
+        self, agent: str, *, event_ids: Iterable[str] | None = None
+    ) -> int:
+        """Deliver dead-lettered events to `agent` again, each as a new first attempt.
+
+        Only `agent` sees them again; other agents on the topic are not disturbed. The records
+        leave the dead-letter queue as they are re-queued.
+
+        Args:
+            agent: Whose dead-letter queue.
+            event_ids: Replay only these events; default: every record in the queue.
+
+        Returns:
+            How many events were re-queued.
+        """
+        spec = self.get_agent(agent)
+        wanted = None if event_ids is None else set(event_ids)
+
+        def select(record: bytes) -> bytes | None:
+            letter = DeadLetter.decode(record)
+            if wanted is not None and letter.event_id not in wanted:
+                return None
+            return letter.entry.encode()
+
+        await self.connect()
+        return await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+
     # Running ------------------------------------------------------------------------------
 
     async def serve(

@@ -21,7 +21,7 @@ same promises, checked by one conformance suite:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
@@ -197,6 +197,17 @@ class Broker(ABC):
         """Remove `key`'s value, if any."""
 
     # Inspection ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def replay_dead_letters(
+        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+    ) -> int:
+        """Move dead letters back to the group, as new first attempts, for this group alone.
+
+        `select` sees each record and returns the entry bytes to deliver again, or `None` to
+        leave the record where it is. Moving one record is one atomic step. Returns how many
+        were moved.
+        """
 
     @abstractmethod
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:

@@ -13,7 +13,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -343,6 +343,28 @@ class MemoryBroker(Broker):
         return value
 
     # Inspection ---------------------------------------------------------------------------
+
+    async def replay_dead_letters(
+        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+    ) -> int:
+        await anyio.lowlevel.checkpoint()
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        if group is None:
+            return 0
+        kept: list[bytes] = []
+        moved = 0
+        now = self._bus.now()
+        for record in group.dead:
+            entry = select(record)
+            if entry is None:
+                kept.append(record)
+            else:
+                self._bus.schedule(group, now, entry, 1)
+                moved += 1
+        group.dead = kept
+        self._bus.notify()
+        return moved
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
         await anyio.lowlevel.checkpoint()

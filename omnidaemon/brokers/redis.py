@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -425,6 +425,29 @@ class RedisBroker(Broker):
         await self.client.delete(self.value_key(key))
 
     # Inspection ---------------------------------------------------------------------------
+
+    async def replay_dead_letters(
+        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+    ) -> int:
+        moved = 0
+        cursor = "-"
+        while True:
+            page: Any = await self.client.xrange(self.dlq_key(sub), min=cursor, count=100)
+            for entry_id, fields in page:
+                record = fields.get(b"r")
+                entry = select(record) if record is not None else None
+                if entry is None:
+                    continue
+                # Into the group's retry stream (read by this group alone) as attempt 1, and
+                # out of the dead-letter stream, in one transaction.
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.xadd(self.retry_key(sub), {"e": entry, "a": b"1"})
+                    pipe.xdel(self.dlq_key(sub), entry_id)
+                    await pipe.execute()
+                moved += 1
+            if len(page) < 100:
+                return moved
+            cursor = "(" + _decode(page[-1][0])
 
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
         if limit <= 0:

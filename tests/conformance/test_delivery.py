@@ -602,3 +602,35 @@ async def test_a_request_that_kills_its_workers_ends_in_agent_failed(
             await wait_for(lambda: bool(failures))
     assert failures[0].error_type == "AttemptsExhausted"
     await app.close()
+
+
+async def test_dead_letters_are_replayed_to_their_agent_alone(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    app = make_app()
+    fixed = False
+    runs: list[tuple[str, str, int]] = []
+
+    @app.agent(topic, max_retries=0)
+    async def fragile(event: Order, ctx: Context) -> None:
+        runs.append(("fragile", event.order_id, ctx.attempt))
+        if not fixed:
+            raise RuntimeError("bug")
+
+    @app.agent(topic)
+    async def other(event: Order, ctx: Context) -> None:
+        runs.append(("other", event.order_id, ctx.attempt))
+
+    async with app.running():
+        first = await app.publish(topic, {"order_id": "o1"})
+        await app.publish(topic, {"order_id": "o2"})
+        await wait_dead_letters(app, "fragile", 2)
+        fixed = True  # the bug is fixed: replay one, then the rest
+        assert await app.replay_dead_letters("fragile", event_ids=[first]) == 1
+        await wait_for(lambda: runs.count(("fragile", "o1", 1)) == 2)
+        assert [d.payload for d in await app.dead_letters("fragile")] == [{"order_id": "o2"}]
+        assert await app.replay_dead_letters("fragile") == 1
+        await wait_for(lambda: runs.count(("fragile", "o2", 1)) == 2)
+        assert await app.dead_letters("fragile") == []
+        await anyio.sleep(0.2)
+    assert sorted(r for r in runs if r[0] == "other") == [("other", "o1", 1), ("other", "o2", 1)]
