@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from omnidaemon.brokers.embedded_server import stop_server
 from omnidaemon.testing import TestApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,17 +68,6 @@ def check_report(stdout: str) -> None:
     assert "ada" in stdout and "edsger" in stdout and "grace" in stdout
     assert "reports/corrupt.pdf" in stdout and "after 3 attempt(s)" in stdout
     assert "notes.txt" in stdout and "Reject" in stdout
-
-
-@pytest.fixture
-def embedded_home() -> Iterator[Path]:
-    """A short-pathed OMNIDAEMON_HOME whose embedded server is stopped afterwards."""
-    home = Path(tempfile.mkdtemp(prefix="od"))
-    try:
-        yield home
-    finally:
-        stop_server(home)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from omnidaemon.brokers.embedded_server import stop_server
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def home() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="od"))
-    try:
-        yield path
-    finally:
-        stop_server(path)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -38,9 +23,9 @@ def home() -> Iterator[Path]:
         ("payments.py", ["the card was charged 1 time(s)", "duplicate: {'receipt'"]),
     ],
 )
-def test_example_runs(home: Path, example: str, expected: list[str]) -> None:
+def test_example_runs(embedded_home: Path, example: str, expected: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIDAEMON_")}
-    env["OMNIDAEMON_HOME"] = str(home)
+    env["OMNIDAEMON_HOME"] = str(embedded_home)
     result = subprocess.run(
         [sys.executable, f"examples/{example}"],
         cwd=ROOT,

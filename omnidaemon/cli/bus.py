@@ -7,19 +7,10 @@ import sys
 from typing import Any
 
 from omnidaemon.brokers.embedded_server import default_home, server_status, stop_server
+from omnidaemon.cli._args import seconds
 from omnidaemon.errors import OmniDaemonError
 
 __all__ = ["add_parser", "run_status", "run_stop"]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
 
 
 def add_parser(commands: Any) -> None:
@@ -45,7 +36,7 @@ def add_parser(commands: Any) -> None:
     )
     stop.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds(zero_ok=False),
         default=10.0,
         metavar="S",
         help="seconds to wait for it to exit (default 10)",

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import structlog
 
+from omnidaemon.cli._args import positive_int, seconds
 from omnidaemon.errors import OmniDaemonError
 from omnidaemon.observability.logging import configure_logging
 from omnidaemon.settings import Settings
@@ -19,26 +20,6 @@ from omnidaemon.worker.loader import load_app
 from omnidaemon.worker.runner import Worker
 
 __all__ = ["add_parser", "run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
 
 
 def add_parser(commands: Any) -> None:
@@ -60,11 +41,11 @@ def add_parser(commands: Any) -> None:
         "--agents", metavar="A,B", help="run only these agents (comma-separated names)"
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, metavar="N", help="override every agent's concurrency"
+        "--concurrency", type=positive_int, metavar="N", help="override every agent's concurrency"
     )
     parser.add_argument(
         "--shutdown-grace",
-        type=_seconds,
+        type=seconds(zero_ok=True),
         metavar="S",
         help="seconds in-flight handlers get after a stop signal (default 30)",
     )

@@ -90,11 +90,6 @@ class AgentConsumer:
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
 
-    @property
-    def in_flight(self) -> int:
-        """Deliveries whose handlers are running."""
-        return len(self._in_flight)
-
     async def subscribe(self) -> None:
         """Create the agent's consumer group if it does not exist yet."""
         await self._broker.subscribe(self.subscription)
