@@ -57,6 +57,8 @@ class Settings:
             ones.
         store_results: `OMNIDAEMON_STORE_RESULTS`, the default of every agent's
             `store_results`.
+        heartbeat_interval: `OMNIDAEMON_HEARTBEAT_INTERVAL`, seconds between a worker's
+            heartbeats; a worker is presumed gone after three intervals without one.
     """
 
     broker_url: str | None = None
@@ -66,6 +68,7 @@ class Settings:
     shutdown_grace: float = 30.0
     stream_maxlen: int = 100_000
     store_results: bool = False
+    heartbeat_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,4 +92,5 @@ class Settings:
             shutdown_grace=_float(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
             stream_maxlen=_positive_int(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
             store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
+            heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
         )

@@ -21,12 +21,12 @@ same promises, checked by one conformance suite:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
-__all__ = ["Broker", "Delivery", "Subscription"]
+__all__ = ["Broker", "ConsumerInfo", "Delivery", "GroupInfo", "Subscription", "TopicInfo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,67 @@ class Delivery:
     data: bytes
     attempt: int
     origin: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerInfo:
+    """One consumer of a group, as the bus sees it.
+
+    Attributes:
+        name: The consumer's name (`<host>:<pid>:<n>` for omnidaemon workers).
+        pending: Deliveries it holds unsettled.
+        idle: Seconds since it last fetched or renewed anything.
+    """
+
+    name: str
+    pending: int
+    idle: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group (one agent) on a topic, as the bus sees it.
+
+    Attributes:
+        topic: The topic the group reads.
+        group: The group's (agent's) name.
+        consumers: How many consumers the bus knows in the group, live or not.
+        pending: Deliveries handed out and not settled yet (first attempts and retries).
+        lag: Entries of the topic the group has not been handed yet; `None` when the bus
+            cannot tell (Redis after some trims and deletions).
+        retries: Retries scheduled for later or due and not handed out yet.
+        dead_letters: Records in the group's dead-letter queue.
+        oldest_pending_age: Seconds since the oldest pending delivery's entry was published;
+            `None` when nothing is pending.
+        consumer_details: The consumers, when asked for.
+    """
+
+    topic: str
+    group: str
+    consumers: int
+    pending: int
+    lag: int | None
+    retries: int
+    dead_letters: int
+    oldest_pending_age: float | None
+    consumer_details: tuple[ConsumerInfo, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """One topic, as the bus sees it.
+
+    Attributes:
+        topic: The topic's name.
+        length: Entries the topic holds now.
+        delayed: Entries published with a delay, not yet appended.
+        groups: The topic's consumer groups, by name.
+    """
+
+    topic: str
+    length: int
+    delayed: int
+    groups: tuple[GroupInfo, ...]
 
 
 class Broker(ABC):
@@ -138,8 +199,18 @@ class Broker(ABC):
         entries. Waits up to `timeout` seconds for at least one; returns `[]` if none came."""
 
     @abstractmethod
-    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
-        """Settle deliveries as done. Acking an already settled delivery is a no-op."""
+    async def ack(
+        self,
+        sub: Subscription,
+        deliveries: Sequence[Delivery],
+        *,
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
+        """Settle deliveries as done. Acking an already settled delivery is a no-op.
+
+        `stats` are increments of the group's metrics (see `omnidaemon.metrics`), written in
+        the same round trip; `deliveries` may be empty to write only them.
+        """
 
     @abstractmethod
     async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
@@ -212,3 +283,33 @@ class Broker(ABC):
     @abstractmethod
     async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
         """The `limit` most recent records of the group's dead-letter queue, oldest first."""
+
+    async def ping(self) -> None:
+        """Check the bus answers; raises when it does not."""
+        await self.topics()
+
+    @abstractmethod
+    async def topics(self) -> list[str]:
+        """The names of every topic on the bus, sorted."""
+
+    @abstractmethod
+    async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
+        """A topic's length, delayed entries and groups (with each group's consumers when
+        `consumers`), or `None` if the bus has no such topic."""
+
+    @abstractmethod
+    async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
+        """The topic's `limit` most recent entries as `(id, data)`, oldest first."""
+
+    @abstractmethod
+    async def purge_dead_letters(self, sub: Subscription) -> int:
+        """Remove every record of the group's dead-letter queue; returns how many there were."""
+
+    @abstractmethod
+    async def stats(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Every group's metrics fields (the sums of every `ack(stats=...)`), by
+        `(topic, group)`."""
+
+    @abstractmethod
+    async def scan_values(self, prefix: str) -> dict[str, bytes]:
+        """Every stored value whose key starts with `prefix`, by key."""

@@ -13,12 +13,19 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
-from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.brokers.base import (
+    Broker,
+    ConsumerInfo,
+    Delivery,
+    GroupInfo,
+    Subscription,
+    TopicInfo,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -37,6 +44,8 @@ class _Pending:
 class _Group:
     cursor: int
     pending: dict[tuple[str, str], _Pending] = field(default_factory=dict)
+    # consumer -> when it last fetched or renewed anything
+    consumers: dict[str, float] = field(default_factory=dict)
     # (due, tiebreak, data, attempt): a heap ordered by due time.
     scheduled: list[tuple[float, int, bytes, int]] = field(default_factory=list)
     dead: list[bytes] = field(default_factory=list)
@@ -44,7 +53,8 @@ class _Group:
 
 @dataclass(slots=True)
 class _Topic:
-    entries: deque[tuple[int, bytes]] = field(default_factory=deque)
+    # (sequence number, data, published at in wall-clock seconds)
+    entries: deque[tuple[int, bytes, float]] = field(default_factory=deque)
     next_seq: int = 0
     groups: dict[str, _Group] = field(default_factory=dict)
     # (due, tiebreak, data): delayed publishes, appended to `entries` when due.
@@ -61,6 +71,7 @@ class _Bus:
         # event id -> (expires at, {agent: record})
         self.results: dict[str, tuple[float, dict[str, bytes]]] = {}
         self.values: dict[str, tuple[float, bytes]] = {}  # key -> (expires at, value)
+        self.stats: dict[tuple[str, str], dict[str, int]] = {}  # (topic, group) -> fields
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
 
@@ -84,7 +95,7 @@ class _Bus:
 
     def append(self, name: str, data: bytes) -> None:
         topic = self.topic(name)
-        topic.entries.append((topic.next_seq, data))
+        topic.entries.append((topic.next_seq, data, time.time()))
         topic.next_seq += 1
         self._trim(topic)
 
@@ -117,7 +128,7 @@ class _Bus:
         now = self.now()
         while topic.delayed and topic.delayed[0][0] <= now:
             _, _, data = heapq.heappop(topic.delayed)
-            topic.entries.append((topic.next_seq, data))
+            topic.entries.append((topic.next_seq, data, time.time()))
             topic.next_seq += 1
 
     def busy(self) -> bool:
@@ -234,18 +245,29 @@ class MemoryBroker(Broker):
             # Sequence numbers are contiguous, so the cursor maps straight to a position.
             index = max(0, group.cursor - topic.entries[0][0])
             while index < len(topic.entries) and len(taken) < count:
-                seq, data = topic.entries[index]
+                seq, data, _ = topic.entries[index]
                 taken.append(Delivery(str(seq), data, 1, _STREAM))
                 group.cursor = seq + 1
                 index += 1
         for delivery in taken:
             group.pending[(delivery.origin, delivery.id)] = _Pending(delivery, consumer, now)
+        group.consumers[consumer] = now
         return taken
 
-    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+    async def ack(
+        self,
+        sub: Subscription,
+        deliveries: Sequence[Delivery],
+        *,
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
         group = self._group(sub)
         for delivery in deliveries:
             group.pending.pop((delivery.origin, delivery.id), None)
+        if stats:
+            fields = self._bus.stats.setdefault((sub.topic, sub.group), {})
+            for name, increment in stats.items():
+                fields[name] = fields.get(name, 0) + increment
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
@@ -269,6 +291,7 @@ class MemoryBroker(Broker):
     ) -> None:
         group = self._group(sub)
         now = self._bus.now()
+        group.consumers[consumer] = now
         for delivery in deliveries:
             pending = group.pending.get((delivery.origin, delivery.id))
             if pending is not None and pending.consumer == consumer:
@@ -295,6 +318,8 @@ class MemoryBroker(Broker):
 
     async def delete_topic(self, topic: str) -> None:
         self._bus.topics.pop(topic, None)
+        for key in [key for key in self._bus.stats if key[0] == topic]:
+            del self._bus.stats[key]
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
@@ -375,6 +400,77 @@ class MemoryBroker(Broker):
         topic = self._bus.topics.get(sub.topic)
         group = topic.groups.get(sub.group) if topic else None
         return list(group.dead) if group else []
+
+    async def topics(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return sorted(self._bus.topics)
+
+    async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
+        await anyio.lowlevel.checkpoint()
+        bus = self._bus
+        state = bus.topics.get(topic)
+        if state is None:
+            return None
+        now, wall = bus.now(), time.time()
+        published = {seq: at for seq, _, at in state.entries}
+        groups = []
+        for name, group in sorted(state.groups.items()):
+            ages = [
+                wall - published[int(p.delivery.id)]
+                for p in group.pending.values()
+                if p.delivery.origin == _STREAM and int(p.delivery.id) in published
+            ]
+            details = tuple(
+                ConsumerInfo(
+                    consumer,
+                    sum(1 for p in group.pending.values() if p.consumer == consumer),
+                    max(0.0, now - seen),
+                )
+                for consumer, seen in sorted(group.consumers.items())
+            )
+            groups.append(
+                GroupInfo(
+                    topic=topic,
+                    group=name,
+                    consumers=len(group.consumers),
+                    pending=len(group.pending),
+                    lag=state.next_seq - group.cursor,
+                    retries=len(group.scheduled),
+                    dead_letters=len(group.dead),
+                    oldest_pending_age=max(ages) if ages else None,
+                    consumer_details=details if consumers else (),
+                )
+            )
+        return TopicInfo(topic, len(state.entries), len(state.delayed), tuple(groups))
+
+    async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
+        await anyio.lowlevel.checkpoint()
+        state = self._bus.topics.get(topic)
+        if state is None or limit <= 0:
+            return []
+        return [(str(seq), data) for seq, data, _ in list(state.entries)[-limit:]]
+
+    async def purge_dead_letters(self, sub: Subscription) -> int:
+        await anyio.lowlevel.checkpoint()
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        if group is None:
+            return 0
+        count, group.dead = len(group.dead), []
+        return count
+
+    async def stats(self) -> dict[tuple[str, str], dict[str, int]]:
+        await anyio.lowlevel.checkpoint()
+        return {key: dict(fields) for key, fields in self._bus.stats.items()}
+
+    async def scan_values(self, prefix: str) -> dict[str, bytes]:
+        await anyio.lowlevel.checkpoint()
+        found = {}
+        for key in [k for k in self._bus.values if k.startswith(prefix)]:
+            value = self._value(key)
+            if value is not None:
+                found[key] = value
+        return found
 
     # Test support -------------------------------------------------------------------------
 

@@ -9,6 +9,12 @@ Cluster slot), with `omni` as the default prefix:
 - `omni:{<topic>}:retry:<group>`: the group's retry stream: due retries are moved here (one
   atomic script) and read by the same group, with the attempt in field `a`.
 - `omni:{<topic>}:dlq:<group>`: the group's dead-letter stream, one field `r` per record.
+- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time.
+- `omni:{<topic>}:metrics:<group>`: a hash of the group's metrics, incremented by every worker
+  with its batched acks (see `omnidaemon.metrics`).
+
+Outside topics: `omni:result:<event id>` (stored results, a hash by agent) and
+`omni:value:<key>` (idempotency claims, worker heartbeats `worker:<name>`).
 
 Trimming: each publish trims the topic stream to about `maxlen` entries (`XADD MAXLEN ~`). An
 entry no group has read yet is trimmed only once at least `maxlen` newer entries were published
@@ -33,7 +39,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from omnidaemon.brokers import _redis_scripts as scripts
-from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.brokers.base import (
+    Broker,
+    ConsumerInfo,
+    Delivery,
+    GroupInfo,
+    Subscription,
+    TopicInfo,
+)
 from omnidaemon.errors import BusUnavailable, ConfigurationError
 
 __all__ = ["RedisBroker", "redact_url"]
@@ -130,6 +143,10 @@ class RedisBroker(Broker):
     def dlq_key(self, sub: Subscription) -> str:
         """The key of a group's dead-letter stream."""
         return f"{self._prefix}:{{{sub.topic}}}:dlq:{sub.group}"
+
+    def metrics_key(self, sub: Subscription) -> str:
+        """The key of a group's metrics hash."""
+        return f"{self._prefix}:{{{sub.topic}}}:metrics:{sub.group}"
 
     def _origin_key(self, sub: Subscription, origin: str) -> str:
         return self.retry_key(sub) if origin == _RETRY else self.stream_key(sub.topic)
@@ -307,8 +324,14 @@ class RedisBroker(Broker):
         attempt = int(fields.get(b"a", b"2"))
         return Delivery(_decode(entry_id), fields.get(b"e", b""), attempt, _RETRY)
 
-    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
+    async def ack(
+        self,
+        sub: Subscription,
+        deliveries: Sequence[Delivery],
+        *,
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
+        if not deliveries and not stats:
             return
         from_stream = [d.id for d in deliveries if d.origin != _RETRY]
         from_retry = [d.id for d in deliveries if d.origin == _RETRY]
@@ -319,6 +342,10 @@ class RedisBroker(Broker):
                 # Retry entries are read by this group alone: once settled they can go.
                 pipe.xack(self.retry_key(sub), sub.group, *from_retry)
                 pipe.xdel(self.retry_key(sub), *from_retry)
+            if stats:
+                key = self.metrics_key(sub)
+                for name, increment in stats.items():
+                    pipe.hincrby(key, name, increment)
             await pipe.execute()
 
     async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
@@ -454,6 +481,149 @@ class RedisBroker(Broker):
             return []
         entries: Any = await self.client.xrevrange(self.dlq_key(sub), count=limit)
         return [fields[b"r"] for _id, fields in reversed(entries) if b"r" in fields]
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def topics(self) -> list[str]:
+        head, tail = f"{self._prefix}:{{", "}:stream"
+        names = set()
+        async for key in self.client.scan_iter(match=f"{head}*{tail}", count=1000):
+            name = _decode(key)
+            if name.startswith(head) and name.endswith(tail):
+                names.add(name[len(head) : -len(tail)])
+        return sorted(names)
+
+    async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
+        client = self.client
+        stream = self.stream_key(topic)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.exists(stream)
+            pipe.xlen(stream)
+            pipe.zcard(self.delayed_key(topic))
+            pipe.xinfo_groups(stream)
+            pipe.time()
+            exists, length, delayed, groups, now = await pipe.execute(raise_on_error=False)
+        if not exists or isinstance(groups, Exception):
+            return None
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        infos = []
+        for group in groups:
+            name = _decode(group["name"])
+            sub = Subscription(topic, name)
+            retry = self.retry_key(sub)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xinfo_groups(retry)
+                pipe.zcard(self.due_key(sub))
+                pipe.xlen(self.dlq_key(sub))
+                pipe.xpending(stream, name)
+                pipe.xpending(retry, name)
+                if consumers:
+                    pipe.xinfo_consumers(stream, name)
+                    pipe.xinfo_consumers(retry, name)
+                replies = await pipe.execute(raise_on_error=False)
+            retry_groups, due, dead, pending, retry_pending = replies[:5]
+            retry_group = next(
+                (
+                    g
+                    for g in ([] if isinstance(retry_groups, Exception) else retry_groups)
+                    if _decode(g["name"]) == name
+                ),
+                None,
+            )
+            pending_count = int(group["pending"])
+            waiting_retries = 0 if isinstance(due, Exception) else int(due)
+            if retry_group is not None:
+                pending_count += int(retry_group["pending"])
+                waiting_retries += int(retry_group.get("lag") or 0)
+            oldest = None
+            for summary in (pending, retry_pending):
+                if not isinstance(summary, Exception) and summary["pending"]:
+                    first_ms = int(_decode(summary["min"]).split("-")[0])
+                    age = max(0.0, (now_ms - first_ms) / 1000)
+                    oldest = age if oldest is None else max(oldest, age)
+            details: tuple[ConsumerInfo, ...] = ()
+            if consumers:
+                merged: dict[str, tuple[int, float]] = {}
+                for listing in replies[5:7]:
+                    for c in [] if isinstance(listing, Exception) else listing:
+                        cname, held = _decode(c["name"]), int(c["pending"])
+                        idle = int(c["idle"]) / 1000
+                        before = merged.get(cname)
+                        merged[cname] = (
+                            (held, idle)
+                            if before is None
+                            else (before[0] + held, min(idle, before[1]))
+                        )
+                details = tuple(
+                    ConsumerInfo(cname, held, idle)
+                    for cname, (held, idle) in sorted(merged.items())
+                )
+            lag = group.get("lag")
+            infos.append(
+                GroupInfo(
+                    topic=topic,
+                    group=name,
+                    consumers=int(group["consumers"]),
+                    pending=pending_count,
+                    lag=None if lag is None else int(lag),
+                    retries=waiting_retries,
+                    dead_letters=0 if isinstance(dead, Exception) else int(dead),
+                    oldest_pending_age=oldest,
+                    consumer_details=details,
+                )
+            )
+        infos.sort(key=lambda g: g.group)
+        return TopicInfo(topic, int(length), int(delayed), tuple(infos))
+
+    async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
+        if limit <= 0:
+            return []
+        found: Any = await self.client.xrevrange(self.stream_key(topic), count=limit)
+        return [(_decode(i), fields.get(b"e", b"")) for i, fields in reversed(found)]
+
+    async def purge_dead_letters(self, sub: Subscription) -> int:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.dlq_key(sub))
+            pipe.delete(self.dlq_key(sub))
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def stats(self) -> dict[tuple[str, str], dict[str, int]]:
+        head, middle = f"{self._prefix}:{{", "}:metrics:"
+        keys = [
+            _decode(key)
+            async for key in self.client.scan_iter(match=f"{head}*{middle}*", count=1000)
+        ]
+        found: dict[tuple[str, str], dict[str, int]] = {}
+        if not keys:
+            return found
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            hashes = await pipe.execute()
+        for key, fields in zip(keys, hashes, strict=True):
+            topic, sep, group = key[len(head) :].partition(middle)
+            if sep and fields:
+                found[(topic, group)] = {_decode(k): int(v) for k, v in fields.items()}
+        return found
+
+    async def scan_values(self, prefix: str) -> dict[str, bytes]:
+        head = f"{self._prefix}:value:"
+        keys = [
+            key
+            async for key in self.client.scan_iter(
+                match=f"{head}{_escape_glob(prefix)}*", count=1000
+            )
+        ]
+        if not keys:
+            return {}
+        values: Any = await self.client.mget(keys)
+        return {
+            _decode(key)[len(head) :]: bytes(value)
+            for key, value in zip(keys, values, strict=True)
+            if value is not None
+        }
 
 
 def _escape_glob(text: str) -> str:

@@ -6,6 +6,7 @@ import anyio
 import structlog
 
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.metrics import AgentMetrics
 
 __all__ = ["AckBatcher"]
 
@@ -18,6 +19,9 @@ class AckBatcher:
     A batch is sent when it holds `max_batch` deliveries or `max_delay` seconds after its first
     one, whichever comes first. A failed ack is kept and tried again; an ack that never reaches
     the broker only means the event is delivered again (at least once), never lost.
+
+    The agent's `metrics` ride along: each send also writes what changed in them since the last
+    one, in the same round trip.
     """
 
     def __init__(
@@ -27,8 +31,10 @@ class AckBatcher:
         *,
         max_batch: int = 256,
         max_delay: float = 0.002,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._broker = broker
+        self._metrics = metrics
         self._sub = sub
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -48,6 +54,10 @@ class AckBatcher:
         self._urgent = self._urgent or urgent
         if len(self._pending) == 1 or len(self._pending) >= self._max_batch or urgent:
             self._ready.set()
+
+    def metrics_changed(self) -> None:
+        """Write the agent's metrics with the next batch, or soon if no ack is queued."""
+        self._ready.set()
 
     async def run(self) -> None:
         """Send batches until cancelled."""
@@ -76,7 +86,7 @@ class AckBatcher:
         """Send everything queued, shielded from cancellation; used on shutdown."""
         with anyio.CancelScope(shield=True):
             for attempt in range(attempts):
-                if not self._pending:
+                if not self._pending and not self._metrics_delta():
                     return
                 try:
                     await self._send()
@@ -92,9 +102,16 @@ class AckBatcher:
                         return
                     await anyio.sleep(0.1 * 2**attempt)
 
+    def _metrics_delta(self) -> dict[str, int]:
+        return self._metrics.delta() if self._metrics is not None else {}
+
     async def _send(self) -> None:
         async with self._sending:
-            while self._pending:
+            stats = self._metrics_delta()
+            while self._pending or stats:
                 batch = self._pending[: self._max_batch]
-                await self._broker.ack(self._sub, batch)
+                await self._broker.ack(self._sub, batch, stats=stats)
                 del self._pending[: len(batch)]  # appends happen at the end only
+                if stats and self._metrics is not None:
+                    self._metrics.commit(stats)
+                    stats = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
 from omnidaemon.idempotency import NOT_STORED, Idempotency
+from omnidaemon.metrics import AgentMetrics
 from omnidaemon.requests import FAILURE_HEADER, is_request_reply
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
@@ -86,9 +88,16 @@ class AgentConsumer:
         )
         self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
         self._settled = anyio.Event()  # set whenever a handler finishes
-        self._acks = AckBatcher(self._broker, self.subscription)
+        self.metrics = AgentMetrics(spec.topic, spec.name)
+        """This worker's counts for the agent; written to the bus with the acks."""
+        self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
+
+    @property
+    def capacity(self) -> int:
+        """How many handlers of the agent this worker runs at once."""
+        return self._capacity
 
     async def subscribe(self) -> None:
         """Create the agent's consumer group if it does not exist yet."""
@@ -233,6 +242,9 @@ class AgentConsumer:
     # Handling -----------------------------------------------------------------------------
 
     async def _handle(self, delivery: Delivery) -> None:
+        metrics = self.metrics
+        metrics.received += 1
+        metrics.in_flight += 1
         try:
             await self._process(delivery)
         except Exception as exc:
@@ -244,6 +256,7 @@ class AgentConsumer:
                 error=f"{type(exc).__name__}: {exc}",
             )
         finally:
+            metrics.in_flight -= 1
             self._in_flight.pop((delivery.origin, delivery.id), None)
             self._started.pop((delivery.origin, delivery.id), None)
             self._wake.set()
@@ -322,6 +335,8 @@ class AgentConsumer:
             await self._idempotency.succeeded(idempotency_key, envelope.id, output)
         if spec.store_results:
             await self._record(delivery, envelope.id, "succeeded", result=output)
+        self.metrics.succeeded += 1
+        self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         if self.notifier is not None:
@@ -333,23 +348,33 @@ class AgentConsumer:
         """Run the handler and check its return value: `(True, output as JSON data)`, or
         `(False, None)` once a failure has been settled (retry or dead letter)."""
         spec = self._spec
+        metrics = self.metrics
+        started = time.perf_counter()
         try:
             result = await self._call(envelope.payload, ctx)
         except Reject as exc:
+            metrics.observe_duration(time.perf_counter() - started)
+            metrics.failed += 1
             await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc)
             return False, None
         except Retry as exc:
+            metrics.observe_duration(time.perf_counter() - started)
+            metrics.failed += 1
             await self._fail(delivery, envelope, exc, exc.delay)
             return False, None
         except Exception as exc:
+            metrics.observe_duration(time.perf_counter() - started)
+            metrics.failed += 1
             await self._fail(delivery, envelope, exc, None)
             return False, None
+        metrics.observe_duration(time.perf_counter() - started)
         if spec.return_adapter is None:
             return True, result
         try:
             result = spec.return_adapter.validate_python(result)
             return True, spec.return_adapter.dump_python(result, mode="json")
         except ValidationError as exc:
+            metrics.failed += 1
             await self._dead_letter(
                 delivery,
                 envelope,
@@ -420,6 +445,8 @@ class AgentConsumer:
         if delay is None:
             delay = policy.backoff.delay(delivery.attempt)
         await self._broker.retry(self.subscription, delivery, delay)
+        self.metrics.retried += 1
+        self._acks.metrics_changed()
         if self._spec.store_results:
             error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
             await self._record(delivery, envelope.id, "retrying", error=error)
@@ -517,6 +544,8 @@ class AgentConsumer:
             failed_at=datetime.now(UTC),
         )
         await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        self.metrics.dead_lettered += 1
+        self._acks.metrics_changed()
         if envelope is not None and is_request_reply(envelope.reply_to):
             await self._reply_failure(envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:

@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.worker.consumer import AgentConsumer
+from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.notify import OutcomeNotifier
 
 if TYPE_CHECKING:
@@ -73,6 +74,13 @@ class Worker:
             for spec in specs
         ]
         self._stop = anyio.Event()
+        self.heartbeat = Heartbeat(
+            app.broker,
+            worker=self.name,
+            app=app.name,
+            consumers=self.consumers,
+            interval=app.settings.heartbeat_interval,
+        )
 
     @property
     def abandoned_handlers(self) -> bool:
@@ -102,6 +110,7 @@ class Worker:
             for consumer in self.consumers:
                 consumer.notifier = notifier
                 await consumer.subscribe()
+            await self.heartbeat.beat()
             _log.info(
                 "worker started",
                 app=app.name,
@@ -110,12 +119,18 @@ class Worker:
                 consumer=self.name,
             )
             task_status.started()
-            async with anyio.create_task_group() as tg:
-                for consumer in self.consumers:
-                    tg.start_soon(consumer.run, self.shutdown_grace)
-                await self._stop.wait()
-                for consumer in self.consumers:
-                    consumer.stop()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.heartbeat.run)
+                    async with anyio.create_task_group() as consumers:
+                        for consumer in self.consumers:
+                            consumers.start_soon(consumer.run, self.shutdown_grace)
+                        await self._stop.wait()
+                        for consumer in self.consumers:
+                            consumer.stop()
+                    tg.cancel_scope.cancel()
+            finally:
+                await self.heartbeat.clear()
             # Outcomes of the last events may still be on their way to their webhooks.
             await notifier.wait_idle(self.shutdown_grace)
         _log.info("worker stopped", app=app.name, consumer=self.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anyio
 import pytest
@@ -20,7 +20,13 @@ class SlowAcks(MemoryBroker):
         super().__init__(None)
         self.acked: list[str] = []
 
-    async def ack(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
+    async def ack(
+        self,
+        sub: Subscription,
+        deliveries: Sequence[Delivery],
+        *,
+        stats: Mapping[str, int] | None = None,
+    ) -> None:
         await anyio.sleep(0.05)
         self.acked += [d.id for d in deliveries]
 

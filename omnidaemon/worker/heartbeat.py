@@ -1,0 +1,118 @@
+"""Worker heartbeats: each worker says, every few seconds, that it lives and what it runs.
+
+A heartbeat is a small JSON record stored on the bus under `worker:<consumer name>` with a time
+to live of three intervals: a worker that stops beating (killed, frozen, cut off) disappears
+from `omnidaemon health` and `bus stats` by itself, and one that stops gracefully removes its
+record at once. `omnidaemon.fleet` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio
+import orjson
+import structlog
+
+if TYPE_CHECKING:
+    from omnidaemon.brokers.base import Broker
+    from omnidaemon.worker.consumer import AgentConsumer
+
+__all__ = ["HEARTBEAT_PREFIX", "Heartbeat"]
+
+HEARTBEAT_PREFIX = "worker:"
+"""The key prefix of heartbeat records among the bus's stored values."""
+
+_log = structlog.get_logger("omnidaemon.worker")
+
+
+class Heartbeat:
+    """Writes one worker's heartbeat until cancelled, and removes it on `clear()`.
+
+    Args:
+        broker: The bus to write to.
+        worker: The worker's consumer name.
+        app: The app's name.
+        consumers: The worker's agent consumers (their metrics and capacity are reported).
+        interval: Seconds between beats.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        worker: str,
+        app: str,
+        consumers: Sequence[AgentConsumer],
+        interval: float,
+    ) -> None:
+        self._broker = broker
+        self._key = HEARTBEAT_PREFIX + worker
+        self._worker = worker
+        self._app = app
+        self._consumers = consumers
+        self.interval = interval
+        self._started_at = datetime.now(UTC).isoformat()
+
+    def record(self) -> bytes:
+        """The heartbeat record as it is written now."""
+        from omnidaemon import __version__
+
+        agents = {}
+        for consumer in self._consumers:
+            metrics = consumer.metrics
+            agents[consumer.subscription.group] = {
+                "topic": consumer.subscription.topic,
+                "concurrency": consumer.capacity,
+                "in_flight": metrics.in_flight,
+                "received": metrics.received,
+                "succeeded": metrics.succeeded,
+                "failed": metrics.failed,
+                "retried": metrics.retried,
+                "dead_lettered": metrics.dead_lettered,
+            }
+        return orjson.dumps(
+            {
+                "id": self._worker,
+                "app": self._app,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": self._started_at,
+                "beat_at": datetime.now(UTC).isoformat(),
+                "interval": self.interval,
+                "agents": agents,
+            }
+        )
+
+    async def beat(self) -> None:
+        """Write one heartbeat, alive for three intervals."""
+        await self._broker.set_value(self._key, self.record(), self.interval * 3)
+
+    async def run(self) -> None:
+        """Beat every `interval` seconds until cancelled; a failed beat is logged once per
+        outage and tried again at the next interval."""
+        failures = 0
+        while True:
+            await anyio.sleep(self.interval)
+            try:
+                await self.beat()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    _log.warning(
+                        "cannot write the worker's heartbeat", error=f"{type(exc).__name__}: {exc}"
+                    )
+
+    async def clear(self) -> None:
+        """Remove the heartbeat (a graceful stop); failures are ignored, the TTL cleans up."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            try:
+                await self._broker.delete_value(self._key)
+            except Exception as exc:
+                _log.debug("could not remove the heartbeat", error=str(exc))
