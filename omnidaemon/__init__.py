@@ -10,21 +10,61 @@ async def extract_text(event: Uploaded, ctx: Context) -> Extracted: ...
 ```
 """
 
-from omnidaemon.agents import AgentSpec
-from omnidaemon.app import App
-from omnidaemon.context import Context
-from omnidaemon.dead_letters import DeadLetter
-from omnidaemon.envelope import Envelope
-from omnidaemon.errors import (
-    AgentFailed,
-    AppLoadError,
-    BusUnavailable,
-    ConfigurationError,
-    OmniDaemonError,
-    PayloadValidationError,
-)
-from omnidaemon.results import Result
-from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omnidaemon.agents import AgentSpec
+    from omnidaemon.app import App
+    from omnidaemon.context import Context
+    from omnidaemon.dead_letters import DeadLetter
+    from omnidaemon.envelope import Envelope
+    from omnidaemon.errors import (
+        AgentFailed,
+        AppLoadError,
+        BusUnavailable,
+        ConfigurationError,
+        OmniDaemonError,
+        PayloadValidationError,
+    )
+    from omnidaemon.results import Result
+    from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
+
+# Names are imported on first use, so that `omnidaemon --help` and other light commands do not
+# pay for pydantic, redis and the rest at start-up.
+_LAZY = {
+    "AgentSpec": "omnidaemon.agents",
+    "App": "omnidaemon.app",
+    "Context": "omnidaemon.context",
+    "DeadLetter": "omnidaemon.dead_letters",
+    "Envelope": "omnidaemon.envelope",
+    "AgentFailed": "omnidaemon.errors",
+    "AppLoadError": "omnidaemon.errors",
+    "BusUnavailable": "omnidaemon.errors",
+    "ConfigurationError": "omnidaemon.errors",
+    "OmniDaemonError": "omnidaemon.errors",
+    "PayloadValidationError": "omnidaemon.errors",
+    "Result": "omnidaemon.results",
+    "Backoff": "omnidaemon.retry",
+    "Reject": "omnidaemon.retry",
+    "Retry": "omnidaemon.retry",
+    "RetryPolicy": "omnidaemon.retry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'omnidaemon' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AgentFailed",

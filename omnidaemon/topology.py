@@ -101,6 +101,25 @@ class Topology:
                 lines.append(f"    {agent} -->|{label}| {ids[e.topic]}")
         return "\n".join(lines)
 
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT: topics as ellipses, agents as boxes, edges labelled with
+        their payload types."""
+
+        def quote(text: str) -> str:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["digraph omnidaemon {", "    rankdir=LR;"]
+        lines += [
+            f"    {quote('topic:' + t)} [label={quote(t)}, shape=ellipse];" for t in self.topics
+        ]
+        lines += [f"    {quote('agent:' + a)} [label={quote(a)}, shape=box];" for a in self.agents]
+        for e in self.edges:
+            topic, agent = quote("topic:" + e.topic), quote("agent:" + e.agent)
+            source, target = (topic, agent) if e.kind == "consumes" else (agent, topic)
+            lines.append(f"    {source} -> {target} [label={quote(type_name(e.payload_type))}];")
+        lines.append("}")
+        return "\n".join(lines)
+
 
 def _is_raw(tp: Any) -> bool:
     return any(tp is raw or tp == raw for raw in _RAW) or tp is type(None)

@@ -288,6 +288,10 @@ class Broker(ABC):
         """Check the bus answers; raises when it does not."""
         await self.topics()
 
+    async def server_info(self) -> dict[str, str]:
+        """What the bus's server says of itself (kind, version, memory), for operators."""
+        return {}
+
     @abstractmethod
     async def topics(self) -> list[str]:
         """The names of every topic on the bus, sorted."""

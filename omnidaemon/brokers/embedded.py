@@ -11,8 +11,9 @@ from pathlib import Path
 
 import anyio
 
-from omnidaemon.brokers.embedded_server import default_home, ensure_server
+from omnidaemon.brokers.embedded_server import default_home, ensure_server, server_status
 from omnidaemon.brokers.redis import RedisBroker
+from omnidaemon.errors import BusUnavailable
 
 __all__ = ["EmbeddedBroker"]
 
@@ -24,10 +25,16 @@ class EmbeddedBroker(RedisBroker):
         home: The server's directory (socket, pid file, log, data); default
             `$OMNIDAEMON_HOME` or `./.omnidaemon`.
         maxlen: Entries each topic stream keeps (approximately).
+        start_server: Start the server when it does not run. Inspection tools pass `False`:
+            looking at the bus should not bring one up, and a bus that is not running is
+            worth reporting as such.
     """
 
-    def __init__(self, home: Path | None = None, *, maxlen: int = 100_000) -> None:
+    def __init__(
+        self, home: Path | None = None, *, maxlen: int = 100_000, start_server: bool = True
+    ) -> None:
         self.home = (home or default_home()).resolve()
+        self._start_server = start_server
         super().__init__(f"unix://{self.home}/valkey.sock", maxlen=maxlen)
         self._url = f"embedded://{self.home}"
 
@@ -36,6 +43,16 @@ class EmbeddedBroker(RedisBroker):
 
     async def connect(self) -> None:
         if self._client is not None:
+            return
+        if not self._start_server:
+            status = await anyio.to_thread.run_sync(server_status, self.home)
+            if not status["running"]:
+                raise BusUnavailable(
+                    f"the embedded bus server is not running in {self.home} "
+                    "(a worker or a publisher starts it)"
+                )
+            self._raw_url = status["url"]
+            await super().connect()
             return
         # Starting the server blocks (a fork, a file lock, a wait for PING): keep the loop free.
         self._raw_url = await anyio.to_thread.run_sync(ensure_server, self.home)

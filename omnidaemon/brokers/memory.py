@@ -401,6 +401,10 @@ class MemoryBroker(Broker):
         group = topic.groups.get(sub.group) if topic else None
         return list(group.dead) if group else []
 
+    async def server_info(self) -> dict[str, str]:
+        await anyio.lowlevel.checkpoint()
+        return {"server": "in-process memory bus"}
+
     async def topics(self) -> list[str]:
         await anyio.lowlevel.checkpoint()
         return sorted(self._bus.topics)

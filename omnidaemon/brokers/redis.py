@@ -485,6 +485,16 @@ class RedisBroker(Broker):
     async def ping(self) -> None:
         await self.client.ping()
 
+    async def server_info(self) -> dict[str, str]:
+        info: Any = await self.client.info()
+        kind = "valkey" if "valkey_version" in info else "redis"
+        return {
+            "server": f"{kind} {info.get(f'{kind}_version', '?')}",
+            "used_memory": str(info.get("used_memory_human", "?")),
+            "uptime_seconds": str(info.get("uptime_in_seconds", "?")),
+            "connected_clients": str(info.get("connected_clients", "?")),
+        }
+
     async def topics(self) -> list[str]:
         head, tail = f"{self._prefix}:{{", "}:stream"
         names = set()

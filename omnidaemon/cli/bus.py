@@ -1,84 +1,494 @@
-"""`omnidaemon bus stop|status`: the embedded bus server (the bus when no broker URL is set)."""
+"""`omnidaemon bus ...`: look into the bus, and repair it: topics, groups, entries, dead letters,
+replay, purge, and the embedded server's lifecycle.
 
-from __future__ import annotations
+These commands need only the bus, not the app's code. Nothing here starts the embedded server:
+a stopped one is reported as such.
+"""
 
-import argparse
-import sys
-from typing import Any
+from typing import Annotated
 
-from omnidaemon.brokers.embedded_server import default_home, server_status, stop_server
-from omnidaemon.cli._args import seconds
-from omnidaemon.errors import OmniDaemonError
+import typer
 
-__all__ = ["add_parser", "run_status", "run_stop"]
+from omnidaemon.cli._common import (
+    BrokerOption,
+    CommandError,
+    JsonOption,
+    open_cli_broker,
+    run_async,
+)
+from omnidaemon.cli._output import age, emit_json, is_terminal, number, print_table, progress, say
 
+__all__ = ["bus"]
 
-def add_parser(commands: Any) -> None:
-    """Add the `bus` command (and its `stop` and `status` actions) to the CLI's subcommands."""
-    parser = commands.add_parser(
-        "bus",
-        help="manage the embedded bus server",
-        description=(
-            "Manage the embedded Valkey server that omnidaemon starts when no broker URL is set. "
-            "It lives in $OMNIDAEMON_HOME (default ./.omnidaemon)."
-        ),
-    )
-    # The parser class is inherited from `commands`, so errors stay one line with status 2.
-    actions = parser.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    stop = actions.add_parser(
-        "stop",
-        help="stop the embedded bus server (its data is kept)",
-        description=(
-            "Stop the embedded bus server gracefully; it writes its data to disk first, and the "
-            "next worker or publisher starts it again."
-        ),
-    )
-    stop.add_argument(
-        "--timeout",
-        type=seconds(zero_ok=False),
-        default=10.0,
-        metavar="S",
-        help="seconds to wait for it to exit (default 10)",
-    )
-    stop.set_defaults(run=run_stop, parser=stop)
-    status = actions.add_parser(
-        "status",
-        help="say whether the embedded bus server runs (exit status 1 if not)",
-        description="Say whether the embedded bus server runs, with its pid and socket.",
-    )
-    status.set_defaults(run=run_status, parser=status)
+bus = typer.Typer(
+    name="bus",
+    help="Look into the bus and repair it: topics, groups, entries, dead letters.",
+    no_args_is_help=True,
+)
+
+TopicArgument = Annotated[str, typer.Argument(metavar="TOPIC", help="The topic.")]
+LimitOption = Annotated[
+    int, typer.Option("-n", "--limit", min=1, help="How many, the most recent.")
+]
 
 
-def _fail(message: str) -> int:
-    # One line, even when the error carries the server's log.
-    print(f"omnidaemon bus: error: {message.splitlines()[0]}", file=sys.stderr)
-    return 2
+def _check_topic(topic: str) -> None:
+    from omnidaemon.envelope import validate_topic
+
+    try:
+        validate_topic(topic)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TOPIC") from None
 
 
-def run_stop(args: argparse.Namespace) -> int:
-    """Run `bus stop`; returns the exit status."""
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _preview(value: object, width: int = 60) -> str:
+    import orjson
+
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@bus.command("list")
+def list_topics(
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+    all_topics: Annotated[
+        bool, typer.Option("--all", help="Include the reply topics of requests in progress.")
+    ] = False,
+) -> None:
+    """Topics with their length and, per agent (consumer group): lag, pending, retries and
+    dead letters."""
+    from omnidaemon.fleet import group_infos
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus_:
+            names = await bus_.topics()
+            infos = [await bus_.describe(name) for name in names]
+            groups = await group_infos(bus_, include_replies=all_topics)
+        wanted = {(g.topic, g.group) for g in groups}
+        topics = [
+            t
+            for t in infos
+            if t is not None and (all_topics or not t.topic.startswith("omni-reply."))
+        ]
+        if json:
+            emit_json(
+                [
+                    {
+                        "topic": t.topic,
+                        "length": t.length,
+                        "delayed": t.delayed,
+                        "groups": [
+                            _group_json(g) for g in t.groups if (t.topic, g.group) in wanted
+                        ],
+                    }
+                    for t in topics
+                ]
+            )
+            return
+        rows = [
+            [
+                t.topic,
+                number(t.length),
+                number(t.delayed),
+                g.group if g else "-",
+                number(g.lag) if g else "",
+                number(g.pending) if g else "",
+                number(g.retries) if g else "",
+                number(g.dead_letters) if g else "",
+            ]
+            for t in topics
+            for g in (t.groups or (None,))
+        ]
+        print_table(
+            ["TOPIC", "LENGTH", "DELAYED", "AGENT", "LAG", "PENDING", "RETRIES", "DLQ"],
+            rows,
+            numeric=["LENGTH", "DELAYED", "LAG", "PENDING", "RETRIES", "DLQ"],
+            empty="no topics on the bus",
+        )
+
+    run_async("bus list", run)
+
+
+def _group_json(g: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    data = asdict(g)  # type: ignore[call-overload]
+    data["agent"] = data.pop("group")
+    data["consumer_details"] = [dict(c) for c in data["consumer_details"]]
+    return data  # type: ignore[no-any-return]
+
+
+@bus.command("inspect")
+def inspect_topic(
+    topic: TopicArgument,
+    limit: LimitOption = 10,
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+) -> None:
+    """The most recent entries of a topic, decoded: id, time, correlation and payload."""
+    _check_topic(topic)
+    import orjson
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus_:
+            if await bus_.describe(topic) is None:
+                raise CommandError(f"no topic {topic!r} on the bus")
+            entries = await bus_.entries(topic, limit)
+        decoded = []
+        for entry_id, data in entries:
+            try:
+                envelope = orjson.loads(data)
+                if not isinstance(envelope, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                decoded.append(
+                    {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace")}
+                )
+                continue
+            decoded.append({"entry_id": entry_id, **envelope})
+        if json:
+            emit_json(decoded)
+            return
+        rows = [
+            [
+                d["entry_id"],
+                str(d.get("id", "?")),
+                str(d.get("created_at", ""))[:19].replace("T", " "),
+                str(d.get("correlation_id") or ""),
+                _preview(d["payload"])
+                if "payload" in d
+                else "(unreadable) " + _preview(d.get("unreadable", "")),
+            ]
+            for d in decoded
+        ]
+        print_table(
+            ["ENTRY", "EVENT ID", "CREATED", "CORRELATION", "PAYLOAD"],
+            rows,
+            title=f"{topic}: last {len(rows)} entries",
+            empty="the topic holds no entries",
+        )
+
+    run_async("bus inspect", run)
+
+
+@bus.command("groups")
+def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption = False) -> None:
+    """The consumer groups (agents) of a topic and each one's consumers (workers)."""
+    _check_topic(topic)
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus_:
+            info = await bus_.describe(topic, consumers=True)
+        if info is None:
+            raise CommandError(f"no topic {topic!r} on the bus")
+        if json:
+            emit_json([_group_json(g) for g in info.groups])
+            return
+        print_table(
+            ["AGENT", "CONSUMERS", "LAG", "PENDING", "RETRIES", "DLQ", "OLDEST PENDING"],
+            [
+                [
+                    g.group,
+                    number(g.consumers),
+                    number(g.lag),
+                    number(g.pending),
+                    number(g.retries),
+                    number(g.dead_letters),
+                    age(g.oldest_pending_age),
+                ]
+                for g in info.groups
+            ],
+            title=f"{topic}: {info.length:,} entries",
+            numeric=["CONSUMERS", "LAG", "PENDING", "RETRIES", "DLQ"],
+            empty="no agent reads this topic",
+        )
+        for g in info.groups:
+            if g.consumer_details:
+                print_table(
+                    ["CONSUMER", "PENDING", "IDLE"],
+                    [[c.name, number(c.pending), age(c.idle)] for c in g.consumer_details],
+                    title=f"{g.group}: consumers",
+                    numeric=["PENDING"],
+                )
+
+    run_async("bus groups", run)
+
+
+@bus.command("stats")
+def stats(broker: BrokerOption = None, json: JsonOption = False) -> None:
+    """The bus at a glance: server, totals, and every live worker (from heartbeats)."""
+    from omnidaemon.fleet import group_infos, live_workers
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus_:
+            server = await bus_.server_info()
+            topics = [t for t in await bus_.topics() if not t.startswith("omni-reply.")]
+            lengths = 0
+            for name in topics:
+                info = await bus_.describe(name)
+                lengths += info.length if info is not None else 0
+            group_list = await group_infos(bus_)
+            workers = await live_workers(bus_)
+            url = bus_.url
+        totals = {
+            "topics": len(topics),
+            "entries": lengths,
+            "agents": len(group_list),
+            "lag": sum(g.lag or 0 for g in group_list),
+            "pending": sum(g.pending for g in group_list),
+            "retries": sum(g.retries for g in group_list),
+            "dead_letters": sum(g.dead_letters for g in group_list),
+            "workers": len(workers),
+            "in_flight": sum(w.in_flight for w in workers),
+        }
+        if json:
+            emit_json(
+                {
+                    "bus": url,
+                    "server": server,
+                    "totals": totals,
+                    "workers": [w.to_json() for w in workers],
+                }
+            )
+            return
+        say(f"bus: {url}  ({', '.join(f'{k} {v}' for k, v in server.items())})", style="bold")
+        print_table(
+            [k.upper().replace("_", " ") for k in totals],
+            [[number(v) for v in totals.values()]],
+            numeric=[k.upper().replace("_", " ") for k in totals],
+        )
+        from datetime import UTC, datetime
+
+        now = datetime.now(UTC)
+        print_table(
+            ["WORKER", "APP", "AGENTS", "IN FLIGHT", "UP", "LAST BEAT", "VERSION"],
+            [
+                [
+                    w.id,
+                    w.app,
+                    ",".join(w.agents),
+                    number(w.in_flight),
+                    age((now - w.started_at).total_seconds()),
+                    age((now - w.beat_at).total_seconds()) + " ago",
+                    w.version,
+                ]
+                for w in workers
+            ],
+            title="live workers",
+            numeric=["IN FLIGHT"],
+            empty="no live worker",
+        )
+
+    run_async("bus stats", run)
+
+
+@bus.command("dlq")
+def dead_letters(
+    topic: Annotated[
+        str | None, typer.Argument(metavar="[TOPIC]", help="Only this topic.", show_default=False)
+    ] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
+    limit: LimitOption = 20,
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Dead-lettered events: the error, the attempts and the payload of each."""
+    if topic is not None:
+        _check_topic(topic)
+    from omnidaemon.brokers.base import Subscription
+    from omnidaemon.dead_letters import DeadLetter
+
+    async def run() -> None:
+        letters: list[DeadLetter] = []
+        async with open_cli_broker(broker) as bus_:
+            names = [topic] if topic is not None else await bus_.topics()
+            for name in names:
+                info = await bus_.describe(name)
+                if info is None:
+                    if topic is not None:
+                        raise CommandError(f"no topic {topic!r} on the bus")
+                    continue
+                for g in info.groups:
+                    if (agent is None or g.group == agent) and g.dead_letters:
+                        records = await bus_.dead_letters(Subscription(name, g.group), limit)
+                        letters += [DeadLetter.decode(r) for r in records]
+        letters.sort(key=lambda d: d.failed_at)
+        letters = letters[-limit:]
+        if json:
+            emit_json([{**d.model_dump(mode="json"), "payload": d.payload} for d in letters])
+            return
+        print_table(
+            ["FAILED AT", "TOPIC", "AGENT", "EVENT ID", "ATTEMPTS", "ERROR", "PAYLOAD"],
+            [
+                [
+                    d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    d.topic,
+                    d.agent,
+                    d.event_id or "?",
+                    str(d.attempts),
+                    _one_line(f"{d.error_type}: {d.error_message}", 100 if is_terminal() else 200),
+                    _preview(d.payload, 50),
+                ]
+                for d in letters
+            ],
+            numeric=["ATTEMPTS"],
+            empty="no dead letters",
+        )
+
+    run_async("bus dlq", run)
+
+
+@bus.command("replay")
+def replay(
+    topic: TopicArgument,
+    agent: Annotated[str, typer.Option("--agent", help="Whose dead letters (required).")],
+    ids: Annotated[
+        list[str] | None,
+        typer.Option("--id", metavar="EVENT_ID", help="Replay this event (repeatable)."),
+    ] = None,
+    all_records: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be replayed; change nothing.")
+    ] = False,
+    broker: BrokerOption = None,
+) -> None:
+    """Deliver dead-lettered events to their agent again, each as a first attempt.
+
+    Only that agent sees them again; the records leave the dead-letter queue as they go.
+    """
+    _check_topic(topic)
+    if not ids and not all_records:
+        raise typer.BadParameter("name events with --id, or replay every one with --all")
+    if ids and all_records:
+        raise typer.BadParameter("give --id or --all, not both")
+    from omnidaemon.brokers.base import Subscription
+    from omnidaemon.dead_letters import DeadLetter
+
+    wanted = set(ids or ())
+
+    async def run() -> None:
+        sub = Subscription(topic, agent)
+        async with open_cli_broker(broker) as bus_:
+            info = await bus_.describe(topic)
+            group = next((g for g in info.groups if g.group == agent), None) if info else None
+            if group is None:
+                raise CommandError(f"no agent {agent!r} reads topic {topic!r}")
+            if dry_run:
+                records = await bus_.dead_letters(sub, max(1, group.dead_letters))
+                chosen = [
+                    d
+                    for d in map(DeadLetter.decode, records)
+                    if all_records or d.event_id in wanted
+                ]
+                for d in chosen:
+                    reason = f"{d.error_type}: {d.error_message}"
+                    say(_one_line(f"would replay {d.event_id or '?'} ({reason})", 200))
+                say(f"{len(chosen)} of {len(records)} dead letters would be replayed (dry run)")
+                return
+            with progress(f"replaying to {agent}", group.dead_letters) as advance:
+
+                def select(record: bytes) -> bytes | None:
+                    advance()
+                    letter = DeadLetter.decode(record)
+                    if not all_records and letter.event_id not in wanted:
+                        return None
+                    return letter.entry.encode()
+
+                moved = await bus_.replay_dead_letters(sub, select)
+        say(f"replayed {moved} event{'s' if moved != 1 else ''} to {agent} on {topic}")
+        if wanted and moved < len(wanted):
+            raise CommandError(
+                f"{len(wanted) - moved} of the named events are not in {agent}'s dead letters"
+            )
+
+    run_async("bus replay", run)
+
+
+@bus.command("purge")
+def purge(
+    topic: TopicArgument,
+    dlq: Annotated[
+        bool, typer.Option("--dlq", help="Empty only the dead-letter queues; keep the topic.")
+    ] = False,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="With --dlq: only this agent's queue.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: this deletes events.")] = False,
+    broker: BrokerOption = None,
+) -> None:
+    """Delete a topic with everything it holds (entries, groups, retries, dead letters,
+    metrics), or with --dlq only its dead letters."""
+    _check_topic(topic)
+    if not yes:
+        raise typer.BadParameter("purging deletes events for good: add --yes to confirm")
+    if agent is not None and not dlq:
+        raise typer.BadParameter("--agent goes with --dlq")
+    from omnidaemon.brokers.base import Subscription
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus_:
+            info = await bus_.describe(topic)
+            if info is None:
+                raise CommandError(f"no topic {topic!r} on the bus")
+            if not dlq:
+                await bus_.delete_topic(topic)
+                say(f"purged topic {topic} ({info.length:,} entries, {len(info.groups)} agents)")
+                return
+            groups = [g for g in info.groups if agent is None or g.group == agent]
+            if agent is not None and not groups:
+                raise CommandError(f"no agent {agent!r} reads topic {topic!r}")
+            removed = 0
+            with progress("purging dead letters", len(groups)) as advance:
+                for g in groups:
+                    removed += await bus_.purge_dead_letters(Subscription(topic, g.group))
+                    advance()
+        say(f"removed {removed} dead letter{'s' if removed != 1 else ''} from {topic}")
+
+    run_async("bus purge", run)
+
+
+@bus.command("stop")
+def stop(
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, metavar="S", help="Seconds to wait for it.")
+    ] = 10.0,
+) -> None:
+    """Stop the embedded bus server (its data is kept; the next worker starts it again)."""
+    from omnidaemon.brokers.embedded_server import default_home, stop_server
+    from omnidaemon.cli._output import fail
+    from omnidaemon.errors import OmniDaemonError
+
     try:
         home = default_home()
-        stopped = stop_server(home, timeout=args.timeout)
+        stopped = stop_server(home, timeout=timeout)
     except (OmniDaemonError, OSError) as exc:
-        return _fail(str(exc))
+        raise typer.Exit(fail("bus stop", str(exc), 1)) from None
     if stopped:
-        print(f"stopped the embedded bus server in {home}")
+        say(f"stopped the embedded bus server in {home}")
     else:
-        print(f"no embedded bus server was running in {home}")
-    return 0
+        say(f"no embedded bus server was running in {home}")
 
 
-def run_status(args: argparse.Namespace) -> int:
-    """Run `bus status`; returns 0 if the server runs, 1 if not, 2 on an error."""
+@bus.command("status")
+def status() -> None:
+    """Say whether the embedded bus server runs (exit status 1 if not)."""
+    from omnidaemon.brokers.embedded_server import default_home, server_status
+    from omnidaemon.cli._output import fail
+    from omnidaemon.errors import OmniDaemonError
+
     try:
-        status = server_status(default_home())
+        found = server_status(default_home())
     except (OmniDaemonError, OSError) as exc:
-        return _fail(str(exc))
-    if status["running"]:
-        pid = f"pid {status['pid']}" if status["pid"] is not None else "pid unknown"
-        print(f"the embedded bus server runs ({pid}) at {status['url']}")
-        return 0
-    print(f"no embedded bus server runs in {status['data_dir']}")
-    return 1
+        raise typer.Exit(fail("bus status", str(exc), 2)) from None
+    if found["running"]:
+        pid = f"pid {found['pid']}" if found["pid"] is not None else "pid unknown"
+        say(f"the embedded bus server runs ({pid}) at {found['url']}")
+        return
+    say(f"no embedded bus server runs in {found['data_dir']}")
+    raise typer.Exit(1)

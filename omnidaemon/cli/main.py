@@ -1,42 +1,85 @@
-"""`omnidaemon COMMAND ...`: argument parsing and dispatch to one module per command."""
+"""`omnidaemon COMMAND ...`: the command line, built with Typer.
 
-from __future__ import annotations
+Every bad argument prints one line (`omnidaemon CMD: error: ...`) and exits with status 2.
+Commands import what they need when they run, so `omnidaemon --help` starts fast.
+"""
 
-import argparse
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from omnidaemon.cli import bus, worker
+import typer
 
-__all__ = ["main"]
+# Typer vendors click; its exceptions are not re-exported, and catching them is how a caller
+# takes over error output (standalone_mode=False).
+from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpError, UsageError
+
+from omnidaemon.cli import apps, events, monitor
+from omnidaemon.cli import worker as worker_command
+from omnidaemon.cli.bus import bus
+
+__all__ = ["build_cli", "main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser for every command."""
-    parser = _Parser(
-        prog="omnidaemon",
-        description="Event-driven AI agents on a real event bus.",
+def build_cli() -> typer.Typer:
+    """The `omnidaemon` command with every subcommand."""
+    cli = typer.Typer(
+        name="omnidaemon",
+        help="Event-driven AI agents on a real event bus.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-    worker.add_parser(commands)
-    bus.add_parser(commands)
-    return parser
+    cli.command("worker")(worker_command.worker)
+    cli.command("publish")(events.publish)
+    cli.command("result")(events.result)
+    cli.command("agents")(apps.agents)
+    cli.command("graph")(apps.graph)
+    cli.command("metrics")(monitor.metrics)
+    cli.command("health")(monitor.health)
+    cli.add_typer(bus)
+    return cli
+
+
+def _given_value(args: Sequence[str], exc: BadParameter) -> str | None:
+    """The value given on the command line for the option `exc` is about, if it is one."""
+    names = getattr(exc.param, "opts", None) or ()
+    for index, arg in enumerate(args):
+        for name in names:
+            if not name.startswith("-"):
+                continue
+            if arg == name and index + 1 < len(args):
+                return args[index + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the command line with `argv` (default: `sys.argv[1:]`) and exit."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # Report unknown options against the command they were given to, with its help.
-        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    sys.exit(args.run(args))
+    command = typer.main.get_command(build_cli())
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = command.main(args=args, prog_name="omnidaemon", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        # A command group named without its action: show what it offers.
+        if exc.ctx is not None:
+            print(exc.ctx.get_help())
+        sys.exit(2)
+    except UsageError as exc:
+        path = exc.ctx.command_path if exc.ctx is not None else "omnidaemon"
+        message = exc.format_message().splitlines()[0] if exc.format_message() else "bad usage"
+        given = _given_value(args, exc) if isinstance(exc, BadParameter) else None
+        if given is not None:
+            # Name the value the operator typed: the parser's message does not.
+            message = message.replace("': ", f"' ({given!r}): ", 1)
+        print(f"{path}: error: {message} (see '{path} --help')", file=sys.stderr)
+        sys.exit(2)
+    except ClickException as exc:
+        print(f"omnidaemon: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)

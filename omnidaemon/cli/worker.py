@@ -1,83 +1,259 @@
-"""`omnidaemon worker APP`: run an app's agents until SIGINT or SIGTERM."""
+"""`omnidaemon worker APP`: run an app's agents until SIGINT or SIGTERM, in this process or, with
+`--processes N`, in N worker processes under a supervisor."""
 
-from __future__ import annotations
-
-import argparse
 import importlib.util
 import os
 import signal
 import sys
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
-import structlog
+import typer
 
-from omnidaemon.cli._args import positive_int, seconds
-from omnidaemon.errors import OmniDaemonError
-from omnidaemon.observability.logging import configure_logging
-from omnidaemon.settings import Settings
-from omnidaemon.worker.loader import load_app
-from omnidaemon.worker.runner import Worker
+from omnidaemon.cli._output import fail
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+    from omnidaemon.worker.runner import Worker
+
+__all__ = ["worker"]
 
 
-def add_parser(commands: Any) -> None:
-    """Add the `worker` command to the CLI's subcommands."""
-    parser = commands.add_parser(
-        "worker",
-        help="run an app's agents",
-        description=(
-            "Run the agents of APP until SIGINT or SIGTERM (a second signal exits at once)."
+class LogLevel(StrEnum):
+    """Log levels the worker accepts."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+class LogFormat(StrEnum):
+    """Log formats the worker accepts."""
+
+    auto = "auto"
+    console = "console"
+    json = "json"
+
+
+def worker(
+    app: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="APP",
+            help="'module:attribute', or a module holding one App (default: $OMNIDAEMON_APP).",
+            show_default=False,
         ),
+    ] = None,
+    agents: Annotated[
+        str | None,
+        typer.Option("--agents", metavar="A,B", help="Run only these agents (comma-separated)."),
+    ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            metavar="N",
+            help="Run N worker processes under a supervisor that restarts any that dies.",
+        ),
+    ] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency", min=1, metavar="N", help="Override every agent's concurrency."
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(
+            "--shutdown-grace",
+            min=0.0,
+            metavar="S",
+            help="Seconds in-flight handlers get after a stop signal (default 30).",
+        ),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None, typer.Option("--log-level", case_sensitive=False, help="Log level.")
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option("--log-format", help="console, json, or auto (console on a terminal)."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            metavar="PORT",
+            help=(
+                "Serve Prometheus metrics, /livez and /readyz on this port (with --processes N, "
+                "process i uses PORT+i)."
+            ),
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option("--metrics-host", metavar="HOST", help="Address the metrics port binds."),
+    ] = "127.0.0.1",
+) -> None:
+    """Run the agents of APP until SIGINT or SIGTERM (a second signal exits at once)."""
+    from omnidaemon.errors import OmniDaemonError
+    from omnidaemon.settings import Settings
+
+    try:
+        settings = Settings.from_env()
+    except OmniDaemonError as exc:
+        raise typer.Exit(fail("worker", str(exc), 2)) from None
+    target = app or settings.app
+    if not target:
+        raise typer.BadParameter(
+            "name the app to run, e.g. 'omnidaemon worker myapp:app' (or set OMNIDAEMON_APP)",
+            param_hint="APP",
+        )
+    if processes > 1:
+        raise typer.Exit(
+            _supervise(
+                target,
+                processes,
+                sys.argv,
+                shutdown_grace=settings.shutdown_grace
+                if shutdown_grace is None
+                else shutdown_grace,
+                metrics_port=metrics_port,
+            )
+        )
+    raise typer.Exit(
+        _run_worker(
+            target,
+            settings=settings,
+            agents=agents,
+            concurrency=concurrency,
+            shutdown_grace=shutdown_grace,
+            log_level=log_level.value if log_level else settings.log_level,
+            log_format=log_format.value if log_format else settings.log_format,
+            metrics=(metrics_host, metrics_port) if metrics_port is not None else None,
+        )
     )
-    parser.add_argument(
-        "app",
-        nargs="?",
-        metavar="APP",
-        help="'module:attribute' or a module holding one App (default: $OMNIDAEMON_APP)",
-    )
-    parser.add_argument(
-        "--agents", metavar="A,B", help="run only these agents (comma-separated names)"
-    )
-    parser.add_argument(
-        "--concurrency", type=positive_int, metavar="N", help="override every agent's concurrency"
-    )
-    parser.add_argument(
-        "--shutdown-grace",
-        type=seconds(zero_ok=True),
-        metavar="S",
-        help="seconds in-flight handlers get after a stop signal (default 30)",
-    )
-    parser.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], type=str.upper
-    )
-    parser.add_argument("--log-format", choices=["auto", "console", "json"])
-    parser.set_defaults(run=run, parser=parser)
 
 
-def _fail(message: str) -> int:
-    print(f"omnidaemon worker: error: {message}", file=sys.stderr)
-    return 2
+def _child_argv(argv: list[str], index: int, metrics_port: int | None) -> list[str]:
+    """The command line of worker process `index`: this one without `--processes` (and with
+    its own metrics port)."""
+    args: list[str] = []
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--processes", "--metrics-port"):
+            skip = True
+            continue
+        if arg.startswith(("--processes=", "--metrics-port=")):
+            continue
+        args.append(arg)
+    # argv[0] may be a console script or `-m omnidaemon`: run the module either way.
+    head = args.index("worker") if "worker" in args else 0
+    child = [sys.executable, "-m", "omnidaemon", *args[head:]]
+    if metrics_port is not None:
+        child += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+    return child
 
 
-async def _serve(worker: Worker) -> int | None:
-    """Run the worker with signal handling.
+def _supervise(
+    target: str,
+    processes: int,
+    argv: list[str],
+    *,
+    shutdown_grace: float,
+    metrics_port: int | None,
+) -> int:
+    import anyio
+
+    from omnidaemon.observability.logging import configure_logging
+    from omnidaemon.settings import Settings
+    from omnidaemon.worker.supervisor import Supervisor
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    supervisor = Supervisor(
+        lambda index: _child_argv(argv, index, metrics_port),
+        processes,
+        shutdown_grace=shutdown_grace,
+    )
+    return anyio.run(supervisor.run)
+
+
+def _run_worker(
+    target: str,
+    *,
+    settings: Any,
+    agents: str | None,
+    concurrency: int | None,
+    shutdown_grace: float | None,
+    log_level: str,
+    log_format: str,
+    metrics: tuple[str, int] | None,
+) -> int:
+    import anyio
+
+    from omnidaemon.errors import OmniDaemonError
+    from omnidaemon.observability.logging import configure_logging
+    from omnidaemon.worker.loader import load_app
+    from omnidaemon.worker.runner import Worker
+
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    names = [a.strip() for a in agents.split(",") if a.strip()] if agents else None
+    try:
+        worker = Worker(
+            load_app(target),
+            agents=names,
+            concurrency=concurrency,
+            shutdown_grace=shutdown_grace,
+        )
+    except OmniDaemonError as exc:
+        return fail("worker", str(exc), 2)
+    try:
+        killed_by = anyio.run(_serve, worker, metrics, backend_options=_backend_options())
+    except KeyboardInterrupt:
+        killed_by = signal.SIGINT
+    except OmniDaemonError as exc:
+        return fail("worker", str(exc), 2)
+    if killed_by is not None or worker.abandoned_handlers:
+        # Plain `def` handlers cancelled by a hard stop or the end of the grace period may still
+        # run in threads, which cannot be cancelled: exit without waiting for them (their events
+        # were not acknowledged and will be delivered again).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + killed_by if killed_by is not None else 0)
+    return 0
+
+
+async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | None:
+    """Run the worker with signal handling (and its metrics endpoint).
 
     Returns None after a graceful stop, or the signal number that cut it short (the second).
     """
+    import anyio
+    import structlog
+
     log = structlog.get_logger("omnidaemon.worker")
     killed_by: int | None = None
+    ready = False
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
-            nonlocal killed_by
+            nonlocal killed_by, ready
             stopping = False
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not stopping:
                         stopping = True
+                        ready = False
                         log.info(
                             "stopping: finishing in-flight handlers (signal again to exit now)",
                             signal=name,
@@ -91,45 +267,32 @@ async def _serve(worker: Worker) -> int | None:
                         return
 
         tg.start_soon(watch_signals)
-        await worker.run()
-        tg.cancel_scope.cancel()
+        if metrics is not None:
+            from omnidaemon.observability.exporter import serve_metrics
+
+            host, port = metrics
+            bound = await tg.start(
+                lambda task_status: serve_metrics(
+                    host,
+                    port,
+                    snapshots=lambda: [c.metrics.snapshot() for c in worker.consumers],
+                    ready=lambda: ready,
+                    worker=worker.name,
+                    app=worker.app.name,
+                    task_status=task_status,
+                )
+            )
+            log.info("serving metrics", url=f"http://{host}:{bound}/metrics")
+
+        async def run_worker(*, task_status: "TaskStatus[None]") -> None:
+            await worker.run(task_status=task_status)
+            tg.cancel_scope.cancel()  # the signal watcher and the metrics server end with it
+
+        await tg.start(run_worker)
+        ready = True
     return killed_by
 
 
 def _backend_options() -> dict[str, Any]:
     """Use uvloop when it is installed: a faster event loop for the same code."""
     return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the `worker` command; returns the exit status."""
-    try:
-        settings = Settings.from_env()
-    except OmniDaemonError as exc:
-        return _fail(str(exc))
-    target = args.app or settings.app
-    if not target:
-        return _fail(
-            "name the app to run, e.g. 'omnidaemon worker myapp:app' (or set OMNIDAEMON_APP)"
-        )
-    configure_logging(args.log_level or settings.log_level, args.log_format or settings.log_format)
-    agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
-    try:
-        app = load_app(target)
-        worker = Worker(
-            app, agents=agents, concurrency=args.concurrency, shutdown_grace=args.shutdown_grace
-        )
-    except OmniDaemonError as exc:
-        return _fail(str(exc))
-    try:
-        killed_by = anyio.run(_serve, worker, backend_options=_backend_options())
-    except KeyboardInterrupt:
-        killed_by = signal.SIGINT
-    if killed_by is not None or worker.abandoned_handlers:
-        # Plain `def` handlers cancelled by a hard stop or the end of the grace period may still
-        # run in threads, which cannot be cancelled: exit without waiting for them (their events
-        # were not acknowledged and will be delivered again).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + killed_by if killed_by is not None else 0)
-    return 0

@@ -1,0 +1,146 @@
+"""Output of the commands: Rich tables and colours on a terminal, plain text when piped, JSON
+on request. Rich is imported only when a terminal is there to show it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+
+__all__ = [
+    "Progress",
+    "age",
+    "emit_json",
+    "fail",
+    "is_terminal",
+    "number",
+    "print_table",
+    "progress",
+    "say",
+]
+
+
+def is_terminal() -> bool:
+    """True when standard output is a terminal (tables and colours), False when piped."""
+    return sys.stdout.isatty()
+
+
+def emit_json(data: Any) -> None:
+    """Print `data` as indented JSON."""
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode())
+    sys.stdout.write("\n")
+
+
+def say(text: str, *, style: str | None = None) -> None:
+    """Print a line; in `style` (a Rich style) on a terminal."""
+    if style and is_terminal():
+        from rich.console import Console
+
+        Console(highlight=False).print(text, style=style, markup=False)
+    else:
+        print(text)
+
+
+def fail(command: str, message: str, status: int = 1) -> int:
+    """Print `omnidaemon COMMAND: error: MESSAGE` (first line only) to stderr; return `status`."""
+    first = message.splitlines()[0] if message else "failed"
+    print(f"omnidaemon {command}: error: {first}", file=sys.stderr)
+    return status
+
+
+def number(value: int | None) -> str:
+    """A count for a table cell; `-` when unknown."""
+    return "-" if value is None else f"{value:,}"
+
+
+def age(seconds: float | None) -> str:
+    """A duration for a table cell: `850ms`, `12.0s`, `4m10s`, `3h02m`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def when(moment: datetime | None) -> str:
+    """A timestamp for a table cell, to the second."""
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    numeric: Sequence[str] = (),
+    empty: str = "(none)",
+) -> None:
+    """Print rows under column headings: a Rich table on a terminal, aligned plain text (no
+    box, no colour) when piped. Columns named in `numeric` are right-aligned."""
+    if not is_terminal():
+        if title:
+            print(f"{title}:")
+        if not rows:
+            print(empty)
+            return
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+
+        def line(cells: Sequence[str]) -> str:
+            parts = [
+                cell.rjust(width) if name in numeric else cell.ljust(width)
+                for name, cell, width in zip(columns, cells, widths, strict=True)
+            ]
+            return "  ".join(parts).rstrip()
+
+        print(line(columns))
+        for row in rows:
+            print(line(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if not rows:
+        if title:
+            console.print(f"[bold]{title}[/bold]")
+        console.print(empty, style="dim", markup=False)
+        return
+    table = Table(title=title, title_justify="left", header_style="bold cyan")
+    for name in columns:
+        table.add_column(name, justify="right" if name in numeric else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+class Progress(Protocol):
+    """Advances a progress display by a number of steps."""
+
+    def __call__(self, steps: int = 1) -> None: ...
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Progress]:
+    """A progress bar on stderr while the block walks `total` items; nothing when stderr is
+    not a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda steps=1: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress
+
+    with RichProgress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(steps: int = 1) -> None:
+            bar.advance(task, steps)
+
+        yield advance

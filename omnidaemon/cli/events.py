@@ -1,0 +1,183 @@
+"""`omnidaemon publish` and `omnidaemon result`: put an event on the bus, and read what became
+of it."""
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from omnidaemon.cli._common import BrokerOption, JsonOption, open_cli_broker, run_async
+from omnidaemon.cli._output import emit_json, print_table, say
+
+__all__ = ["publish", "result"]
+
+
+def _read_payload(source: str) -> Any:
+    """The payload DATA names: JSON text, `@file.json`, or `-` for standard input."""
+    import orjson
+
+    if source == "-":
+        text = sys.stdin.read()
+        origin = "standard input"
+    elif source.startswith("@"):
+        try:
+            with open(source[1:], encoding="utf-8") as file:
+                text = file.read()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {source[1:]}: {exc.strerror}") from None
+        origin = source[1:]
+    else:
+        text, origin = source, "DATA"
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{origin} is not valid JSON ({exc})", param_hint="DATA") from None
+
+
+def publish(
+    topic: Annotated[str, typer.Argument(metavar="TOPIC", help="Where to publish.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATA", help="The payload: JSON text, @file.json, or - for standard input."
+        ),
+    ],
+    correlation_id: Annotated[
+        str | None, typer.Option("--correlation-id", help="Tie this event to a workflow.")
+    ] = None,
+    reply_to: Annotated[
+        str | None, typer.Option("--reply-to", metavar="TOPIC", help="Send the result there.")
+    ] = None,
+    webhook: Annotated[
+        str | None, typer.Option("--webhook", metavar="URL", help="POST the outcome there.")
+    ] = None,
+    tenant_id: Annotated[
+        str | None, typer.Option("--tenant-id", help="Carried unchanged to handlers.")
+    ] = None,
+    delay: Annotated[
+        float | None,
+        typer.Option("--delay", min=0.0, metavar="S", help="Seconds before agents see it."),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Wait for the handling agent's result and print it."),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
+    ] = 30.0,
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Publish one event; prints its id (with --wait, the agent's result)."""
+    from omnidaemon.envelope import validate_topic
+
+    try:
+        validate_topic(topic)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TOPIC") from None
+    if wait and (reply_to or delay):
+        raise typer.BadParameter("--wait waits for a reply itself: drop --reply-to and --delay")
+    payload = _read_payload(data)
+    from omnidaemon.app import App
+
+    async def run() -> None:
+        app = App("cli", broker=open_cli_broker(broker, start_embedded=True))
+        async with app:
+            if wait:
+                reply = await app.request(
+                    topic,
+                    payload,
+                    timeout=timeout,
+                    correlation_id=correlation_id,
+                    tenant_id=tenant_id,
+                )
+                emit_json(reply) if json or not isinstance(reply, str) else print(reply)
+                return
+            event_id = await app.publish(
+                topic,
+                payload,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                webhook=webhook,
+                tenant_id=tenant_id,
+                delay=delay,
+            )
+        emit_json({"event_id": event_id, "topic": topic}) if json else print(event_id)
+
+    run_async("publish", run)
+
+
+def result(
+    event_id: Annotated[str, typer.Argument(metavar="EVENT_ID", help="The id publish printed.")],
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Which agent's result, when several stored one.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait until the event succeeded or was dead-lettered.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
+    ] = 30.0,
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+) -> None:
+    """The stored status and result of an event (agents with store_results=True).
+
+    Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying).
+    """
+    from omnidaemon.results import Result
+
+    async def run() -> list[Result]:
+        from omnidaemon.app import App
+
+        async with App("cli", broker=open_cli_broker(broker)) as app:
+            records = await app.broker.get_results(event_id)
+            if wait:
+                names: list[str | None] = [agent] if agent else [*sorted(records)] or [None]
+                found = []
+                for name in names:
+                    try:
+                        found.append(await app.result(event_id, agent=name, timeout=timeout))
+                    except ValueError:
+                        # Several agents stored results meanwhile: wait for each of them.
+                        others = sorted(await app.broker.get_results(event_id))
+                        found += [
+                            await app.result(event_id, agent=other, timeout=timeout)
+                            for other in others
+                        ]
+                return found
+            if agent is not None:
+                return [await app.result(event_id, agent=agent)]
+            if not records:
+                return [Result(event_id=event_id, agent=None, status="pending")]
+            return [Result.decode(records[name]) for name in sorted(records)]
+
+    results = run_async("result", run)
+    if json:
+        emit_json([r.model_dump(mode="json") for r in results])
+    elif len(results) == 1 and results[0].status != "pending":
+        r = results[0]
+        say(f"{r.event_id}  {r.agent}  {r.status}  attempts={r.attempts}", style="bold")
+        if r.error:
+            say(f"error: {r.error.get('type')}: {r.error.get('message')}", style="red")
+        if r.status == "succeeded":
+            emit_json(r.result)
+    else:
+        print_table(
+            ["EVENT ID", "AGENT", "STATUS", "ATTEMPTS", "RESULT / ERROR"],
+            [
+                [
+                    r.event_id,
+                    r.agent or "-",
+                    r.status,
+                    str(r.attempts or "-"),
+                    str(r.error or r.result if r.status != "pending" else "")[:80],
+                ]
+                for r in results
+            ],
+            numeric=["ATTEMPTS"],
+        )
+    statuses = {r.status for r in results}
+    if statuses <= {"succeeded"}:
+        return
+    raise typer.Exit(1 if "dead_lettered" in statuses else 3)
