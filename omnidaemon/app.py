@@ -18,6 +18,7 @@ from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result
 from omnidaemon.retry import Backoff
@@ -314,6 +315,7 @@ class App:
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise TypeError("headers must map str to str")
+        headers = tracing.publish_headers(topic, headers)
         return encode_new(
             topic,
             payload,

@@ -38,6 +38,9 @@ class _Pending:
     delivery: Delivery
     consumer: str
     leased_at: float
+    # Wall-clock seconds the entry entered the queue it was delivered from: published (topic
+    # entries) or handed out (retries, like Redis's retry stream), for `oldest_pending_age`.
+    queued_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -236,23 +239,24 @@ class MemoryBroker(Broker):
         topic = bus.topics[sub.topic]
         group = self._group(sub)
         bus.release_due(topic)
-        now = bus.now()
-        taken: list[Delivery] = []
+        now, wall = bus.now(), time.time()
+        taken: list[tuple[Delivery, float]] = []
         while group.scheduled and group.scheduled[0][0] <= now and len(taken) < count:
             _, _, data, attempt = heapq.heappop(group.scheduled)
-            taken.append(Delivery(f"r-{next(self._ids)}", data, attempt, _RETRY))
+            taken.append((Delivery(f"r-{next(self._ids)}", data, attempt, _RETRY), wall))
         if len(taken) < count and group.cursor < topic.next_seq:
             # Sequence numbers are contiguous, so the cursor maps straight to a position.
             index = max(0, group.cursor - topic.entries[0][0])
             while index < len(topic.entries) and len(taken) < count:
-                seq, data, _ = topic.entries[index]
-                taken.append(Delivery(str(seq), data, 1, _STREAM))
+                seq, data, published = topic.entries[index]
+                taken.append((Delivery(str(seq), data, 1, _STREAM), published))
                 group.cursor = seq + 1
                 index += 1
-        for delivery in taken:
-            group.pending[(delivery.origin, delivery.id)] = _Pending(delivery, consumer, now)
+        for delivery, queued_at in taken:
+            key = (delivery.origin, delivery.id)
+            group.pending[key] = _Pending(delivery, consumer, now, queued_at)
         group.consumers[consumer] = now
-        return taken
+        return [delivery for delivery, _ in taken]
 
     async def ack(
         self,
@@ -416,14 +420,9 @@ class MemoryBroker(Broker):
         if state is None:
             return None
         now, wall = bus.now(), time.time()
-        published = {seq: at for seq, _, at in state.entries}
         groups = []
         for name, group in sorted(state.groups.items()):
-            ages = [
-                wall - published[int(p.delivery.id)]
-                for p in group.pending.values()
-                if p.delivery.origin == _STREAM and int(p.delivery.id) in published
-            ]
+            ages = [max(0.0, wall - p.queued_at) for p in group.pending.values()]
             details = tuple(
                 ConsumerInfo(
                     consumer,

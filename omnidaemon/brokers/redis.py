@@ -496,12 +496,15 @@ class RedisBroker(Broker):
         }
 
     async def topics(self) -> list[str]:
-        head, tail = f"{self._prefix}:{{", "}:stream"
+        head = f"{self._prefix}:{{"
         names = set()
-        async for key in self.client.scan_iter(match=f"{head}*{tail}", count=1000):
-            name = _decode(key)
-            if name.startswith(head) and name.endswith(tail):
-                names.add(name[len(head) : -len(tail)])
+        # A topic's stream, or its delayed set alone (delayed events published before any
+        # agent subscribed: no stream exists yet).
+        for tail in ("}:stream", "}:delayed"):
+            async for key in self.client.scan_iter(match=f"{head}*{tail}", count=1000):
+                name = _decode(key)
+                if name.startswith(head) and name.endswith(tail):
+                    names.add(name[len(head) : -len(tail)])
         return sorted(names)
 
     async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
@@ -514,7 +517,10 @@ class RedisBroker(Broker):
             pipe.xinfo_groups(stream)
             pipe.time()
             exists, length, delayed, groups, now = await pipe.execute(raise_on_error=False)
-        if not exists or isinstance(groups, Exception):
+        if not exists:
+            # Only delayed events (no stream yet), or no such topic at all.
+            return TopicInfo(topic, 0, int(delayed), ()) if int(delayed) else None
+        if isinstance(groups, Exception):
             return None
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         infos = []

@@ -61,6 +61,8 @@ def age(seconds: float | None) -> str:
     """A duration for a table cell: `850ms`, `12.0s`, `4m10s`, `3h02m`; `-` when unknown."""
     if seconds is None:
         return "-"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f}ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     if seconds < 60:

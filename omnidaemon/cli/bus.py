@@ -468,7 +468,7 @@ def stop(
         home = default_home()
         stopped = stop_server(home, timeout=timeout)
     except (OmniDaemonError, OSError) as exc:
-        raise typer.Exit(fail("bus stop", str(exc), 1)) from None
+        raise typer.Exit(fail("bus stop", str(exc), 2)) from None
     if stopped:
         say(f"stopped the embedded bus server in {home}")
     else:

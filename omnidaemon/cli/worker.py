@@ -124,6 +124,8 @@ def worker(
                 if shutdown_grace is None
                 else shutdown_grace,
                 metrics_port=metrics_port,
+                log_level=log_level.value if log_level else settings.log_level,
+                log_format=log_format.value if log_format else settings.log_format,
             )
         )
     raise typer.Exit(
@@ -170,15 +172,15 @@ def _supervise(
     *,
     shutdown_grace: float,
     metrics_port: int | None,
+    log_level: str,
+    log_format: str,
 ) -> int:
     import anyio
 
     from omnidaemon.observability.logging import configure_logging
-    from omnidaemon.settings import Settings
     from omnidaemon.worker.supervisor import Supervisor
 
-    settings = Settings.from_env()
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
     supervisor = Supervisor(
         lambda index: _child_argv(argv, index, metrics_port),
         processes,
@@ -271,7 +273,7 @@ async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | Non
             from omnidaemon.observability.exporter import serve_metrics
 
             host, port = metrics
-            bound = await tg.start(
+            await tg.start(
                 lambda task_status: serve_metrics(
                     host,
                     port,
@@ -282,7 +284,6 @@ async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | Non
                     task_status=task_status,
                 )
             )
-            log.info("serving metrics", url=f"http://{host}:{bound}/metrics")
 
         async def run_worker(*, task_status: "TaskStatus[None]") -> None:
             await worker.run(task_status=task_status)

@@ -47,7 +47,9 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line: `print` writes the line and its newline separately, which worker
+        # processes sharing a stderr (`--processes N`) interleave when it is unbuffered.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=out, format="%(levelname)s %(name)s: %(message)s")

@@ -19,9 +19,11 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
 from omnidaemon.idempotency import NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
+from omnidaemon.observability import tracing
 from omnidaemon.requests import FAILURE_HEADER, is_request_reply
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
+from omnidaemon.topology import type_name
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.notify import OutcomeNotifier
 
@@ -289,7 +291,18 @@ class AgentConsumer:
         except ValidationError as exc:
             await self._reject_undecodable(delivery, exc)
             return
+        # The span covers the outputs too, so the next agent's span is a child of this one.
+        with tracing.handle_span(
+            topic=envelope.topic,
+            agent=spec.name,
+            event_id=envelope.id,
+            attempt=delivery.attempt,
+            headers=envelope.headers,
+        ):
+            await self._process_event(delivery, envelope)
 
+    async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
+        spec = self._spec
         if spec.store_results:
             self._started[(delivery.origin, delivery.id)] = datetime.now(UTC)
             await self._record(delivery, envelope.id, "running")
@@ -442,6 +455,7 @@ class AgentConsumer:
                 exc,
             )
             return
+        tracing.record_failure(exc)
         if delay is None:
             delay = policy.backoff.delay(delivery.attempt)
         await self._broker.retry(self.subscription, delivery, delay)
@@ -514,7 +528,7 @@ class AgentConsumer:
                 delivery,
                 None,
                 "PayloadValidationError",
-                f"payload does not match {self._spec.payload_type!r}: {exc}",
+                f"payload does not match {type_name(self._spec.payload_type)}: {exc}",
                 event_id=event_id,
             )
         else:
@@ -532,6 +546,8 @@ class AgentConsumer:
         *,
         event_id: str | None = None,
     ) -> None:
+        if exc is not None:
+            tracing.record_failure(exc, f"{error_type}: {message}")
         record = DeadLetter(
             event_id=envelope.id if envelope is not None else event_id,
             topic=self._spec.topic,

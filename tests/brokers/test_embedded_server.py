@@ -7,7 +7,6 @@ limited to ~107 bytes), and stops whatever it started.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import functools
@@ -38,7 +37,7 @@ from omnidaemon.brokers.embedded_server import (
     server_status,
     stop_server,
 )
-from omnidaemon.cli import bus
+from omnidaemon.cli import main
 from omnidaemon.errors import ConfigurationError
 
 pytestmark = pytest.mark.slow
@@ -335,17 +334,11 @@ def test_stop_server_cleans_up_after_a_dead_server(home: Path) -> None:
     assert not (home / "valkey.sock").exists()
 
 
-def _bus_cli() -> argparse.ArgumentParser:
-    """The `bus` command on a parser like the CLI's."""
-    parser = argparse.ArgumentParser(prog="omnidaemon")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bus.add_parser(commands)
-    return parser
-
-
 def _run_cli(*argv: str) -> int:
-    args = _bus_cli().parse_args(list(argv))
-    code = args.run(args)
+    """Run the command line in this process; return its exit status."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    code = exited.value.code
     assert isinstance(code, int)
     return code
 
@@ -384,7 +377,7 @@ def test_bus_stop_error_is_one_line_with_status_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
-    assert captured.err.startswith("omnidaemon bus: error: ")
+    assert captured.err.startswith("omnidaemon bus stop: error: ")
     assert "OMNIDAEMON_HOME" in captured.err
 
 
