@@ -18,3 +18,6 @@ trap stop EXIT
 
 echo "== publishing: python examples/document_pipeline.py"
 .venv/bin/python examples/document_pipeline.py
+
+echo "== what every worker did, from the bus: python -m omnidaemon metrics"
+.venv/bin/python -m omnidaemon metrics

@@ -107,11 +107,14 @@ class AckBatcher:
 
     async def _send(self) -> None:
         async with self._sending:
-            stats = self._metrics_delta()
-            while self._pending or stats:
+            while True:
+                # Taken afresh for every batch: counts that changed while the previous batch
+                # was on its way go out with this one.
+                stats = self._metrics_delta()
+                if not self._pending and not stats:
+                    return
                 batch = self._pending[: self._max_batch]
                 await self._broker.ack(self._sub, batch, stats=stats)
                 del self._pending[: len(batch)]  # appends happen at the end only
                 if stats and self._metrics is not None:
                     self._metrics.commit(stats)
-                    stats = {}

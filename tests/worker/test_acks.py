@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from omnidaemon.brokers import Delivery, MemoryBroker, Subscription
+from omnidaemon.metrics import AgentMetrics
 from omnidaemon.worker.acks import AckBatcher
 
 pytestmark = pytest.mark.anyio
@@ -19,6 +20,7 @@ class SlowAcks(MemoryBroker):
     def __init__(self) -> None:
         super().__init__(None)
         self.acked: list[str] = []
+        self.counted: dict[str, int] = {}
 
     async def ack(
         self,
@@ -29,6 +31,8 @@ class SlowAcks(MemoryBroker):
     ) -> None:
         await anyio.sleep(0.05)
         self.acked += [d.id for d in deliveries]
+        for name, increment in (stats or {}).items():
+            self.counted[name] = self.counted.get(name, 0) + increment
 
 
 async def test_a_flush_during_a_send_drops_nothing() -> None:
@@ -59,3 +63,22 @@ async def test_batches_are_sent_together_after_the_delay() -> None:
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
     assert broker.acked == ["0", "1", "2", "3", "4"]
+
+
+async def test_counts_that_change_during_a_send_reach_the_bus_without_another_ack() -> None:
+    broker = SlowAcks()
+    metrics = AgentMetrics("a.b", "g")
+    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.0, metrics=metrics)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acks.run)
+        metrics.succeeded += 1
+        acks.add(Delivery("1", b"", 1))
+        await anyio.sleep(0.02)  # the send of "1" is on its way
+        metrics.succeeded += 1
+        acks.add(Delivery("2", b"", 1))  # joins the send under way; sets off nothing new
+        with anyio.fail_after(2):
+            while broker.counted.get("succeeded", 0) < 2:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert broker.acked == ["1", "2"]
+    assert broker.counted["succeeded"] == 2
