@@ -15,7 +15,7 @@ from uuid import uuid4
 import anyio
 import pytest
 
-from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.brokers import Broker, Delivery, MemoryBroker, RedisBroker, Subscription
 from omnidaemon.brokers.base import GroupInfo, TopicInfo
 from omnidaemon.brokers.embedded import EmbeddedBroker
 
@@ -61,9 +61,9 @@ async def group(broker: Broker, sub: Subscription, *, consumers: bool = False) -
     return found
 
 
-async def fetch_n(broker: Broker, sub: Subscription, consumer: str, n: int) -> list[object]:
+async def fetch_n(broker: Broker, sub: Subscription, consumer: str, n: int) -> list[Delivery]:
     """Fetch exactly `n` deliveries (in as many calls as it takes, within a deadline)."""
-    got: list[object] = []
+    got: list[Delivery] = []
     with anyio.fail_after(5):
         while len(got) < n:
             got += await broker.fetch(sub, consumer, n - len(got), 0.5)
@@ -172,10 +172,10 @@ async def test_oldest_pending_age_is_the_age_of_the_oldest_unsettled_entry(
     age = (await group(broker, sub)).oldest_pending_age
     assert age is not None
     assert 0.35 <= age <= time.time() - published + 0.5  # the old entry's, not the new one's
-    await broker.ack(sub, [old])  # type: ignore[list-item]
+    await broker.ack(sub, [old])
     age = (await group(broker, sub)).oldest_pending_age
     assert age is not None and age < 0.35  # now the newer entry is the oldest pending
-    await broker.ack(sub, [new])  # type: ignore[list-item]
+    await broker.ack(sub, [new])
     assert (await group(broker, sub)).oldest_pending_age is None
 
 
@@ -219,7 +219,7 @@ async def test_consumer_details_count_retry_deliveries(broker: Broker, topic: st
     await broker.subscribe(sub)
     await broker.publish_many([(topic, b"x"), (topic, b"y")])
     first, _ = await fetch_n(broker, sub, "c", 2)
-    await broker.retry(sub, first, 0.0)  # type: ignore[arg-type]
+    await broker.retry(sub, first, 0.0)
     [again] = await broker.fetch(sub, "c", 10, 1.0)
     assert again.attempt == 2
     g = await group(broker, sub, consumers=True)
@@ -245,7 +245,7 @@ async def test_purge_dead_letters_empties_one_group_only(broker: Broker, topic: 
     await broker.publish_many([(topic, b"1"), (topic, b"2")])
     for sub in (a, b):
         for n, delivery in enumerate(await fetch_n(broker, sub, "c", 2)):
-            await broker.dead_letter(sub, delivery, f"{sub.group}-{n}".encode())  # type: ignore[arg-type]
+            await broker.dead_letter(sub, delivery, f"{sub.group}-{n}".encode())
     assert await broker.purge_dead_letters(a) == 2
     assert await broker.dead_letters(a, 10) == []
     assert await broker.dead_letters(b, 10) == [b"b-0", b"b-1"]
