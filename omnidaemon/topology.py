@@ -26,6 +26,8 @@ _RAW = (Any, dict, dict[str, Any], object)
 
 def type_name(tp: Any) -> str:
     """A short readable name of a type, for messages and diagrams."""
+    if tp is None or tp is type(None):
+        return "None"
     return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 

@@ -438,7 +438,8 @@ def purge(
                 raise CommandError(f"no topic {topic!r} on the bus")
             if not dlq:
                 await bus_.delete_topic(topic)
-                say(f"purged topic {topic} ({info.length:,} entries, {len(info.groups)} agents)")
+                agents = f"{len(info.groups)} agent{'s' if len(info.groups) != 1 else ''}"
+                say(f"purged topic {topic} ({info.length:,} entries, {agents})")
                 return
             groups = [g for g in info.groups if agent is None or g.group == agent]
             if agent is not None and not groups:

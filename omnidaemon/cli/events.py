@@ -24,7 +24,9 @@ def _read_payload(source: str) -> Any:
             with open(source[1:], encoding="utf-8") as file:
                 text = file.read()
         except OSError as exc:
-            raise typer.BadParameter(f"cannot read {source[1:]}: {exc.strerror}") from None
+            raise typer.BadParameter(
+                f"cannot read {source[1:]}: {exc.strerror}", param_hint="DATA"
+            ) from None
         origin = source[1:]
     else:
         text, origin = source, "DATA"

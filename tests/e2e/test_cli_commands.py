@@ -1,0 +1,746 @@
+"""Every `omnidaemon` command as a real subprocess, against a real Redis and the embedded bus.
+
+Each bus is private to this module (`health` and `bus stats` read the whole bus, so nothing
+another module leaves behind may be on it), with one worker process running LANES_APP: one
+agent per "lane", each on its own topic, so the tests sharing the bus do not see each other's
+events. Every lane's agent doubles `n`; it raises when the payload says `fail` or while the
+lane's marker file exists, and dead-letters at once (`max_retries=0`); a payload that is not a
+`Job` is dead-lettered without running it. Results are stored (`store_results=True`).
+
+Each CLI run costs about half a second (a fresh interpreter), so independent runs go in
+parallel and the state the tests read is built once per bus where it can be.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+
+from omnidaemon.brokers.embedded_server import ensure_server, stop_server
+from tests.e2e._support import CLI, WorkerProcess, cli_env, read_lines, wait_for, write_module
+from tests.servers import free_port, running_redis
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT = 20.0  # seconds a fresh worker may take to import and start handling
+T = TypeVar("T")
+
+SETTLE = 10.0  # seconds the bus may take to show what the worker did (replays: a fetch or two)
+
+LANES = ("reply", "results", "handled", "replay", "purged", "lazy")
+SERVED = [lane for lane in LANES if lane != "lazy"]  # `lazy`: served only when a test says so
+
+LANES_APP = """
+    import os
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from omnidaemon import App, Context
+
+    app = App("lanes")
+
+    SUFFIX = os.environ["E2E_SUFFIX"]
+    MARKERS = Path(os.environ["E2E_MARKERS"])
+    LOG = os.environ["E2E_LOG"]
+    LANES = ("reply", "results", "handled", "replay", "purged", "lazy")
+
+
+    class Job(BaseModel):
+        n: int
+        fail: bool = False
+
+
+    def lane_agent(lane):
+        async def handle(job: Job, ctx: Context) -> dict:
+            failing = job.fail or (MARKERS / lane).exists()
+            with open(LOG, "a") as log:
+                log.write(f"{lane} {ctx.event.id} {'fail' if failing else 'ok'}\\n")
+            if failing:
+                raise RuntimeError(f"job {job.n} failed")
+            return {"doubled": job.n * 2}
+
+        return handle
+
+
+    for lane in LANES:
+        app.agent(f"{lane}.{SUFFIX}", name=lane, max_retries=0, store_results=True)(
+            lane_agent(lane)
+        )
+"""
+
+SHOP_APP = '''
+    from pydantic import BaseModel
+
+    from omnidaemon import App
+
+    app = App("shop")
+
+
+    class Order(BaseModel):
+        sku: str
+        qty: int
+
+
+    class Checked(BaseModel):
+        sku: str
+        in_stock: bool
+
+
+    @app.agent("order.placed", publishes="order.checked", max_retries=5, timeout=10)
+    async def check(order: Order) -> Checked:
+        """Checks the stock."""
+        return Checked(sku=order.sku, in_stock=True)
+
+
+    @app.agent("order.checked", concurrency=4)
+    async def ship(checked: Checked) -> None:
+        """Ships what is in stock."""
+'''
+
+
+def run(
+    args: Sequence[str], env: dict[str, str], cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m omnidaemon ARGS`, to completion, output captured."""
+    return subprocess.run(
+        [*CLI, *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def at_once(*calls: Callable[[], T]) -> list[T]:
+    """Call each function in a thread of its own; their results in the same order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def parse(done: subprocess.CompletedProcess[str], status: int = 0) -> Any:
+    """The JSON a `--json` run printed, after checking its exit status."""
+    assert done.returncode == status, f"{done.args}: {done.returncode}\n{done.stdout}{done.stderr}"
+    return orjson.loads(done.stdout)
+
+
+def rows(text: str) -> list[list[str]]:
+    """The cells of a plain (piped) table, split on runs of spaces."""
+    return [line.split() for line in text.splitlines()]
+
+
+@dataclass
+class Bus:
+    """One bus under test, the environment that selects it, and the worker running on it."""
+
+    env: dict[str, str]
+    cwd: Path
+    suffix: str
+    markers: Path
+    handler_log: Path
+    worker: WorkerProcess | None = None
+
+    def topic(self, lane: str) -> str:
+        return f"{lane}.{self.suffix}"
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run(args, self.env, self.cwd, stdin)
+
+    def json(self, *args: str, status: int = 0) -> Any:
+        return parse(self.cli(*args, "--json"), status)
+
+    def parallel(self, *commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+        """Run independent commands at once; their results in the same order."""
+        return at_once(*(lambda args=args: self.cli(*args) for args in commands))
+
+    def publish(self, lane: str, *payloads: Any) -> list[str]:
+        """Publish each payload to the lane's topic (at once); their event ids, in order."""
+        done = self.parallel(
+            *(["publish", self.topic(lane), orjson.dumps(p).decode()] for p in payloads)
+        )
+        for d in done:
+            assert d.returncode == 0, d.stderr
+        return [d.stdout.strip() for d in done]
+
+    def poll(self, args: Sequence[str], until: Callable[[Any], bool], status: int = 0) -> Any:
+        """Run `args --json` until `until(output)` holds (within SETTLE seconds)."""
+        seen: list[Any] = []
+
+        def check() -> bool:
+            seen[:] = [self.json(*args, status=status)]
+            return until(seen[0])
+
+        try:
+            wait_for(check, SETTLE, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"{args} never matched; last output: {seen}") from None
+        return seen[0]
+
+    def handled(self, lane: str, event_id: str) -> list[str]:
+        """What the lane's handler did with the event so far: `ok` or `fail`, per run."""
+        prefix = f"{lane} {event_id} "
+        return [
+            line[len(prefix) :] for line in read_lines(self.handler_log) if line.startswith(prefix)
+        ]
+
+
+def start_worker(bus: Bus, *args: str) -> WorkerProcess:
+    worker = WorkerProcess(["lanes:app", *args], bus.cwd, bus.env)
+    try:
+        wait_for(lambda: worker.has_logged("worker started"), STARTUP_TIMEOUT, "the worker")
+    except AssertionError:
+        worker.kill()
+        raise AssertionError(f"the worker did not start:\n{worker.stderr}") from None
+    return worker
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    """SIGTERM, and the worker must exit with status 0."""
+    try:
+        worker.send(signal.SIGTERM)
+        status, _ = worker.wait_exit(timeout=10)
+    finally:
+        worker.kill()  # if it is still running; closes its stderr file
+    assert status == 0, worker.stderr
+
+
+@pytest.fixture(scope="module", params=["redis", "embedded"])
+def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    """A private bus of the kind named, with the worker running every lane but `lazy`."""
+    cwd = tmp_path_factory.mktemp(f"cli-{request.param}")
+    write_module(cwd, "lanes", LANES_APP)
+    markers = cwd / "markers"
+    markers.mkdir()
+    extra = {
+        "E2E_SUFFIX": uuid.uuid4().hex[:8],
+        "E2E_MARKERS": str(markers),
+        "E2E_LOG": str(cwd / "handlers.log"),
+    }
+    if request.param == "redis":
+        with running_redis(cwd) as server:
+            yield from _with_worker(cwd, cli_env(OMNIDAEMON_BROKER_URL=server.url, **extra))
+        return
+    home = Path(tempfile.mkdtemp(prefix="odc"))  # short: a unix socket path has a size limit
+    try:
+        ensure_server(home)
+        env = cli_env(OMNIDAEMON_HOME=str(home), **extra)
+        del env["OMNIDAEMON_BROKER_URL"]  # no URL: the embedded bus of OMNIDAEMON_HOME
+        yield from _with_worker(cwd, env)
+    finally:
+        stop_server(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _with_worker(cwd: Path, env: dict[str, str]) -> Iterator[Bus]:
+    bus = Bus(
+        env=env,
+        cwd=cwd,
+        suffix=env["E2E_SUFFIX"],
+        markers=Path(env["E2E_MARKERS"]),
+        handler_log=Path(env["E2E_LOG"]),
+    )
+    bus.worker = start_worker(bus, "--agents", ",".join(SERVED))
+    try:
+        yield bus
+    finally:
+        stop_worker(bus.worker)
+
+
+@dataclass
+class Handled:
+    """The `handled` lane after the worker handled two good events, one that failed, and one
+    whose payload is not a `Job`."""
+
+    topic: str
+    failed: str
+    invalid: str
+
+
+@pytest.fixture(scope="module")
+def handled(bus: Bus) -> Handled:
+    _, _, failed, invalid = bus.publish(
+        "handled", {"n": 1}, {"n": 2}, {"n": 3, "fail": True}, {"n": "three"}
+    )
+    topic = bus.topic("handled")
+
+    def settled(topics: list[dict[str, Any]]) -> bool:
+        groups = [g for t in topics if t["topic"] == topic for g in t["groups"]]
+        done = (0, 0, 0, 2)  # lag, pending, retries, dead letters: all handled, all acked
+        return [(g["lag"], g["pending"], g["retries"], g["dead_letters"]) for g in groups] == [done]
+
+    bus.poll(["bus", "list"], settled)
+    return Handled(topic, failed, invalid)
+
+
+def worker_pid(bus: Bus) -> int:
+    assert bus.worker is not None
+    return bus.worker.proc.pid
+
+
+# --- publish and result --------------------------------------------------------------------
+
+
+def test_publish_takes_json_text_a_file_or_stdin_and_inspect_shows_the_last(
+    bus: Bus, tmp_path: Path
+) -> None:
+    topic = f"inbox.{uuid.uuid4().hex[:8]}"  # no agent reads it: the entries stay as published
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text('{"n": 2, "from": "file"}')
+    text, from_file, from_stdin = at_once(
+        lambda: bus.cli("publish", topic, '{"n": 1, "from": "text"}'),
+        lambda: bus.cli("publish", topic, f"@{payload_file}"),
+        lambda: bus.cli("publish", topic, "-", stdin='{"n": 3, "from": "stdin"}'),
+    )
+    as_json = bus.cli("publish", topic, '{"n": 4, "from": "json"}', "--json")  # the last one
+    for done in (text, from_file, from_stdin):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("\n") == 1  # the event id alone
+    published = parse(as_json)
+    assert published == {"event_id": published["event_id"], "topic": topic}
+    ids = [d.stdout.strip() for d in (text, from_file, from_stdin)] + [published["event_id"]]
+    assert len(set(ids)) == 4
+
+    every, last_two = (
+        parse(d)
+        for d in bus.parallel(
+            ["bus", "inspect", topic, "--json"], ["bus", "inspect", topic, "-n", "2", "--json"]
+        )
+    )
+
+    payloads = {e["id"]: e["payload"] for e in every}
+    assert [payloads.get(i) for i in ids] == [
+        {"n": 1, "from": "text"},
+        {"n": 2, "from": "file"},
+        {"n": 3, "from": "stdin"},
+        {"n": 4, "from": "json"},
+    ]
+    assert all(e["topic"] == topic and e["source"] == "cli" for e in every)
+    stream_order = [tuple(map(int, e["entry_id"].split("-"))) for e in every]
+    assert stream_order == sorted(stream_order)  # oldest first
+    assert last_two == every[-2:]  # the most recent two
+    assert last_two[-1]["id"] == published["event_id"]
+
+
+def test_publish_wait_prints_the_agents_reply(bus: Bus) -> None:
+    done = bus.cli("publish", bus.topic("reply"), '{"n": 21}', "--wait", "--timeout", "20")
+
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"doubled": 42}
+
+
+def test_result_reports_succeeded_dead_lettered_and_pending(bus: Bus) -> None:
+    good, bad = bus.publish("results", {"n": 5}, {"n": "five"})
+    plain, as_json, dead, unknown = bus.parallel(
+        ["result", good, "--wait", "--timeout", "20"],
+        ["result", good, "--wait", "--timeout", "20", "--json"],
+        ["result", bad, "--wait", "--timeout", "20", "--json"],
+        ["result", f"no-such-{uuid.uuid4().hex}", "--json"],
+    )
+
+    assert plain.returncode == 0, plain.stderr
+    first, *rest = plain.stdout.splitlines()
+    assert first.split() == [good, "results", "succeeded", "attempts=1"]
+    assert orjson.loads("\n".join(rest)) == {"doubled": 10}
+    [record] = parse(as_json)
+    assert record["status"] == "succeeded"
+    assert record["agent"] == "results"
+    assert record["result"] == {"doubled": 10}
+    [record] = parse(dead, status=1)
+    assert record["status"] == "dead_lettered"
+    assert record["error"]["type"] == "PayloadValidationError"
+    [record] = parse(unknown, status=3)
+    assert record["status"] == "pending"
+    assert record["agent"] is None
+
+
+# --- bus: list, groups, stats, dlq -----------------------------------------------------------
+
+
+def test_bus_list_shows_each_topic_with_its_agents_counts(bus: Bus, handled: Handled) -> None:
+    as_json, plain = bus.parallel(["bus", "list", "--json"], ["bus", "list"])
+
+    [topic] = [t for t in parse(as_json) if t["topic"] == handled.topic]
+    assert topic["length"] == 4
+    assert topic["delayed"] == 0
+    [group] = topic["groups"]
+    assert group["agent"] == "handled"
+    assert (group["lag"], group["pending"], group["retries"]) == (0, 0, 0)
+    assert group["dead_letters"] == 2
+    assert not any(t["topic"].startswith("omni-reply.") for t in parse(as_json))
+
+    assert plain.returncode == 0, plain.stderr
+    table = rows(plain.stdout)
+    assert table[0] == ["TOPIC", "LENGTH", "DELAYED", "AGENT", "LAG", "PENDING", "RETRIES", "DLQ"]
+    assert [handled.topic, "4", "0", "handled", "0", "0", "0", "2"] in table
+
+
+def test_bus_groups_lists_the_running_workers_consumer(bus: Bus, handled: Handled) -> None:
+    [group] = bus.json("bus", "groups", handled.topic)
+
+    assert group["agent"] == "handled"
+    assert group["consumers"] == 1
+    [consumer] = group["consumer_details"]
+    assert f":{worker_pid(bus)}:" in consumer["name"]  # <host>:<pid>:<n>
+    assert consumer["pending"] == 0
+
+
+def test_bus_stats_lists_the_live_worker(bus: Bus, handled: Handled) -> None:
+    stats = bus.json("bus", "stats")
+
+    [worker] = stats["workers"]
+    assert worker["pid"] == worker_pid(bus)
+    assert worker["app"] == "lanes"
+    assert sorted(worker["agents"]) == sorted(SERVED)
+    assert stats["totals"]["workers"] == 1
+    assert stats["totals"]["dead_letters"] >= 2
+    assert stats["server"]["server"].split()[0] in ("redis", "valkey")
+
+
+def test_bus_dlq_shows_error_attempts_and_payload(bus: Bus, handled: Handled) -> None:
+    by_topic, by_agent, other_agent, plain = bus.parallel(
+        ["bus", "dlq", handled.topic, "--json"],
+        ["bus", "dlq", "--agent", "handled", "--json"],
+        ["bus", "dlq", handled.topic, "--agent", "nobody", "--json"],
+        ["bus", "dlq", handled.topic],
+    )
+
+    letters = {d["event_id"]: d for d in parse(by_topic)}
+    assert set(letters) == {handled.failed, handled.invalid}
+    failed = letters[handled.failed]
+    assert (failed["error_type"], failed["error_message"]) == ("RuntimeError", "job 3 failed")
+    assert failed["attempts"] == 1
+    assert failed["payload"] == {"n": 3, "fail": True}
+    assert (failed["topic"], failed["agent"]) == (handled.topic, "handled")
+    invalid = letters[handled.invalid]
+    assert invalid["error_type"] == "PayloadValidationError"
+    assert invalid["payload"] == {"n": "three"}
+    assert {d["event_id"] for d in parse(by_agent)} == set(letters)  # every topic searched
+    assert parse(other_agent) == []
+
+    assert plain.returncode == 0, plain.stderr
+    header, *lines = plain.stdout.splitlines()
+    assert header.split() == [
+        "FAILED", "AT", "TOPIC", "AGENT", "EVENT", "ID", "ATTEMPTS", "ERROR", "PAYLOAD",
+    ]  # fmt: skip
+    [row] = [line for line in lines if handled.failed in line]
+    assert "RuntimeError: job 3 failed" in row
+    assert '{"n":3,"fail":true}' in row
+
+
+# --- bus replay and purge ----------------------------------------------------------------------
+
+
+def test_bus_replay_delivers_dead_letters_again(bus: Bus) -> None:
+    topic = bus.topic("replay")
+    marker = bus.markers / "replay"
+    marker.touch()  # the handler fails while it exists
+    first, second, third = bus.publish("replay", {"n": 1}, {"n": 2}, {"n": 3})
+    bus.poll(["bus", "dlq", topic], lambda letters: len(letters) == 3)
+
+    dry = bus.cli("bus", "replay", topic, "--agent", "replay", "--all", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    *would, summary = dry.stdout.splitlines()
+    assert sorted(would) == sorted(
+        f"would replay {event} (RuntimeError: job {n} failed)"
+        for n, event in enumerate((first, second, third), start=1)
+    )
+    assert summary == "3 of 3 dead letters would be replayed (dry run)"
+    assert len(bus.json("bus", "dlq", topic)) == 3  # the dry run changed nothing
+    assert bus.handled("replay", first) == ["fail"]
+
+    marker.unlink()
+    one = bus.cli("bus", "replay", topic, "--agent", "replay", "--id", first)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == f"replayed 1 event to replay on {topic}\n"
+    # The record left the dead-letter queue as it was replayed.
+    assert {d["event_id"] for d in bus.json("bus", "dlq", topic)} == {second, third}
+    rest = bus.cli("bus", "replay", topic, "--agent", "replay", "--all")
+    assert rest.returncode == 0, rest.stderr
+    assert rest.stdout == f"replayed 2 events to replay on {topic}\n"
+
+    events = (first, second, third)
+    wait_for(
+        lambda: all(bus.handled("replay", e) == ["fail", "ok"] for e in events),
+        SETTLE,
+        "the replayed events to be handled again",
+    )
+    empty, *results = bus.parallel(
+        ["bus", "dlq", topic, "--json"], *(["result", e, "--json"] for e in (first, third))
+    )
+    assert parse(empty) == []
+    assert [parse(r)[0]["result"] for r in results] == [{"doubled": 2}, {"doubled": 6}]
+
+
+def test_bus_purge_dlq_empties_the_dead_letters_and_keeps_the_topic(bus: Bus) -> None:
+    topic = bus.topic("purged")
+    bus.publish("purged", {"n": 1, "fail": True}, {"n": 2, "fail": True})
+    bus.poll(["bus", "dlq", topic], lambda letters: len(letters) == 2)
+
+    refused = bus.cli("bus", "purge", topic, "--dlq")
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    purged = bus.cli("bus", "purge", topic, "--dlq", "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout == f"removed 2 dead letters from {topic}\n"  # none went on refusal
+
+    [after] = [t for t in bus.json("bus", "list") if t["topic"] == topic]
+    assert after["length"] == 2
+    assert after["groups"][0]["dead_letters"] == 0
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_count_exactly_what_the_worker_did(bus: Bus, handled: Handled) -> None:
+    expected = {"received": 4, "succeeded": 2, "failed": 1, "retried": 0, "dead_lettered": 2}
+
+    def counts(snapshot: dict[str, Any]) -> dict[str, Any]:
+        return {k: snapshot[k] for k in expected}
+
+    [snapshot] = bus.poll(
+        ["metrics", "--topic", handled.topic],
+        lambda found: len(found) == 1 and counts(found[0]) == expected,
+    )
+    assert snapshot["agent"] == "handled"
+    assert snapshot["in_flight"] == 0
+    assert snapshot["duration_seconds"]["count"] == 3  # handler runs: 2 ok, 1 raised
+    assert snapshot["latency_seconds"]["count"] == 2  # succeeded events
+
+    plain = bus.cli("metrics", "--topic", handled.topic, "--agent", "handled")
+    assert plain.returncode == 0, plain.stderr
+    header, row = rows(plain.stdout)
+    assert header[:8] == ["TOPIC", "AGENT", "RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "IN"]
+    assert row[:8] == [handled.topic, "handled", "4", "2", "1", "0", "2", "0"]
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+def test_health_is_healthy_while_the_worker_runs(bus: Bus, handled: Handled) -> None:
+    report = bus.json("health", status=0)
+
+    assert report["status"] == "healthy"
+    assert report["bus"]["reachable"] is True
+    assert report["problems"] == []
+    assert [w["pid"] for w in report["workers"]] == [worker_pid(bus)]
+    assert {"topic": handled.topic, "agent": "handled"}.items() <= next(
+        g for g in report["groups"] if g["topic"] == handled.topic
+    ).items()
+
+
+def test_health_is_degraded_by_dead_letters_above_the_limit(bus: Bus, handled: Handled) -> None:
+    report = bus.json("health", "--max-dead-letters", "0", status=1)
+
+    assert report["status"] == "degraded"
+    assert f"{handled.topic}/handled: 2 dead letters (above 0)" in report["problems"]
+
+
+def test_health_is_degraded_while_events_wait_for_a_stopped_agent(bus: Bus) -> None:
+    topic = bus.topic("lazy")
+    # A worker runs agent `lazy` (creating its group) and stops; then events arrive for it.
+    stop_worker(start_worker(bus, "--agents", "lazy"))
+    bus.publish("lazy", {"n": 1}, {"n": 2})
+
+    report = bus.json("health", status=1)
+    assert report["status"] == "degraded"
+    assert report["problems"] == [f"{topic}/lazy: 2 events wait and no live worker runs this agent"]
+
+    purged = bus.cli("bus", "purge", topic, "--yes")
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout == f"purged topic {topic} (2 entries, 1 agent)\n"
+    listed, healthy = bus.parallel(["bus", "list", "--json"], ["health", "--json"])
+    assert topic not in [t["topic"] for t in parse(listed)]
+    assert parse(healthy)["status"] == "healthy"
+
+
+def test_health_is_down_when_redis_does_not_answer(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+
+    report = parse(run(["health", "--json", "--broker", url], cli_env(), tmp_path), status=2)
+
+    assert report["status"] == "down"
+    assert report["bus"] == {"url": url, "reachable": False}
+    [problem] = report["problems"]
+    assert problem.startswith(f"the bus at {url} is unreachable")
+
+
+def test_health_is_down_and_starts_nothing_when_the_embedded_bus_is_stopped() -> None:
+    parent = Path(tempfile.mkdtemp(prefix="odd")).resolve()
+    home = parent / "home"
+    env = cli_env(OMNIDAEMON_HOME=str(home))
+    del env["OMNIDAEMON_BROKER_URL"]
+    try:
+        report = parse(run(["health", "--json"], env, parent), status=2)
+        plain = run(["health"], env, parent)
+
+        assert report["status"] == "down"
+        assert report["bus"]["reachable"] is False
+        assert "not running" in report["problems"][0]
+        assert plain.returncode == 2
+        assert plain.stdout.splitlines()[0] == f"down: embedded://{home}"
+        assert list(parent.rglob("*.sock")) == []  # no server was started
+        assert run(["bus", "status"], env, parent).returncode == 1
+    finally:
+        stop_server(home)  # in case one was started after all
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+# --- agents and graph (the app's code, no bus) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("shop")
+    write_module(cwd, "shop", SHOP_APP)
+    return cwd
+
+
+def test_agents_lists_the_apps_agents(shop: Path) -> None:
+    env = cli_env()
+    as_json, plain = (run(["agents", "shop:app", *extra], env, shop) for extra in (["--json"], []))
+
+    check, ship = parse(as_json)
+    assert check["name"] == "check"
+    assert (check["topic"], check["publishes"]) == ("order.placed", "order.checked")
+    assert (check["payload_type"], check["return_type"]) == ("Order", "Checked")
+    assert (check["max_retries"], check["timeout"]) == (5, 10.0)
+    assert check["description"] == "Checks the stock."
+    assert check["handler"] == "shop.check"
+    assert (ship["name"], ship["topic"], ship["concurrency"]) == ("ship", "order.checked", 4)
+    assert ship["publishes"] is None
+
+    assert plain.returncode == 0, plain.stderr
+    table = rows(plain.stdout)
+    assert table[0] == ["app", "shop:", "2", "agents:"]
+    assert table[1] == [
+        "AGENT", "TOPIC", "PAYLOAD", "RETURNS", "PUBLISHES", "RETRIES", "CONCURRENCY", "TIMEOUT",
+    ]  # fmt: skip
+    assert table[2] == [
+        "check",
+        "order.placed",
+        "Order",
+        "Checked",
+        "order.checked",
+        "5",
+        "16",
+        "10s",
+    ]
+    assert table[3] == ["ship", "order.checked", "Checked", "None", "-", "3", "4", "-"]
+
+
+def test_graph_draws_the_event_flow(shop: Path) -> None:
+    env = cli_env()
+    mermaid, dot = (
+        run(["graph", "shop", *extra], env, shop) for extra in ([], ["--format", "dot"])
+    )
+
+    assert mermaid.returncode == 0, mermaid.stderr
+    lines = [line.strip() for line in mermaid.stdout.splitlines()]
+    assert lines[0] == "flowchart LR"
+    assert 't0(["order.placed"])' in lines
+    assert "t0 -->|Order| a_check" in lines
+    assert "a_check -->|Checked| t1" in lines
+    assert 't1(["order.checked"])' in lines
+    assert "t1 -->|Checked| a_ship" in lines
+
+    assert dot.returncode == 0, dot.stderr
+    lines = [line.strip() for line in dot.stdout.splitlines()]
+    assert lines[0] == "digraph omnidaemon {"
+    assert '"topic:order.placed" -> "agent:check" [label="Order"];' in lines
+    assert '"agent:check" -> "topic:order.checked" [label="Checked"];' in lines
+    assert '"topic:order.checked" -> "agent:ship" [label="Checked"];' in lines
+    assert lines[-1] == "}"
+
+
+# --- bad arguments ------------------------------------------------------------------------------
+
+BAD_ARGUMENTS: list[tuple[str, list[str], str | None, str]] = [
+    # (the command that complains, the arguments, standard input, a fragment of the message)
+    ("worker", ["worker", "shop:app", "--concurrency", "0"], None, "'--concurrency' ('0')"),
+    ("publish", ["publish", "Bad Topic", "{}"], None, "invalid topic name 'Bad Topic'"),
+    ("publish", ["publish", "t.x", "{not json"], None, "DATA is not valid JSON"),
+    ("publish", ["publish", "t.x", "-"], "{not json", "standard input is not valid JSON"),
+    (
+        "publish",
+        ["publish", "t.x", "@missing.json"],
+        None,
+        "Invalid value for DATA: cannot read missing.json",
+    ),
+    ("publish", ["publish", "t.x", "{}", "--wait", "--reply-to", "r.x"], None, "--reply-to"),
+    ("result", ["result", "e", "--timeout", "0"], None, "'--timeout' ('0')"),
+    ("agents", ["agents", "no_such_module_xyz"], None, "cannot import 'no_such_module_xyz'"),
+    ("graph", ["graph", "shop:app", "--format", "svg"], None, "'--format' ('svg')"),
+    ("metrics", ["metrics", "--bogus"], None, "No such option: --bogus"),
+    ("metrics", ["metrics", "--broker", "ftp://x"], None, "unsupported broker URL scheme"),
+    ("health", ["health", "--max-lag", "-1"], None, "'--max-lag' ('-1')"),
+    ("bus list", ["bus", "list", "extra"], None, "extra argument"),
+    ("bus inspect", ["bus", "inspect", "t.x", "-n", "0"], None, "'--limit' ('0')"),
+    ("bus groups", ["bus", "groups"], None, "Missing argument 'TOPIC'"),
+    ("bus stats", ["bus", "stats", "--bogus"], None, "No such option: --bogus"),
+    ("bus dlq", ["bus", "dlq", "--limit", "abc"], None, "'--limit' ('abc')"),
+    ("bus replay", ["bus", "replay", "t.x", "--agent", "a"], None, "--id"),
+    (
+        "bus replay",
+        ["bus", "replay", "t.x", "--agent", "a", "--id", "e", "--all"],
+        None,
+        "not both",
+    ),
+    ("bus purge", ["bus", "purge", "t.x"], None, "--yes"),
+    (
+        "bus purge",
+        ["bus", "purge", "t.x", "--agent", "a", "--yes"],
+        None,
+        "--agent goes with --dlq",
+    ),
+    ("bus stop", ["bus", "stop", "--timeout", "0"], None, "'--timeout' ('0')"),
+    ("bus status", ["bus", "status", "--json"], None, "No such option: --json"),
+    ("bus", ["bus", "nothing"], None, "No such command 'nothing'"),
+    ("", ["nothing"], None, "No such command 'nothing'"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(shop: Path) -> dict[int, subprocess.CompletedProcess[str]]:
+    """Every row of BAD_ARGUMENTS run (at once), by row: none may reach a bus."""
+    home = Path(tempfile.mkdtemp(prefix="odb"))
+    env = cli_env(OMNIDAEMON_HOME=str(home))  # memory://, and no embedded server to be found
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            done = pool.map(lambda row: run(row[1], env, shop, row[2]), BAD_ARGUMENTS)
+            return dict(enumerate(done))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "index",
+    range(len(BAD_ARGUMENTS)),
+    ids=[" ".join(row[1]) for row in BAD_ARGUMENTS],
+)
+def test_a_bad_argument_is_one_line_and_status_2(
+    bad_runs: dict[int, subprocess.CompletedProcess[str]], index: int
+) -> None:
+    command, _, _, fragment = BAD_ARGUMENTS[index]
+    done = bad_runs[index]
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    prefix = f"omnidaemon {command}" if command else "omnidaemon"
+    assert line.startswith(f"{prefix}: error: "), line
+    assert fragment in line, line
