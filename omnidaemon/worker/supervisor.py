@@ -101,7 +101,7 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         restart_backoff: Backoff = RESTART_BACKOFF,
         restart_reset_after: float = 60.0,
-        config_error_window: float = 1.0,
+        config_error_window: float = 10.0,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, not {processes}")

@@ -1,9 +1,10 @@
 """The multi-process supervisor, with real processes on a real Redis.
 
-Each test runs `tests/worker/_supervise.py` (a `Supervisor` of `python -m omnidaemon worker`
-children, as `omnidaemon worker --processes N` runs it) as a subprocess and drives it with
-signals. The children run `_supervised_app.py`, whose handler records each step with its pid in
-a file; the supervisor's and the children's JSON logs share one stderr file.
+Each test runs `python -m omnidaemon worker APP --processes N`, the operator's command, as a
+subprocess and drives it with signals (`tests/worker/_supervise.py`, a `Supervisor` with timings
+a test can shrink, is there for tests that need that). The children run `_supervised_app.py`,
+whose handler records each step with its pid in a file; the supervisor's and the children's
+JSON logs share one stderr file.
 
 The tests at the end run a `Supervisor` in the test's own event loop with tiny `python -c`
 children, for the rules that need no bus: backoff, the exit status of a stop, the kill after
@@ -76,13 +77,20 @@ class Step:
 class Supervised:
     """A running `_supervise.py`, its handlers' records and its (and its children's) logs."""
 
-    def __init__(self, processes: int, app: str, args: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, processes: int, app: str, args: Sequence[str], env: dict[str, str], *, cli: bool
+    ) -> None:
         self.log = Path(env["T_LOG"])
         self.stderr_path = self.log.with_suffix(f".{time.monotonic_ns()}.stderr")
         # Append mode: the children write through the same open file.
         with self.stderr_path.open("ab") as stderr:
+            # The operator's command line, or the driver where a test shrinks the timings.
+            command = [sys.executable, str(DRIVER), str(processes), app, *args]
+            if cli:
+                command = [sys.executable, "-m", "omnidaemon", "worker", app, *args]
+                command += ["--processes", str(processes), "--log-format", "json"]
             self.proc = subprocess.Popen(
-                [sys.executable, str(DRIVER), str(processes), app, *args],
+                command,
                 cwd=ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -178,7 +186,9 @@ def supervise(bus: Bus, tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
     """A factory of supervisors on the test's topic; any still running are killed afterwards."""
     started: list[Supervised] = []
 
-    def start(processes: int, *args: str, app: str = APP, **env: str) -> Supervised:
+    def start(
+        processes: int, *args: str, app: str = APP, cli: bool = True, **env: str
+    ) -> Supervised:
         full_env = cli_env(
             OMNIDAEMON_BROKER_URL=bus.url,
             T_TOPIC=bus.topic,
@@ -186,7 +196,7 @@ def supervise(bus: Bus, tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
             T_RESTART_INITIAL="0.1",
             **env,
         )
-        supervised = Supervised(processes, app, args, full_env)
+        supervised = Supervised(processes, app, args, full_env, cli=cli)
         started.append(supervised)
         return supervised
 
@@ -267,7 +277,7 @@ def test_a_child_killed_mid_handler_is_replaced_and_its_event_is_completed(
     assert len(died) == 1
     assert died[0]["level"] == "warning"
     assert (died[0]["index"], died[0]["signal"]) == (index, "SIGKILL")
-    assert died[0]["restart_in"] == pytest.approx(0.1)
+    assert died[0]["restart_in"] == pytest.approx(0.5)  # the command line's first delay
     wait_for(lambda: len(sup.started()) == 3, SETTLE, "a replacement to be started")
     replacement = sup.current_children()[index]
     assert replacement != victim
@@ -298,7 +308,7 @@ def test_a_bad_app_path_makes_it_give_up_with_status_2(
 ) -> None:
     # A roomy window: a loaded machine may take over a second to import; the supervisor gives
     # up as soon as every child has failed, not when the window ends.
-    sup = supervise(2, app="tests.worker.no_such_module:app", T_CONFIG_ERROR_WINDOW="10")
+    sup = supervise(2, app="tests.worker.no_such_module:app")
 
     status, took = sup.wait_exit(timeout=15)
 
@@ -443,6 +453,7 @@ async def test_a_configuration_error_of_some_children_only_is_retried() -> None:
         lambda index: [PY, "-c", "raise SystemExit(2)" if index == 0 else SLEEPER],
         2,
         restart_backoff=Backoff(initial=0.5, jitter=False),
+        config_error_window=1.0,
     )
     status: list[int] = []
 
