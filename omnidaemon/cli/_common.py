@@ -16,6 +16,7 @@ __all__ = [
     "BrokerOption",
     "CommandError",
     "JsonOption",
+    "WaitTimeoutOption",
     "load_cli_app",
     "open_cli_broker",
     "run_async",
@@ -35,6 +36,9 @@ BrokerOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+WaitTimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
+]
 
 
 class CommandError(Exception):

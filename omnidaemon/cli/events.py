@@ -6,7 +6,13 @@ from typing import Annotated, Any
 
 import typer
 
-from omnidaemon.cli._common import BrokerOption, JsonOption, open_cli_broker, run_async
+from omnidaemon.cli._common import (
+    BrokerOption,
+    JsonOption,
+    WaitTimeoutOption,
+    open_cli_broker,
+    run_async,
+)
 from omnidaemon.cli._output import emit_json, print_table, say
 
 __all__ = ["publish", "result"]
@@ -64,9 +70,7 @@ def publish(
         bool,
         typer.Option("--wait", help="Wait for the handling agent's result and print it."),
     ] = False,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
-    ] = 30.0,
+    timeout: WaitTimeoutOption = 30.0,
     broker: BrokerOption = None,
     json: JsonOption = False,
 ) -> None:
@@ -117,9 +121,7 @@ def result(
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait until the event succeeded or was dead-lettered.")
     ] = False,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
-    ] = 30.0,
+    timeout: WaitTimeoutOption = 30.0,
     broker: BrokerOption = None,
     json: JsonOption = False,
 ) -> None:
