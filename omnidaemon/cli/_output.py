@@ -106,6 +106,7 @@ def print_table(
         for row in rows:
             print(line(row))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -115,12 +116,30 @@ def print_table(
             console.print(f"[bold]{title}[/bold]")
         console.print(empty, style="dim", markup=False)
         return
-    table = Table(title=title, title_justify="left", header_style="bold cyan")
+    # No vertical rules, and names kept on one line (cut with an ellipsis on a narrow
+    # terminal): a table is read by its rows. Only free text (errors, payloads) wraps.
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold cyan",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for name in columns:
-        table.add_column(name, justify="right" if name in numeric else "left", overflow="fold")
+        free_text = name in _FREE_TEXT
+        table.add_column(
+            name,
+            justify="right" if name in numeric else "left",
+            no_wrap=not free_text,
+            overflow="fold" if free_text else "ellipsis",
+            min_width=len(name) if name in numeric else None,
+        )
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+_FREE_TEXT = frozenset({"ERROR", "PAYLOAD", "RESULT / ERROR", "AGENTS"})
 
 
 class Progress(Protocol):
