@@ -25,6 +25,7 @@ from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.topology import type_name
 from omnidaemon.worker.acks import AckBatcher
+from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.notify import OutcomeNotifier
 
 if TYPE_CHECKING:
@@ -117,11 +118,17 @@ class AgentConsumer:
         async with anyio.create_task_group() as service:
             service.start_soon(self._acks.run)
             service.start_soon(self._renew_leases)
+            # A fixed set of long-lived handler tasks takes deliveries from a queue: starting
+            # a task per event costs more than the rest of the framework's work on it.
+            ready: HandOff[Delivery] = HandOff()
             async with anyio.create_task_group() as handlers:
-                await self._dispatch(handlers)
+                for _ in range(self._capacity):
+                    handlers.start_soon(self._serve_handlers, ready)
+                await self._dispatch(handlers, ready)
                 with anyio.move_on_after(grace):
                     while self._in_flight:
                         await self._wait_wake()
+                ready.close()  # the handler tasks end once the queue is empty
                 if self._in_flight:
                     self._log.warning(
                         "shutdown grace period over: cancelling handlers; "
@@ -140,7 +147,11 @@ class AgentConsumer:
 
     # Fetching -----------------------------------------------------------------------------
 
-    async def _dispatch(self, handlers: anyio.abc.TaskGroup) -> None:
+    async def _serve_handlers(self, ready: HandOff[Delivery]) -> None:
+        while (delivery := await ready.get()) is not None:
+            await self._handle(delivery)
+
+    async def _dispatch(self, handlers: anyio.abc.TaskGroup, ready: HandOff[Delivery]) -> None:
         reclaim_interval = min(self._spec.reclaim_idle / 2, _MAX_RECLAIM_INTERVAL)
         next_reclaim = 0.0
         failures = 0
@@ -194,7 +205,7 @@ class AgentConsumer:
             for delivery in deliveries:
                 self._in_flight[(delivery.origin, delivery.id)] = delivery
                 if delivery.attempt != last:
-                    handlers.start_soon(self._handle, delivery)
+                    ready.put(delivery)
             if suspects:
                 self._isolating = len(suspects)
                 handlers.start_soon(self._run_alone, suspects)
