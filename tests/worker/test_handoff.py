@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from omnidaemon.worker.handoff import HandOff
@@ -21,7 +22,7 @@ async def test_every_item_is_taken_once_by_busy_and_idle_tasks_alike() -> None:
         while (item := await queue.get()) is not None:
             taken.append(item)
             if rng.random() < 0.3:
-                await anyio.sleep(0)  # some handlers yield, some finish at once
+                await anyio.lowlevel.checkpoint()  # some handlers yield, some finish at once
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -30,7 +31,7 @@ async def test_every_item_is_taken_once_by_busy_and_idle_tasks_alike() -> None:
             for item in range(2_000):
                 queue.put(item)
                 if item % 7 == 0:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             queue.close()
     assert sorted(taken) == list(range(2_000))
 
