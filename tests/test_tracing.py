@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -63,6 +64,8 @@ def global_traced(traced: Traced, monkeypatch: pytest.MonkeyPatch) -> Traced:
     from opentelemetry import trace
 
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: traced.provider)
+    # Forget an "unconfigured" verdict an earlier test left (it is kept for a second).
+    monkeypatch.setattr(tracing, "_unconfigured_until", 0.0)
     return traced
 
 
@@ -429,3 +432,17 @@ async def test_a_pipeline_is_one_trace(global_traced: Traced) -> None:
     assert {(s.attributes or {})["omnidaemon.attempt"] for s in attempts} == {1, 2}
     assert all(parent_name(s) == "publish document.uploaded" for s in attempts)
     assert all(s.status.status_code is StatusCode.ERROR for s in attempts)
+
+
+def test_a_provider_configured_after_start_is_used_within_a_second(
+    traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry import trace
+
+    monkeypatch.setattr(tracing, "_unconfigured_until", 0.0)
+    assert tracing.publish_headers("a.b", None) is None  # nothing configured yet
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: traced.provider)
+    assert tracing.publish_headers("a.b", None) is None  # the verdict is kept a while
+    monkeypatch.setattr(tracing, "_unconfigured_until", time.monotonic() - 0.001)
+    headers = tracing.publish_headers("a.b", None)
+    assert headers is not None and "traceparent" in headers

@@ -35,6 +35,7 @@ pass `tracer_provider=` explicitly instead.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
@@ -83,18 +84,36 @@ _handling_span: ContextVar[Span | None] = ContextVar("omnidaemon_handling_span",
 _NULL_CONTEXT: AbstractContextManager[Any] = contextlib.nullcontext()
 
 
+_trace_api: Any = None  # the `opentelemetry.trace` module, once imported
+_unconfigured: tuple[type, ...] = ()  # its provider classes that mean "nothing configured"
+# While no provider is configured, that is looked at again at most this often: asking costs
+# about as much as the rest of handling a no-op event. A provider configured after the worker
+# started is used within this many seconds.
+_RECHECK_UNCONFIGURED = 1.0
+_unconfigured_until = 0.0
+
+
 def _tracer(tracer_provider: TracerProvider | None) -> Tracer | None:
     """The omnidaemon tracer of `tracer_provider` (default: the global provider), or `None`
     when no provider is configured (OpenTelemetry's default proxy or no-op provider)."""
-    global _tracer_cache
-    from opentelemetry import trace
-
+    global _tracer_cache, _trace_api, _unconfigured, _unconfigured_until
     provider = tracer_provider
     if provider is None:
-        provider = trace.get_tracer_provider()
-        # The API's default when nothing was configured: its spans would all be no-ops.
-        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        if _unconfigured_until and time.monotonic() < _unconfigured_until:
             return None
+        # Called for every event published and handled: the module and the classes are
+        # looked up once.
+        if _trace_api is None:
+            from opentelemetry import trace as api
+
+            _trace_api = api
+            _unconfigured = (api.ProxyTracerProvider, api.NoOpTracerProvider)
+        provider = _trace_api.get_tracer_provider()
+        # The API's default when nothing was configured: its spans would all be no-ops.
+        if isinstance(provider, _unconfigured):
+            _unconfigured_until = time.monotonic() + _RECHECK_UNCONFIGURED
+            return None
+        _unconfigured_until = 0.0
     cached = _tracer_cache
     if cached is not None and cached[0] is provider:
         return cached[1]
