@@ -71,13 +71,28 @@ class _IdClock:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._counter = 0
+        # Random bytes are read from the OS a few thousand at a time: one `os.urandom` call per
+        # id costs as much as the rest of making it.
+        self._pool = b""
+        self._pos = 0
+
+    def forget_random(self) -> None:
+        """Drop the buffered random bytes (a forked child must not reuse its parent's)."""
+        with self._lock:
+            self._pool = b""
+            self._pos = 0
 
     def next(self) -> str:
         with self._lock:
+            if self._pos + 8 > len(self._pool):
+                self._pool = os.urandom(4096)
+                self._pos = 0
+            rand_b = int.from_bytes(self._pool[self._pos : self._pos + 8]) & 0x3FFF_FFFF_FFFF_FFFF
+            self._pos += 8
             ms = time.time_ns() // 1_000_000
             if ms > self._last_ms:
                 self._last_ms = ms
-                self._counter = int.from_bytes(os.urandom(2)) & 0x7FF
+                self._counter = rand_b >> 51  # a random start in 0..0x7FF, from the same bytes
             else:
                 self._counter += 1
                 if self._counter > 0xFFF:
@@ -85,13 +100,14 @@ class _IdClock:
                     self._last_ms += 1
                     self._counter = 0
             ms, counter = self._last_ms, self._counter
-        rand_b = int.from_bytes(os.urandom(8)) & 0x3FFF_FFFF_FFFF_FFFF
         value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _ids = _IdClock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.forget_random)
 
 
 def new_event_id() -> str:
@@ -102,7 +118,9 @@ def new_event_id() -> str:
 def _default(obj: Any) -> Any:
     # orjson handles dataclasses, datetimes, UUIDs and enums itself; pydantic models are ours to do.
     if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
+        # Serialised by pydantic's own (Rust) JSON serialiser and spliced in as it is: no
+        # intermediate dict.
+        return orjson.Fragment(obj.__pydantic_serializer__.to_json(obj))
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 

@@ -420,3 +420,21 @@ def test_check_version_passes_v1_and_garbage(data: bytes | None) -> None:
 def test_envelope_type_adapter_accepts_bytes_and_str() -> None:
     data = Envelope.new("document.uploaded", {"a": 1}).encode()
     assert ANY_ENVELOPE.validate_json(data) == ANY_ENVELOPE.validate_json(data.decode())
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    import os
+
+    new_event_id()  # the parent has random bytes buffered
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, ",".join(new_event_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = set(os.read(read, 100_000).decode().split(","))
+    os.close(read)
+    parent = {new_event_id() for _ in range(50)}
+    # The random part (after the time and counter) must differ: the pool was not inherited.
+    assert {i[19:] for i in child}.isdisjoint({i[19:] for i in parent})

@@ -216,11 +216,25 @@ class RedisBroker(Broker):
 
     async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         key = self.stream_key(topic)
+        if delay <= 0:
+            try:
+                # The common case first, without the retry machinery's set-up.
+                await self.client.xadd(
+                    key, {"e": data}, maxlen=self._maxlen_of(topic), approximate=True
+                )
+                return
+            except AuthenticationError:
+                pass  # reported by the retry path below, as one clear error
+            except _UNAVAILABLE:
+                pass  # retried below, with backoff, until the publish deadline
         maxlen = self._maxlen_of(topic)
 
         async def append() -> None:
             await self.client.xadd(key, {"e": data}, maxlen=maxlen, approximate=True)
 
+        if delay <= 0:
+            await self._with_publish_deadline(append)
+            return
         # A delayed entry is held in the topic's delayed set by wall-clock due time; consumers
         # of the topic release it into the stream (FETCH_RETRIES) once the server's clock
         # reaches it. The member is made once, so a retried ZADD cannot add it twice.
@@ -230,7 +244,7 @@ class RedisBroker(Broker):
         async def hold() -> None:
             await self.client.zadd(self.delayed_key(topic), {member: due_ms})
 
-        await self._with_publish_deadline(hold if delay > 0 else append)
+        await self._with_publish_deadline(hold)
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         if not entries:

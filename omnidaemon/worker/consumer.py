@@ -71,6 +71,7 @@ class AgentConsumer:
         self._capacity = concurrency
         self._in_flight: dict[tuple[str, str], Delivery] = {}
         self._wake = anyio.Event()
+        self._wake_waiting = False
         self._stopping = False
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
@@ -90,7 +91,8 @@ class AgentConsumer:
             else None
         )
         self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
-        self._settled = anyio.Event()  # set whenever a handler finishes
+        self._settled = anyio.Event()  # set when a handler finishes while `_run_alone` waits
+        self._settle_waiting = False
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
         self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
@@ -142,7 +144,13 @@ class AgentConsumer:
             service.cancel_scope.cancel()
 
     async def _wait_wake(self) -> None:
-        await self._wake.wait()
+        # Handlers set the event only while someone waits on it: setting it for every
+        # finished event costs more than it is worth when nobody is waiting.
+        self._wake_waiting = True
+        try:
+            await self._wake.wait()
+        finally:
+            self._wake_waiting = False
         self._wake = anyio.Event()
 
     # Fetching -----------------------------------------------------------------------------
@@ -223,7 +231,11 @@ class AgentConsumer:
             while any(key not in held for key in self._in_flight):
                 # No await between the check and the new event: no completion slips by.
                 self._settled = anyio.Event()
-                await self._settled.wait()
+                self._settle_waiting = True
+                try:
+                    await self._settled.wait()
+                finally:
+                    self._settle_waiting = False
             # Finished work is acknowledged before the suspect runs, so that if it kills this
             # worker, nothing finished is delivered (and charged) again.
             await self._acks.flush()
@@ -272,8 +284,10 @@ class AgentConsumer:
             metrics.in_flight -= 1
             self._in_flight.pop((delivery.origin, delivery.id), None)
             self._started.pop((delivery.origin, delivery.id), None)
-            self._wake.set()
-            self._settled.set()
+            if self._wake_waiting:
+                self._wake.set()
+            if self._settle_waiting:
+                self._settled.set()
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self._spec

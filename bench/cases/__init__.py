@@ -1,0 +1,1 @@
+"""The benchmark's cases: raw redis-py, omnidaemon, the peers, scale and memory."""

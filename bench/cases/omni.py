@@ -1,0 +1,283 @@
+"""omnidaemon: publishing from the benchmark's process, and workers as separate processes.
+
+Drains are timed inside the worker, from its first handled event to the last one (the
+`Recorder` of `bench.apps`, written to a file when the worker stops). So neither the worker's
+start-up (imports, connecting, creating groups) nor its shutdown is counted, and the stream is
+pre-filled and its consumer groups pre-created before the worker starts. The benchmark only
+waits, polling XINFO GROUPS, until every group has read all N entries with none pending, and
+then stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.apps import build_app
+from bench.common import (
+    BenchError,
+    Children,
+    Config,
+    RedisServer,
+    make_event,
+    progress,
+    wait_until,
+)
+from bench.peers._shared import BenchEvent, paced
+
+TOPIC = "bench.events"
+
+
+def stream_key(topic: str = TOPIC) -> str:
+    """The topic's stream, as omnidaemon lays it out on Redis (docs/brokers.md)."""
+    return f"omni:{{{topic}}}:stream"
+
+
+# Publishing -----------------------------------------------------------------------------------
+
+
+async def _publish_rates(url: str, events: list[BenchEvent], batch: int) -> dict[str, float]:
+    # The app the workers run: publishing checks payloads against its agents' declared type.
+    app = build_app("drain", topic=TOPIC, broker=url)
+    async with app:
+        # Warm-up (not timed): connected, the code paths hot.
+        await app.publish_many([(TOPIC, event) for event in events[:batch]])
+        for event in events[:100]:
+            await app.publish(TOPIC, event)
+
+        start = time.perf_counter()
+        for i in range(0, len(events), batch):
+            await app.publish_many([(TOPIC, event) for event in events[i : i + batch]])
+        many = len(events) / (time.perf_counter() - start)
+
+        start = time.perf_counter()
+        for event in events:
+            await app.publish(TOPIC, event)
+        awaited = len(events) / (time.perf_counter() - start)
+    return {"omni.publish_many": many, "omni.publish": awaited}
+
+
+def publish(server: RedisServer, cfg: Config) -> dict[str, float]:
+    with server.client() as r:
+        r.flushall()
+    events = [make_event(i) for i in range(cfg.n)]
+    return asyncio.run(_publish_rates(server.url, events, cfg.batch))
+
+
+async def _prefill(url: str, n: int, batch: int) -> None:
+    app = build_app("drain", topic=TOPIC, broker=url)
+    async with app:
+        for i in range(0, n, batch):
+            await app.publish_many([(TOPIC, make_event(j)) for j in range(i, min(n, i + batch))])
+
+
+# Workers --------------------------------------------------------------------------------------
+
+
+class WorkerRun:
+    """`python -m omnidaemon worker bench.apps:<kind>` against the benchmark's server."""
+
+    def __init__(
+        self,
+        children: Children,
+        server: RedisServer,
+        kind: str,
+        out: Path,
+        *,
+        fanout: int = 1,
+        processes: int = 1,
+        expect: int | None = None,
+    ) -> None:
+        for old in [*out.glob("ready-*"), *out.glob("stats-*.json")]:
+            old.unlink()
+        self.out = out
+        self.log = out / f"worker-{kind}.log"
+        argv = [
+            sys.executable, "-m", "omnidaemon", "worker", f"bench.apps:{kind}",
+            "--log-level", "WARNING", "--shutdown-grace", "10",
+        ]  # fmt: skip
+        if processes > 1:
+            argv += ["--processes", str(processes)]
+        env = {
+            "OMNIDAEMON_BROKER_URL": server.url,
+            "OMNI_BENCH_TOPIC": TOPIC,
+            "OMNI_BENCH_FANOUT": str(fanout),
+            "OMNI_BENCH_OUT": str(out),
+            "OMNI_BENCH_EXPECT": str(expect or ""),
+        }
+        self.proc = children.start(argv, env=env, stderr=self.log.open("wb"))
+
+    def check(self) -> None:
+        """`BenchError` with the end of the worker's log if it exited."""
+        if self.proc.poll() is not None:
+            log = self.log.read_text(errors="replace")[-3000:]
+            raise BenchError(f"the worker exited with status {self.proc.returncode}:\n{log}")
+
+    def wait_ready(self, processes: int = 1) -> None:
+        def ready() -> bool:
+            self.check()
+            return len(list(self.out.glob("ready-*"))) >= processes
+
+        wait_until(ready, timeout=60, what="the worker to start")
+
+    def wait(self, done: Any, *, timeout: float, what: str) -> None:
+        def check() -> bool:
+            self.check()
+            return bool(done())
+
+        wait_until(check, timeout=timeout, what=what, interval=0.01)
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Stop the worker gracefully; return what each of its processes recorded."""
+        status = Children.stop(self.proc)
+        stats = [json.loads(p.read_text()) for p in sorted(self.out.glob("stats-*.json"))]
+        if status != 0 or not stats:
+            log = self.log.read_text(errors="replace")[-3000:]
+            raise BenchError(f"the worker exited with status {status}, stats {len(stats)}:\n{log}")
+        return stats
+
+    def rss_mb(self) -> float:
+        """The worker process's resident set (single-process workers)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise BenchError("no VmRSS in /proc/<pid>/status")
+
+
+def groups_done(r: redis.Redis, stream: str, groups: list[str], n: int) -> bool:
+    """True once every group has read at least `n` entries of `stream` and acked them all."""
+    try:
+        infos = {g["name"]: g for g in r.xinfo_groups(stream)}
+    except redis.ResponseError:
+        return False
+    for group in groups:
+        info = infos.get(group)
+        if info is None or info["pending"]:
+            return False
+        read = info.get("entries-read")
+        if (read is None and info.get("lag") != 0) or (read is not None and read < n):
+            return False
+    return True
+
+
+def drain(
+    server: RedisServer,
+    children: Children,
+    cfg: Config,
+    out: Path,
+    *,
+    n: int,
+    fanout: int = 1,
+    processes: int = 1,
+) -> dict[str, float]:
+    """Pre-fill N events, start a worker whose `fanout` agents each handle all of them, and
+    time it from its first handled event to its last. Returns events/s and, for one process,
+    its CPU seconds per event over that window."""
+    groups = [f"sink_{i}" for i in range(fanout)]
+    with server.client() as r:
+        r.flushall()
+        asyncio.run(_prefill(server.url, n, cfg.batch))
+        for group in groups:
+            r.xgroup_create(stream_key(), group, id="0", mkstream=True)
+        worker = WorkerRun(
+            children,
+            server,
+            "drain",
+            out,
+            fanout=fanout,
+            processes=processes,
+            expect=n * fanout if processes == 1 else None,
+        )
+        worker.wait(
+            lambda: groups_done(r, stream_key(), groups, n),
+            timeout=60 + n * fanout / 500,
+            what=f"the worker to drain {n} events into {fanout} agent(s)",
+        )
+    stats = worker.stop()
+    handled = sum(s["count"] for s in stats)
+    if handled != n * fanout:
+        raise BenchError(f"the worker handled {handled} events, not {n * fanout}")
+    busy = [s for s in stats if s["count"]]
+    elapsed = max(s["last"] for s in busy) - min(s["first"] for s in busy)
+    result = {"rate": n / elapsed}
+    if processes == 1 and busy[0]["cpu"] is not None:
+        result["cpu"] = busy[0]["cpu"] / n
+    return result
+
+
+def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> dict[str, float]:
+    """`app.publish` at a steady rate from this process; a worker process handles them."""
+    from bench.cases.raw import latencies
+
+    warmup = round(cfg.warmup_seconds * cfg.rate)
+    total = warmup + round(cfg.latency_seconds * cfg.rate)
+    with server.client() as r:
+        r.flushall()
+        r.xgroup_create(stream_key(), "latency", id="0", mkstream=True)
+        worker = WorkerRun(children, server, "latency", out, expect=total)
+        worker.wait_ready()
+        time.sleep(0.5)  # past the startup hooks: subscribed and fetching
+
+        async def publish() -> None:
+            app = build_app("latency", topic=TOPIC, broker=server.url)
+            async with app:
+
+                async def send(i: int) -> None:
+                    await app.publish(TOPIC, make_event(i, sent_at=time.monotonic()))
+
+                achieved = await paced(cfg.rate, total, send)
+            if achieved < 0.95 * cfg.rate:
+                progress(f"  note: the publisher reached only {achieved:,.0f} events/s")
+
+        asyncio.run(publish())
+        worker.wait(
+            lambda: groups_done(r, stream_key(), ["latency"], total),
+            timeout=60,
+            what="the worker to handle the latency run's events",
+        )
+    stats = worker.stop()
+    return latencies("omni", stats[0]["latencies"], warmup)
+
+
+def memory(server: RedisServer, children: Children, cfg: Config, out: Path) -> dict[str, float]:
+    """RSS of an idle worker, then of the same worker once `memory_events` events wait in its
+    agent's scheduled retries (its handler raises `Retry(delay=3600)`)."""
+    m = cfg.memory_events
+    due_key = f"omni:{{{TOPIC}}}:due:parked"
+    with server.client() as r:
+        r.flushall()
+        worker = WorkerRun(children, server, "retry", out)
+        worker.wait_ready()
+        worker.wait(
+            lambda: groups_done(r, stream_key(), ["parked"], 0),
+            timeout=30,
+            what="the worker to subscribe",
+        )
+        time.sleep(1.0)
+        idle = worker.rss_mb()
+        asyncio.run(_publish_parked(server.url, m, cfg.batch))
+        worker.wait(
+            lambda: r.zcard(due_key) >= m and groups_done(r, stream_key(), ["parked"], m),
+            timeout=60 + m / 200,
+            what=f"{m} events to be scheduled for retry",
+        )
+        time.sleep(1.0)
+        loaded = worker.rss_mb()
+        scheduled = int(r.zcard(due_key))
+    worker.stop()
+    if scheduled != m:
+        raise BenchError(f"{scheduled} retries scheduled, not {m}")
+    return {"memory.rss_idle": idle, "memory.rss": loaded}
+
+
+async def _publish_parked(url: str, n: int, batch: int) -> None:
+    app = build_app("retry", topic=TOPIC, broker=url)
+    async with app:
+        for i in range(0, n, batch):
+            await app.publish_many([(TOPIC, make_event(j)) for j in range(i, min(n, i + batch))])

@@ -1,0 +1,269 @@
+"""The benchmark's plumbing: its redis-server, its child processes, progress lines, settings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from bench.peers._shared import BenchEvent, make_event
+
+__all__ = [
+    "ROOT",
+    "BenchError",
+    "BenchEvent",
+    "Children",
+    "Config",
+    "Measure",
+    "RedisServer",
+    "machine_info",
+    "make_event",
+    "median",
+    "progress",
+    "wait_until",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository: the cwd of every worker, so that `bench.apps` imports."""
+
+T = TypeVar("T")
+_START = time.monotonic()
+
+
+class BenchError(RuntimeError):
+    """A case could not be measured (a process died, a drain never finished, ...)."""
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"[bench {time.monotonic() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def wait_until(
+    check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll `check()` until it returns something other than None/False; `BenchError` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Config:
+    """What one invocation measures."""
+
+    n: int = 20_000
+    reps: int = 3
+    cases: tuple[str, ...] = ("publish", "drain", "latency", "scale", "fanout", "memory")
+    peers: bool = True
+    rate: float = 1000.0
+    latency_seconds: float = 10.0
+    warmup_seconds: float = 1.0
+    batch: int = 1000
+    processes: tuple[int, ...] = (1, 2, 4)
+    fanout: tuple[int, ...] = (1, 4, 16)
+    fanout_n: int = 5_000
+    memory_events: int = 10_000
+    mode: str = "full"  # full | quick | smoke
+
+
+@dataclass
+class Measure:
+    """One figure: its value in each repetition, and how it compares to raw."""
+
+    case: str
+    figure: str
+    unit: str
+    runs: list[float] = field(default_factory=list)
+    raw: str | None = None  # key of the raw figure this one is a ratio of
+    higher_is_better: bool = True
+    target: str = ""
+    ok: bool | None = None
+    note: str = ""
+
+    @property
+    def value(self) -> float:
+        return median(self.runs) if self.runs else float("nan")
+
+
+class RedisServer:
+    """A `redis-server` on a free 127.0.0.1 port, no persistence, data in a temporary folder."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise BenchError(
+                "redis-server is not installed: install it (e.g. `bash scripts/test.sh`, which "
+                "apt-installs it, or `sudo apt-get install -y redis-server`)"
+            )
+        self.binary = binary
+        self.directory = Path(tempfile.mkdtemp(prefix="omnibench-redis-"))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def start(self) -> None:
+        args = [
+            self.binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "yes",
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                        raise BenchError(f"redis-server did not start:\n{log}") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def version(self) -> str:
+        with contextlib.closing(self.client()) as r:
+            info: dict[str, Any] = r.info("server")
+        return str(info.get("redis_version", "?"))
+
+
+class Children:
+    """The processes the benchmark started: each one is stopped (by its pid) when the
+    benchmark ends, whatever way it ends."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdout: Any = subprocess.DEVNULL,
+        stderr: Any = None,
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
+        self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], *, timeout: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout` seconds; return the exit status."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return int(proc.returncode)
+
+    def stop_all(self) -> None:
+        for proc in self._procs:
+            self.stop(proc, timeout=5)
+        self._procs.clear()
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="omnibench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory() -> str:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
+    return "?"
+
+
+def machine_info(server: RedisServer) -> dict[str, str]:
+    """Versions and hardware, for the report."""
+    from importlib.metadata import version
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 0
+    return {
+        "python": platform.python_version(),
+        "redis-py": version("redis"),
+        "pydantic": version("pydantic"),
+        "omnidaemon": version("omnidaemon"),
+        "redis-server": server.version(),
+        "cpu": _cpu_model(),
+        "cores": str(cores),
+        "memory": _memory(),
+        "os": f"{platform.system()} {platform.release()}",
+    }

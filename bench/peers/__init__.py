@@ -1,0 +1,2 @@
+"""The peers' drivers (run inside bench/.peers-venv, never importing omnidaemon) and what they share
+with the benchmark."""
