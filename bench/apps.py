@@ -22,10 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.peers._shared import BenchEvent, Recorder
 from omnidaemon import App, Retry
 from omnidaemon.brokers import Broker
-
-from bench.peers._shared import BenchEvent, Recorder
 
 __all__ = ["BenchEvent", "build_app"]
 

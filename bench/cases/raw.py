@@ -86,13 +86,10 @@ async def prefill(url: str, events: list[BenchEvent], batch: int = 1000) -> None
 
 
 def _consumer(children: Children, server: RedisServer, mode: str, expect: int, out: Path) -> Any:
+    argv = [sys.executable, "-m", "bench.cases.raw", mode, "--url", server.url]
+    argv += ["--expect", str(expect), "--out", str(out)]
     return children.start(
-        [
-            sys.executable, "-m", "bench.cases.raw", mode,
-            "--url", server.url, "--expect", str(expect), "--out", str(out),
-        ],  # fmt: skip
-        stdout=subprocess.PIPE,
-        stderr=(out / "raw-consumer.log").open("wb"),
+        argv, stdout=subprocess.PIPE, stderr=(out / "raw-consumer.log").open("wb")
     )
 
 
@@ -143,7 +140,9 @@ def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> 
 
             async def send(i: int) -> None:
                 event = make_event(i, sent_at=time.monotonic())
-                await r.xadd(STREAM, {"e": event.model_dump_json()}, maxlen=MAXLEN, approximate=True)
+                await r.xadd(
+                    STREAM, {"e": event.model_dump_json()}, maxlen=MAXLEN, approximate=True
+                )
 
             await paced(cfg.rate, total, send)
         finally:
@@ -190,9 +189,7 @@ async def _consume(url: str, mode: str, expect: int, out: Path) -> dict[str, Any
         await r.ping()
         (out / f"ready-{os.getpid()}").touch()
         while rec.count < expect:
-            response = await r.xreadgroup(
-                GROUP, consumer, {STREAM: ">"}, count=FETCH, block=2000
-            )
+            response = await r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=FETCH, block=2000)
             for _stream, entries in response or ():
                 ids = []
                 for entry_id, fields in entries:

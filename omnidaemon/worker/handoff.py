@@ -18,12 +18,16 @@ class HandOff(Generic[T]):
     Lighter than a memory object stream for the consume loop's use: `get` returns at once,
     without a scheduling round, when an item is waiting, and `put` wakes exactly one idle task.
     The producer bounds what is queued itself (it fetches only what there is capacity for).
+    Make it inside the event loop that uses it.
     """
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._closed = False
+        # The running backend's event class, made directly: `anyio.Event()` looks the backend
+        # up on every call, which costs more than the rest of a hand-off.
+        self._new_event = type(anyio.Event())
 
     def put(self, item: T) -> None:
         """Queue `item` and wake one idle task."""
@@ -43,7 +47,7 @@ class HandOff(Generic[T]):
             if self._closed:
                 return None
             # Woken by `put`; another task may have taken the item meanwhile, so look again.
-            event = anyio.Event()
+            event = self._new_event()
             self._idle.append(event)
             await event.wait()
         return self._items.popleft()
