@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +28,14 @@ __all__ = [
     "BenchEvent",
     "Children",
     "Config",
-    "Measure",
     "RedisServer",
+    "blocked_readers",
     "machine_info",
     "make_event",
     "median",
     "progress",
+    "release",
+    "scratch_dir",
     "wait_until",
 ]
 
@@ -72,6 +74,24 @@ def wait_until(
         time.sleep(interval)
 
 
+def blocked_readers(r: redis.Redis) -> int:
+    """How many clients of the server are blocked in XREADGROUP: consumers that started,
+    found nothing to read, and now wait for entries."""
+    return sum(
+        1
+        for client in r.client_list()
+        if client.get("cmd") == "xreadgroup" and "b" in client.get("flags", "")
+    )
+
+
+def release(r: redis.Redis, stream: str, groups: Sequence[str]) -> None:
+    """Make a pre-filled stream's entries visible to groups created at its end (`$`): move
+    them back to its start. The consumers still blocked in XREADGROUP see them on the
+    stream's next XADD, all at once."""
+    for group in groups:
+        r.xgroup_setid(stream, group, "0", entries_read=0)
+
+
 @dataclass
 class Config:
     """What one invocation measures."""
@@ -86,28 +106,8 @@ class Config:
     batch: int = 1000
     processes: tuple[int, ...] = (1, 2, 4)
     fanout: tuple[int, ...] = (1, 4, 16)
-    fanout_n: int = 5_000
     memory_events: int = 10_000
     mode: str = "full"  # full | quick | smoke
-
-
-@dataclass
-class Measure:
-    """One figure: its value in each repetition, and how it compares to raw."""
-
-    case: str
-    figure: str
-    unit: str
-    runs: list[float] = field(default_factory=list)
-    raw: str | None = None  # key of the raw figure this one is a ratio of
-    higher_is_better: bool = True
-    target: str = ""
-    ok: bool | None = None
-    note: str = ""
-
-    @property
-    def value(self) -> float:
-        return median(self.runs) if self.runs else float("nan")
 
 
 class RedisServer:
@@ -191,16 +191,19 @@ class Children:
         *,
         env: dict[str, str] | None = None,
         stdout: Any = subprocess.DEVNULL,
-        stderr: Any = None,
+        log: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-        )
+        """Start `argv` in the repository, its stderr into `log` (else inherited)."""
+        with contextlib.ExitStack() as stack:
+            stderr = stack.enter_context(log.open("wb")) if log is not None else None
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
         self._procs.append(proc)
         return proc
 
@@ -250,8 +253,12 @@ def _memory() -> str:
 
 def machine_info(server: RedisServer) -> dict[str, str]:
     """Versions and hardware, for the report."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        hiredis = version("hiredis")
+    except PackageNotFoundError:
+        hiredis = "not installed"
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -259,6 +266,7 @@ def machine_info(server: RedisServer) -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "redis-py": version("redis"),
+        "hiredis": hiredis,
         "pydantic": version("pydantic"),
         "omnidaemon": version("omnidaemon"),
         "redis-server": server.version(),

@@ -1,11 +1,10 @@
 """omnidaemon: publishing from the benchmark's process, and workers as separate processes.
 
 Drains are timed inside the worker, from its first handled event to the last one (the
-`Recorder` of `bench.apps`, written to a file when the worker stops). So neither the worker's
-start-up (imports, connecting, creating groups) nor its shutdown is counted, and the stream is
-pre-filled and its consumer groups pre-created before the worker starts. The benchmark only
-waits, polling XINFO GROUPS, until every group has read all N entries with none pending, and
-then stops the worker.
+`Recorder` of `bench.apps`, written to a file when the worker stops), and start only once the
+worker waits for events (see `drain`); so neither the worker's start-up (imports, connecting,
+creating groups) nor its shutdown is counted. The benchmark meanwhile polls XINFO GROUPS until
+every group has read all N entries with none pending, and then stops the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from bench.common import (
     Children,
     Config,
     RedisServer,
+    blocked_readers,
     make_event,
     progress,
+    release,
     wait_until,
 )
 from bench.peers._shared import BenchEvent, paced
@@ -111,7 +113,7 @@ class WorkerRun:
             "OMNI_BENCH_OUT": str(out),
             "OMNI_BENCH_EXPECT": str(expect or ""),
         }
-        self.proc = children.start(argv, env=env, stderr=self.log.open("wb"))
+        self.proc = children.start(argv, env=env, log=self.log)
 
     def check(self) -> None:
         """`BenchError` with the end of the worker's log if it exited."""
@@ -126,7 +128,7 @@ class WorkerRun:
 
         wait_until(ready, timeout=60, what="the worker to start")
 
-    def wait(self, done: Any, *, timeout: float, what: str) -> None:
+    def wait(self, done: Callable[[], object], *, timeout: float, what: str) -> None:
         def check() -> bool:
             self.check()
             return bool(done())
@@ -176,15 +178,21 @@ def drain(
     fanout: int = 1,
     processes: int = 1,
 ) -> dict[str, float]:
-    """Pre-fill N events, start a worker whose `fanout` agents each handle all of them, and
-    time it from its first handled event to its last. Returns events/s and, for one process,
-    its CPU seconds per event over that window."""
+    """Time a worker (`processes` processes, `fanout` agents on the topic, each handling every
+    event) draining N pre-filled events, from its first handled event to its last. Returns
+    events/s and, for one process, its CPU seconds per event over that window.
+
+    The worker starts with nothing to read: N-1 events are pre-filled and its groups created
+    at the stream's end. Once all its processes wait in XREADGROUP, the groups are moved back
+    to the stream's start and the N-th event is published, which wakes them all at once; so
+    neither start-up nor processes starting at different times are counted.
+    """
     groups = [f"sink_{i}" for i in range(fanout)]
     with server.client() as r:
         r.flushall()
-        asyncio.run(_prefill(server.url, n, cfg.batch))
+        asyncio.run(_prefill(server.url, n - 1, cfg.batch))
         for group in groups:
-            r.xgroup_create(stream_key(), group, id="0", mkstream=True)
+            r.xgroup_create(stream_key(), group, id="$", mkstream=True)
         worker = WorkerRun(
             children,
             server,
@@ -194,6 +202,13 @@ def drain(
             processes=processes,
             expect=n * fanout if processes == 1 else None,
         )
+        worker.wait(
+            lambda: blocked_readers(r) >= processes * fanout,
+            timeout=60,
+            what="the worker to start and wait for events",
+        )
+        release(r, stream_key(), groups)
+        asyncio.run(_publish_one(server.url, n - 1))
         worker.wait(
             lambda: groups_done(r, stream_key(), groups, n),
             timeout=60 + n * fanout / 500,
@@ -211,6 +226,12 @@ def drain(
     return result
 
 
+async def _publish_one(url: str, seq: int) -> None:
+    app = build_app("drain", topic=TOPIC, broker=url)
+    async with app:
+        await app.publish(TOPIC, make_event(seq))
+
+
 def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> dict[str, float]:
     """`app.publish` at a steady rate from this process; a worker process handles them."""
     from bench.cases.raw import latencies
@@ -221,8 +242,7 @@ def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> 
         r.flushall()
         r.xgroup_create(stream_key(), "latency", id="0", mkstream=True)
         worker = WorkerRun(children, server, "latency", out, expect=total)
-        worker.wait_ready()
-        time.sleep(0.5)  # past the startup hooks: subscribed and fetching
+        worker.wait(lambda: blocked_readers(r) >= 1, timeout=60, what="the worker to start")
 
         async def publish() -> None:
             app = build_app("latency", topic=TOPIC, broker=server.url)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,20 @@ REQUIREMENTS = ROOT / "bench" / "peers" / "requirements.txt"
 _MARKER = VENV / ".bench-requirements"  # the requirements last installed successfully
 
 
+def _wanted() -> str:
+    """The peers' requirements; with redis-py's C parser (hiredis) when the project's venv
+    has it, so that the peers parse Redis replies the way omnidaemon and the raw loop do."""
+    wanted = REQUIREMENTS.read_text()
+    try:
+        hiredis = version("hiredis")
+    except PackageNotFoundError:
+        return wanted
+    return wanted + f"# as in the project's venv\nhiredis=={hiredis}\n"
+
+
 def ensure_venv() -> tuple[Path | None, str]:
     """The peers venv's python, installing it if needed; or None and why not."""
-    wanted = REQUIREMENTS.read_text()
+    wanted = _wanted()
     python = VENV / "bin" / "python"
     if python.exists() and _MARKER.exists() and _MARKER.read_text() == wanted:
         return python, ""
@@ -34,9 +46,11 @@ def ensure_venv() -> tuple[Path | None, str]:
                 capture_output=True,
                 timeout=300,
             )
+        requirements = VENV / "bench-requirements.txt"
+        requirements.write_text(wanted)
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run(
-            [*pip, "-r", str(REQUIREMENTS)], check=True, capture_output=True, timeout=900
+            [*pip, "-r", str(requirements)], check=True, capture_output=True, timeout=900
         )
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
@@ -52,9 +66,7 @@ def _run(
 ) -> dict[str, Any]:
     log = out / f"{peer}-driver.log"
     script = ROOT / "bench" / "peers" / f"{peer}_driver.py"
-    proc = children.start(
-        [str(python), str(script), *args], stdout=subprocess.PIPE, stderr=log.open("wb")
-    )
+    proc = children.start([str(python), str(script), *args], stdout=subprocess.PIPE, log=log)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -25,7 +25,16 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from bench.common import BenchError, Children, Config, RedisServer, make_event, wait_until
+from bench.common import (
+    BenchError,
+    Children,
+    Config,
+    RedisServer,
+    blocked_readers,
+    make_event,
+    release,
+    wait_until,
+)
 from bench.peers._shared import BenchEvent, Recorder, paced
 
 STREAM = "bench:raw"
@@ -73,6 +82,14 @@ def publish(server: RedisServer, cfg: Config) -> dict[str, float]:
     return asyncio.run(_publish_rates(server.url, events, cfg.batch))
 
 
+def warm_server(server: RedisServer, cfg: Config) -> None:
+    """Fill and empty the fresh server once, unmeasured, so that the first case measured does
+    not pay for the server's first memory allocations."""
+    asyncio.run(prefill(server.url, [make_event(i) for i in range(cfg.n)], cfg.batch))
+    with server.client() as r:
+        r.flushall()
+
+
 async def prefill(url: str, events: list[BenchEvent], batch: int = 1000) -> None:
     r = aioredis.Redis.from_url(url)
     try:
@@ -87,10 +104,8 @@ async def prefill(url: str, events: list[BenchEvent], batch: int = 1000) -> None
 
 def _consumer(children: Children, server: RedisServer, mode: str, expect: int, out: Path) -> Any:
     argv = [sys.executable, "-m", "bench.cases.raw", mode, "--url", server.url]
-    argv += ["--expect", str(expect), "--out", str(out)]
-    return children.start(
-        argv, stdout=subprocess.PIPE, stderr=(out / "raw-consumer.log").open("wb")
-    )
+    argv += ["--expect", str(expect)]
+    return children.start(argv, stdout=subprocess.PIPE, log=out / "raw-consumer.log")
 
 
 def _result(proc: Any, out: Path, timeout: float) -> dict[str, Any]:
@@ -107,13 +122,21 @@ def _result(proc: Any, out: Path, timeout: float) -> dict[str, Any]:
 
 
 def drain(server: RedisServer, children: Children, cfg: Config, out: Path) -> dict[str, float]:
-    """Pre-fill the stream with N events, then time one consumer process from its first
-    handled event to its N-th."""
+    """Time one consumer process draining N pre-filled events, from its first handled event
+    to its N-th; it starts, as omnidaemon's workers do, with nothing to read until it waits in
+    XREADGROUP (see `bench.cases.omni.drain`)."""
     with server.client() as r:
         r.flushall()
-        asyncio.run(prefill(server.url, [make_event(i) for i in range(cfg.n)]))
-        r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    proc = _consumer(children, server, "drain", cfg.n, out)
+        asyncio.run(prefill(server.url, [make_event(i) for i in range(cfg.n - 1)]))
+        r.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
+        proc = _consumer(children, server, "drain", cfg.n, out)
+        wait_until(
+            lambda: blocked_readers(r) >= 1 or proc.poll() is not None,
+            timeout=30,
+            what="the raw consumer to start",
+        )
+        release(r, STREAM, [GROUP])
+        asyncio.run(prefill(server.url, [make_event(cfg.n - 1)]))
     stats = _result(proc, out, timeout=60 + cfg.n / 1000)
     elapsed = stats["last"] - stats["first"]
     return {"raw.drain": cfg.n / elapsed, "raw.drain_cpu": stats["cpu"] / cfg.n}
@@ -127,11 +150,12 @@ def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> 
         r.flushall()
         r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     proc = _consumer(children, server, "latency", total, out)
-    wait_until(
-        lambda: any(out.glob("ready-*")) or proc.poll() is not None,
-        timeout=30,
-        what="the raw consumer to start",
-    )
+    with server.client() as r:
+        wait_until(
+            lambda: blocked_readers(r) >= 1 or proc.poll() is not None,
+            timeout=30,
+            what="the raw consumer to start",
+        )
 
     async def publish() -> None:
         r = aioredis.Redis.from_url(server.url)
@@ -150,8 +174,6 @@ def latency(server: RedisServer, children: Children, cfg: Config, out: Path) -> 
 
     asyncio.run(publish())
     stats = _result(proc, out, timeout=60)
-    for ready in out.glob("ready-*"):
-        ready.unlink()
     return latencies("raw", stats["latencies"], warmup)
 
 
@@ -171,7 +193,7 @@ def latencies(name: str, samples: list[list[float]], warmup: int) -> dict[str, f
 # python -m bench.cases.raw drain|latency ... ----------------------------------------------------
 
 
-async def _consume(url: str, mode: str, expect: int, out: Path) -> dict[str, Any]:
+async def _consume(url: str, mode: str, expect: int) -> dict[str, Any]:
     r = aioredis.Redis.from_url(url)
     rec = Recorder(expect)
     consumer = f"raw-{os.getpid()}"
@@ -187,9 +209,10 @@ async def _consume(url: str, mode: str, expect: int, out: Path) -> dict[str, Any
 
     try:
         await r.ping()
-        (out / f"ready-{os.getpid()}").touch()
         while rec.count < expect:
-            response = await r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=FETCH, block=2000)
+            response: Any = await r.xreadgroup(
+                GROUP, consumer, {STREAM: ">"}, count=FETCH, block=2000
+            )
             for _stream, entries in response or ():
                 ids = []
                 for entry_id, fields in entries:
@@ -206,10 +229,9 @@ def main() -> None:
     parser.add_argument("mode", choices=["drain", "latency"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--expect", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
-        summary = asyncio.run(_consume(args.url, args.mode, args.expect, args.out))
+        summary = asyncio.run(_consume(args.url, args.mode, args.expect))
     except redis.RedisError as exc:
         print(f"raw consumer: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -21,5 +21,5 @@ def processes(
 def fanout(
     server: RedisServer, children: Children, cfg: Config, out: Path, agents: int
 ) -> dict[str, float]:
-    result = omni.drain(server, children, cfg, out, n=cfg.fanout_n, fanout=agents)
+    result = omni.drain(server, children, cfg, out, n=cfg.n, fanout=agents)
     return {f"fanout.k{agents}": result["rate"], f"fanout.k{agents}_cpu": result["cpu"]}

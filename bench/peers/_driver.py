@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,17 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from _shared import BenchEvent, Recorder, emit, make_event, paced
 
-__all__ = ["Peer", "main"]
+__all__ = ["Peer", "main", "redis_versions"]
+
+
+def redis_versions() -> dict[str, str]:
+    """redis-py's version, and hiredis's if it is installed (redis-py then parses with it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"redis-py": version("redis")}
+    with contextlib.suppress(PackageNotFoundError):
+        found["hiredis"] = version("hiredis")
+    return found
 
 
 class Peer(Protocol):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 
-from _driver import main
+from _driver import main, redis_versions
 from _shared import BenchEvent, make_event
 from taskiq.api import run_receiver_task
 from taskiq_redis import RedisStreamBroker
@@ -37,7 +37,7 @@ class TaskiqPeer:
         return {
             "taskiq": version("taskiq"),
             "taskiq-redis": version("taskiq-redis"),
-            "redis-py": version("redis"),
+            **redis_versions(),
         }
 
     def _broker(self, url: str) -> RedisStreamBroker:

@@ -1,0 +1,257 @@
+"""`python -m bench`: run the benchmark, print the table, and (on a full run) write RESULTS.md.
+
+    python -m bench                       # everything, N = 20,000, median of 3 runs
+    python -m bench --quick               # N = 5,000, one run of each case
+    python -m bench --smoke               # a few seconds: N = 500, one run, no peers (CI)
+    python -m bench --cases drain,latency --no-peers -n 50000
+
+Progress goes to stderr, the table to stdout. Exit status: 0 when every case was measured
+(whether or not targets were met), 1 when a case failed, 2 when the benchmark cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+from bench import report
+from bench.cases import memory, omni, peers, raw, scale
+from bench.common import (
+    BenchError,
+    Children,
+    Config,
+    RedisServer,
+    machine_info,
+    progress,
+    scratch_dir,
+)
+
+CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
+
+
+def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="omnidaemon's benchmark against raw redis-py, FastStream and Taskiq.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="N = 5,000, one run of each case")
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds: N = 500, one run, 1 s of latency, no peers, 1 process only",
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated, from {','.join(CASES)} (default: all)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
+    parser.add_argument("-n", type=int, help="events per case (default 20,000)")
+    parser.add_argument("--reps", type=int, help="runs of each case; the median is shown")
+    parser.add_argument("--latency-seconds", type=float, help="length of a latency run")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not write bench/RESULTS.md even on a full run"
+    )
+    args = parser.parse_args(argv)
+
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    cfg = Config(cases=tuple(c for c in CASES if c in cases), peers=not args.no_peers)
+    if args.quick:
+        cfg.mode, cfg.n, cfg.reps, cfg.latency_seconds = "quick", 5_000, 1, 3.0
+    elif args.smoke:
+        cfg.mode, cfg.n, cfg.reps, cfg.peers = "smoke", 500, 1, False
+        cfg.latency_seconds, cfg.warmup_seconds = 1.0, 0.2
+        cfg.processes, cfg.fanout, cfg.memory_events = (1,), (1,), 500
+    if args.n is not None:
+        cfg.n = max(100, args.n)
+    if args.reps is not None:
+        cfg.reps = max(1, args.reps)
+    if args.latency_seconds is not None:
+        cfg.latency_seconds = max(0.5, args.latency_seconds)
+    full = cfg.mode == "full" and cfg.cases == CASES and cfg.peers and not args.no_write
+    return cfg, full
+
+
+class Bench:
+    """One invocation: the server, the children, and the figures collected so far."""
+
+    def __init__(self, cfg: Config, server: RedisServer, children: Children, out: Path) -> None:
+        self.cfg = cfg
+        self.server = server
+        self.children = children
+        self.out = out
+        self.results: dict[str, list[float]] = defaultdict(list)
+        self.notes: list[str] = []
+        self.failed = False
+        self.peers_python: Path | None = None
+
+    def measure(self, what: str, run: Callable[[], dict[str, float]]) -> bool:
+        """Run one repetition of one case; a failure is noted and the benchmark goes on."""
+        try:
+            figures = run()
+        except Exception as exc:  # noted in the report; the other cases still run
+            self.failed = True
+            reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
+            progress(f"{what}: FAILED: {reason}")
+            self.notes.append(f"{what} failed: {(reason.splitlines() or ['?'])[0]}")
+            return False
+        for key, value in figures.items():
+            self.results[key].append(value)
+        shown = ", ".join(f"{k} {v:,.6g}" for k, v in figures.items())
+        progress(f"{what}: {shown}")
+        return True
+
+    def reps(self) -> range:
+        return range(1, self.cfg.reps + 1)
+
+    def run(self) -> None:
+        cfg, s, ch, out = self.cfg, self.server, self.children, self.out
+        cases = set(cfg.cases)
+        if cfg.peers and cases & {"drain", "latency"}:
+            self.peers_python, why = peers.ensure_venv()
+            if self.peers_python is None:
+                self.notes.append(f"peers skipped: {why}")
+                progress(f"peers skipped: {why}")
+        peer_names = peers.PEERS if self.peers_python is not None else ()
+        if not cfg.peers:
+            self.notes.append("FastStream and Taskiq not run (--no-peers or --smoke)")
+        if cfg.mode == "smoke":
+            self.notes.append("smoke run: too few events for the figures to mean anything")
+
+        raw.warm_server(s, cfg)
+        if "publish" in cases:
+            for i in self.reps():
+                self.measure(f"publish raw #{i}", lambda: raw.publish(s, cfg))
+                self.measure(f"publish omnidaemon #{i}", lambda: omni.publish(s, cfg))
+
+        if cases & {"drain", "scale", "fanout"}:
+            for i in self.reps():
+                self.measure(f"drain raw #{i}", lambda: raw.drain(s, ch, cfg, out))
+                if "drain" in cases:
+                    self.measure(f"drain omnidaemon #{i}", lambda: self._omni_drain())
+                    for peer in peer_names:
+                        run = partial(peers.drain, self._python(), ch, s, cfg, out, peer)
+                        self.measure(f"drain {peer} #{i}", run)
+
+        if "latency" in cases:
+            for i in self.reps():
+                self.measure(f"latency raw #{i}", lambda: raw.latency(s, ch, cfg, out))
+                self.measure(f"latency omnidaemon #{i}", lambda: omni.latency(s, ch, cfg, out))
+                for peer in peer_names:
+                    run = partial(peers.latency, self._python(), ch, s, cfg, out, peer)
+                    self.measure(f"latency {peer} #{i}", run)
+
+        if "scale" in cases:
+            for i in self.reps():
+                for count in cfg.processes:
+                    if count == 1 and "drain" in cases:
+                        continue  # the same measurement as the drain row: reused below
+                    run = partial(scale.processes, s, ch, cfg, out, count)
+                    self.measure(f"scale {count} process(es) #{i}", run)
+            if 1 in cfg.processes and "drain" in cases:
+                self.results["scale.p1"] = list(self.results.get("omni.drain", []))
+
+        if "fanout" in cases:
+            for i in self.reps():
+                for agents in cfg.fanout:
+                    if agents == 1 and "drain" in cases:
+                        continue  # the same measurement as the drain row: reused below
+                    run = partial(scale.fanout, s, ch, cfg, out, agents)
+                    self.measure(f"fan-out {agents} agent(s) #{i}", run)
+            if 1 in cfg.fanout and "drain" in cases:
+                self.results["fanout.k1"] = list(self.results.get("omni.drain", []))
+                self.results["fanout.k1_cpu"] = list(self.results.get("omni.drain_cpu", []))
+
+        if "memory" in cases:
+            for i in self.reps():
+                self.measure(f"memory #{i}", lambda: memory.memory(s, ch, cfg, out))
+
+    def _omni_drain(self) -> dict[str, float]:
+        result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
+        return {"omni.drain": result["rate"], "omni.drain_cpu": result["cpu"]}
+
+    def _python(self) -> Path:
+        assert self.peers_python is not None
+        return self.peers_python
+
+    def peer_versions(self) -> str:
+        if self.peers_python is None:
+            return "not run"
+        found: dict[str, str] = {}
+        for peer in peers.PEERS:
+            with contextlib.suppress(BenchError):
+                found.update(peers.versions(self.peers_python, self.children, peer, self.out))
+        names = {
+            "faststream": "FastStream",
+            "taskiq": "Taskiq",
+            "taskiq-redis": "taskiq-redis",
+            "hiredis": "with hiredis",
+        }
+        return ", ".join(f"{name} {found[key]}" for key, name in names.items() if key in found)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, full = parse_args(argv)
+    # Ctrl-C and SIGTERM stop the benchmark, its workers and its server, even when it was
+    # started where SIGINT is ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    started = time.monotonic()
+    try:
+        server = RedisServer()
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    children = Children()
+    try:
+        progress(f"starting redis-server on 127.0.0.1:{server.port}")
+        server.start()
+        with scratch_dir() as out:
+            bench = Bench(cfg, server, children, out)
+            info = machine_info(server)
+            progress(
+                f"{cfg.mode} run: N={cfg.n:,}, {cfg.reps} run(s) of {', '.join(cfg.cases)}; "
+                f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, "
+                f"redis-server {info['redis-server']}"
+            )
+            bench.run()
+            info["peers"] = bench.peer_versions()
+    except KeyboardInterrupt:
+        print("bench: interrupted; the server and workers were stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        children.stop_all()
+        server.stop()
+
+    elapsed = time.monotonic() - started
+    printed, markdown, _ = report.render(bench.results, cfg, info, elapsed, bench.notes)
+    print(printed, flush=True)
+    if full:
+        report.RESULTS_MD.write_text(markdown + "\n")
+        progress(f"wrote {report.RESULTS_MD.relative_to(report.RESULTS_MD.parent.parent)}")
+    else:
+        progress("bench/RESULTS.md not written (only a full run writes it)")
+    return 1 if bench.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

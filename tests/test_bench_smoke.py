@@ -1,0 +1,42 @@
+"""The benchmark (`bench/`, issue 6) still runs: `python -m bench --smoke` end to end.
+
+Not a performance test: the smoke mode measures 500 events once, and no figure is checked,
+only that every case ran and is in the table. The benchmark starts its own redis-server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_every_case() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    for figure in (
+        "publish: pipelined XADD",
+        "publish: app.publish_many",
+        "publish: one awaited app.publish",
+        "drain: XREADGROUP 100 + XACK per batch",
+        "drain: 1 worker process",
+        "latency p50: XADD → XREADGROUP BLOCK",
+        "latency p50: publish → handler",
+        "1 agent: worker CPU per event",
+        "worker RSS, retries scheduled",
+    ):
+        assert figure in table, f"{figure!r} missing from:\n{table}"
+    assert "failed" not in table
+    assert "RESULTS.md not written" in done.stderr  # a smoke run never overwrites the results
