@@ -15,7 +15,7 @@ from typing import Any, Literal
 import anyio
 import orjson
 
-from omnidaemon.brokers.base import Broker, GroupInfo
+from omnidaemon.brokers.base import Broker, GroupInfo, TopicInfo
 from omnidaemon.metrics import AgentMetricsSnapshot
 from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
@@ -25,6 +25,7 @@ __all__ = [
     "HealthStatus",
     "WorkerStatus",
     "check_health",
+    "describe_topics",
     "fleet_metrics",
     "group_infos",
     "live_workers",
@@ -144,20 +145,27 @@ async def fleet_metrics(
     return snapshots
 
 
-async def group_infos(broker: Broker, *, include_replies: bool = False) -> list[GroupInfo]:
-    """Every consumer group on the bus, sorted by topic and group.
+async def describe_topics(broker: Broker, *, include_replies: bool = False) -> list[TopicInfo]:
+    """Every topic on the bus with its groups, sorted by name.
 
     The reply topics of requests in progress (`omni-reply.*`) are left out unless
     `include_replies`.
     """
-    groups: list[GroupInfo] = []
+    infos = []
     for name in await broker.topics():
         if not include_replies and name.startswith(REPLY_PREFIX):
             continue
         info = await broker.describe(name)
         if info is not None:
-            groups.extend(info.groups)
-    return groups
+            infos.append(info)
+    return infos
+
+
+async def group_infos(broker: Broker, *, include_replies: bool = False) -> list[GroupInfo]:
+    """Every consumer group on the bus, sorted by topic and group (reply topics of requests
+    in progress left out unless `include_replies`)."""
+    topics = await describe_topics(broker, include_replies=include_replies)
+    return [group for topic in topics for group in topic.groups]
 
 
 @dataclass(frozen=True, slots=True)

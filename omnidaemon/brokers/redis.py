@@ -216,23 +216,19 @@ class RedisBroker(Broker):
 
     async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         key = self.stream_key(topic)
-        if delay <= 0:
-            try:
-                # The common case first, without the retry machinery's set-up.
-                await self.client.xadd(
-                    key, {"e": data}, maxlen=self._maxlen_of(topic), approximate=True
-                )
-                return
-            except AuthenticationError:
-                pass  # reported by the retry path below, as one clear error
-            except _UNAVAILABLE:
-                pass  # retried below, with backoff, until the publish deadline
         maxlen = self._maxlen_of(topic)
 
         async def append() -> None:
             await self.client.xadd(key, {"e": data}, maxlen=maxlen, approximate=True)
 
         if delay <= 0:
+            try:
+                # The common case first, without the retry machinery's set-up; a failure is
+                # retried (or reported) by `_with_publish_deadline` below.
+                await append()
+                return
+            except (AuthenticationError, *_UNAVAILABLE):
+                pass
             await self._with_publish_deadline(append)
             return
         # A delayed entry is held in the topic's delayed set by wall-clock due time; consumers

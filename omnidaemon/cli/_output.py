@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
@@ -70,11 +69,6 @@ def age(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-
-
-def when(moment: datetime | None) -> str:
-    """A timestamp for a table cell, to the second."""
-    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def print_table(

@@ -63,19 +63,11 @@ def list_topics(
 ) -> None:
     """Topics with their length and, per agent (consumer group): lag, pending, retries and
     dead letters."""
-    from omnidaemon.fleet import group_infos
+    from omnidaemon.fleet import describe_topics
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            names = await bus_.topics()
-            infos = [await bus_.describe(name) for name in names]
-            groups = await group_infos(bus_, include_replies=all_topics)
-        wanted = {(g.topic, g.group) for g in groups}
-        topics = [
-            t
-            for t in infos
-            if t is not None and (all_topics or not t.topic.startswith("omni-reply."))
-        ]
+            topics = await describe_topics(bus_, include_replies=all_topics)
         if json:
             emit_json(
                 [
@@ -83,9 +75,7 @@ def list_topics(
                         "topic": t.topic,
                         "length": t.length,
                         "delayed": t.delayed,
-                        "groups": [
-                            _group_json(g) for g in t.groups if (t.topic, g.group) in wanted
-                        ],
+                        "groups": [_group_json(g) for g in t.groups],
                     }
                     for t in topics
                 ]
@@ -223,22 +213,18 @@ def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption =
 @bus.command("stats")
 def stats(broker: BrokerOption = None, json: JsonOption = False) -> None:
     """The bus at a glance: server, totals, and every live worker (from heartbeats)."""
-    from omnidaemon.fleet import group_infos, live_workers
+    from omnidaemon.fleet import describe_topics, live_workers
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
             server = await bus_.server_info()
-            topics = [t for t in await bus_.topics() if not t.startswith("omni-reply.")]
-            lengths = 0
-            for name in topics:
-                info = await bus_.describe(name)
-                lengths += info.length if info is not None else 0
-            group_list = await group_infos(bus_)
+            topics = await describe_topics(bus_)
             workers = await live_workers(bus_)
             url = bus_.url
+        group_list = [g for t in topics for g in t.groups]
         totals = {
             "topics": len(topics),
-            "entries": lengths,
+            "entries": sum(t.length for t in topics),
             "agents": len(group_list),
             "lag": sum(g.lag or 0 for g in group_list),
             "pending": sum(g.pending for g in group_list),

@@ -117,7 +117,6 @@ def worker(
     if processes > 1:
         raise typer.Exit(
             _supervise(
-                target,
                 processes,
                 sys.argv,
                 shutdown_grace=settings.shutdown_grace
@@ -166,7 +165,6 @@ def _child_argv(argv: list[str], index: int, metrics_port: int | None) -> list[s
 
 
 def _supervise(
-    target: str,
     processes: int,
     argv: list[str],
     *,
