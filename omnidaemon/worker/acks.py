@@ -17,11 +17,15 @@ class AckBatcher:
     """Collects finished deliveries and acknowledges them in batches.
 
     A batch is sent when it holds `max_batch` deliveries or `max_delay` seconds after its first
-    one, whichever comes first. A failed ack is kept and tried again; an ack that never reaches
-    the broker only means the event is delivered again (at least once), never lost.
+    one, whichever comes first; deliveries that finish while a batch is on its way start the
+    next batch, so a busy agent sends one ack per `max_delay`, not one per fetch. A failed ack
+    is kept and tried again; an ack that never reaches the broker only means the event is
+    delivered again (at least once), never lost.
 
-    The agent's `metrics` ride along: each send also writes what changed in them since the last
-    one, in the same round trip.
+    The agent's `metrics` ride along: what changed in them since the last write goes out with
+    the first send after `stats_interval` seconds, or on its own once that time has passed
+    with no ack to carry it. Writing them with every batch would cost a busy worker more than
+    the acks themselves.
     """
 
     def __init__(
@@ -32,12 +36,15 @@ class AckBatcher:
         max_batch: int = 256,
         max_delay: float = 0.002,
         metrics: AgentMetrics | None = None,
+        stats_interval: float = 1.0,
     ) -> None:
         self._broker = broker
         self._metrics = metrics
         self._sub = sub
         self._max_batch = max_batch
         self._max_delay = max_delay
+        self._stats_interval = stats_interval
+        self._stats_due = -float("inf")  # loop time from which counts go out with a send
         self._pending: list[Delivery] = []
         self._ready = anyio.Event()
         self._urgent = False
@@ -55,21 +62,22 @@ class AckBatcher:
         if len(self._pending) == 1 or len(self._pending) >= self._max_batch or urgent:
             self._ready.set()
 
-    def metrics_changed(self) -> None:
-        """Write the agent's metrics with the next batch, or soon if no ack is queued."""
-        self._ready.set()
-
     async def run(self) -> None:
         """Send batches until cancelled."""
         failures = 0
         while True:
-            await self._ready.wait()
+            # With metrics to keep up to date, wake when they are due even if nothing is acked.
+            wait = None
+            if self._metrics is not None:
+                wait = max(0.0, self._stats_due - anyio.current_time())
+            with anyio.move_on_after(wait):
+                await self._ready.wait()
             self._ready = anyio.Event()
-            if len(self._pending) < self._max_batch and not self._urgent:
+            if self._pending and len(self._pending) < self._max_batch and not self._urgent:
                 await anyio.sleep(self._max_delay)
             self._urgent = False
             try:
-                await self._send()
+                await self._send(everything=False)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -83,13 +91,14 @@ class AckBatcher:
                 self._ready.set()
 
     async def flush(self, attempts: int = 5) -> None:
-        """Send everything queued, shielded from cancellation; used on shutdown."""
+        """Send everything queued and every count, shielded from cancellation; used on
+        shutdown and before a delivery that might kill the worker runs."""
         with anyio.CancelScope(shield=True):
             for attempt in range(attempts):
                 if not self._pending and not self._metrics_delta():
                     return
                 try:
-                    await self._send()
+                    await self._send(everything=True)
                 except Exception as exc:
                     if attempt == attempts - 1:
                         _log.error(
@@ -105,16 +114,29 @@ class AckBatcher:
     def _metrics_delta(self) -> dict[str, int]:
         return self._metrics.delta() if self._metrics is not None else {}
 
-    async def _send(self) -> None:
+    async def _send(self, *, everything: bool) -> None:
+        """Send one batch (with the counts, when due), or with `everything` all that is
+        queued and every count."""
         async with self._sending:
             while True:
                 # Taken afresh for every batch: counts that changed while the previous batch
                 # was on its way go out with this one.
-                stats = self._metrics_delta()
+                stats: dict[str, int] = {}
+                now = anyio.current_time()
+                if everything or now >= self._stats_due:
+                    stats = self._metrics_delta()
+                    if not stats:
+                        self._stats_due = now + self._stats_interval
                 if not self._pending and not stats:
-                    return
+                    break
                 batch = self._pending[: self._max_batch]
                 await self._broker.ack(self._sub, batch, stats=stats)
                 del self._pending[: len(batch)]  # appends happen at the end only
                 if stats and self._metrics is not None:
                     self._metrics.commit(stats)
+                    self._stats_due = anyio.current_time() + self._stats_interval
+                if not everything:
+                    break
+        if self._pending:
+            # What finished while this batch was on its way is the start of the next one.
+            self._ready.set()

@@ -212,11 +212,10 @@ class AgentConsumer:
             suspects = [d for d in deliveries if d.attempt == last]
             for delivery in deliveries:
                 self._in_flight[(delivery.origin, delivery.id)] = delivery
-                if delivery.attempt != last:
-                    ready.put(delivery)
             if suspects:
                 self._isolating = len(suspects)
                 handlers.start_soon(self._run_alone, suspects)
+            await ready.put_all(d for d in deliveries if d.attempt != last)
 
     async def _run_alone(self, suspects: list[Delivery]) -> None:
         """Handle reclaimed deliveries on their last attempt one at a time, with nothing else
@@ -485,7 +484,6 @@ class AgentConsumer:
             delay = policy.backoff.delay(delivery.attempt)
         await self._broker.retry(self.subscription, delivery, delay)
         self.metrics.retried += 1
-        self._acks.metrics_changed()
         if self._spec.store_results:
             error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
             await self._record(delivery, envelope.id, "retrying", error=error)
@@ -586,7 +584,6 @@ class AgentConsumer:
         )
         await self._broker.dead_letter(self.subscription, delivery, record.encode())
         self.metrics.dead_lettered += 1
-        self._acks.metrics_changed()
         if envelope is not None and is_request_reply(envelope.reply_to):
             await self._reply_failure(envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 __all__ = ["HandOff"]
 
@@ -32,14 +34,28 @@ class HandOff(Generic[T]):
     def put(self, item: T) -> None:
         """Queue `item` and wake one idle task."""
         self._items.append(item)
-        if self._idle:
-            self._idle.popleft().set()
+        self._wake(1)
+
+    async def put_all(self, items: Iterable[T]) -> None:
+        """Queue `items`, waking as few tasks as keep them all moving.
+
+        One idle task is woken and given its turn first. Work that finishes without waiting
+        for anything (a cheap handler) lets it take the next item in that same turn, so a
+        batch of such items costs one task switch, not one per item. Whatever is still queued
+        after its turn waits behind a handler that is waiting on I/O, and gets a task each.
+        """
+        self._items.extend(items)
+        if not self._items:
+            return
+        self._wake(1)
+        if len(self._items) > 1 and self._idle:
+            await anyio.lowlevel.checkpoint()
+            self._wake(len(self._items))
 
     def close(self) -> None:
         """No more items: tasks get `None` once the queue is empty."""
         self._closed = True
-        while self._idle:
-            self._idle.popleft().set()
+        self._wake(len(self._idle))
 
     async def get(self) -> T | None:
         """The next item; `None` once closed and empty."""
@@ -51,3 +67,8 @@ class HandOff(Generic[T]):
             self._idle.append(event)
             await event.wait()
         return self._items.popleft()
+
+    def _wake(self, count: int) -> None:
+        idle = self._idle
+        for _ in range(min(count, len(idle))):
+            idle.popleft().set()

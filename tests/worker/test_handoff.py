@@ -42,3 +42,45 @@ async def test_close_lets_idle_tasks_finish_after_the_queue_is_empty() -> None:
     queue.close()
     assert await queue.get() == "last"
     assert await queue.get() is None
+
+
+async def test_a_batch_that_finishes_at_once_is_served_by_one_task() -> None:
+    queue: HandOff[int] = HandOff()
+    served_by: dict[int, int] = {}
+
+    async def consumer(me: int) -> None:
+        while (item := await queue.get()) is not None:
+            served_by[item] = me  # finishes without waiting for anything
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for me in range(16):
+                tg.start_soon(consumer, me)
+            await anyio.wait_all_tasks_blocked()
+            await queue.put_all(range(16))
+            await anyio.wait_all_tasks_blocked()
+            queue.close()
+    assert sorted(served_by) == list(range(16))
+    assert len(set(served_by.values())) == 1
+
+
+async def test_items_behind_a_waiting_handler_each_get_a_task_at_once() -> None:
+    queue: HandOff[int] = HandOff()
+    started: list[int] = []
+    release = anyio.Event()
+
+    async def consumer() -> None:
+        while (item := await queue.get()) is not None:
+            started.append(item)
+            await release.wait()  # a handler waiting on I/O
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(consumer)
+            await anyio.wait_all_tasks_blocked()
+            await queue.put_all(range(16))
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(started) == list(range(16))  # all 16 run concurrently
+            release.set()
+            queue.close()
