@@ -315,7 +315,8 @@ class App:
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise TypeError("headers must map str to str")
-        headers = tracing.publish_headers(topic, headers)
+        if tracing.TRACING_AVAILABLE:
+            headers = tracing.publish_headers(topic, headers)
         return encode_new(
             topic,
             payload,
@@ -364,7 +365,7 @@ class App:
                 declares for the topic.
         """
         self.check_payload(topic, payload)
-        hold = _seconds_until(delay, at)
+        hold = 0.0 if delay is None and at is None else _seconds_until(delay, at)
         event_id, data = self._encode(
             topic,
             payload,
@@ -375,7 +376,8 @@ class App:
             tenant_id=tenant_id,
             headers=headers,
         )
-        await self.connect()
+        if not self._connected:
+            await self.connect()
         await self.broker.publish(topic, data, delay=hold)
         return event_id
 

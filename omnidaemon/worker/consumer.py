@@ -97,6 +97,9 @@ class AgentConsumer:
         """This worker's counts for the agent; written to the bus with the acks."""
         self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
+        # An async handler without a timeout is awaited in place: no cancel scope, no thread,
+        # no extra coroutine frames on the hot path.
+        self._direct = spec.is_async and spec.timeout is None
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
 
     @property
@@ -388,7 +391,10 @@ class AgentConsumer:
         metrics = self.metrics
         started = time.perf_counter()
         try:
-            result = await self._call(envelope.payload, ctx)
+            if self._direct:
+                result = await spec.invoke(envelope.payload, ctx)
+            else:
+                result = await self._call(envelope.payload, ctx)
         except Reject as exc:
             metrics.observe_duration(time.perf_counter() - started)
             metrics.failed += 1
@@ -424,7 +430,7 @@ class AgentConsumer:
 
     async def _call(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec
-        if spec.timeout is None:  # no cancel scope on the hot path when none is needed
+        if spec.timeout is None:
             return await self._invoke(payload, ctx)
         with anyio.fail_after(spec.timeout):
             return await self._invoke(payload, ctx)

@@ -63,6 +63,38 @@ async def test_keys_follow_the_documented_layout(redis_url: str) -> None:
     ]
 
 
+async def test_entries_written_by_other_tools_are_read_whatever_their_field_order(
+    redis_url: str,
+) -> None:
+    # The fetch parses XREADGROUP's reply itself: the entry's data is its "e" field wherever
+    # it stands, and an entry without one arrives empty (and is dead-lettered as malformed).
+    topic = f"fields{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url)
+    sub = Subscription(topic, "agent_a")
+    async with broker:
+        await broker.subscribe(sub)
+        key = broker.stream_key(topic)
+        await broker.client.xadd(key, {"e": b'{"n":1}'})
+        await broker.client.xadd(key, {"source": b"cli", "e": b'{"n":2}'})
+        await broker.client.xadd(key, {"other": b"x"})
+        deliveries = await broker.fetch(sub, "c", 10, 1.0)
+    assert [d.data for d in deliveries] == [b'{"n":1}', b'{"n":2}', b""]
+    assert all(d.attempt == 1 and isinstance(d.id, str) for d in deliveries)
+
+
+async def test_replies_in_resp3_are_read_too(redis_url: str) -> None:
+    topic = f"resp{uuid4().hex[:8]}.done"
+    broker = RedisBroker(f"{redis_url}?protocol=3")
+    sub = Subscription(topic, "agent_a")
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.publish(topic, b'{"n":1}')
+        await broker.publish(topic, b'{"n":2}')
+        deliveries = await broker.fetch(sub, "c", 10, 1.0)
+        await broker.ack(sub, deliveries)
+    assert [d.data for d in deliveries] == [b'{"n":1}', b'{"n":2}']
+
+
 async def test_streams_are_capped_at_about_maxlen(redis_url: str) -> None:
     topic = f"capped{uuid4().hex[:8]}.done"
     broker = RedisBroker(redis_url, maxlen=1000)
