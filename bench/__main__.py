@@ -141,6 +141,7 @@ class Bench:
                 self.measure(f"drain raw #{i}", lambda: raw.drain(s, ch, cfg, out))
                 if "drain" in cases:
                     self.measure(f"drain omnidaemon #{i}", lambda: self._omni_drain())
+                    self.measure(f"drain omnidaemon --concurrency 100 #{i}", self._omni_drain_batch)
                     for peer in peer_names:
                         run = partial(peers.drain, self._python(), ch, s, cfg, out, peer)
                         self.measure(f"drain {peer} #{i}", run)
@@ -181,6 +182,12 @@ class Bench:
     def _omni_drain(self) -> dict[str, float]:
         result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
         return {"omni.drain": result["rate"], "omni.drain_cpu": result["cpu"]}
+
+    def _omni_drain_batch(self) -> dict[str, float]:
+        result = omni.drain(
+            self.server, self.children, self.cfg, self.out, n=self.cfg.n, concurrency=100
+        )
+        return {"omni.drain_batch": result["rate"]}
 
     def _python(self) -> Path:
         assert self.peers_python is not None

@@ -16,8 +16,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 echo "== ruff"
-.venv/bin/ruff check omnidaemon tests examples
-.venv/bin/ruff format --check omnidaemon tests examples
+.venv/bin/ruff check omnidaemon tests examples bench
+.venv/bin/ruff format --check omnidaemon tests examples bench
 echo "== mypy --strict"
 .venv/bin/mypy
 .venv/bin/mypy --strict tests/typing

@@ -95,6 +95,7 @@ class WorkerRun:
         fanout: int = 1,
         processes: int = 1,
         expect: int | None = None,
+        concurrency: int | None = None,
     ) -> None:
         for old in [*out.glob("ready-*"), *out.glob("stats-*.json")]:
             old.unlink()
@@ -106,6 +107,8 @@ class WorkerRun:
         ]  # fmt: skip
         if processes > 1:
             argv += ["--processes", str(processes)]
+        if concurrency is not None:
+            argv += ["--concurrency", str(concurrency)]
         env = {
             "OMNIDAEMON_BROKER_URL": server.url,
             "OMNI_BENCH_TOPIC": TOPIC,
@@ -177,6 +180,7 @@ def drain(
     n: int,
     fanout: int = 1,
     processes: int = 1,
+    concurrency: int | None = None,
 ) -> dict[str, float]:
     """Time a worker (`processes` processes, `fanout` agents on the topic, each handling every
     event) draining N pre-filled events, from its first handled event to its last. Returns
@@ -185,7 +189,8 @@ def drain(
     The worker starts with nothing to read: N-1 events are pre-filled and its groups created
     at the stream's end. Once all its processes wait in XREADGROUP, the groups are moved back
     to the stream's start and the N-th event is published, which wakes them all at once; so
-    neither start-up nor processes starting at different times are counted.
+    neither start-up nor processes starting at different times are counted. `concurrency`
+    is passed to the worker as `--concurrency` (default: the agents' own, 16).
     """
     groups = [f"sink_{i}" for i in range(fanout)]
     with server.client() as r:
@@ -201,6 +206,7 @@ def drain(
             fanout=fanout,
             processes=processes,
             expect=n * fanout if processes == 1 else None,
+            concurrency=concurrency,
         )
         worker.wait(
             lambda: blocked_readers(r) >= processes * fanout,

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -108,6 +109,9 @@ class RedisBroker(Broker):
         self._unique_prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
         # Per subscription: when the due-retry set was last looked at, and its next due time.
         self._retry_state: dict[Subscription, tuple[float, float]] = {}
+        # Per consumer of a subscription: the connection its fetches read on, kept between
+        # fetches (see _read_group).
+        self._readers: dict[tuple[Subscription, str], AbstractConnection] = {}
 
     @property
     def url(self) -> str:
@@ -167,9 +171,6 @@ class RedisBroker(Broker):
             decode_responses=False,
             **options,
         )
-        # The consume loop parses XREADGROUP's reply itself: redis-py's parser builds a dict
-        # per entry, which costs more than everything else the fetch does with the entry.
-        client.set_response_callback("XREADGROUP", _unparsed)
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
             for name in ("RETRY", "DEAD_LETTER", "FETCH_RETRIES", "RECLAIM", "EXTEND")
@@ -178,8 +179,11 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        readers, self._readers = list(self._readers.values()), {}
         if client is not None:
             with anyio.CancelScope(shield=True):
+                for conn in readers:
+                    await client.connection_pool.release(conn)
                 await client.aclose()
 
     @property
@@ -319,9 +323,8 @@ class RedisBroker(Broker):
         if not deliveries and block_ms > 0:
             args += ("BLOCK", block_ms)
         args += ("STREAMS", self.stream_key(sub.topic), ">")
-        # The reply comes unparsed (see connect): [[stream, [[id, [field, value, ...]], ...]]]
-        # with RESP2, {stream: [...]} with RESP3.
-        response: Any = await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
+        # [[stream, [[id, [field, value, ...]], ...]]] with RESP2, {stream: [...]} with RESP3.
+        response = await self._read_group(sub, consumer, args, block_ms / 1000)
         if not response:
             return deliveries
         for entries in response.values() if isinstance(response, dict) else (response[0][1],):
@@ -329,6 +332,39 @@ class RedisBroker(Broker):
                 data = flat[1] if flat and flat[0] == b"e" else _field(flat, b"e")
                 deliveries.append(Delivery(entry_id.decode(), data, 1, _STREAM))
         return deliveries
+
+    async def _read_group(
+        self, sub: Subscription, consumer: str, args: Sequence[Any], block: float
+    ) -> Any:
+        """Send one XREADGROUP on the consumer's own connection and return the unparsed reply.
+
+        A consumer reads on one connection for as long as it lives, rather than taking one
+        from the pool and going through the client's command machinery each time: on a busy
+        topic that costs more than everything else a fetch does. A connection whose command
+        failed or was cancelled midway may still have a reply on its way, so it is closed
+        and the next fetch takes a fresh one; an error reply (NOGROUP) leaves it usable.
+        """
+        key = (sub, consumer)
+        conn = self._readers.pop(key, None)
+        if conn is None:
+            conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_command(*args))
+            response = await conn.read_response(timeout=block + _SOCKET_TIMEOUT)
+        except ResponseError:
+            self._readers[key] = conn
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect(nowait=True)
+                if self._client is not None:
+                    await self._client.connection_pool.release(conn)
+            raise
+        if self._client is None:  # closed while it read
+            await conn.disconnect(nowait=True)
+        else:
+            self._readers[key] = conn
+        return response
 
     @staticmethod
     def _retry_delivery(entry: Any) -> Delivery:
@@ -657,10 +693,6 @@ class RedisBroker(Broker):
 
 def _escape_glob(text: str) -> str:
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
-def _unparsed(response: Any, **options: Any) -> Any:
-    return response
 
 
 def _field(flat: Sequence[bytes] | None, name: bytes) -> bytes:

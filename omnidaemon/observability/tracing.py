@@ -52,6 +52,7 @@ __all__ = [
     "handle_span",
     "publish_headers",
     "record_failure",
+    "recording",
 ]
 
 
@@ -122,6 +123,12 @@ def _tracer(tracer_provider: TracerProvider | None) -> Tracer | None:
     tracer = provider.get_tracer(TRACER_NAME, __version__)
     _tracer_cache = (provider, tracer)
     return tracer
+
+
+def recording(tracer_provider: TracerProvider | None = None) -> bool:
+    """True when spans are recorded: OpenTelemetry is installed and a tracer provider is
+    configured. A cheap check the hot path makes before building a span's attributes."""
+    return TRACING_AVAILABLE and _tracer(tracer_provider) is not None
 
 
 def publish_headers(

@@ -285,7 +285,8 @@ class AgentConsumer:
         finally:
             metrics.in_flight -= 1
             self._in_flight.pop((delivery.origin, delivery.id), None)
-            self._started.pop((delivery.origin, delivery.id), None)
+            if self._started:
+                self._started.pop((delivery.origin, delivery.id), None)
             if self._wake_waiting:
                 self._wake.set()
             if self._settle_waiting:
@@ -317,6 +318,9 @@ class AgentConsumer:
             return
         except ValidationError as exc:
             await self._reject_undecodable(delivery, exc)
+            return
+        if not tracing.recording():
+            await self._process_event(delivery, envelope)
             return
         # The span covers the outputs too, so the next agent's span is a child of this one.
         with tracing.handle_span(

@@ -107,6 +107,21 @@ async def test_fetch_times_out_empty(broker: Broker, topic: str) -> None:
     assert anyio.current_time() - start >= 0.09
 
 
+async def test_a_cancelled_fetch_loses_nothing_and_the_next_one_works(
+    broker: Broker, topic: str
+) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    for _ in range(3):  # cancelled while blocked, several times on the same consumer
+        with anyio.move_on_after(0.1):
+            await broker.fetch(sub, "c1", 10, 5.0)
+    await broker.publish(topic, b"after")
+    with anyio.fail_after(5):
+        [delivery] = await broker.fetch(sub, "c1", 10, 2.0)
+    assert delivery.data == b"after"
+    assert delivery.attempt == 1
+
+
 async def test_first_delivery_is_attempt_one(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)
