@@ -163,7 +163,6 @@ def dumps(value: Any) -> bytes:
 def encode_new(
     topic: str,
     payload: Any,
-    *,
     correlation_id: str | None = None,
     causation_id: str | None = None,
     reply_to: str | None = None,
@@ -175,7 +174,8 @@ def encode_new(
     """Encode a new event straight to its wire form; return `(event_id, data)`.
 
     What publishing uses: the same bytes as `Envelope.new(...).encode()`, without building a
-    model first. The correlation id defaults to the new event's own id.
+    model first. The correlation id defaults to the new event's own id. The arguments may be
+    passed by position, in this order (publishing does: it is measurably cheaper).
     """
     if type(topic) is not str or topic not in _VALID_TOPICS:
         validate_topic(topic)

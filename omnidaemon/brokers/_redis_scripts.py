@@ -7,7 +7,7 @@ whose clocks disagree still agree on when a retry is due.
 
 from __future__ import annotations
 
-__all__ = ["DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
+__all__ = ["APPEND_MANY", "DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -135,4 +135,15 @@ for i = 3, #ARGV do
     end
 end
 return renewed
+"""
+
+APPEND_MANY = """
+-- Append many entries to one topic's stream, in order: what a pipeline of XADDs does, in one
+-- command. A pipeline costs the client a command to encode and a reply to read per entry.
+-- KEYS: the topic's stream
+-- ARGV: its approximate MAXLEN, then each entry's data
+for i = 2, #ARGV do
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+end
+return #ARGV - 1
 """

@@ -95,6 +95,31 @@ async def test_replies_in_resp3_are_read_too(redis_url: str) -> None:
     assert [d.data for d in deliveries] == [b'{"n":1}', b'{"n":2}']
 
 
+async def test_publish_many_appends_big_batches_in_order_even_after_a_script_flush(
+    redis_url: str,
+) -> None:
+    # Many entries of a topic go out as one server-side script per 1,000 (APPEND_MANY): the
+    # same stream entries, in the same order, as a pipeline of XADDs; the server forgetting
+    # its scripts (a restart, SCRIPT FLUSH) costs a reload, not a failure.
+    first, second = f"many{uuid4().hex[:8]}.a", f"many{uuid4().hex[:8]}.b"
+    broker = RedisBroker(redis_url, topic_maxlen={second: 5_000})
+    entries = [(first if i % 3 else second, str(i).encode()) for i in range(2_500)]
+    async with broker:
+        await broker.publish_many(entries)  # several chunks on two topics: a pipeline
+        await broker.client.script_flush()
+        await broker.publish_many([(first, b"alone-1"), (first, b"alone-2")] * 5)  # one call
+        await broker.client.script_flush()
+        await broker.publish_many([(second, b"tail")] * 10)
+        stored = {
+            topic: [
+                fields[b"e"] for _, fields in await broker.client.xrange(broker.stream_key(topic))
+            ]
+            for topic in (first, second)
+        }
+    assert stored[first] == [d for t, d in entries if t == first] + [b"alone-1", b"alone-2"] * 5
+    assert stored[second] == [d for t, d in entries if t == second] + [b"tail"] * 10
+
+
 async def test_streams_are_capped_at_about_maxlen(redis_url: str) -> None:
     topic = f"capped{uuid4().hex[:8]}.done"
     broker = RedisBroker(redis_url, maxlen=1000)
