@@ -141,12 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 def _print(parts: Counter[str], total: int, rate: float, args: argparse.Namespace) -> None:
     concurrency = args.concurrency or "default (16)"
     print(f"worker draining {args.n:,} events, concurrency {concurrency}, sampled by py-spy")
-    print(f"at {args.rate}/s: {total:,} samples; {rate:,.0f} events/s while sampled\n")
-    print("| part of the worker | share of samples |")
-    print("|---|--:|")
+    print(f"at {args.rate}/s: {total:,} samples; {rate:,.0f} events/s while sampled")
+    # A sample stands for 1/rate seconds of the worker's thread: its time per event, by part.
+    per_event = 1e6 / args.rate / args.n
+    print(f"sampled time per event: {total * per_event:.1f} µs\n")
+    print("| part of the worker | share of samples | µs per event |")
+    print("|---|--:|--:|")
     for name, _ in (*PARTS, ("other", ())):
         if parts[name]:
-            print(f"| {name} | {100 * parts[name] / total:.1f}% |")
+            share = 100 * parts[name] / total
+            print(f"| {name} | {share:.1f}% | {parts[name] * per_event:.1f} |")
 
 
 if __name__ == "__main__":
