@@ -35,6 +35,9 @@ from bench.common import (
 )
 
 CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
+# Run only when named in --cases: the drain at each of SWEEP's concurrencies.
+EXTRA_CASES = ("concurrency",)
+SWEEP = (16, 32, 64, 100, 256)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
@@ -52,7 +55,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
     parser.add_argument(
         "--cases",
         default=",".join(CASES),
-        help=f"comma-separated, from {','.join(CASES)} (default: all)",
+        help=f"comma-separated, from {','.join(CASES + EXTRA_CASES)} (default: all but "
+        f"{','.join(EXTRA_CASES)}, the drain at concurrency {', '.join(map(str, SWEEP))})",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
     parser.add_argument("-n", type=int, help="events per case (default 20,000)")
@@ -64,10 +68,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
     args = parser.parse_args(argv)
 
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
-    unknown = sorted(set(cases) - set(CASES))
+    known = CASES + EXTRA_CASES
+    unknown = sorted(set(cases) - set(known))
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    cfg = Config(cases=tuple(c for c in CASES if c in cases), peers=not args.no_peers)
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    cfg = Config(cases=tuple(c for c in known if c in cases), peers=not args.no_peers)
     if args.quick:
         cfg.mode, cfg.n, cfg.reps, cfg.latency_seconds = "quick", 5_000, 1, 3.0
     elif args.smoke:
@@ -136,7 +141,7 @@ class Bench:
                 self.measure(f"publish raw #{i}", lambda: raw.publish(s, cfg))
                 self.measure(f"publish omnidaemon #{i}", lambda: omni.publish(s, cfg))
 
-        if cases & {"drain", "scale", "fanout"}:
+        if cases & {"drain", "scale", "fanout", "concurrency"}:
             for i in self.reps():
                 self.measure(f"drain raw #{i}", lambda: raw.drain(s, ch, cfg, out))
                 if "drain" in cases:
@@ -145,6 +150,11 @@ class Bench:
                     for peer in peer_names:
                         run = partial(peers.drain, self._python(), ch, s, cfg, out, peer)
                         self.measure(f"drain {peer} #{i}", run)
+
+                if "concurrency" in cases:
+                    for c in SWEEP:
+                        run = partial(self._omni_drain_at, c)
+                        self.measure(f"drain omnidaemon --concurrency {c} #{i}", run)
 
         if "latency" in cases:
             for i in self.reps():
@@ -188,6 +198,13 @@ class Bench:
             self.server, self.children, self.cfg, self.out, n=self.cfg.n, concurrency=100
         )
         return {"omni.drain_batch": result["rate"]}
+
+    def _omni_drain_at(self, concurrency: int) -> dict[str, float]:
+        cfg = self.cfg
+        result = omni.drain(
+            self.server, self.children, cfg, self.out, n=cfg.n, concurrency=concurrency
+        )
+        return {f"concurrency.c{concurrency}": result["rate"]}
 
     def _python(self) -> Path:
         assert self.peers_python is not None

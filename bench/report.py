@@ -145,6 +145,9 @@ ROWS: tuple[Row, ...] = (
     Row("fanout.k16", "fan-out", "16 agents: events/s", _rate, "raw.drain"),
     Row("fanout.k16_cpu", "fan-out", "16 agents: worker CPU per event", _cpu, "raw.drain_cpu",
         _fanout_cpu, lower_is_better=True),
+    # the drain at other concurrencies (--cases concurrency)
+    *(Row(f"concurrency.c{c}", "concurrency", f"drain: 1 worker process, --concurrency {c}",
+          _rate, "raw.drain") for c in (16, 32, 64, 100, 256)),
     # memory
     Row("memory.rss_idle", "memory", "worker RSS, idle", _mb, lower_is_better=True),
     Row("memory.rss", "memory", "worker RSS, retries scheduled", _mb, target=_rss,

@@ -27,7 +27,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -114,8 +114,9 @@ class RedisBroker(Broker):
         # Per subscription: when the due-retry set was last looked at, and its next due time.
         self._retry_state: dict[Subscription, tuple[float, float]] = {}
         # Per consumer of a subscription: the connection its fetches read on, kept between
-        # fetches (see _read_group).
-        self._readers: dict[tuple[Subscription, str], AbstractConnection] = {}
+        # fetches (see _direct).
+        self._readers: dict[Hashable, AbstractConnection] = {}
+        self._spares: list[AbstractConnection] = []  # idle connections for publishing
 
     @property
     def url(self) -> str:
@@ -190,7 +191,8 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        readers, self._readers = list(self._readers.values()), {}
+        readers, self._readers = [*self._readers.values(), *self._spares], {}
+        self._spares = []
         if client is not None:
             with anyio.CancelScope(shield=True):
                 for conn in readers:
@@ -237,7 +239,7 @@ class RedisBroker(Broker):
         maxlen = self._maxlen_of(topic)
 
         async def append() -> None:
-            await self.client.execute_command(*_xadd_args(key, maxlen, data))  # type: ignore[no-untyped-call]
+            await self._direct(_xadd_args(key, maxlen, data), timeout=_SOCKET_TIMEOUT)
 
         if delay <= 0:
             try:
@@ -357,7 +359,9 @@ class RedisBroker(Broker):
             args += ("BLOCK", block_ms)
         args += ("STREAMS", self.stream_key(sub.topic), ">")
         # [[stream, [[id, [field, value, ...]], ...]]] with RESP2, {stream: [...]} with RESP3.
-        response = await self._read_group(sub, consumer, args, block_ms / 1000)
+        response = await self._direct(
+            args, owner=(sub, consumer), timeout=block_ms / 1000 + _SOCKET_TIMEOUT
+        )
         if not response:
             return deliveries
         for entries in response.values() if isinstance(response, dict) else (response[0][1],):
@@ -366,26 +370,30 @@ class RedisBroker(Broker):
                 deliveries.append(Delivery(entry_id.decode(), data, 1, _STREAM))
         return deliveries
 
-    async def _read_group(
-        self, sub: Subscription, consumer: str, args: Sequence[Any], block: float
+    async def _direct(
+        self, args: Sequence[Any], *, owner: Hashable | None = None, timeout: float
     ) -> Any:
-        """Send one XREADGROUP on the consumer's own connection and return the unparsed reply.
+        """Send one command on a connection of the broker's own; return the unparsed reply.
 
-        A consumer reads on one connection for as long as it lives, rather than taking one
-        from the pool and going through the client's command machinery each time: on a busy
-        topic that costs more than everything else a fetch does. A connection whose command
-        failed or was cancelled midway may still have a reply on its way, so it is closed
-        and the next fetch takes a fresh one; an error reply (NOGROUP) leaves it usable.
+        The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
+        command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
+        callbacks): between two network round trips it costs about as much as the rest of
+        the work. With an `owner` (a consumer of a subscription) the same connection serves
+        all its commands; without, any idle one of the broker's does, and concurrent callers
+        each get their own. A connection whose command failed or was cancelled midway may
+        still have a reply on its way, so it is closed and replaced; an error reply
+        (NOGROUP, a full disk) leaves it usable. Errors are redis-py's, as from the client.
         """
-        key = (sub, consumer)
-        conn = self._readers.pop(key, None)
+        conn = self._readers.pop(owner, None) if owner is not None else None
+        if conn is None and owner is None and self._spares:
+            conn = self._spares.pop()
         if conn is None:
             conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await conn.send_packed_command(conn.pack_command(*args))
-            response = await conn.read_response(timeout=block + _SOCKET_TIMEOUT)
+            reply = await conn.read_response(timeout=timeout)
         except ResponseError:
-            self._readers[key] = conn
+            await self._keep(conn, owner)
             raise
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -393,11 +401,16 @@ class RedisBroker(Broker):
                 if self._client is not None:
                     await self._client.connection_pool.release(conn)
             raise
-        if self._client is None:  # closed while it read
+        await self._keep(conn, owner)
+        return reply
+
+    async def _keep(self, conn: AbstractConnection, owner: Hashable | None) -> None:
+        if self._client is None:  # the broker closed while the command ran
             await conn.disconnect(nowait=True)
+        elif owner is not None:
+            self._readers[owner] = conn
         else:
-            self._readers[key] = conn
-        return response
+            self._spares.append(conn)
 
     @staticmethod
     def _retry_delivery(entry: Any) -> Delivery:

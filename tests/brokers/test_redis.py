@@ -283,3 +283,29 @@ async def test_delayed_events_survive_a_server_restart(durable_redis: RedisServe
         assert await broker.fetch(sub, "c", 10, 0.1) == []  # not yet
         [delivery] = await broker.fetch(sub, "c", 10, 3.0)
     assert delivery.data == b"held"
+
+
+async def test_publish_and_fetch_carry_on_after_the_server_restarts(
+    durable_redis: RedisServer,
+) -> None:
+    # Publishes and fetches keep connections of their own between calls: a restart leaves
+    # them dead, and the next call must notice, take a fresh connection and succeed.
+    topic = f"again{uuid4().hex[:8]}.done"
+    sub = Subscription(topic, "g")
+    broker = RedisBroker(durable_redis.url)
+    async with broker:
+        await broker.subscribe(sub)
+        await broker.publish(topic, b"before")
+        [first] = await broker.fetch(sub, "c", 10, 1.0)
+        await broker.ack(sub, [first])
+        durable_redis.restart()
+        with anyio.fail_after(15):
+            await broker.publish(topic, b"after")
+            got: list[bytes] = []
+            while not got:
+                try:
+                    got = [d.data for d in await broker.fetch(sub, "c", 10, 1.0)]
+                except Exception:  # the fetch that finds its connection dead fails once
+                    await anyio.sleep(0.1)
+    assert first.data == b"before"
+    assert got == [b"after"]
