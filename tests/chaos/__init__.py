@@ -1,0 +1,1 @@
+"""Fault-injection (chaos) suite: see docs/reliability.md."""

@@ -1,0 +1,216 @@
+"""Reads a chaos run's histories after the fact and says what happened to every event.
+
+Inputs: the workers' attempt logs (`tests/chaos/app.py`), what the publisher was told
+(`published.jsonl`: one line per event the bus acknowledged, one per publish that raised),
+what the injector wrote straight into the stream (`garbage.jsonl`), and the dead-letter queues
+read from the bus. Nothing here trusts the workers' own accounts of what they acknowledged:
+an event counts as processed only if a handler logged `done` for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.app import AGENTS, MAX_RETRIES
+
+
+@dataclass
+class AgentReport:
+    """What happened to the run's events in one agent (one consumer group)."""
+
+    agent: str
+    processed: int = 0
+    ordinary_dead_lettered: Counter[str] = field(default_factory=Counter)  # by reason
+    lost: list[int] = field(default_factory=list)
+    duplicated: int = 0
+    duplicate_causes: Counter[str] = field(default_factory=Counter)
+    poison_dead_lettered: int = 0
+    poison_total: int = 0
+    poison_wrong: list[str] = field(default_factory=list)
+    poison_outcomes: Counter[str] = field(default_factory=Counter)  # "<error type> after <n>"
+    garbage_dead_lettered: int = 0
+    garbage_total: int = 0
+    garbage_reasons: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class RunReport:
+    """The whole run: one `AgentReport` per agent, the publisher's view and the faults."""
+
+    published: int
+    publish_failed: int
+    publish_failed_but_arrived: int
+    agents: list[AgentReport]
+    faults: Counter[str]
+    recoveries: list[tuple[str, float | None]]
+
+    @property
+    def lost(self) -> int:
+        return sum(len(a.lost) for a in self.agents)
+
+    @property
+    def poison_ok(self) -> bool:
+        return all(
+            a.poison_dead_lettered == a.poison_total and not a.poison_wrong for a in self.agents
+        )
+
+    @property
+    def garbage_ok(self) -> bool:
+        return all(a.garbage_dead_lettered == a.garbage_total for a in self.agents)
+
+    def table(self) -> str:
+        """The report as a markdown table, one column per agent."""
+        each = len(self.agents)
+        rows: list[tuple[str, list[str]]] = [
+            ("events published (acknowledged by the bus)", [str(self.published)] * each),
+            ("publishes that raised (not acknowledged)", [str(self.publish_failed)] * each),
+            ("... of which reached the bus anyway", [str(self.publish_failed_but_arrived)] * each),
+            ("processed successfully (distinct events)", [str(a.processed) for a in self.agents]),
+            ("**lost** (acknowledged, neither processed nor dead-lettered)",
+             [f"**{len(a.lost)}**" for a in self.agents]),
+            ("ordinary events dead-lettered (reason)",
+             [_counts(a.ordinary_dead_lettered) for a in self.agents]),
+            ("processed more than once", [_dups(a) for a in self.agents]),
+            ("poison events dead-lettered / sent",
+             [f"{a.poison_dead_lettered} / {a.poison_total}" for a in self.agents]),
+            ("poison dead letters: reason after attempts", [_poison(a) for a in self.agents]),
+            ("garbage entries dead-lettered / written",
+             [f"{a.garbage_dead_lettered} / {a.garbage_total}" for a in self.agents]),
+            ("dead-letter reasons for garbage", [_reasons(a) for a in self.agents]),
+        ]  # fmt: skip
+        head = "| | " + " | ".join(f"agent `{a.agent}`" for a in self.agents) + " |"
+        lines = [head, "|---|" + "--:|" * len(self.agents)]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+        faults = ", ".join(f"{kind} {n}" for kind, n in sorted(self.faults.items())) or "none"
+        lines.append("")
+        lines.append(f"faults survived: {faults}")
+        if self.recoveries:
+            lines.append("")
+            lines.append("| fault | backlog back to normal after |")
+            lines.append("|---|--:|")
+            for kind, seconds in self.recoveries:
+                shown = f"{seconds:.1f} s" if seconds is not None else "not within the run"
+                lines.append(f"| {kind} | {shown} |")
+        return "\n".join(lines)
+
+
+def _dups(report: AgentReport) -> str:
+    if not report.duplicated:
+        return "0"
+    causes = ", ".join(f"{n} {c}" for c, n in report.duplicate_causes.most_common())
+    return f"{report.duplicated} ({causes})"
+
+
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{key} {n}" for key, n in sorted(counts.items())) or "0"
+
+
+def _poison(report: AgentReport) -> str:
+    outcomes = sorted(report.poison_outcomes.items())
+    return ", ".join(f"{outcome} ({n})" for outcome, n in outcomes) or "—"
+
+
+def _reasons(report: AgentReport) -> str:
+    return ", ".join(f"{r} {n}" for r, n in sorted(report.garbage_reasons.items())) or "—"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every whole JSON line of `path` (a line cut short by a kill is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def check(
+    folder: Path,
+    dead_letters: dict[str, list[dict[str, Any]]],
+    stream_seqs: set[int],
+    faults: Counter[str],
+    recoveries: list[tuple[str, float | None]],
+) -> RunReport:
+    """Build the run's report.
+
+    Args:
+        folder: the run's folder (`log/*.jsonl`, `published.jsonl`, `garbage.jsonl`).
+        dead_letters: per agent, its dead-letter records as dicts (`DeadLetter` fields).
+        stream_seqs: the `seq` of every event found in the topic's stream at the end (tells
+            apart failed publishes that reached the bus anyway).
+        faults: how many faults of each kind were injected.
+        recoveries: per fault, seconds until the backlog was back to normal.
+    """
+    published = read_jsonl(folder / "published.jsonl")
+    acked = {p["seq"]: p for p in published if p["ok"]}
+    failed = {p["seq"] for p in published if not p["ok"]} - set(acked)
+    garbage = read_jsonl(folder / "garbage.jsonl")
+    attempts: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted((folder / "log").glob("*.jsonl")):
+        for line in read_jsonl(path):
+            attempts[(line["agent"], line["seq"])].append(line)
+
+    reports = []
+    for agent in AGENTS:
+        report = AgentReport(agent)
+        letters = dead_letters.get(agent, [])
+        dead_ids = {d["event_id"] for d in letters if d.get("event_id")}
+        for seq, event in sorted(acked.items()):
+            done = [a for a in attempts[(agent, seq)] if a["phase"] == "done"]
+            if event["kind"] == "ok":
+                if done:
+                    report.processed += 1
+                    if len(done) > 1:
+                        report.duplicated += 1
+                        report.duplicate_causes[_cause(done)] += 1
+                elif event["id"] in dead_ids:
+                    # A healthy event whose every attempt died with its worker (killed by the
+                    # injector or by a poison event it shared the worker with): parked, not lost.
+                    record = next(d for d in letters if d.get("event_id") == event["id"])
+                    report.ordinary_dead_lettered[record["error_type"]] += 1
+                else:
+                    report.lost.append(seq)
+            else:
+                report.poison_total += 1
+                record = next((d for d in letters if d.get("event_id") == event["id"]), None)
+                if record is None:
+                    report.lost.append(seq)
+                    continue
+                report.poison_dead_lettered += 1
+                report.poison_outcomes[f"{record['error_type']} after {record['attempts']}"] += 1
+                if record["attempts"] > MAX_RETRIES + 2 or done:
+                    report.poison_wrong.append(
+                        f"{seq}: {record['error_type']} after {record['attempts']} attempts"
+                    )
+        report.garbage_total = len(garbage)
+        for item in garbage:
+            record = next((d for d in letters if item["marker"] in d.get("entry", "")), None)
+            if record is not None:
+                report.garbage_dead_lettered += 1
+                report.garbage_reasons[record["error_type"]] += 1
+        reports.append(report)
+    return RunReport(
+        published=len(acked),
+        publish_failed=len(failed),
+        publish_failed_but_arrived=len(failed & stream_seqs),
+        agents=reports,
+        faults=faults,
+        recoveries=recoveries,
+    )
+
+
+def _cause(done: list[dict[str, Any]]) -> str:
+    # Every delivery of one stream entry counts an attempt, so two successes at attempt 1 are
+    # two entries: a publish retried across a bus fault after its first try had landed.
+    # Otherwise the entry was delivered again because its first success's ack never reached
+    # the bus (the worker was killed, or the bus restarted or was cut off, first).
+    if sum(1 for d in done if d["attempt"] == 1) > 1:
+        return "published twice (publish retried across a bus fault)"
+    return "redelivered (ack lost to a kill or bus fault)"
