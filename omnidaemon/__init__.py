@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         BusUnavailable,
         ConfigurationError,
         OmniDaemonError,
+        PayloadTooLarge,
         PayloadValidationError,
     )
     from omnidaemon.results import Result
@@ -42,6 +43,7 @@ _LAZY = {
     "BusUnavailable": "omnidaemon.errors",
     "ConfigurationError": "omnidaemon.errors",
     "OmniDaemonError": "omnidaemon.errors",
+    "PayloadTooLarge": "omnidaemon.errors",
     "PayloadValidationError": "omnidaemon.errors",
     "Result": "omnidaemon.results",
     "Backoff": "omnidaemon.retry",
@@ -78,6 +80,7 @@ __all__ = [
     "DeadLetter",
     "Envelope",
     "OmniDaemonError",
+    "PayloadTooLarge",
     "PayloadValidationError",
     "Reject",
     "Result",

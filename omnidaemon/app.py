@@ -17,7 +17,7 @@ from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
-from omnidaemon.errors import ConfigurationError
+from omnidaemon.errors import ConfigurationError, PayloadTooLarge
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result
@@ -311,6 +311,8 @@ class App:
     ) -> tuple[str, bytes]:
         """Validate and encode a new event from this app; return `(event_id, data)`.
 
+        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`.
+
         Called once per event published; the publishing methods pass its arguments by
         position, and it passes them on the same way (keyword calls cost measurably more).
         """
@@ -320,7 +322,7 @@ class App:
             raise TypeError("headers must map str to str")
         if tracing.TRACING_AVAILABLE:
             headers = tracing.publish_headers(topic, headers)
-        return encode_new(
+        encoded = encode_new(
             topic,
             payload,
             correlation_id,
@@ -331,6 +333,11 @@ class App:
             tenant_id,
             dict(headers) if headers else None,
         )
+        # Checked here, before any caller sends: one `len` per event is all the publish path
+        # can spare, and publish_many then refuses its whole batch before sending any of it.
+        if len(encoded[1]) > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(topic, len(encoded[1]), self.settings.max_payload_bytes)
+        return encoded
 
     async def publish(
         self,
@@ -366,6 +373,8 @@ class App:
             TypeError: The payload cannot be encoded as JSON.
             PayloadValidationError: The payload contradicts the type an agent of this app
                 declares for the topic.
+            PayloadTooLarge: The encoded event is larger than `settings.max_payload_bytes`
+                (`OMNIDAEMON_MAX_PAYLOAD_BYTES`, 1 MiB); nothing was sent.
         """
         self.check_payload(topic, payload)
         hold = 0.0 if delay is None and at is None else _seconds_until(delay, at)
@@ -425,7 +434,11 @@ class App:
     async def publish_many(
         self, events: Iterable[tuple[str, Any]], *, correlation_id: str | None = None
     ) -> list[str]:
-        """Publish several `(topic, payload)` events in one round trip; return their ids."""
+        """Publish several `(topic, payload)` events in one round trip; return their ids.
+
+        Every event is checked and encoded before any is sent: a bad one (`ValueError`,
+        `TypeError`, `PayloadValidationError`, `PayloadTooLarge`) sends none of the batch.
+        """
         events = list(events)
         for topic, payload in events:
             self.check_payload(topic, payload)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -204,6 +205,16 @@ def encode_new(
 class UnsupportedVersion(ValueError):
     """An envelope was written by a newer omnidaemon than this one."""
 
+    @classmethod
+    def of(cls, version: int) -> UnsupportedVersion:
+        """The error for an envelope that claims wire version `version`."""
+        # Only a newer version calls for an upgrade; 0 or -1 was never written by omnidaemon.
+        advice = "upgrade the workers" if version > WIRE_VERSION else "no release writes it"
+        return cls(
+            f"envelope version {version} is not supported by this omnidaemon "
+            f"(it reads version {WIRE_VERSION}); {advice}"
+        )
+
 
 class Envelope(BaseModel, Generic[PayloadT]):
     """One event: its payload and the metadata that routes and traces it.
@@ -300,12 +311,12 @@ class Envelope(BaseModel, Generic[PayloadT]):
 
         Called on the error path only, to tell a version mismatch from a malformed entry.
         """
+        # pydantic-core's parser, the one the envelope was validated with: orjson reads an
+        # integer beyond 64 bits as a float, and a version of 10**30 was then not recognised.
         try:
-            version = orjson.loads(data).get("v")
-        except (orjson.JSONDecodeError, AttributeError):
+            version = pydantic_core.from_json(data).get("v")
+        except (ValueError, AttributeError):
             return
-        if isinstance(version, int) and version != WIRE_VERSION:
-            raise UnsupportedVersion(
-                f"envelope version {version} is not supported by this omnidaemon "
-                f"(it reads version {WIRE_VERSION}); upgrade the workers"
-            )
+        # `type(...) is int`: a JSON `true` or `false` is no version at all.
+        if type(version) is int and version != WIRE_VERSION:
+            raise UnsupportedVersion.of(version)

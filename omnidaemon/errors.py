@@ -8,6 +8,7 @@ __all__ = [
     "BusUnavailable",
     "ConfigurationError",
     "OmniDaemonError",
+    "PayloadTooLarge",
     "PayloadValidationError",
 ]
 
@@ -48,3 +49,25 @@ class AppLoadError(OmniDaemonError):
 
 class PayloadValidationError(OmniDaemonError):
     """A payload or return value did not match the type its agent declared."""
+
+
+class PayloadTooLarge(OmniDaemonError, ValueError):
+    """An encoded event is larger than `max_payload_bytes` (`OMNIDAEMON_MAX_PAYLOAD_BYTES`).
+
+    Raised by publishing, before anything is sent. A worker dead-letters an entry over its own
+    limit at once, without reading it, with this class's name as the error type.
+
+    Attributes:
+        topic: Where the event was to be published.
+        size: The encoded event's size in bytes.
+        limit: The `max_payload_bytes` it exceeds.
+    """
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"cannot publish to {topic!r}: the event is {size:,} bytes, over "
+            f"max_payload_bytes ({limit:,}; OMNIDAEMON_MAX_PAYLOAD_BYTES)"
+        )
+        self.topic = topic
+        self.size = size
+        self.limit = limit

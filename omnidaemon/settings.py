@@ -59,6 +59,10 @@ class Settings:
             `store_results`.
         heartbeat_interval: `OMNIDAEMON_HEARTBEAT_INTERVAL`, seconds between a worker's
             heartbeats; a worker is presumed gone after three intervals without one.
+        max_payload_bytes: `OMNIDAEMON_MAX_PAYLOAD_BYTES`, the largest encoded event (envelope
+            included) publishing accepts and a worker reads, 1 MiB by default (Kafka's
+            default message size). Larger events raise `PayloadTooLarge` when published; a
+            worker dead-letters a larger entry unread, as `PayloadTooLarge`.
     """
 
     broker_url: str | None = None
@@ -69,6 +73,7 @@ class Settings:
     stream_maxlen: int = 100_000
     store_results: bool = False
     heartbeat_interval: float = 5.0
+    max_payload_bytes: int = 1_048_576
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,4 +98,5 @@ class Settings:
             stream_maxlen=_positive_int(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
             store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
             heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
+            max_payload_bytes=_positive_int(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
         )

@@ -16,6 +16,7 @@ __all__ = [
     "emit_json",
     "fail",
     "is_terminal",
+    "json_text",
     "number",
     "print_table",
     "progress",
@@ -28,9 +29,30 @@ def is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def json_text(data: Any, *, indent: bool = False) -> str:
+    """`data` as JSON text, compact or indented; what JSON cannot hold is written as `str`."""
+    try:
+        return orjson.dumps(
+            data, option=orjson.OPT_INDENT_2 if indent else None, default=str
+        ).decode()
+    except TypeError:
+        # orjson refuses integers beyond 64 bits, which a payload read from the bus may hold
+        # (a producer other than omnidaemon wrote it): showing a dead letter must not crash.
+        import json
+
+        separators = None if indent else (",", ":")
+        return json.dumps(
+            data,
+            indent=2 if indent else None,
+            separators=separators,
+            ensure_ascii=False,
+            default=str,
+        )
+
+
 def emit_json(data: Any) -> None:
     """Print `data` as indented JSON."""
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode())
+    sys.stdout.write(json_text(data, indent=True))
     sys.stdout.write("\n")
 
 

@@ -16,7 +16,16 @@ from omnidaemon.cli._common import (
     open_cli_broker,
     run_async,
 )
-from omnidaemon.cli._output import age, emit_json, is_terminal, number, print_table, progress, say
+from omnidaemon.cli._output import (
+    age,
+    emit_json,
+    is_terminal,
+    json_text,
+    number,
+    print_table,
+    progress,
+    say,
+)
 
 __all__ = ["bus"]
 
@@ -47,9 +56,7 @@ def _one_line(text: str, width: int) -> str:
 
 
 def _preview(value: object, width: int = 60) -> str:
-    import orjson
-
-    text = orjson.dumps(value, default=str).decode()
+    text = json_text(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

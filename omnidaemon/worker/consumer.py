@@ -17,6 +17,7 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.errors import PayloadTooLarge
 from omnidaemon.idempotency import NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
@@ -100,6 +101,7 @@ class AgentConsumer:
         # An async handler without a timeout is awaited in place: no cancel scope, no thread,
         # no extra coroutine frames on the hot path.
         self._direct = spec.is_async and spec.timeout is None
+        self._max_payload_bytes = app.settings.max_payload_bytes
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
 
     @property
@@ -294,6 +296,19 @@ class AgentConsumer:
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self._spec
+        if len(delivery.data) > self._max_payload_bytes:
+            # Refused unread: parsing and validating an arbitrarily large entry is the cost
+            # the limit is there to bound. The record keeps the entry, for a replay once the
+            # limit is raised.
+            await self._dead_letter(
+                delivery,
+                None,
+                "PayloadTooLarge",
+                f"the entry is {len(delivery.data):,} bytes, over this worker's "
+                f"max_payload_bytes ({self._max_payload_bytes:,}; OMNIDAEMON_MAX_PAYLOAD_BYTES); "
+                "it was not read",
+            )
+            return
         if delivery.attempt > spec.policy.max_attempts:
             # Read as raw JSON only: the record, a waiting request and the webhook still learn
             # which event it was, even if its payload would not validate.
@@ -311,13 +326,15 @@ class AgentConsumer:
             return
         try:
             envelope = spec.envelope_adapter.validate_json(delivery.data)
-            if envelope.v != WIRE_VERSION:
-                Envelope.check_version(delivery.data)
-        except UnsupportedVersion as exc:
-            await self._dead_letter(delivery, None, "UnsupportedVersion", str(exc))
-            return
         except ValidationError as exc:
             await self._reject_undecodable(delivery, exc)
+            return
+        if envelope.v != WIRE_VERSION:
+            # Decided on the validated `v`, not by reading the entry again: pydantic accepts
+            # `"2"` and `2.0` as 2 where a second parser sees no integer, and such an entry
+            # used to be handled as if it were version 1.
+            message = str(UnsupportedVersion.of(envelope.v))
+            await self._dead_letter(delivery, None, "UnsupportedVersion", message)
             return
         if not tracing.recording():
             await self._process_event(delivery, envelope)
@@ -372,7 +389,13 @@ class AgentConsumer:
             except Exception as exc:
                 if idempotency_key is not None and self._idempotency is not None:
                     await self._idempotency.release(idempotency_key)
-                await self._fail(delivery, envelope, exc, None)
+                if isinstance(exc, PayloadTooLarge):
+                    # Like a return value that breaks its annotation: a retry would redo the
+                    # (possibly expensive) work to produce the same oversized output.
+                    self.metrics.failed += 1
+                    await self._dead_letter(delivery, envelope, "PayloadTooLarge", str(exc), exc)
+                else:
+                    await self._fail(delivery, envelope, exc, None)
                 return
         # Written before the ack, like every other output.
         if idempotency_key is not None and self._idempotency is not None:
@@ -547,7 +570,12 @@ class AgentConsumer:
 
     async def _reject_undecodable(self, delivery: Delivery, exc: ValidationError) -> None:
         errors = exc.errors(include_url=False)
-        payload_only = bool(errors) and all(e["loc"][:1] == ("payload",) for e in errors)
+        # An entry without a `payload` field at all is no readable envelope; only errors
+        # inside a payload that is there mean it does not match the agent's type.
+        payload_only = bool(errors) and all(
+            e["loc"][:1] == ("payload",) and (len(e["loc"]) > 1 or e["type"] != "missing")
+            for e in errors
+        )
         try:
             Envelope.check_version(delivery.data)
         except UnsupportedVersion as version_error:

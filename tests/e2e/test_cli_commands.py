@@ -442,6 +442,26 @@ def test_bus_dlq_shows_error_attempts_and_payload(bus: Bus, handled: Handled) ->
     assert '{"n":3,"fail":true}' in row
 
 
+def test_bus_inspect_and_dlq_of_an_unknown_topic_say_so_in_one_line(bus: Bus) -> None:
+    topic = f"nowhere.{uuid.uuid4().hex[:8]}"
+    commands = [
+        ("bus inspect", ["bus", "inspect", topic]),
+        ("bus inspect", ["bus", "inspect", topic, "--json"]),
+        ("bus dlq", ["bus", "dlq", topic]),
+        ("bus dlq", ["bus", "dlq", topic, "--agent", "handled", "--json"]),
+    ]
+
+    runs = bus.parallel(*(args for _, args in commands))
+
+    for (command, args), done in zip(commands, runs, strict=True):
+        # Not a usage error (status 2): the arguments are fine, the bus has no such topic.
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stdout == ""
+        assert done.stderr.splitlines() == [
+            f"omnidaemon {command}: error: no topic {topic!r} on the bus"
+        ], args
+
+
 # --- bus replay and purge ----------------------------------------------------------------------
 
 
@@ -672,6 +692,8 @@ def test_graph_draws_the_event_flow(shop: Path) -> None:
 BAD_ARGUMENTS: list[tuple[str, list[str], str | None, str]] = [
     # (the command that complains, the arguments, standard input, a fragment of the message)
     ("worker", ["worker", "shop:app", "--concurrency", "0"], None, "'--concurrency' ('0')"),
+    # Other bad app paths (a missing module or attribute) are in test_cli_loader.py.
+    ("worker", ["worker", "not a path"], None, "cannot import 'not a path'"),
     ("publish", ["publish", "Bad Topic", "{}"], None, "invalid topic name 'Bad Topic'"),
     ("publish", ["publish", "t.x", "{not json"], None, "DATA is not valid JSON"),
     ("publish", ["publish", "t.x", "-"], "{not json", "standard input is not valid JSON"),
