@@ -10,6 +10,7 @@ an event counts as processed only if a handler logged `done` for it.
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,13 +90,27 @@ class RunReport:
         lines.append("")
         lines.append(f"faults survived: {faults}")
         if self.recoveries:
-            lines.append("")
-            lines.append("| fault | backlog back to normal after |")
-            lines.append("|---|--:|")
-            for kind, seconds in self.recoveries:
-                shown = f"{seconds:.1f} s" if seconds is not None else "not within the run"
-                lines.append(f"| {kind} | {shown} |")
+            lines += ["", recovery_table(self.recoveries)]
         return "\n".join(lines)
+
+
+def recovery_table(recoveries: list[tuple[str, float | None]]) -> str:
+    """Per kind of fault: how often, and the median and longest time until the backlog was
+    back to normal (faults after which it never was, within the run, are counted apart)."""
+    by_kind: dict[str, list[float | None]] = defaultdict(list)
+    for kind, seconds in recoveries:
+        by_kind[kind].append(seconds)
+    lines = [
+        "| fault | times | backlog back to normal: median | longest | not within the run |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for kind, times in sorted(by_kind.items()):
+        known = sorted(t for t in times if t is not None)
+        median = f"{statistics.median(known):.1f} s" if known else "—"
+        longest = f"{known[-1]:.1f} s" if known else "—"
+        missed = len(times) - len(known)
+        lines.append(f"| {kind} | {len(times)} | {median} | {longest} | {missed} |")
+    return "\n".join(lines)
 
 
 def _dups(report: AgentReport) -> str:
