@@ -6,9 +6,7 @@ Each sample's body is copied as the seed shows it; only the names it leaves unde
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
@@ -22,6 +20,7 @@ from omnidaemon.compat import (
     PayloadBase,
     SubscriptionConfig,
 )
+from tests.http_receiver import Receiver, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -220,43 +219,14 @@ async def test_a_returned_value_is_sent_to_reply_to(sdk: OmniDaemonSDK) -> None:
     assert replies == [({"n": 42}, "t-1")]
 
 
-class _Receiver:
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                receiver.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
-
-
 @pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Receiver]:
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
     monkeypatch.setenv("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "1")  # the receiver is on loopback
-    rec = _Receiver()
-    thread = threading.Thread(
-        target=rec.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-    )
-    thread.start()
-    try:
+    with serving() as rec:
         yield rec
-    finally:
-        rec.server.shutdown()
-        rec.server.server_close()
-        thread.join(5)
 
 
-async def test_webhook_sample_posts_the_result(sdk: OmniDaemonSDK, receiver: _Receiver) -> None:
+async def test_webhook_sample_posts_the_result(sdk: OmniDaemonSDK, receiver: Receiver) -> None:
     async def analyze(message: dict) -> dict:  # type: ignore[type-arg]
         return {"sentiment": "positive", "data": message["content"]["data"]}
 
@@ -268,12 +238,12 @@ async def test_webhook_sample_posts_the_result(sdk: OmniDaemonSDK, receiver: _Re
             topic="analysis.request",
             payload=PayloadBase(
                 content={"data": "..."},
-                webhook=receiver.url,
+                webhook=receiver.url("/callback"),
             ),
         )
     )
-    await eventually(lambda: receiver.bodies)
-    body = orjson.loads(receiver.bodies[0])
+    await eventually(lambda: receiver.requests)
+    body = orjson.loads(receiver.requests[0].body)
     assert body["event_id"] == task_id and body["status"] == "succeeded"
     assert body["result"] == {"sentiment": "positive", "data": "..."}
 

@@ -1,0 +1,82 @@
+"""An HTTP receiver on loopback for webhook tests: records every request, answers as told."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    hang: bool = False  # hold the request until the test ends (a receiver that never answers)
+
+
+class Receiver:
+    """Records every request and answers with the scripted answers, then 200s."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self._answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver.requests.append(Received(self.path, dict(self.headers), body))
+                    answer = receiver._answers.pop(0) if receiver._answers else Answer()
+                if answer.hang:
+                    receiver.release.wait(10)
+                    return
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def script(self, *answers: int | Answer) -> None:
+        with self._lock:
+            self._answers = [a if isinstance(a, Answer) else Answer(a) for a in answers]
+
+
+@contextmanager
+def serving() -> Iterator[Receiver]:
+    """A `Receiver` answering on a free loopback port until the block ends."""
+    rec = Receiver()
+    thread = threading.Thread(
+        target=rec.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    )
+    thread.start()
+    try:
+        yield rec
+    finally:
+        rec.release.set()
+        rec.server.shutdown()
+        rec.server.server_close()
+        thread.join(5)
