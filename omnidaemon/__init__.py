@@ -15,6 +15,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from omnidaemon.agents import AgentSpec
     from omnidaemon.app import App
+
+    # The OmniDaemon SDK's names, where its code imports them (`from omnidaemon import
+    # OmniDaemonSDK`); explicit re-exports, outside `__all__`, which is the native API.
+    from omnidaemon.compat import AgentConfig as AgentConfig
+    from omnidaemon.compat import EventEnvelope as EventEnvelope
+    from omnidaemon.compat import OmniDaemonSDK as OmniDaemonSDK
+    from omnidaemon.compat import PayloadBase as PayloadBase
+    from omnidaemon.compat import SubscriptionConfig as SubscriptionConfig
     from omnidaemon.context import Context
     from omnidaemon.dead_letters import DeadLetter
     from omnidaemon.envelope import Envelope
@@ -50,6 +58,12 @@ _LAZY = {
     "Reject": "omnidaemon.retry",
     "Retry": "omnidaemon.retry",
     "RetryPolicy": "omnidaemon.retry",
+    # The OmniDaemon SDK's top-level names (see omnidaemon.compat); not in __all__.
+    "AgentConfig": "omnidaemon.compat",
+    "EventEnvelope": "omnidaemon.compat",
+    "OmniDaemonSDK": "omnidaemon.compat",
+    "PayloadBase": "omnidaemon.compat",
+    "SubscriptionConfig": "omnidaemon.compat",
 }
 
 

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections import Counter
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, overload
@@ -95,6 +109,7 @@ class App:
         self._opened_by_worker = False
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
+        self._running_agents: Counter[str] = Counter()  # agents workers of this app run now
         self._topic_types: TopicTypes | None = None  # built on first publish
         self._sync: SyncPublisher | None = None  # publish_sync's loop, started on first use
         self._startup: list[Hook] = []
@@ -195,6 +210,40 @@ class App:
             return handler
 
         return decorate
+
+    def remove_agent(self, name: str) -> AgentSpec:
+        """Forget the agent `name`, so that another can be registered under its name.
+
+        Only the declaration goes: the agent's consumer group, its pending events, stored
+        results and dead letters stay on the bus (`omnidaemon bus purge` removes them), and an
+        agent registered again under the name resumes the group where it stopped.
+
+        Returns:
+            The removed agent's spec.
+
+        Raises:
+            ConfigurationError: The app has no agent called `name`.
+            RuntimeError: A worker of this app is running the agent: stop it first.
+        """
+        spec = self.get_agent(name)
+        if self._running_agents[name]:
+            raise RuntimeError(
+                f"agent {name!r} is running in a worker of app {self.name!r}: stop the worker "
+                "before removing it"
+            )
+        del self._agents[name]
+        self._topic_types = None
+        return spec
+
+    @contextmanager
+    def _agents_running(self, names: Iterable[str]) -> Iterator[None]:
+        """Mark `names` as run by a worker for the block, so they are not removed under it."""
+        names = list(names)
+        self._running_agents.update(names)
+        try:
+            yield
+        finally:
+            self._running_agents.subtract(names)
 
     def topology(self) -> Topology:
         """The app's topics, agents and edges, as their type annotations declare them.

@@ -71,6 +71,8 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 # A receiver's response body is never used; reading a little lets a keep-alive connection be
 # reused, and the cap stops a hostile receiver from streaming gigabytes into memory.
 _MAX_RESPONSE_BYTES = 64 * 1024
+# A retry needs at least this long to mean anything; less is left to the last answer.
+_SHORTEST_ATTEMPT = 0.05
 # Frozen, so one shared default is safe.
 _DEFAULT_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 
@@ -550,7 +552,12 @@ class WebhookSender:
             # The first attempt gets the full timeout; later ones never run past the deadline.
             limit = settings.timeout
             if attempts:
-                limit = max(0.001, min(limit, deadline - anyio.current_time()))
+                left = deadline - anyio.current_time()
+                if left < min(limit, _SHORTEST_ATTEMPT):
+                    # The sleep overran the deadline: an attempt this short would only replace
+                    # the receiver's last answer with a meaningless timeout.
+                    return finish("failed")
+                limit = min(limit, left)
             attempts += 1
             retry_after: float | None = None
             try:
@@ -585,7 +592,7 @@ class WebhookSender:
                 delay = retry_after
                 if anyio.current_time() + delay >= deadline:
                     error = f"{error}; Retry-After {retry_after:.3g} s is past the retry time left"
-            if anyio.current_time() + delay >= deadline:
+            if anyio.current_time() + delay + min(settings.timeout, _SHORTEST_ATTEMPT) > deadline:
                 return finish("failed")
             await anyio.sleep(delay)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs everything the tests need, then runs ruff, mypy and pytest.
 set -euo pipefail
-. "$(dirname "$0")/_venv.sh" dev
+. "$(dirname "$0")/_venv.sh" dev,api,docs
 
 # Integration tests start their own redis-server on a free loopback port.
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import anyio
 import pytest
 
 from omnidaemon import App, ConfigurationError
@@ -138,3 +141,38 @@ def test_without_a_url_the_app_uses_the_embedded_bus(tmp_path: object) -> None:
     app = App("local", settings=Settings.from_env({}))
     assert isinstance(app.broker, EmbeddedBroker)
     assert app.broker.url.startswith("embedded://")
+
+
+async def test_a_removed_agent_frees_its_name_and_its_group_resumes_where_it_stopped() -> None:
+    app = App("removal", broker=MemoryBroker())
+    seen: list[tuple[str, int]] = []
+
+    @app.agent("jobs.in", name="worker")
+    async def first(event: dict[str, int]) -> None:
+        seen.append(("first", event["n"]))
+
+    async with app:
+        async with app.running():
+            with pytest.raises(RuntimeError, match="running in a worker"):
+                app.remove_agent("worker")
+            await app.publish("jobs.in", {"n": 1})
+            await _until(lambda: seen == [("first", 1)])
+        await app.publish("jobs.in", {"n": 2})  # nobody consumes: it waits in the group
+        assert app.remove_agent("worker").handler is first
+        assert "worker" not in app.agents and not app.topology().topics
+        with pytest.raises(ConfigurationError, match="no agent 'worker'"):
+            app.remove_agent("worker")
+
+        @app.agent("jobs.in", name="worker")
+        async def second(event: dict[str, int]) -> None:
+            seen.append(("second", event["n"]))
+
+        async with app.running():
+            await _until(lambda: seen[-1:] == [("second", 2)])
+    assert seen == [("first", 1), ("second", 2)]
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.01)

@@ -31,6 +31,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
+from omnidaemon.worker.notify import SDK_WEBHOOK_FORMAT, WEBHOOK_FORMAT_HEADER
 
 __all__ = ["ID_HEADER", "SOURCE_HEADER", "OmniDaemonSDK", "broker_url_from_env"]
 
@@ -174,6 +175,8 @@ class OmniDaemonSDK:
             headers[ID_HEADER] = env.id
         if env.source is not None:
             headers[SOURCE_HEADER] = env.source
+        if env.payload.webhook is not None:
+            headers[WEBHOOK_FORMAT_HEADER] = SDK_WEBHOOK_FORMAT
         event_id = await self.app.publish(
             env.topic,
             env.payload.content,
@@ -204,14 +207,7 @@ class OmniDaemonSDK:
                 "apart"
             )
         sub = agent_config.config
-        existing = self.app.agents.get(name)
-        if existing is None:
-            self._declare(name, agent_config, sub)
-        elif existing.topic != agent_config.topic or existing.policy.max_retries != sub.max_retries:
-            raise ConfigurationError(
-                f"agent {name!r} was deleted from this SDK with other options; "
-                "register it under another name or in a new OmniDaemonSDK"
-            )
+        self._declare(name, agent_config, sub)
         if not sub.dlq_enabled:
             _log.warning(
                 "dlq_enabled=False is not supported: events this agent gives up on are kept "
@@ -315,6 +311,7 @@ class OmniDaemonSDK:
         if not await self.unsubscribe_agent(topic, name):
             return False
         del self._agents[name]
+        self.app.remove_agent(name)
         return True
 
     # Running ------------------------------------------------------------------------------

@@ -13,7 +13,13 @@ from anyio.abc import TaskGroup
 from omnidaemon.envelope import Envelope
 from omnidaemon.webhooks import WebhookSender, WebhookSettings
 
-__all__ = ["OutcomeNotifier"]
+__all__ = ["SDK_WEBHOOK_FORMAT", "WEBHOOK_FORMAT_HEADER", "OutcomeNotifier"]
+
+#: An event header naming the webhook body a publisher expects. With `SDK_WEBHOOK_FORMAT` the
+#: body also carries the OmniDaemon SDK's fields (`task_id`, `timestamp`) and its status words
+#: (`success`, `failed`), so receivers written for the SDK keep working.
+WEBHOOK_FORMAT_HEADER = "omnidaemon-webhook-format"
+SDK_WEBHOOK_FORMAT = "omnidaemon-sdk"
 
 
 class OutcomeNotifier:
@@ -68,6 +74,10 @@ class OutcomeNotifier:
             body["result"] = result
         else:
             body["error"] = error
+        if envelope.headers.get(WEBHOOK_FORMAT_HEADER) == SDK_WEBHOOK_FORMAT:
+            body["task_id"] = envelope.id
+            body["status"] = "success" if status == "succeeded" else "failed"
+            body["timestamp"] = body["finished_at"]
         self._running += 1
         self._idle = anyio.Event()
         self._tasks.start_soon(self._deliver, envelope.webhook, body, envelope.id)

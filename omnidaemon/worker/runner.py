@@ -102,6 +102,12 @@ class Worker:
         is reported, so an event published after that is seen even by `start="latest"` agents.
         """
         app = self.app
+        with app._agents_running(c.subscription.group for c in self.consumers):
+            await self._run(task_status)
+        _log.info("worker stopped", app=app.name, consumer=self.name)
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
+        app = self.app
         async with (
             app._worker_connection(),
             app.lifespan(),
@@ -133,7 +139,6 @@ class Worker:
                 await self.heartbeat.clear()
             # Outcomes of the last events may still be on their way to their webhooks.
             await notifier.wait_idle(self.shutdown_grace)
-        _log.info("worker stopped", app=app.name, consumer=self.name)
 
     @asynccontextmanager
     async def started(self) -> AsyncIterator[Worker]:

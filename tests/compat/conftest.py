@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
 
 from omnidaemon.compat import OmniDaemonSDK
+from tests.http_receiver import Receiver, serving
 
 
 @pytest.fixture
@@ -34,3 +35,11 @@ async def sdk(compat_url: str) -> AsyncIterator[OmniDaemonSDK]:
         yield instance
     finally:
         await instance.shutdown()
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A webhook receiver on loopback (which webhooks refuse unless allowed, as here)."""
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "1")
+    with serving() as rec:
+        yield rec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -17,6 +18,7 @@ from omnidaemon.compat import (
     broker_url_from_env,
 )
 from omnidaemon.errors import ConfigurationError
+from tests.http_receiver import Receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +142,128 @@ async def test_unsubscribe_and_delete(sdk: OmniDaemonSDK) -> None:
         await sdk.register_agent(agent_config=config)
     await sdk.stop()
     assert (await sdk.health())["is_running"] is False
+
+
+async def test_a_deleted_agent_can_come_back_on_another_topic_with_other_options(
+    sdk: OmniDaemonSDK,
+) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    async def triage(message: dict) -> None:  # type: ignore[type-arg]
+        seen.append((message["topic"], message["content"]))
+
+    await sdk.register_agent(agent_config=AgentConfig(topic="tickets.new", callback=triage))
+    await sdk.start()
+    assert await sdk.delete_agent("tickets.new", "triage") is True
+    await sdk.register_agent(
+        agent_config=AgentConfig(
+            topic="tickets.urgent", callback=triage, config=SubscriptionConfig(max_retries=5)
+        )
+    )
+    assert sdk.app.get_agent("triage").policy.max_retries == 5
+    await sdk.publish_task(
+        event_envelope=EventEnvelope(topic="tickets.urgent", payload=PayloadBase(content="x"))
+    )
+    with anyio.fail_after(5):
+        while not seen:
+            await anyio.sleep(0.02)
+    assert seen == [("tickets.urgent", "x")]
+
+
+async def test_a_sync_callback_runs_in_a_thread_and_its_return_value_is_the_result(
+    sdk: OmniDaemonSDK,
+) -> None:
+    def summarise(message: dict) -> dict:  # type: ignore[type-arg]
+        return {"words": len(message["content"]["text"].split())}
+
+    await sdk.register_agent(agent_config=AgentConfig(topic="texts.in", callback=summarise))
+    await sdk.start()
+    task_id = await sdk.publish_task(
+        event_envelope=EventEnvelope(
+            topic="texts.in", payload=PayloadBase(content={"text": "three small words"})
+        )
+    )
+    with anyio.fail_after(5):
+        while (result := await sdk.get_result(task_id)) is None:
+            await anyio.sleep(0.02)
+    assert result == {"words": 3}
+    [listed] = [r for r in await sdk.list_results() if r["task_id"] == task_id]
+    assert listed["result"] == {"words": 3} and listed["agent"] == "summarise"
+
+
+async def test_the_publishers_id_and_source_travel_with_the_event(sdk: OmniDaemonSDK) -> None:
+    messages: list[dict[str, Any]] = []
+
+    async def record(message: dict) -> None:  # type: ignore[type-arg]
+        messages.append(message)
+
+    await sdk.register_agent(agent_config=AgentConfig(topic="orders.placed", callback=record))
+    await sdk.start()
+    task_id = await sdk.publish_task(
+        event_envelope=EventEnvelope(
+            id="order-42", source="checkout", topic="orders.placed", payload=PayloadBase(content=1)
+        )
+    )
+    with anyio.fail_after(5):
+        while not messages:
+            await anyio.sleep(0.02)
+    # The bus assigns the task id; the publisher's own id and source ride in the headers.
+    assert messages[0]["task_id"] == task_id != "order-42"
+    assert messages[0]["source"] == "checkout"
+    # OmniDaemon's stream names (with its `omni-stream:` prefix) are accepted.
+    [entry] = await sdk.inspect_stream("omni-stream:orders.placed")
+    assert entry["data"]["id"] == task_id
+    assert entry["data"]["headers"]["omnidaemon-compat-id"] == "order-42"
+    assert entry["data"]["headers"]["omnidaemon-compat-source"] == "checkout"
+    assert "orders.placed" in [s["stream"] for s in await sdk.list_streams()]
+
+
+async def test_the_webhook_of_a_dead_lettered_task_says_failed(
+    sdk: OmniDaemonSDK, receiver: Receiver
+) -> None:
+    async def broken(message: dict) -> None:  # type: ignore[type-arg]
+        raise ValueError("cannot parse the invoice")
+
+    await sdk.register_agent(
+        agent_config=AgentConfig(
+            topic="invoices.in", callback=broken, config=SubscriptionConfig(max_retries=0)
+        )
+    )
+    await sdk.start()
+    task_id = await sdk.publish_task(
+        event_envelope=EventEnvelope(
+            topic="invoices.in", payload=PayloadBase(content={}, webhook=receiver.url("/hook"))
+        )
+    )
+    with anyio.fail_after(5):
+        while not receiver.requests:
+            await anyio.sleep(0.02)
+    body = orjson.loads(receiver.requests[0].body)
+    assert (body["task_id"], body["status"]) == (task_id, "failed")
+    assert body["error"]["type"] == "ValueError" and body["timestamp"]
+
+
+async def test_a_sync_callback_publishes_through_anyio_from_thread(sdk: OmniDaemonSDK) -> None:
+    followups: list[dict[str, Any]] = []
+
+    def route(message: dict) -> None:  # type: ignore[type-arg]
+        envelope = EventEnvelope(topic="tickets.routed", payload=PayloadBase(content="billing"))
+        anyio.from_thread.run(sdk.publish_task, envelope)
+
+    async def record(message: dict) -> None:  # type: ignore[type-arg]
+        followups.append(message)
+
+    await sdk.register_agent(agent_config=AgentConfig(topic="tickets.opened", callback=route))
+    await sdk.register_agent(agent_config=AgentConfig(topic="tickets.routed", callback=record))
+    await sdk.start()
+    task_id = await sdk.publish_task(
+        event_envelope=EventEnvelope(
+            topic="tickets.opened", payload=PayloadBase(content={}), correlation_id="c-7"
+        )
+    )
+    with anyio.fail_after(5):
+        while not followups:
+            await anyio.sleep(0.02)
+    # The follow-up is chained to the event the sync callback handled.
+    assert followups[0]["content"] == "billing"
+    assert (followups[0]["causation_id"], followups[0]["correlation_id"]) == (task_id, "c-7")

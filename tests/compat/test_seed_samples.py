@@ -6,7 +6,7 @@ Each sample's body is copied as the seed shows it; only the names it leaves unde
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ from omnidaemon.compat import (
     PayloadBase,
     SubscriptionConfig,
 )
-from tests.http_receiver import Receiver, serving
+from tests.http_receiver import Receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -219,13 +219,6 @@ async def test_a_returned_value_is_sent_to_reply_to(sdk: OmniDaemonSDK) -> None:
     assert replies == [({"n": 42}, "t-1")]
 
 
-@pytest.fixture
-def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
-    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "1")  # the receiver is on loopback
-    with serving() as rec:
-        yield rec
-
-
 async def test_webhook_sample_posts_the_result(sdk: OmniDaemonSDK, receiver: Receiver) -> None:
     async def analyze(message: dict) -> dict:  # type: ignore[type-arg]
         return {"sentiment": "positive", "data": message["content"]["data"]}
@@ -244,8 +237,12 @@ async def test_webhook_sample_posts_the_result(sdk: OmniDaemonSDK, receiver: Rec
     )
     await eventually(lambda: receiver.requests)
     body = orjson.loads(receiver.requests[0].body)
-    assert body["event_id"] == task_id and body["status"] == "succeeded"
+    # The body the seed documents: task_id, status "success", result, timestamp.
+    assert body["task_id"] == task_id and body["status"] == "success"
     assert body["result"] == {"sentiment": "positive", "data": "..."}
+    assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
+    # and omnidaemon's own fields beside them.
+    assert body["event_id"] == task_id and body["agent"] == "analyze"
 
 
 async def test_document_pipeline_sample(sdk: OmniDaemonSDK, tmp_path: Any) -> None:
