@@ -7,6 +7,7 @@ __all__ = [
     "AppLoadError",
     "BusUnavailable",
     "ConfigurationError",
+    "NotFound",
     "OmniDaemonError",
     "PayloadTooLarge",
     "PayloadValidationError",
@@ -23,6 +24,10 @@ class ConfigurationError(OmniDaemonError):
 
 class BusUnavailable(OmniDaemonError):
     """The bus did not answer within the timeout; the message names it (without password)."""
+
+
+class NotFound(OmniDaemonError, LookupError):
+    """A topic, agent or event named by the caller is not on the bus; the message says which."""
 
 
 class AgentFailed(OmniDaemonError):

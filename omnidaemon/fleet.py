@@ -21,9 +21,11 @@ from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
 
 __all__ = [
+    "BusStats",
     "HealthReport",
     "HealthStatus",
     "WorkerStatus",
+    "bus_stats",
     "check_health",
     "describe_topics",
     "fleet_metrics",
@@ -166,6 +168,54 @@ async def group_infos(broker: Broker, *, include_replies: bool = False) -> list[
     in progress left out unless `include_replies`)."""
     topics = await describe_topics(broker, include_replies=include_replies)
     return [group for topic in topics for group in topic.groups]
+
+
+@dataclass(frozen=True, slots=True)
+class BusStats:
+    """The bus at a glance (`omnidaemon bus stats`).
+
+    Attributes:
+        bus: The bus's URL (password masked).
+        server: What the bus's server says of itself (kind, version, memory).
+        totals: Sums over the bus, in display order: `topics`, `entries`, `agents`, `lag`,
+            `pending`, `retries`, `dead_letters`, `workers`, `in_flight`.
+        workers: The live workers.
+    """
+
+    bus: str
+    server: Mapping[str, str]
+    totals: Mapping[str, int]
+    workers: tuple[WorkerStatus, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The stats as JSON data."""
+        return {
+            "bus": self.bus,
+            "server": dict(self.server),
+            "totals": dict(self.totals),
+            "workers": [w.to_json() for w in self.workers],
+        }
+
+
+async def bus_stats(broker: Broker) -> BusStats:
+    """Read the bus's server info, its totals over every topic and agent, and the live
+    workers (reply topics of requests in progress left out)."""
+    server = await broker.server_info()
+    topics = await describe_topics(broker)
+    workers = await live_workers(broker)
+    groups = [g for t in topics for g in t.groups]
+    totals = {
+        "topics": len(topics),
+        "entries": sum(t.length for t in topics),
+        "agents": len(groups),
+        "lag": sum(g.lag or 0 for g in groups),
+        "pending": sum(g.pending for g in groups),
+        "retries": sum(g.retries for g in groups),
+        "dead_letters": sum(g.dead_letters for g in groups),
+        "workers": len(workers),
+        "in_flight": sum(w.in_flight for w in workers),
+    }
+    return BusStats(broker.url, server, totals, tuple(workers))
 
 
 @dataclass(frozen=True, slots=True)

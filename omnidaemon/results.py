@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from omnidaemon.envelope import dumps
 
-__all__ = ["FINAL_STATUSES", "Result", "ResultStatus"]
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["FINAL_STATUSES", "Result", "ResultStatus", "event_results"]
 
 ResultStatus = Literal["pending", "running", "retrying", "succeeded", "dead_lettered"]
 """Where an event is: not started yet, being handled, waiting for a retry, or finished."""
@@ -57,3 +60,45 @@ class Result(BaseModel):
     def decode(cls, data: bytes) -> Result:
         """Read a record written by `encode`."""
         return cls.model_validate_json(data)
+
+
+async def event_results(
+    app: App, event_id: str, *, agent: str | None = None, timeout: float | None = None
+) -> list[Result]:
+    """Every stored result of an event, one per agent that stored one, sorted by agent
+    (`omnidaemon result`, `GET /v1/events/{id}/result`).
+
+    Args:
+        event_id: The id `publish` returned.
+        agent: Only this agent's result.
+        timeout: Wait up to this many seconds for each result to be final (`succeeded` or
+            `dead_lettered`), including agents that store one meanwhile; `None` answers at
+            once.
+
+    Returns:
+        The results; one `pending` result (for `agent`, else without an agent) when nothing
+        is stored for the event: not handled yet, unknown, or expired.
+
+    Raises:
+        TimeoutError: `timeout` passed before a result was final.
+    """
+    await app.connect()
+    records = await app.broker.get_results(event_id)
+    if timeout is not None:
+        names: list[str | None] = [agent] if agent else [*sorted(records)] or [None]
+        found = []
+        for name in names:
+            try:
+                found.append(await app.result(event_id, agent=name, timeout=timeout))
+            except ValueError:
+                # Several agents stored results meanwhile: wait for each of them.
+                others = sorted(await app.broker.get_results(event_id))
+                found += [
+                    await app.result(event_id, agent=other, timeout=timeout) for other in others
+                ]
+        return found
+    if agent is not None:
+        return [await app.result(event_id, agent=agent)]
+    if not records:
+        return [Result(event_id=event_id, agent=None, status="pending")]
+    return [Result.decode(records[name]) for name in sorted(records)]

@@ -19,7 +19,7 @@ from omnidaemon.agents import AgentSpec
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import PayloadValidationError
 
-__all__ = ["Edge", "TopicSpec", "Topology", "TopicTypes", "type_name"]
+__all__ = ["Edge", "TopicSpec", "Topology", "TopicTypes", "describe_agent", "type_name"]
 
 _RAW = (Any, dict, dict[str, Any], object)
 
@@ -29,6 +29,34 @@ def type_name(tp: Any) -> str:
     if tp is None or tp is type(None):
         return "None"
     return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+
+
+def describe_agent(spec: AgentSpec) -> dict[str, Any]:
+    """An agent as JSON data: its topic, types, what it publishes and every policy
+    (`omnidaemon agents --json`, `GET /v1/agents`)."""
+    backoff = spec.policy.backoff
+    return {
+        "name": spec.name,
+        "topic": spec.topic,
+        "payload_type": type_name(spec.payload_type),
+        "return_type": type_name(spec.return_type),
+        "publishes": spec.publishes,
+        "description": spec.description,
+        "handler": f"{spec.handler.__module__}.{spec.handler.__qualname__}",
+        "max_retries": spec.policy.max_retries,
+        "backoff": {
+            "initial": backoff.initial,
+            "factor": backoff.factor,
+            "maximum": backoff.maximum,
+            "jitter": backoff.jitter,
+        },
+        "concurrency": spec.concurrency,
+        "timeout": spec.timeout,
+        "reclaim_idle": spec.reclaim_idle,
+        "start": spec.start,
+        "store_results": spec.store_results,
+        "idempotent": spec.idempotency_key is not None,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 (no bus needed)."""
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -28,47 +28,14 @@ def _load(command: str, target: str) -> "App":
         raise typer.Exit(fail(command, str(exc), 2)) from None
 
 
-def _policy(spec: Any) -> dict[str, Any]:
-    backoff = spec.policy.backoff
-    return {
-        "max_retries": spec.policy.max_retries,
-        "backoff": {
-            "initial": backoff.initial,
-            "factor": backoff.factor,
-            "maximum": backoff.maximum,
-            "jitter": backoff.jitter,
-        },
-        "concurrency": spec.concurrency,
-        "timeout": spec.timeout,
-        "reclaim_idle": spec.reclaim_idle,
-        "start": spec.start,
-        "store_results": spec.store_results,
-        "idempotent": spec.idempotency_key is not None,
-    }
-
-
 def agents(app: AppArgument, json: JsonOption = False) -> None:
     """The agents of APP: topics, payload and return types, what each publishes, policies."""
-    from omnidaemon.topology import type_name
+    from omnidaemon.topology import describe_agent, type_name
 
     loaded = _load("agents", app)
     specs = list(loaded.agents.values())
     if json:
-        emit_json(
-            [
-                {
-                    "name": s.name,
-                    "topic": s.topic,
-                    "payload_type": type_name(s.payload_type),
-                    "return_type": type_name(s.return_type),
-                    "publishes": s.publishes,
-                    "description": s.description,
-                    "handler": f"{s.handler.__module__}.{s.handler.__qualname__}",
-                    **_policy(s),
-                }
-                for s in specs
-            ]
-        )
+        emit_json([describe_agent(s) for s in specs])
         return
     print_table(
         ["AGENT", "TOPIC", "PAYLOAD", "RETURNS", "PUBLISHES", "RETRIES", "CONCURRENCY", "TIMEOUT"],

@@ -130,25 +130,11 @@ def inspect_topic(
 ) -> None:
     """The most recent entries of a topic, decoded: id, time, correlation and payload."""
     _check_topic(topic)
-    import orjson
+    from omnidaemon.admin import recent_entries
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            if await bus_.describe(topic) is None:
-                raise CommandError(f"no topic {topic!r} on the bus")
-            entries = await bus_.entries(topic, limit)
-        decoded = []
-        for entry_id, data in entries:
-            try:
-                envelope = orjson.loads(data)
-                if not isinstance(envelope, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                decoded.append(
-                    {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace")}
-                )
-                continue
-            decoded.append({"entry_id": entry_id, **envelope})
+            decoded = await recent_entries(bus_, topic, limit)
         if json:
             emit_json(decoded)
             return
@@ -178,12 +164,11 @@ def inspect_topic(
 def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption = False) -> None:
     """The consumer groups (agents) of a topic and each one's consumers (workers)."""
     _check_topic(topic)
+    from omnidaemon.admin import require_topic
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            info = await bus_.describe(topic, consumers=True)
-        if info is None:
-            raise CommandError(f"no topic {topic!r} on the bus")
+            info = await require_topic(bus_, topic, consumers=True)
         if json:
             emit_json([_group_json(g) for g in info.groups])
             return
@@ -220,36 +205,15 @@ def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption =
 @bus.command("stats")
 def stats(broker: BrokerOption = None, json: JsonOption = False) -> None:
     """The bus at a glance: server, totals, and every live worker (from heartbeats)."""
-    from omnidaemon.fleet import describe_topics, live_workers
+    from omnidaemon.fleet import bus_stats
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            server = await bus_.server_info()
-            topics = await describe_topics(bus_)
-            workers = await live_workers(bus_)
-            url = bus_.url
-        group_list = [g for t in topics for g in t.groups]
-        totals = {
-            "topics": len(topics),
-            "entries": sum(t.length for t in topics),
-            "agents": len(group_list),
-            "lag": sum(g.lag or 0 for g in group_list),
-            "pending": sum(g.pending for g in group_list),
-            "retries": sum(g.retries for g in group_list),
-            "dead_letters": sum(g.dead_letters for g in group_list),
-            "workers": len(workers),
-            "in_flight": sum(w.in_flight for w in workers),
-        }
+            found = await bus_stats(bus_)
         if json:
-            emit_json(
-                {
-                    "bus": url,
-                    "server": server,
-                    "totals": totals,
-                    "workers": [w.to_json() for w in workers],
-                }
-            )
+            emit_json(found.to_json())
             return
+        url, server, totals, workers = found.bus, found.server, found.totals, found.workers
         say(f"bus: {url}  ({', '.join(f'{k} {v}' for k, v in server.items())})", style="bold")
         print_table(
             [k.upper().replace("_", " ") for k in totals],
@@ -294,25 +258,11 @@ def dead_letters(
     """Dead-lettered events: the error, the attempts and the payload of each."""
     if topic is not None:
         _check_topic(topic)
-    from omnidaemon.brokers.base import Subscription
-    from omnidaemon.dead_letters import DeadLetter
+    from omnidaemon.admin import find_dead_letters
 
     async def run() -> None:
-        letters: list[DeadLetter] = []
         async with open_cli_broker(broker) as bus_:
-            names = [topic] if topic is not None else await bus_.topics()
-            for name in names:
-                info = await bus_.describe(name)
-                if info is None:
-                    if topic is not None:
-                        raise CommandError(f"no topic {topic!r} on the bus")
-                    continue
-                for g in info.groups:
-                    if (agent is None or g.group == agent) and g.dead_letters:
-                        records = await bus_.dead_letters(Subscription(name, g.group), limit)
-                        letters += [DeadLetter.decode(r) for r in records]
-        letters.sort(key=lambda d: d.failed_at)
-        letters = letters[-limit:]
+            letters = await find_dead_letters(bus_, topic=topic, agent=agent, limit=limit)
         if json:
             emit_json([{**d.model_dump(mode="json"), "payload": d.payload} for d in letters])
             return
@@ -360,40 +310,27 @@ def replay(
         raise typer.BadParameter("name events with --id, or replay every one with --all")
     if ids and all_records:
         raise typer.BadParameter("give --id or --all, not both")
-    from omnidaemon.brokers.base import Subscription
-    from omnidaemon.dead_letters import DeadLetter
+    from omnidaemon.admin import preview_replay, replay_dead_letters, require_group
 
     wanted = set(ids or ())
+    event_ids = None if all_records else wanted
 
     async def run() -> None:
-        sub = Subscription(topic, agent)
         async with open_cli_broker(broker) as bus_:
-            info = await bus_.describe(topic)
-            group = next((g for g in info.groups if g.group == agent), None) if info else None
-            if group is None:
-                raise CommandError(f"no agent {agent!r} reads topic {topic!r}")
             if dry_run:
-                records = await bus_.dead_letters(sub, max(1, group.dead_letters))
-                chosen = [
-                    d
-                    for d in map(DeadLetter.decode, records)
-                    if all_records or d.event_id in wanted
-                ]
-                for d in chosen:
+                preview = await preview_replay(bus_, topic, agent, event_ids=event_ids)
+                for d in preview.chosen:
                     reason = f"{d.error_type}: {d.error_message}"
                     say(_one_line(f"would replay {d.event_id or '?'} ({reason})", 200))
-                say(f"{len(chosen)} of {len(records)} dead letters would be replayed (dry run)")
+                chosen, total = len(preview.chosen), preview.total
+                say(f"{chosen} of {total} dead letters would be replayed (dry run)")
                 return
+            group = await require_group(bus_, topic, agent)  # the progress bar's length
             with progress(f"replaying to {agent}", group.dead_letters) as advance:
-
-                def select(record: bytes) -> bytes | None:
-                    advance()
-                    letter = DeadLetter.decode(record)
-                    if not all_records and letter.event_id not in wanted:
-                        return None
-                    return letter.entry.encode()
-
-                moved = await bus_.replay_dead_letters(sub, select)
+                outcome = await replay_dead_letters(
+                    bus_, topic, agent, event_ids=event_ids, on_record=advance
+                )
+            moved = outcome.replayed
         say(f"replayed {moved} event{'s' if moved != 1 else ''} to {agent} on {topic}")
         if wanted and moved < len(wanted):
             raise CommandError(
@@ -422,26 +359,19 @@ def purge(
         raise typer.BadParameter("purging deletes events for good: add --yes to confirm")
     if agent is not None and not dlq:
         raise typer.BadParameter("--agent goes with --dlq")
-    from omnidaemon.brokers.base import Subscription
+    from omnidaemon.admin import purge_dead_letters, purge_topic, require_topic
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            info = await bus_.describe(topic)
-            if info is None:
-                raise CommandError(f"no topic {topic!r} on the bus")
             if not dlq:
-                await bus_.delete_topic(topic)
+                info = await purge_topic(bus_, topic)
                 agents = f"{len(info.groups)} agent{'s' if len(info.groups) != 1 else ''}"
                 say(f"purged topic {topic} ({info.length:,} entries, {agents})")
                 return
-            groups = [g for g in info.groups if agent is None or g.group == agent]
-            if agent is not None and not groups:
-                raise CommandError(f"no agent {agent!r} reads topic {topic!r}")
-            removed = 0
-            with progress("purging dead letters", len(groups)) as advance:
-                for g in groups:
-                    removed += await bus_.purge_dead_letters(Subscription(topic, g.group))
-                    advance()
+            info = await require_topic(bus_, topic)  # the progress bar's length
+            queues = len(info.groups) if agent is None else 1
+            with progress("purging dead letters", queues) as advance:
+                removed = await purge_dead_letters(bus_, topic, agent=agent, on_group=advance)
         say(f"removed {removed} dead letter{'s' if removed != 1 else ''} from {topic}")
 
     run_async("bus purge", run)

@@ -129,32 +129,15 @@ def result(
 
     Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying).
     """
-    from omnidaemon.results import Result
+    from omnidaemon.results import Result, event_results
 
     async def run() -> list[Result]:
         from omnidaemon.app import App
 
         async with App("cli", broker=open_cli_broker(broker)) as app:
-            records = await app.broker.get_results(event_id)
-            if wait:
-                names: list[str | None] = [agent] if agent else [*sorted(records)] or [None]
-                found = []
-                for name in names:
-                    try:
-                        found.append(await app.result(event_id, agent=name, timeout=timeout))
-                    except ValueError:
-                        # Several agents stored results meanwhile: wait for each of them.
-                        others = sorted(await app.broker.get_results(event_id))
-                        found += [
-                            await app.result(event_id, agent=other, timeout=timeout)
-                            for other in others
-                        ]
-                return found
-            if agent is not None:
-                return [await app.result(event_id, agent=agent)]
-            if not records:
-                return [Result(event_id=event_id, agent=None, status="pending")]
-            return [Result.decode(records[name]) for name in sorted(records)]
+            return await event_results(
+                app, event_id, agent=agent, timeout=timeout if wait else None
+            )
 
     results = run_async("result", run)
     if json:

@@ -1,0 +1,232 @@
+"""Looking into the bus and repairing it: topics, their entries and groups, dead letters,
+replay and purge.
+
+These read and change the bus only (no app code needed). `omnidaemon bus ...` and the HTTP
+API's topic and dead-letter endpoints are thin shells around them, so both behave the same.
+Every function takes a connected broker; a topic or agent that is not on the bus is a
+`NotFound` whose message names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from omnidaemon.brokers.base import Broker, GroupInfo, Subscription, TopicInfo
+from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.errors import NotFound
+
+__all__ = [
+    "ReplayOutcome",
+    "ReplayPreview",
+    "find_dead_letters",
+    "preview_replay",
+    "purge_dead_letters",
+    "purge_topic",
+    "recent_entries",
+    "replay_dead_letters",
+    "require_group",
+    "require_topic",
+]
+
+
+async def require_topic(broker: Broker, topic: str, *, consumers: bool = False) -> TopicInfo:
+    """The topic's length, delayed entries and groups (with their consumers when `consumers`).
+
+    Raises:
+        NotFound: the bus has no such topic.
+    """
+    info = await broker.describe(topic, consumers=consumers)
+    if info is None:
+        raise NotFound(f"no topic {topic!r} on the bus")
+    return info
+
+
+async def require_group(broker: Broker, topic: str, agent: str) -> GroupInfo:
+    """The consumer group of `agent` on `topic`.
+
+    Raises:
+        NotFound: no agent of that name reads the topic (or there is no such topic).
+    """
+    info = await broker.describe(topic)
+    group = next((g for g in info.groups if g.group == agent), None) if info else None
+    if group is None:
+        raise NotFound(f"no agent {agent!r} reads topic {topic!r}")
+    return group
+
+
+def _decode_entry(entry_id: str, data: bytes) -> dict[str, Any]:
+    try:
+        envelope = orjson.loads(data)
+        if not isinstance(envelope, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        # Another producer's entry, or a damaged one: shown as text, not an error.
+        return {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace")}
+    return {"entry_id": entry_id, **envelope}
+
+
+async def recent_entries(broker: Broker, topic: str, limit: int) -> list[dict[str, Any]]:
+    """The topic's `limit` most recent entries, oldest first, each decoded: its bus id as
+    `entry_id` and the envelope's fields (`id`, `created_at`, `payload`, ...), or `entry_id`
+    and `unreadable` (the raw text) for an entry that is not a JSON object.
+
+    Raises:
+        NotFound: the bus has no such topic.
+    """
+    await require_topic(broker, topic)
+    return [_decode_entry(entry_id, data) for entry_id, data in await broker.entries(topic, limit)]
+
+
+async def find_dead_letters(
+    broker: Broker, *, topic: str | None = None, agent: str | None = None, limit: int = 20
+) -> list[DeadLetter]:
+    """The `limit` most recent dead letters, oldest first, of every topic or only `topic`,
+    of every agent or only `agent`.
+
+    Raises:
+        NotFound: `topic` was given and the bus has no such topic.
+    """
+    letters: list[DeadLetter] = []
+    names = [topic] if topic is not None else await broker.topics()
+    for name in names:
+        info = await broker.describe(name)
+        if info is None:
+            if topic is not None:
+                raise NotFound(f"no topic {topic!r} on the bus")
+            continue  # deleted since it was listed
+        for g in info.groups:
+            if (agent is None or g.group == agent) and g.dead_letters:
+                records = await broker.dead_letters(Subscription(name, g.group), limit)
+                letters += [DeadLetter.decode(r) for r in records]
+    letters.sort(key=lambda d: d.failed_at)
+    return letters[-limit:]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPreview:
+    """What a replay would do (a dry run).
+
+    Attributes:
+        chosen: The dead letters that would be replayed.
+        total: How many records the agent's dead-letter queue holds.
+    """
+
+    chosen: tuple[DeadLetter, ...]
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    """What a replay did.
+
+    Attributes:
+        replayed: How many events were re-queued.
+        event_ids: The ids of the events chosen for replay (`None` for an unreadable record).
+        missing: The named event ids that are not in the agent's dead letters.
+    """
+
+    replayed: int
+    event_ids: tuple[str | None, ...]
+    missing: tuple[str, ...]
+
+
+async def preview_replay(
+    broker: Broker, topic: str, agent: str, *, event_ids: Collection[str] | None = None
+) -> ReplayPreview:
+    """Which of `agent`'s dead letters on `topic` a replay would re-queue; changes nothing.
+
+    Args:
+        event_ids: Only these events; default: every record.
+
+    Raises:
+        NotFound: no agent of that name reads the topic.
+    """
+    group = await require_group(broker, topic, agent)
+    records = await broker.dead_letters(Subscription(topic, agent), max(1, group.dead_letters))
+    chosen = tuple(
+        d for d in map(DeadLetter.decode, records) if event_ids is None or d.event_id in event_ids
+    )
+    return ReplayPreview(chosen, len(records))
+
+
+async def replay_dead_letters(
+    broker: Broker,
+    topic: str,
+    agent: str,
+    *,
+    event_ids: Collection[str] | None = None,
+    on_record: Callable[[], None] | None = None,
+) -> ReplayOutcome:
+    """Deliver `agent`'s dead letters on `topic` to it again, each as a new first attempt.
+
+    Only that agent sees them again; the records leave the dead-letter queue as they go, each
+    in one atomic step.
+
+    Args:
+        event_ids: Only these events; default: every record.
+        on_record: Called once per record looked at (a progress display).
+
+    Raises:
+        NotFound: no agent of that name reads the topic.
+    """
+    await require_group(broker, topic, agent)
+    chosen: list[str | None] = []
+
+    def select(record: bytes) -> bytes | None:
+        if on_record is not None:
+            on_record()
+        letter = DeadLetter.decode(record)
+        if event_ids is not None and letter.event_id not in event_ids:
+            return None
+        chosen.append(letter.event_id)
+        return letter.entry.encode()
+
+    moved = await broker.replay_dead_letters(Subscription(topic, agent), select)
+    missing = () if event_ids is None else tuple(sorted(set(event_ids).difference(chosen)))
+    return ReplayOutcome(moved, tuple(chosen), missing)
+
+
+async def purge_topic(broker: Broker, topic: str) -> TopicInfo:
+    """Delete a topic with everything it holds: entries, groups, retries, dead letters,
+    metrics. Returns what it held just before.
+
+    Workers still consuming the topic recreate it, empty, on their next fetch.
+
+    Raises:
+        NotFound: the bus has no such topic.
+    """
+    info = await require_topic(broker, topic)
+    await broker.delete_topic(topic)
+    return info
+
+
+async def purge_dead_letters(
+    broker: Broker,
+    topic: str,
+    *,
+    agent: str | None = None,
+    on_group: Callable[[], None] | None = None,
+) -> int:
+    """Empty the dead-letter queues of `topic` (every agent's, or only `agent`'s); returns how
+    many records were removed.
+
+    Args:
+        on_group: Called once per queue emptied (a progress display).
+
+    Raises:
+        NotFound: the bus has no such topic, or `agent` does not read it.
+    """
+    info = await require_topic(broker, topic)
+    groups = [g for g in info.groups if agent is None or g.group == agent]
+    if agent is not None and not groups:
+        raise NotFound(f"no agent {agent!r} reads topic {topic!r}")
+    removed = 0
+    for g in groups:
+        removed += await broker.purge_dead_letters(Subscription(topic, g.group))
+        if on_group is not None:
+            on_group()
+    return removed

@@ -1,0 +1,436 @@
+"""The HTTP API's request and response bodies, as pydantic models: FastAPI validates requests
+with them and writes the OpenAPI schema from them.
+
+Responses carry the same fields as the matching command's `--json` output, wrapped in an
+object (`{"topics": [...]}`) so that fields can be added later without breaking clients.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from omnidaemon.agents import validate_agent_name
+from omnidaemon.envelope import validate_topic
+from omnidaemon.results import Result
+
+__all__ = [
+    "AgentInfo",
+    "AgentList",
+    "AgentMetrics",
+    "BackoffInfo",
+    "BusInfo",
+    "BusStatsResponse",
+    "BusTotals",
+    "ConsumerInfo",
+    "DeadLetterList",
+    "DeadLetterRecord",
+    "DeadLettersPurged",
+    "Entry",
+    "EntryList",
+    "ErrorResponse",
+    "EventResults",
+    "GroupInfo",
+    "GroupList",
+    "HealthGroup",
+    "HealthResponse",
+    "Histogram",
+    "MetricsResponse",
+    "ProbeResponse",
+    "PublishRequest",
+    "PublishResponse",
+    "ReplayRequest",
+    "ReplayResponse",
+    "ReplyRequest",
+    "ReplyResponse",
+    "TopicInfo",
+    "TopicList",
+    "TopicName",
+    "TopicPurged",
+    "WorkerInfo",
+]
+
+TopicName = Annotated[
+    str,
+    AfterValidator(validate_topic),
+    Field(
+        max_length=255,
+        description="Dot-separated words of [a-z0-9_-], e.g. `document.uploaded`.",
+        examples=["document.uploaded"],
+    ),
+]
+"""A topic name, checked as publishing checks it."""
+
+AgentName = Annotated[
+    str,
+    AfterValidator(validate_agent_name),
+    Field(max_length=200, description="An agent's name (its consumer group).", examples=["ocr"]),
+]
+
+_Id = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ErrorResponse(BaseModel):
+    """What every error answers: a code for programs and one line for people."""
+
+    code: str = Field(
+        description=(
+            "`bad_request`, `unauthorized`, `forbidden`, `not_found`, `invalid_json`, "
+            "`invalid_request`, `invalid_payload`, `payload_too_large`, "
+            "`unsupported_media_type`, `agent_failed`, `timeout`, `bus_unavailable`, "
+            "`method_not_allowed` or `internal_error`."
+        ),
+        examples=["not_found"],
+    )
+    message: str = Field(examples=["no topic 'document.uploaded' on the bus"])
+    details: list[dict[str, Any]] | None = Field(
+        default=None, description="Per field, what is wrong (`invalid_request` only)."
+    )
+
+
+class _Body(BaseModel):
+    # A misspelt option must not be dropped silently: `delai: 60` would publish at once.
+    model_config = ConfigDict(extra="forbid")
+
+
+class PublishRequest(_Body):
+    """An event to publish (`omnidaemon publish`)."""
+
+    topic: TopicName
+    payload: Any = Field(description="The event's payload: any JSON value.")
+    correlation_id: _Id | None = Field(
+        default=None, description="Ties the events of one workflow together."
+    )
+    reply_to: TopicName | None = Field(
+        default=None, description="A topic the handling agent's return value is sent to."
+    )
+    webhook: Annotated[str, Field(max_length=2048)] | None = Field(
+        default=None, description="A URL the outcome is POSTed to when the event is finished."
+    )
+    tenant_id: _Id | None = Field(default=None, description="Carried unchanged to handlers.")
+    delay: float | None = Field(
+        default=None, ge=0, description="Seconds before agents see the event (held on the bus)."
+    )
+    headers: dict[str, str] | None = Field(
+        default=None, description="String metadata carried unchanged."
+    )
+
+
+class PublishResponse(BaseModel):
+    """A published event."""
+
+    event_id: str = Field(description="The event's id (a UUIDv7).")
+    topic: str
+
+
+class ReplyRequest(_Body):
+    """A request: an event published with a reply topic of its own, waited on
+    (`omnidaemon publish --wait`)."""
+
+    topic: TopicName
+    payload: Any = Field(description="The request's payload: any JSON value.")
+    correlation_id: _Id | None = None
+    tenant_id: _Id | None = None
+    headers: dict[str, str] | None = None
+    timeout: float = Field(
+        default=30.0, gt=0, le=300, description="Seconds to wait for the reply (504 after)."
+    )
+
+
+class ReplyResponse(BaseModel):
+    """The handling agent's reply to a request."""
+
+    topic: str
+    reply: Any = Field(description="The handler's return value, as JSON.")
+
+
+class EventResults(BaseModel):
+    """The stored results of an event, one per agent with `store_results=True` that handled
+    it."""
+
+    event_id: str
+    results: list[Result]
+
+
+class BackoffInfo(BaseModel):
+    """An agent's retry backoff: `initial` seconds, times `factor` per retry, at most
+    `maximum`, with `jitter`."""
+
+    initial: float
+    factor: float
+    maximum: float
+    jitter: float
+
+
+class AgentInfo(BaseModel):
+    """An agent of the app (`omnidaemon agents --json`)."""
+
+    name: str
+    topic: str
+    payload_type: str
+    return_type: str
+    publishes: str | None
+    description: str | None
+    handler: str = Field(description="The handler's module and qualified name.")
+    max_retries: int
+    backoff: BackoffInfo
+    concurrency: int
+    timeout: float | None
+    reclaim_idle: float
+    start: Literal["earliest", "latest"]
+    store_results: bool
+    idempotent: bool
+
+
+class AgentList(BaseModel):
+    """The agents an app declares."""
+
+    app: str
+    agents: list[AgentInfo]
+
+
+class ConsumerInfo(BaseModel):
+    """A consumer (a worker's reader) of a group."""
+
+    name: str
+    pending: int
+    idle: float = Field(description="Seconds since it last fetched or renewed anything.")
+
+
+class GroupInfo(BaseModel):
+    """A consumer group: one agent on one topic, as the bus sees it."""
+
+    topic: str
+    agent: str
+    consumers: int
+    pending: int = Field(description="Handed out and not finished.")
+    lag: int | None = Field(description="Not handed out yet; null when the bus cannot tell.")
+    retries: int = Field(description="Retries scheduled.")
+    dead_letters: int
+    oldest_pending_age: float | None = Field(description="Seconds; null when none pending.")
+    consumer_details: list[ConsumerInfo] = Field(default_factory=list)
+
+
+class TopicInfo(BaseModel):
+    """A topic with its groups (`omnidaemon bus list`)."""
+
+    topic: str
+    length: int = Field(description="Entries the topic holds.")
+    delayed: int = Field(description="Entries published with a delay, not yet due.")
+    groups: list[GroupInfo]
+
+
+class TopicList(BaseModel):
+    """Every topic on the bus."""
+
+    topics: list[TopicInfo]
+
+
+class GroupList(BaseModel):
+    """A topic's groups with their consumers (`omnidaemon bus groups`)."""
+
+    topic: str
+    length: int
+    groups: list[GroupInfo]
+
+
+class Entry(BaseModel):
+    """A topic's entry, decoded: the envelope's fields, or `unreadable` text for an entry
+    that is not an envelope."""
+
+    model_config = ConfigDict(extra="allow")
+
+    entry_id: str = Field(description="The bus's id of the entry.")
+    id: str | None = Field(default=None, description="The event's id.")
+    topic: str | None = None
+    payload: Any = None
+    created_at: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    reply_to: str | None = None
+    webhook: str | None = None
+    source: str | None = None
+    tenant_id: str | None = None
+    headers: dict[str, Any] | None = None
+    unreadable: str | None = None
+
+
+class EntryList(BaseModel):
+    """A topic's most recent entries, oldest first (`omnidaemon bus inspect`)."""
+
+    topic: str
+    entries: list[Entry]
+
+
+class TopicPurged(BaseModel):
+    """What a purged topic held."""
+
+    topic: str
+    entries: int
+    agents: list[str]
+
+
+class Histogram(BaseModel):
+    """Durations in seconds: quantiles estimated from cumulative buckets."""
+
+    count: int
+    sum: float
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    buckets: dict[str, int] = Field(description="Observations at or below each bound.")
+
+
+class AgentMetrics(BaseModel):
+    """An agent's counts, summed over every worker (`omnidaemon metrics`)."""
+
+    topic: str
+    agent: str
+    received: int
+    succeeded: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    in_flight: int
+    duration_seconds: Histogram
+    latency_seconds: Histogram
+
+
+class MetricsResponse(BaseModel):
+    """Every agent's metrics."""
+
+    metrics: list[AgentMetrics]
+
+
+class WorkerInfo(BaseModel):
+    """A live worker, from its heartbeat."""
+
+    id: str
+    app: str
+    host: str
+    pid: int
+    version: str
+    started_at: datetime
+    beat_at: datetime
+    in_flight: int
+    agents: dict[str, dict[str, Any]]
+
+
+class BusInfo(BaseModel):
+    """The bus health was checked on."""
+
+    url: str = Field(description="Password masked.")
+    reachable: bool
+
+
+class HealthGroup(BaseModel):
+    """A consumer group's backlog."""
+
+    topic: str
+    agent: str
+    lag: int | None
+    pending: int
+    retries: int
+    dead_letters: int
+    oldest_pending_age: float | None
+
+
+class HealthResponse(BaseModel):
+    """The health of the bus and the fleet (`omnidaemon health`)."""
+
+    status: Literal["healthy", "degraded", "down"]
+    bus: BusInfo
+    problems: list[str]
+    workers: list[WorkerInfo]
+    groups: list[HealthGroup]
+
+
+class ProbeResponse(BaseModel):
+    """Whether this server can serve: it runs and the bus answers."""
+
+    status: Literal["ok", "unavailable"]
+
+
+class BusTotals(BaseModel):
+    """Sums over the whole bus."""
+
+    topics: int
+    entries: int
+    agents: int
+    lag: int
+    pending: int
+    retries: int
+    dead_letters: int
+    workers: int
+    in_flight: int
+
+
+class BusStatsResponse(BaseModel):
+    """The bus at a glance (`omnidaemon bus stats`)."""
+
+    bus: str = Field(description="The bus's URL, password masked.")
+    server: dict[str, str]
+    totals: BusTotals
+    workers: list[WorkerInfo]
+
+
+class DeadLetterRecord(BaseModel):
+    """A dead-lettered event, with why it is there."""
+
+    event_id: str | None = Field(description="Null when the entry could not be decoded.")
+    topic: str
+    agent: str
+    entry: str = Field(description="The bus entry exactly as it was published.")
+    error_type: str
+    error_message: str
+    traceback: str | None
+    attempts: int
+    failed_at: datetime
+    payload: Any = Field(description="The event's payload; null when unreadable.")
+
+
+class DeadLetterList(BaseModel):
+    """Dead letters, oldest first (`omnidaemon bus dlq`)."""
+
+    dead_letters: list[DeadLetterRecord]
+
+
+class ReplayRequest(_Body):
+    """Which dead letters to deliver again (`omnidaemon bus replay`): name them, or all."""
+
+    agent: AgentName
+    event_ids: Annotated[list[_Id], Field(min_length=1, max_length=10_000)] | None = Field(
+        default=None, description="Replay these events."
+    )
+    all: bool = Field(default=False, description="Replay every dead letter of the agent.")
+    dry_run: bool = Field(default=False, description="Say what would be replayed; change nothing.")
+
+    @model_validator(mode="after")
+    def _events_or_all(self) -> Self:
+        if self.event_ids is None and not self.all:
+            raise ValueError("name events with event_ids, or replay every one with all: true")
+        if self.event_ids is not None and self.all:
+            raise ValueError("give event_ids or all: true, not both")
+        return self
+
+
+class ReplayResponse(BaseModel):
+    """What a replay did, or would do (`dry_run`)."""
+
+    topic: str
+    agent: str
+    dry_run: bool
+    replayed: int = Field(description="Events re-queued (0 in a dry run).")
+    event_ids: list[str | None] = Field(
+        description="The events chosen (null for an unreadable record)."
+    )
+    missing: list[str] = Field(description="Named events not in the agent's dead letters.")
+
+
+class DeadLettersPurged(BaseModel):
+    """How many dead letters a purge removed."""
+
+    topic: str
+    agent: str | None
+    removed: int

@@ -1,0 +1,123 @@
+"""Events: publish (`omnidaemon publish`), request-reply (`publish --wait`), and what became
+of an event (`omnidaemon result`)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from omnidaemon.api.auth import Scope
+from omnidaemon.api.dependencies import CurrentApp, require
+from omnidaemon.api.errors import ApiError, documented
+from omnidaemon.api.models import (
+    EventResults,
+    PublishRequest,
+    PublishResponse,
+    ReplyRequest,
+    ReplyResponse,
+)
+from omnidaemon.errors import AgentFailed
+from omnidaemon.results import event_results
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["events"])
+
+
+@router.post(
+    "/events",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[require(Scope.publish)],
+    responses=documented(400, 401, 403, 413, 415, 422, 503),
+)
+async def publish_event(
+    body: PublishRequest, app: CurrentApp, response: Response
+) -> PublishResponse:
+    """Publish one event; answers its id once the bus holds it (`omnidaemon publish`).
+
+    A payload that contradicts the type the app's agents declare for the topic is refused
+    (422) and nothing is sent. `Location` names where the event's result will be. Needs the
+    `publish` scope.
+    """
+    event_id = await app.publish(
+        body.topic,
+        body.payload,
+        correlation_id=body.correlation_id,
+        reply_to=body.reply_to,
+        webhook=body.webhook,
+        tenant_id=body.tenant_id,
+        headers=body.headers,
+        delay=body.delay,
+    )
+    response.headers["Location"] = f"/v1/events/{event_id}/result"
+    return PublishResponse(event_id=event_id, topic=body.topic)
+
+
+@router.post(
+    "/requests",
+    dependencies=[require(Scope.publish)],
+    responses=documented(400, 401, 403, 413, 415, 422, 502, 503, 504),
+)
+async def request_reply(body: ReplyRequest, app: CurrentApp) -> ReplyResponse:
+    """Publish a request and wait for the handling agent's return value
+    (`omnidaemon publish --wait`).
+
+    502 when the agent gave up on the request (dead-lettered), with its error; 504 when no
+    reply came within `timeout` (no worker runs the agent, or it is still retrying). Needs the
+    `publish` scope.
+    """
+    try:
+        reply = await app.request(
+            body.topic,
+            body.payload,
+            timeout=body.timeout,
+            correlation_id=body.correlation_id,
+            tenant_id=body.tenant_id,
+            headers=body.headers,
+        )
+    except AgentFailed as exc:
+        raise ApiError(502, "agent_failed", str(exc)) from None
+    except TimeoutError as exc:
+        raise ApiError(504, "timeout", str(exc)) from None
+    return ReplyResponse(topic=body.topic, reply=reply)
+
+
+@router.get(
+    "/events/{event_id}/result",
+    dependencies=[require(Scope.read)],
+    responses=documented(401, 403, 404, 422, 503, 504),
+)
+async def event_result(
+    event_id: Annotated[str, Path(min_length=1, max_length=200, description="The event's id.")],
+    app: CurrentApp,
+    agent: Annotated[
+        str | None,
+        Query(max_length=200, description="Only this agent's result."),
+    ] = None,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=300,
+            description="Wait up to this many seconds for the event to finish (504 after).",
+        ),
+    ] = None,
+) -> EventResults:
+    """The stored status and result of an event, per agent (`omnidaemon result`).
+
+    Results are stored by agents declared with `store_results=True`. 404 while nothing is
+    stored: the id is unknown, no such agent handled it yet, or its result expired. Needs the
+    `read` scope.
+    """
+    try:
+        results = await event_results(app, event_id, agent=agent, timeout=wait)
+    except TimeoutError as exc:
+        raise ApiError(504, "timeout", str(exc)) from None
+    if all(r.status == "pending" for r in results):
+        nothing = f"agent {agent!r} stored no result" if agent else "no result is stored"
+        raise ApiError(
+            404,
+            "not_found",
+            f"{nothing} for event {event_id!r} (an unknown id, not handled yet by an agent "
+            "with store_results=True, or expired)",
+        )
+    return EventResults(event_id=event_id, results=results)

@@ -1,0 +1,210 @@
+"""Publishing, request-reply and results over HTTP, against a real worker on Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import httpx
+import orjson
+import pytest
+
+from omnidaemon import App
+from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client
+from tests.api.conftest import LANES
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_publish_is_handled_and_its_result_read_by_id(
+    api_server: ServerThread, make_bus_app: Callable[[], App]
+) -> None:
+    topic = LANES["handled"]
+    async with async_client(api_server.url, PUBLISHER) as http, make_bus_app().running():
+        published = await http.post("/v1/events", json={"topic": topic, "payload": {"n": 21}})
+        assert published.status_code == 202, published.text
+        event_id = published.json()["event_id"]
+        assert published.json() == {"event_id": event_id, "topic": topic}
+        assert published.headers["location"] == f"/v1/events/{event_id}/result"
+
+        waited = await http.get(published.headers["location"], params={"wait": 10})
+        assert waited.status_code == 200, waited.text
+        [result] = waited.json()["results"]
+        assert result["agent"] == "handled"
+        assert result["status"] == "succeeded"
+        assert result["result"] == {"doubled": 42}
+        assert result["attempts"] == 1
+
+    async with async_client(api_server.url, READER) as http:
+        # Read at once (no wait), and for one agent by name.
+        now = await http.get(f"/v1/events/{event_id}/result", params={"agent": "handled"})
+        assert now.status_code == 200
+        assert now.json()["results"][0]["result"] == {"doubled": 42}
+
+        other = await http.get(f"/v1/events/{event_id}/result", params={"agent": "nobody"})
+        assert other.status_code == 404
+        assert "agent 'nobody' stored no result" in other.json()["message"]
+
+
+async def test_unknown_event_id_is_404(api_server: ServerThread) -> None:
+    unknown = str(uuid.uuid4())
+    async with async_client(api_server.url, READER) as http:
+        found = await http.get(f"/v1/events/{unknown}/result")
+        assert found.status_code == 404
+        assert found.json()["code"] == "not_found"
+        assert unknown in found.json()["message"]
+
+        waited = await http.get(f"/v1/events/{unknown}/result", params={"wait": 0.2})
+        assert waited.status_code == 504
+        assert waited.json()["code"] == "timeout"
+
+
+async def test_publish_carries_every_option_in_the_envelope(api_server: ServerThread) -> None:
+    topic = f"loose.t{uuid.uuid4().hex[:8]}"  # no agent reads it: the entry stays as sent
+    async with async_client(api_server.url, PUBLISHER) as http:
+        published = await http.post(
+            "/v1/events",
+            json={
+                "topic": topic,
+                "payload": {"text": "hello", "n": [1, 2]},
+                "correlation_id": "order-7",
+                "reply_to": "answers.here",
+                "webhook": "https://hooks.example.com/done",
+                "tenant_id": "acme",
+                "headers": {"x-trace": "abc"},
+            },
+        )
+        assert published.status_code == 202, published.text
+        event_id = published.json()["event_id"]
+        delayed = await http.post(
+            "/v1/events", json={"topic": topic, "payload": {"later": True}, "delay": 600}
+        )
+        assert delayed.status_code == 202, delayed.text
+
+        described = await http.get(f"/v1/topics/{topic}")
+        assert described.status_code == 200
+        assert described.json() == {"topic": topic, "length": 1, "delayed": 1, "groups": []}
+        entries = (await http.get(f"/v1/topics/{topic}/entries")).json()
+    [entry] = entries["entries"]
+    assert entries["topic"] == topic
+    assert entry["id"] == event_id
+    assert entry["payload"] == {"text": "hello", "n": [1, 2]}
+    assert entry["correlation_id"] == "order-7"
+    assert entry["reply_to"] == "answers.here"
+    assert entry["webhook"] == "https://hooks.example.com/done"
+    assert entry["tenant_id"] == "acme"
+    assert entry["headers"]["x-trace"] == "abc"
+    assert entry["source"] == "apitest"
+
+
+async def test_reply_to_sends_the_result_to_that_topic(
+    api_server: ServerThread, make_bus_app: Callable[[], App]
+) -> None:
+    replies = f"replies.t{uuid.uuid4().hex[:8]}"
+    async with async_client(api_server.url, ADMIN) as http, make_bus_app().running():
+        published = await http.post(
+            "/v1/events",
+            json={"topic": LANES["options"], "payload": {"n": 4}, "reply_to": replies},
+        )
+        event_id = published.json()["event_id"]
+
+        async def reply() -> list[dict[str, object]]:
+            found = await http.get(f"/v1/topics/{replies}/entries")
+            return found.json()["entries"] if found.status_code == 200 else []
+
+        [entry] = await apoll(reply, message="the reply")
+    assert entry["payload"] == {"doubled": 8}
+    assert entry["causation_id"] == event_id
+
+
+async def test_request_waits_for_the_reply(
+    api_server: ServerThread, make_bus_app: Callable[[], App]
+) -> None:
+    topic = LANES["request"]
+    async with async_client(api_server.url, PUBLISHER) as http, make_bus_app().running():
+        answered = await http.post("/v1/requests", json={"topic": topic, "payload": {"n": 5}})
+        assert answered.status_code == 200, answered.text
+        assert answered.json() == {"topic": topic, "reply": {"doubled": 10}}
+
+        failed = await http.post(
+            "/v1/requests", json={"topic": topic, "payload": {"n": 1, "fail": True}}
+        )
+        assert failed.status_code == 502
+        assert failed.json()["code"] == "agent_failed"
+        assert "RuntimeError: job 1 failed" in failed.json()["message"]
+
+        unread = f"nobody.t{uuid.uuid4().hex[:8]}"
+        timed_out = await http.post(
+            "/v1/requests", json={"topic": unread, "payload": {}, "timeout": 0.2}
+        )
+        assert timed_out.status_code == 504
+        assert timed_out.json()["code"] == "timeout"
+
+
+async def test_a_payload_that_contradicts_the_agents_type_is_refused(
+    api_server: ServerThread,
+) -> None:
+    async with async_client(api_server.url, PUBLISHER) as http:
+        refused = await http.post(
+            "/v1/events", json={"topic": LANES["handled"], "payload": {"n": "many"}}
+        )
+    assert refused.status_code == 422
+    assert refused.json()["code"] == "invalid_payload"
+    assert "not a valid Job" in refused.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b'{"topic": "a.b", "payload": ', 400, "not valid JSON"),
+        (b'{"topic": "Bad Topic", "payload": 1}', 422, "invalid topic name 'Bad Topic'"),
+        (b'{"payload": 1}', 422, "body.topic: Field required"),
+        (b'{"topic": "a.b"}', 422, "body.payload: Field required"),
+        (b'{"topic": "a.b", "payload": 1, "delai": 5}', 422, "body.delai: Extra inputs"),
+        (b'{"topic": "a.b", "payload": 1, "delay": -1}', 422, "body.delay"),
+        (b"[1, 2]", 422, "body"),
+    ],
+)
+async def test_bad_publish_bodies_are_4xx_with_a_clear_message(
+    api_server: ServerThread, body: bytes, status: int, fragment: str
+) -> None:
+    async with async_client(api_server.url, PUBLISHER) as http:
+        answer = await http.post(
+            "/v1/events", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert answer.status_code == status, answer.text
+    assert fragment in answer.json()["message"]
+    assert "Traceback" not in answer.text
+
+
+async def test_a_body_not_sent_as_json_is_415(api_server: ServerThread) -> None:
+    body = orjson.dumps({"topic": "a.b", "payload": 1})
+    async with async_client(api_server.url, PUBLISHER) as http:
+        for headers in ({}, {"Content-Type": "text/plain"}):
+            answer = await http.post("/v1/events", content=body, headers=headers)
+            assert answer.status_code == 415, answer.text
+            assert "Content-Type: application/json" in answer.json()["message"]
+
+
+async def test_a_body_over_the_limit_is_413(api_server: ServerThread) -> None:
+    payload = {"topic": "a.b", "payload": "x" * (3 * 1024 * 1024)}
+    async with async_client(api_server.url, PUBLISHER) as http:
+        declared = await http.post("/v1/events", json=payload)
+        assert declared.status_code == 413
+        assert declared.json()["code"] == "payload_too_large"
+
+        async def chunks() -> httpx.AsyncByteStream:  # type: ignore[misc]
+            yield orjson.dumps(payload)  # no Content-Length: sent chunked
+
+        streamed = await http.post(
+            "/v1/events", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert streamed.status_code == 413
+
+
+async def test_an_event_over_max_payload_bytes_is_413(api_server: ServerThread) -> None:
+    payload = {"topic": "a.b", "payload": "x" * (1024 * 1024 + 10)}  # under the body limit
+    async with async_client(api_server.url, PUBLISHER) as http:
+        answer = await http.post("/v1/events", json=payload)
+    assert answer.status_code == 413
+    assert "max_payload_bytes" in answer.json()["message"]
