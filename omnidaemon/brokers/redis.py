@@ -507,6 +507,19 @@ class RedisBroker(Broker):
         keys = [key async for key in self.client.scan_iter(match=pattern, count=500)]
         if keys:
             await self.client.delete(*keys)
+        # What this broker kept for the topic's consumers goes too: a process that makes a
+        # topic per request (request-reply) would otherwise keep a connection per request.
+        for sub in [sub for sub in self._retry_state if sub.topic == topic]:
+            del self._retry_state[sub]
+        owners = [
+            owner
+            for owner in self._readers
+            if isinstance(owner, tuple)
+            and isinstance(owner[0], Subscription)
+            and owner[0].topic == topic
+        ]
+        for owner in owners:
+            await self.client.connection_pool.release(self._readers.pop(owner))
 
     # Results ------------------------------------------------------------------------------
 

@@ -309,3 +309,26 @@ async def test_publish_and_fetch_carry_on_after_the_server_restarts(
                     await anyio.sleep(0.1)
     assert first.data == b"before"
     assert got == [b"after"]
+
+
+async def test_requests_do_not_leave_a_connection_each_behind(redis_url: str) -> None:
+    app = App("leak", broker=redis_url)
+
+    @app.agent("leak.echo")
+    async def echo(event: dict[str, int]) -> dict[str, int]:
+        return event
+
+    async def clients() -> int:
+        admin = aioredis.Redis.from_url(redis_url)
+        try:
+            return len(await admin.client_list())
+        finally:
+            await admin.aclose()
+
+    async with app, app.running():
+        assert await app.request("leak.echo", {"n": 0}, timeout=5) == {"n": 0}
+        before = await clients()
+        for n in range(1, 31):
+            assert await app.request("leak.echo", {"n": n}, timeout=5) == {"n": n}
+        # Other tests share the server: allow a little movement, not one per request.
+        assert await clients() - before < 5
