@@ -16,6 +16,7 @@ __all__ = [
     "BrokerOption",
     "CommandError",
     "JsonOption",
+    "ServedAppArgument",
     "WaitTimeoutOption",
     "load_cli_app",
     "open_cli_broker",
@@ -36,6 +37,15 @@ BrokerOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+# The app a long-running command serves; it may come from the environment instead.
+ServedAppArgument = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="APP",
+        help="'module:attribute', or a module holding one App (default: $OMNIDAEMON_APP).",
+        show_default=False,
+    ),
+]
 WaitTimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.001, metavar="S", help="Seconds --wait waits.")
 ]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from omnidaemon.cli._common import BrokerOption
+from omnidaemon.cli._common import BrokerOption, ServedAppArgument
 from omnidaemon.cli._output import fail
 from omnidaemon.cli.worker import LogFormat, LogLevel
 
@@ -25,14 +25,7 @@ _COMMAND = "api"
 
 
 def api(
-    app: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="APP",
-            help="'module:attribute', or a module holding one App (default: $OMNIDAEMON_APP).",
-            show_default=False,
-        ),
-    ] = None,
+    app: ServedAppArgument = None,
     host: Annotated[
         str, typer.Option("--host", metavar="HOST", help="Address to listen on.")
     ] = "127.0.0.1",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from omnidaemon.cli._common import ServedAppArgument
 from omnidaemon.cli._output import fail
 
 if TYPE_CHECKING:
@@ -39,14 +40,7 @@ class LogFormat(StrEnum):
 
 
 def worker(
-    app: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="APP",
-            help="'module:attribute', or a module holding one App (default: $OMNIDAEMON_APP).",
-            show_default=False,
-        ),
-    ] = None,
+    app: ServedAppArgument = None,
     agents: Annotated[
         str | None,
         typer.Option("--agents", metavar="A,B", help="Run only these agents (comma-separated)."),
