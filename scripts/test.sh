@@ -22,4 +22,5 @@ echo "== mypy --strict"
 .venv/bin/mypy
 .venv/bin/mypy --strict tests/typing
 echo "== pytest"
-.venv/bin/python -m pytest "$@"
+# Two processes, each test file on one of them in order, each with its own servers.
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -200,9 +200,19 @@ def check(
                     continue
                 report.poison_dead_lettered += 1
                 report.poison_outcomes[f"{record['error_type']} after {record['attempts']}"] += 1
-                if record["attempts"] > MAX_RETRIES + 2 or done:
+                # A delivery whose outcome a fault lost (its worker killed, its retry or dead
+                # letter not written) is counted as an attempt too, so the count may pass
+                # MAX_RETRIES + 1. What must hold: never dead-lettered early, never handled to
+                # the end, and the handler never run past its last attempt.
+                ran_late = [
+                    a["attempt"]
+                    for a in attempts[(agent, seq)]
+                    if a["phase"] == "begin" and a["attempt"] > MAX_RETRIES + 1
+                ]
+                if record["attempts"] < MAX_RETRIES + 1 or done or ran_late:
                     report.poison_wrong.append(
                         f"{seq}: {record['error_type']} after {record['attempts']} attempts"
+                        + (f"; the handler ran at attempt {ran_late}" if ran_late else "")
                     )
         report.garbage_total = len(garbage)
         for item in garbage:
