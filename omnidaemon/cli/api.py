@@ -13,7 +13,7 @@ import typer
 
 from omnidaemon.cli._common import BrokerOption, ServedAppArgument
 from omnidaemon.cli._output import fail
-from omnidaemon.cli.worker import LogFormat, LogLevel
+from omnidaemon.cli.worker import LogFormatOption, LogLevelOption
 
 if TYPE_CHECKING:
     from omnidaemon.api.auth import ApiToken
@@ -59,13 +59,8 @@ def api(
             help="Seconds requests in progress get after a stop signal.",
         ),
     ] = 10.0,
-    log_level: Annotated[
-        LogLevel | None, typer.Option("--log-level", case_sensitive=False, help="Log level.")
-    ] = None,
-    log_format: Annotated[
-        LogFormat | None,
-        typer.Option("--log-format", help="console, json, or auto (console on a terminal)."),
-    ] = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Serve the HTTP API of APP (publish, results, topics, dead letters, health, metrics)
     until SIGINT or SIGTERM. Tokens come from $OMNIDAEMON_API_TOKENS or --tokens-file."""

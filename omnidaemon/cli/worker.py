@@ -39,6 +39,15 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+LogLevelOption = Annotated[
+    LogLevel | None, typer.Option("--log-level", case_sensitive=False, help="Log level.")
+]
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option("--log-format", help="console, json, or auto (console on a terminal)."),
+]
+
+
 def worker(
     app: ServedAppArgument = None,
     agents: Annotated[
@@ -69,13 +78,8 @@ def worker(
             help="Seconds in-flight handlers get after a stop signal (default 30).",
         ),
     ] = None,
-    log_level: Annotated[
-        LogLevel | None, typer.Option("--log-level", case_sensitive=False, help="Log level.")
-    ] = None,
-    log_format: Annotated[
-        LogFormat | None,
-        typer.Option("--log-format", help="console, json, or auto (console on a terminal)."),
-    ] = None,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from omnidaemon import App, Context
 from omnidaemon.api import create_api, parse_tokens
 from omnidaemon.brokers.base import Broker
+from tests.e2e._support import wait_for
 from tests.servers import free_port
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "async_client",
     "auth",
     "make_app",
-    "poll",
     "running_api",
 ]
 
@@ -76,22 +76,10 @@ def make_app(broker: Broker, lanes: dict[str, str], failing: set[str]) -> App:
     return app
 
 
-def poll(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "") -> Any:
-    """Call `predicate` until it returns something truthy (returned) or `timeout` runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
-        time.sleep(0.02)
-
-
 async def apoll(
     predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0, message: str = ""
 ) -> Any:
-    """`poll` for async tests: awaits `predicate` until it returns something truthy."""
+    """`wait_for` for async tests: awaits `predicate` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
         value = await predicate()
@@ -122,7 +110,7 @@ class ServerThread:
 
     def start(self) -> None:
         self.thread.start()
-        poll(lambda: self.server.started or not self.thread.is_alive(), 10, "uvicorn to start")
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), 10, "uvicorn to start")
         assert self.server.started, "uvicorn did not start"
 
     def stop(self) -> None:

@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.api._support import ADMIN, PUBLISHER, READER, auth, poll
-from tests.e2e._support import CLI, cli_env, write_module
+from tests.api._support import ADMIN, PUBLISHER, READER, auth
+from tests.e2e._support import CLI, cli_env, wait_for, write_module
 from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_the_api_command_serves_and_stops_gracefully(
         except httpx.TransportError:
             return False
 
-    poll(up, 20, "the API to answer")
+    wait_for(up, 20, "the API to answer")
     with httpx.Client(base_url=url) as http:
         topic = f"order.t{uuid.uuid4().hex[:8]}"
         published = http.post(
