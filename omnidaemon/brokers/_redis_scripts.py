@@ -7,7 +7,16 @@ whose clocks disagree still agree on when a retry is due.
 
 from __future__ import annotations
 
-__all__ = ["APPEND_MANY", "DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
+__all__ = [
+    "APPEND_MANY",
+    "DEAD_LETTER",
+    "EXTEND",
+    "FETCH_RETRIES",
+    "RECLAIM",
+    "RECOVER",
+    "REPLACE_VALUE",
+    "RETRY",
+]
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -18,9 +27,13 @@ RETRY = (
     """
 -- Settle a delivery and schedule it again for this group only.
 -- KEYS: source stream (topic stream or the group's retry stream), the group's due-time zset
--- ARGV: group, entry id, delay ms, zset member, delete-from-source flag
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-    return 0  -- settled already (another worker took it over and finished first)
+-- ARGV: group, entry id, delay ms, zset member, delete-from-source flag, trimmed flag
+-- Returns 1 when settled here, 0 when the delivery was no longer pending: another worker took it
+-- over (and settled it or will), so this worker must report nothing. With the trimmed flag the
+-- entry is gone from the stream (it was trimmed while its handler ran, and lease renewal cleared
+-- it from the pending list): the worker's copy is the only one, so it is scheduled regardless.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 and ARGV[6] ~= '1' then
+    return 0
 end
 if ARGV[5] == '1' then
     redis.call('XDEL', KEYS[1], ARGV[2])
@@ -36,8 +49,8 @@ return 1
 DEAD_LETTER = """
 -- Settle a delivery and append its record to the group's dead-letter stream.
 -- KEYS: source stream, dead-letter stream
--- ARGV: group, entry id, record, delete-from-source flag
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+-- ARGV: group, entry id, record, delete-from-source flag, trimmed flag (as in RETRY)
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 and ARGV[5] ~= '1' then
     return 0
 end
 if ARGV[4] == '1' then
@@ -90,51 +103,123 @@ return {{}, wait_ms}
 )
 
 RECLAIM = """
--- Take over deliveries idle longer than min_idle (their consumer is presumed dead) and report
--- how often each was delivered, which is what attempts are counted from.
+-- Take over deliveries idle longer than min_idle (their consumer is presumed dead), each as a new
+-- attempt, and report the attempt each is taken over as.
+-- XPENDING's IDLE filter finds idle entries wherever they are in the pending list, so live
+-- workers' long-running deliveries ahead of them never hide them (XAUTOCLAIM from 0-0 would
+-- examine only COUNT x 10 entries a call). Pages are followed to the end of the list.
 -- KEYS: topic stream, the group's retry stream
--- ARGV: group, consumer, min idle ms, count
+-- ARGV: group, consumer, min idle ms, count, hold-back attempt (0: none)
+-- A delivery that would be taken over as exactly the hold-back attempt is left where it is and
+-- counted: a busy worker does not take over a delivery that must run alone (its last attempt).
 local out = {}
 local lost = 0
-local budget = tonumber(ARGV[4])
+local held = 0
+local want = tonumber(ARGV[4])
+local hold = tonumber(ARGV[5])
 for i, key in ipairs(KEYS) do
-    if budget - #out <= 0 then break end
-    local claimed = redis.call('XAUTOCLAIM', key, ARGV[1], ARGV[2], ARGV[3], '0-0',
-                               'COUNT', budget - #out)
-    for _, entry in ipairs(claimed[2]) do
-        if entry and entry ~= false and entry[2] then
-            local pending = redis.call('XPENDING', key, ARGV[1], entry[1], entry[1], 1)
-            local delivered = 1
-            if pending[1] then delivered = pending[1][4] end
-            table.insert(out, {i, entry[1], entry[2], delivered})
+    local start = '-'
+    while #out < want do
+        local page = redis.call('XPENDING', key, ARGV[1], 'IDLE', ARGV[3], start, '+', 100)
+        for _, p in ipairs(page) do
+            if #out >= want then break end
+            local id, delivered = p[1], tonumber(p[4])
+            local entry = redis.call('XRANGE', key, id, id)
+            if #entry == 0 then
+                -- Trimmed from the stream while pending, by a consumer that no longer renews
+                -- it: nothing is left to deliver, so clear it from the pending list.
+                redis.call('XACK', key, ARGV[1], id)
+                lost = lost + 1
+            else
+                local fields = entry[1][2]
+                local first = 1
+                if i == 2 then
+                    first = 2
+                    for f = 1, #fields, 2 do
+                        if fields[f] == 'a' then first = tonumber(fields[f + 1]) end
+                    end
+                end
+                local attempt = first + delivered  -- this takeover is one more delivery
+                if hold > 0 and attempt == hold then
+                    held = held + 1
+                elseif #redis.call('XCLAIM', key, ARGV[1], ARGV[2], ARGV[3], id) > 0 then
+                    table.insert(out, {i, id, fields, attempt})
+                end
+            end
         end
+        if #page < 100 then break end
+        start = '(' .. page[#page][1]
     end
-    -- Entries trimmed from the stream while pending (Redis >= 7 lists them apart; 6.2 gives
-    -- nil entries): nothing is left to deliver, so clear them from the pending list.
-    if claimed[3] then
-        for _, id in ipairs(claimed[3]) do
-            redis.call('XACK', key, ARGV[1], id)
-            lost = lost + 1
+end
+return {out, lost, held}
+"""
+
+RECOVER = """
+-- A consumer's own pending deliveries, as they were delivered: same attempt, nothing counted.
+-- Used to take back what a fetch delivered when its reply never reached the worker (a cancelled
+-- fetch, a connection lost mid-reply), so that such entries are not charged an attempt.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, consumer, count
+local out = {}
+for i, key in ipairs(KEYS) do
+    local page = redis.call('XPENDING', key, ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
+    for _, p in ipairs(page) do
+        local entry = redis.call('XRANGE', key, p[1], p[1])
+        if #entry > 0 then
+            local fields = entry[1][2]
+            local first = 1
+            if i == 2 then
+                first = 2
+                for f = 1, #fields, 2 do
+                    if fields[f] == 'a' then first = tonumber(fields[f + 1]) end
+                end
+            end
+            table.insert(out, {i, p[1], fields, first + tonumber(p[4]) - 1})
         end
     end
 end
-return {out, lost}
+return out
 """
 
 EXTEND = """
--- Renew the leases of deliveries this consumer still owns (idle time back to 0). A delivery
--- another worker took over in the meantime is left to that worker.
+-- Renew the leases of deliveries this consumer still owns (idle time back to 0), and report the
+-- ones it lost: {lost ids, trimmed ids}.
+-- Lost: another worker took the delivery over (or it was settled); the caller must record and
+-- publish nothing for it. Trimmed: the entry left the stream while pending; XCLAIM would drop
+-- it from the pending list unseen (Redis >= 7), so it is acknowledged here instead and reported:
+-- the worker holds the only copy and settles its outcome from it.
 -- KEYS: the stream the ids belong to
 -- ARGV: group, consumer, id...
-local renewed = 0
+local lost, trimmed = {}, {}
 for i = 3, #ARGV do
     local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
     if pending[1] and pending[1][2] == ARGV[2] then
-        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-        renewed = renewed + 1
+        if #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 0 then
+            redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+            table.insert(trimmed, ARGV[i])
+        else
+            redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+        end
+    else
+        table.insert(lost, ARGV[i])
     end
 end
-return renewed
+return {lost, trimmed}
+"""
+
+REPLACE_VALUE = """
+-- Compare and set: store ARGV[2] for ARGV[3] ms only if the key holds ARGV[1] (an empty ARGV[2]
+-- deletes it instead). Returns 1 when done.
+-- KEYS: the value's key
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return 0
+end
+if ARGV[2] == '' then
+    redis.call('DEL', KEYS[1])
+else
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
 """
 
 APPEND_MANY = """

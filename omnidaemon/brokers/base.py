@@ -14,8 +14,15 @@ same promises, checked by one conformance suite:
 - **Per-group retries.** `retry` settles the delivery and schedules a new delivery of the same
   bytes to the same group only, after a delay, with `attempt + 1`. Settling and scheduling are
   one atomic step; so are settling and dead-lettering in `dead_letter`.
+- **Settling reports.** `retry` and `dead_letter` return whether they settled the delivery: a
+  delivery that another consumer took over (its lease ran out) is settled by that consumer
+  only, and the one that lost it must report nothing. `extend` reports the deliveries a
+  consumer lost that way.
 - **Cancellation.** Any call may be cancelled. A cancelled `fetch` may leave entries pending
-  for the consumer (they are reclaimed later), never lose them.
+  for the consumer, never lose them; `recover` hands them back to the same consumer without
+  counting an attempt.
+- **A bus that lost its data** (restarted empty, failed over to an empty replica) is met by
+  recreating the group from any call that finds it missing, never by failing forever.
 """
 
 from __future__ import annotations
@@ -26,7 +33,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
 
-__all__ = ["Broker", "ConsumerInfo", "Delivery", "GroupInfo", "Subscription", "TopicInfo"]
+__all__ = [
+    "Broker",
+    "ConsumerInfo",
+    "Delivery",
+    "GroupInfo",
+    "Reclaimed",
+    "Renewal",
+    "Subscription",
+    "TopicInfo",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,31 @@ class Delivery:
     data: bytes
     attempt: int
     origin: str = ""
+
+
+class Reclaimed(list[Delivery]):
+    """What `Broker.reclaim` took over: the deliveries, plus `held_back`, the number of idle
+    deliveries it left where they were because they would have been taken over as the
+    `hold_back` attempt."""
+
+    held_back: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What `Broker.extend` found.
+
+    Attributes:
+        lost: Deliveries the consumer no longer holds: another consumer took them over after
+            their lease ran out (or they were settled). Their outcome is that consumer's to
+            report.
+        trimmed: Deliveries still held whose entries were trimmed from the topic while their
+            handlers ran: the bus has nothing left to deliver again, so the caller's copy is the
+            only one; settle them with `trimmed=True`.
+    """
+
+    lost: tuple[Delivery, ...] = ()
+    trimmed: tuple[Delivery, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +240,12 @@ class Broker(ABC):
         entries. Waits up to `timeout` seconds for at least one; returns `[]` if none came."""
 
     @abstractmethod
+    async def interrupt(self, sub: Subscription, consumer: str) -> None:
+        """Make a `fetch` of `consumer` that is waiting for entries return now, with whatever
+        it was handed (a graceful stop uses it instead of cancelling the fetch, which could
+        leave delivered entries pending). A fetch not waiting yet may ignore it."""
+
+    @abstractmethod
     async def ack(
         self,
         sub: Subscription,
@@ -213,27 +260,63 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+    async def retry(
+        self,
+        sub: Subscription,
+        delivery: Delivery,
+        delay: float,
+        *,
+        attempt: int | None = None,
+        trimmed: bool = False,
+    ) -> bool:
         """Atomically settle `delivery` and schedule its entry for this group alone, `delay`
-        seconds from now, as attempt `delivery.attempt + 1`."""
+        seconds from now (by the bus's clock), as attempt `delivery.attempt + 1` (or `attempt`:
+        the same attempt defers a delivery without charging it).
+
+        Returns False, and schedules nothing, when the consumer no longer held the delivery
+        (another consumer took it over). `trimmed` (see `Renewal.trimmed`) schedules the
+        entry from `delivery.data` even though the bus holds nothing pending for it.
+        """
 
     @abstractmethod
-    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
-        """Atomically settle `delivery` and append `record` to the group's dead-letter queue."""
+    async def dead_letter(
+        self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
+    ) -> bool:
+        """Atomically settle `delivery` and append `record` to the group's dead-letter queue.
+
+        Returns False, and appends nothing, when the consumer no longer held the delivery;
+        `trimmed` as in `retry`.
+        """
 
     @abstractmethod
     async def extend(
         self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
-    ) -> None:
+    ) -> Renewal:
         """Renew the lease of deliveries `consumer` is still working on, so that they are not
-        reclaimed while it is alive."""
+        reclaimed while it is alive; report those it lost or whose entries were trimmed."""
 
     @abstractmethod
     async def reclaim(
-        self, sub: Subscription, consumer: str, min_idle: float, count: int
-    ) -> list[Delivery]:
+        self,
+        sub: Subscription,
+        consumer: str,
+        min_idle: float,
+        count: int,
+        *,
+        hold_back: int | None = None,
+    ) -> Reclaimed:
         """Take over up to `count` pending deliveries whose lease is older than `min_idle`
-        seconds (their consumer is presumed dead), each as a new attempt."""
+        seconds (their consumer is presumed dead), each as a new attempt, however many
+        deliveries held by live consumers come before them.
+
+        With `hold_back`, a delivery that would be taken over as exactly that attempt is left
+        pending and counted in the result's `held_back`.
+        """
+
+    @abstractmethod
+    async def recover(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
+        """Up to `count` deliveries `consumer` holds, as they were delivered (same attempt;
+        nothing is counted): what a fetch handed out when its reply never reached the caller."""
 
     @abstractmethod
     async def delete_topic(self, topic: str) -> None:
@@ -266,6 +349,13 @@ class Broker(ABC):
     @abstractmethod
     async def delete_value(self, key: str) -> None:
         """Remove `key`'s value, if any."""
+
+    @abstractmethod
+    async def replace_value(
+        self, key: str, expected: bytes, value: bytes | None, ttl: float
+    ) -> bool:
+        """Atomically, only if `key` holds `expected`: store `value` for `ttl` seconds (or
+        remove the key when `value` is None). Returns whether it did."""
 
     # Inspection ---------------------------------------------------------------------------
 

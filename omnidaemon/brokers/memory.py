@@ -23,6 +23,8 @@ from omnidaemon.brokers.base import (
     ConsumerInfo,
     Delivery,
     GroupInfo,
+    Reclaimed,
+    Renewal,
     Subscription,
     TopicInfo,
 )
@@ -171,6 +173,7 @@ class MemoryBroker(Broker):
                 _buses[name] = bus
             self._bus = bus
         self._ids = itertools.count()
+        self._interrupted: set[tuple[Subscription, str]] = set()
 
     @property
     def url(self) -> str:
@@ -220,19 +223,26 @@ class MemoryBroker(Broker):
     ) -> list[Delivery]:
         bus = self._bus
         deadline = bus.now() + timeout
+        self._interrupted.discard((sub, consumer))
         while True:
             taken = self._take(sub, consumer, count)
             if taken:
                 # No await between taking and returning: a cancelled fetch loses nothing.
                 return taken
             now = bus.now()
-            if now >= deadline:
+            if now >= deadline or (sub, consumer) in self._interrupted:
+                self._interrupted.discard((sub, consumer))
                 return []
             group, topic = self._group(sub), bus.topics[sub.topic]
             wake = deadline if not group.scheduled else min(deadline, group.scheduled[0][0])
             if topic.delayed:
                 wake = min(wake, topic.delayed[0][0])
             await bus.wait_changed(wake - now)
+
+    async def interrupt(self, sub: Subscription, consumer: str) -> None:
+        self._interrupted.add((sub, consumer))
+        self._bus.notify()
+        await anyio.lowlevel.checkpoint()
 
     def _take(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
         bus = self._bus
@@ -275,50 +285,85 @@ class MemoryBroker(Broker):
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
-    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+    async def retry(
+        self,
+        sub: Subscription,
+        delivery: Delivery,
+        delay: float,
+        *,
+        attempt: int | None = None,
+        trimmed: bool = False,
+    ) -> bool:
         group = self._group(sub)
-        if group.pending.pop((delivery.origin, delivery.id), None) is not None:
+        settled = group.pending.pop((delivery.origin, delivery.id), None) is not None
+        if settled or trimmed:
             due = self._bus.now() + max(0.0, delay)
-            self._bus.schedule(group, due, delivery.data, delivery.attempt + 1)
+            next_attempt = delivery.attempt + 1 if attempt is None else attempt
+            self._bus.schedule(group, due, delivery.data, next_attempt)
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
+        return settled or trimmed
 
-    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
+    async def dead_letter(
+        self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
+    ) -> bool:
         group = self._group(sub)
-        if group.pending.pop((delivery.origin, delivery.id), None) is not None:
+        settled = group.pending.pop((delivery.origin, delivery.id), None) is not None
+        if settled or trimmed:
             group.dead.append(record)
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
+        return settled or trimmed
 
     async def extend(
         self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
-    ) -> None:
+    ) -> Renewal:
         group = self._group(sub)
         now = self._bus.now()
         group.consumers[consumer] = now
+        lost = []
         for delivery in deliveries:
             pending = group.pending.get((delivery.origin, delivery.id))
             if pending is not None and pending.consumer == consumer:
                 pending.leased_at = now
+            else:
+                lost.append(delivery)
         await anyio.lowlevel.checkpoint()
+        # The memory bus trims only entries every group has settled: nothing pending is trimmed.
+        return Renewal(lost=tuple(lost))
 
     async def reclaim(
-        self, sub: Subscription, consumer: str, min_idle: float, count: int
-    ) -> list[Delivery]:
+        self,
+        sub: Subscription,
+        consumer: str,
+        min_idle: float,
+        count: int,
+        *,
+        hold_back: int | None = None,
+    ) -> Reclaimed:
         group = self._group(sub)
         now = self._bus.now()
-        claimed: list[Delivery] = []
+        claimed = Reclaimed()
         for pending in group.pending.values():
             if len(claimed) >= count:
                 break
             if now - pending.leased_at >= min_idle:
                 old = pending.delivery
+                if old.attempt + 1 == hold_back:
+                    claimed.held_back += 1
+                    continue
                 pending.delivery = Delivery(old.id, old.data, old.attempt + 1, old.origin)
                 pending.consumer = consumer
                 pending.leased_at = now
                 claimed.append(pending.delivery)
         await anyio.lowlevel.checkpoint()
         return claimed
+
+    async def recover(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
+        await anyio.lowlevel.checkpoint()
+        group = self._group(sub)
+        held = [p.delivery for p in group.pending.values() if p.consumer == consumer]
+        return held[:count]
 
     async def delete_topic(self, topic: str) -> None:
         self._bus.topics.pop(topic, None)
@@ -363,6 +408,18 @@ class MemoryBroker(Broker):
     async def delete_value(self, key: str) -> None:
         await anyio.lowlevel.checkpoint()
         self._bus.values.pop(key, None)
+
+    async def replace_value(
+        self, key: str, expected: bytes, value: bytes | None, ttl: float
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        if self._value(key) != expected:
+            return False
+        if value is None:
+            self._bus.values.pop(key, None)
+        else:
+            self._bus.values[key] = (self._bus.now() + ttl, value)
+        return True
 
     def _value(self, key: str) -> bytes | None:
         expires, value = self._bus.values.get(key, (0.0, b""))

@@ -45,6 +45,8 @@ from omnidaemon.brokers.base import (
     ConsumerInfo,
     Delivery,
     GroupInfo,
+    Reclaimed,
+    Renewal,
     Subscription,
     TopicInfo,
 )
@@ -116,6 +118,7 @@ class RedisBroker(Broker):
         # Per consumer of a subscription: the connection its fetches read on, kept between
         # fetches (see _direct).
         self._readers: dict[Hashable, AbstractConnection] = {}
+        self._reader_ids: dict[Hashable, int] = {}  # the server's client id of each reader
         self._spares: list[AbstractConnection] = []  # idle connections for publishing
 
     @property
@@ -184,6 +187,8 @@ class RedisBroker(Broker):
                 "FETCH_RETRIES",
                 "RECLAIM",
                 "EXTEND",
+                "RECOVER",
+                "REPLACE_VALUE",
                 "APPEND_MANY",
             )
         }
@@ -321,11 +326,27 @@ class RedisBroker(Broker):
                 if deliveries or anyio.current_time() >= deadline:
                     return deliveries
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _is_nogroup(exc):
                 raise
-            # The stream or group was deleted under us (a purge): recreate it and go on.
-            await self.subscribe(sub)
+            await self._regroup(sub)
             return []
+
+    async def _regroup(self, sub: Subscription) -> None:
+        """Recreate a group a command found missing, and say so once.
+
+        The stream or group is gone: the topic was deleted, or the bus lost its data (restarted
+        without persistence, failed over to an empty replica). Any command of a consumer may be
+        the first to notice (a reclaim, a lease renewal, a settle, a fetch); each recreates the
+        group instead of failing forever.
+        """
+        await self.subscribe(sub)
+        _log.error(
+            "the agent's consumer group was missing on the bus and was created again: the bus "
+            "lost its data (restarted without persistence, or failed over to an empty replica) "
+            "or the topic was deleted; events it held are gone",
+            topic=sub.topic,
+            agent=sub.group,
+        )
 
     async def _fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float
@@ -387,22 +408,42 @@ class RedisBroker(Broker):
         conn = self._readers.pop(owner, None) if owner is not None else None
         if conn is None and owner is None and self._spares:
             conn = self._spares.pop()
-        if conn is None:
-            conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
+            if conn is None:
+                conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+                if owner is not None:
+                    # A consumer's reads block; `interrupt` ends a block by this connection's id.
+                    await conn.send_command("CLIENT", "ID")
+                    self._reader_ids[owner] = int(await conn.read_response(timeout=timeout))
             await conn.send_packed_command(conn.pack_command(*args))
             reply = await conn.read_response(timeout=timeout)
         except ResponseError:
-            await self._keep(conn, owner)
+            if conn is not None:
+                await self._keep(conn, owner)
             raise
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
-                if self._client is not None:
-                    await self._client.connection_pool.release(conn)
+            if owner is not None:
+                self._reader_ids.pop(owner, None)
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect(nowait=True)
+                    if self._client is not None:
+                        await self._client.connection_pool.release(conn)
             raise
         await self._keep(conn, owner)
         return reply
+
+    async def interrupt(self, sub: Subscription, consumer: str) -> None:
+        # CLIENT UNBLOCK ends the consumer's blocking XREADGROUP as if it had timed out: what the
+        # server already delivered still reaches the reader, unlike a cancelled read (whose
+        # entries would stay pending and be charged an attempt when taken over).
+        client_id = self._reader_ids.get((sub, consumer))
+        if client_id is None:
+            return
+        try:
+            await self.client.execute_command("CLIENT", "UNBLOCK", client_id)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:  # not allowed by the server's ACL: the fetch times out
+            _log.debug("cannot interrupt a blocking read", error=str(exc))
 
     async def _keep(self, conn: AbstractConnection, owner: Hashable | None) -> None:
         if self._client is None:  # the broker closed while the command ran
@@ -441,12 +482,29 @@ class RedisBroker(Broker):
                 key = self.metrics_key(sub)
                 for name, increment in stats.items():
                     pipe.hincrby(key, name, increment)
-            await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
+            # Nothing is pending in a group that is gone: these acks have nothing to settle.
+            await self._regroup(sub)
+        elif errors:
+            raise errors[0]
 
-    async def retry(self, sub: Subscription, delivery: Delivery, delay: float) -> None:
+    async def retry(
+        self,
+        sub: Subscription,
+        delivery: Delivery,
+        delay: float,
+        *,
+        attempt: int | None = None,
+        trimmed: bool = False,
+    ) -> bool:
         unique = f"{self._unique_prefix}-{next(self._unique)}"
-        member = f"{delivery.attempt + 1}\n{unique}\n".encode() + delivery.data
-        await self._scripts["RETRY"](
+        next_attempt = delivery.attempt + 1 if attempt is None else attempt
+        member = f"{next_attempt}\n{unique}\n".encode() + delivery.data
+        settled = await self._settle(
+            sub,
+            "RETRY",
             keys=[self._origin_key(sub, delivery.origin), self.due_key(sub)],
             args=[
                 sub.group,
@@ -454,33 +512,88 @@ class RedisBroker(Broker):
                 max(0, int(delay * 1000)),
                 member,
                 "1" if delivery.origin == _RETRY else "0",
+                "1" if trimmed else "0",
             ],
         )
         self._retry_state.pop(sub, None)
+        return settled
 
-    async def dead_letter(self, sub: Subscription, delivery: Delivery, record: bytes) -> None:
-        await self._scripts["DEAD_LETTER"](
+    async def dead_letter(
+        self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
+    ) -> bool:
+        return await self._settle(
+            sub,
+            "DEAD_LETTER",
             keys=[self._origin_key(sub, delivery.origin), self.dlq_key(sub)],
-            args=[sub.group, delivery.id, record, "1" if delivery.origin == _RETRY else "0"],
+            args=[
+                sub.group,
+                delivery.id,
+                record,
+                "1" if delivery.origin == _RETRY else "0",
+                "1" if trimmed else "0",
+            ],
         )
+
+    async def _settle(self, sub: Subscription, script: str, **call: Any) -> bool:
+        try:
+            return bool(await self._scripts[script](**call))
+        except ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            # The group is gone with everything it held: nothing is left to settle.
+            await self._regroup(sub)
+            return False
 
     async def extend(
         self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
-    ) -> None:
+    ) -> Renewal:
+        lost: list[Delivery] = []
+        trimmed: list[Delivery] = []
         for origin in (_STREAM, _RETRY):
-            ids = [d.id for d in deliveries if (d.origin == _RETRY) == (origin == _RETRY)]
-            if ids:
-                await self._scripts["EXTEND"](
-                    keys=[self._origin_key(sub, origin)], args=[sub.group, consumer, *ids]
+            mine = {d.id: d for d in deliveries if (d.origin == _RETRY) == (origin == _RETRY)}
+            if not mine:
+                continue
+            try:
+                lost_ids, trimmed_ids = await self._scripts["EXTEND"](
+                    keys=[self._origin_key(sub, origin)], args=[sub.group, consumer, *mine]
                 )
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                await self._regroup(sub)
+                lost += mine.values()
+                continue
+            lost += (mine[_decode(i)] for i in lost_ids)
+            trimmed += (mine[_decode(i)] for i in trimmed_ids)
+        if trimmed:
+            _log.error(
+                "entries were trimmed from the stream while their handlers ran; their outcome "
+                "is settled from the worker's copy, but raise maxlen above the backlog",
+                topic=sub.topic,
+                agent=sub.group,
+                count=len(trimmed),
+            )
+        return Renewal(tuple(lost), tuple(trimmed))
 
     async def reclaim(
-        self, sub: Subscription, consumer: str, min_idle: float, count: int
-    ) -> list[Delivery]:
-        claimed, lost = await self._scripts["RECLAIM"](
-            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
-            args=[sub.group, consumer, max(0, int(min_idle * 1000)), count],
-        )
+        self,
+        sub: Subscription,
+        consumer: str,
+        min_idle: float,
+        count: int,
+        *,
+        hold_back: int | None = None,
+    ) -> Reclaimed:
+        try:
+            claimed, lost, held = await self._scripts["RECLAIM"](
+                keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+                args=[sub.group, consumer, max(0, int(min_idle * 1000)), count, hold_back or 0],
+            )
+        except ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            await self._regroup(sub)
+            return Reclaimed()
         if lost:
             _log.error(
                 "pending entries were trimmed from the stream before they were handled; "
@@ -489,17 +602,29 @@ class RedisBroker(Broker):
                 agent=sub.group,
                 count=int(lost),
             )
-        deliveries = []
-        for which, entry_id, flat, delivered in claimed:
-            fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            data = fields.get(b"e", b"")
-            if int(which) == 1:
-                deliveries.append(Delivery(_decode(entry_id), data, int(delivered), _STREAM))
-            else:
-                first = int(fields.get(b"a", b"2"))
-                attempt = first + int(delivered) - 1
-                deliveries.append(Delivery(_decode(entry_id), data, attempt, _RETRY))
-        return deliveries
+        found = Reclaimed(self._pending_delivery(entry) for entry in claimed)
+        found.held_back = int(held)
+        return found
+
+    async def recover(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
+        try:
+            held = await self._scripts["RECOVER"](
+                keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+                args=[sub.group, consumer, count],
+            )
+        except ResponseError as exc:
+            if not _is_nogroup(exc):
+                raise
+            await self._regroup(sub)
+            return []
+        return [self._pending_delivery(entry) for entry in held]
+
+    @staticmethod
+    def _pending_delivery(entry: Any) -> Delivery:
+        which, entry_id, flat, attempt = entry
+        data = _field(flat, b"e")
+        origin = _STREAM if int(which) == 1 else _RETRY
+        return Delivery(_decode(entry_id), data, int(attempt), origin)
 
     async def delete_topic(self, topic: str) -> None:
         # Every key of a topic shares its hash tag; a topic holds few keys (one per agent).
@@ -519,6 +644,7 @@ class RedisBroker(Broker):
             and owner[0].topic == topic
         ]
         for owner in owners:
+            self._reader_ids.pop(owner, None)
             await self.client.connection_pool.release(self._readers.pop(owner))
 
     # Results ------------------------------------------------------------------------------
@@ -558,6 +684,15 @@ class RedisBroker(Broker):
 
     async def delete_value(self, key: str) -> None:
         await self.client.delete(self.value_key(key))
+
+    async def replace_value(
+        self, key: str, expected: bytes, value: bytes | None, ttl: float
+    ) -> bool:
+        done = await self._scripts["REPLACE_VALUE"](
+            keys=[self.value_key(key)],
+            args=[expected, value if value is not None else b"", max(1, int(ttl * 1000))],
+        )
+        return bool(done)
 
     # Inspection ---------------------------------------------------------------------------
 
@@ -748,6 +883,10 @@ class RedisBroker(Broker):
             for key, value in zip(keys, values, strict=True)
             if value is not None
         }
+
+
+def _is_nogroup(exc: ResponseError) -> bool:
+    return "NOGROUP" in str(exc)
 
 
 def _escape_glob(text: str) -> str:

@@ -62,6 +62,10 @@ class AckBatcher:
         if len(self._pending) == 1 or len(self._pending) >= self._max_batch or urgent:
             self._ready.set()
 
+    def waiting(self) -> set[tuple[str, str]]:
+        """`(origin, id)` of the deliveries queued or on their way, not acknowledged yet."""
+        return {(d.origin, d.id) for d in self._pending}
+
     async def run(self) -> None:
         """Send batches until cancelled."""
         failures = 0

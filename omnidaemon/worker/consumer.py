@@ -18,7 +18,7 @@ from omnidaemon.context import Context
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
 from omnidaemon.errors import PayloadTooLarge
-from omnidaemon.idempotency import NOT_STORED, Idempotency
+from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
 from omnidaemon.requests import FAILURE_HEADER, is_request_reply
@@ -42,6 +42,9 @@ _FETCH_TIMEOUT = 2.0  # seconds one fetch may block; bounds how stale the reclai
 # return: fetch in shorter slices then, so the retry is picked up on time.
 _BUSY_FETCH_TIMEOUT = 0.2
 _MAX_RECLAIM_INTERVAL = 5.0
+_ORPHANS = 1_000  # at most this many of its own unknown deliveries a consumer takes back at once
+_CLAIM_RECHECK = 0.5  # seconds before a delivery waiting on another run's claim is tried again
+_INTERRUPT_EVERY = 0.05  # seconds between tries to end a blocking fetch on a graceful stop
 
 
 def _event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[str, Any]:
@@ -74,9 +77,10 @@ class AgentConsumer:
         self._wake = anyio.Event()
         self._wake_waiting = False
         self._stopping = False
+        self._stop_requested = anyio.Event()
+        self._fetching = False
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
-        self._fetch_scope: anyio.CancelScope | None = None
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
         self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
         self._idempotency = (
@@ -87,13 +91,19 @@ class AgentConsumer:
                 ttl=spec.idempotency_ttl,
                 # A claim outlives the longest run it protects: the timeout, else 10 minutes.
                 lease=spec.timeout or 600.0,
+                holder=consumer,
             )
             if spec.idempotency_key is not None
             else None
         )
-        self._isolating = 0  # reclaimed last-attempt deliveries waiting for or running alone
-        self._settled = anyio.Event()  # set when a handler finishes while `_run_alone` waits
-        self._settle_waiting = False
+        # A taken-over delivery on its last attempt, while it runs alone (see _dispatch).
+        self._alone: tuple[str, str] | None = None
+        self._draining = False  # no fetching until idle: a last attempt waits to run alone
+        self._recovering = False  # a fetch failed: its entries may be pending for us unseen
+        # Deliveries whose lease renewal found them taken over by another worker, or trimmed
+        # from the stream (this worker's copy is the only one left).
+        self._lost: set[tuple[str, str]] = set()
+        self._trimmed: set[tuple[str, str]] = set()
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
         self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
@@ -114,10 +124,14 @@ class AgentConsumer:
         await self._broker.subscribe(self.subscription)
 
     def stop(self) -> None:
-        """Stop fetching; handlers in flight go on. Safe to call more than once."""
+        """Stop fetching; handlers in flight go on. Safe to call more than once.
+
+        A fetch under way is not cancelled but interrupted on the bus: it returns what it was
+        handed, which is handled within the grace period. Cancelling it could leave entries
+        delivered to this worker and never seen, charged an attempt when taken over.
+        """
         self._stopping = True
-        if self._fetch_scope is not None:
-            self._fetch_scope.cancel()
+        self._stop_requested.set()
         self._wake.set()
 
     async def run(self, grace: float) -> None:
@@ -125,13 +139,15 @@ class AgentConsumer:
         async with anyio.create_task_group() as service:
             service.start_soon(self._acks.run)
             service.start_soon(self._renew_leases)
+            service.start_soon(self._interrupt_fetch_on_stop)
             # A fixed set of long-lived handler tasks takes deliveries from a queue: starting
             # a task per event costs more than the rest of the framework's work on it.
             ready: HandOff[Delivery] = HandOff()
             async with anyio.create_task_group() as handlers:
                 for _ in range(self._capacity):
                     handlers.start_soon(self._serve_handlers, ready)
-                await self._dispatch(handlers, ready)
+                await self._dispatch(ready)
+                await self._take_back_orphans(ready)
                 with anyio.move_on_after(grace):
                     while self._in_flight:
                         await self._wait_wake()
@@ -164,43 +180,62 @@ class AgentConsumer:
         while (delivery := await ready.get()) is not None:
             await self._handle(delivery)
 
-    async def _dispatch(self, handlers: anyio.abc.TaskGroup, ready: HandOff[Delivery]) -> None:
-        reclaim_interval = min(self._spec.reclaim_idle / 2, _MAX_RECLAIM_INTERVAL)
+    async def _dispatch(self, ready: HandOff[Delivery]) -> None:
+        spec = self._spec
+        last = spec.policy.max_attempts
+        reclaim_interval = min(spec.reclaim_idle / 2, _MAX_RECLAIM_INTERVAL)
         next_reclaim = 0.0
         failures = 0
+        held_back_before = False
         while not self._stopping:
             free = self._capacity - len(self._in_flight)
-            if free <= 0 or self._isolating:
+            if free <= 0 or self._alone is not None or (self._draining and self._in_flight):
                 await self._wait_wake()
                 continue
             now = anyio.current_time()
             try:
                 deliveries: list[Delivery] = []
-                if now >= next_reclaim:
-                    # One at a time: a delivery is charged an attempt when it is taken over,
-                    # so take over only what is about to run (see _run_alone).
-                    deliveries = await self._broker.reclaim(
-                        self.subscription, self.consumer, self._spec.reclaim_idle, 1
+                if self._recovering:
+                    deliveries = await self._orphans()
+                    self._recovering = False
+                if not deliveries and (now >= next_reclaim or self._draining):
+                    # One at a time: a taken-over delivery is charged an attempt, so take over
+                    # only what runs now. A busy worker leaves deliveries that would be on
+                    # their last attempt (they must run alone); if no idle worker takes one
+                    # by the next look, this one stops fetching until it is idle.
+                    busy = bool(self._in_flight)
+                    hold_back = last if busy and last > 1 else None
+                    reclaimed = await self._broker.reclaim(
+                        self.subscription, self.consumer, spec.reclaim_idle, 1, hold_back=hold_back
                     )
-                    next_reclaim = now if deliveries else now + reclaim_interval
-                    if deliveries:
+                    next_reclaim = now if reclaimed else now + reclaim_interval
+                    self._draining = bool(reclaimed.held_back) and held_back_before
+                    held_back_before = bool(reclaimed.held_back)
+                    deliveries = list(reclaimed)
+                    for delivery in deliveries:
                         self._log.warning(
                             "took over an event whose worker stopped renewing it",
-                            entry_id=deliveries[0].id,
-                            attempt=deliveries[0].attempt,
+                            entry_id=delivery.id,
+                            attempt=delivery.attempt,
                         )
-                if not deliveries:
-                    with anyio.CancelScope() as self._fetch_scope:
-                        if self._stopping:
-                            break
-                        longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
-                        timeout = max(0.0, min(longest, next_reclaim - now))
+                        if delivery.attempt == last and last > 1:
+                            # Its worker died while running it: if it kills this one too,
+                            # nothing else may be charged an attempt for it.
+                            self._alone = (delivery.origin, delivery.id)
+                if not deliveries and not self._draining:
+                    longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
+                    timeout = max(0.0, min(longest, next_reclaim - now))
+                    self._fetching = True
+                    try:
                         deliveries = await self._broker.fetch(
                             self.subscription, self.consumer, free, timeout
                         )
-                    self._fetch_scope = None
+                    finally:
+                        self._fetching = False
             except Exception as exc:
                 failures += 1
+                # The fetch's reply may have been lost after the bus handed entries out.
+                self._recovering = True
                 delay = min(5.0, 0.1 * 2 ** min(failures, 10))
                 if failures == 1:
                     self._log.warning(
@@ -213,40 +248,48 @@ class AgentConsumer:
             if failures:
                 self._log.info("fetching again", after_failures=failures)
                 failures = 0
-            last = self._spec.policy.max_attempts
-            suspects = [d for d in deliveries if d.attempt == last]
             for delivery in deliveries:
                 self._in_flight[(delivery.origin, delivery.id)] = delivery
-            if suspects:
-                self._isolating = len(suspects)
-                handlers.start_soon(self._run_alone, suspects)
-            await ready.put_all(d for d in deliveries if d.attempt != last)
+            if self._alone is not None:
+                # Finished work is acknowledged before the last attempt runs, so that if it
+                # kills this worker, nothing finished is delivered (and charged) again.
+                await self._acks.flush()
+            await ready.put_all(deliveries)
 
-    async def _run_alone(self, suspects: list[Delivery]) -> None:
-        """Handle reclaimed deliveries on their last attempt one at a time, with nothing else
-        in flight and nothing fetched meanwhile.
+    async def _orphans(self) -> list[Delivery]:
+        """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was
+        lost), as they were delivered: same attempt, nothing charged."""
+        held = await self._broker.recover(self.subscription, self.consumer, _ORPHANS)
+        known = self._acks.waiting()  # finished, their acks not sent yet
+        orphans = [
+            d
+            for d in held
+            if (d.origin, d.id) not in self._in_flight and (d.origin, d.id) not in known
+        ]
+        if orphans:
+            self._log.info("took back events a failed fetch had left pending", count=len(orphans))
+        return orphans
 
-        A worker died while handling each of them before. If one of them kills this worker
-        too, no other event is charged an attempt for it, so a poison message cannot drag
-        healthy events into the dead-letter queue with it.
-        """
-        held = {(d.origin, d.id) for d in suspects}
-        for delivery in suspects:
-            while any(key not in held for key in self._in_flight):
-                # No await between the check and the new event: no completion slips by.
-                self._settled = anyio.Event()
-                self._settle_waiting = True
+    async def _take_back_orphans(self, ready: HandOff[Delivery]) -> None:
+        """On a graceful stop: handle, within the grace period, what a fetch left pending."""
+        try:
+            orphans = await self._orphans()
+        except Exception as exc:
+            self._log.debug("could not look for orphaned deliveries", error=str(exc))
+            return
+        for delivery in orphans:
+            self._in_flight[(delivery.origin, delivery.id)] = delivery
+        await ready.put_all(orphans)
+
+    async def _interrupt_fetch_on_stop(self) -> None:
+        await self._stop_requested.wait()
+        while True:
+            if self._fetching:
                 try:
-                    await self._settled.wait()
-                finally:
-                    self._settle_waiting = False
-            # Finished work is acknowledged before the suspect runs, so that if it kills this
-            # worker, nothing finished is delivered (and charged) again.
-            await self._acks.flush()
-            await self._handle(delivery)
-            held.discard((delivery.origin, delivery.id))
-            self._isolating -= 1
-        self._wake.set()
+                    await self._broker.interrupt(self.subscription, self.consumer)
+                except Exception as exc:
+                    self._log.debug("could not interrupt the fetch", error=str(exc))
+            await anyio.sleep(_INTERRUPT_EVERY)
 
     async def _renew_leases(self) -> None:
         interval = self._spec.reclaim_idle / 3
@@ -256,7 +299,7 @@ class AgentConsumer:
             if not self._in_flight:
                 continue
             try:
-                await self._broker.extend(
+                renewal = await self._broker.extend(
                     self.subscription, self.consumer, list(self._in_flight.values())
                 )
                 failures = 0
@@ -267,6 +310,15 @@ class AgentConsumer:
                         "cannot renew leases of running handlers",
                         error=f"{type(exc).__name__}: {exc}",
                     )
+                continue
+            for delivery in renewal.lost:
+                key = (delivery.origin, delivery.id)
+                if key in self._in_flight:
+                    self._lost.add(key)
+            for delivery in renewal.trimmed:
+                key = (delivery.origin, delivery.id)
+                if key in self._in_flight:
+                    self._trimmed.add(key)
 
     # Handling -----------------------------------------------------------------------------
 
@@ -286,13 +338,18 @@ class AgentConsumer:
             )
         finally:
             metrics.in_flight -= 1
-            self._in_flight.pop((delivery.origin, delivery.id), None)
+            key = (delivery.origin, delivery.id)
+            self._in_flight.pop(key, None)
             if self._started:
-                self._started.pop((delivery.origin, delivery.id), None)
+                self._started.pop(key, None)
+            if self._lost or self._trimmed:
+                self._lost.discard(key)
+                self._trimmed.discard(key)
+            if self._alone == key:
+                self._alone = None
+                self._wake.set()
             if self._wake_waiting:
                 self._wake.set()
-            if self._settle_waiting:
-                self._settled.set()
 
     async def _process(self, delivery: Delivery) -> None:
         spec = self._spec
@@ -361,14 +418,19 @@ class AgentConsumer:
             attempt=delivery.attempt,
             max_attempts=spec.policy.max_attempts,
         )
+        idempotency = self._idempotency
         idempotency_key: str | None = None
+        claim: bytes | None = None  # this run's claim of the key, while it holds one
         output: Any = NOT_STORED
-        if self._idempotency is not None:
+        if idempotency is not None:
             try:
-                idempotency_key = self._idempotency.key(envelope.payload)
-                output = await self._idempotency.claim(idempotency_key, envelope.id)
+                idempotency_key = idempotency.key(envelope.payload)
+                output, claim = await idempotency.claim(idempotency_key, envelope.id)
             except Exception as exc:
                 await self._fail(delivery, envelope, exc, None)
+                return
+            if output is HELD:
+                await self._defer(delivery, envelope, idempotency_key)
                 return
             if output is not NOT_STORED:
                 self._log.info(
@@ -379,27 +441,36 @@ class AgentConsumer:
         if output is NOT_STORED:
             done, output = await self._run_handler(delivery, envelope, ctx)
             if not done:
-                if idempotency_key is not None and self._idempotency is not None:
-                    await self._idempotency.release(idempotency_key)
+                if idempotency is not None and idempotency_key is not None and claim:
+                    await idempotency.release(idempotency_key, claim)
                 return
+        key = (delivery.origin, delivery.id)
+        if key in self._lost:
+            # Another worker took the delivery over and reports its outcome. The handler's
+            # effects did happen, so a key it held records that: the other run uses it.
+            if idempotency is not None and idempotency_key is not None and claim:
+                await idempotency.succeeded(idempotency_key, envelope.id, output)
+            self._report_lost(delivery, envelope)
+            return
         # A request (App.request) always gets its reply, even an empty one.
         if output is not None or is_request_reply(envelope.reply_to):
             try:
                 await self._publish_outputs(envelope, output, replied=ctx.replied)
             except Exception as exc:
-                if idempotency_key is not None and self._idempotency is not None:
-                    await self._idempotency.release(idempotency_key)
+                if idempotency is not None and idempotency_key is not None and claim:
+                    await idempotency.release(idempotency_key, claim)
                 if isinstance(exc, PayloadTooLarge):
                     # Like a return value that breaks its annotation: a retry would redo the
                     # (possibly expensive) work to produce the same oversized output.
-                    self.metrics.failed += 1
-                    await self._dead_letter(delivery, envelope, "PayloadTooLarge", str(exc), exc)
+                    await self._dead_letter(
+                        delivery, envelope, "PayloadTooLarge", str(exc), exc, failed=True
+                    )
                 else:
                     await self._fail(delivery, envelope, exc, None)
                 return
         # Written before the ack, like every other output.
-        if idempotency_key is not None and self._idempotency is not None:
-            await self._idempotency.succeeded(idempotency_key, envelope.id, output)
+        if idempotency is not None and idempotency_key is not None:
+            await idempotency.succeeded(idempotency_key, envelope.id, output)
         if spec.store_results:
             await self._record(delivery, envelope.id, "succeeded", result=output)
         self.metrics.succeeded += 1
@@ -424,18 +495,15 @@ class AgentConsumer:
                 result = await self._call(envelope.payload, ctx)
         except Reject as exc:
             metrics.observe_duration(time.perf_counter() - started)
-            metrics.failed += 1
-            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc)
+            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc, failed=True)
             return False, None
         except Retry as exc:
             metrics.observe_duration(time.perf_counter() - started)
-            metrics.failed += 1
-            await self._fail(delivery, envelope, exc, exc.delay)
+            await self._fail(delivery, envelope, exc, exc.delay, failed=True)
             return False, None
         except Exception as exc:
             metrics.observe_duration(time.perf_counter() - started)
-            metrics.failed += 1
-            await self._fail(delivery, envelope, exc, None)
+            await self._fail(delivery, envelope, exc, None, failed=True)
             return False, None
         metrics.observe_duration(time.perf_counter() - started)
         if spec.return_adapter is None:
@@ -444,7 +512,6 @@ class AgentConsumer:
             result = spec.return_adapter.validate_python(result)
             return True, spec.return_adapter.dump_python(result, mode="json")
         except ValidationError as exc:
-            metrics.failed += 1
             await self._dead_letter(
                 delivery,
                 envelope,
@@ -452,6 +519,7 @@ class AgentConsumer:
                 f"{spec.handler.__qualname__} returned a value that does not match its "
                 f"return annotation {spec.return_type!r}: {exc}",
                 exc,
+                failed=True,
             )
             return False, None
 
@@ -501,7 +569,11 @@ class AgentConsumer:
         envelope: Envelope[Any],
         exc: Exception,
         delay: float | None,
+        *,
+        failed: bool = False,
     ) -> None:
+        """Retry the delivery, or dead-letter it after its last attempt; `failed` counts a
+        handler failure once the delivery is settled."""
         policy = self._spec.policy
         if delivery.attempt >= policy.max_attempts:
             await self._dead_letter(
@@ -510,12 +582,18 @@ class AgentConsumer:
                 type(exc).__name__,
                 str(exc) or repr(exc),
                 exc,
+                failed=failed,
             )
             return
         tracing.record_failure(exc)
         if delay is None:
             delay = policy.backoff.delay(delivery.attempt)
-        await self._broker.retry(self.subscription, delivery, delay)
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        if not await self._broker.retry(self.subscription, delivery, delay, trimmed=trimmed):
+            self._report_lost(delivery, envelope)
+            return
+        if failed:
+            self.metrics.failed += 1
         self.metrics.retried += 1
         if self._spec.store_results:
             error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
@@ -526,6 +604,33 @@ class AgentConsumer:
             error=f"{type(exc).__name__}: {exc}",
             retry_in=round(delay, 3),
             attempts_left=policy.max_attempts - delivery.attempt,
+        )
+
+    async def _defer(self, delivery: Delivery, envelope: Envelope[Any], key: str) -> None:
+        """Put back a delivery whose idempotency key a live run holds, to be tried again
+        shortly as the same attempt: waiting in a handler slot would stop the agent's other
+        work for as long as that run takes."""
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        deferred = await self._broker.retry(
+            self.subscription, delivery, _CLAIM_RECHECK, attempt=delivery.attempt, trimmed=trimmed
+        )
+        if not deferred:
+            self._report_lost(delivery, envelope)
+            return
+        self._log.info(
+            "another run holds the event's idempotency key; trying again shortly",
+            **_event_fields(envelope, delivery),
+            idempotency_key=key,
+        )
+
+    def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:
+        """A settle or renewal found the delivery taken over by another worker: that worker
+        reports its outcome, so this one records, replies, notifies and counts nothing."""
+        self._log.warning(
+            "another worker took this event over (this worker stopped renewing its lease for "
+            "longer than reclaim_idle: paused, overloaded or cut off); its outcome here is "
+            "dropped",
+            **_event_fields(envelope, delivery),
         )
 
     async def _reply_failure(self, envelope: Envelope[Any], error_type: str, message: str) -> None:
@@ -606,6 +711,7 @@ class AgentConsumer:
         exc: BaseException | None = None,
         *,
         event_id: str | None = None,
+        failed: bool = False,
     ) -> None:
         if exc is not None:
             tracing.record_failure(exc, f"{error_type}: {message}")
@@ -620,7 +726,14 @@ class AgentConsumer:
             attempts=delivery.attempt,
             failed_at=datetime.now(UTC),
         )
-        await self._broker.dead_letter(self.subscription, delivery, record.encode())
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        if not await self._broker.dead_letter(
+            self.subscription, delivery, record.encode(), trimmed=trimmed
+        ):
+            self._report_lost(delivery, envelope)
+            return
+        if failed:
+            self.metrics.failed += 1
         self.metrics.dead_lettered += 1
         if envelope is not None and is_request_reply(envelope.reply_to):
             await self._reply_failure(envelope, error_type, message)
