@@ -23,18 +23,30 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+_OWNED = """
+-- Whether `consumer` holds entry `id` of `group` (any consumer, when it is empty). XACK alone
+-- would settle a delivery another consumer took over and is still running.
+local function owned(key, group, id, consumer)
+    local p = redis.call('XPENDING', key, group, id, id, 1)
+    return p[1] ~= nil and (consumer == '' or p[1][2] == consumer)
+end
+"""
+
 RETRY = (
-    """
+    _OWNED
+    + """
 -- Settle a delivery and schedule it again for this group only.
 -- KEYS: source stream (topic stream or the group's retry stream), the group's due-time zset
--- ARGV: group, entry id, delay ms, zset member, delete-from-source flag, trimmed flag
--- Returns 1 when settled here, 0 when the delivery was no longer pending: another worker took it
--- over (and settled it or will), so this worker must report nothing. With the trimmed flag the
--- entry is gone from the stream (it was trimmed while its handler ran, and lease renewal cleared
--- it from the pending list): the worker's copy is the only one, so it is scheduled regardless.
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 and ARGV[6] ~= '1' then
+-- ARGV: group, entry id, delay ms, zset member, delete-from-source flag, trimmed flag, consumer
+-- Returns 1 when settled here, 0 when the consumer no longer held the delivery: another worker
+-- took it over (and settled it or will), so this worker must report nothing. With the trimmed
+-- flag the entry is gone from the stream (it was trimmed while its handler ran, and lease
+-- renewal cleared it from the pending list): the worker's copy is the only one, so it is
+-- scheduled regardless.
+if ARGV[6] ~= '1' and not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[7]) then
     return 0
 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[5] == '1' then
     redis.call('XDEL', KEYS[1], ARGV[2])
 end
@@ -46,19 +58,23 @@ return 1
 """
 )
 
-DEAD_LETTER = """
+DEAD_LETTER = (
+    _OWNED
+    + """
 -- Settle a delivery and append its record to the group's dead-letter stream.
 -- KEYS: source stream, dead-letter stream
--- ARGV: group, entry id, record, delete-from-source flag, trimmed flag (as in RETRY)
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 and ARGV[5] ~= '1' then
+-- ARGV: group, entry id, record, delete-from-source flag, trimmed flag, consumer (as in RETRY)
+if ARGV[5] ~= '1' and not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[6]) then
     return 0
 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[4] == '1' then
     redis.call('XDEL', KEYS[1], ARGV[2])
 end
 redis.call('XADD', KEYS[2], '*', 'r', ARGV[3])
 return 1
 """
+)
 
 FETCH_RETRIES = (
     """

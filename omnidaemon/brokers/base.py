@@ -72,12 +72,15 @@ class Delivery:
         attempt: 1 for the first delivery to this group, plus one per retry and per reclaim.
         origin: Which of the subscription's queues the entry came from (broker-specific; pass
             the delivery back unchanged to settle it).
+        consumer: The consumer it was delivered to: a settle succeeds only while that
+            consumer still holds it (empty: whoever holds it).
     """
 
     id: str
     data: bytes
     attempt: int
     origin: str = ""
+    consumer: str = ""
 
 
 class Reclaimed(list[Delivery]):

@@ -253,13 +253,14 @@ class MemoryBroker(Broker):
         taken: list[tuple[Delivery, float]] = []
         while group.scheduled and group.scheduled[0][0] <= now and len(taken) < count:
             _, _, data, attempt = heapq.heappop(group.scheduled)
-            taken.append((Delivery(f"r-{next(self._ids)}", data, attempt, _RETRY), wall))
+            retry = Delivery(f"r-{next(self._ids)}", data, attempt, _RETRY, consumer)
+            taken.append((retry, wall))
         if len(taken) < count and group.cursor < topic.next_seq:
             # Sequence numbers are contiguous, so the cursor maps straight to a position.
             index = max(0, group.cursor - topic.entries[0][0])
             while index < len(topic.entries) and len(taken) < count:
                 seq, data, published = topic.entries[index]
-                taken.append((Delivery(str(seq), data, 1, _STREAM), published))
+                taken.append((Delivery(str(seq), data, 1, _STREAM, consumer), published))
                 group.cursor = seq + 1
                 index += 1
         for delivery, queued_at in taken:
@@ -295,7 +296,7 @@ class MemoryBroker(Broker):
         trimmed: bool = False,
     ) -> bool:
         group = self._group(sub)
-        settled = group.pending.pop((delivery.origin, delivery.id), None) is not None
+        settled = self._settle(group, delivery)
         if settled or trimmed:
             due = self._bus.now() + max(0.0, delay)
             next_attempt = delivery.attempt + 1 if attempt is None else attempt
@@ -308,12 +309,22 @@ class MemoryBroker(Broker):
         self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
     ) -> bool:
         group = self._group(sub)
-        settled = group.pending.pop((delivery.origin, delivery.id), None) is not None
+        settled = self._settle(group, delivery)
         if settled or trimmed:
             group.dead.append(record)
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
         return settled or trimmed
+
+    @staticmethod
+    def _settle(group: _Group, delivery: Delivery) -> bool:
+        """Remove the delivery from the pending ones if its consumer still holds it."""
+        key = (delivery.origin, delivery.id)
+        pending = group.pending.get(key)
+        if pending is None or (delivery.consumer and pending.consumer != delivery.consumer):
+            return False
+        del group.pending[key]
+        return True
 
     async def extend(
         self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
@@ -352,7 +363,7 @@ class MemoryBroker(Broker):
                 if old.attempt + 1 == hold_back:
                     claimed.held_back += 1
                     continue
-                pending.delivery = Delivery(old.id, old.data, old.attempt + 1, old.origin)
+                pending.delivery = Delivery(old.id, old.data, old.attempt + 1, old.origin, consumer)
                 pending.consumer = consumer
                 pending.leased_at = now
                 claimed.append(pending.delivery)

@@ -367,7 +367,7 @@ class RedisBroker(Broker):
                 ],
                 args=[sub.group, consumer, count, self._maxlen_of(sub.topic)],
             )
-            deliveries = [self._retry_delivery(entry) for entry in entries]
+            deliveries = [self._retry_delivery(entry, consumer) for entry in entries]
             next_due = now + int(wait_ms) / 1000 if int(wait_ms) >= 0 else math.inf
             self._retry_state[sub] = (-math.inf if deliveries else now, next_due)
         if not deliveries and next_due < math.inf:
@@ -388,7 +388,7 @@ class RedisBroker(Broker):
         for entries in response.values() if isinstance(response, dict) else (response[0][1],):
             for entry_id, flat in entries:
                 data = flat[1] if flat and flat[0] == b"e" else _field(flat, b"e")
-                deliveries.append(Delivery(entry_id.decode(), data, 1, _STREAM))
+                deliveries.append(Delivery(entry_id.decode(), data, 1, _STREAM, consumer))
         return deliveries
 
     async def _direct(
@@ -454,11 +454,11 @@ class RedisBroker(Broker):
             self._spares.append(conn)
 
     @staticmethod
-    def _retry_delivery(entry: Any) -> Delivery:
+    def _retry_delivery(entry: Any, consumer: str) -> Delivery:
         entry_id, flat = entry[0], entry[1]
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         attempt = int(fields.get(b"a", b"2"))
-        return Delivery(_decode(entry_id), fields.get(b"e", b""), attempt, _RETRY)
+        return Delivery(_decode(entry_id), fields.get(b"e", b""), attempt, _RETRY, consumer)
 
     async def ack(
         self,
@@ -513,6 +513,7 @@ class RedisBroker(Broker):
                 member,
                 "1" if delivery.origin == _RETRY else "0",
                 "1" if trimmed else "0",
+                delivery.consumer,
             ],
         )
         self._retry_state.pop(sub, None)
@@ -531,6 +532,7 @@ class RedisBroker(Broker):
                 record,
                 "1" if delivery.origin == _RETRY else "0",
                 "1" if trimmed else "0",
+                delivery.consumer,
             ],
         )
 
@@ -602,7 +604,7 @@ class RedisBroker(Broker):
                 agent=sub.group,
                 count=int(lost),
             )
-        found = Reclaimed(self._pending_delivery(entry) for entry in claimed)
+        found = Reclaimed(self._pending_delivery(entry, consumer) for entry in claimed)
         found.held_back = int(held)
         return found
 
@@ -617,14 +619,14 @@ class RedisBroker(Broker):
                 raise
             await self._regroup(sub)
             return []
-        return [self._pending_delivery(entry) for entry in held]
+        return [self._pending_delivery(entry, consumer) for entry in held]
 
     @staticmethod
-    def _pending_delivery(entry: Any) -> Delivery:
+    def _pending_delivery(entry: Any, consumer: str) -> Delivery:
         which, entry_id, flat, attempt = entry
         data = _field(flat, b"e")
         origin = _STREAM if int(which) == 1 else _RETRY
-        return Delivery(_decode(entry_id), data, int(attempt), origin)
+        return Delivery(_decode(entry_id), data, int(attempt), origin, consumer)
 
     async def delete_topic(self, topic: str) -> None:
         # Every key of a topic shares its hash tag; a topic holds few keys (one per agent).
