@@ -237,7 +237,10 @@ class Broker(ABC):
 
     @abstractmethod
     async def delete_topic(self, topic: str) -> None:
-        """Remove a topic with everything it holds: entries, groups, retries, dead letters."""
+        """Remove a topic with everything it holds: entries, groups, retries, dead letters.
+
+        Touches only the topic's own keys: its cost does not grow with the rest of the bus.
+        """
 
     # Results ------------------------------------------------------------------------------
 

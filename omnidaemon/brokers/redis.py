@@ -501,12 +501,30 @@ class RedisBroker(Broker):
                 deliveries.append(Delivery(_decode(entry_id), data, attempt, _RETRY))
         return deliveries
 
+    async def _topic_keys(self, topic: str) -> list[str]:
+        """The names of every key `topic` may hold (existing or not): its stream and delayed
+        set, and per group its retry stream, due set, dead letters and metrics.
+
+        The groups are those the stream lists, plus those this broker reads (in case the
+        stream is already gone). Named, not searched for: a SCAN would walk the whole keyspace,
+        and App.request deletes a topic per request.
+        """
+        stream = self.stream_key(topic)
+        try:
+            groups: Any = await self.client.xinfo_groups(stream)
+        except ResponseError:  # no stream (never made, deleted or expired): no groups on it
+            groups = []
+        names = {_decode(group["name"]) for group in groups}
+        names.update(sub.group for sub in self._retry_state if sub.topic == topic)
+        keys = [stream, self.delayed_key(topic)]
+        for name in sorted(names):
+            sub = Subscription(topic, name)
+            keys += [self.retry_key(sub), self.due_key(sub), self.dlq_key(sub)]
+            keys.append(self.metrics_key(sub))
+        return keys
+
     async def delete_topic(self, topic: str) -> None:
-        # Every key of a topic shares its hash tag; a topic holds few keys (one per agent).
-        pattern = f"{self._prefix}:{{{_escape_glob(topic)}}}:*"
-        keys = [key async for key in self.client.scan_iter(match=pattern, count=500)]
-        if keys:
-            await self.client.delete(*keys)
+        await self.client.delete(*await self._topic_keys(topic))
         # What this broker kept for the topic's consumers goes too: a process that makes a
         # topic per request (request-reply) would otherwise keep a connection per request.
         for sub in [sub for sub in self._retry_state if sub.topic == topic]:
