@@ -7,7 +7,15 @@ whose clocks disagree still agree on when a retry is due.
 
 from __future__ import annotations
 
-__all__ = ["APPEND_MANY", "DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
+__all__ = [
+    "APPEND_MANY",
+    "DEAD_LETTER",
+    "EXTEND",
+    "FETCH_RETRIES",
+    "RECLAIM",
+    "REPLAY",
+    "RETRY",
+]
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -146,4 +154,16 @@ for i = 2, #ARGV do
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
 end
 return #ARGV - 1
+"""
+
+REPLAY = """
+-- Move one dead letter back to its group as a first attempt, only if it is still in the
+-- dead-letter stream: of several replays running at once, exactly one moves each record.
+-- KEYS: the group's dead-letter stream, the group's retry stream
+-- ARGV: the dead letter's id, the entry's data
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+    return 0  -- gone already (another replay moved it, or it was purged)
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[2], 'a', '1')
+return 1
 """

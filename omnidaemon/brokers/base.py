@@ -279,8 +279,9 @@ class Broker(ABC):
         """Move dead letters back to the group, as new first attempts, for this group alone.
 
         `select` sees each record and returns the entry bytes to deliver again, or `None` to
-        leave the record where it is. Moving one record is one atomic step. Returns how many
-        were moved.
+        leave the record where it is. Moving one record is one atomic step, and a record is
+        moved at most once even when several replays run at the same time. Returns how many
+        this call moved.
         """
 
     @abstractmethod

@@ -185,6 +185,7 @@ class RedisBroker(Broker):
                 "RECLAIM",
                 "EXTEND",
                 "APPEND_MANY",
+                "REPLAY",
             )
         }
         self._client = client
@@ -591,13 +592,13 @@ class RedisBroker(Broker):
                 entry = select(record) if record is not None else None
                 if entry is None:
                     continue
-                # Into the group's retry stream (read by this group alone) as attempt 1, and
-                # out of the dead-letter stream, in one transaction.
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xadd(self.retry_key(sub), {"e": entry, "a": b"1"})
-                    pipe.xdel(self.dlq_key(sub), entry_id)
-                    await pipe.execute()
-                moved += 1
+                # Out of the dead-letter stream and into the group's retry stream (read by this
+                # group alone) as attempt 1, in one script that moves the record only if it is
+                # still there: replays running at once all see it, exactly one moves it.
+                if await self._scripts["REPLAY"](
+                    keys=[self.dlq_key(sub), self.retry_key(sub)], args=[entry_id, entry]
+                ):
+                    moved += 1
             if len(page) < 100:
                 return moved
             cursor = "(" + _decode(page[-1][0])
