@@ -185,6 +185,16 @@ class Broker(ABC):
         for topic, data in entries:
             await self.publish(topic, data)
 
+    @abstractmethod
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        """Append one entry to `topic` only if the topic exists (it was subscribed to and not
+        deleted since), as one atomic step; returns whether it was appended.
+
+        Replies to a request-reply topic go through here: the topic lives only while its
+        request waits, and a reply that comes later (a second agent's, or one after the
+        timeout) must not bring the topic back with nobody left to delete it.
+        """
+
     # Consuming ----------------------------------------------------------------------------
 
     @abstractmethod
@@ -240,6 +250,16 @@ class Broker(ABC):
         """Remove a topic with everything it holds: entries, groups, retries, dead letters.
 
         Touches only the topic's own keys: its cost does not grow with the rest of the bus.
+        """
+
+    @abstractmethod
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        """Have the bus remove the topic with everything it holds `ttl` seconds from now,
+        even if no process of ours is left to call `delete_topic`.
+
+        Covers what the topic holds when called (call it after `subscribe`); entries appended
+        later keep the same deadline. A bus that lives and dies with its process (`memory://`)
+        may do nothing.
         """
 
     # Results ------------------------------------------------------------------------------

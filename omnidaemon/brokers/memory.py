@@ -198,6 +198,15 @@ class MemoryBroker(Broker):
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        # Checked and appended with no await in between: atomic on this single-threaded bus.
+        appended = topic in self._bus.topics
+        if appended:
+            self._bus.append(topic, data)
+            self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+        return appended
+
     # Consuming ----------------------------------------------------------------------------
 
     def _group(self, sub: Subscription) -> _Group:
@@ -325,6 +334,11 @@ class MemoryBroker(Broker):
         for key in [key for key in self._bus.stats if key[0] == topic]:
             del self._bus.stats[key]
         self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        # Nothing to do: the bus lives in this process, so a requester that dies takes its
+        # topics with it; one that lives deletes them (App.request does, whatever happens).
         await anyio.lowlevel.checkpoint()
 
     # Results ------------------------------------------------------------------------------

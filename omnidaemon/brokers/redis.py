@@ -185,6 +185,7 @@ class RedisBroker(Broker):
                 "RECLAIM",
                 "EXTEND",
                 "APPEND_MANY",
+                "APPEND_IF_EXISTS",
                 "REPLAY",
             )
         }
@@ -297,6 +298,18 @@ class RedisBroker(Broker):
                 await pipe.execute()
 
         await self._with_publish_deadline(attempt)
+
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        appended = False
+        append_if_exists = self._scripts["APPEND_IF_EXISTS"]
+        key, maxlen = self.stream_key(topic), self._maxlen_of(topic)
+
+        async def attempt() -> None:
+            nonlocal appended
+            appended = bool(await append_if_exists(keys=[key], args=[maxlen, data]))
+
+        await self._with_publish_deadline(attempt)
+        return appended
 
     # Consuming ----------------------------------------------------------------------------
 
@@ -523,6 +536,14 @@ class RedisBroker(Broker):
             keys += [self.retry_key(sub), self.due_key(sub), self.dlq_key(sub)]
             keys.append(self.metrics_key(sub))
         return keys
+
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        keys = await self._topic_keys(topic)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(key, ttl_ms)  # a key that does not exist is left alone
+            await pipe.execute()
 
     async def delete_topic(self, topic: str) -> None:
         await self.client.delete(*await self._topic_keys(topic))

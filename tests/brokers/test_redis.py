@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -14,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from omnidaemon import App, BusUnavailable, ConfigurationError
+from omnidaemon import App, BusUnavailable, ConfigurationError, Context
 from omnidaemon.brokers import RedisBroker, Subscription, open_broker
 from omnidaemon.brokers.redis import redact_url
 from tests.servers import RedisServer, free_port
@@ -333,6 +334,42 @@ async def test_requests_do_not_leave_a_connection_each_behind(redis_url: str) ->
             assert await app.request("leak.echo", {"n": n}, timeout=5) == {"n": n}
         # Other tests share the server: allow a little movement, not one per request.
         assert await clients() - before < 5
+
+
+async def test_a_reply_topic_expires_on_the_bus_even_if_its_requester_never_deletes_it(
+    redis_url: str,
+) -> None:
+    # A requester that dies between subscribing and deleting its reply topic leaves it to the
+    # bus: every key the topic holds while the request waits carries a TTL.
+    topic = f"ttl{uuid4().hex[:8]}.asked"
+    app = App("ttl", broker=redis_url)
+    asked, release = anyio.Event(), anyio.Event()
+    reply_topics: list[str] = []
+
+    @app.agent(topic)
+    async def hold(event: dict[str, int], ctx: Context) -> dict[str, int]:
+        assert ctx.event.reply_to is not None
+        reply_topics.append(ctx.event.reply_to)
+        asked.set()
+        await release.wait()
+        return event
+
+    async with app, app.running():
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(app.request, topic, {"n": 1}, timeout=30))
+            with anyio.fail_after(10):
+                await asked.wait()
+            [reply_topic] = reply_topics
+            pattern = f"omni:{{{reply_topic}}}:*"
+            keys = sorted([key.decode() async for key in broker.client.scan_iter(match=pattern)])
+            ttls = [await broker.client.pttl(key) for key in keys]
+            release.set()
+    requester = Subscription(reply_topic, "requester")
+    assert keys == sorted([broker.stream_key(reply_topic), broker.retry_key(requester)])
+    # The request's timeout plus a margin: set, and not forever.
+    assert all(30_000 < ttl <= 30_000 + 60_000 for ttl in ttls), ttls
 
 
 async def test_requests_do_not_scan_the_keyspace(redis_url: str) -> None:
