@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import (
@@ -48,6 +49,8 @@ Hook = Callable[[], Awaitable[None]]
 """An `on_startup` / `on_shutdown` hook: an async function without arguments."""
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
 """A lifespan: called with the app, returns an async context manager the worker runs inside."""
+
+_REPLY_TTL_MARGIN = 60.0  # seconds a reply topic outlives its request's timeout on the bus
 
 
 def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> float:
@@ -579,6 +582,11 @@ class App:
         sub = Subscription(reply_topic, "requester")
         await self.broker.subscribe(sub)  # before publishing, so the reply cannot be missed
         try:
+            if math.isfinite(timeout):
+                # The topic is deleted below; should this process die first, the bus removes
+                # it anyway once the request is surely over (the margin covers the publish,
+                # which retries an unreachable bus, and a slow event loop).
+                await self.broker.expire_topic(reply_topic, timeout + _REPLY_TTL_MARGIN)
             event_id = await self.publish(
                 topic,
                 payload,

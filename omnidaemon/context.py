@@ -9,6 +9,7 @@ import anyio.from_thread
 import structlog
 
 from omnidaemon.envelope import Envelope
+from omnidaemon.requests import is_request_reply
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -99,6 +100,22 @@ class Context:
         """
         if self.event.reply_to is None:
             return None
+        if is_request_reply(self.event.reply_to):
+            # Only while the request waits: a late reply must not recreate its deleted topic.
+            event_id, data = self._app._encode(
+                self.event.reply_to,
+                payload,
+                self.event.correlation_id,
+                self.event.id,
+                None,
+                None,
+                self.event.tenant_id,
+                headers,
+            )
+            if not await self._app.broker.publish_if_exists(self.event.reply_to, data):
+                self.log.debug("reply dropped: the request no longer waits")
+            self.replied = True
+            return event_id
         event_id = await self._app.publish(
             self.event.reply_to,
             payload,

@@ -2,9 +2,12 @@
 
 Each request gets a reply topic of its own (`omni-reply.<random>`), subscribed before the
 request is published and deleted once the reply is read (or the wait ends), so a reply can only
-reach the request that asked for it, and nothing is left behind on the bus. When the agent
-gives up on the request (dead-lettered), the worker sends a failure reply, marked by a header,
-so the caller raises `AgentFailed` at once instead of waiting for its timeout.
+reach the request that asked for it, and nothing is left behind on the bus: workers send replies
+with `Broker.publish_if_exists`, so a reply that comes after the deletion (a second agent's, or
+one after the timeout) is dropped instead of recreating the topic, and the topic expires on the
+bus (the request's timeout plus a minute) should the requester die before deleting it. When the
+agent gives up on the request (dead-lettered), the worker sends a failure reply, marked by a
+header, so the caller raises `AgentFailed` at once instead of waiting for its timeout.
 """
 
 from __future__ import annotations

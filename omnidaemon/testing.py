@@ -54,6 +54,13 @@ class _RecordingBroker(MemoryBroker):
         self.log.extend(entries)
         await super().publish_many(entries)
 
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        # Replies to App.request go through here; those that were dropped were not published.
+        appended = await super().publish_if_exists(topic, data)
+        if appended:
+            self.log.append((topic, data))
+        return appended
+
 
 class TestApp:
     """Runs an app's agents on a private in-memory bus; use it as an async context manager.

@@ -8,6 +8,7 @@ whose clocks disagree still agree on when a retry is due.
 from __future__ import annotations
 
 __all__ = [
+    "APPEND_IF_EXISTS",
     "APPEND_MANY",
     "DEAD_LETTER",
     "EXTEND",
@@ -15,6 +16,7 @@ __all__ = [
     "RECLAIM",
     "RECOVER",
     "REPLACE_VALUE",
+    "REPLAY",
     "RETRY",
 ]
 
@@ -247,4 +249,29 @@ for i = 2, #ARGV do
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
 end
 return #ARGV - 1
+"""
+
+APPEND_IF_EXISTS = """
+-- Append an entry to a topic's stream only while the stream exists: a reply to a request that
+-- is over (its reply topic deleted or expired) is dropped instead of recreating the topic,
+-- which nobody would delete. An XADD to a stream that has a TTL keeps it.
+-- KEYS: the topic's stream
+-- ARGV: its approximate MAXLEN, the entry's data
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+return 1
+"""
+
+REPLAY = """
+-- Move one dead letter back to its group as a first attempt, only if it is still in the
+-- dead-letter stream: of several replays running at once, exactly one moves each record.
+-- KEYS: the group's dead-letter stream, the group's retry stream
+-- ARGV: the dead letter's id, the entry's data
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+    return 0  -- gone already (another replay moved it, or it was purged)
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[2], 'a', '1')
+return 1
 """

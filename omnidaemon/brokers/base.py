@@ -229,6 +229,16 @@ class Broker(ABC):
         for topic, data in entries:
             await self.publish(topic, data)
 
+    @abstractmethod
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        """Append one entry to `topic` only if the topic exists (it was subscribed to and not
+        deleted since), as one atomic step; returns whether it was appended.
+
+        Replies to a request-reply topic go through here: the topic lives only while its
+        request waits, and a reply that comes later (a second agent's, or one after the
+        timeout) must not bring the topic back with nobody left to delete it.
+        """
+
     # Consuming ----------------------------------------------------------------------------
 
     @abstractmethod
@@ -323,7 +333,20 @@ class Broker(ABC):
 
     @abstractmethod
     async def delete_topic(self, topic: str) -> None:
-        """Remove a topic with everything it holds: entries, groups, retries, dead letters."""
+        """Remove a topic with everything it holds: entries, groups, retries, dead letters.
+
+        Touches only the topic's own keys: its cost does not grow with the rest of the bus.
+        """
+
+    @abstractmethod
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        """Have the bus remove the topic with everything it holds `ttl` seconds from now,
+        even if no process of ours is left to call `delete_topic`.
+
+        Covers what the topic holds when called (call it after `subscribe`); entries appended
+        later keep the same deadline. A bus that lives and dies with its process (`memory://`)
+        may do nothing.
+        """
 
     # Results ------------------------------------------------------------------------------
 
@@ -369,8 +392,9 @@ class Broker(ABC):
         """Move dead letters back to the group, as new first attempts, for this group alone.
 
         `select` sees each record and returns the entry bytes to deliver again, or `None` to
-        leave the record where it is. Moving one record is one atomic step. Returns how many
-        were moved.
+        leave the record where it is. Moving one record is one atomic step, and a record is
+        moved at most once even when several replays run at the same time. Returns how many
+        this call moved.
         """
 
     @abstractmethod

@@ -201,6 +201,15 @@ class MemoryBroker(Broker):
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        # Checked and appended with no await in between: atomic on this single-threaded bus.
+        appended = topic in self._bus.topics
+        if appended:
+            self._bus.append(topic, data)
+            self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+        return appended
+
     # Consuming ----------------------------------------------------------------------------
 
     def _group(self, sub: Subscription) -> _Group:
@@ -383,6 +392,11 @@ class MemoryBroker(Broker):
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        # Nothing to do: the bus lives in this process, so a requester that dies takes its
+        # topics with it; one that lives deletes them (App.request does, whatever happens).
+        await anyio.lowlevel.checkpoint()
+
     # Results ------------------------------------------------------------------------------
 
     async def put_result(self, event_id: str, agent: str, record: bytes, ttl: float) -> None:
@@ -449,6 +463,8 @@ class MemoryBroker(Broker):
         group = topic.groups.get(sub.group) if topic else None
         if group is None:
             return 0
+        # From here on no await: the records are read and moved in one step of this
+        # single-threaded bus, so replays running at once never move a record twice.
         kept: list[bytes] = []
         moved = 0
         now = self._bus.now()

@@ -190,6 +190,8 @@ class RedisBroker(Broker):
                 "RECOVER",
                 "REPLACE_VALUE",
                 "APPEND_MANY",
+                "APPEND_IF_EXISTS",
+                "REPLAY",
             )
         }
         self._client = client
@@ -301,6 +303,18 @@ class RedisBroker(Broker):
                 await pipe.execute()
 
         await self._with_publish_deadline(attempt)
+
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        appended = False
+        append_if_exists = self._scripts["APPEND_IF_EXISTS"]
+        key, maxlen = self.stream_key(topic), self._maxlen_of(topic)
+
+        async def attempt() -> None:
+            nonlocal appended
+            appended = bool(await append_if_exists(keys=[key], args=[maxlen, data]))
+
+        await self._with_publish_deadline(attempt)
+        return appended
 
     # Consuming ----------------------------------------------------------------------------
 
@@ -628,12 +642,38 @@ class RedisBroker(Broker):
         origin = _STREAM if int(which) == 1 else _RETRY
         return Delivery(_decode(entry_id), data, int(attempt), origin, consumer)
 
+    async def _topic_keys(self, topic: str) -> list[str]:
+        """The names of every key `topic` may hold (existing or not): its stream and delayed
+        set, and per group its retry stream, due set, dead letters and metrics.
+
+        The groups are those the stream lists, plus those this broker reads (in case the
+        stream is already gone). Named, not searched for: a SCAN would walk the whole keyspace,
+        and App.request deletes a topic per request.
+        """
+        stream = self.stream_key(topic)
+        try:
+            groups: Any = await self.client.xinfo_groups(stream)
+        except ResponseError:  # no stream (never made, deleted or expired): no groups on it
+            groups = []
+        names = {_decode(group["name"]) for group in groups}
+        names.update(sub.group for sub in self._retry_state if sub.topic == topic)
+        keys = [stream, self.delayed_key(topic)]
+        for name in sorted(names):
+            sub = Subscription(topic, name)
+            keys += [self.retry_key(sub), self.due_key(sub), self.dlq_key(sub)]
+            keys.append(self.metrics_key(sub))
+        return keys
+
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        ttl_ms = max(1, math.ceil(ttl * 1000))
+        keys = await self._topic_keys(topic)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.pexpire(key, ttl_ms)  # a key that does not exist is left alone
+            await pipe.execute()
+
     async def delete_topic(self, topic: str) -> None:
-        # Every key of a topic shares its hash tag; a topic holds few keys (one per agent).
-        pattern = f"{self._prefix}:{{{_escape_glob(topic)}}}:*"
-        keys = [key async for key in self.client.scan_iter(match=pattern, count=500)]
-        if keys:
-            await self.client.delete(*keys)
+        await self.client.delete(*await self._topic_keys(topic))
         # What this broker kept for the topic's consumers goes too: a process that makes a
         # topic per request (request-reply) would otherwise keep a connection per request.
         for sub in [sub for sub in self._retry_state if sub.topic == topic]:
@@ -710,13 +750,13 @@ class RedisBroker(Broker):
                 entry = select(record) if record is not None else None
                 if entry is None:
                     continue
-                # Into the group's retry stream (read by this group alone) as attempt 1, and
-                # out of the dead-letter stream, in one transaction.
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xadd(self.retry_key(sub), {"e": entry, "a": b"1"})
-                    pipe.xdel(self.dlq_key(sub), entry_id)
-                    await pipe.execute()
-                moved += 1
+                # Out of the dead-letter stream and into the group's retry stream (read by this
+                # group alone) as attempt 1, in one script that moves the record only if it is
+                # still there: replays running at once all see it, exactly one moves it.
+                if await self._scripts["REPLAY"](
+                    keys=[self.dlq_key(sub), self.retry_key(sub)], args=[entry_id, entry]
+                ):
+                    moved += 1
             if len(page) < 100:
                 return moved
             cursor = "(" + _decode(page[-1][0])

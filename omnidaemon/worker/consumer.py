@@ -559,7 +559,28 @@ class AgentConsumer:
                 headers=None,
             )
             entries.append((topic, data))
+        if reply_to is not None and is_request_reply(reply_to):
+            # The reply (last of the targets) only goes to a request that still waits for it.
+            *entries, (_, reply) = entries
+            if entries:
+                await self._broker.publish_many(entries)
+            await self._send_reply(envelope, reply_to, reply)
+            return
         await self._broker.publish_many(entries)
+
+    async def _send_reply(self, envelope: Envelope[Any], topic: str, data: bytes) -> None:
+        """Send a reply to a request-reply topic, if the request still waits for it.
+
+        The topic lives only while its request waits: a reply that comes later (another
+        agent's, or one after the timeout) is dropped rather than recreating the topic, which
+        nobody would then delete.
+        """
+        if not await self._broker.publish_if_exists(topic, data):
+            self._log.debug(
+                "reply dropped: the request no longer waits (answered, timed out or gone)",
+                event_id=envelope.id,
+                reply_to=topic,
+            )
 
     # Settling failures --------------------------------------------------------------------
 
@@ -646,7 +667,7 @@ class AgentConsumer:
             tenant_id=envelope.tenant_id,
             headers={FAILURE_HEADER: "1"},
         )
-        await self._broker.publish(envelope.reply_to, data)
+        await self._send_reply(envelope, envelope.reply_to, data)
 
     async def _record(
         self,

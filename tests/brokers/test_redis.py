@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import anyio
@@ -13,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from omnidaemon import App, BusUnavailable, ConfigurationError
+from omnidaemon import App, BusUnavailable, ConfigurationError, Context
 from omnidaemon.brokers import RedisBroker, Subscription, open_broker
 from omnidaemon.brokers.redis import redact_url
 from tests.servers import RedisServer, free_port
@@ -332,3 +334,101 @@ async def test_requests_do_not_leave_a_connection_each_behind(redis_url: str) ->
             assert await app.request("leak.echo", {"n": n}, timeout=5) == {"n": n}
         # Other tests share the server: allow a little movement, not one per request.
         assert await clients() - before < 5
+
+
+async def test_a_reply_topic_expires_on_the_bus_even_if_its_requester_never_deletes_it(
+    redis_url: str,
+) -> None:
+    # A requester that dies between subscribing and deleting its reply topic leaves it to the
+    # bus: every key the topic holds while the request waits carries a TTL.
+    topic = f"ttl{uuid4().hex[:8]}.asked"
+    app = App("ttl", broker=redis_url)
+    asked, release = anyio.Event(), anyio.Event()
+    reply_topics: list[str] = []
+
+    @app.agent(topic)
+    async def hold(event: dict[str, int], ctx: Context) -> dict[str, int]:
+        assert ctx.event.reply_to is not None
+        reply_topics.append(ctx.event.reply_to)
+        asked.set()
+        await release.wait()
+        return event
+
+    async with app, app.running():
+        broker = app.broker
+        assert isinstance(broker, RedisBroker)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(app.request, topic, {"n": 1}, timeout=30))
+            with anyio.fail_after(10):
+                await asked.wait()
+            [reply_topic] = reply_topics
+            pattern = f"omni:{{{reply_topic}}}:*"
+            keys = sorted([key.decode() async for key in broker.client.scan_iter(match=pattern)])
+            ttls = [await broker.client.pttl(key) for key in keys]
+            release.set()
+    requester = Subscription(reply_topic, "requester")
+    assert keys == sorted([broker.stream_key(reply_topic), broker.retry_key(requester)])
+    # The request's timeout plus a margin: set, and not forever.
+    assert all(30_000 < ttl <= 30_000 + 60_000 for ttl in ttls), ttls
+
+
+async def test_requests_do_not_scan_the_keyspace(redis_url: str) -> None:
+    # Deleting a reply topic used to SCAN every key of the db for the topic's: 1 s a request
+    # with a million unrelated keys. It now names the topic's keys, whatever the db holds.
+    url = redis_url.rsplit("/", 1)[0] + "/5"  # a db of its own, emptied at the end
+    topic = f"noscan{uuid4().hex[:8]}.asked"
+    admin = aioredis.Redis.from_url(url)
+
+    async def scans() -> int:
+        stats: Any = await admin.info("commandstats")
+        return int(stats.get("cmdstat_scan", {}).get("calls", 0))
+
+    app = App("noscan", broker=url)
+
+    @app.agent(topic)
+    async def echo(event: dict[str, int]) -> dict[str, int]:
+        return event
+
+    try:
+        for start in range(0, 200_000, 10_000):
+            await admin.mset({f"unrelated:{i}": b"x" for i in range(start, start + 10_000)})
+        async with app, app.running():
+            before = await scans()
+            for n in range(20):
+                assert await app.request(topic, {"n": n}, timeout=10) == {"n": n}
+            after = await scans()
+    finally:
+        await admin.flushdb()
+        await admin.aclose()
+    assert after == before
+
+
+async def test_deleting_a_topic_removes_every_key_it_holds(redis_url: str) -> None:
+    topic = f"del{uuid4().hex[:8]}.done"
+    broker = RedisBroker(redis_url)
+    a, b = Subscription(topic, "agent_a"), Subscription(topic, "agent_b")
+    async with broker:
+        await broker.delete_topic(topic)  # no such topic: nothing to do, no error
+        for sub in (a, b):
+            await broker.subscribe(sub)
+        await broker.publish_many([(topic, b"1"), (topic, b"2")])
+        await broker.publish(topic, b"later", delay=600)
+        [retried, _] = await broker.fetch(a, "c", 2, 1.0)
+        await broker.retry(a, retried, 600)  # a due set
+        await broker.ack(a, [], stats={"succeeded": 1})  # a metrics hash
+        [failed, _] = await broker.fetch(b, "c", 2, 1.0)
+        await broker.dead_letter(b, failed, b"record")  # a dead-letter stream
+        pattern = f"omni:{{{topic}}}:*"
+        held = {key.decode() async for key in broker.client.scan_iter(match=pattern)}
+        await broker.delete_topic(topic)
+        left = [key async for key in broker.client.scan_iter(match=pattern)]
+    assert held == {
+        broker.stream_key(topic),
+        broker.delayed_key(topic),
+        broker.retry_key(a),
+        broker.retry_key(b),
+        broker.due_key(a),
+        broker.metrics_key(a),
+        broker.dlq_key(b),
+    }
+    assert left == []

@@ -170,6 +170,31 @@ async def test_dead_letter_settles_and_keeps_the_record(broker: Broker, topic: s
     assert await broker.dead_letters(Subscription(topic, "unrelated"), 10) == []
 
 
+async def test_concurrent_replays_move_each_dead_letter_once(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    sent = sorted(f"event-{i:02}".encode() for i in range(50))
+    await broker.publish_many([(topic, data) for data in sent])
+    deliveries = []
+    with anyio.fail_after(5):
+        while len(deliveries) < 50:
+            deliveries += await broker.fetch(sub, "c", 50 - len(deliveries), 0.5)
+    for delivery in deliveries:
+        await broker.dead_letter(sub, delivery, delivery.data)  # the record is the entry
+    moved: list[int] = []
+
+    async def replay() -> None:
+        moved.append(await broker.replay_dead_letters(sub, lambda record: record))
+
+    async with anyio.create_task_group() as tg:  # two operators replaying at the same time
+        tg.start_soon(replay)
+        tg.start_soon(replay)
+    assert sum(moved) == 50
+    assert await broker.dead_letters(sub, 100) == []
+    assert sorted(await fetch_all(broker, sub, "c", 50)) == sent
+    assert await broker.fetch(sub, "c", 100, 0.2) == []  # no second copy of any of them
+
+
 async def test_unsettled_delivery_is_reclaimed_as_a_new_attempt(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)

@@ -442,6 +442,59 @@ async def test_request_returns_the_handlers_reply_and_cleans_up(
         assert not [t for t in broker._bus.topics if t.startswith("omni-reply.")]
 
 
+async def test_replies_of_several_agents_leave_no_reply_topic_behind(
+    make_app: Callable[[], App], topic: str
+) -> None:
+    # Two agents answer every request. `late` is held until all 20 requests have returned,
+    # so each of its replies reaches a reply topic that was already deleted: it must be
+    # dropped, not recreate the topic with nobody left to delete it.
+    app = make_app()
+    reply_topics: list[str] = []
+    release = anyio.Event()
+
+    @app.agent(topic)
+    async def quick(event: Order, ctx: Context) -> str:
+        assert ctx.event.reply_to is not None
+        reply_topics.append(ctx.event.reply_to)
+        return "quick"
+
+    @app.agent(topic, concurrency=20)
+    async def late(event: Order, ctx: Context) -> str:
+        await release.wait()
+        # Every way a reply goes out: the return value, ctx.reply, and a failure reply.
+        n = int(event.order_id)
+        if n % 3 == 1:
+            await ctx.reply("late, early")
+        elif n % 3 == 2:
+            raise Reject("late, and no")
+        return "late"
+
+    async def late_is_done() -> bool:
+        info = await app.broker.describe(topic)
+        group = next((g for g in info.groups if g.group == "late"), None) if info else None
+        # Settled only after its outputs went out: no pending and nothing left to read means
+        # every late reply was handled by the bus.
+        return group is not None and group.lag == 0 and group.pending == 0
+
+    async with app.running():
+        for n in range(20):
+            assert await app.request(topic, {"order_id": str(n)}, timeout=10) == "quick"
+        release.set()
+        with anyio.fail_after(10):
+            while not await late_is_done():
+                await anyio.sleep(0.02)
+        broker = app.broker
+        assert len(set(reply_topics)) == 20
+        assert [t for t in reply_topics if await broker.describe(t) is not None] == []
+        if isinstance(broker, RedisBroker):
+            left = [
+                key
+                async for key in broker.client.scan_iter(match="omni:{omni-reply.*", count=1000)
+                if any(f"{{{t}}}" in key.decode() for t in reply_topics)
+            ]
+            assert left == []
+
+
 async def test_a_request_the_agent_gives_up_on_raises_agent_failed_at_once(
     make_app: Callable[[], App], topic: str
 ) -> None:
