@@ -7,7 +7,16 @@ whose clocks disagree still agree on when a retry is due.
 
 from __future__ import annotations
 
-__all__ = ["APPEND_MANY", "DEAD_LETTER", "EXTEND", "FETCH_RETRIES", "RECLAIM", "RETRY"]
+__all__ = [
+    "APPEND_MANY",
+    "DEAD_LETTER",
+    "EXTEND",
+    "FETCH_RETRIES",
+    "PRUNE_CONSUMERS",
+    "RECLAIM",
+    "REMOVE_CONSUMER",
+    "RETRY",
+]
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -146,4 +155,65 @@ for i = 2, #ARGV do
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
 end
 return #ARGV - 1
+"""
+
+REMOVE_CONSUMER = """
+-- Remove a consumer from the group if it holds nothing pending in either of the group's
+-- streams. XGROUP DELCONSUMER drops the entries a consumer holds, so the check and the
+-- removal are one step. Returns 1 if removed (or never there), 0 if it holds entries.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, consumer
+for _, key in ipairs(KEYS) do
+    -- An error (no such stream or group) means it holds nothing there.
+    local held = redis.pcall('XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+    if held.err == nil and #held > 0 then
+        return 0
+    end
+end
+for _, key in ipairs(KEYS) do
+    redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+PRUNE_CONSUMERS = """
+-- Remove the group's consumers that hold nothing pending and have been idle longer than
+-- min_idle ms: those of workers that died (their deliveries were taken over). A consumer is
+-- judged over both streams, as `describe` shows it: a delivery held in either keeps it in
+-- both. A live one removed by mistake loses nothing; its next read creates it again. The
+-- check and the removal are one step, as DELCONSUMER drops the entries a consumer holds.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, min idle ms
+-- Returns the names removed.
+local held, idle, order = {}, {}, {}
+for _, key in ipairs(KEYS) do
+    -- An error (no such stream or group) means there is no consumer to remove there.
+    local consumers = redis.pcall('XINFO', 'CONSUMERS', key, ARGV[1])
+    if consumers.err == nil then
+        for _, consumer in ipairs(consumers) do
+            local info = {}
+            for i = 1, #consumer, 2 do
+                info[consumer[i]] = consumer[i + 1]
+            end
+            local name = info['name']
+            if held[name] == nil then
+                table.insert(order, name)
+                held[name], idle[name] = 0, info['idle']
+            end
+            held[name] = held[name] + info['pending']
+            idle[name] = math.min(idle[name], info['idle'])
+        end
+    end
+end
+local removed = {}
+local min_idle = tonumber(ARGV[2])
+for _, name in ipairs(order) do
+    if held[name] == 0 and idle[name] > min_idle then
+        for _, key in ipairs(KEYS) do
+            redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], name)
+        end
+        table.insert(removed, name)
+    end
+end
+return removed
 """

@@ -185,6 +185,8 @@ class RedisBroker(Broker):
                 "RECLAIM",
                 "EXTEND",
                 "APPEND_MANY",
+                "REMOVE_CONSUMER",
+                "PRUNE_CONSUMERS",
             )
         }
         self._client = client
@@ -307,6 +309,19 @@ class RedisBroker(Broker):
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
+        removed = await self._scripts["REMOVE_CONSUMER"](
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)], args=[sub.group, consumer]
+        )
+        return bool(removed)
+
+    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+        removed = await self._scripts["PRUNE_CONSUMERS"](
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, max(0, int(min_idle * 1000))],
+        )
+        return sorted(_decode(name) for name in removed)
 
     async def fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float
