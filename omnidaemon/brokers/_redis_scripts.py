@@ -1,8 +1,8 @@
 """Lua scripts of the Redis Streams broker: each one is a single atomic step on the server.
 
 Every script touches only keys of one topic (they share the `{topic}` hash tag), so each runs on
-one Redis Cluster slot. Times come from the server's clock (`TIME`), so workers on machines
-whose clocks disagree still agree on when a retry is due.
+one Redis Cluster slot. Times come from the server's clock (`TIME`), so workers and publishers
+on machines whose clocks disagree still agree on when a retry or a delayed event is due.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "APPEND_MANY",
     "DEAD_LETTER",
+    "DELAY",
     "EXTEND",
     "FETCH_RETRIES",
     "PRUNE_CONSUMERS",
@@ -156,6 +157,22 @@ for i = 2, #ARGV do
 end
 return #ARGV - 1
 """
+
+DELAY = (
+    """
+-- Hold an entry in the topic's delayed set until delay ms from now by the server's clock, the
+-- clock FETCH_RETRIES releases it by: a publisher whose own clock is off cannot move it.
+-- The caller makes the member once, so a retried call updates its due time, never adds a
+-- second copy.
+-- KEYS: the topic's delayed zset
+-- ARGV: delay ms, member ('<unique>\\n<entry bytes>')
+"""
+    + _NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+)
 
 REMOVE_CONSUMER = """
 -- Remove a consumer from the group if it holds nothing pending in either of the group's

@@ -176,8 +176,9 @@ class Broker(ABC):
     async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         """Append one entry to `topic`; durable when this returns.
 
-        With `delay` > 0 the entry is held, durably, and appended `delay` seconds from now
-        (wall-clock time, so a delay survives restarts of every process).
+        With `delay` > 0 the entry is held, durably, and appended `delay` seconds from now by
+        the bus's clock (wall-clock time, so a delay survives restarts of every process; the
+        bus's, so a publisher whose clock is off still gets the delay it asked for).
         """
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:

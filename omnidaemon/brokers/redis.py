@@ -9,7 +9,8 @@ Cluster slot), with `omni` as the default prefix:
 - `omni:{<topic>}:retry:<group>`: the group's retry stream: due retries are moved here (one
   atomic script) and read by the same group, with the attempt in field `a`.
 - `omni:{<topic>}:dlq:<group>`: the group's dead-letter stream, one field `r` per record.
-- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time.
+- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time on the
+  server's clock.
 - `omni:{<topic>}:metrics:<group>`: a hash of the group's metrics, incremented by every worker
   with its batched acks (see `omnidaemon.metrics`).
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -185,6 +185,7 @@ class RedisBroker(Broker):
                 "RECLAIM",
                 "EXTEND",
                 "APPEND_MANY",
+                "DELAY",
                 "REMOVE_CONSUMER",
                 "PRUNE_CONSUMERS",
             )
@@ -253,14 +254,16 @@ class RedisBroker(Broker):
                 pass
             await self._with_publish_deadline(append)
             return
-        # A delayed entry is held in the topic's delayed set by wall-clock due time; consumers
-        # of the topic release it into the stream (FETCH_RETRIES) once the server's clock
-        # reaches it. The member is made once, so a retried ZADD cannot add it twice.
-        due_ms = int((time.time() + delay) * 1000)
+        # A delayed entry is held in the topic's delayed set by due time; consumers of the topic
+        # release it into the stream (FETCH_RETRIES) once the server's clock reaches it. The
+        # due time is set by that same clock (DELAY), not this process's: a publisher whose
+        # clock is behind would otherwise have its events released early. The member is made
+        # once, so a retried call cannot add it twice.
+        delay_ms = max(0, int(delay * 1000))
         member = f"{self._unique_prefix}-{next(self._unique)}\n".encode() + data
 
         async def hold() -> None:
-            await self.client.zadd(self.delayed_key(topic), {member: due_ms})
+            await self._scripts["DELAY"](keys=[self.delayed_key(topic)], args=[delay_ms, member])
 
         await self._with_publish_deadline(hold)
 
