@@ -41,7 +41,7 @@ class WorkerStatus:
     """A live worker, from its latest heartbeat.
 
     Attributes:
-        id: The worker's consumer name (`<host>:<pid>:<n>`).
+        id: The worker's consumer name (`<host>:<pid>:<6 hex digits>`, unique per worker).
         app: Its app's name.
         host: The machine it runs on.
         pid: Its process id.

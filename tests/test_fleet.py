@@ -7,7 +7,9 @@ alone, as on a dedicated bus.
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,7 +31,7 @@ from omnidaemon.fleet import (
 )
 from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.settings import Settings
-from omnidaemon.worker import Worker
+from omnidaemon.worker import Worker, runner
 from omnidaemon.worker.heartbeat import Heartbeat
 from tests.servers import free_port
 
@@ -258,6 +260,41 @@ async def test_a_running_worker_is_listed_until_it_stops(
             assert status.in_flight == 0
             assert status.to_json()["agents"]["charge"]["topic"] == topic
         assert await live_workers(bus) == []  # removed at once by the graceful stop
+
+
+async def test_workers_with_the_same_host_and_pid_are_told_apart(
+    make_broker: MakeBroker, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas of one container image: same hostname, each worker the first of a process
+    # running as pid 1. Made here in one process by faking both, and by restarting the
+    # per-process worker counter for each, as a fresh process would.
+    apps = [make_app(make_broker, "replicas") for _ in range(2)]
+    for app in apps:
+
+        @app.agent(topic, name="work")
+        async def work(event: Order) -> None:
+            pass
+
+    workers = []
+    with monkeypatch.context() as m:
+        m.setattr(socket, "gethostname", lambda: "replica")
+        m.setattr(os, "getpid", lambda: 1)
+        for app in apps:
+            m.setattr(runner, "_worker_numbers", itertools.count(1))
+            workers.append(Worker(app))
+    first, second = workers
+    assert first.name != second.name
+    assert first.name.startswith("replica:1:") and second.name.startswith("replica:1:")
+    assert first.consumers[0].consumer != second.consumers[0].consumer
+
+    async with make_broker() as bus, first.started():
+        async with second.started():
+            assert {w.id for w in await live_workers(bus)} == {first.name, second.name}
+        # One replica stopped: the other is still seen alive, and health does not say otherwise.
+        assert [w.id for w in await live_workers(bus)] == [first.name]
+        report = await check_health(bus)
+        assert "no worker is alive" not in report.problems
+        assert [w.id for w in report.workers] == [first.name]
 
 
 async def test_heartbeats_are_renewed_every_interval(make_broker: MakeBroker, topic: str) -> None:

@@ -1,8 +1,8 @@
 """Lua scripts of the Redis Streams broker: each one is a single atomic step on the server.
 
 Every script touches only keys of one topic (they share the `{topic}` hash tag), so each runs on
-one Redis Cluster slot. Times come from the server's clock (`TIME`), so workers on machines
-whose clocks disagree still agree on when a retry is due.
+one Redis Cluster slot. Times come from the server's clock (`TIME`), so workers and publishers
+on machines whose clocks disagree still agree on when a retry or a delayed event is due.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ __all__ = [
     "APPEND_IF_EXISTS",
     "APPEND_MANY",
     "DEAD_LETTER",
+    "DELAY",
     "EXTEND",
     "FETCH_RETRIES",
+    "PRUNE_CONSUMERS",
     "RECLAIM",
     "RECOVER",
+    "REMOVE_CONSUMER",
     "REPLACE_VALUE",
     "REPLAY",
     "RETRY",
@@ -274,4 +277,81 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2], 'a', '1')
 return 1
+"""
+
+DELAY = (
+    """
+-- Hold an entry in the topic's delayed set until delay ms from now by the server's clock, the
+-- clock FETCH_RETRIES releases it by: a publisher whose own clock is off cannot move it.
+-- The caller makes the member once, so a retried call updates its due time, never adds a
+-- second copy.
+-- KEYS: the topic's delayed zset
+-- ARGV: delay ms, member ('<unique>\\n<entry bytes>')
+"""
+    + _NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[1]), ARGV[2])
+return 1
+"""
+)
+
+REMOVE_CONSUMER = """
+-- Remove a consumer from the group if it holds nothing pending in either of the group's
+-- streams. XGROUP DELCONSUMER drops the entries a consumer holds, so the check and the
+-- removal are one step. Returns 1 if removed (or never there), 0 if it holds entries.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, consumer
+for _, key in ipairs(KEYS) do
+    -- An error (no such stream or group) means it holds nothing there.
+    local held = redis.pcall('XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+    if held.err == nil and #held > 0 then
+        return 0
+    end
+end
+for _, key in ipairs(KEYS) do
+    redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+PRUNE_CONSUMERS = """
+-- Remove the group's consumers that hold nothing pending and have been idle longer than
+-- min_idle ms: those of workers that died (their deliveries were taken over). A consumer is
+-- judged over both streams, as `describe` shows it: a delivery held in either keeps it in
+-- both. A live one removed by mistake loses nothing; its next read creates it again. The
+-- check and the removal are one step, as DELCONSUMER drops the entries a consumer holds.
+-- KEYS: topic stream, the group's retry stream
+-- ARGV: group, min idle ms
+-- Returns the names removed.
+local held, idle, order = {}, {}, {}
+for _, key in ipairs(KEYS) do
+    -- An error (no such stream or group) means there is no consumer to remove there.
+    local consumers = redis.pcall('XINFO', 'CONSUMERS', key, ARGV[1])
+    if consumers.err == nil then
+        for _, consumer in ipairs(consumers) do
+            local info = {}
+            for i = 1, #consumer, 2 do
+                info[consumer[i]] = consumer[i + 1]
+            end
+            local name = info['name']
+            if held[name] == nil then
+                table.insert(order, name)
+                held[name], idle[name] = 0, info['idle']
+            end
+            held[name] = held[name] + info['pending']
+            idle[name] = math.min(idle[name], info['idle'])
+        end
+    end
+end
+local removed = {}
+local min_idle = tonumber(ARGV[2])
+for _, name in ipairs(order) do
+    if held[name] == 0 and idle[name] > min_idle then
+        for _, key in ipairs(KEYS) do
+            redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], name)
+        end
+        table.insert(removed, name)
+    end
+end
+return removed
 """

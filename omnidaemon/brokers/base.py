@@ -113,7 +113,7 @@ class ConsumerInfo:
     """One consumer of a group, as the bus sees it.
 
     Attributes:
-        name: The consumer's name (`<host>:<pid>:<n>` for omnidaemon workers).
+        name: The consumer's name (`<host>:<pid>:<6 hex digits>` for omnidaemon workers).
         pending: Deliveries it holds unsettled.
         idle: Seconds since it last fetched or renewed anything.
     """
@@ -220,8 +220,9 @@ class Broker(ABC):
     async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         """Append one entry to `topic`; durable when this returns.
 
-        With `delay` > 0 the entry is held, durably, and appended `delay` seconds from now
-        (wall-clock time, so a delay survives restarts of every process).
+        With `delay` > 0 the entry is held, durably, and appended `delay` seconds from now by
+        the bus's clock (wall-clock time, so a delay survives restarts of every process; the
+        bus's, so a publisher whose clock is off still gets the delay it asked for).
         """
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
@@ -244,6 +245,26 @@ class Broker(ABC):
     @abstractmethod
     async def subscribe(self, sub: Subscription) -> None:
         """Create the consumer group if it does not exist. Idempotent."""
+
+    async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
+        """Remove `consumer` from the group if it holds nothing pending (a graceful stop), in
+        one atomic step with that check: its pending deliveries are never dropped. Returns
+        whether the group no longer lists it.
+
+        The default removes nothing, for buses that cannot: a consumer the bus keeps listing
+        is harmless.
+        """
+        return False
+
+    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+        """Remove the group's consumers that hold nothing pending and have been idle for
+        longer than `min_idle` seconds (workers that died; their deliveries were taken over),
+        each atomically with that check. Returns the names removed.
+
+        A live consumer removed this way loses nothing: the bus lists it again once it reads.
+        The default removes nothing.
+        """
+        return []
 
     @abstractmethod
     async def fetch(

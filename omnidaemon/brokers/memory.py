@@ -227,6 +227,34 @@ class MemoryBroker(Broker):
             topic.groups[sub.group] = _Group(cursor=start)
         await anyio.lowlevel.checkpoint()
 
+    def _holds(self, group: _Group, consumer: str) -> bool:
+        return any(p.consumer == consumer for p in group.pending.values())
+
+    async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
+        # No await between the check and the removal: nothing can become pending in between.
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        if group is not None and consumer in group.consumers:
+            if self._holds(group, consumer):
+                await anyio.lowlevel.checkpoint()
+                return False
+            del group.consumers[consumer]
+        await anyio.lowlevel.checkpoint()
+        return True
+
+    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+        topic = self._bus.topics.get(sub.topic)
+        group = topic.groups.get(sub.group) if topic else None
+        removed: list[str] = []
+        if group is not None:
+            now = self._bus.now()
+            for consumer, seen in list(group.consumers.items()):
+                if now - seen > min_idle and not self._holds(group, consumer):
+                    del group.consumers[consumer]
+                    removed.append(consumer)
+        await anyio.lowlevel.checkpoint()
+        return sorted(removed)
+
     async def fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float
     ) -> list[Delivery]:
@@ -376,6 +404,8 @@ class MemoryBroker(Broker):
                 pending.consumer = consumer
                 pending.leased_at = now
                 claimed.append(pending.delivery)
+        if claimed:  # like XAUTOCLAIM: the group lists the consumer that took them over
+            group.consumers[consumer] = now
         await anyio.lowlevel.checkpoint()
         return claimed
 

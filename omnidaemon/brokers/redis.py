@@ -9,7 +9,8 @@ Cluster slot), with `omni` as the default prefix:
 - `omni:{<topic>}:retry:<group>`: the group's retry stream: due retries are moved here (one
   atomic script) and read by the same group, with the attempt in field `a`.
 - `omni:{<topic>}:dlq:<group>`: the group's dead-letter stream, one field `r` per record.
-- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time.
+- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time on the
+  server's clock.
 - `omni:{<topic>}:metrics:<group>`: a hash of the group's metrics, incremented by every worker
   with its batched acks (see `omnidaemon.metrics`).
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -192,6 +192,9 @@ class RedisBroker(Broker):
                 "APPEND_MANY",
                 "APPEND_IF_EXISTS",
                 "REPLAY",
+                "DELAY",
+                "REMOVE_CONSUMER",
+                "PRUNE_CONSUMERS",
             )
         }
         self._client = client
@@ -258,14 +261,16 @@ class RedisBroker(Broker):
                 pass
             await self._with_publish_deadline(append)
             return
-        # A delayed entry is held in the topic's delayed set by wall-clock due time; consumers
-        # of the topic release it into the stream (FETCH_RETRIES) once the server's clock
-        # reaches it. The member is made once, so a retried ZADD cannot add it twice.
-        due_ms = int((time.time() + delay) * 1000)
+        # A delayed entry is held in the topic's delayed set by due time; consumers of the topic
+        # release it into the stream (FETCH_RETRIES) once the server's clock reaches it. The
+        # due time is set by that same clock (DELAY), not this process's: a publisher whose
+        # clock is behind would otherwise have its events released early. The member is made
+        # once, so a retried call cannot add it twice.
+        delay_ms = max(0, int(delay * 1000))
         member = f"{self._unique_prefix}-{next(self._unique)}\n".encode() + data
 
         async def hold() -> None:
-            await self.client.zadd(self.delayed_key(topic), {member: due_ms})
+            await self._scripts["DELAY"](keys=[self.delayed_key(topic)], args=[delay_ms, member])
 
         await self._with_publish_deadline(hold)
 
@@ -326,6 +331,19 @@ class RedisBroker(Broker):
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+
+    async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
+        removed = await self._scripts["REMOVE_CONSUMER"](
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)], args=[sub.group, consumer]
+        )
+        return bool(removed)
+
+    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+        removed = await self._scripts["PRUNE_CONSUMERS"](
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, max(0, int(min_idle * 1000))],
+        )
+        return sorted(_decode(name) for name in removed)
 
     async def fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float

@@ -45,6 +45,13 @@ _MAX_RECLAIM_INTERVAL = 5.0
 _ORPHANS = 1_000  # at most this many of its own unknown deliveries a consumer takes back at once
 _CLAIM_RECHECK = 0.5  # seconds before a delivery waiting on another run's claim is tried again
 _INTERRUPT_EVERY = 0.05  # seconds between tries to end a blocking fetch on a graceful stop
+# Consumers of dead workers are pruned from the group at most this often (and once after a
+# takeover), when idle for max(_PRUNE_IDLE_RECLAIMS * reclaim_idle, _PRUNE_IDLE_FLOOR): see
+# AgentConsumer._prune_consumers.
+_PRUNE_INTERVAL = 60.0
+_PRUNE_IDLE_RECLAIMS = 3
+_PRUNE_IDLE_FLOOR = 10.0  # five fetch timeouts: a live consumer reads far more often
+_LEAVE_TIMEOUT = 2.0  # seconds a stopping worker gives the bus to remove its consumer
 
 
 def _event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[str, Any]:
@@ -113,6 +120,8 @@ class AgentConsumer:
         self._direct = spec.is_async and spec.timeout is None
         self._max_payload_bytes = app.settings.max_payload_bytes
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
+        self._prune_idle = max(_PRUNE_IDLE_RECLAIMS * spec.reclaim_idle, _PRUNE_IDLE_FLOOR)
+        self._next_prune = 0.0  # the first reclaim prunes: consumers of earlier crashed runs
 
     @property
     def capacity(self) -> int:
@@ -163,6 +172,49 @@ class AgentConsumer:
                     handlers.cancel_scope.cancel()
             await self._acks.flush()
             service.cancel_scope.cancel()
+        await self._leave_group()
+
+    async def _leave_group(self) -> None:
+        """Remove this consumer from the agent's group after a graceful stop, so that restarts
+        do not pile up consumers. The bus keeps it if it still holds deliveries (handlers
+        cancelled after the grace period, a final ack that failed): another worker takes those
+        over and prunes it later. Failures are ignored: a consumer left listed is harmless."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_LEAVE_TIMEOUT):
+            try:
+                left = await self._broker.remove_consumer(self.subscription, self.consumer)
+            except Exception as exc:
+                self._log.debug("could not leave the consumer group", error=repr(exc))
+                return
+            if not left:
+                self._log.debug("consumer kept in the group: it holds pending deliveries")
+
+    async def _prune_consumers(self, reclaimed: list[Delivery]) -> None:
+        """Remove the consumers of dead workers from the agent's group: those holding nothing
+        pending and idle longer than `_prune_idle`. Called after each reclaim with what it took
+        over; prunes at the first call (consumers left by earlier runs), then every
+        `_PRUNE_INTERVAL` seconds, and, after a takeover, as soon as the consumer the delivery
+        was taken from has been idle long enough. Failures are ignored until next time.
+
+        The threshold is a multiple of `reclaim_idle`, the agent's own measure of how long a
+        silent worker may still be alive, with a floor so that agents with a tiny one do not
+        remove and re-add live consumers all the time. (Redis < 7.2 counts a consumer idle
+        from its last delivery, so a live one that gets nothing looks idle too; removing it
+        loses nothing, its next read adds it again.)
+        """
+        now = anyio.current_time()
+        if reclaimed:
+            # Its consumer stopped renewing, so nothing refreshes it: prunable by then.
+            self._next_prune = min(self._next_prune, now + self._prune_idle)
+        if now < self._next_prune:
+            return
+        self._next_prune = now + _PRUNE_INTERVAL
+        try:
+            removed = await self._broker.prune_consumers(self.subscription, self._prune_idle)
+        except Exception as exc:
+            self._log.debug("could not prune the consumer group", error=repr(exc))
+            return
+        if removed:
+            self._log.info("removed consumers of stopped workers from the group", consumers=removed)
 
     async def _wait_wake(self) -> None:
         # Handlers set the event only while someone waits on it: setting it for every
@@ -208,6 +260,7 @@ class AgentConsumer:
                     reclaimed = await self._broker.reclaim(
                         self.subscription, self.consumer, spec.reclaim_idle, 1, hold_back=hold_back
                     )
+                    await self._prune_consumers(reclaimed)
                     next_reclaim = now if reclaimed else now + reclaim_interval
                     self._draining = bool(reclaimed.held_back) and held_back_before
                     held_back_before = bool(reclaimed.held_back)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,8 +29,16 @@ _worker_numbers = itertools.count(1)
 
 
 def consumer_name() -> str:
-    """A consumer name unique to this worker: `<host>:<pid>:<n>`."""
-    return f"{socket.gethostname()}:{os.getpid()}:{next(_worker_numbers)}"
+    """A consumer name unique to this worker: `<host>:<pid>:<6 hex digits>`, then `:<n>` for
+    the second and later worker of one process.
+
+    Host and pid are there for people; they do not tell workers apart: replicas of one
+    container image often share a hostname and all run as pid 1. The random part, new for
+    every worker, does; the counter rules out a collision between workers of one process.
+    """
+    n = next(_worker_numbers)
+    name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return name if n == 1 else f"{name}:{n}"
 
 
 class Worker:

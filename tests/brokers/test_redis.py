@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -285,6 +286,45 @@ async def test_delayed_events_survive_a_server_restart(durable_redis: RedisServe
         assert await broker.fetch(sub, "c", 10, 0.1) == []  # not yet
         [delivery] = await broker.fetch(sub, "c", 10, 3.0)
     assert delivery.data == b"held"
+
+
+async def test_a_delay_is_measured_by_the_bus_clock_not_the_publishers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = f"skew{uuid4().hex[:8]}.due"
+    app = App("skew", broker=redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+
+    async def server_time() -> float:
+        seconds, micros = await admin.time()
+        return seconds + micros / 1e6
+
+    handled_at: list[float] = []  # by the server's clock
+
+    @app.agent(topic, name="work")
+    async def work(event: dict[str, int]) -> None:
+        handled_at.append(await server_time())
+
+    try:
+        async with app, app.running():
+            published_at = await server_time()
+            real_time = time.time
+            with monkeypatch.context() as m:
+                # The publisher's clock is 30 s behind the bus's, only while it publishes.
+                m.setattr(time, "time", lambda: real_time() - 30)
+                await app.publish(topic, {"n": 1}, delay=3)
+            # Held until 3 s of the bus's time have passed, while the worker fetches all along.
+            while await server_time() < published_at + 2.9:
+                info = await app.broker.describe(topic)
+                assert info is not None and info.delayed == 1 and info.length == 0
+                assert handled_at == []
+                await anyio.sleep(0.05)
+            with anyio.fail_after(10):
+                while not handled_at:
+                    await anyio.sleep(0.02)
+    finally:
+        await admin.aclose()
+    assert handled_at[0] >= published_at + 2.99  # then released, not early
 
 
 async def test_publish_and_fetch_carry_on_after_the_server_restarts(

@@ -221,6 +221,54 @@ async def test_extend_keeps_a_live_consumer_lease(broker: Broker, topic: str) ->
         assert await broker.reclaim(sub, "thief", 0.25, 10) == []
 
 
+async def consumer_names(broker: Broker, topic: str) -> list[str]:
+    """The names of the consumers the bus lists for group `g` of `topic`."""
+    info = await broker.describe(topic, consumers=True)
+    assert info is not None
+    [group] = info.groups
+    return [c.name for c in group.consumer_details]
+
+
+async def test_a_consumer_leaves_its_group_only_when_it_holds_nothing(
+    broker: Broker, topic: str
+) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish(topic, b"x")
+    [first] = await broker.fetch(sub, "c1", 10, 0.5)
+    assert await broker.remove_consumer(sub, "c1") is False  # it holds x
+    assert await consumer_names(broker, topic) == ["c1"]
+    # A held retry keeps it too (on Redis: in the group's retry stream, not the topic's).
+    await broker.retry(sub, first, 0.0)
+    with anyio.fail_after(5):
+        [retried] = await broker.fetch(sub, "c1", 10, 2.0)
+    assert await broker.remove_consumer(sub, "c1") is False
+    assert await broker.reclaim(sub, "c2", 0.0, 10) != []  # still pending, never dropped
+    assert await broker.remove_consumer(sub, "c1") is True  # c2 holds it now
+    assert await consumer_names(broker, topic) == ["c2"]
+    await broker.ack(sub, [retried])
+    assert await broker.remove_consumer(sub, "c2") is True
+    assert await consumer_names(broker, topic) == []
+    assert await broker.remove_consumer(sub, "never-seen") is True
+
+
+async def test_prune_removes_idle_consumers_that_hold_nothing(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish_many([(topic, b"1"), (topic, b"2")])
+    [held] = await broker.fetch(sub, "holder", 1, 0.5)
+    [done] = await broker.fetch(sub, "gone", 1, 0.5)
+    await broker.ack(sub, [done])
+    assert await broker.prune_consumers(sub, 60.0) == []  # nobody idle that long
+    with anyio.fail_after(5):
+        while not (removed := await broker.prune_consumers(sub, 0.2)):
+            await anyio.sleep(0.05)
+    assert removed == ["gone"]
+    assert await consumer_names(broker, topic) == ["holder"]
+    [taken] = await broker.reclaim(sub, "other", 0.0, 10)  # the holder's delivery is intact
+    assert taken.data == held.data
+
+
 async def test_ack_is_idempotent(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)

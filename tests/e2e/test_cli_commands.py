@@ -395,7 +395,7 @@ def test_bus_groups_lists_the_running_workers_consumer(bus: Bus, handled: Handle
     assert group["agent"] == "handled"
     assert group["consumers"] == 1
     [consumer] = group["consumer_details"]
-    assert f":{worker_pid(bus)}:" in consumer["name"]  # <host>:<pid>:<n>
+    assert f":{worker_pid(bus)}:" in consumer["name"]  # <host>:<pid>:<random>
     assert consumer["pending"] == 0
 
 
