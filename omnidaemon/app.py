@@ -161,7 +161,9 @@ class App:
             retry_backoff: Seconds before the first retry (doubling after each failure, with
                 jitter), or a `Backoff`.
             concurrency: Most handlers of this agent running at once in one worker.
-            timeout: Seconds one attempt may run before it fails with `TimeoutError`.
+            timeout: Seconds one attempt may run before it fails with `TimeoutError`. A plain
+                `def` handler's thread cannot be stopped: it runs on, and keeps its
+                `concurrency` slot until it returns.
             reclaim_idle: Seconds after which another worker takes over a delivery whose
                 worker stopped renewing its lease (crashed).
             start: Where a new agent starts reading: `"earliest"` retained event or `"latest"`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +206,68 @@ async def test_handler_timeout_counts_as_a_failure() -> None:
         await bus.drain()
         [letter] = bus.dead_letters("slow")
     assert (letter.error_type, letter.attempts) == ("TimeoutError", 2)
+
+
+async def test_timed_out_sync_handlers_keep_their_slots_until_their_threads_end() -> None:
+    # A thread cannot be stopped: a timed-out plain `def` handler's thread runs on. Its
+    # attempt is settled at once, but its slot stays taken until the thread returns, so such
+    # threads never make more than `concurrency` (issue 14 saw 16 with concurrency=2).
+    app = new_app()
+    lock = threading.Lock()
+    release = threading.Event()
+    running = peak = 0
+    attempts: list[tuple[str, int]] = []
+
+    @app.agent(
+        "order.placed",
+        concurrency=2,
+        timeout=0.2,
+        max_retries=1,
+        retry_backoff=Backoff(initial=0.01, jitter=False),
+        store_results=True,
+    )
+    def charge(event: Order, ctx: Context) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            attempts.append((ctx.event_id, ctx.attempt))
+        try:
+            release.wait(30)
+        finally:
+            with lock:
+                running -= 1
+
+    async def statuses(ids: list[str]) -> list[str]:
+        return [(await app.result(i)).status for i in ids]
+
+    async with TestApp(app) as bus:
+        try:
+            ids = [
+                await bus.publish("order.placed", {"order_id": f"o{i}", "amount": i})
+                for i in range(10)
+            ]
+            # Both first attempts time out and are settled (a retry is scheduled for each)
+            # while their threads still block.
+            with anyio.fail_after(5):
+                while await statuses(ids[:2]) != ["retrying", "retrying"]:
+                    await anyio.sleep(0.01)
+            assert running == 2
+            # The two threads hold both slots: neither the 8 unread events nor the 2 retries,
+            # due by now, start. Watched for 3 timeouts: the bug started 2 more in each.
+            with anyio.move_on_after(0.6):
+                await wait_for(lambda: len(attempts) > 2)
+            assert (peak, running, sorted(attempts)) == (2, 2, sorted([(ids[0], 1), (ids[1], 1)]))
+            assert bus.broker.has_scheduled()
+        finally:
+            release.set()  # the threads end: their slots come back
+        await bus.drain()
+        later = await bus.publish("order.placed", {"order_id": "later", "amount": 1})
+        await bus.drain()
+        assert await statuses([*ids, later]) == ["succeeded"] * 11
+        assert not bus.dead_letters("charge")
+    assert peak == 2
+    assert sorted(attempts) == sorted([*((i, 1) for i in [*ids, later]), (ids[0], 2), (ids[1], 2)])
 
 
 async def test_fan_out_gives_each_agent_every_event() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,9 @@ _PRUNE_INTERVAL = 60.0
 _PRUNE_IDLE_RECLAIMS = 3
 _PRUNE_IDLE_FLOOR = 10.0  # five fetch timeouts: a live consumer reads far more often
 _LEAVE_TIMEOUT = 2.0  # seconds a stopping worker gives the bus to remove its consumer
+# How often, at most, a thread that outlived its handler's timeout is checked for its end
+# (its slot is freed then): quickly at first, as it may be about to return.
+_THREAD_POLL_INTERVAL = 0.25
 
 
 def _event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[str, Any]:
@@ -62,6 +67,31 @@ def _event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[st
         "attempt": delivery.attempt,
         "correlation_id": envelope.correlation_id,
     }
+
+
+class _ThreadCall:
+    """One call of a sync handler with a `timeout`; it borrows the agent's thread slot.
+
+    `run` runs in the thread; the handler and `_await_thread` read `finished` from the event
+    loop (plain attributes are enough: the GIL orders the writes).
+    """
+
+    __slots__ = ("abandoned", "ctx", "finished", "func", "payload")
+
+    def __init__(self, func: Callable[[Any, Context], Any], payload: Any, ctx: Context) -> None:
+        self.func = func
+        self.payload = payload
+        self.ctx = ctx
+        self.abandoned = False  # its attempt is over: timed out, failed or cancelled
+        self.finished = False  # the thread returned, or will never run it
+
+    def run(self) -> Any:
+        try:
+            if self.abandoned:  # timed out before a thread took it up: too late to start
+                return None
+            return self.func(self.payload, self.ctx)
+        finally:
+            self.finished = True
 
 
 class AgentConsumer:
@@ -115,6 +145,16 @@ class AgentConsumer:
         """This worker's counts for the agent; written to the bus with the acks."""
         self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
+        # With a `timeout`, a sync handler's slot is borrowed by its `_ThreadCall`, so that
+        # it can be kept after the attempt timed out, until the thread returns. Its thread is
+        # started under this limiter, which never blocks, not under a second slot.
+        self._timed_threads = (
+            anyio.CapacityLimiter(math.inf)
+            if not spec.is_async and spec.timeout is not None
+            else None
+        )
+        self._abandoned_threads = 0  # threads still running after their attempt timed out
+        self._service: anyio.abc.TaskGroup | None = None  # run()'s long-lived tasks
         # An async handler without a timeout is awaited in place: no cancel scope, no thread,
         # no extra coroutine frames on the hot path.
         self._direct = spec.is_async and spec.timeout is None
@@ -146,6 +186,7 @@ class AgentConsumer:
     async def run(self, grace: float) -> None:
         """Consume until `stop()`, then give in-flight handlers `grace` seconds and flush acks."""
         async with anyio.create_task_group() as service:
+            self._service = service
             service.start_soon(self._acks.run)
             service.start_soon(self._renew_leases)
             service.start_soon(self._interrupt_fetch_on_stop)
@@ -240,7 +281,8 @@ class AgentConsumer:
         failures = 0
         held_back_before = False
         while not self._stopping:
-            free = self._capacity - len(self._in_flight)
+            # A thread that outlived its attempt's timeout still holds its slot.
+            free = self._capacity - len(self._in_flight) - self._abandoned_threads
             if free <= 0 or self._alone is not None or (self._draining and self._in_flight):
                 await self._wait_wake()
                 continue
@@ -580,8 +622,66 @@ class AgentConsumer:
         spec = self._spec
         if spec.timeout is None:
             return await self._invoke(payload, ctx)
+        if not spec.is_async:
+            return await self._call_thread(payload, ctx, spec.timeout)
         with anyio.fail_after(spec.timeout):
-            return await self._invoke(payload, ctx)
+            return await spec.invoke(payload, ctx)
+
+    async def _call_thread(self, payload: Any, ctx: Context, timeout: float) -> Any:
+        """Run a sync handler in a thread; raise `TimeoutError` after `timeout` seconds.
+
+        A thread cannot be stopped, so the timeout only stops waiting for it: the attempt
+        fails at once, but the thread keeps its slot until it returns (`_await_thread`).
+        Timed-out handlers so never make more than `concurrency` threads, and `_dispatch`
+        fetches nothing for the slots they hold.
+        """
+        limiter = self._thread_limiter
+        assert limiter is not None
+        call = _ThreadCall(self._spec.invoke, payload, ctx)
+        try:
+            limiter.acquire_on_behalf_of_nowait(call)
+        except anyio.WouldBlock:
+            # Not expected: `_dispatch` fetches only for the slots that neither handlers nor
+            # timed-out threads hold. Should it happen, the attempt, and its timeout, start
+            # once a slot is free: an event is not failed for time it did not run.
+            await limiter.acquire_on_behalf_of(call)
+        try:
+            with anyio.fail_after(timeout):
+                # Awaited here, not in a task of its own, so that a handler that returns in
+                # time costs what it did before: the slot is only handed on when it did not.
+                result = await anyio.to_thread.run_sync(
+                    call.run, limiter=self._timed_threads, abandon_on_cancel=True
+                )
+        except BaseException:
+            # The timeout, an exception from the handler, or a hard stop.
+            call.abandoned = True  # a thread not started yet will not run it
+            if call.finished:
+                limiter.release_on_behalf_of(call)
+            else:
+                assert self._service is not None
+                self._abandoned_threads += 1
+                self._service.start_soon(self._await_thread, call)
+            raise
+        limiter.release_on_behalf_of(call)
+        return result
+
+    async def _await_thread(self, call: _ThreadCall) -> None:
+        """Keep a timed-out handler's slot until its thread returns, then give it back.
+
+        Runs in the service task group, which run() cancels at its end: stopping the worker
+        never waits for such a thread. Polled, because the thread cannot wake the event loop
+        itself: `anyio.from_thread.run_sync` blocks it until the loop runs the call, which
+        never happens once the loop has stopped, and a stuck thread keeps the process alive.
+        """
+        delay = 0.01
+        while not call.finished:
+            await anyio.sleep(delay)
+            delay = min(2 * delay, _THREAD_POLL_INTERVAL)
+        assert self._thread_limiter is not None
+        self._thread_limiter.release_on_behalf_of(call)
+        self._abandoned_threads -= 1
+        if self._wake_waiting:
+            self._wake.set()  # a slot is free again
 
     async def _invoke(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec
