@@ -123,7 +123,21 @@ return {{}, wait_ms}
 """
 )
 
-RECLAIM = """
+_FIRST_ATTEMPT = """
+-- The attempt an entry's first delivery from KEYS[which] is: 1 from the topic stream (which 1),
+-- the `a` field from the group's retry stream (which 2).
+local function first_attempt(which, fields)
+    if which == 1 then return 1 end
+    for f = 1, #fields, 2 do
+        if fields[f] == 'a' then return tonumber(fields[f + 1]) end
+    end
+    return 2
+end
+"""
+
+RECLAIM = (
+    _FIRST_ATTEMPT
+    + """
 -- Take over deliveries idle longer than min_idle (their consumer is presumed dead), each as a new
 -- attempt, and report the attempt each is taken over as.
 -- XPENDING's IDLE filter finds idle entries wherever they are in the pending list, so live
@@ -153,14 +167,7 @@ for i, key in ipairs(KEYS) do
                 lost = lost + 1
             else
                 local fields = entry[1][2]
-                local first = 1
-                if i == 2 then
-                    first = 2
-                    for f = 1, #fields, 2 do
-                        if fields[f] == 'a' then first = tonumber(fields[f + 1]) end
-                    end
-                end
-                local attempt = first + delivered  -- this takeover is one more delivery
+                local attempt = first_attempt(i, fields) + delivered  -- one more delivery
                 if hold > 0 and attempt == hold then
                     held = held + 1
                 elseif #redis.call('XCLAIM', key, ARGV[1], ARGV[2], ARGV[3], id) > 0 then
@@ -174,8 +181,11 @@ for i, key in ipairs(KEYS) do
 end
 return {out, lost, held}
 """
+)
 
-RECOVER = """
+RECOVER = (
+    _FIRST_ATTEMPT
+    + """
 -- A consumer's own pending deliveries, as they were delivered: same attempt, nothing counted.
 -- Used to take back what a fetch delivered when its reply never reached the worker (a cancelled
 -- fetch, a connection lost mid-reply), so that such entries are not charged an attempt.
@@ -188,19 +198,13 @@ for i, key in ipairs(KEYS) do
         local entry = redis.call('XRANGE', key, p[1], p[1])
         if #entry > 0 then
             local fields = entry[1][2]
-            local first = 1
-            if i == 2 then
-                first = 2
-                for f = 1, #fields, 2 do
-                    if fields[f] == 'a' then first = tonumber(fields[f + 1]) end
-                end
-            end
-            table.insert(out, {i, p[1], fields, first + tonumber(p[4]) - 1})
+            table.insert(out, {i, p[1], fields, first_attempt(i, fields) + tonumber(p[4]) - 1})
         end
     end
 end
 return out
 """
+)
 
 EXTEND = """
 -- Renew the leases of deliveries this consumer still owns (idle time back to 0), and report the

@@ -1,0 +1,259 @@
+"""The outcome side of handling an event: retrying, deferring or dead-lettering a delivery, and
+reporting what happened (stored results, failure replies, webhooks, metrics, logs), or nothing
+when the delivery turns out to be another worker's. `AgentConsumer` inherits it."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydantic import ValidationError
+
+from omnidaemon.agents import AgentSpec
+from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.envelope import Envelope, UnsupportedVersion
+from omnidaemon.metrics import AgentMetrics
+from omnidaemon.observability import tracing
+from omnidaemon.requests import FAILURE_HEADER, is_request_reply
+from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
+from omnidaemon.topology import type_name
+from omnidaemon.worker.notify import OutcomeNotifier
+
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["Outcomes", "event_fields"]
+
+_CLAIM_RECHECK = 0.5  # seconds before a delivery waiting on another run's claim is tried again
+
+
+def event_fields(envelope: Envelope[Any] | None, delivery: Delivery) -> dict[str, Any]:
+    """The log fields that name an event (or, unread, its entry) and its attempt."""
+    if envelope is None:
+        return {"entry_id": delivery.id, "attempt": delivery.attempt}
+    return {
+        "event_id": envelope.id,
+        "attempt": delivery.attempt,
+        "correlation_id": envelope.correlation_id,
+    }
+
+
+class Outcomes:
+    """Settling failures and reporting outcomes, for one agent in one worker."""
+
+    # Set by AgentConsumer.__init__.
+    subscription: Subscription
+    notifier: OutcomeNotifier | None
+    metrics: AgentMetrics
+    _app: App
+    _spec: AgentSpec
+    _broker: Broker
+    _trimmed: set[tuple[str, str]]
+    _started: dict[tuple[str, str], datetime]
+    _log: structlog.typing.FilteringBoundLogger
+
+    async def _fail(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        exc: Exception,
+        delay: float | None,
+        *,
+        failed: bool = False,
+    ) -> None:
+        """Retry the delivery, or dead-letter it after its last attempt; `failed` counts a
+        handler failure once the delivery is settled."""
+        policy = self._spec.policy
+        if delivery.attempt >= policy.max_attempts:
+            await self._dead_letter(
+                delivery,
+                envelope,
+                type(exc).__name__,
+                str(exc) or repr(exc),
+                exc,
+                failed=failed,
+            )
+            return
+        tracing.record_failure(exc)
+        if delay is None:
+            delay = policy.backoff.delay(delivery.attempt)
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        if not await self._broker.retry(self.subscription, delivery, delay, trimmed=trimmed):
+            self._report_lost(delivery, envelope)
+            return
+        if failed:
+            self.metrics.failed += 1
+        self.metrics.retried += 1
+        if self._spec.store_results:
+            error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+            await self._record(delivery, envelope.id, "retrying", error=error)
+        self._log.warning(
+            "handler failed; will retry",
+            **event_fields(envelope, delivery),
+            error=f"{type(exc).__name__}: {exc}",
+            retry_in=round(delay, 3),
+            attempts_left=policy.max_attempts - delivery.attempt,
+        )
+
+    async def _defer(self, delivery: Delivery, envelope: Envelope[Any], key: str) -> None:
+        """Put back a delivery whose idempotency key a live run holds, to be tried again
+        shortly as the same attempt: waiting in a handler slot would stop the agent's other
+        work for as long as that run takes."""
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        deferred = await self._broker.retry(
+            self.subscription, delivery, _CLAIM_RECHECK, attempt=delivery.attempt, trimmed=trimmed
+        )
+        if not deferred:
+            self._report_lost(delivery, envelope)
+            return
+        self._log.info(
+            "another run holds the event's idempotency key; trying again shortly",
+            **event_fields(envelope, delivery),
+            idempotency_key=key,
+        )
+
+    def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:
+        """A settle or renewal found the delivery taken over by another worker: that worker
+        reports its outcome, so this one records, replies, notifies and counts nothing."""
+        self._log.warning(
+            "another worker took this event over (this worker stopped renewing its lease for "
+            "longer than reclaim_idle: paused, overloaded or cut off); its outcome here is "
+            "dropped",
+            **event_fields(envelope, delivery),
+        )
+
+    async def _send_reply(self, envelope: Envelope[Any], topic: str, data: bytes) -> None:
+        """Send a reply to a request-reply topic, if the request still waits for it.
+
+        The topic lives only while its request waits: a reply that comes later (another
+        agent's, or one after the timeout) is dropped rather than recreating the topic, which
+        nobody would then delete.
+        """
+        if not await self._broker.publish_if_exists(topic, data):
+            self._log.debug(
+                "reply dropped: the request no longer waits (answered, timed out or gone)",
+                event_id=envelope.id,
+                reply_to=topic,
+            )
+
+    async def _reply_failure(self, envelope: Envelope[Any], error_type: str, message: str) -> None:
+        """Tell a waiting `App.request` that the agent gave up, instead of letting it time out."""
+        assert envelope.reply_to is not None
+        _, data = self._app._encode(
+            envelope.reply_to,
+            {"type": error_type, "message": message, "agent": self._spec.name},
+            correlation_id=envelope.correlation_id,
+            causation_id=envelope.id,
+            reply_to=None,
+            webhook=None,
+            tenant_id=envelope.tenant_id,
+            headers={FAILURE_HEADER: "1"},
+        )
+        await self._send_reply(envelope, envelope.reply_to, data)
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        event_id: str,
+        status: ResultStatus,
+        *,
+        result: Any = None,
+        error: dict[str, str] | None = None,
+    ) -> None:
+        """Store the event's status for `App.result` (agents with `store_results=True`)."""
+        finished = status in FINAL_STATUSES
+        record = Result(
+            event_id=event_id,
+            agent=self._spec.name,
+            status=status,
+            result=result,
+            error=error,
+            attempts=delivery.attempt,
+            started_at=self._started.get((delivery.origin, delivery.id)),
+            finished_at=datetime.now(UTC) if finished else None,
+        )
+        await self._broker.put_result(
+            event_id, self._spec.name, record.encode(), self._spec.result_ttl
+        )
+
+    async def _reject_undecodable(self, delivery: Delivery, exc: ValidationError) -> None:
+        errors = exc.errors(include_url=False)
+        # An entry without a `payload` field at all is no readable envelope; only errors
+        # inside a payload that is there mean it does not match the agent's type.
+        payload_only = bool(errors) and all(
+            e["loc"][:1] == ("payload",) and (len(e["loc"]) > 1 or e["type"] != "missing")
+            for e in errors
+        )
+        try:
+            Envelope.check_version(delivery.data)
+        except UnsupportedVersion as version_error:
+            await self._dead_letter(delivery, None, "UnsupportedVersion", str(version_error))
+            return
+        if payload_only:
+            event_id: str | None = None
+            with contextlib.suppress(ValidationError):
+                event_id = Envelope[Any].model_validate_json(delivery.data).id
+            await self._dead_letter(
+                delivery,
+                None,
+                "PayloadValidationError",
+                f"payload does not match {type_name(self._spec.payload_type)}: {exc}",
+                event_id=event_id,
+            )
+        else:
+            await self._dead_letter(
+                delivery, None, "MalformedEnvelope", f"not a readable omnidaemon envelope: {exc}"
+            )
+
+    async def _dead_letter(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any] | None,
+        error_type: str,
+        message: str,
+        exc: BaseException | None = None,
+        *,
+        event_id: str | None = None,
+        failed: bool = False,
+    ) -> None:
+        if exc is not None:
+            tracing.record_failure(exc, f"{error_type}: {message}")
+        record = DeadLetter(
+            event_id=envelope.id if envelope is not None else event_id,
+            topic=self._spec.topic,
+            agent=self._spec.name,
+            entry=delivery.data.decode("utf-8", "backslashreplace"),
+            error_type=error_type,
+            error_message=message,
+            traceback="".join(traceback.format_exception(exc)) if exc is not None else None,
+            attempts=delivery.attempt,
+            failed_at=datetime.now(UTC),
+        )
+        trimmed = (delivery.origin, delivery.id) in self._trimmed
+        if not await self._broker.dead_letter(
+            self.subscription, delivery, record.encode(), trimmed=trimmed
+        ):
+            self._report_lost(delivery, envelope)
+            return
+        if failed:
+            self.metrics.failed += 1
+        self.metrics.dead_lettered += 1
+        if envelope is not None and is_request_reply(envelope.reply_to):
+            await self._reply_failure(envelope, error_type, message)
+        if self._spec.store_results and record.event_id is not None:
+            error = {"type": error_type, "message": message}
+            await self._record(delivery, record.event_id, "dead_lettered", error=error)
+        if self.notifier is not None and envelope is not None:
+            self.notifier.finished(
+                envelope,
+                agent=self._spec.name,
+                status="dead_lettered",
+                error={"type": error_type, "message": message},
+            )
+        fields = event_fields(envelope, delivery)
+        fields["event_id"] = record.event_id
+        self._log.error("event dead-lettered", **fields, error_type=error_type, error=message)
