@@ -31,6 +31,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
+from omnidaemon.requests import is_request_reply
 from omnidaemon.worker.notify import SDK_WEBHOOK_FORMAT, WEBHOOK_FORMAT_HEADER
 
 __all__ = ["ID_HEADER", "SOURCE_HEADER", "OmniDaemonSDK", "broker_url_from_env"]
@@ -177,16 +178,32 @@ class OmniDaemonSDK:
             headers[SOURCE_HEADER] = env.source
         if env.payload.webhook is not None:
             headers[WEBHOOK_FORMAT_HEADER] = SDK_WEBHOOK_FORMAT
-        event_id = await self.app.publish(
-            env.topic,
-            env.payload.content,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-            reply_to=env.payload.reply_to,
-            webhook=env.payload.webhook,
-            tenant_id=tenant_id,
-            headers=headers or None,
-        )
+        if is_request_reply(env.topic):
+            # A reply to an `App.request`: sent only while the request waits, so that a late
+            # one does not recreate its deleted reply topic (as `Context.reply` does).
+            event_id, data = self.app._encode(
+                env.topic,
+                env.payload.content,
+                correlation_id,
+                causation_id,
+                env.payload.reply_to,
+                env.payload.webhook,
+                tenant_id,
+                headers or None,
+            )
+            await self.app.connect()
+            await self.app.broker.publish_if_exists(env.topic, data)
+        else:
+            event_id = await self.app.publish(
+                env.topic,
+                env.payload.content,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                reply_to=env.payload.reply_to,
+                webhook=env.payload.webhook,
+                tenant_id=tenant_id,
+                headers=headers or None,
+            )
         if ctx is not None and ctx.event.reply_to is not None and env.topic == ctx.event.reply_to:
             ctx.replied = True
         return event_id
