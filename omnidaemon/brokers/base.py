@@ -99,9 +99,10 @@ class Renewal:
         lost: Deliveries the consumer no longer holds: another consumer took them over after
             their lease ran out (or they were settled). Their outcome is that consumer's to
             report.
-        trimmed: Deliveries still held whose entries were trimmed from the topic while their
-            handlers ran: the bus has nothing left to deliver again, so the caller's copy is the
-            only one; settle them with `trimmed=True`.
+        trimmed: Deliveries still held whose entries the bus no longer has (trimmed from the
+            topic while their handlers ran, or lost with the bus's data): nothing is left to
+            deliver again, so the caller's copy is the only one; settle them with
+            `trimmed=True`.
     """
 
     lost: tuple[Delivery, ...] = ()

@@ -594,9 +594,10 @@ class RedisBroker(Broker):
             except ResponseError as exc:
                 if not _is_nogroup(exc):
                     raise
+                # The bus lost its data: nobody else holds these deliveries, and the bus has
+                # nothing to deliver again, so the worker's copies are all there is.
                 await self._regroup(sub)
-                lost += mine.values()
-                continue
+                return Renewal(trimmed=tuple(deliveries))
             lost += (mine[_decode(i)] for i in lost_ids)
             trimmed += (mine[_decode(i)] for i in trimmed_ids)
         if trimmed:

@@ -29,6 +29,7 @@ from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.fetching import Fetching, prune_idle
 from omnidaemon.worker.handoff import HandOff
+from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
 from omnidaemon.worker.outcomes import Outcomes, event_fields
 from omnidaemon.worker.threads import TimedThreads
@@ -51,7 +52,15 @@ class AgentConsumer(Fetching, Outcomes):
     many entries are fetched as there is room for.
     """
 
-    def __init__(self, app: App, spec: AgentSpec, consumer: str, *, concurrency: int) -> None:
+    def __init__(
+        self,
+        app: App,
+        spec: AgentSpec,
+        consumer: str,
+        *,
+        concurrency: int,
+        isolation: Isolation | None = None,
+    ) -> None:
         self._app = app
         self._spec = spec
         self._broker = app.broker
@@ -92,6 +101,9 @@ class AgentConsumer(Fetching, Outcomes):
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
         self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
+        # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
+        self._isolation = isolation if isolation is not None else Isolation()
+        self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._threads = (
             TimedThreads(spec.invoke, self._thread_limiter, self._slot_freed)
@@ -140,7 +152,10 @@ class AgentConsumer(Fetching, Outcomes):
             async with anyio.create_task_group() as handlers:
                 for _ in range(self._capacity):
                     handlers.start_soon(self._serve_handlers, ready)
-                await self._dispatch(ready)
+                try:
+                    await self._dispatch(ready)
+                finally:
+                    self._set_draining(False)  # other agents of the worker must not wait on it
                 await self._take_back_orphans(ready)
                 with anyio.move_on_after(grace):
                     while self._in_flight:
@@ -158,6 +173,10 @@ class AgentConsumer(Fetching, Outcomes):
             await self._acks.flush()
             service.cancel_scope.cancel()
         await self._leave_group()
+
+    def _nudge(self) -> None:
+        if self._wake_waiting:
+            self._wake.set()
 
     def _slot_freed(self) -> None:
         if self._wake_waiting:
@@ -192,9 +211,14 @@ class AgentConsumer(Fetching, Outcomes):
             if self._lost or self._trimmed:
                 self._lost.discard(key)
                 self._trimmed.discard(key)
-            if self._alone == key:
-                self._alone = None
-                self._wake.set()
+            isolation = self._isolation
+            if isolation.active:
+                # The worker may now be idle (a consumer waits for that), or a last attempt
+                # that ran alone is over (every consumer of the worker waits for that).
+                if self._alone == key:
+                    self._alone = None
+                    isolation.running_alone -= 1
+                isolation.wake_all()
             if self._wake_waiting:
                 self._wake.set()
 

@@ -15,6 +15,7 @@ from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.handoff import HandOff
 
 if TYPE_CHECKING:
+    from omnidaemon.worker.isolation import Isolation
     from omnidaemon.worker.threads import TimedThreads
 
 __all__ = ["Fetching"]
@@ -57,6 +58,7 @@ class Fetching:
     _fetching: bool
     _alone: tuple[str, str] | None
     _draining: bool
+    _isolation: Isolation
     _recovering: bool
     _lost: set[tuple[str, str]]
     _trimmed: set[tuple[str, str]]
@@ -83,11 +85,12 @@ class Fetching:
         next_reclaim = 0.0
         failures = 0
         held_back_before = False
+        isolation = self._isolation
         while not self._stopping:
             # A thread that outlived its attempt's timeout still holds its slot.
             threads = self._threads
             free = self._capacity - len(self._in_flight) - (threads.abandoned if threads else 0)
-            if free <= 0 or self._alone is not None or (self._draining and self._in_flight):
+            if free <= 0 or self._alone is not None or (isolation.active and self._held()):
                 await self._wait_wake()
                 continue
             now = anyio.current_time()
@@ -100,15 +103,27 @@ class Fetching:
                     # One at a time: a taken-over delivery is charged an attempt, so take over
                     # only what runs now. A busy worker leaves deliveries that would be on
                     # their last attempt (they must run alone); if no idle worker takes one
-                    # by the next look, this one stops fetching until it is idle.
-                    busy = bool(self._in_flight)
-                    hold_back = last if busy and last > 1 else None
-                    reclaimed = await self._broker.reclaim(
-                        self.subscription, self.consumer, spec.reclaim_idle, 1, hold_back=hold_back
-                    )
+                    # by the next look, this one asks its worker to stop fetching until idle.
+                    async with isolation.claiming:
+                        busy = isolation.running_alone or not isolation.idle()
+                        hold_back = last if busy and last > 1 else None
+                        reclaimed = await self._broker.reclaim(
+                            self.subscription,
+                            self.consumer,
+                            spec.reclaim_idle,
+                            1,
+                            hold_back=hold_back,
+                        )
+                        for delivery in reclaimed:
+                            self._in_flight[(delivery.origin, delivery.id)] = delivery
+                            if delivery.attempt == last and last > 1:
+                                # Its worker died while running it: if it kills this one
+                                # too, nothing else may be charged an attempt for it.
+                                self._alone = (delivery.origin, delivery.id)
+                                isolation.running_alone += 1
                     await self._prune_consumers(reclaimed)
                     next_reclaim = now if reclaimed else now + reclaim_interval
-                    self._draining = bool(reclaimed.held_back) and held_back_before
+                    self._set_draining(bool(reclaimed.held_back) and held_back_before)
                     held_back_before = bool(reclaimed.held_back)
                     deliveries = list(reclaimed)
                     for delivery in deliveries:
@@ -117,10 +132,6 @@ class Fetching:
                             entry_id=delivery.id,
                             attempt=delivery.attempt,
                         )
-                        if delivery.attempt == last and last > 1:
-                            # Its worker died while running it: if it kills this one too,
-                            # nothing else may be charged an attempt for it.
-                            self._alone = (delivery.origin, delivery.id)
                 if not deliveries and not self._draining:
                     longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
                     timeout = max(0.0, min(longest, next_reclaim - now))
@@ -150,10 +161,28 @@ class Fetching:
             for delivery in deliveries:
                 self._in_flight[(delivery.origin, delivery.id)] = delivery
             if self._alone is not None:
-                # Finished work is acknowledged before the last attempt runs, so that if it
-                # kills this worker, nothing finished is delivered (and charged) again.
-                await self._acks.flush()
+                # Finished work (of every agent of the worker) is acknowledged before the last
+                # attempt runs, so that if it kills the worker, nothing finished is delivered
+                # (and charged) again.
+                await isolation.flush_acks()
             await ready.put_all(deliveries)
+
+    def _held(self) -> bool:
+        """Whether worker-wide isolation keeps this consumer from fetching or taking over now:
+        a suspect runs, or one waits for the worker to be idle (the consumer waiting for it
+        goes on once it is)."""
+        isolation = self._isolation
+        if isolation.running_alone:
+            return True
+        return not (self._draining and isolation.idle())
+
+    def _set_draining(self, draining: bool) -> None:
+        if draining == self._draining:
+            return
+        self._draining = draining
+        self._isolation.draining += 1 if draining else -1
+        if not draining:
+            self._isolation.wake_all()
 
     async def _orphans(self) -> list[Delivery]:
         """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was

@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
+from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
 
 if TYPE_CHECKING:
@@ -78,8 +79,15 @@ class Worker:
         self.shutdown_grace = (
             app.settings.shutdown_grace if shutdown_grace is None else shutdown_grace
         )
+        isolation = Isolation()  # one per worker: its agents share one process
         self.consumers = [
-            AgentConsumer(app, spec, self.name, concurrency=concurrency or spec.concurrency)
+            AgentConsumer(
+                app,
+                spec,
+                self.name,
+                concurrency=concurrency or spec.concurrency,
+                isolation=isolation,
+            )
             for spec in specs
         ]
         self._stop = anyio.Event()

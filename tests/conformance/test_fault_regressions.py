@@ -429,6 +429,42 @@ def test_events_fetched_with_a_poison_message_are_not_dead_lettered_with_it(run:
     assert second.proc.poll() is None, second.stderr
 
 
+def test_a_last_attempt_runs_alone_in_its_worker_not_only_in_its_agent(run: Run) -> None:
+    """max_retries=1, two agents on two topics in one worker: `slow` handles an innocent event
+    (0.6 s), `poison` one whose handler kills the worker after 0.3 s. The first worker dies
+    holding both, so each is taken over on its last attempt and must run alone. Alone in its
+    agent is not enough: a worker running the innocent event of one agent and the poison of
+    the other at once dies again and takes the innocent event's last attempt with it. The
+    innocent event must be handled; the poison ends in the dead-letter queue."""
+    agents = {"slow": new_topic(), "poison": new_topic()}
+    run.publish(
+        [
+            (agents["slow"], {"k": "innocent", "sleep": 0.6}),
+            (agents["poison"], {"k": "poison", "sleep": 0.3, "exit": True}),
+        ]
+    )
+    worker = run.start(agents, T_MAX_RETRIES="1")
+    deaths = 0
+
+    def settled() -> bool:
+        # As a supervisor would: a worker that died is replaced by one new worker.
+        nonlocal worker, deaths
+        if worker.proc.poll() is not None:
+            deaths += 1
+            worker = run.start(agents, T_MAX_RETRIES="1")
+        return bool(run.steps("done", "slow")) and bool(
+            run.dead_letters("poison", agents["poison"])
+        )
+
+    wait_for(settled, 3 * SETTLE, "the innocent event handled and the poison dead-lettered")
+    assert run.dead_letters("slow", agents["slow"]) == [], run.history()
+    [letter] = run.dead_letters("poison", agents["poison"])
+    assert letter.error_type == "AttemptsExhausted", letters_summary([letter])
+    starts = [(s.key, s.attempt) for s in run.steps("start")]
+    assert starts.count(("poison", 2)) == 1, run.history()  # its last attempt ran once
+    assert deaths <= 2, run.history()
+
+
 # 8. A graceful stop charges no attempt -------------------------------------------------------
 
 
