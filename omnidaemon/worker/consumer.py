@@ -212,7 +212,7 @@ class AgentConsumer(Fetching, Outcomes):
                 self._lost.discard(key)
                 self._trimmed.discard(key)
             isolation = self._isolation
-            if isolation.active:
+            if isolation.running_alone or isolation.draining:  # (not .active: hot path)
                 # The worker may now be idle (a consumer waits for that), or a last attempt
                 # that ran alone is over (every consumer of the worker waits for that).
                 if self._alone == key:
@@ -315,8 +315,7 @@ class AgentConsumer(Fetching, Outcomes):
                 if idempotency is not None and idempotency_key is not None and claim:
                     await idempotency.release(idempotency_key, claim)
                 return
-        key = (delivery.origin, delivery.id)
-        if key in self._lost:
+        if self._lost and (delivery.origin, delivery.id) in self._lost:
             # Another worker took the delivery over and reports its outcome. The handler's
             # effects did happen, so a key it held records that: the other run uses it.
             if idempotency is not None and idempotency_key is not None and claim:

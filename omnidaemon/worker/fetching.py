@@ -90,7 +90,11 @@ class Fetching:
             # A thread that outlived its attempt's timeout still holds its slot.
             threads = self._threads
             free = self._capacity - len(self._in_flight) - (threads.abandoned if threads else 0)
-            if free <= 0 or self._alone is not None or (isolation.active and self._held()):
+            if (
+                free <= 0
+                or self._alone is not None
+                or ((isolation.running_alone or isolation.draining) and self._held())
+            ):
                 await self._wait_wake()
                 continue
             now = anyio.current_time()
