@@ -119,6 +119,7 @@ class RedisBroker(Broker):
         # fetches (see _direct).
         self._readers: dict[Hashable, AbstractConnection] = {}
         self._reader_ids: dict[Hashable, int] = {}  # the server's client id of each reader
+        self._interrupted: set[Hashable] = set()  # consumers whose fetch must return now
         self._spares: list[AbstractConnection] = []  # idle connections for publishing
 
     @property
@@ -349,6 +350,8 @@ class RedisBroker(Broker):
         self, sub: Subscription, consumer: str, count: int, timeout: float
     ) -> list[Delivery]:
         deadline = anyio.current_time() + timeout
+        owner = (sub, consumer)
+        self._interrupted.discard(owner)
         try:
             while True:
                 # One pass blocks until the deadline or the next known retry falls due.
@@ -356,6 +359,9 @@ class RedisBroker(Broker):
                     sub, consumer, count, deadline - anyio.current_time()
                 )
                 if deliveries or anyio.current_time() >= deadline:
+                    return deliveries
+                if owner in self._interrupted:  # `interrupt`: return now, with nothing
+                    self._interrupted.discard(owner)
                     return deliveries
         except ResponseError as exc:
             if not _is_nogroup(exc):
@@ -469,6 +475,7 @@ class RedisBroker(Broker):
         # CLIENT UNBLOCK ends the consumer's blocking XREADGROUP as if it had timed out: what the
         # server already delivered still reaches the reader, unlike a cancelled read (whose
         # entries would stay pending and be charged an attempt when taken over).
+        self._interrupted.add((sub, consumer))
         client_id = self._reader_ids.get((sub, consumer))
         if client_id is None:
             return

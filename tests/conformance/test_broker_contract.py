@@ -107,6 +107,32 @@ async def test_fetch_times_out_empty(broker: Broker, topic: str) -> None:
     assert anyio.current_time() - start >= 0.09
 
 
+async def test_an_interrupted_fetch_returns_at_once_and_the_next_one_works(
+    broker: Broker, topic: str
+) -> None:
+    """What a graceful stop relies on: `interrupt` ends a fetch that waits for entries
+    (instead of cancelling it), and the consumer fetches normally afterwards."""
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.fetch(sub, "c1", 10, 0.0)  # the consumer's reader exists, as in a worker
+    with anyio.fail_after(10):  # a deadline, far below the fetch's own 30 s
+        async with anyio.create_task_group() as tg:
+            got: list[list[bytes]] = []
+
+            async def consume() -> None:
+                got.append([d.data for d in await broker.fetch(sub, "c1", 10, 30.0)])
+
+            tg.start_soon(consume)
+            while not got:
+                await broker.interrupt(sub, "c1")  # as a stopping worker does, until it ends
+                await anyio.sleep(0.05)
+    assert got == [[]]
+    await broker.publish(topic, b"after")
+    with anyio.fail_after(5):
+        [delivery] = await broker.fetch(sub, "c1", 10, 2.0)
+    assert (delivery.data, delivery.attempt) == (b"after", 1)
+
+
 async def test_a_cancelled_fetch_loses_nothing_and_the_next_one_works(
     broker: Broker, topic: str
 ) -> None:
