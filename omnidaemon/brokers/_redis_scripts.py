@@ -325,8 +325,8 @@ PRUNE_CONSUMERS = """
 -- both. A live one removed by mistake loses nothing; its next read creates it again. The
 -- check and the removal are one step, as DELCONSUMER drops the entries a consumer holds.
 -- KEYS: topic stream, the group's retry stream
--- ARGV: group, min idle ms
--- Returns the names removed.
+-- ARGV: group, min idle ms, list-only flag ('1': remove nothing, return the candidates)
+-- Returns the names removed (or, list-only, those that would be).
 local held, idle, order = {}, {}, {}
 for _, key in ipairs(KEYS) do
     -- An error (no such stream or group) means there is no consumer to remove there.
@@ -351,8 +351,10 @@ local removed = {}
 local min_idle = tonumber(ARGV[2])
 for _, name in ipairs(order) do
     if held[name] == 0 and idle[name] > min_idle then
-        for _, key in ipairs(KEYS) do
-            redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], name)
+        if ARGV[3] ~= '1' then
+            for _, key in ipairs(KEYS) do
+                redis.pcall('XGROUP', 'DELCONSUMER', key, ARGV[1], name)
+            end
         end
         table.insert(removed, name)
     end

@@ -28,7 +28,7 @@ same promises, checked by one conformance suite:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -257,13 +257,22 @@ class Broker(ABC):
         """
         return False
 
-    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+    async def prune_consumers(
+        self,
+        sub: Subscription,
+        min_idle: float,
+        *,
+        alive: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> list[str]:
         """Remove the group's consumers that hold nothing pending and have been idle for
         longer than `min_idle` seconds (workers that died; their deliveries were taken over),
         each atomically with that check. Returns the names removed.
 
-        A live consumer removed this way loses nothing: the bus lists it again once it reads.
-        The default removes nothing.
+        `alive` (a consumer's name -> whether its worker still lives) spares the consumers of
+        live workers: some buses count a consumer idle from its last delivery, so a live
+        worker that was handed nothing for a while looks idle too. A live consumer removed
+        anyway loses nothing: the bus lists it again once it reads. The default removes
+        nothing.
         """
         return []
 

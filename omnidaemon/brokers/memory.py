@@ -13,7 +13,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -242,18 +242,25 @@ class MemoryBroker(Broker):
         await anyio.lowlevel.checkpoint()
         return True
 
-    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
+    async def prune_consumers(
+        self,
+        sub: Subscription,
+        min_idle: float,
+        *,
+        alive: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> list[str]:
         topic = self._bus.topics.get(sub.topic)
         group = topic.groups.get(sub.group) if topic else None
-        removed: list[str] = []
-        if group is not None:
-            now = self._bus.now()
-            for consumer, seen in list(group.consumers.items()):
-                if now - seen > min_idle and not self._holds(group, consumer):
-                    del group.consumers[consumer]
-                    removed.append(consumer)
         await anyio.lowlevel.checkpoint()
-        return sorted(removed)
+        if group is None:
+            return []
+        now = self._bus.now()
+        idle = sorted(c for c, seen in group.consumers.items() if now - seen > min_idle)
+        return [
+            c
+            for c in idle
+            if (alive is None or not await alive(c)) and await self.remove_consumer(sub, c)
+        ]
 
     async def fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float

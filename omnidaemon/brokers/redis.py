@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -339,12 +339,22 @@ class RedisBroker(Broker):
         )
         return bool(removed)
 
-    async def prune_consumers(self, sub: Subscription, min_idle: float) -> list[str]:
-        removed = await self._scripts["PRUNE_CONSUMERS"](
+    async def prune_consumers(
+        self,
+        sub: Subscription,
+        min_idle: float,
+        *,
+        alive: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> list[str]:
+        found = await self._scripts["PRUNE_CONSUMERS"](
             keys=[self.stream_key(sub.topic), self.retry_key(sub)],
-            args=[sub.group, max(0, int(min_idle * 1000))],
+            args=[sub.group, max(0, int(min_idle * 1000)), "0" if alive is None else "1"],
         )
-        return sorted(_decode(name) for name in removed)
+        names = sorted(_decode(name) for name in found)
+        if alive is None:
+            return names
+        # Listed only: each is removed on its own, with its pending check, unless it lives.
+        return [n for n in names if not await alive(n) and await self.remove_consumer(sub, n)]
 
     async def fetch(
         self, sub: Subscription, consumer: str, count: int, timeout: float

@@ -13,6 +13,7 @@ from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.handoff import HandOff
+from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
 
 if TYPE_CHECKING:
     from omnidaemon.worker.isolation import Isolation
@@ -188,6 +189,13 @@ class Fetching:
         if not draining:
             self._isolation.wake_all()
 
+    async def _worker_alive(self, consumer: str) -> bool:
+        """Whether the worker of a consumer of the group still lives: its heartbeat is on the
+        bus (a consumer is named after its worker)."""
+        if consumer == self.consumer:
+            return True
+        return await self._broker.get_value(HEARTBEAT_PREFIX + consumer) is not None
+
     async def _orphans(self) -> list[Delivery]:
         """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was
         lost), as they were delivered: same attempt, nothing charged."""
@@ -287,7 +295,9 @@ class Fetching:
             return
         self._next_prune = now + _PRUNE_INTERVAL
         try:
-            removed = await self._broker.prune_consumers(self.subscription, self._prune_idle)
+            removed = await self._broker.prune_consumers(
+                self.subscription, self._prune_idle, alive=self._worker_alive
+            )
         except Exception as exc:
             self._log.debug("could not prune the consumer group", error=repr(exc))
             return

@@ -295,6 +295,23 @@ async def test_prune_removes_idle_consumers_that_hold_nothing(broker: Broker, to
     assert taken.data == held.data
 
 
+async def test_prune_spares_the_consumers_of_live_workers(broker: Broker, topic: str) -> None:
+    sub = Subscription(topic, "g")
+    await broker.subscribe(sub)
+    await broker.publish_many([(topic, b"1"), (topic, b"2")])
+    for name in ("alive", "dead"):
+        await broker.ack(sub, await broker.fetch(sub, name, 1, 0.5))
+
+    async def alive(name: str) -> bool:
+        return name == "alive"
+
+    with anyio.fail_after(5):
+        while not (removed := await broker.prune_consumers(sub, 0.2, alive=alive)):
+            await anyio.sleep(0.05)
+    assert removed == ["dead"]
+    assert await consumer_names(broker, topic) == ["alive"]
+
+
 async def test_ack_is_idempotent(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)

@@ -65,8 +65,11 @@ def test_graceful_restarts_leave_no_consumer_behind(fleet: Fleet) -> None:
 def test_a_killed_workers_consumer_is_removed_once_its_delivery_is_taken_over(
     fleet: Fleet,
 ) -> None:
+    """A killed worker's consumer is removed once its delivery was taken over (and its
+    heartbeat is gone); the live workers keep running."""
     release = fleet.cwd / "release"
     fleet.env["T_RELEASE"] = str(release)
+    fleet.env["OMNIDAEMON_HEARTBEAT_INTERVAL"] = "1"  # a dead worker's heartbeat goes in 3 s
     fleet.write_app(BLOCKING_AGENT)
     victim = fleet.start_ready()
     fleet.publish([{"k": "held", "block": True}])
@@ -87,5 +90,6 @@ def test_a_killed_workers_consumer_is_removed_once_its_delivery_is_taken_over(
         "the survivor to take the event over and finish it",
     )
     wait_for(lambda: dead not in consumers(fleet), PRUNED, "the dead consumer to be removed")
+    assert consumers(fleet), "the survivor's consumer was removed with the dead one"
     assert survivor.proc.poll() is None
     assert survivor.has_logged("removed consumers of stopped workers"), survivor.stderr
