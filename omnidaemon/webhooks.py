@@ -445,13 +445,14 @@ def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²" or "٣", which float() then refuses.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except Exception:  # the receiver's header: anything it sends is only advice
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _describe(exc: BaseException) -> str:

@@ -582,3 +582,65 @@ async def test_a_webhook_to_a_private_address_is_refused_by_the_worker(
                 while not any(e["event"] == "webhook refused" for e in logs):
                     await anyio.sleep(0.02)
     assert receiver.requests == []
+
+
+@pytest.mark.anyio
+async def test_a_receivers_odd_retry_after_never_stops_the_worker(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Retry-After: ²` passes `str.isdigit()` but not `float()`: the exception escaped the
+    webhook task into the worker's task group and stopped every agent (issue 15)."""
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+
+    _envs(monkeypatch)
+    receiver.script(Answer(503, {"Retry-After": "\u00b2"}))  # then 200
+    app = App("hooks", broker=MemoryBroker(None))
+    handled: list[int] = []
+
+    @app.agent("odd.jobs")
+    async def work(event: dict[str, Any]) -> None:
+        handled.append(event["n"])
+
+    async with app.running():
+        await app.publish("odd.jobs", {"n": 1}, webhook=receiver.url("/odd"))
+        with anyio.fail_after(10):
+            while len(receiver.requests) < 2:  # the 503, then the retry that is accepted
+                await anyio.sleep(0.02)
+        await app.publish("odd.jobs", {"n": 2})
+        with anyio.fail_after(5):
+            while handled != [1, 2]:
+                await anyio.sleep(0.02)
+
+
+@pytest.mark.anyio
+async def test_a_result_json_cannot_carry_is_reported_to_the_webhook_and_the_worker_goes_on(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler returning bytes was fine without a webhook and fatal with one (issue 15)."""
+    import orjson
+
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+
+    _envs(monkeypatch)
+    app = App("hooks", broker=MemoryBroker(None))
+    handled: list[int] = []
+
+    @app.agent("bytes.jobs")
+    async def work(event: dict[str, Any]):  # type: ignore[no-untyped-def]  # unchecked return
+        handled.append(event["n"])
+        return {"sha": b"\x00\x01"}
+
+    async with app.running():
+        event_id = await app.publish("bytes.jobs", {"n": 1}, webhook=receiver.url("/b"))
+        with anyio.fail_after(10):
+            while not receiver.requests:
+                await anyio.sleep(0.02)
+        await app.publish("bytes.jobs", {"n": 2})
+        with anyio.fail_after(5):
+            while handled != [1, 2]:
+                await anyio.sleep(0.02)
+    body = orjson.loads(receiver.requests[0].body)
+    assert body["event_id"] == event_id and body["status"] == "succeeded"
+    assert "result" not in body and body["error"]["type"] == "ResultNotJSON"

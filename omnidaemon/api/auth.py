@@ -92,15 +92,17 @@ def parse_tokens(text: str, *, source: str) -> list[ApiToken]:
 
     Raises:
         ConfigurationError: an entry is malformed, names an unknown scope, or its token is
-            shorter than `MIN_TOKEN_LENGTH`; the message gives the line and the token's name,
-            never the token.
+            shorter than `MIN_TOKEN_LENGTH`; the message names the line and the entry, never a
+            field of it (any of them may be the secret when the fields are out of order).
     """
     tokens = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if line.lstrip().startswith("#"):
             continue
-        for entry in line.split():
-            where = f"{source} line {line_number}"
+        for entry_number, entry in enumerate(line.split(), start=1):
+            # Errors name the line and the entry, never a field of it: an entry that does not
+            # parse may have its fields in the wrong order, so any of them may be the secret.
+            where = f"{source} line {line_number}, entry {entry_number}"
             name, sep, rest = entry.partition(":")
             scope_text, sep2, secret = rest.partition(":")
             if not (sep and sep2 and name and scope_text and secret):
@@ -118,17 +120,17 @@ def parse_tokens(text: str, *, source: str) -> list[ApiToken]:
                     scopes.add(Scope(word))
                 except ValueError:
                     raise ConfigurationError(
-                        f"{where}: token {name!r} has unknown scope {word!r} "
-                        "(scopes: read, publish, admin)"
+                        f"{where}: an unknown scope (scopes: read, publish, admin; "
+                        "the entry is NAME:SCOPES:TOKEN)"
                     ) from None
             if not _TOKEN_RE.fullmatch(secret):
                 raise ConfigurationError(
-                    f"{where}: token {name!r} has characters a bearer token cannot have "
+                    f"{where}: the token has characters a bearer token cannot have "
                     "(letters, digits and -._~+/ then =; entries are separated by spaces)"
                 )
             if len(secret) < MIN_TOKEN_LENGTH:
                 raise ConfigurationError(
-                    f"{where}: token {name!r} is shorter than {MIN_TOKEN_LENGTH} characters; "
+                    f"{where}: the token is shorter than {MIN_TOKEN_LENGTH} characters; "
                     "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
             tokens.append(ApiToken(name, frozenset(scopes), _digest(secret)))

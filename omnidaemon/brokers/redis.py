@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -69,16 +69,33 @@ _MAX_BLOCK_MS = 5_000
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+# Query parameters that carry credentials in the URLs of the buses we support (redis-py reads
+# `password`, `username` and `ssl_password` from the query as well as from the userinfo).
+_SECRET_PARAMS = frozenset(
+    {"password", "username", "user", "pass", "ssl_password", "token", "auth_token", "secret"}
+)
+
+
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***`: safe to log and to put in errors."""
+    """`url` with every credential masked (`***`): the userinfo password, and query parameters
+    such as `password`, `username` and `ssl_password`. Safe to log and to put in errors."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # The query is rewritten in place: urlunsplit would turn `unix:///path` into `unix:/path`.
+    head, question, rest = url.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    if not query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    fields = parse_qsl(query, keep_blank_values=True)
+    masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in fields]
+    if masked == fields:
+        return url
+    return f"{head}{question}{urlencode(masked, safe='*')}{hash_}{fragment}"
 
 
 class RedisBroker(Broker):

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
+import structlog
 from anyio.abc import TaskGroup
 
-from omnidaemon.envelope import Envelope
+from omnidaemon.envelope import Envelope, dumps
 from omnidaemon.webhooks import WebhookSender, WebhookSettings
 
 __all__ = ["SDK_WEBHOOK_FORMAT", "WEBHOOK_FORMAT_HEADER", "OutcomeNotifier"]
@@ -20,6 +21,8 @@ __all__ = ["SDK_WEBHOOK_FORMAT", "WEBHOOK_FORMAT_HEADER", "OutcomeNotifier"]
 #: (`success`, `failed`), so receivers written for the SDK keep working.
 WEBHOOK_FORMAT_HEADER = "omnidaemon-webhook-format"
 SDK_WEBHOOK_FORMAT = "omnidaemon-sdk"
+
+_log = structlog.get_logger("omnidaemon.webhooks")
 
 
 class OutcomeNotifier:
@@ -78,13 +81,29 @@ class OutcomeNotifier:
             body["task_id"] = envelope.id
             body["status"] = "success" if status == "succeeded" else "failed"
             body["timestamp"] = body["finished_at"]
+        try:
+            dumps(body)
+        except TypeError as exc:
+            # The handler returned something JSON cannot carry (bytes, a set...): the receiver
+            # is told so, instead of the worker failing to send anything.
+            body.pop("result", None)
+            body["error"] = {"type": "ResultNotJSON", "message": str(exc)}
         self._running += 1
         self._idle = anyio.Event()
         self._tasks.start_soon(self._deliver, envelope.webhook, body, envelope.id)
 
     async def _deliver(self, url: str, body: dict[str, Any], event_id: str) -> None:
+        # Runs in the worker's task group: an exception escaping here would stop every agent
+        # of the process, so nothing a publisher's URL or a receiver does may escape.
         try:
             await self._sender.deliver(url, body, event_id=event_id)
+        except Exception as exc:
+            self._sender.counts["failed"] += 1
+            _log.error(
+                "webhook not delivered: unexpected error",
+                event_id=event_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
         finally:
             self._running -= 1
             if not self._running:

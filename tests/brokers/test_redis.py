@@ -29,6 +29,13 @@ def test_passwords_never_appear_in_the_url_it_reports() -> None:
     assert redact_url("rediss://user:hunter2@host/0") == "rediss://user:***@host/0"
     assert redact_url("redis://host:6379") == "redis://host:6379"
     assert redact_url("unix:///tmp/r.sock?db=2") == "unix:///tmp/r.sock?db=2"
+    # Credentials in the query (redis-py reads them there too) are masked as well (issue 15).
+    assert redact_url("redis://host/0?password=S3cret") == "redis://host/0?password=***"
+    assert (
+        redact_url("unix:///tmp/r.sock?db=2&password=S3cret&ssl_password=K3y&username=bob")
+        == "unix:///tmp/r.sock?db=2&password=***&ssl_password=***&username=***"
+    )
+    assert "S3cret" not in redact_url("rediss://u:S3cret@h:1/0?PASSWORD=S3cret")
     assert "hunter2" not in RedisBroker("redis://:hunter2@host:6379").url
     assert isinstance(open_broker("unix:///tmp/x.sock"), RedisBroker)
     with pytest.raises(ConfigurationError, match="names no host") as info:
