@@ -614,10 +614,12 @@ async def test_a_receivers_odd_retry_after_never_stops_the_worker(
 
 
 @pytest.mark.anyio
-async def test_a_result_json_cannot_carry_is_reported_to_the_webhook_and_the_worker_goes_on(
+async def test_a_result_json_cannot_carry_is_dead_lettered_and_the_worker_goes_on(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A handler returning bytes was fine without a webhook and fatal with one (issue 15)."""
+    """A handler returning bytes was fine without a webhook and fatal with one; with stored
+    results it was redelivered forever (issue 15). It is dead-lettered where it is produced,
+    with the reason, and the webhook and the stored result say so."""
     import orjson
 
     from omnidaemon import App
@@ -627,10 +629,10 @@ async def test_a_result_json_cannot_carry_is_reported_to_the_webhook_and_the_wor
     app = App("hooks", broker=MemoryBroker(None))
     handled: list[int] = []
 
-    @app.agent("bytes.jobs")
+    @app.agent("bytes.jobs", store_results=True)
     async def work(event: dict[str, Any]):  # type: ignore[no-untyped-def]  # unchecked return
         handled.append(event["n"])
-        return {"sha": b"\x00\x01"}
+        return {"sha": b"\x00\x01"} if event["n"] == 1 else None
 
     async with app.running():
         event_id = await app.publish("bytes.jobs", {"n": 1}, webhook=receiver.url("/b"))
@@ -641,6 +643,9 @@ async def test_a_result_json_cannot_carry_is_reported_to_the_webhook_and_the_wor
         with anyio.fail_after(5):
             while handled != [1, 2]:
                 await anyio.sleep(0.02)
+        result = await app.result(event_id, timeout=5)
+        [letter] = await app.dead_letters("work")
     body = orjson.loads(receiver.requests[0].body)
-    assert body["event_id"] == event_id and body["status"] == "succeeded"
-    assert "result" not in body and body["error"]["type"] == "ResultNotJSON"
+    assert body["event_id"] == event_id and body["status"] == "dead_lettered"
+    assert body["error"]["type"] == "ResultNotJSON"
+    assert result.status == "dead_lettered" and letter.error_type == "ResultNotJSON"

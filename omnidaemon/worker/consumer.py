@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
-from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion
+from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
 from omnidaemon.errors import PayloadTooLarge
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
@@ -377,6 +377,21 @@ class AgentConsumer(Fetching, Outcomes):
             return False, None
         metrics.observe_duration(time.perf_counter() - started)
         if spec.return_adapter is None:
+            if result is not None:
+                try:
+                    # Unchecked by an annotation: make sure it can be stored, published and
+                    # sent, here where it is produced, rather than fail later in a settle.
+                    dumps(result)
+                except TypeError as exc:
+                    await self._dead_letter(
+                        delivery,
+                        envelope,
+                        "ResultNotJSON",
+                        f"{spec.handler.__qualname__} returned a value JSON cannot carry: {exc}",
+                        exc,
+                        failed=True,
+                    )
+                    return False, None
             return True, result
         try:
             result = spec.return_adapter.validate_python(result)
