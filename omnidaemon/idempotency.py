@@ -110,9 +110,9 @@ class Idempotency:
 
     async def _alive(self, holder: str) -> bool:
         # Imported here: the worker package imports this module.
-        from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
+        from omnidaemon.worker.heartbeat import worker_alive
 
-        return await self._broker.get_value(HEARTBEAT_PREFIX + holder) is not None
+        return await worker_alive(self._broker, holder)
 
     async def succeeded(self, key: str, event_id: str, output: Any) -> None:
         """Store the successful run's result under `key` for `ttl`."""

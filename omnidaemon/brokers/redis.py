@@ -568,7 +568,7 @@ class RedisBroker(Broker):
         unique = f"{self._unique_prefix}-{next(self._unique)}"
         next_attempt = delivery.attempt + 1 if attempt is None else attempt
         member = f"{next_attempt}\n{unique}\n".encode() + delivery.data
-        settled = await self._settle(
+        settled = await self._group_script(
             sub,
             "RETRY",
             keys=[self._origin_key(sub, delivery.origin), self.due_key(sub)],
@@ -583,12 +583,12 @@ class RedisBroker(Broker):
             ],
         )
         self._retry_state.pop(sub, None)
-        return settled
+        return bool(settled)
 
     async def dead_letter(
         self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
     ) -> bool:
-        return await self._settle(
+        settled = await self._group_script(
             sub,
             "DEAD_LETTER",
             keys=[self._origin_key(sub, delivery.origin), self.dlq_key(sub)],
@@ -601,16 +601,21 @@ class RedisBroker(Broker):
                 delivery.consumer,
             ],
         )
+        # A group that is gone (None) took everything it held with it: nothing was settled.
+        return bool(settled)
 
-    async def _settle(self, sub: Subscription, script: str, **call: Any) -> bool:
+    async def _group_script(
+        self, sub: Subscription, script: str, *, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """Run a script on `sub`'s group; `None` when the group was missing (it is recreated:
+        see `_regroup`). Our scripts never return nil themselves."""
         try:
-            return bool(await self._scripts[script](**call))
+            return await self._scripts[script](keys=keys, args=args)
         except ResponseError as exc:
             if not _is_nogroup(exc):
                 raise
-            # The group is gone with everything it held: nothing is left to settle.
             await self._regroup(sub)
-            return False
+            return None
 
     async def extend(
         self, sub: Subscription, consumer: str, deliveries: Sequence[Delivery]
@@ -621,17 +626,17 @@ class RedisBroker(Broker):
             mine = {d.id: d for d in deliveries if (d.origin == _RETRY) == (origin == _RETRY)}
             if not mine:
                 continue
-            try:
-                lost_ids, trimmed_ids = await self._scripts["EXTEND"](
-                    keys=[self._origin_key(sub, origin)], args=[sub.group, consumer, *mine]
-                )
-            except ResponseError as exc:
-                if not _is_nogroup(exc):
-                    raise
+            found = await self._group_script(
+                sub,
+                "EXTEND",
+                keys=[self._origin_key(sub, origin)],
+                args=[sub.group, consumer, *mine],
+            )
+            if found is None:
                 # The bus lost its data: nobody else holds these deliveries, and the bus has
                 # nothing to deliver again, so the worker's copies are all there is.
-                await self._regroup(sub)
                 return Renewal(trimmed=tuple(deliveries))
+            lost_ids, trimmed_ids = found
             lost += (mine[_decode(i)] for i in lost_ids)
             trimmed += (mine[_decode(i)] for i in trimmed_ids)
         if trimmed:
@@ -653,16 +658,15 @@ class RedisBroker(Broker):
         *,
         hold_back: int | None = None,
     ) -> Reclaimed:
-        try:
-            claimed, lost, held = await self._scripts["RECLAIM"](
-                keys=[self.stream_key(sub.topic), self.retry_key(sub)],
-                args=[sub.group, consumer, max(0, int(min_idle * 1000)), count, hold_back or 0],
-            )
-        except ResponseError as exc:
-            if not _is_nogroup(exc):
-                raise
-            await self._regroup(sub)
+        found = await self._group_script(
+            sub,
+            "RECLAIM",
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, consumer, max(0, int(min_idle * 1000)), count, hold_back or 0],
+        )
+        if found is None:
             return Reclaimed()
+        claimed, lost, held = found
         if lost:
             _log.error(
                 "pending entries were trimmed from the stream before they were handled; "
@@ -676,17 +680,13 @@ class RedisBroker(Broker):
         return found
 
     async def recover(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
-        try:
-            held = await self._scripts["RECOVER"](
-                keys=[self.stream_key(sub.topic), self.retry_key(sub)],
-                args=[sub.group, consumer, count],
-            )
-        except ResponseError as exc:
-            if not _is_nogroup(exc):
-                raise
-            await self._regroup(sub)
-            return []
-        return [self._pending_delivery(entry, consumer) for entry in held]
+        held = await self._group_script(
+            sub,
+            "RECOVER",
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, consumer, count],
+        )
+        return [self._pending_delivery(entry, consumer) for entry in held or ()]
 
     @staticmethod
     def _pending_delivery(entry: Any, consumer: str) -> Delivery:

@@ -212,7 +212,7 @@ class AgentConsumer(Fetching, Outcomes):
                 self._lost.discard(key)
                 self._trimmed.discard(key)
             isolation = self._isolation
-            if isolation.running_alone or isolation.draining:  # (not .active: hot path)
+            if isolation.running_alone or isolation.draining:
                 # The worker may now be idle (a consumer waits for that), or a last attempt
                 # that ran alone is over (every consumer of the worker waits for that).
                 if self._alone == key:

@@ -13,7 +13,7 @@ from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.handoff import HandOff
-from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
+from omnidaemon.worker.heartbeat import worker_alive
 
 if TYPE_CHECKING:
     from omnidaemon.worker.isolation import Isolation
@@ -120,6 +120,7 @@ class Fetching:
                             hold_back=hold_back,
                         )
                         for delivery in reclaimed:
+                            # In flight before the lock is let go: `idle()` must see it.
                             self._in_flight[(delivery.origin, delivery.id)] = delivery
                             if delivery.attempt == last and last > 1:
                                 # Its worker died while running it: if it kills this one
@@ -192,9 +193,7 @@ class Fetching:
     async def _worker_alive(self, consumer: str) -> bool:
         """Whether the worker of a consumer of the group still lives: its heartbeat is on the
         bus (a consumer is named after its worker)."""
-        if consumer == self.consumer:
-            return True
-        return await self._broker.get_value(HEARTBEAT_PREFIX + consumer) is not None
+        return consumer == self.consumer or await worker_alive(self._broker, consumer)
 
     async def _orphans(self) -> list[Delivery]:
         """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was

@@ -22,12 +22,18 @@ if TYPE_CHECKING:
     from omnidaemon.brokers.base import Broker
     from omnidaemon.worker.consumer import AgentConsumer
 
-__all__ = ["HEARTBEAT_PREFIX", "Heartbeat"]
+__all__ = ["HEARTBEAT_PREFIX", "Heartbeat", "worker_alive"]
 
 HEARTBEAT_PREFIX = "worker:"
 """The key prefix of heartbeat records among the bus's stored values."""
 
 _log = structlog.get_logger("omnidaemon.worker")
+
+
+async def worker_alive(broker: Broker, worker: str) -> bool:
+    """Whether the worker named `worker` (its consumer name) still beats: its heartbeat is on
+    the bus. A worker that died, or was silent for three intervals, is not alive."""
+    return await broker.get_value(HEARTBEAT_PREFIX + worker) is not None
 
 
 class Heartbeat:

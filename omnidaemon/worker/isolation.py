@@ -47,11 +47,6 @@ class Isolation:
         self._wakers.append(wake)
         self._flushes.append(flush_acks)
 
-    @property
-    def active(self) -> bool:
-        """True while a suspect runs or waits for the worker to be idle."""
-        return bool(self.running_alone or self.draining)
-
     def idle(self) -> bool:
         """True when no handler of any agent of the worker is in flight."""
         return not any(self._in_flight)
