@@ -42,7 +42,7 @@ from omnidaemon.brokers import RedisBroker
 from omnidaemon.fleet import fleet_metrics
 from omnidaemon.metrics import AgentMetricsSnapshot
 from omnidaemon.results import Result
-from tests.conformance.test_worker_processes import SETTLE, Fleet
+from tests.conformance.test_worker_processes import BUSES, SETTLE, Fleet
 from tests.e2e._support import WorkerProcess, spawn_workers, wait_for
 from tests.http_receiver import Receiver, serving
 
@@ -54,10 +54,19 @@ def spawn() -> Iterator[Callable[..., WorkerProcess]]:
     yield from spawn_workers()
 
 
+@pytest.fixture(params=["redis"])
+def bus_url(request: pytest.FixtureRequest) -> str:
+    return BUSES[request.param](request)
+
+
+# The embedded bus (Valkey, same broker code) runs the two SIGSTOP cases too.
+on_every_bus = pytest.mark.parametrize("bus_url", sorted(BUSES), indirect=True)
+
+
 @pytest.fixture
-def fleet(redis_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> Iterator[Fleet]:
+def fleet(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> Iterator[Fleet]:
     f = Fleet(
-        url=redis_url,
+        url=bus_url,
         topic=f"t{uuid4().hex[:12]}.jobs",
         cwd=tmp_path,
         log=tmp_path / "handlers.log",
@@ -175,6 +184,7 @@ CHARGE_AGENT = """
 """
 
 
+@on_every_bus
 def test_idempotency_key_succeeds_once_when_its_paused_holder_resumes(fleet: Fleet) -> None:
     """Item 4: no `timeout`, so the claim's lease is 10 minutes and the frozen worker's run is
     well inside it. The redelivery of the same event to another worker must wait for the live
@@ -255,6 +265,7 @@ SETTLE_AGENT = """
     [True, False],
     ids=["stale-failure-after-takeover-succeeded", "stale-failure-while-takeover-runs"],
 )
+@on_every_bus
 def test_stale_worker_failure_does_not_overwrite_the_outcome(
     fleet: Fleet, takeover_finished_first: bool
 ) -> None:
