@@ -59,7 +59,7 @@ def bus_url(request: pytest.FixtureRequest) -> str:
     return BUSES[request.param](request)
 
 
-# The embedded bus (Valkey, same broker code) runs the two SIGSTOP cases too.
+# The embedded bus (Valkey, same broker code) runs the SIGSTOP case of item 4 too.
 on_every_bus = pytest.mark.parametrize("bus_url", sorted(BUSES), indirect=True)
 
 
@@ -265,7 +265,6 @@ SETTLE_AGENT = """
     [True, False],
     ids=["stale-failure-after-takeover-succeeded", "stale-failure-while-takeover-runs"],
 )
-@on_every_bus
 def test_stale_worker_failure_does_not_overwrite_the_outcome(
     fleet: Fleet, takeover_finished_first: bool
 ) -> None:
