@@ -582,8 +582,10 @@ class App:
         await self.connect()
         reply_topic = new_reply_topic()
         sub = Subscription(reply_topic, "requester")
-        await self.broker.subscribe(sub)  # before publishing, so the reply cannot be missed
         try:
+            # Subscribed before publishing, so the reply cannot be missed; inside the `try`, so
+            # that a request cancelled even here deletes the topic and frees its connection.
+            await self.broker.subscribe(sub)
             if math.isfinite(timeout):
                 # The topic is deleted below; should this process die first, the bus removes
                 # it anyway once the request is surely over (the margin covers the publish,

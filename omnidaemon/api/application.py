@@ -13,6 +13,7 @@ from omnidaemon.api.dependencies import ApiState
 from omnidaemon.api.errors import install_error_handlers
 from omnidaemon.api.middleware import RequestGuard
 from omnidaemon.api.routes import probe_router, v1_router
+from omnidaemon.api.waiting import DEFAULT_MAX_WAITING, WaitingRequests
 from omnidaemon.app import App
 from omnidaemon.errors import ConfigurationError
 
@@ -51,6 +52,7 @@ def create_api(
     tokens: Iterable[ApiToken] | None = None,
     insecure_no_auth: bool = False,
     max_body: int | None = None,
+    max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> FastAPI:
     """The HTTP API of `app`: its bus, its agents, and publishing with its payload types.
 
@@ -65,6 +67,9 @@ def create_api(
             Only for a server that nothing but this machine can reach.
         max_body: The largest request body accepted, in bytes; default: twice the app's
             `max_payload_bytes` plus 64 KiB.
+        max_waiting: Requests that may wait at once (`POST /v1/requests`, results with
+            `wait`); more are answered 503 with `Retry-After` at once. Each holds a bus
+            connection while it waits: keep it under half the broker's `max_connections`.
 
     Raises:
         ConfigurationError: no tokens were given and `insecure_no_auth` is not set, or both
@@ -118,7 +123,7 @@ def create_api(
         # generators, instead of FastAPI's names made of the path and method.
         generate_unique_id_function=_operation_id,
     )
-    api.state.omnidaemon = ApiState(app, authenticator)
+    api.state.omnidaemon = ApiState(app, authenticator, WaitingRequests(max_waiting))
     install_error_handlers(api)
     api.add_middleware(RequestGuard, max_body=body_limit, loopback_only=insecure_no_auth)
     api.include_router(probe_router)

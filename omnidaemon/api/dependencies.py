@@ -10,9 +10,19 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from omnidaemon.api.auth import ApiToken, Authenticator, Scope
 from omnidaemon.api.errors import ApiError
 from omnidaemon.api.middleware import TOKEN_NAME_KEY
+from omnidaemon.api.waiting import WaitingRequests
 from omnidaemon.app import App
 
-__all__ = ["ANONYMOUS", "ApiState", "CurrentApp", "bearer", "current_app", "require"]
+__all__ = [
+    "ANONYMOUS",
+    "ApiState",
+    "CurrentApp",
+    "Waiting",
+    "bearer",
+    "current_app",
+    "require",
+    "waiting_requests",
+]
 
 bearer = HTTPBearer(
     auto_error=False,  # refusals are ours: 401 with WWW-Authenticate, in our error format
@@ -36,10 +46,12 @@ class ApiState:
     Attributes:
         app: The app whose bus and agents the API serves; connected during the lifespan.
         authenticator: Checks bearer tokens; `None` serves without authentication.
+        waiting: Bounds the requests that wait (request-reply, results with `wait`).
     """
 
     app: App
     authenticator: Authenticator | None
+    waiting: WaitingRequests
 
 
 def _state(request: Request) -> ApiState:
@@ -54,6 +66,15 @@ def current_app(request: Request) -> App:
 
 CurrentApp = Annotated[App, Depends(current_app)]
 """A route parameter receiving the shared `App`."""
+
+
+def waiting_requests(request: Request) -> WaitingRequests:
+    """The bound on requests that wait."""
+    return _state(request).waiting
+
+
+Waiting = Annotated[WaitingRequests, Depends(waiting_requests)]
+"""A route parameter receiving the bound on requests that wait."""
 
 
 def _unauthorized(message: str, error: str | None) -> ApiError:

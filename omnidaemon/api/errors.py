@@ -8,7 +8,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from starlette.exceptions import HTTPException
 
 from omnidaemon.api.models import ErrorResponse
@@ -137,6 +137,16 @@ async def _bus_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "bus_unavailable", detail, headers={"Retry-After": "5"})
 
 
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    # Every connection of the pool is in use: the bus is fine, this server is busy.
+    return error_response(
+        503,
+        "busy",
+        "every connection of this server to the bus is in use; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _omnidaemon_error(request: Request, exc: Exception) -> JSONResponse:
     # Errors omnidaemon raises on purpose say what is wrong in words fit for the caller.
     _log.warning("request failed", path=request.url.path, error=type(exc).__name__)
@@ -158,6 +168,7 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(PayloadValidationError, _invalid_payload)
     api.add_exception_handler(PayloadTooLarge, _too_large)
     api.add_exception_handler(BusUnavailable, _bus_unavailable)
+    api.add_exception_handler(MaxConnectionsError, _pool_exhausted)
     api.add_exception_handler(RedisError, _bus_unavailable)
     api.add_exception_handler(OSError, _bus_unavailable)
     api.add_exception_handler(OmniDaemonError, _omnidaemon_error)
@@ -173,7 +184,7 @@ _DESCRIPTIONS = {
     415: "The body is not sent as JSON (`Content-Type: application/json`).",
     422: "The request does not validate, or the payload does not match the agents' type.",
     502: "The agent gave up on the request (it was dead-lettered).",
-    503: "The bus cannot be reached.",
+    503: "The bus cannot be reached, or the server is busy: retry after `Retry-After` seconds.",
     504: "No answer within the timeout.",
 }
 

@@ -64,6 +64,10 @@ _RETRY_CHECK_INTERVAL = 0.05  # seconds between looks at the due-retry set while
 _APPEND_MANY_FROM = 8
 _APPEND_MANY_CHUNK = 1_000
 _SOCKET_TIMEOUT = 10.0  # must stay above the longest BLOCK a fetch asks for
+MAX_CONNECTIONS = 100  # the default size of a broker's connection pool (redis-py's own)
+# Idle connections kept for publishing (see _direct); beyond these, a connection freed after a
+# burst of concurrent publishes goes back to the pool, where every other command can use it.
+_MAX_SPARES = 16
 _MAX_BLOCK_MS = 5_000
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -109,6 +113,11 @@ class RedisBroker(Broker):
         topic_maxlen: Per-topic overrides of `maxlen`.
         publish_timeout: Seconds a publish keeps trying an unreachable bus before it raises
             `BusUnavailable`.
+        max_connections: The most connections the broker opens to the server (its pool):
+            one per consumer of each agent while it reads, plus those commands use while
+            they run. A command that finds them all in use fails at once with
+            `MaxConnectionsError`, a `ConnectionError`. The URL's `?max_connections=N` wins
+            over this argument.
     """
 
     def __init__(
@@ -119,8 +128,12 @@ class RedisBroker(Broker):
         maxlen: int = 100_000,
         topic_maxlen: Mapping[str, int] | None = None,
         publish_timeout: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be at least 1, not {max_connections}")
         self._raw_url = url
+        self._max_connections = max_connections
         self._url = redact_url(url)
         self._prefix = prefix
         self._maxlen = maxlen
@@ -150,6 +163,7 @@ class RedisBroker(Broker):
             maxlen=self._maxlen,
             topic_maxlen=self._topic_maxlen,
             publish_timeout=self._publish_timeout,
+            max_connections=self._max_connections,
         )
 
     # Keys ---------------------------------------------------------------------------------
@@ -195,6 +209,7 @@ class RedisBroker(Broker):
             socket_connect_timeout=5.0,
             health_check_interval=30,
             decode_responses=False,
+            max_connections=self._max_connections,
             **options,
         )
         self._scripts = {
@@ -516,8 +531,10 @@ class RedisBroker(Broker):
             await conn.disconnect(nowait=True)
         elif owner is not None:
             self._readers[owner] = conn
-        else:
+        elif len(self._spares) < _MAX_SPARES:
             self._spares.append(conn)
+        else:
+            await self._client.connection_pool.release(conn)
 
     @staticmethod
     def _retry_delivery(entry: Any, consumer: str) -> Delivery:
@@ -726,9 +743,9 @@ class RedisBroker(Broker):
             await pipe.execute()
 
     async def delete_topic(self, topic: str) -> None:
-        await self.client.delete(*await self._topic_keys(topic))
-        # What this broker kept for the topic's consumers goes too: a process that makes a
-        # topic per request (request-reply) would otherwise keep a connection per request.
+        # What this broker kept for the topic's consumers goes first, and whatever the DELETE
+        # does: a process that makes a topic per request (request-reply) would otherwise keep
+        # a connection per request, and with the pool exhausted the DELETE itself fails.
         for sub in [sub for sub in self._retry_state if sub.topic == topic]:
             del self._retry_state[sub]
         owners = [
@@ -740,7 +757,9 @@ class RedisBroker(Broker):
         ]
         for owner in owners:
             self._reader_ids.pop(owner, None)
+            self._interrupted.discard(owner)
             await self.client.connection_pool.release(self._readers.pop(owner))
+        await self.client.delete(*await self._topic_keys(topic))
 
     # Results ------------------------------------------------------------------------------
 

@@ -59,6 +59,16 @@ def api(
             help="Seconds requests in progress get after a stop signal.",
         ),
     ] = 10.0,
+    max_waiting: Annotated[
+        int,
+        typer.Option(
+            "--max-waiting",
+            min=1,
+            metavar="N",
+            help="Requests that may wait at once (request-reply, results with wait); "
+            "more get 503 with Retry-After. Each holds a bus connection.",
+        ),
+    ] = 32,
     log_level: LogLevelOption = None,
     log_format: LogFormatOption = None,
 ) -> None:
@@ -124,6 +134,7 @@ def api(
             ignored_tokens=insecure_no_auth and bool(os.environ.get(TOKENS_ENV) or tokens_file),
             tokens_file=tokens_file,
             shutdown_grace=shutdown_grace,
+            max_waiting=max_waiting,
         )
     )
 
@@ -169,6 +180,7 @@ def _serve(
     ignored_tokens: bool,
     tokens_file: Path | None,
     shutdown_grace: float,
+    max_waiting: int,
 ) -> int:
     import structlog
 
@@ -193,7 +205,12 @@ def _serve(
             status = 2 if isinstance(exc, ConfigurationError) else 1
             return fail(_COMMAND, f"cannot start the embedded bus: {exc}", status)
     try:
-        asgi = create_api(app, tokens=tokens or None, insecure_no_auth=insecure_no_auth)
+        asgi = create_api(
+            app,
+            tokens=tokens or None,
+            insecure_no_auth=insecure_no_auth,
+            max_waiting=max_waiting,
+        )
     except ConfigurationError as exc:
         return fail(_COMMAND, str(exc), 2)
     try:

@@ -479,3 +479,56 @@ async def test_deleting_a_topic_removes_every_key_it_holds(redis_url: str) -> No
         broker.dlq_key(b),
     }
     assert left == []
+
+
+async def test_deleting_a_topic_frees_its_readers_connection_even_with_the_pool_full(
+    redis_url: str,
+) -> None:
+    """A request's reply topic is deleted when the request ends: the reader's connection
+    goes back first, so the DELETE finds one even when every other connection is in use (the
+    API's pool ran dry this way, one leaked connection per request, issue 15)."""
+    broker = RedisBroker(redis_url, prefix=f"pool{uuid4().hex[:8]}", max_connections=3)
+    await broker.connect()
+    try:
+        reply = Subscription(f"omni-reply.{uuid4().hex}", "requester")
+        await broker.subscribe(reply)
+        assert await broker.fetch(reply, "requester", 1, 0.01) == []  # holds its reader
+        busy = [Subscription(f"busy{n}.{uuid4().hex[:8]}", "g") for n in range(2)]
+        async with anyio.create_task_group() as group:
+            for sub in busy:
+                await broker.subscribe(sub)
+                group.start_soon(broker.fetch, sub, "c", 1, 1.0)  # the two other connections
+            await _until_blocked(redis_url, 2)
+            await broker.delete_topic(reply.topic)
+        assert await broker.client.exists(broker.stream_key(reply.topic)) == 0
+        await broker.ping()  # and the pool has room again
+    finally:
+        await broker.close()
+
+
+async def test_a_burst_of_publishes_leaves_room_in_the_pool(redis_url: str) -> None:
+    """Connections a burst of concurrent publishes opened are kept for the next ones only up
+    to a few; the rest go back to the pool, where every other command can use them."""
+    broker = RedisBroker(redis_url, prefix=f"pool{uuid4().hex[:8]}", max_connections=20)
+    await broker.connect()
+    try:
+        topic = f"burst.{uuid4().hex[:8]}"
+        async with anyio.create_task_group() as group:
+            for n in range(20):
+                group.start_soon(partial(broker.publish, topic, b'{"n": %d}' % n))
+        assert await broker.client.xlen(broker.stream_key(topic)) == 20
+        await broker.ping()
+        await broker.client.set(f"{topic}:other", b"1")  # commands find a connection
+    finally:
+        await broker.close()
+
+
+async def _until_blocked(redis_url: str, count: int) -> None:
+    """Wait until `count` clients of the server are blocked in a read."""
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        with anyio.fail_after(5):
+            while sum("b" in c["flags"] for c in await admin.client_list()) < count:
+                await anyio.sleep(0.01)
+    finally:
+        await admin.aclose()

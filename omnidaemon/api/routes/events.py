@@ -3,10 +3,10 @@ of an event (`omnidaemon result`)."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from omnidaemon.api.auth import Scope
-from omnidaemon.api.dependencies import CurrentApp, require
+from omnidaemon.api.dependencies import CurrentApp, Waiting, require
 from omnidaemon.api.errors import ApiError, documented
 from omnidaemon.api.models import (
     EventResults,
@@ -57,16 +57,20 @@ async def publish_event(
     dependencies=[require(Scope.publish)],
     responses=documented(400, 401, 403, 413, 415, 422, 502, 503, 504),
 )
-async def request_reply(body: ReplyRequest, app: CurrentApp) -> ReplyResponse:
+async def request_reply(
+    body: ReplyRequest, app: CurrentApp, waiting: Waiting, request: Request
+) -> ReplyResponse:
     """Publish a request and wait for the handling agent's return value
     (`omnidaemon publish --wait`).
 
     502 when the agent gave up on the request (dead-lettered), with its error; 504 when no
-    reply came within `timeout` (no worker runs the agent, or it is still retrying). Needs the
-    `publish` scope.
+    reply came within `timeout` (no worker runs the agent, or it is still retrying); 503 with
+    `Retry-After` when the server's bound on waiting requests is reached (nothing was
+    published). The wait ends when the client disconnects. Needs the `publish` scope.
     """
-    try:
-        reply = await app.request(
+
+    async def ask() -> object:
+        return await app.request(
             body.topic,
             body.payload,
             timeout=body.timeout,
@@ -74,6 +78,9 @@ async def request_reply(body: ReplyRequest, app: CurrentApp) -> ReplyResponse:
             tenant_id=body.tenant_id,
             headers=body.headers,
         )
+
+    try:
+        reply = await waiting.wait(request, ask)
     except AgentFailed as exc:
         raise ApiError(502, "agent_failed", str(exc)) from None
     except TimeoutError as exc:
@@ -89,6 +96,8 @@ async def request_reply(body: ReplyRequest, app: CurrentApp) -> ReplyResponse:
 async def event_result(
     event_id: Annotated[str, Path(min_length=1, max_length=200, description="The event's id.")],
     app: CurrentApp,
+    waiting: Waiting,
+    request: Request,
     agent: Annotated[
         str | None,
         Query(max_length=200, description="Only this agent's result."),
@@ -105,11 +114,17 @@ async def event_result(
     """The stored status and result of an event, per agent (`omnidaemon result`).
 
     Results are stored by agents declared with `store_results=True`. 404 while nothing is
-    stored: the id is unknown, no such agent handled it yet, or its result expired. Needs the
-    `read` scope.
+    stored: the id is unknown, no such agent handled it yet, or its result expired. With
+    `wait`, 503 with `Retry-After` when the server's bound on waiting requests is reached, and
+    the wait ends when the client disconnects. Needs the `read` scope.
     """
     try:
-        results = await event_results(app, event_id, agent=agent, timeout=wait)
+        if wait is None:
+            results = await event_results(app, event_id, agent=agent)
+        else:
+            results = await waiting.wait(
+                request, lambda: event_results(app, event_id, agent=agent, timeout=wait)
+            )
     except TimeoutError as exc:
         raise ApiError(504, "timeout", str(exc)) from None
     if all(r.status == "pending" for r in results):
