@@ -77,7 +77,9 @@ async def get_health(
         int | None,
         Query(ge=0, description="Degraded when a dead-letter queue holds more (default: off)."),
     ] = None,
-    timeout: Annotated[float, Query(gt=0, le=60, description="Seconds the bus may take.")] = 5.0,
+    timeout: Annotated[
+        float, Query(ge=0.1, le=60, description="Seconds the bus may take to answer.")
+    ] = 5.0,
 ) -> HealthResponse | JSONResponse:
     """The bus and the fleet: `healthy`, `degraded` (the bus answers, something needs a
     look: `problems` says what) or `down` (503) (`omnidaemon health`). Needs the `read`
