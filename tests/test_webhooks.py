@@ -69,28 +69,42 @@ BODY = {"event_id": "evt-1", "topic": "doc.done", "status": "succeeded", "result
 # Signatures -------------------------------------------------------------------------------------
 
 
-def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
+def test_sign_is_hmac_sha256_over_timestamp_event_id_and_body() -> None:
     body = b'{"a":1}'
-    expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert sign(body, 1_700_000_000, "k") == f"sha256={expected}"
+    message = b"1700000000\nevt-1\n" + body
+    expected = hmac.new(b"k", message, hashlib.sha256).hexdigest()
+    assert sign(body, 1_700_000_000, "k", event_id="evt-1") == f"sha256={expected}"
 
 
 def test_verify_accepts_a_fresh_signature_and_rejects_tampering_and_replays() -> None:
     body, ts = b'{"a":1}', 1_700_000_000
-    signature = sign(body, ts, SECRET)
-    assert verify(body, signature, ts, SECRET, now=ts + 10)
-    assert verify(body, signature, str(ts), SECRET, now=ts - 10)  # header value, clock skew
-    assert not verify(b'{"a":2}', signature, ts, SECRET, now=ts)  # tampered body
-    assert not verify(body, signature, ts, "other-secret", now=ts)
-    assert not verify(body, signature, ts + 1, SECRET, now=ts)  # timestamp changed
-    assert not verify(body, signature, ts, SECRET, now=ts + 301)  # too old: replay
-    assert not verify(body, signature, ts, SECRET, now=ts - 301)  # from the future
-    assert verify(body, signature, ts, SECRET, now=ts + 1000, tolerance=1000)
-    assert not verify(body, "sha256=" + "0" * 64, ts, SECRET, now=ts)
-    assert not verify(body, "garbage-ü", ts, SECRET, now=ts)
-    assert not verify(body, signature, "yesterday", SECRET, now=ts)
-    assert not verify(body, None, ts, SECRET, now=ts)  # header missing
-    assert not verify(body, signature, None, SECRET, now=ts)
+    signature = sign(body, ts, SECRET, event_id="e1")
+    check = partial(verify, event_id="e1")
+    assert check(body, signature, ts, SECRET, now=ts + 10)
+    assert check(body, signature, str(ts), SECRET, now=ts - 10)  # header value, clock skew
+    assert not check(b'{"a":2}', signature, ts, SECRET, now=ts)  # tampered body
+    assert not check(body, signature, ts, "other-secret", now=ts)
+    assert not check(body, signature, ts + 1, SECRET, now=ts)  # timestamp changed
+    assert not check(body, signature, ts, SECRET, now=ts + 301)  # too old: replay
+    assert not check(body, signature, ts, SECRET, now=ts - 301)  # from the future
+    assert check(body, signature, ts, SECRET, now=ts + 1000, tolerance=1000)
+    assert not check(body, "sha256=" + "0" * 64, ts, SECRET, now=ts)
+    assert not check(body, "garbage-ü", ts, SECRET, now=ts)
+    assert not check(body, signature, "yesterday", SECRET, now=ts)
+    assert not check(body, None, ts, SECRET, now=ts)  # header missing
+    assert not check(body, signature, None, SECRET, now=ts)
+    assert not verify(body, signature, ts, SECRET, now=ts)  # event id header missing
+    assert not verify(body, signature, ts, SECRET, event_id="e2", now=ts)
+
+
+def test_the_signed_parts_cannot_be_shifted_into_one_another() -> None:
+    # With a separator an id could contain, "e" + "\n{..." and "e\n{" + "..." would sign the
+    # same bytes; a header value never holds a line break, so verify refuses one outright.
+    ts = 1_700_000_000
+    signature = sign(b"x\n{}", ts, SECRET, event_id="e")
+    assert verify(b"x\n{}", signature, ts, SECRET, event_id="e", now=ts)
+    assert sign(b"{}", ts, SECRET, event_id="e\nx") == signature
+    assert not verify(b"{}", signature, ts, SECRET, event_id="e\nx", now=ts)
 
 
 # Delivery ---------------------------------------------------------------------------------------
@@ -114,9 +128,36 @@ async def test_body_and_headers_arrive_and_the_receiver_verifies_them(receiver: 
     timestamp = int(headers["X-Omnidaemon-Timestamp"])
     assert abs(timestamp - time.time()) < 60
     signature = headers["X-Omnidaemon-Signature"]
-    assert verify(request.body, signature, headers["X-Omnidaemon-Timestamp"], SECRET)
-    assert not verify(request.body + b" ", signature, timestamp, SECRET)
-    assert not verify(request.body, signature, timestamp, SECRET, now=timestamp + 3600)
+    check = partial(verify, event_id="evt-1")
+    assert check(request.body, signature, headers["X-Omnidaemon-Timestamp"], SECRET)
+    assert not check(request.body + b" ", signature, timestamp, SECRET)
+    assert not check(request.body, signature, timestamp, SECRET, now=timestamp + 3600)
+
+
+@pytest.mark.anyio
+async def test_a_captured_delivery_replayed_under_another_event_id_fails_verify(
+    receiver: Receiver,
+) -> None:
+    """Receivers deduplicate on `X-Omnidaemon-Event-Id`; the signature left it out, so a
+    captured delivery replayed with a fresh id passed `verify` and was acted on twice
+    (issue 15)."""
+    async with WebhookSender(settings()) as sender:
+        await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    [captured] = receiver.requests
+    headers = captured.headers
+
+    def passes(event_id: str) -> bool:
+        return verify(
+            captured.body,
+            headers["X-Omnidaemon-Signature"],
+            headers["X-Omnidaemon-Timestamp"],
+            SECRET,
+            event_id=event_id,
+        )
+
+    assert passes(headers["X-Omnidaemon-Event-Id"])  # intact
+    assert not passes("evt-2")  # replayed as a new event
+    assert not passes("evt-1 ")
 
 
 @pytest.mark.anyio
@@ -148,6 +189,7 @@ async def test_errors_are_retried_until_delivered(receiver: Receiver) -> None:
             request.headers["X-Omnidaemon-Signature"],
             request.headers["X-Omnidaemon-Timestamp"],
             SECRET,
+            event_id=request.headers["X-Omnidaemon-Event-Id"],
         )
 
 
@@ -548,6 +590,7 @@ async def test_the_worker_posts_each_outcome_once_when_the_event_is_finished(
             headers["x-omnidaemon-signature"],
             headers["x-omnidaemon-timestamp"],
             "whsec-test",
+            event_id=headers["x-omnidaemon-event-id"],
         )
     good = orjson.loads(by_path["/ok"].body)
     assert good["event_id"] == ok and good["status"] == "succeeded"

@@ -10,8 +10,12 @@ ok = verify(
     request.headers["X-Omnidaemon-Signature"],
     request.headers["X-Omnidaemon-Timestamp"],
     secret=os.environ["OMNIDAEMON_WEBHOOK_SECRET"],
+    event_id=request.headers["X-Omnidaemon-Event-Id"],
 )
 ```
+
+The signature covers the timestamp, the event id and the body (see `sign`), so a receiver may
+deduplicate on `X-Omnidaemon-Event-Id` once `verify` accepts the delivery.
 
 URLs come from whoever publishes an event, so they are untrusted: `check_url` refuses schemes
 other than http(s), URLs with credentials, hosts outside the allow-list and any host that

@@ -245,7 +245,9 @@ class WebhookSender:
             _TIMESTAMP_HEADER: str(timestamp),
         }
         if self.settings.secret is not None:
-            headers[_SIGNATURE_HEADER] = sign(data, timestamp, self.settings.secret)
+            headers[_SIGNATURE_HEADER] = sign(
+                data, timestamp, self.settings.secret, event_id=event_id
+            )
         url = target.url
         if url.scheme == "http":
             # Connect to the address just checked, not to whatever a second DNS lookup returns
