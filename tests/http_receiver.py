@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,10 +26,17 @@ class Answer:
 
 
 class Receiver:
-    """Records every request and answers with the scripted answers, then 200s."""
+    """Records every request and answers with the scripted answers, then 200s.
 
-    def __init__(self) -> None:
+    With `tls`, it speaks https and records the server name (SNI) of every handshake and the
+    handshakes that failed (a client that refused the certificate, for one).
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[Received] = []
+        self.server_names: list[str | None] = []
+        self.failed_handshakes: list[str] = []
+        self.scheme = "https" if tls is not None else "http"
         self._answers: list[Answer] = []
         self._lock = threading.Lock()
         self.release = threading.Event()
@@ -53,12 +61,35 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                # Here, in the connection's own thread: a slow or failed handshake must not
+                # hold up accepting the next connection.
+                if tls is None:
+                    super().finish_request(request, client_address)
+                    return
+                try:
+                    wrapped = tls.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError) as exc:
+                    receiver.failed_handshakes.append(str(exc))
+                    return
+                try:
+                    super().finish_request(wrapped, client_address)
+                finally:
+                    wrapped.close()
+
+        if tls is not None:
+
+            def note_server_name(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+                receiver.server_names.append(name)
+
+            tls.sni_callback = note_server_name  # type: ignore[assignment]
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
 
     def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def script(self, *answers: int | Answer) -> None:
         with self._lock:
@@ -66,9 +97,9 @@ class Receiver:
 
 
 @contextmanager
-def serving() -> Iterator[Receiver]:
-    """A `Receiver` answering on a free loopback port until the block ends."""
-    rec = Receiver()
+def serving(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
+    """A `Receiver` answering on a free loopback port until the block ends (https with `tls`)."""
+    rec = Receiver(tls)
     thread = threading.Thread(
         target=rec.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
     )

@@ -27,6 +27,7 @@ from omnidaemon.webhooks import (
     verify,
 )
 from tests.http_receiver import Answer, Receiver, serving
+from tests.tls_certs import Certificates, make_certificates
 
 SECRET = "test-secret"
 TINY = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=False)
@@ -301,6 +302,68 @@ async def test_the_connection_goes_to_the_checked_address(receiver: Receiver) ->
     assert outcome.status == "delivered"
     [request] = receiver.requests
     assert request.headers["Host"] == f"hooks.test:{receiver.port}"
+
+
+# A name under `.invalid` never resolves (RFC 6761): reaching the server proves that the
+# connection went to the address our resolver gave the check, not to a lookup of its own.
+TLS_NAME = "hooks.omnidaemon.invalid"
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("tls"), TLS_NAME)
+
+
+@pytest.fixture
+def tls_receiver(certificates: Certificates) -> Iterator[Receiver]:
+    with serving(tls=certificates.server_context()) as rec:
+        yield rec
+
+
+@pytest.mark.anyio
+async def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_host(
+    tls_receiver: Receiver, certificates: Certificates
+) -> None:
+    """Over https the name was resolved again by httpx, so the address checked for SSRF was
+    not necessarily the one connected to (issue 15). The certificate names `TLS_NAME` only, no
+    IP address: the delivery verifies only if it is checked against the name."""
+    resolve = fake_resolver({TLS_NAME: ["127.0.0.1"]})
+    async with WebhookSender(
+        settings(), resolve=resolve, ssl_context=certificates.client_context()
+    ) as sender:
+        outcome = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e1")
+    assert (outcome.status, outcome.error) == ("delivered", None)
+    [request] = tls_receiver.requests
+    assert request.headers["Host"] == f"{TLS_NAME}:{tls_receiver.port}"
+    assert tls_receiver.server_names == [TLS_NAME]
+    assert resolve.calls == [TLS_NAME]
+
+
+@pytest.mark.anyio
+async def test_https_certificates_are_verified_against_the_name_on_every_connection(
+    tls_receiver: Receiver, certificates: Certificates
+) -> None:
+    # `other` resolves to the same server, whose certificate is not valid for it: the open
+    # connection verified for `TLS_NAME` must not carry it, and a new one must fail.
+    other = "other.omnidaemon.invalid"
+    resolve = fake_resolver({TLS_NAME: ["127.0.0.1"], other: ["127.0.0.1"]})
+    config = settings(max_elapsed=0.2)
+    async with WebhookSender(
+        config, resolve=resolve, ssl_context=certificates.client_context()
+    ) as sender:
+        first = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e1")
+        second = await sender.deliver(tls_receiver.url(host=other), BODY, event_id="e2")
+    assert first.status == "delivered"
+    assert second.status == "failed"
+    assert second.error is not None and "certificate" in second.error.lower()
+    assert [r.headers["X-Omnidaemon-Event-Id"] for r in tls_receiver.requests] == ["e1"]
+    assert other in tls_receiver.server_names
+    # Without the test CA (default trust), the certificate is not accepted for its own name.
+    async with WebhookSender(config, resolve=resolve) as sender:
+        untrusted = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e3")
+    assert untrusted.status == "failed"
+    assert untrusted.error is not None and "certificate" in untrusted.error.lower()
+    assert len(tls_receiver.requests) == 1
 
 
 @pytest.mark.anyio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import structlog
 from omnidaemon.envelope import dumps
 from omnidaemon.webhooks._settings import WebhookSettings
 from omnidaemon.webhooks._signing import sign
+from omnidaemon.webhooks._transport import PinnedTransport, pinned
 from omnidaemon.webhooks._urls import (
     Resolver,
     WebhookRefused,
@@ -101,12 +103,18 @@ def _describe(exc: BaseException) -> str:
 class WebhookSender:
     """Delivers webhooks over one HTTP connection pool; use it as an async context manager.
 
-    Redirects are not followed (a redirect could point at a private address) and proxy
-    environment variables are ignored (the address checked must be the address connected to).
+    Every attempt connects to an address the URL check approved for it, over http and https
+    alike: the name is not looked up again (DNS rebinding). Over https the URL's host name is
+    still the TLS server name (SNI) and the name the certificate must be valid for, and the
+    `Host` header carries it. Redirects are not followed (a redirect could point at a private
+    address) and proxy environment variables are ignored (the address checked must be the
+    address connected to).
 
     Args:
         settings: Signing, allow-list and retry settings; default: `WebhookSettings.from_env()`.
         resolve: Host name resolver, for tests; default: the system resolver.
+        ssl_context: Certificates trusted for https receivers, for a private CA or tests;
+            default: certifi's CA bundle, as httpx uses.
 
     Attributes:
         counts: Outcomes so far by status, e.g. `{"delivered": 10, "failed": 1, "refused": 0}`.
@@ -119,18 +127,25 @@ class WebhookSender:
     """
 
     def __init__(
-        self, settings: WebhookSettings | None = None, *, resolve: Resolver | None = None
+        self,
+        settings: WebhookSettings | None = None,
+        *,
+        resolve: Resolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings if settings is not None else WebhookSettings.from_env()
         self.counts: dict[WebhookStatus, int] = {"delivered": 0, "failed": 0, "refused": 0}
         self._resolve = resolve or _getaddrinfo
+        self._ssl_context = ssl_context
         self._client: httpx.AsyncClient | None = None
         self._warned_unsigned = False
 
     async def __aenter__(self) -> WebhookSender:
         if self._client is not None:
             raise RuntimeError("WebhookSender is already open")
+        ssl_context = self._ssl_context or httpx.create_ssl_context(trust_env=False)
         self._client = httpx.AsyncClient(
+            transport=PinnedTransport(ssl_context=ssl_context, limits=httpx.Limits()),
             follow_redirects=False,
             trust_env=False,
             timeout=self.settings.timeout,
@@ -249,20 +264,18 @@ class WebhookSender:
                 data, timestamp, self.settings.secret, event_id=event_id
             )
         url = target.url
-        if url.scheme == "http":
-            # Connect to the address just checked, not to whatever a second DNS lookup returns
-            # (DNS rebinding). Over https the certificate check for the host name stops a
-            # rebound connection before any request byte is sent, so the name is kept for SNI.
-            address = target.addresses[(attempt - 1) % len(target.addresses)]
-            headers["Host"] = url.netloc.decode("ascii")
-            url = url.copy_with(host=address.split("%", 1)[0])
-        async with client.stream("POST", url, content=data, headers=headers) as response:
-            received = 0
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received > _MAX_RESPONSE_BYTES:
-                    break
-            return response.status_code, response.headers.get("Retry-After")
+        # A new connection goes to the address just checked, not to whatever a second lookup
+        # returns (DNS rebinding); each attempt tries the next one. The URL keeps the name, for
+        # SNI, certificate verification and `Host`.
+        address = target.addresses[(attempt - 1) % len(target.addresses)]
+        with pinned(url.raw_host.decode("ascii"), target.port, address):
+            async with client.stream("POST", url, content=data, headers=headers) as response:
+                received = 0
+                async for chunk in response.aiter_raw():
+                    received += len(chunk)
+                    if received > _MAX_RESPONSE_BYTES:
+                        break
+                return response.status_code, response.headers.get("Retry-After")
 
     def _record(self, outcome: WebhookOutcome, url: str, event_id: str) -> None:
         self.counts[outcome.status] += 1

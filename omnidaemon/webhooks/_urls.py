@@ -85,6 +85,7 @@ def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 @dataclass(frozen=True, slots=True)
 class _Target:
     url: httpx.URL
+    port: int  # the scheme's default when the URL names none
     addresses: tuple[str, ...]
 
 
@@ -132,7 +133,7 @@ async def _vet(url: str, settings: WebhookSettings, resolve: Resolver) -> _Targe
             raise WebhookRefused(
                 f"webhook to {where} is refused: {reason} address; {_ALLOW_PRIVATE_HINT}"
             )
-    return _Target(parsed, tuple(addresses))
+    return _Target(parsed, port, tuple(addresses))
 
 
 async def check_url(
