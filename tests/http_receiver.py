@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -110,4 +111,72 @@ def serving(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
         rec.release.set()
         rec.server.shutdown()
         rec.server.server_close()
+        thread.join(5)
+
+
+class BlackHole:
+    """Accepts TCP connections and reads whatever comes, but never answers a byte.
+
+    Counts the connections open at once (`peak`), which is how many deliveries a sender has
+    under way against a receiver that never answers.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.open = 0
+        self.peak = 0
+        self._connections: list[socket.socket] = []
+        self._closed = threading.Event()
+
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                self._connections.append(conn)
+            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
+
+    def _swallow(self, conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        with self._lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self._closed.set()
+        with suppress(OSError):  # wakes the blocked accept(), which close() alone does not
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            with suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+@contextmanager
+def black_hole() -> Iterator[BlackHole]:
+    """A `BlackHole` on a free loopback port until the block ends."""
+    hole = BlackHole()
+    thread = threading.Thread(target=hole._accept_loop, daemon=True)
+    thread.start()
+    try:
+        yield hole
+    finally:
+        hole.close()
         thread.join(5)

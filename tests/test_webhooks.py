@@ -26,7 +26,7 @@ from omnidaemon.webhooks import (
     sign,
     verify,
 )
-from tests.http_receiver import Answer, Receiver, serving
+from tests.http_receiver import Answer, Receiver, black_hole, serving
 from tests.tls_certs import Certificates, make_certificates
 
 SECRET = "test-secret"
@@ -551,6 +551,7 @@ def test_from_env_defaults() -> None:
     assert config.allow_private is False
     assert (config.timeout, config.max_elapsed) == (10.0, 300.0)
     assert (config.backoff.initial, config.backoff.maximum) == (1.0, 60.0)
+    assert (config.max_in_flight, config.max_queued_bytes) == (32, 16 * 1024 * 1024)
 
 
 def test_from_env_reads_every_variable() -> None:
@@ -561,12 +562,15 @@ def test_from_env_reads_every_variable() -> None:
             "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": "true",
             "OMNIDAEMON_WEBHOOK_TIMEOUT": "2.5",
             "OMNIDAEMON_WEBHOOK_MAX_ELAPSED": "60",
+            "OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT": "4",
+            "OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES": "0",
         }
     )
     assert config.secret == "s3cret"
     assert config.allowed_hosts == ("hooks.example.com", "*.partner.io")
     assert config.allow_private is True
     assert (config.timeout, config.max_elapsed) == (2.5, 60.0)
+    assert (config.max_in_flight, config.max_queued_bytes) == (4, 0)
     assert "s3cret" not in repr(config)
     for value in ("1", "TRUE", "yes"):
         env = {"OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": value}
@@ -585,6 +589,10 @@ def test_from_env_reads_every_variable() -> None:
         ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "-1"),
         ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "nan"),
         ("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "maybe"),
+        ("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "0"),
+        ("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "many"),
+        ("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "-1"),
+        ("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "16MiB"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "https://hooks.example.com"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com:8443"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com/path"),
@@ -604,6 +612,10 @@ def test_bad_settings_in_code_are_configuration_errors() -> None:
         WebhookSettings(max_elapsed=-1)
     with pytest.raises(ConfigurationError, match="not a host name"):
         WebhookSettings(allowed_hosts=("http://x.example",))
+    with pytest.raises(ConfigurationError, match="max_in_flight"):
+        WebhookSettings(max_in_flight=0)
+    with pytest.raises(ConfigurationError, match="max_queued_bytes"):
+        WebhookSettings(max_queued_bytes=-1)
 
 
 # Through the worker ------------------------------------------------------------------------
@@ -755,3 +767,89 @@ async def test_a_result_json_cannot_carry_is_dead_lettered_and_the_worker_goes_o
     assert body["event_id"] == event_id and body["status"] == "dead_lettered"
     assert body["error"]["type"] == "ResultNotJSON"
     assert result.status == "dead_lettered" and letter.error_type == "ResultNotJSON"
+
+
+@pytest.mark.anyio
+async def test_a_receiver_that_never_answers_costs_a_bounded_number_of_deliveries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every finished event started a delivery retried for up to 300 s, with no cap: a
+    receiver that accepts and never answers grew a worker by 120 MB for 200 events of 256 KiB
+    (issue 15). At most MAX_IN_FLIGHT deliveries run, MAX_QUEUED_BYTES of bodies wait, the
+    rest are dropped and logged, and events are still handled and acknowledged at once."""
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+    from omnidaemon.worker import Worker
+
+    blob = "x" * 16_000  # every body is a little over 16 000 bytes: two fit in 40 000
+    _envs(monkeypatch)
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_TIMEOUT", "60")  # attempts hang until the test ends
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "3")
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "40000")
+    broker = MemoryBroker(None)
+    app = App("hooks", broker=broker)
+    handled: list[int] = []
+
+    @app.agent("silent.jobs", concurrency=8)
+    async def work(event: dict[str, Any]) -> dict[str, Any]:
+        handled.append(event["n"])
+        return {"blob": event["blob"]}
+
+    events = 30
+    with black_hole() as hole, capture_logs() as logs:
+        worker = Worker(app, shutdown_grace=0.2)
+        async with worker.started():
+            for n in range(events):
+                await app.publish("silent.jobs", {"n": n, "blob": blob}, webhook=hole.url())
+            [consumer] = worker.consumers
+            with anyio.fail_after(10):  # promptly, though no webhook will ever be answered
+                # Handled and acknowledged, with the deliveries under way.
+                while (
+                    len(handled) < events
+                    or broker.pending(consumer.subscription)
+                    or hole.accepted < 3
+                ):
+                    await anyio.sleep(0.02)
+            # Dropped as they finish, before their acknowledgement: all logged by now.
+            dropped = [e for e in logs if e["event"] == "webhook dropped"]
+            assert len(dropped) == events - 3 - 2
+            assert hole.peak == 3
+            notifier = worker.notifier
+            assert notifier is not None
+            assert (notifier.in_flight, notifier.queued) == (3, 2)
+            assert notifier.counts["dropped"] == events - 3 - 2
+    assert all(e["host"] == "127.0.0.1" and "MAX_IN_FLIGHT" in e["hint"] for e in dropped)
+    stopping = [e for e in logs if e["event"] == "webhooks not sent: the worker is stopping"]
+    assert [(e["in_flight"], e["queued"]) for e in stopping] == [(3, 2)]
+
+
+@pytest.mark.anyio
+async def test_deliveries_beyond_the_in_flight_limit_wait_their_turn(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is what keeps a burst to a healthy receiver from being dropped."""
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+    from omnidaemon.worker import Worker
+
+    _envs(monkeypatch)
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "1")
+    app = App("hooks", broker=MemoryBroker(None))
+
+    @app.agent("burst.jobs", concurrency=8)
+    async def work(event: dict[str, Any]) -> int:
+        return int(event["n"])
+
+    worker = Worker(app)
+    async with worker.started():
+        ids = [
+            await app.publish("burst.jobs", {"n": n}, webhook=receiver.url(f"/{n}"))
+            for n in range(10)
+        ]
+        with anyio.fail_after(10):
+            while len(receiver.requests) < 10:
+                await anyio.sleep(0.02)
+        assert worker.notifier is not None
+        assert worker.notifier.counts == {"delivered": 10, "failed": 0, "refused": 0, "dropped": 0}
+    received = {r.headers["X-Omnidaemon-Event-Id"] for r in receiver.requests}
+    assert received == set(ids)

@@ -163,7 +163,9 @@ class WebhookSender:
         if client is not None:
             await client.aclose()
 
-    async def deliver(self, url: str, body: Mapping[str, Any], *, event_id: str) -> WebhookOutcome:
+    async def deliver(
+        self, url: str, body: Mapping[str, Any] | bytes, *, event_id: str
+    ) -> WebhookOutcome:
         """POST `body` as JSON to `url`, retrying until delivered or `max_elapsed` has passed.
 
         Never raises for a delivery problem: the outcome says what happened, and is logged
@@ -171,7 +173,8 @@ class WebhookSender:
 
         Args:
             url: The webhook URL, as published (untrusted: it is checked before each attempt).
-            body: The JSON object to send.
+            body: The JSON object to send, or its JSON encoding, sent as it is (a queue of
+                deliveries keeps the bytes only).
             event_id: The event's id, sent as `X-Omnidaemon-Event-Id` for deduplication.
 
         Raises:
@@ -181,7 +184,7 @@ class WebhookSender:
         client = self._client
         if client is None:
             raise RuntimeError("WebhookSender is not open; use `async with WebhookSender(...)`")
-        data = dumps(dict(body))
+        data = body if isinstance(body, bytes) else dumps(dict(body))
         settings = self.settings
         if settings.secret is None and not self._warned_unsigned:
             self._warned_unsigned = True

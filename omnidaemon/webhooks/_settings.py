@@ -33,6 +33,19 @@ def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero_ok: 
     return value
 
 
+def _env_count(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 def _env_bool(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -92,6 +105,13 @@ class WebhookSettings:
         max_elapsed: `OMNIDAEMON_WEBHOOK_MAX_ELAPSED`, seconds after the first attempt during
             which failed deliveries are retried; no attempt starts later. `0` tries once.
         backoff: The delay between attempts.
+        max_in_flight: `OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT`, deliveries a worker runs at once
+            (each one until delivered, refused or out of retry time); at least 1.
+        max_queued_bytes: `OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES`, encoded bodies a worker keeps
+            waiting for a delivery slot, in bytes (16 MiB by default). A webhook that does not
+            fit is dropped: logged (`webhook dropped`) and counted, never waited for, so a
+            slow or silent receiver costs a worker bounded memory and never delays
+            acknowledgements. `0` queues nothing.
     """
 
     secret: str | None = field(default=None, repr=False)
@@ -100,8 +120,18 @@ class WebhookSettings:
     timeout: float = 10.0
     max_elapsed: float = 300.0
     backoff: Backoff = _DEFAULT_BACKOFF
+    max_in_flight: int = 32
+    max_queued_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ConfigurationError(
+                f"webhook max_in_flight={self.max_in_flight!r} must be at least 1"
+            )
+        if self.max_queued_bytes < 0:
+            raise ConfigurationError(
+                f"webhook max_queued_bytes={self.max_queued_bytes!r} must be >= 0"
+            )
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ConfigurationError(f"webhook timeout={self.timeout!r} must be more than 0")
         if not (math.isfinite(self.max_elapsed) and self.max_elapsed >= 0):
@@ -146,4 +176,8 @@ class WebhookSettings:
             allow_private=_env_bool(env, "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE"),
             timeout=_env_seconds(env, "OMNIDAEMON_WEBHOOK_TIMEOUT", 10.0, zero_ok=False),
             max_elapsed=_env_seconds(env, "OMNIDAEMON_WEBHOOK_MAX_ELAPSED", 300.0, zero_ok=True),
+            max_in_flight=_env_count(env, "OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", 32, minimum=1),
+            max_queued_bytes=_env_count(
+                env, "OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", 16 * 1024 * 1024, minimum=0
+            ),
         )
