@@ -103,8 +103,9 @@ def _describe(exc: BaseException) -> str:
 class WebhookSender:
     """Delivers webhooks over one HTTP connection pool; use it as an async context manager.
 
-    Every attempt connects to an address the URL check approved for it, over http and https
-    alike: the name is not looked up again (DNS rebinding). Over https the URL's host name is
+    Every new connection goes to an address the URL check approved for the attempt, over http
+    and https alike: the name is not looked up again (DNS rebinding); a kept-alive connection
+    is reused only for its own host name. Over https the URL's host name is
     still the TLS server name (SNI) and the name the certificate must be valid for, and the
     `Host` header carries it. Redirects are not followed (a redirect could point at a private
     address) and proxy environment variables are ignored (the address checked must be the
@@ -145,7 +146,12 @@ class WebhookSender:
             raise RuntimeError("WebhookSender is already open")
         ssl_context = self._ssl_context or httpx.create_ssl_context(trust_env=False)
         self._client = httpx.AsyncClient(
-            transport=PinnedTransport(ssl_context=ssl_context, limits=httpx.Limits()),
+            # httpx's default pool size, but never below the notifier's bound on deliveries,
+            # so that the pool never becomes a second, hidden limit with its own timeouts.
+            transport=PinnedTransport(
+                ssl_context=ssl_context,
+                limits=httpx.Limits(max_connections=max(100, self.settings.max_in_flight)),
+            ),
             follow_redirects=False,
             trust_env=False,
             timeout=self.settings.timeout,
