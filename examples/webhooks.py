@@ -37,6 +37,7 @@ class Receiver(BaseHTTPRequestHandler):
             self.headers.get("X-Omnidaemon-Signature"),
             self.headers.get("X-Omnidaemon-Timestamp"),
             os.environ["OMNIDAEMON_WEBHOOK_SECRET"],
+            event_id=self.headers.get("X-Omnidaemon-Event-Id"),
         )
         received.append({"signature_ok": ok, **json.loads(body)})
         if len(received) == 2:

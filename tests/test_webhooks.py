@@ -26,7 +26,8 @@ from omnidaemon.webhooks import (
     sign,
     verify,
 )
-from tests.http_receiver import Answer, Receiver, serving
+from tests.http_receiver import Answer, Receiver, black_hole, serving
+from tests.tls_certs import Certificates, make_certificates
 
 SECRET = "test-secret"
 TINY = Backoff(initial=0.01, factor=2.0, maximum=0.05, jitter=False)
@@ -69,28 +70,42 @@ BODY = {"event_id": "evt-1", "topic": "doc.done", "status": "succeeded", "result
 # Signatures -------------------------------------------------------------------------------------
 
 
-def test_sign_is_hmac_sha256_over_timestamp_dot_body() -> None:
+def test_sign_is_hmac_sha256_over_timestamp_event_id_and_body() -> None:
     body = b'{"a":1}'
-    expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert sign(body, 1_700_000_000, "k") == f"sha256={expected}"
+    message = b"1700000000\nevt-1\n" + body
+    expected = hmac.new(b"k", message, hashlib.sha256).hexdigest()
+    assert sign(body, 1_700_000_000, "k", event_id="evt-1") == f"sha256={expected}"
 
 
 def test_verify_accepts_a_fresh_signature_and_rejects_tampering_and_replays() -> None:
     body, ts = b'{"a":1}', 1_700_000_000
-    signature = sign(body, ts, SECRET)
-    assert verify(body, signature, ts, SECRET, now=ts + 10)
-    assert verify(body, signature, str(ts), SECRET, now=ts - 10)  # header value, clock skew
-    assert not verify(b'{"a":2}', signature, ts, SECRET, now=ts)  # tampered body
-    assert not verify(body, signature, ts, "other-secret", now=ts)
-    assert not verify(body, signature, ts + 1, SECRET, now=ts)  # timestamp changed
-    assert not verify(body, signature, ts, SECRET, now=ts + 301)  # too old: replay
-    assert not verify(body, signature, ts, SECRET, now=ts - 301)  # from the future
-    assert verify(body, signature, ts, SECRET, now=ts + 1000, tolerance=1000)
-    assert not verify(body, "sha256=" + "0" * 64, ts, SECRET, now=ts)
-    assert not verify(body, "garbage-ü", ts, SECRET, now=ts)
-    assert not verify(body, signature, "yesterday", SECRET, now=ts)
-    assert not verify(body, None, ts, SECRET, now=ts)  # header missing
-    assert not verify(body, signature, None, SECRET, now=ts)
+    signature = sign(body, ts, SECRET, event_id="e1")
+    check = partial(verify, event_id="e1")
+    assert check(body, signature, ts, SECRET, now=ts + 10)
+    assert check(body, signature, str(ts), SECRET, now=ts - 10)  # header value, clock skew
+    assert not check(b'{"a":2}', signature, ts, SECRET, now=ts)  # tampered body
+    assert not check(body, signature, ts, "other-secret", now=ts)
+    assert not check(body, signature, ts + 1, SECRET, now=ts)  # timestamp changed
+    assert not check(body, signature, ts, SECRET, now=ts + 301)  # too old: replay
+    assert not check(body, signature, ts, SECRET, now=ts - 301)  # from the future
+    assert check(body, signature, ts, SECRET, now=ts + 1000, tolerance=1000)
+    assert not check(body, "sha256=" + "0" * 64, ts, SECRET, now=ts)
+    assert not check(body, "garbage-ü", ts, SECRET, now=ts)
+    assert not check(body, signature, "yesterday", SECRET, now=ts)
+    assert not check(body, None, ts, SECRET, now=ts)  # header missing
+    assert not check(body, signature, None, SECRET, now=ts)
+    assert not verify(body, signature, ts, SECRET, now=ts)  # event id header missing
+    assert not verify(body, signature, ts, SECRET, event_id="e2", now=ts)
+
+
+def test_the_signed_parts_cannot_be_shifted_into_one_another() -> None:
+    # With a separator an id could contain, "e" + "\n{..." and "e\n{" + "..." would sign the
+    # same bytes; a header value never holds a line break, so verify refuses one outright.
+    ts = 1_700_000_000
+    signature = sign(b"x\n{}", ts, SECRET, event_id="e")
+    assert verify(b"x\n{}", signature, ts, SECRET, event_id="e", now=ts)
+    assert sign(b"{}", ts, SECRET, event_id="e\nx") == signature
+    assert not verify(b"{}", signature, ts, SECRET, event_id="e\nx", now=ts)
 
 
 # Delivery ---------------------------------------------------------------------------------------
@@ -114,9 +129,36 @@ async def test_body_and_headers_arrive_and_the_receiver_verifies_them(receiver: 
     timestamp = int(headers["X-Omnidaemon-Timestamp"])
     assert abs(timestamp - time.time()) < 60
     signature = headers["X-Omnidaemon-Signature"]
-    assert verify(request.body, signature, headers["X-Omnidaemon-Timestamp"], SECRET)
-    assert not verify(request.body + b" ", signature, timestamp, SECRET)
-    assert not verify(request.body, signature, timestamp, SECRET, now=timestamp + 3600)
+    check = partial(verify, event_id="evt-1")
+    assert check(request.body, signature, headers["X-Omnidaemon-Timestamp"], SECRET)
+    assert not check(request.body + b" ", signature, timestamp, SECRET)
+    assert not check(request.body, signature, timestamp, SECRET, now=timestamp + 3600)
+
+
+@pytest.mark.anyio
+async def test_a_captured_delivery_replayed_under_another_event_id_fails_verify(
+    receiver: Receiver,
+) -> None:
+    """Receivers deduplicate on `X-Omnidaemon-Event-Id`; the signature left it out, so a
+    captured delivery replayed with a fresh id passed `verify` and was acted on twice
+    (issue 15)."""
+    async with WebhookSender(settings()) as sender:
+        await sender.deliver(receiver.url(), BODY, event_id="evt-1")
+    [captured] = receiver.requests
+    headers = captured.headers
+
+    def passes(event_id: str) -> bool:
+        return verify(
+            captured.body,
+            headers["X-Omnidaemon-Signature"],
+            headers["X-Omnidaemon-Timestamp"],
+            SECRET,
+            event_id=event_id,
+        )
+
+    assert passes(headers["X-Omnidaemon-Event-Id"])  # intact
+    assert not passes("evt-2")  # replayed as a new event
+    assert not passes("evt-1 ")
 
 
 @pytest.mark.anyio
@@ -148,6 +190,7 @@ async def test_errors_are_retried_until_delivered(receiver: Receiver) -> None:
             request.headers["X-Omnidaemon-Signature"],
             request.headers["X-Omnidaemon-Timestamp"],
             SECRET,
+            event_id=request.headers["X-Omnidaemon-Event-Id"],
         )
 
 
@@ -259,6 +302,68 @@ async def test_the_connection_goes_to_the_checked_address(receiver: Receiver) ->
     assert outcome.status == "delivered"
     [request] = receiver.requests
     assert request.headers["Host"] == f"hooks.test:{receiver.port}"
+
+
+# A name under `.invalid` never resolves (RFC 6761): reaching the server proves that the
+# connection went to the address our resolver gave the check, not to a lookup of its own.
+TLS_NAME = "hooks.omnidaemon.invalid"
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("tls"), TLS_NAME)
+
+
+@pytest.fixture
+def tls_receiver(certificates: Certificates) -> Iterator[Receiver]:
+    with serving(tls=certificates.server_context()) as rec:
+        yield rec
+
+
+@pytest.mark.anyio
+async def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_host(
+    tls_receiver: Receiver, certificates: Certificates
+) -> None:
+    """Over https the name was resolved again by httpx, so the address checked for SSRF was
+    not necessarily the one connected to (issue 15). The certificate names `TLS_NAME` only, no
+    IP address: the delivery verifies only if it is checked against the name."""
+    resolve = fake_resolver({TLS_NAME: ["127.0.0.1"]})
+    async with WebhookSender(
+        settings(), resolve=resolve, ssl_context=certificates.client_context()
+    ) as sender:
+        outcome = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e1")
+    assert (outcome.status, outcome.error) == ("delivered", None)
+    [request] = tls_receiver.requests
+    assert request.headers["Host"] == f"{TLS_NAME}:{tls_receiver.port}"
+    assert tls_receiver.server_names == [TLS_NAME]
+    assert resolve.calls == [TLS_NAME]
+
+
+@pytest.mark.anyio
+async def test_https_certificates_are_verified_against_the_name_on_every_connection(
+    tls_receiver: Receiver, certificates: Certificates
+) -> None:
+    # `other` resolves to the same server, whose certificate is not valid for it: the open
+    # connection verified for `TLS_NAME` must not carry it, and a new one must fail.
+    other = "other.omnidaemon.invalid"
+    resolve = fake_resolver({TLS_NAME: ["127.0.0.1"], other: ["127.0.0.1"]})
+    config = settings(max_elapsed=0.2)
+    async with WebhookSender(
+        config, resolve=resolve, ssl_context=certificates.client_context()
+    ) as sender:
+        first = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e1")
+        second = await sender.deliver(tls_receiver.url(host=other), BODY, event_id="e2")
+    assert first.status == "delivered"
+    assert second.status == "failed"
+    assert second.error is not None and "certificate" in second.error.lower()
+    assert [r.headers["X-Omnidaemon-Event-Id"] for r in tls_receiver.requests] == ["e1"]
+    assert other in tls_receiver.server_names
+    # Without the test CA (default trust), the certificate is not accepted for its own name.
+    async with WebhookSender(config, resolve=resolve) as sender:
+        untrusted = await sender.deliver(tls_receiver.url(host=TLS_NAME), BODY, event_id="e3")
+    assert untrusted.status == "failed"
+    assert untrusted.error is not None and "certificate" in untrusted.error.lower()
+    assert len(tls_receiver.requests) == 1
 
 
 @pytest.mark.anyio
@@ -446,6 +551,7 @@ def test_from_env_defaults() -> None:
     assert config.allow_private is False
     assert (config.timeout, config.max_elapsed) == (10.0, 300.0)
     assert (config.backoff.initial, config.backoff.maximum) == (1.0, 60.0)
+    assert (config.max_in_flight, config.max_queued_bytes) == (32, 16 * 1024 * 1024)
 
 
 def test_from_env_reads_every_variable() -> None:
@@ -456,12 +562,15 @@ def test_from_env_reads_every_variable() -> None:
             "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": "true",
             "OMNIDAEMON_WEBHOOK_TIMEOUT": "2.5",
             "OMNIDAEMON_WEBHOOK_MAX_ELAPSED": "60",
+            "OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT": "4",
+            "OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES": "0",
         }
     )
     assert config.secret == "s3cret"
     assert config.allowed_hosts == ("hooks.example.com", "*.partner.io")
     assert config.allow_private is True
     assert (config.timeout, config.max_elapsed) == (2.5, 60.0)
+    assert (config.max_in_flight, config.max_queued_bytes) == (4, 0)
     assert "s3cret" not in repr(config)
     for value in ("1", "TRUE", "yes"):
         env = {"OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE": value}
@@ -480,6 +589,10 @@ def test_from_env_reads_every_variable() -> None:
         ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "-1"),
         ("OMNIDAEMON_WEBHOOK_MAX_ELAPSED", "nan"),
         ("OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", "maybe"),
+        ("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "0"),
+        ("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "many"),
+        ("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "-1"),
+        ("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "16MiB"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "https://hooks.example.com"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com:8443"),
         ("OMNIDAEMON_WEBHOOK_ALLOWED_HOSTS", "hooks.example.com/path"),
@@ -499,6 +612,10 @@ def test_bad_settings_in_code_are_configuration_errors() -> None:
         WebhookSettings(max_elapsed=-1)
     with pytest.raises(ConfigurationError, match="not a host name"):
         WebhookSettings(allowed_hosts=("http://x.example",))
+    with pytest.raises(ConfigurationError, match="max_in_flight"):
+        WebhookSettings(max_in_flight=0)
+    with pytest.raises(ConfigurationError, match="max_queued_bytes"):
+        WebhookSettings(max_queued_bytes=-1)
 
 
 # Through the worker ------------------------------------------------------------------------
@@ -548,6 +665,7 @@ async def test_the_worker_posts_each_outcome_once_when_the_event_is_finished(
             headers["x-omnidaemon-signature"],
             headers["x-omnidaemon-timestamp"],
             "whsec-test",
+            event_id=headers["x-omnidaemon-event-id"],
         )
     good = orjson.loads(by_path["/ok"].body)
     assert good["event_id"] == ok and good["status"] == "succeeded"
@@ -649,3 +767,89 @@ async def test_a_result_json_cannot_carry_is_dead_lettered_and_the_worker_goes_o
     assert body["event_id"] == event_id and body["status"] == "dead_lettered"
     assert body["error"]["type"] == "ResultNotJSON"
     assert result.status == "dead_lettered" and letter.error_type == "ResultNotJSON"
+
+
+@pytest.mark.anyio
+async def test_a_receiver_that_never_answers_costs_a_bounded_number_of_deliveries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every finished event started a delivery retried for up to 300 s, with no cap: a
+    receiver that accepts and never answers grew a worker by 120 MB for 200 events of 256 KiB
+    (issue 15). At most MAX_IN_FLIGHT deliveries run, MAX_QUEUED_BYTES of bodies wait, the
+    rest are dropped and logged, and events are still handled and acknowledged at once."""
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+    from omnidaemon.worker import Worker
+
+    blob = "x" * 16_000  # every body is a little over 16 000 bytes: two fit in 40 000
+    _envs(monkeypatch)
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_TIMEOUT", "60")  # attempts hang until the test ends
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "3")
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", "40000")
+    broker = MemoryBroker(None)
+    app = App("hooks", broker=broker)
+    handled: list[int] = []
+
+    @app.agent("silent.jobs", concurrency=8)
+    async def work(event: dict[str, Any]) -> dict[str, Any]:
+        handled.append(event["n"])
+        return {"blob": event["blob"]}
+
+    events = 30
+    with black_hole() as hole, capture_logs() as logs:
+        worker = Worker(app, shutdown_grace=0.2)
+        async with worker.started():
+            for n in range(events):
+                await app.publish("silent.jobs", {"n": n, "blob": blob}, webhook=hole.url())
+            [consumer] = worker.consumers
+            with anyio.fail_after(10):  # promptly, though no webhook will ever be answered
+                # Handled and acknowledged, with the deliveries under way.
+                while (
+                    len(handled) < events
+                    or broker.pending(consumer.subscription)
+                    or hole.accepted < 3
+                ):
+                    await anyio.sleep(0.02)
+            # Dropped as they finish, before their acknowledgement: all logged by now.
+            dropped = [e for e in logs if e["event"] == "webhook dropped"]
+            assert len(dropped) == events - 3 - 2
+            assert hole.peak == 3
+            notifier = worker.notifier
+            assert notifier is not None
+            assert (notifier.in_flight, notifier.queued) == (3, 2)
+            assert notifier.counts["dropped"] == events - 3 - 2
+    assert all(e["host"] == "127.0.0.1" and "MAX_IN_FLIGHT" in e["hint"] for e in dropped)
+    stopping = [e for e in logs if e["event"] == "webhooks not sent: the worker is stopping"]
+    assert [(e["in_flight"], e["queued"]) for e in stopping] == [(3, 2)]
+
+
+@pytest.mark.anyio
+async def test_deliveries_beyond_the_in_flight_limit_wait_their_turn(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is what keeps a burst to a healthy receiver from being dropped."""
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+    from omnidaemon.worker import Worker
+
+    _envs(monkeypatch)
+    monkeypatch.setenv("OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", "1")
+    app = App("hooks", broker=MemoryBroker(None))
+
+    @app.agent("burst.jobs", concurrency=8)
+    async def work(event: dict[str, Any]) -> int:
+        return int(event["n"])
+
+    worker = Worker(app)
+    async with worker.started():
+        ids = [
+            await app.publish("burst.jobs", {"n": n}, webhook=receiver.url(f"/{n}"))
+            for n in range(10)
+        ]
+        with anyio.fail_after(10):
+            while len(receiver.requests) < 10:
+                await anyio.sleep(0.02)
+        assert worker.notifier is not None
+        assert worker.notifier.counts == {"delivered": 10, "failed": 0, "refused": 0, "dropped": 0}
+    received = {r.headers["X-Omnidaemon-Event-Id"] for r in receiver.requests}
+    assert received == set(ids)

@@ -91,6 +91,8 @@ class Worker:
             for spec in specs
         ]
         self._stop = anyio.Event()
+        # The webhook deliveries of this worker (in flight, queued, outcomes), while it runs.
+        self.notifier: OutcomeNotifier | None = None
         self.heartbeat = Heartbeat(
             app.broker,
             worker=self.name,
@@ -130,6 +132,7 @@ class Worker:
             app.lifespan(),
             OutcomeNotifier.running() as notifier,
         ):
+            self.notifier = notifier
             for consumer in self.consumers:
                 consumer.notifier = notifier
                 await consumer.subscribe()
