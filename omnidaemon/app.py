@@ -261,13 +261,13 @@ class App:
         """
         return Topology.of(self._agents.values())
 
-    def check_payload(self, topic: str, payload: Any) -> None:
+    def check_payload(self, topic: str, payload: Any, *, validated_as: Any = None) -> None:
         """Raise `PayloadValidationError` if `payload` contradicts a type an agent of this app
-        declares for `topic` (as a payload parameter, or as the return type of `publishes=`).
-        Publishing calls this; topics without declared types accept anything."""
+        declares for `topic` (as a payload parameter, or as the return type of `publishes=`),
+        other than `validated_as`. Every publish calls this, a worker's outputs included."""
         if self._topic_types is None:
             self._topic_types = TopicTypes(self._agents.values())
-        self._topic_types.check(topic, payload)
+        self._topic_types.check(topic, payload, validated_as=validated_as)
 
     def on_startup(self, hook: Hook) -> Hook:
         """Register an async function the worker runs before it consumes any event."""
