@@ -35,7 +35,7 @@ from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError, PayloadTooLarge
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
-from omnidaemon.results import Result
+from omnidaemon.results import Result, wait_result
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
 from omnidaemon.sync import SyncPublisher
@@ -628,33 +628,7 @@ class App:
             ValueError: several agents stored results and `agent` was not given.
         """
         await self.connect()
-        deadline = None if timeout is None else anyio.current_time() + timeout
-        delay = 0.01
-        while True:
-            current = await self._current_result(event_id, agent)
-            if current.finished or deadline is None:
-                return current
-            if anyio.current_time() >= deadline:
-                raise TimeoutError(
-                    f"event {event_id} did not finish within {timeout:g} s "
-                    f"(status: {current.status})"
-                )
-            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
-            delay = min(delay * 2, 0.5)
-
-    async def _current_result(self, event_id: str, agent: str | None) -> Result:
-        records = await self.broker.get_results(event_id)
-        if agent is not None:
-            record = records.get(agent)
-        elif len(records) > 1:
-            raise ValueError(
-                f"agents {', '.join(sorted(records))} stored results for {event_id}: pass agent=..."
-            )
-        else:
-            record = next(iter(records.values()), None)
-        if record is None:
-            return Result(event_id=event_id, agent=agent, status="pending")
-        return Result.decode(record)
+        return await wait_result(self.broker, event_id, agent, timeout)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
         """The `limit` most recent events in `agent`'s dead-letter queue, oldest first."""
