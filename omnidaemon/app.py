@@ -30,7 +30,12 @@ from pydantic import TypeAdapter
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
-from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.dead_letters import (
+    DeadLetter,
+    ReplaySelection,
+    read_dead_letters,
+    warn_undecodable,
+)
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError, PayloadTooLarge
 from omnidaemon.observability import tracing
@@ -631,11 +636,16 @@ class App:
         return await wait_result(self.broker, event_id, agent, timeout)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
-        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first."""
+        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first.
+
+        A record among them that cannot be read (not written by a worker) is skipped and
+        logged as a warning with its id and why (`omnidaemon bus dlq` lists them too)."""
         spec = self.get_agent(agent)
         await self.connect()
         records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)
-        return [DeadLetter.decode(record) for record in records]
+        letters, undecodable = read_dead_letters(records, spec.topic, spec.name)
+        warn_undecodable(undecodable, "skipped")
+        return letters
 
     async def replay_dead_letters(
         self, agent: str, *, event_ids: Iterable[str] | None = None
@@ -650,19 +660,17 @@ class App:
             event_ids: Replay only these events; default: every record in the queue.
 
         Returns:
-            How many events were re-queued.
+            How many events were re-queued. A record that cannot be read is not: it stays in
+            the queue and is logged as a warning.
         """
         spec = self.get_agent(agent)
-        wanted = None if event_ids is None else set(event_ids)
-
-        def select(record: bytes) -> bytes | None:
-            letter = DeadLetter.decode(record)
-            if wanted is not None and letter.event_id not in wanted:
-                return None
-            return letter.entry.encode()
-
+        select = ReplaySelection(
+            spec.topic, spec.name, None if event_ids is None else set(event_ids)
+        )
         await self.connect()
-        return await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+        moved = await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+        warn_undecodable(select.undecodable, "not replayable, left in the queue")
+        return moved
 
     # Running ------------------------------------------------------------------------------
 
