@@ -274,6 +274,7 @@ class AgentConsumer(Fetching, Outcomes):
             event_id=envelope.id,
             attempt=delivery.attempt,
             headers=envelope.headers,
+            trust_parent=self._app.settings.trust_trace_context,
         ):
             await self._process_event(delivery, envelope)
 
