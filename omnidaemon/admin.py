@@ -16,10 +16,16 @@ from typing import Any
 import orjson
 
 from omnidaemon.brokers.base import Broker, GroupInfo, Subscription, TopicInfo
-from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.dead_letters import (
+    DeadLetter,
+    ReplaySelection,
+    UndecodableRecord,
+    read_dead_letters,
+)
 from omnidaemon.errors import NotFound
 
 __all__ = [
+    "DeadLetterListing",
     "ReplayOutcome",
     "ReplayPreview",
     "find_dead_letters",
@@ -58,21 +64,43 @@ async def require_group(broker: Broker, topic: str, agent: str) -> GroupInfo:
     return group
 
 
+# The envelope fields shown as text; an entry with any of them of another type is no envelope.
+_TEXT_FIELDS = (
+    "id",
+    "topic",
+    "created_at",
+    "correlation_id",
+    "causation_id",
+    "reply_to",
+    "webhook",
+    "source",
+    "tenant_id",
+    "unreadable",
+)
+
+
 def _decode_entry(entry_id: str, data: bytes) -> dict[str, Any]:
     try:
         envelope = orjson.loads(data)
         if not isinstance(envelope, dict):
             raise ValueError("not an object")
+        # Anyone can XADD to a topic: an object whose fields have the wrong types is shown
+        # as text too, rather than break whoever displays it (the API's model, a table).
+        if any(not isinstance(envelope.get(f, ""), str | None) for f in _TEXT_FIELDS) or not (
+            isinstance(envelope.get("headers", {}), dict | None)
+        ):
+            raise ValueError("not an envelope")
     except ValueError:
         # Another producer's entry, or a damaged one: shown as text, not an error.
         return {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace")}
-    return {"entry_id": entry_id, **envelope}
+    return {**envelope, "entry_id": entry_id}
 
 
 async def recent_entries(broker: Broker, topic: str, limit: int) -> list[dict[str, Any]]:
     """The topic's `limit` most recent entries, oldest first, each decoded: its bus id as
     `entry_id` and the envelope's fields (`id`, `created_at`, `payload`, ...), or `entry_id`
-    and `unreadable` (the raw text) for an entry that is not a JSON object.
+    and `unreadable` (the raw text) for an entry that is not a JSON object or whose envelope
+    fields have the wrong types.
 
     Raises:
         NotFound: the bus has no such topic.
@@ -81,16 +109,32 @@ async def recent_entries(broker: Broker, topic: str, limit: int) -> list[dict[st
     return [_decode_entry(entry_id, data) for entry_id, data in await broker.entries(topic, limit)]
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterListing:
+    """Dead letters found, and the records among the most recent that could not be read.
+
+    Attributes:
+        letters: The dead letters, oldest first.
+        undecodable: Records of the queues looked at that are not readable dead letters
+            (written into the bus by hand, or damaged): skipped, not an error.
+    """
+
+    letters: tuple[DeadLetter, ...]
+    undecodable: tuple[UndecodableRecord, ...]
+
+
 async def find_dead_letters(
     broker: Broker, *, topic: str | None = None, agent: str | None = None, limit: int = 20
-) -> list[DeadLetter]:
+) -> DeadLetterListing:
     """The `limit` most recent dead letters, oldest first, of every topic or only `topic`,
-    of every agent or only `agent`.
+    of every agent or only `agent`, and the records among each queue's `limit` most recent
+    that could not be read.
 
     Raises:
         NotFound: `topic` was given and the bus has no such topic.
     """
     letters: list[DeadLetter] = []
+    undecodable: list[UndecodableRecord] = []
     names = [topic] if topic is not None else await broker.topics()
     for name in names:
         info = await broker.describe(name)
@@ -101,9 +145,11 @@ async def find_dead_letters(
         for g in info.groups:
             if (agent is None or g.group == agent) and g.dead_letters:
                 records = await broker.dead_letters(Subscription(name, g.group), limit)
-                letters += [DeadLetter.decode(r) for r in records]
+                readable, unreadable = read_dead_letters(records, name, g.group)
+                letters += readable
+                undecodable += unreadable
     letters.sort(key=lambda d: d.failed_at)
-    return letters[-limit:]
+    return DeadLetterListing(tuple(letters[-limit:]), tuple(undecodable))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +159,12 @@ class ReplayPreview:
     Attributes:
         chosen: The dead letters that would be replayed.
         total: How many records the agent's dead-letter queue holds.
+        undecodable: Records that could not be read, so would not be replayed.
     """
 
     chosen: tuple[DeadLetter, ...]
     total: int
+    undecodable: tuple[UndecodableRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +173,15 @@ class ReplayOutcome:
 
     Attributes:
         replayed: How many events were re-queued.
-        event_ids: The ids of the events chosen for replay (`None` for an unreadable record).
+        event_ids: The ids of the events chosen for replay (`None` for a record without one).
         missing: The named event ids that are not in the agent's dead letters.
+        undecodable: Records that could not be read, so were left where they are.
     """
 
     replayed: int
     event_ids: tuple[str | None, ...]
     missing: tuple[str, ...]
+    undecodable: tuple[UndecodableRecord, ...] = ()
 
 
 async def preview_replay(
@@ -147,10 +197,9 @@ async def preview_replay(
     """
     group = await require_group(broker, topic, agent)
     records = await broker.dead_letters(Subscription(topic, agent), max(1, group.dead_letters))
-    chosen = tuple(
-        d for d in map(DeadLetter.decode, records) if event_ids is None or d.event_id in event_ids
-    )
-    return ReplayPreview(chosen, len(records))
+    letters, undecodable = read_dead_letters(records, topic, agent)
+    chosen = tuple(d for d in letters if event_ids is None or d.event_id in event_ids)
+    return ReplayPreview(chosen, len(records), tuple(undecodable))
 
 
 async def replay_dead_letters(
@@ -164,7 +213,8 @@ async def replay_dead_letters(
     """Deliver `agent`'s dead letters on `topic` to it again, each as a new first attempt.
 
     Only that agent sees them again; the records leave the dead-letter queue as they go, each
-    in one atomic step.
+    in one atomic step. A record that cannot be read stays where it is, reported in
+    `undecodable`.
 
     Args:
         event_ids: Only these events; default: every record.
@@ -174,20 +224,17 @@ async def replay_dead_letters(
         NotFound: no agent of that name reads the topic.
     """
     await require_group(broker, topic, agent)
-    chosen: list[str | None] = []
+    selection = ReplaySelection(topic, agent, event_ids)
 
-    def select(record: bytes) -> bytes | None:
+    def select(record_id: str, record: bytes) -> bytes | None:
         if on_record is not None:
             on_record()
-        letter = DeadLetter.decode(record)
-        if event_ids is not None and letter.event_id not in event_ids:
-            return None
-        chosen.append(letter.event_id)
-        return letter.entry.encode()
+        return selection(record_id, record)
 
     moved = await broker.replay_dead_letters(Subscription(topic, agent), select)
+    chosen = selection.chosen
     missing = () if event_ids is None else tuple(sorted(set(event_ids).difference(chosen)))
-    return ReplayOutcome(moved, tuple(chosen), missing)
+    return ReplayOutcome(moved, tuple(chosen), missing, tuple(selection.undecodable))
 
 
 async def purge_topic(broker: Broker, topic: str) -> TopicInfo:

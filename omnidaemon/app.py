@@ -30,12 +30,17 @@ from pydantic import TypeAdapter
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
-from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.dead_letters import (
+    DeadLetter,
+    ReplaySelection,
+    read_dead_letters,
+    warn_undecodable,
+)
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import ConfigurationError, PayloadTooLarge
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
-from omnidaemon.results import Result
+from omnidaemon.results import Result, wait_result
 from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
 from omnidaemon.sync import SyncPublisher
@@ -261,13 +266,13 @@ class App:
         """
         return Topology.of(self._agents.values())
 
-    def check_payload(self, topic: str, payload: Any) -> None:
+    def check_payload(self, topic: str, payload: Any, *, validated_as: Any = None) -> None:
         """Raise `PayloadValidationError` if `payload` contradicts a type an agent of this app
-        declares for `topic` (as a payload parameter, or as the return type of `publishes=`).
-        Publishing calls this; topics without declared types accept anything."""
+        declares for `topic` (as a payload parameter, or as the return type of `publishes=`),
+        other than `validated_as`. Every publish calls this, a worker's outputs included."""
         if self._topic_types is None:
             self._topic_types = TopicTypes(self._agents.values())
-        self._topic_types.check(topic, payload)
+        self._topic_types.check(topic, payload, validated_as=validated_as)
 
     def on_startup(self, hook: Hook) -> Hook:
         """Register an async function the worker runs before it consumes any event."""
@@ -630,40 +635,19 @@ class App:
             ValueError: several agents stored results and `agent` was not given.
         """
         await self.connect()
-        deadline = None if timeout is None else anyio.current_time() + timeout
-        delay = 0.01
-        while True:
-            current = await self._current_result(event_id, agent)
-            if current.finished or deadline is None:
-                return current
-            if anyio.current_time() >= deadline:
-                raise TimeoutError(
-                    f"event {event_id} did not finish within {timeout:g} s "
-                    f"(status: {current.status})"
-                )
-            await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
-            delay = min(delay * 2, 0.5)
-
-    async def _current_result(self, event_id: str, agent: str | None) -> Result:
-        records = await self.broker.get_results(event_id)
-        if agent is not None:
-            record = records.get(agent)
-        elif len(records) > 1:
-            raise ValueError(
-                f"agents {', '.join(sorted(records))} stored results for {event_id}: pass agent=..."
-            )
-        else:
-            record = next(iter(records.values()), None)
-        if record is None:
-            return Result(event_id=event_id, agent=agent, status="pending")
-        return Result.decode(record)
+        return await wait_result(self.broker, event_id, agent, timeout)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
-        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first."""
+        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first.
+
+        A record among them that cannot be read (not written by a worker) is skipped and
+        logged as a warning with its id and why (`omnidaemon bus dlq` lists them too)."""
         spec = self.get_agent(agent)
         await self.connect()
         records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)
-        return [DeadLetter.decode(record) for record in records]
+        letters, undecodable = read_dead_letters(records, spec.topic, spec.name)
+        warn_undecodable(undecodable, "skipped")
+        return letters
 
     async def replay_dead_letters(
         self, agent: str, *, event_ids: Iterable[str] | None = None
@@ -678,19 +662,17 @@ class App:
             event_ids: Replay only these events; default: every record in the queue.
 
         Returns:
-            How many events were re-queued.
+            How many events were re-queued. A record that cannot be read is not: it stays in
+            the queue and is logged as a warning.
         """
         spec = self.get_agent(agent)
-        wanted = None if event_ids is None else set(event_ids)
-
-        def select(record: bytes) -> bytes | None:
-            letter = DeadLetter.decode(record)
-            if wanted is not None and letter.event_id not in wanted:
-                return None
-            return letter.entry.encode()
-
+        select = ReplaySelection(
+            spec.topic, spec.name, None if event_ids is None else set(event_ids)
+        )
         await self.connect()
-        return await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+        moved = await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+        warn_undecodable(select.undecodable, "not replayable, left in the queue")
+        return moved
 
     # Running ------------------------------------------------------------------------------
 

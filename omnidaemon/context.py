@@ -102,6 +102,7 @@ class Context:
             return None
         if is_request_reply(self.event.reply_to):
             # Only while the request waits: a late reply must not recreate its deleted topic.
+            self._app.check_payload(self.event.reply_to, payload)
             event_id, data = self._app._encode(
                 self.event.reply_to,
                 payload,

@@ -5,14 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 from pydantic import BaseModel, ConfigDict
 
 from omnidaemon.envelope import dumps
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
+    from omnidaemon.brokers.base import Broker
 
-__all__ = ["FINAL_STATUSES", "Result", "ResultStatus", "event_results"]
+__all__ = ["FINAL_STATUSES", "Result", "ResultStatus", "event_results", "wait_result"]
 
 ResultStatus = Literal["pending", "running", "retrying", "succeeded", "dead_lettered"]
 """Where an event is: not started yet, being handled, waiting for a retry, or finished."""
@@ -60,6 +62,40 @@ class Result(BaseModel):
     def decode(cls, data: bytes) -> Result:
         """Read a record written by `encode`."""
         return cls.model_validate_json(data)
+
+
+async def wait_result(
+    broker: Broker, event_id: str, agent: str | None, timeout: float | None
+) -> Result:
+    """`App.result` on a connected broker: the event's current result, or with `timeout`
+    the first final one, polled with a backoff of up to 0.5 s."""
+    deadline = None if timeout is None else anyio.current_time() + timeout
+    delay = 0.01
+    while True:
+        current = await _current_result(broker, event_id, agent)
+        if current.finished or deadline is None:
+            return current
+        if anyio.current_time() >= deadline:
+            raise TimeoutError(
+                f"event {event_id} did not finish within {timeout:g} s (status: {current.status})"
+            )
+        await anyio.sleep(min(delay, max(0.0, deadline - anyio.current_time())))
+        delay = min(delay * 2, 0.5)
+
+
+async def _current_result(broker: Broker, event_id: str, agent: str | None) -> Result:
+    records = await broker.get_results(event_id)
+    if agent is not None:
+        record = records.get(agent)
+    elif len(records) > 1:
+        raise ValueError(
+            f"agents {', '.join(sorted(records))} stored results for {event_id}: pass agent=..."
+        )
+    else:
+        record = next(iter(records.values()), None)
+    if record is None:
+        return Result(event_id=event_id, agent=agent, status="pending")
+    return Result.decode(record)
 
 
 async def event_results(

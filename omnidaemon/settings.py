@@ -40,6 +40,17 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise ConfigurationError(f"{name}={raw!r}: use 1, true or yes, or 0, false or no")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """omnidaemon's configuration.
@@ -63,6 +74,12 @@ class Settings:
             included) publishing accepts and a worker reads, 1 MiB by default (Kafka's
             default message size). Larger events raise `PayloadTooLarge` when published; a
             worker dead-letters a larger entry unread, as `PayloadTooLarge`.
+        trust_trace_context: `OMNIDAEMON_TRUST_TRACE_CONTEXT`, whether a handled event's trace
+            context (the `traceparent` its publisher put in its headers) becomes the parent of
+            the handling span, as it does by default: the publisher's trace continues, and its
+            sampling decision stands. Set it off (`0`) when publishers are not trusted: each
+            handling then starts a trace of its own, sampled by the worker's sampler, with a
+            span link to the publisher's context.
     """
 
     broker_url: str | None = None
@@ -74,6 +91,7 @@ class Settings:
     store_results: bool = False
     heartbeat_interval: float = 5.0
     max_payload_bytes: int = 1_048_576
+    trust_trace_context: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -99,4 +117,5 @@ class Settings:
             store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
             heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
             max_payload_bytes=_positive_int(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
+            trust_trace_context=_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
         )

@@ -162,4 +162,4 @@ class TestApp:
         """The events `agent` dead-lettered, oldest first."""
         spec = self.app.get_agent(agent)
         records = self.broker.dead_letters_now(Subscription(spec.topic, spec.name))
-        return [DeadLetter.decode(record) for record in records]
+        return [DeadLetter.decode(record) for _, record in records]

@@ -172,14 +172,19 @@ class TopicTypes:
                 if all(tp != seen for seen, _, _ in checks):
                     checks.append((tp, TypeAdapter(tp), f"agent {agent!r} {verb} it"))
 
-    def check(self, topic: str, payload: Any) -> None:
-        """Raise `PayloadValidationError` if `payload` contradicts a type declared for `topic`."""
+    def check(self, topic: str, payload: Any, *, validated_as: Any = None) -> None:
+        """Raise `PayloadValidationError` if `payload` contradicts a type declared for `topic`.
+
+        `validated_as` is a type the payload was already validated against (a handler's
+        return annotation): it is not checked twice."""
         checks = self._checks.get(topic)
         if not checks:
             return
         plain: Any = None
         for tp, adapter, why in checks:
-            if isinstance(tp, type) and isinstance(payload, tp):
+            if (isinstance(tp, type) and isinstance(payload, tp)) or (
+                validated_as is not None and tp == validated_as
+            ):
                 continue
             if plain is None:
                 # What a consumer will see: the payload as JSON data.

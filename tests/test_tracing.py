@@ -213,6 +213,97 @@ def test_handle_span_without_trace_headers_starts_a_new_trace(traced: Traced) ->
     assert process.context.trace_id != unrelated.get_span_context().trace_id
 
 
+FORGED_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+FORGED_SPAN = 0xB7AD6B7169203331
+
+
+def _forged(flags: str) -> dict[str, str]:
+    """Trace headers a publisher wrote by hand, not from a span omnidaemon made."""
+    return {"traceparent": f"00-{FORGED_TRACE:032x}-{FORGED_SPAN:016x}-{flags}"}
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_a_trusted_publishers_sampled_flag_is_respected_not_forced(
+    traced: Traced, flags: str
+) -> None:
+    with _handle(_forged(flags), tracer_provider=traced.provider) as span:
+        assert span.get_span_context().trace_id == FORGED_TRACE
+        assert span.is_recording() is (flags == "01")
+    if flags == "00":
+        assert traced.spans() == ()
+        return
+    process = traced.span("process document.uploaded")
+    assert process.parent is not None and process.parent.span_id == FORGED_SPAN
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_an_untrusted_publishers_context_is_a_link_from_a_new_trace(
+    traced: Traced, flags: str
+) -> None:
+    """The publisher picks neither the trace the worker's span joins nor whether it is
+    recorded: the worker's sampler decides (here: always on)."""
+    with _handle(_forged(flags), tracer_provider=traced.provider, trust_parent=False) as span:
+        assert span.is_recording()
+    process = traced.span("process document.uploaded")
+    assert process.parent is None
+    assert process.context is not None and process.context.trace_id != FORGED_TRACE
+    [link] = process.links
+    assert (link.context.trace_id, link.context.span_id) == (FORGED_TRACE, FORGED_SPAN)
+    assert link.context.trace_flags.sampled is (flags == "01")
+
+
+def test_an_untrusted_publisher_cannot_force_sampling(traced: Traced) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))  # records only what it is told
+    provider.add_span_processor(SimpleSpanProcessor(traced.exporter))
+    with _handle(_forged("01"), tracer_provider=provider, trust_parent=False) as span:
+        assert not span.is_recording()
+    with _handle(_forged("01"), tracer_provider=provider) as span:
+        assert span.is_recording(), "a trusted publisher's sampled flag stands"
+    assert len(traced.spans()) == 1
+    provider.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_worker_with_untrusted_trace_context_starts_its_own_traces(
+    global_traced: Traced,
+) -> None:
+    from omnidaemon import App
+    from omnidaemon.brokers import MemoryBroker
+    from omnidaemon.envelope import Envelope
+    from omnidaemon.settings import Settings
+    from omnidaemon.testing import TestApp
+
+    assert Settings.from_env({}).trust_trace_context is True
+    settings = Settings.from_env({"OMNIDAEMON_TRUST_TRACE_CONTEXT": "0"})
+    app = App("traced", broker=MemoryBroker(None), settings=settings)
+
+    @app.agent("document.uploaded")
+    async def extract_text(event: dict[str, str]) -> None: ...
+
+    async with TestApp(app) as bus:
+        # Written to the bus as an untrusted producer would, trace headers and all.
+        envelope = Envelope.new("document.uploaded", {"file": "a.pdf"}, headers=_forged("01"))
+        await bus.broker.publish("document.uploaded", envelope.encode())
+        await bus.drain()
+    process = global_traced.span("process document.uploaded")
+    assert process.parent is None
+    assert process.context is not None and process.context.trace_id != FORGED_TRACE
+    assert [link.context.span_id for link in process.links] == [FORGED_SPAN]
+
+
+def test_the_trust_setting_refuses_values_it_does_not_know() -> None:
+    from omnidaemon import ConfigurationError
+    from omnidaemon.settings import Settings
+
+    assert Settings.from_env({"OMNIDAEMON_TRUST_TRACE_CONTEXT": "yes"}).trust_trace_context
+    with pytest.raises(ConfigurationError, match="OMNIDAEMON_TRUST_TRACE_CONTEXT='maybe'"):
+        Settings.from_env({"OMNIDAEMON_TRUST_TRACE_CONTEXT": "maybe"})
+
+
 @pytest.mark.anyio
 async def test_handle_span_stays_current_across_awaits(traced: Traced) -> None:
     from opentelemetry import trace

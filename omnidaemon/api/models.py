@@ -41,6 +41,7 @@ __all__ = [
     "PublishResponse",
     "ReplayRequest",
     "ReplayResponse",
+    "UndecodableDeadLetter",
     "ReplyRequest",
     "ReplyResponse",
     "TopicInfo",
@@ -390,10 +391,23 @@ class DeadLetterRecord(BaseModel):
     payload: Any = Field(description="The event's payload; null when unreadable.")
 
 
+class UndecodableDeadLetter(BaseModel):
+    """A record in a dead-letter queue that is not a readable dead letter (written into the bus
+    by hand, or damaged): skipped by listings, left in place by replays."""
+
+    record_id: str = Field(description="Its id in the queue (on Redis, the stream entry id).")
+    topic: str
+    agent: str
+    reason: str = Field(description="Why it cannot be read.")
+
+
 class DeadLetterList(BaseModel):
     """Dead letters, oldest first (`omnidaemon bus dlq`)."""
 
     dead_letters: list[DeadLetterRecord]
+    undecodable: list[UndecodableDeadLetter] = Field(
+        default_factory=list, description="Records among the most recent that cannot be read."
+    )
 
 
 class ReplayRequest(_Body):
@@ -426,6 +440,9 @@ class ReplayResponse(BaseModel):
         description="The events chosen (null for an unreadable record)."
     )
     missing: list[str] = Field(description="Named events not in the agent's dead letters.")
+    undecodable: list[UndecodableDeadLetter] = Field(
+        default_factory=list, description="Records that cannot be read: not replayed, kept."
+    )
 
 
 class DeadLettersPurged(BaseModel):

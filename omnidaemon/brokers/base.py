@@ -418,19 +418,22 @@ class Broker(ABC):
 
     @abstractmethod
     async def replay_dead_letters(
-        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
     ) -> int:
         """Move dead letters back to the group, as new first attempts, for this group alone.
 
-        `select` sees each record and returns the entry bytes to deliver again, or `None` to
-        leave the record where it is. Moving one record is one atomic step, and a record is
-        moved at most once even when several replays run at the same time. Returns how many
-        this call moved.
+        `select` sees each record's id and data (as `dead_letters` returns them) and returns
+        the entry bytes to deliver again, or `None` to leave the record where it is. Moving
+        one record is one atomic step, and a record is moved at most once even when several
+        replays run at the same time. Returns how many this call moved.
         """
 
     @abstractmethod
-    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
-        """The `limit` most recent records of the group's dead-letter queue, oldest first."""
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
+        """The `limit` most recent records of the group's dead-letter queue as `(record id,
+        record)`, oldest first. The id names the record to an operator; a record the bus holds
+        in a form that has no record data (written into it by hand) comes with empty data, so
+        that it is reported rather than hidden."""
 
     async def ping(self) -> None:
         """Check the bus answers; raises when it does not."""

@@ -53,7 +53,9 @@ class _Group:
     consumers: dict[str, float] = field(default_factory=dict)
     # (due, tiebreak, data, attempt): a heap ordered by due time.
     scheduled: list[tuple[float, int, bytes, int]] = field(default_factory=list)
-    dead: list[bytes] = field(default_factory=list)
+    # (record id, record); ids count up per group, as a stream's would.
+    dead: list[tuple[str, bytes]] = field(default_factory=list)
+    dead_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -355,7 +357,8 @@ class MemoryBroker(Broker):
         group = self._group(sub)
         settled = self._settle(group, delivery)
         if settled or trimmed:
-            group.dead.append(record)
+            group.dead.append((str(group.dead_seq), record))
+            group.dead_seq += 1
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
         return settled or trimmed
@@ -493,7 +496,7 @@ class MemoryBroker(Broker):
     # Inspection ---------------------------------------------------------------------------
 
     async def replay_dead_letters(
-        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
     ) -> int:
         await anyio.lowlevel.checkpoint()
         topic = self._bus.topics.get(sub.topic)
@@ -502,13 +505,13 @@ class MemoryBroker(Broker):
             return 0
         # From here on no await: the records are read and moved in one step of this
         # single-threaded bus, so replays running at once never move a record twice.
-        kept: list[bytes] = []
+        kept: list[tuple[str, bytes]] = []
         moved = 0
         now = self._bus.now()
-        for record in group.dead:
-            entry = select(record)
+        for record_id, record in group.dead:
+            entry = select(record_id, record)
             if entry is None:
-                kept.append(record)
+                kept.append((record_id, record))
             else:
                 self._bus.schedule(group, now, entry, 1)
                 moved += 1
@@ -516,12 +519,13 @@ class MemoryBroker(Broker):
         self._bus.notify()
         return moved
 
-    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
         await anyio.lowlevel.checkpoint()
         return self.dead_letters_now(sub)[-limit:] if limit > 0 else []
 
-    def dead_letters_now(self, sub: Subscription) -> list[bytes]:
-        """Every record in the group's dead-letter queue, oldest first (no await needed)."""
+    def dead_letters_now(self, sub: Subscription) -> list[tuple[str, bytes]]:
+        """Every `(record id, record)` in the group's dead-letter queue, oldest first (no
+        await needed)."""
         topic = self._bus.topics.get(sub.topic)
         group = topic.groups.get(sub.group) if topic else None
         return list(group.dead) if group else []

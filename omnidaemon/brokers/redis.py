@@ -811,15 +811,14 @@ class RedisBroker(Broker):
     # Inspection ---------------------------------------------------------------------------
 
     async def replay_dead_letters(
-        self, sub: Subscription, select: Callable[[bytes], bytes | None]
+        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
     ) -> int:
         moved = 0
         cursor = "-"
         while True:
             page: Any = await self.client.xrange(self.dlq_key(sub), min=cursor, count=100)
             for entry_id, fields in page:
-                record = fields.get(b"r")
-                entry = select(record) if record is not None else None
+                entry = select(_decode(entry_id), fields.get(b"r", b""))
                 if entry is None:
                     continue
                 # Out of the dead-letter stream and into the group's retry stream (read by this
@@ -833,11 +832,11 @@ class RedisBroker(Broker):
                 return moved
             cursor = "(" + _decode(page[-1][0])
 
-    async def dead_letters(self, sub: Subscription, limit: int) -> list[bytes]:
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
         if limit <= 0:
             return []
         entries: Any = await self.client.xrevrange(self.dlq_key(sub), count=limit)
-        return [fields[b"r"] for _id, fields in reversed(entries) if b"r" in fields]
+        return [(_decode(i), fields.get(b"r", b"")) for i, fields in reversed(entries)]
 
     async def ping(self) -> None:
         await self.client.ping()

@@ -5,7 +5,8 @@ These commands need only the bus, not the app's code. Nothing here starts the em
 a stopped one is reported as such.
 """
 
-from typing import Annotated
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,6 +27,9 @@ from omnidaemon.cli._output import (
     progress,
     say,
 )
+
+if TYPE_CHECKING:
+    from omnidaemon.dead_letters import UndecodableRecord
 
 __all__ = ["bus"]
 
@@ -58,6 +62,19 @@ def _one_line(text: str, width: int) -> str:
 def _preview(value: object, width: int = 60) -> str:
     text = json_text(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _warn_undecodable(command: str, records: "Iterable[UndecodableRecord]", what: str) -> None:
+    """One line on stderr per dead-letter record that cannot be read: stdout stays the
+    readable records (a table, or JSON a script parses)."""
+    import sys
+
+    for r in records:
+        print(
+            f"omnidaemon {command}: warning: record {r.record_id} of {r.agent} on {r.topic} "
+            f"cannot be read ({_one_line(r.reason, 200)}); {what}",
+            file=sys.stderr,
+        )
 
 
 @bus.command("list")
@@ -262,7 +279,9 @@ def dead_letters(
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
-            letters = await find_dead_letters(bus_, topic=topic, agent=agent, limit=limit)
+            found = await find_dead_letters(bus_, topic=topic, agent=agent, limit=limit)
+        letters = found.letters
+        _warn_undecodable("bus dlq", found.undecodable, "skipped")
         if json:
             emit_json([{**d.model_dump(mode="json"), "payload": d.payload} for d in letters])
             return
@@ -322,6 +341,7 @@ def replay(
                 for d in preview.chosen:
                     reason = f"{d.error_type}: {d.error_message}"
                     say(_one_line(f"would replay {d.event_id or '?'} ({reason})", 200))
+                _warn_undecodable("bus replay", preview.undecodable, "it would not be replayed")
                 chosen, total = len(preview.chosen), preview.total
                 say(f"{chosen} of {total} dead letters would be replayed (dry run)")
                 return
@@ -331,6 +351,7 @@ def replay(
                     bus_, topic, agent, event_ids=event_ids, on_record=advance
                 )
             moved = outcome.replayed
+        _warn_undecodable("bus replay", outcome.undecodable, "not replayed, left in the queue")
         say(f"replayed {moved} event{'s' if moved != 1 else ''} to {agent} on {topic}")
         if wanted and moved < len(wanted):
             raise CommandError(

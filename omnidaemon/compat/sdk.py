@@ -27,7 +27,7 @@ from omnidaemon.app import App
 from omnidaemon.brokers import Broker, Subscription
 from omnidaemon.compat.models import AgentConfig, EventEnvelope, SubscriptionConfig
 from omnidaemon.context import Context
-from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.dead_letters import DeadLetter, read_dead_letters, warn_undecodable
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
@@ -489,7 +489,9 @@ class OmniDaemonSDK:
         letters: list[DeadLetter] = []
         for group in info.groups:
             records = await self.app.broker.dead_letters(Subscription(topic, group.group), limit)
-            letters.extend(DeadLetter.decode(r) for r in records)
+            readable, undecodable = read_dead_letters(records, topic, group.group)
+            warn_undecodable(undecodable, "skipped")
+            letters.extend(readable)
         return [
             {
                 "id": letter.event_id,

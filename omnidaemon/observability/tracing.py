@@ -22,6 +22,14 @@ The spans follow the OpenTelemetry messaging conventions:
   headers start a new trace: a consumer span never inherits an unrelated span that happens to
   be current in the worker.
 
+Trust: the headers are the publisher's to write. Adopting their context as the parent lets a
+publisher choose the trace id of the worker's spans and, through the sampled flag and a
+parent-based sampler (the SDK's default), whether they are recorded at all. The flags are
+passed on as they came, never forced. With `trust_parent=False` (`Settings.
+trust_trace_context`, `OMNIDAEMON_TRUST_TRACE_CONTEXT=0`) the consumer span starts a trace of
+its own, sampled by the worker's own sampler, and keeps the publisher's context as a span link
+only, which samplers do not follow.
+
 Attributes: `messaging.system` (`omnidaemon`), `messaging.destination.name` (the topic),
 `messaging.operation.name` / `messaging.operation.type`, `messaging.message.id` (the event id,
 when known), and on consumer spans `messaging.consumer.group.name` (the agent) and
@@ -188,12 +196,14 @@ def handle_span(
     attempt: int,
     headers: Mapping[str, str] | None,
     tracer_provider: TracerProvider | None = None,
+    trust_parent: bool = True,
 ) -> AbstractContextManager[Any]:
     """A context manager that traces one handling attempt as the CONSUMER span `process <topic>`.
 
     The span is current inside the block, so events published there are its children. Its
     parent is the trace context carried in `headers` (set by `publish_headers`), which is also
-    added as a link. If the block raises an `Exception`, it is recorded on the span and the
+    added as a link; with `trust_parent=False` that context is only the link, and the span
+    starts a new trace. If the block raises an `Exception`, it is recorded on the span and the
     span's status is ERROR; cancellation is not an error. It is a plain (synchronous) context
     manager that may enclose `await`s: the span stays current across them, within one task.
     Entering it yields the span.
@@ -208,13 +218,15 @@ def handle_span(
         attempt: The delivery attempt, 1-based.
         headers: The envelope's headers, carrying the publisher's trace context, if any.
         tracer_provider: Use this provider instead of the global one (mainly for tests).
+        trust_parent: Whether the publisher's context becomes the span's parent (its trace
+            and its sampled flag), or only a link from a new trace.
     """
     if not TRACING_AVAILABLE:
         return _NULL_CONTEXT
     tracer = _tracer(tracer_provider)
     if tracer is None:
         return _NULL_CONTEXT
-    return _consumer_span(tracer, topic, agent, event_id, attempt, headers)
+    return _consumer_span(tracer, topic, agent, event_id, attempt, headers, trust_parent)
 
 
 @contextlib.contextmanager
@@ -225,6 +237,7 @@ def _consumer_span(
     event_id: str,
     attempt: int,
     headers: Mapping[str, str] | None,
+    trust_parent: bool,
 ) -> Iterator[Span]:
     from opentelemetry import propagate, trace
     from opentelemetry.context import Context
@@ -233,6 +246,11 @@ def _consumer_span(
     parent = propagate.extract(headers, context=Context()) if headers else Context()
     producer = trace.get_current_span(parent).get_span_context()
     links = [trace.Link(producer)] if producer.is_valid else None
+    if not trust_parent:
+        # The publisher's context stays a link only: the worker's sampler decides on a new
+        # root, and the publisher picks neither its trace id nor whether it is recorded.
+        # (Baggage from the headers is dropped with it: it is the publisher's too.)
+        parent = Context()
     attributes: dict[str, str | int] = {
         "messaging.system": MESSAGING_SYSTEM,
         "messaging.destination.name": topic,

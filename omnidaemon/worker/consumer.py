@@ -20,7 +20,7 @@ from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
-from omnidaemon.errors import PayloadTooLarge
+from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
@@ -274,6 +274,7 @@ class AgentConsumer(Fetching, Outcomes):
             event_id=envelope.id,
             attempt=delivery.attempt,
             headers=envelope.headers,
+            trust_parent=self._app.settings.trust_trace_context,
         ):
             await self._process_event(delivery, envelope)
 
@@ -329,11 +330,11 @@ class AgentConsumer(Fetching, Outcomes):
             except Exception as exc:
                 if idempotency is not None and idempotency_key is not None and claim:
                     await idempotency.release(idempotency_key, claim)
-                if isinstance(exc, PayloadTooLarge):
+                if isinstance(exc, PayloadTooLarge | PayloadValidationError):
                     # Like a return value that breaks its annotation: a retry would redo the
-                    # (possibly expensive) work to produce the same oversized output.
+                    # (possibly expensive) work to produce the same output.
                     await self._dead_letter(
-                        delivery, envelope, "PayloadTooLarge", str(exc), exc, failed=True
+                        delivery, envelope, type(exc).__name__, str(exc), exc, failed=True
                     )
                 else:
                     await self._fail(delivery, envelope, exc, None)
@@ -436,6 +437,9 @@ class AgentConsumer(Fetching, Outcomes):
             return
         entries = []
         for topic in targets:
+            # Checked like any publish: `reply_to` is the publisher's choice, and an agent of
+            # this app may declare another type for that topic than this handler returns.
+            self._app.check_payload(topic, output, validated_as=self._spec.return_type)
             _, data = self._app._encode(
                 topic,
                 output,

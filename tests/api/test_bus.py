@@ -140,6 +140,7 @@ async def test_a_dead_letter_is_listed_and_replayed(
             "replayed": 0,
             "event_ids": [event_id],
             "missing": [],
+            "undecodable": [],
         }
         assert len(await dead()) == 1
 

@@ -328,7 +328,7 @@ def _report(
             letters = {
                 agent: [
                     json.loads(r)
-                    for r in await broker.dead_letters(Subscription(TOPIC, agent), 100_000)
+                    for _, r in await broker.dead_letters(Subscription(TOPIC, agent), 100_000)
                 ]
                 for agent in AGENTS
             }

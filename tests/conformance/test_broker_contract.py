@@ -190,8 +190,10 @@ async def test_dead_letter_settles_and_keeps_the_record(broker: Broker, topic: s
     first, second = await broker.fetch(sub, "c", 10, 0.5)
     await broker.dead_letter(sub, first, b"record-1")
     await broker.dead_letter(sub, second, b"record-2")
-    assert await broker.dead_letters(sub, 10) == [b"record-1", b"record-2"]
-    assert await broker.dead_letters(sub, 1) == [b"record-2"]  # the most recent
+    records = await broker.dead_letters(sub, 10)
+    assert [record for _, record in records] == [b"record-1", b"record-2"]
+    assert len({record_id for record_id, _ in records}) == 2
+    assert await broker.dead_letters(sub, 1) == records[1:]  # the most recent
     assert await broker.reclaim(sub, "other", 0.0, 10) == []
     assert await broker.dead_letters(Subscription(topic, "unrelated"), 10) == []
 
@@ -210,7 +212,7 @@ async def test_concurrent_replays_move_each_dead_letter_once(broker: Broker, top
     moved: list[int] = []
 
     async def replay() -> None:
-        moved.append(await broker.replay_dead_letters(sub, lambda record: record))
+        moved.append(await broker.replay_dead_letters(sub, lambda _id, record: record))
 
     async with anyio.create_task_group() as tg:  # two operators replaying at the same time
         tg.start_soon(replay)

@@ -1,5 +1,6 @@
 """Dead letters: list (`bus dlq`), replay (`bus replay`) and purge (`bus purge --dlq`)."""
 
+from collections.abc import Iterable
 from typing import Annotated
 
 import structlog
@@ -15,9 +16,10 @@ from omnidaemon.api.models import (
     DeadLettersPurged,
     ReplayRequest,
     ReplayResponse,
+    UndecodableDeadLetter,
 )
 from omnidaemon.api.routes.topics import TopicPath
-from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.dead_letters import DeadLetter, UndecodableRecord
 
 __all__ = ["router"]
 
@@ -33,15 +35,28 @@ def _record(d: DeadLetter) -> DeadLetterRecord:
     return DeadLetterRecord.model_validate({**d.model_dump(), "payload": d.payload})
 
 
+def _undecodable(records: Iterable[UndecodableRecord]) -> list[UndecodableDeadLetter]:
+    return [
+        UndecodableDeadLetter(record_id=r.record_id, topic=r.topic, agent=r.agent, reason=r.reason)
+        for r in records
+    ]
+
+
+def _listing(found: admin.DeadLetterListing) -> DeadLetterList:
+    return DeadLetterList(
+        dead_letters=[_record(d) for d in found.letters],
+        undecodable=_undecodable(found.undecodable),
+    )
+
+
 @router.get("/dlq", dependencies=[require(Scope.read)], responses=documented(401, 403, 422, 503))
 async def list_dead_letters(
     app: CurrentApp, agent: AgentQuery = None, limit: LimitQuery = 20
 ) -> DeadLetterList:
     """The most recent dead letters of every topic, oldest first: the error, the attempts,
-    the traceback and the payload of each (`omnidaemon bus dlq --json`). Needs the `read`
-    scope."""
-    letters = await admin.find_dead_letters(app.broker, agent=agent, limit=limit)
-    return DeadLetterList(dead_letters=[_record(d) for d in letters])
+    the traceback and the payload of each (`omnidaemon bus dlq --json`). Records that cannot
+    be read are listed apart, in `undecodable`. Needs the `read` scope."""
+    return _listing(await admin.find_dead_letters(app.broker, agent=agent, limit=limit))
 
 
 @router.get(
@@ -53,9 +68,10 @@ async def topic_dead_letters(
     topic: TopicPath, app: CurrentApp, agent: AgentQuery = None, limit: LimitQuery = 20
 ) -> DeadLetterList:
     """The most recent dead letters of one topic, oldest first
-    (`omnidaemon bus dlq TOPIC --json`). Needs the `read` scope."""
-    letters = await admin.find_dead_letters(app.broker, topic=topic, agent=agent, limit=limit)
-    return DeadLetterList(dead_letters=[_record(d) for d in letters])
+    (`omnidaemon bus dlq TOPIC --json`). Records that cannot be read are listed apart, in
+    `undecodable`. Needs the `read` scope."""
+    found = await admin.find_dead_letters(app.broker, topic=topic, agent=agent, limit=limit)
+    return _listing(found)
 
 
 @router.post("/dlq/{topic}/replay", responses=documented(400, 401, 403, 404, 413, 415, 422, 503))
@@ -70,22 +86,25 @@ async def replay_dead_letters(
     dead-letter queue as they go. `dry_run` says what would be replayed and changes nothing.
 
     Named events that are not in the queue are listed in `missing`; 404 when none of them is.
-    Needs the `admin` scope.
+    Records that cannot be read are not replayed: they stay in the queue, listed in
+    `undecodable`. Needs the `admin` scope.
     """
     wanted = None if body.all else set(body.event_ids or ())
     if body.dry_run:
         preview = await admin.preview_replay(app.broker, topic, body.agent, event_ids=wanted)
         chosen = [d.event_id for d in preview.chosen]
         missing = sorted(wanted.difference(chosen)) if wanted is not None else []
-        replayed = 0
+        replayed, undecodable = 0, preview.undecodable
     else:
         outcome = await admin.replay_dead_letters(app.broker, topic, body.agent, event_ids=wanted)
         chosen, missing, replayed = list(outcome.event_ids), list(outcome.missing), outcome.replayed
+        undecodable = outcome.undecodable
         _log.warning(
             "dead letters replayed",
             topic=topic,
             agent=body.agent,
             replayed=replayed,
+            undecodable=len(undecodable),
             token=token.name,
         )
     if wanted and not chosen:
@@ -101,6 +120,7 @@ async def replay_dead_letters(
         replayed=replayed,
         event_ids=chosen,
         missing=missing,
+        undecodable=_undecodable(undecodable),
     )
 
 
