@@ -124,6 +124,5 @@ def _run_worker(url: str, stop: threading.Event) -> None:
     anyio.run(run)
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
