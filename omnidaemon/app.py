@@ -27,12 +27,13 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 from pydantic import TypeAdapter
 
+from omnidaemon._json_limits import MAX_NESTING, nesting_exceeds, too_deep, unfit_for_json
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
-from omnidaemon.errors import ConfigurationError, PayloadTooLarge
+from omnidaemon.errors import ConfigurationError, PayloadTooLarge, PayloadValidationError
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result
@@ -365,7 +366,8 @@ class App:
     ) -> tuple[str, bytes]:
         """Validate and encode a new event from this app; return `(event_id, data)`.
 
-        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`.
+        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`,
+        `PayloadValidationError` if JSON cannot carry it (see `omnidaemon._json_limits`).
 
         Called once per event published; the publishing methods pass its arguments by
         position, and it passes them on the same way (keyword calls cost measurably more).
@@ -376,17 +378,38 @@ class App:
             raise TypeError("headers must map str to str")
         if tracing.TRACING_AVAILABLE:
             headers = tracing.publish_headers(topic, headers)
-        encoded = encode_new(
-            topic,
-            payload,
-            correlation_id,
-            causation_id,
-            reply_to,
-            webhook,
-            self.name,
-            tenant_id,
-            dict(headers) if headers else None,
-        )
+        try:
+            encoded = encode_new(
+                topic,
+                payload,
+                correlation_id,
+                causation_id,
+                reply_to,
+                webhook,
+                self.name,
+                tenant_id,
+                dict(headers) if headers else None,
+            )
+        except TypeError as exc:
+            # orjson's reason names no field: find which one, and where in it. A value of a
+            # type JSON has no place for stays the `TypeError` it is.
+            problem = unfit_for_json(
+                {
+                    "payload": payload,
+                    "headers": headers,
+                    "correlation_id": correlation_id,
+                    "causation_id": causation_id,
+                    "webhook": webhook,
+                    "tenant_id": tenant_id,
+                }
+            )
+            if problem is None:
+                raise
+            raise PayloadValidationError(f"cannot publish to {topic!r}: {problem}") from exc
+        # The envelope is one level around the payload. Deeper than this is written by orjson
+        # (up to 254 levels) and refused by the worker's parser (over 200).
+        if nesting_exceeds(encoded[1], MAX_NESTING + 1):
+            raise PayloadValidationError(f"cannot publish to {topic!r}: {too_deep('payload')}")
         # Checked here, before any caller sends: one `len` per event is all the publish path
         # can spare, and publish_many then refuses its whole batch before sending any of it.
         if len(encoded[1]) > self.settings.max_payload_bytes:
@@ -424,9 +447,12 @@ class App:
 
         Raises:
             ValueError: The topic name is invalid.
-            TypeError: The payload cannot be encoded as JSON.
+            TypeError: The payload holds a value of a type JSON has no place for.
             PayloadValidationError: The payload contradicts the type an agent of this app
-                declares for the topic.
+                declares for the topic, or JSON cannot carry it: it nests arrays and objects
+                more than `MAX_NESTING` (128) levels deep, holds an integer outside the 64-bit
+                range, or a string (in it, a header or an id) that is not Unicode text (a
+                lone surrogate).
             PayloadTooLarge: The encoded event is larger than `settings.max_payload_bytes`
                 (`OMNIDAEMON_MAX_PAYLOAD_BYTES`, 1 MiB); nothing was sent.
         """

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
+from omnidaemon._json_limits import MAX_NESTING
 from omnidaemon.api.models import ErrorResponse
 from omnidaemon.errors import (
     BusUnavailable,
@@ -108,6 +109,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, RecursionError):
+        # Python's `json` module gave up on a body nested ~1000 levels deep (FastAPI answers
+        # any such failure with a 400 "error parsing the body"): the body is JSON, and too
+        # deep, like one that nests only past `MAX_NESTING`.
+        return error_response(
+            422,
+            "invalid_request",
+            f"body: arrays and objects are nested too deep to read (a payload may nest at most "
+            f"{MAX_NESTING} levels)",
+        )
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "error"
     if exc.status_code == 404 and message == "Not Found":

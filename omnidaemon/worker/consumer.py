@@ -20,7 +20,7 @@ from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
-from omnidaemon.errors import PayloadTooLarge
+from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
@@ -329,11 +329,12 @@ class AgentConsumer(Fetching, Outcomes):
             except Exception as exc:
                 if idempotency is not None and idempotency_key is not None and claim:
                     await idempotency.release(idempotency_key, claim)
-                if isinstance(exc, PayloadTooLarge):
+                if isinstance(exc, PayloadTooLarge | PayloadValidationError):
                     # Like a return value that breaks its annotation: a retry would redo the
-                    # (possibly expensive) work to produce the same oversized output.
+                    # (possibly expensive) work to produce the same oversized output, or one
+                    # JSON cannot carry (nested too deep, say).
                     await self._dead_letter(
-                        delivery, envelope, "PayloadTooLarge", str(exc), exc, failed=True
+                        delivery, envelope, type(exc).__name__, str(exc), exc, failed=True
                     )
                 else:
                     await self._fail(delivery, envelope, exc, None)
