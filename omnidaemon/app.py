@@ -33,7 +33,12 @@ from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
-from omnidaemon.errors import ConfigurationError, PayloadTooLarge, PayloadValidationError
+from omnidaemon.errors import (
+    ConfigurationError,
+    DelayTooLong,
+    PayloadTooLarge,
+    PayloadValidationError,
+)
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result
@@ -64,8 +69,8 @@ def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> floa
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-    if seconds < 0:
-        raise ValueError(f"delay must not be negative, not {seconds}")
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"delay must be a number of seconds, not negative, not {seconds}")
     return seconds
 
 
@@ -416,6 +421,13 @@ class App:
             raise PayloadTooLarge(topic, len(encoded[1]), self.settings.max_payload_bytes)
         return encoded
 
+    def _hold(self, topic: str, delay: float | timedelta | None, at: datetime | None) -> float:
+        """Seconds to hold an event to `topic` back; `DelayTooLong` over `max_delay`."""
+        seconds = _seconds_until(delay, at)
+        if seconds > self.settings.max_delay:
+            raise DelayTooLong(topic, seconds, self.settings.max_delay)
+        return seconds
+
     async def publish(
         self,
         topic: str,
@@ -442,7 +454,8 @@ class App:
             tenant_id: Carried unchanged to handlers.
             headers: String metadata carried unchanged.
             delay: Seconds (or a `timedelta`) before agents see the event; held durably on
-                the bus meanwhile, so it survives restarts.
+                the bus meanwhile, so it survives restarts. At most `settings.max_delay`
+                (`OMNIDAEMON_MAX_DELAY`, 30 days).
             at: A time (timezone-aware, or naive UTC) at which agents see the event.
 
         Raises:
@@ -455,9 +468,11 @@ class App:
                 lone surrogate).
             PayloadTooLarge: The encoded event is larger than `settings.max_payload_bytes`
                 (`OMNIDAEMON_MAX_PAYLOAD_BYTES`, 1 MiB); nothing was sent.
+            DelayTooLong: `delay` (or `at`) is further away than `settings.max_delay`
+                (`OMNIDAEMON_MAX_DELAY`, 30 days); nothing was sent.
         """
         self.check_payload(topic, payload)
-        hold = 0.0 if delay is None and at is None else _seconds_until(delay, at)
+        hold = 0.0 if delay is None and at is None else self._hold(topic, delay, at)
         event_id, data = self._encode(
             topic, payload, correlation_id, causation_id, reply_to, webhook, tenant_id, headers
         )
@@ -495,7 +510,7 @@ class App:
         else:
             raise RuntimeError("publish_sync blocks: in async code, use `await app.publish(...)`")
         self.check_payload(topic, payload)
-        hold = _seconds_until(delay, at)
+        hold = self._hold(topic, delay, at)
         event_id, data = self._encode(
             topic,
             payload,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        # `inf` would lift a bound (max_delay) or wait forever (shutdown_grace); `nan`
+        # compares false with everything, so every check of it would pass.
+        raise ConfigurationError(f"{name}={raw!r} must be a finite number of seconds")
     if value < 0:
         raise ConfigurationError(f"{name}={raw!r} must not be negative")
     return value
@@ -63,6 +68,9 @@ class Settings:
             included) publishing accepts and a worker reads, 1 MiB by default (Kafka's
             default message size). Larger events raise `PayloadTooLarge` when published; a
             worker dead-letters a larger entry unread, as `PayloadTooLarge`.
+        max_delay: `OMNIDAEMON_MAX_DELAY`, the longest `delay=` (or `at=`) publishing
+            accepts, in seconds; 30 days by default. A delayed event is held on the bus outside
+            the topic's `stream_maxlen`; a longer delay raises `DelayTooLong`.
     """
 
     broker_url: str | None = None
@@ -74,6 +82,7 @@ class Settings:
     store_results: bool = False
     heartbeat_interval: float = 5.0
     max_payload_bytes: int = 1_048_576
+    max_delay: float = 2_592_000.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -99,4 +108,5 @@ class Settings:
             store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
             heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
             max_payload_bytes=_positive_int(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
+            max_delay=_float(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
         )

@@ -15,6 +15,7 @@ from omnidaemon._json_limits import MAX_NESTING
 from omnidaemon.api.models import ErrorResponse
 from omnidaemon.errors import (
     BusUnavailable,
+    DelayTooLong,
     NotFound,
     OmniDaemonError,
     PayloadTooLarge,
@@ -136,6 +137,11 @@ async def _invalid_payload(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_payload", _one_line(str(exc)))
 
 
+async def _delay_too_long(request: Request, exc: Exception) -> JSONResponse:
+    # The bound is the server's setting, not the model's: it is checked where every publish is.
+    return error_response(422, "invalid_request", f"body.delay: {exc}")
+
+
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
     return error_response(413, "payload_too_large", str(exc))
 
@@ -168,6 +174,7 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(NotFound, _not_found)
     api.add_exception_handler(PayloadValidationError, _invalid_payload)
     api.add_exception_handler(PayloadTooLarge, _too_large)
+    api.add_exception_handler(DelayTooLong, _delay_too_long)
     api.add_exception_handler(BusUnavailable, _bus_unavailable)
     api.add_exception_handler(RedisError, _bus_unavailable)
     api.add_exception_handler(OSError, _bus_unavailable)

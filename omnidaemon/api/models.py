@@ -156,6 +156,13 @@ class TopicInfo(BaseModel):
     topic: str
     length: int = Field(description="Entries the topic holds.")
     delayed: int = Field(description="Entries published with a delay, not yet due.")
+    delayed_bytes: int | None = Field(
+        description=(
+            "What the delayed entries take, in bytes (on Redis the server's estimate of its "
+            "memory); null when the bus cannot tell. Delayed entries are not trimmed with "
+            "the topic."
+        )
+    )
     groups: list[GroupInfo]
 
 
@@ -296,6 +303,10 @@ class BusTotals(BaseModel):
 
     topics: int
     entries: int
+    delayed: int = Field(description="Entries published with a delay, not yet due.")
+    delayed_bytes: int = Field(
+        description="What they take, in bytes (see `TopicInfo.delayed_bytes`)."
+    )
     agents: int
     lag: int
     pending: int

@@ -140,3 +140,37 @@ async def test_a_payload_at_the_limit_is_published(api_server: ServerThread) -> 
             headers={"Content-Type": "application/json"},
         )
     assert answer.status_code == 202, answer.text
+
+
+@pytest.mark.parametrize("delay", ["1e308", "1e12", "2592001"])
+async def test_a_delay_over_max_delay_is_422(api_server: ServerThread, delay: str) -> None:
+    async with async_client(api_server.url, ADMIN) as http:
+        answer = await http.post(
+            "/v1/events",
+            content=f'{{"topic": "bad.delay", "payload": 1, "delay": {delay}}}',
+            headers={"Content-Type": "application/json"},
+        )
+        topic = await http.get("/v1/topics/bad.delay")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["code"] == "invalid_request"
+    assert answer.json()["message"].startswith("body.delay: cannot publish to 'bad.delay': a delay")
+    assert answer.json()["message"].endswith(
+        "is over max_delay (2,592,000 s = 30 days; OMNIDAEMON_MAX_DELAY)"
+    )
+    assert topic.status_code == 404  # nothing was held
+
+
+async def test_stats_and_topics_show_what_delayed_events_hold(api_server: ServerThread) -> None:
+    blob = "x" * 50_000
+    async with async_client(api_server.url, ADMIN) as http:
+        for _ in range(3):
+            published = await http.post(
+                "/v1/events", json={"topic": "held.back", "payload": blob, "delay": 86_400}
+            )
+            assert published.status_code == 202, published.text
+        stats = (await http.get("/v1/stats")).json()
+        topic = (await http.get("/v1/topics/held.back")).json()
+    assert stats["totals"]["delayed"] == 3
+    assert 150_000 <= stats["totals"]["delayed_bytes"] <= 200_000
+    assert topic["delayed"] == 3
+    assert 150_000 <= topic["delayed_bytes"] <= 200_000
