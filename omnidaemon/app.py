@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar, overload
 import anyio
 from pydantic import TypeAdapter
 
+from omnidaemon._json_limits import MAX_NESTING, nesting_exceeds, too_deep, unfit_for_json
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
@@ -37,7 +38,12 @@ from omnidaemon.dead_letters import (
     warn_undecodable,
 )
 from omnidaemon.envelope import encode_new
-from omnidaemon.errors import ConfigurationError, PayloadTooLarge
+from omnidaemon.errors import (
+    ConfigurationError,
+    DelayTooLong,
+    PayloadTooLarge,
+    PayloadValidationError,
+)
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result, wait_result
@@ -68,8 +74,8 @@ def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> floa
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-    if seconds < 0:
-        raise ValueError(f"delay must not be negative, not {seconds}")
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"delay must be a number of seconds, not negative, not {seconds}")
     return seconds
 
 
@@ -370,7 +376,8 @@ class App:
     ) -> tuple[str, bytes]:
         """Validate and encode a new event from this app; return `(event_id, data)`.
 
-        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`.
+        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`,
+        `PayloadValidationError` if JSON cannot carry it (see `omnidaemon._json_limits`).
 
         Called once per event published; the publishing methods pass its arguments by
         position, and it passes them on the same way (keyword calls cost measurably more).
@@ -381,22 +388,50 @@ class App:
             raise TypeError("headers must map str to str")
         if tracing.TRACING_AVAILABLE:
             headers = tracing.publish_headers(topic, headers)
-        encoded = encode_new(
-            topic,
-            payload,
-            correlation_id,
-            causation_id,
-            reply_to,
-            webhook,
-            self.name,
-            tenant_id,
-            dict(headers) if headers else None,
-        )
+        try:
+            encoded = encode_new(
+                topic,
+                payload,
+                correlation_id,
+                causation_id,
+                reply_to,
+                webhook,
+                self.name,
+                tenant_id,
+                dict(headers) if headers else None,
+            )
+        except TypeError as exc:
+            # orjson's reason names no field: find which one, and where in it. A value of a
+            # type JSON has no place for stays the `TypeError` it is.
+            problem = unfit_for_json(
+                {
+                    "payload": payload,
+                    "headers": headers,
+                    "correlation_id": correlation_id,
+                    "causation_id": causation_id,
+                    "webhook": webhook,
+                    "tenant_id": tenant_id,
+                }
+            )
+            if problem is None:
+                raise
+            raise PayloadValidationError(f"cannot publish to {topic!r}: {problem}") from exc
+        # The envelope is one level around the payload. Deeper than this is written by orjson
+        # (up to 254 levels) and refused by the worker's parser (over 200).
+        if nesting_exceeds(encoded[1], MAX_NESTING + 1):
+            raise PayloadValidationError(f"cannot publish to {topic!r}: {too_deep('payload')}")
         # Checked here, before any caller sends: one `len` per event is all the publish path
         # can spare, and publish_many then refuses its whole batch before sending any of it.
         if len(encoded[1]) > self.settings.max_payload_bytes:
             raise PayloadTooLarge(topic, len(encoded[1]), self.settings.max_payload_bytes)
         return encoded
+
+    def _hold(self, topic: str, delay: float | timedelta | None, at: datetime | None) -> float:
+        """Seconds to hold an event to `topic` back; `DelayTooLong` over `max_delay`."""
+        seconds = _seconds_until(delay, at)
+        if seconds > self.settings.max_delay:
+            raise DelayTooLong(topic, seconds, self.settings.max_delay)
+        return seconds
 
     async def publish(
         self,
@@ -424,19 +459,25 @@ class App:
             tenant_id: Carried unchanged to handlers.
             headers: String metadata carried unchanged.
             delay: Seconds (or a `timedelta`) before agents see the event; held durably on
-                the bus meanwhile, so it survives restarts.
+                the bus meanwhile, so it survives restarts. At most `settings.max_delay`
+                (`OMNIDAEMON_MAX_DELAY`, 30 days).
             at: A time (timezone-aware, or naive UTC) at which agents see the event.
 
         Raises:
             ValueError: The topic name is invalid.
-            TypeError: The payload cannot be encoded as JSON.
+            TypeError: The payload holds a value of a type JSON has no place for.
             PayloadValidationError: The payload contradicts the type an agent of this app
-                declares for the topic.
+                declares for the topic, or JSON cannot carry it: it nests arrays and objects
+                more than `MAX_NESTING` (128) levels deep, holds an integer outside the 64-bit
+                range, or a string (in it, a header or an id) that is not Unicode text (a
+                lone surrogate).
             PayloadTooLarge: The encoded event is larger than `settings.max_payload_bytes`
                 (`OMNIDAEMON_MAX_PAYLOAD_BYTES`, 1 MiB); nothing was sent.
+            DelayTooLong: `delay` (or `at`) is further away than `settings.max_delay`
+                (`OMNIDAEMON_MAX_DELAY`, 30 days); nothing was sent.
         """
         self.check_payload(topic, payload)
-        hold = 0.0 if delay is None and at is None else _seconds_until(delay, at)
+        hold = 0.0 if delay is None and at is None else self._hold(topic, delay, at)
         event_id, data = self._encode(
             topic, payload, correlation_id, causation_id, reply_to, webhook, tenant_id, headers
         )
@@ -474,7 +515,7 @@ class App:
         else:
             raise RuntimeError("publish_sync blocks: in async code, use `await app.publish(...)`")
         self.check_payload(topic, payload)
-        hold = _seconds_until(delay, at)
+        hold = self._hold(topic, delay, at)
         event_id, data = self._encode(
             topic,
             payload,

@@ -24,7 +24,10 @@ import orjson
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
+from omnidaemon._json_limits import MAX_NESTING
+
 __all__ = [
+    "MAX_NESTING",
     "WIRE_VERSION",
     "Envelope",
     "UnsupportedVersion",

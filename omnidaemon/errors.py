@@ -7,6 +7,7 @@ __all__ = [
     "AppLoadError",
     "BusUnavailable",
     "ConfigurationError",
+    "DelayTooLong",
     "NotFound",
     "OmniDaemonError",
     "PayloadTooLarge",
@@ -75,4 +76,28 @@ class PayloadTooLarge(OmniDaemonError, ValueError):
         )
         self.topic = topic
         self.size = size
+        self.limit = limit
+
+
+class DelayTooLong(OmniDaemonError, ValueError):
+    """A publish asked to hold its event back longer than `max_delay` (`OMNIDAEMON_MAX_DELAY`,
+    30 days by default).
+
+    A delayed event waits on the bus outside the topic's `stream_maxlen`, so without a bound a
+    publisher could keep any amount of data there for any time. Raised by publishing, before
+    anything is sent.
+
+    Attributes:
+        topic: Where the event was to be published.
+        delay: The seconds asked for (`inf` included).
+        limit: The `max_delay` it exceeds.
+    """
+
+    def __init__(self, topic: str, delay: float, limit: float) -> None:
+        super().__init__(
+            f"cannot publish to {topic!r}: a delay of {delay:,.0f} s is over max_delay "
+            f"({limit:,.0f} s = {limit / 86_400:g} days; OMNIDAEMON_MAX_DELAY)"
+        )
+        self.topic = topic
+        self.delay = delay
         self.limit = limit

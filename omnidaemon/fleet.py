@@ -177,8 +177,10 @@ class BusStats:
     Attributes:
         bus: The bus's URL (password masked).
         server: What the bus's server says of itself (kind, version, memory).
-        totals: Sums over the bus, in display order: `topics`, `entries`, `agents`, `lag`,
-            `pending`, `retries`, `dead_letters`, `workers`, `in_flight`.
+        totals: Sums over the bus, in display order: `topics`, `entries`, `delayed`,
+            `delayed_bytes`, `agents`, `lag`, `pending`, `retries`, `dead_letters`, `workers`,
+            `in_flight`. `delayed_bytes` counts the topics whose bus can tell (see
+            `TopicInfo.delayed_bytes`).
         workers: The live workers.
     """
 
@@ -207,6 +209,8 @@ async def bus_stats(broker: Broker) -> BusStats:
     totals = {
         "topics": len(topics),
         "entries": sum(t.length for t in topics),
+        "delayed": sum(t.delayed for t in topics),
+        "delayed_bytes": sum(t.delayed_bytes or 0 for t in topics),
         "agents": len(groups),
         "lag": sum(g.lag or 0 for g in groups),
         "pending": sum(g.pending for g in groups),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigurationError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        # `inf` would lift a bound (max_delay) or wait forever (shutdown_grace); `nan`
+        # compares false with everything, so every check of it would pass.
+        raise ConfigurationError(f"{name}={raw!r} must be a finite number of seconds")
     if value < 0:
         raise ConfigurationError(f"{name}={raw!r} must not be negative")
     return value
@@ -80,6 +85,9 @@ class Settings:
             sampling decision stands. Set it off (`0`) when publishers are not trusted: each
             handling then starts a trace of its own, sampled by the worker's sampler, with a
             span link to the publisher's context.
+        max_delay: `OMNIDAEMON_MAX_DELAY`, the longest `delay=` (or `at=`) publishing
+            accepts, in seconds; 30 days by default. A delayed event is held on the bus outside
+            the topic's `stream_maxlen`; a longer delay raises `DelayTooLong`.
     """
 
     broker_url: str | None = None
@@ -92,6 +100,7 @@ class Settings:
     heartbeat_interval: float = 5.0
     max_payload_bytes: int = 1_048_576
     trust_trace_context: bool = True
+    max_delay: float = 2_592_000.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -118,4 +127,5 @@ class Settings:
             heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
             max_payload_bytes=_positive_int(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
             trust_trace_context=_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
+            max_delay=_float(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
         )

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from xml.etree import ElementTree
 
 import anyio
 from pydantic import BaseModel
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
         _seed(fuzzed_app(redis.url))
         try:
+            report = Path(tmp) / "junit.xml"
             with running_api(fuzzed_app(redis.url)) as api:
                 command = [
                     str(Path(sys.executable).with_name("st")),
@@ -103,16 +105,40 @@ def main(argv: list[str] | None = None) -> int:
                     "2",
                     # Waits are at most 2 s (tests.fuzz_hooks); a slow answer is a finding.
                     "--request-timeout",
-                    "20",
+                    "40",
+                    "--report",
+                    "junit",
+                    "--report-junit-path",
+                    str(report),
                     "--no-color",
                 ]
                 if args.seed is not None:
                     command += ["--seed", str(args.seed)]
                 env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks"}
-                return subprocess.run(command, env=env, check=False).returncode
+                subprocess.run(command, env=env, check=False)
+                return _verdict(report)
         finally:
             stop.set()
             worker.join(timeout=30)
+
+
+def _verdict(report: Path) -> int:
+    """0 when schemathesis found no failure; errors of its own (an exception inside
+    Hypothesis, say) are printed but do not fail the run, a timed-out request does."""
+    if not report.exists():
+        print("fuzz: schemathesis wrote no report", file=sys.stderr)
+        return 1
+    failures = errors = 0
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        failures += len(case.findall("failure"))
+        for error in case.findall("error"):
+            text = f"{error.get('message', '')} {error.text or ''}"
+            if "timed out" in text.lower():
+                failures += 1  # the server hung: a finding
+            else:
+                errors += 1
+    print(f"fuzz: {failures} failures, {errors} errors of the tool", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _run_worker(url: str, stop: threading.Event) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
 
-from omnidaemon import App, ConfigurationError
+from omnidaemon import App, ConfigurationError, DelayTooLong
 from omnidaemon.brokers import MemoryBroker, Subscription, open_broker
 from omnidaemon.settings import Settings
 from omnidaemon.worker import Worker
@@ -176,3 +177,42 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.01)
+
+
+async def test_publish_refuses_a_delay_over_max_delay_before_anything_is_sent() -> None:
+    broker = MemoryBroker(None)
+    app = App("pub", broker=broker, settings=Settings(max_delay=3600))
+    message = (
+        r"cannot publish to 'order\.placed': a delay of 3,601 s is over max_delay "
+        r"\(3,600 s = 0\.0416667 days; OMNIDAEMON_MAX_DELAY\)"
+    )
+    with pytest.raises(DelayTooLong, match=message):
+        await app.publish("order.placed", {}, delay=3601)
+    with pytest.raises(DelayTooLong, match="a delay of inf s"):
+        await app.publish("order.placed", {}, delay=float("inf"))
+    with pytest.raises(DelayTooLong):
+        await app.publish("order.placed", {}, delay=timedelta(days=1))
+    with pytest.raises(DelayTooLong):
+        await app.publish("order.placed", {}, at=datetime.now(UTC) + timedelta(hours=2))
+    with pytest.raises(ValueError, match="not nan"):
+        await app.publish("order.placed", {}, delay=float("nan"))
+
+    def publish_sync() -> None:
+        with pytest.raises(DelayTooLong):
+            app.publish_sync("order.placed", {}, delay=1e12)
+
+    await anyio.to_thread.run_sync(publish_sync)
+    assert await broker.describe("order.placed") is None
+    await app.publish("order.placed", {}, delay=3600)  # the limit itself is allowed
+    assert (await broker.describe("order.placed")).delayed == 1  # type: ignore[union-attr]
+
+
+async def test_max_delay_defaults_to_30_days() -> None:
+    assert Settings.from_env({}).max_delay == 30 * 86_400
+    assert Settings.from_env({"OMNIDAEMON_MAX_DELAY": "60"}).max_delay == 60
+    for bad in ("inf", "nan", "-1", "soon"):
+        with pytest.raises(ConfigurationError, match="OMNIDAEMON_MAX_DELAY"):
+            Settings.from_env({"OMNIDAEMON_MAX_DELAY": bad})
+    app = App("pub", broker=MemoryBroker(None), settings=Settings())
+    with pytest.raises(DelayTooLong, match="1,000,000,000,000 s is over max_delay"):
+        await app.publish("order.placed", {}, delay=1e12)  # 31,700 years

@@ -11,9 +11,11 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import MaxConnectionsError, RedisError
 from starlette.exceptions import HTTPException
 
+from omnidaemon._json_limits import MAX_NESTING
 from omnidaemon.api.models import ErrorResponse
 from omnidaemon.errors import (
     BusUnavailable,
+    DelayTooLong,
     NotFound,
     OmniDaemonError,
     PayloadTooLarge,
@@ -108,6 +110,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, RecursionError):
+        # Python's `json` module gave up on a body nested ~1000 levels deep (FastAPI answers
+        # any such failure with a 400 "error parsing the body"): the body is JSON, and too
+        # deep, like one that nests only past `MAX_NESTING`.
+        return error_response(
+            422,
+            "invalid_request",
+            f"body: arrays and objects are nested too deep to read (a payload may nest at most "
+            f"{MAX_NESTING} levels)",
+        )
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else "error"
     if exc.status_code == 404 and message == "Not Found":
@@ -123,6 +135,11 @@ async def _not_found(request: Request, exc: Exception) -> JSONResponse:
 
 async def _invalid_payload(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_payload", _one_line(str(exc)))
+
+
+async def _delay_too_long(request: Request, exc: Exception) -> JSONResponse:
+    # The bound is the server's setting, not the model's: it is checked where every publish is.
+    return error_response(422, "invalid_request", f"body.delay: {exc}")
 
 
 async def _too_large(request: Request, exc: Exception) -> JSONResponse:
@@ -167,6 +184,7 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(NotFound, _not_found)
     api.add_exception_handler(PayloadValidationError, _invalid_payload)
     api.add_exception_handler(PayloadTooLarge, _too_large)
+    api.add_exception_handler(DelayTooLong, _delay_too_long)
     api.add_exception_handler(BusUnavailable, _bus_unavailable)
     api.add_exception_handler(MaxConnectionsError, _pool_exhausted)
     api.add_exception_handler(RedisError, _bus_unavailable)

@@ -1,7 +1,9 @@
-"""Around every request: a cap on the body's size, JSON bodies only, loopback `Host` names
-only when there is no authentication, headers that keep answers out of caches, and one log
-line (method, path, status, duration, token name; never a header's value)."""
+"""Around every request: a cap on the body's size, JSON bodies only, loopback `Host` names and
+clients only when there is no authentication, headers that keep answers out of caches, and
+one log line (method, path, status, duration, token name; never a header's value)."""
 
+import ipaddress
+import re
 import time
 from typing import Any
 
@@ -36,9 +38,12 @@ class RequestGuard:
     Args:
         app: The application.
         max_body: The largest request body accepted, in bytes.
-        loopback_only: Answer only requests whose `Host` is a loopback name (403 otherwise).
-            For a server without authentication: a web page whose name resolves to 127.0.0.1
-            (DNS rebinding) would otherwise reach it as its own origin.
+        loopback_only: Answer only requests from a loopback client address whose `Host` is a
+            loopback name (403 otherwise). For a server without authentication: a web page
+            whose name resolves to 127.0.0.1 (DNS rebinding) would otherwise reach it as its
+            own origin, and a client elsewhere (the server bound to a public address, or
+            behind a proxy that reports the client's address) would reach it at all. A
+            request without a client address is answered only on a Unix socket.
     """
 
     def __init__(self, app: ASGIApp, *, max_body: int, loopback_only: bool = False) -> None:
@@ -112,8 +117,16 @@ class RequestGuard:
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         """The answer to a request refused before the application sees it, or `None`."""
         if self.loopback_only:
-            host = _host_name(_header_text(scope, b"host"))
-            if not is_loopback(host):
+            client = _remote_client(scope)
+            if client is not None:
+                return error_response(
+                    403,
+                    "forbidden",
+                    f"this server runs without authentication and answers only to clients on "
+                    f"this machine, not to {client}",
+                )
+            host = _header_text(scope, b"host")
+            if not is_loopback(_host_name(host) or ""):
                 return error_response(
                     403,
                     "forbidden",
@@ -148,8 +161,46 @@ def _int_header(scope: Scope, name: bytes) -> int | None:
         return None
 
 
-def _host_name(host: str) -> str:
-    """The name in a `Host` header, without its port (`[::1]:8765` -> `::1`)."""
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+# RFC 9110's `Host`: uri-host [":" port], where uri-host is a name, an IPv4 address, or an IPv6
+# address in brackets. Names are limited to what DNS names hold (RFC 3986 allows more, but
+# nothing else can be a loopback name); nothing may follow, so `[::1]evil.com` or
+# `[::1]@evil.com` are no hosts at all rather than `::1` with trailing text.
+_HOST_RE = re.compile(
+    r"(?:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)|\[(?P<ipv6>[0-9A-Fa-f:.]+)\])"
+    r"(?::[0-9]{1,5})?"
+)
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a `Host` header, without its port (`[::1]:8765` -> `::1`); `None` unless
+    the whole header is a host with an optional port."""
+    found = _HOST_RE.fullmatch(host)
+    if found is None:
+        return None
+    if found["ipv6"] is not None:
+        try:
+            return str(ipaddress.IPv6Address(found["ipv6"]))
+        except ValueError:
+            return None  # `[127.0.0.1]` or `[::1::]`: brackets hold IPv6 addresses only
+    return found["name"]
+
+
+def _remote_client(scope: Scope) -> str | None:
+    """The request's client, described, if it may not be on this machine; `None` if it is.
+
+    A client address must be a loopback address. A request without one (an ASGI server on a
+    Unix socket, or a test transport) is taken as local only on a Unix socket: the server's
+    address then has no port. Otherwise nothing says where it came from, so it is refused.
+    """
+    client = scope.get("client")
+    if client is None:
+        server = scope.get("server")
+        if server is not None and server[1] is None:
+            return None
+        return "a client of unknown address"
+    try:
+        if ipaddress.ip_address(client[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return f"client {client[0]}"

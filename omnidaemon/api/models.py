@@ -1,17 +1,17 @@
-"""The HTTP API's request and response bodies, as pydantic models: FastAPI validates requests
-with them and writes the OpenAPI schema from them.
+"""The HTTP API's bodies, as pydantic models: FastAPI validates requests with them and writes
+the OpenAPI schema from them. Response bodies are defined here, request bodies in `bodies`.
 
 Responses carry the same fields as the matching command's `--json` output, wrapped in an
 object (`{"topics": [...]}`) so that fields can be added later without breaking clients.
 """
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from omnidaemon.agents import validate_agent_name
-from omnidaemon.envelope import validate_topic
+# The request bodies live in `bodies`; they are named here too, with every other model.
+from omnidaemon.api.bodies import PublishRequest, ReplayRequest, ReplyRequest, TopicName
 from omnidaemon.results import Result
 
 __all__ = [
@@ -51,25 +51,6 @@ __all__ = [
     "WorkerInfo",
 ]
 
-TopicName = Annotated[
-    str,
-    AfterValidator(validate_topic),
-    Field(
-        max_length=255,
-        description="Dot-separated words of [a-z0-9_-], e.g. `document.uploaded`.",
-        examples=["document.uploaded"],
-    ),
-]
-"""A topic name, checked as publishing checks it."""
-
-AgentName = Annotated[
-    str,
-    AfterValidator(validate_agent_name),
-    Field(max_length=200, description="An agent's name (its consumer group).", examples=["ocr"]),
-]
-
-_Id = Annotated[str, Field(min_length=1, max_length=200)]
-
 
 class ErrorResponse(BaseModel):
     """What every error answers: a code for programs and one line for people."""
@@ -89,53 +70,11 @@ class ErrorResponse(BaseModel):
     )
 
 
-class _Body(BaseModel):
-    # A misspelt option must not be dropped silently: `delai: 60` would publish at once.
-    model_config = ConfigDict(extra="forbid")
-
-
-class PublishRequest(_Body):
-    """An event to publish (`omnidaemon publish`)."""
-
-    topic: TopicName
-    payload: Any = Field(description="The event's payload: any JSON value.")
-    correlation_id: _Id | None = Field(
-        default=None, description="Ties the events of one workflow together."
-    )
-    reply_to: TopicName | None = Field(
-        default=None, description="A topic the handling agent's return value is sent to."
-    )
-    webhook: Annotated[str, Field(max_length=2048)] | None = Field(
-        default=None, description="A URL the outcome is POSTed to when the event is finished."
-    )
-    tenant_id: _Id | None = Field(default=None, description="Carried unchanged to handlers.")
-    delay: float | None = Field(
-        default=None, ge=0, description="Seconds before agents see the event (held on the bus)."
-    )
-    headers: dict[str, str] | None = Field(
-        default=None, description="String metadata carried unchanged."
-    )
-
-
 class PublishResponse(BaseModel):
     """A published event."""
 
     event_id: str = Field(description="The event's id (a UUIDv7).")
     topic: str
-
-
-class ReplyRequest(_Body):
-    """A request: an event published with a reply topic of its own, waited on
-    (`omnidaemon publish --wait`)."""
-
-    topic: TopicName
-    payload: Any = Field(description="The request's payload: any JSON value.")
-    correlation_id: _Id | None = None
-    tenant_id: _Id | None = None
-    headers: dict[str, str] | None = None
-    timeout: float = Field(
-        default=30.0, gt=0, le=300, description="Seconds to wait for the reply (504 after)."
-    )
 
 
 class ReplyResponse(BaseModel):
@@ -218,6 +157,13 @@ class TopicInfo(BaseModel):
     topic: str
     length: int = Field(description="Entries the topic holds.")
     delayed: int = Field(description="Entries published with a delay, not yet due.")
+    delayed_bytes: int | None = Field(
+        description=(
+            "What the delayed entries take, in bytes (on Redis the server's estimate of its "
+            "memory); null when the bus cannot tell. Delayed entries are not trimmed with "
+            "the topic."
+        )
+    )
     groups: list[GroupInfo]
 
 
@@ -358,6 +304,10 @@ class BusTotals(BaseModel):
 
     topics: int
     entries: int
+    delayed: int = Field(description="Entries published with a delay, not yet due.")
+    delayed_bytes: int = Field(
+        description="What they take, in bytes (see `TopicInfo.delayed_bytes`)."
+    )
     agents: int
     lag: int
     pending: int
@@ -408,25 +358,6 @@ class DeadLetterList(BaseModel):
     undecodable: list[UndecodableDeadLetter] = Field(
         default_factory=list, description="Records among the most recent that cannot be read."
     )
-
-
-class ReplayRequest(_Body):
-    """Which dead letters to deliver again (`omnidaemon bus replay`): name them, or all."""
-
-    agent: AgentName
-    event_ids: Annotated[list[_Id], Field(min_length=1, max_length=10_000)] | None = Field(
-        default=None, description="Replay these events."
-    )
-    all: bool = Field(default=False, description="Replay every dead letter of the agent.")
-    dry_run: bool = Field(default=False, description="Say what would be replayed; change nothing.")
-
-    @model_validator(mode="after")
-    def _events_or_all(self) -> Self:
-        if self.event_ids is None and not self.all:
-            raise ValueError("name events with event_ids, or replay every one with all: true")
-        if self.event_ids is not None and self.all:
-            raise ValueError("give event_ids or all: true, not both")
-        return self
 
 
 class ReplayResponse(BaseModel):

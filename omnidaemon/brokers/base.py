@@ -162,12 +162,17 @@ class TopicInfo:
         length: Entries the topic holds now.
         delayed: Entries published with a delay, not yet appended.
         groups: The topic's consumer groups, by name.
+        delayed_bytes: What the delayed entries take: on Redis, the server's estimate of the
+            memory their sorted set uses (`MEMORY USAGE`); in memory, their sizes summed.
+            `None` when the bus cannot tell. Delayed entries are not trimmed with the stream
+            (`stream_maxlen`), so this is where a bus can fill up unseen.
     """
 
     topic: str
     length: int
     delayed: int
     groups: tuple[GroupInfo, ...]
+    delayed_bytes: int | None = 0
 
 
 class Broker(ABC):

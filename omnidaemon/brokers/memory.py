@@ -569,7 +569,10 @@ class MemoryBroker(Broker):
                     consumer_details=details if consumers else (),
                 )
             )
-        return TopicInfo(topic, len(state.entries), len(state.delayed), tuple(groups))
+        delayed_bytes = sum(len(data) for _, _, data in state.delayed)
+        return TopicInfo(
+            topic, len(state.entries), len(state.delayed), tuple(groups), delayed_bytes
+        )
 
     async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
         await anyio.lowlevel.checkpoint()

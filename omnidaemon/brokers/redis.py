@@ -872,10 +872,15 @@ class RedisBroker(Broker):
             pipe.zcard(self.delayed_key(topic))
             pipe.xinfo_groups(stream)
             pipe.time()
-            exists, length, delayed, groups, now = await pipe.execute(raise_on_error=False)
+            # Sampled (the server's default), so it costs the same for any number of entries.
+            pipe.memory_usage(self.delayed_key(topic))
+            replies = await pipe.execute(raise_on_error=False)
+        exists, length, delayed, groups, now, used = replies
+        # None: no delayed set; an error: MEMORY disabled (some hosted servers), so unknown.
+        delayed_bytes = None if isinstance(used, Exception) else int(used or 0)
         if not exists:
             # Only delayed events (no stream yet), or no such topic at all.
-            return TopicInfo(topic, 0, int(delayed), ()) if int(delayed) else None
+            return TopicInfo(topic, 0, int(delayed), (), delayed_bytes) if int(delayed) else None
         if isinstance(groups, Exception):
             return None
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
@@ -946,7 +951,7 @@ class RedisBroker(Broker):
                 )
             )
         infos.sort(key=lambda g: g.group)
-        return TopicInfo(topic, int(length), int(delayed), tuple(infos))
+        return TopicInfo(topic, int(length), int(delayed), tuple(infos), delayed_bytes)
 
     async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
         if limit <= 0:

@@ -99,6 +99,7 @@ def list_topics(
                         "topic": t.topic,
                         "length": t.length,
                         "delayed": t.delayed,
+                        "delayed_bytes": t.delayed_bytes,
                         "groups": [_group_json(g) for g in t.groups],
                     }
                     for t in topics

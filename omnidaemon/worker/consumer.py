@@ -332,7 +332,8 @@ class AgentConsumer(Fetching, Outcomes):
                     await idempotency.release(idempotency_key, claim)
                 if isinstance(exc, PayloadTooLarge | PayloadValidationError):
                     # Like a return value that breaks its annotation: a retry would redo the
-                    # (possibly expensive) work to produce the same output.
+                    # (possibly expensive) work to produce the same output: too large, one
+                    # JSON cannot carry, or one of the wrong type for the topic it goes to.
                     await self._dead_letter(
                         delivery, envelope, type(exc).__name__, str(exc), exc, failed=True
                     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -255,3 +256,100 @@ def test_without_auth_only_loopback_host_names_are_answered() -> None:
         rebound = http.get(f"{server.url}/v1/agents", headers={"Host": "evil.example.com"})
         assert rebound.status_code == 403
         assert "answers only to localhost" in rebound.json()["message"]
+
+
+async def _get_agents(api: Any, *, host: str, client: tuple[str, int] | None) -> httpx.Response:
+    transport = httpx.ASGITransport(app=api, client=client)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+        return await http.get("/v1/agents", headers={"Host": host})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("localhost", True),
+        ("localhost:8765", True),
+        ("127.0.0.1:80", True),
+        ("[::1]", True),
+        ("[::1]:8765", True),
+        ("[::1]evil.com", False),
+        ("[::1].evil.com:80", False),
+        ("[::1]@evil.com", False),
+        ("localhost@evil.com", False),
+        ("localhost:80x", False),
+        ("localhost:", False),
+        ("[127.0.0.1]", False),
+        ("", False),
+    ],
+)
+async def test_without_auth_the_host_header_is_read_strictly(host: str, served: bool) -> None:
+    api = create_api(App("open", broker="memory://"), insecure_no_auth=True)
+    answer = await _get_agents(api, host=host, client=("127.0.0.1", 50000))
+    assert answer.status_code == (200 if served else 403), host
+    if not served:
+        assert answer.json()["message"].endswith(f"not to Host {host!r}")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("client", "served"),
+    [
+        (("127.0.0.1", 50000), True),
+        (("127.9.9.9", 50000), True),
+        (("::1", 50000), True),
+        (("203.0.113.9", 1234), False),
+        (("::ffff:203.0.113.9", 1234), False),
+        (("10.0.0.1", 1234), False),
+    ],
+)
+async def test_without_auth_only_loopback_clients_are_answered(
+    client: tuple[str, int], served: bool
+) -> None:
+    # The Host header is a loopback name: the client's address alone decides.
+    api = create_api(App("open", broker="memory://"), insecure_no_auth=True)
+    answer = await _get_agents(api, host="localhost", client=client)
+    assert answer.status_code == (200 if served else 403), client
+    if not served:
+        assert answer.json()["message"] == (
+            "this server runs without authentication and answers only to clients on this "
+            f"machine, not to client {client[0]}"
+        )
+
+
+@pytest.mark.anyio
+async def test_without_auth_no_client_address_is_answered_on_a_unix_socket_only() -> None:
+    api = create_api(App("open", broker="memory://"), insecure_no_auth=True)
+
+    async def get(server: tuple[str, int | None]) -> tuple[int, bytes]:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/v1/agents",
+            "raw_path": b"/v1/agents",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"localhost")],
+            "client": None,
+            "server": server,
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await api(scope, receive, send)
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], body
+
+    status, body = await get(("127.0.0.1", 8765))
+    assert status == 403
+    assert b"not to a client of unknown address" in body
+    status, _ = await get(("/run/omnidaemon/api.sock", None))
+    assert status == 200

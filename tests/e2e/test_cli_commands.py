@@ -411,6 +411,25 @@ def test_bus_stats_lists_the_live_worker(bus: Bus, handled: Handled) -> None:
     assert stats["server"]["server"].split()[0] in ("redis", "valkey")
 
 
+def test_publish_bounds_delay_and_bus_stats_shows_what_delayed_events_hold(bus: Bus) -> None:
+    topic = bus.topic("held")
+    refused = bus.cli("publish", topic, "{}", "--delay", "1e12")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith(
+        "is over max_delay (2,592,000 s = 30 days; OMNIDAEMON_MAX_DELAY)"
+    )
+    blob = orjson.dumps({"blob": "x" * 40_000}).decode()
+    for done in bus.parallel(*[["publish", topic, blob, "--delay", "3600"]] * 2):
+        assert done.returncode == 0, done.stderr
+
+    stats = bus.json("bus", "stats")
+    assert stats["totals"]["delayed"] >= 2
+    assert stats["totals"]["delayed_bytes"] >= 80_000
+    [listed] = [t for t in bus.json("bus", "list") if t["topic"] == topic]
+    assert listed["delayed"] == 2
+    assert 80_000 <= listed["delayed_bytes"] <= 100_000
+
+
 def test_bus_dlq_shows_error_attempts_and_payload(bus: Bus, handled: Handled) -> None:
     by_topic, by_agent, other_agent, plain = bus.parallel(
         ["bus", "dlq", handled.topic, "--json"],

@@ -55,7 +55,11 @@ def group_model(g: BusGroup) -> GroupInfo:
 def topic_model(t: BusTopic) -> TopicInfo:
     """The API's view of a topic."""
     return TopicInfo(
-        topic=t.topic, length=t.length, delayed=t.delayed, groups=[group_model(g) for g in t.groups]
+        topic=t.topic,
+        length=t.length,
+        delayed=t.delayed,
+        delayed_bytes=t.delayed_bytes,
+        groups=[group_model(g) for g in t.groups],
     )
 
 
