@@ -12,9 +12,15 @@ _LONGEST_WAIT = 2.0
 
 
 def _shortened(value: Any) -> Any:
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 300:
-        return min(value, _LONGEST_WAIT)
-    return value
+    """`value` cut to 2 s when it is a wait the API accepts (also given as text, as query
+    parameters may be)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return value
+    if isinstance(value, bool) or not 0 < seconds <= 300:
+        return value
+    return min(seconds, _LONGEST_WAIT) if not isinstance(value, str) else str(min(seconds, 2))
 
 
 @schemathesis.hook

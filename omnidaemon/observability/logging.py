@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, Literal, TextIO
@@ -13,7 +14,13 @@ __all__ = ["configure_logging"]
 
 
 def _orjson_dumps(value: Any, default: Any = None) -> str:
-    return orjson.dumps(value, default=default).decode()
+    # A log line must never raise into the code that logs (a supervisor stopping its
+    # workers, a handler's outcome): keys that are not strings are written as text, and what
+    # orjson cannot encode at all (an int past 64 bits) goes through the standard library.
+    try:
+        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, default=repr, ensure_ascii=False)
 
 
 def configure_logging(

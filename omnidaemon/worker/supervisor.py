@@ -230,12 +230,15 @@ class Supervisor:
             await self._hard_event.wait()
             await anyio.sleep(_HARD_STOP_KILL_AFTER)
         if self.children:
-            _log.error("killing worker processes that did not stop in time", pids=self.children)
+            _log.error(
+                "killing worker processes that did not stop in time",
+                pids=sorted(self.children.values()),
+            )
             self._forward(signal.SIGKILL)
 
     async def _terminate_all(self) -> None:
         """Stop the children without leaving orphans: SIGTERM, then SIGKILL if they linger."""
-        _log.warning("terminating worker processes", pids=self.children)
+        _log.warning("terminating worker processes", pids=sorted(self.children.values()))
         self._forward(signal.SIGTERM)
         with anyio.move_on_after(_HARD_STOP_KILL_AFTER):
             for proc in list(self._procs.values()):

@@ -35,6 +35,19 @@ def test_json_lines_when_not_a_terminal() -> None:
     assert record["timestamp"].endswith("Z")
 
 
+def test_a_json_line_never_raises_into_the_code_that_logs() -> None:
+    """A value JSON lines cannot hold as is (int keys, an int past 64 bits) is written as text:
+    the supervisor crashed logging `pids={0: 1234}` while killing workers that did not stop."""
+    out = io.StringIO()
+    configure_logging("INFO", "json", stream=out)
+    log = structlog.get_logger("t")
+    log.error("killing", pids={0: 1234, 1: 1235})
+    log.info("huge", n=2**70)
+    first, second = (orjson.loads(line) for line in out.getvalue().splitlines())
+    assert first["pids"] == {"0": 1234, "1": 1235}
+    assert second["n"] == 2**70
+
+
 def test_console_format_is_readable() -> None:
     out = io.StringIO()
     configure_logging("DEBUG", "console", stream=out)
