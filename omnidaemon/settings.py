@@ -2,58 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from omnidaemon._env import env_count, env_flag, env_seconds
 from omnidaemon.errors import ConfigurationError
 
 __all__ = ["Settings"]
 
 LogFormat = Literal["auto", "console", "json"]
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value):
-        # `inf` would lift a bound (max_delay) or wait forever (shutdown_grace); `nan`
-        # compares false with everything, so every check of it would pass.
-        raise ConfigurationError(f"{name}={raw!r} must be a finite number of seconds")
-    if value < 0:
-        raise ConfigurationError(f"{name}={raw!r} must not be negative")
-    return value
-
-
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
-    if value < 1:
-        raise ConfigurationError(f"{name}={raw!r} must be at least 1")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    if raw.lower() in ("0", "false", "no"):
-        return False
-    raise ConfigurationError(f"{name}={raw!r}: use 1, true or yes, or 0, false or no")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +80,11 @@ class Settings:
             app=env.get("OMNIDAEMON_APP") or None,
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]
-            shutdown_grace=_float(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
-            stream_maxlen=_positive_int(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
-            store_results=env.get("OMNIDAEMON_STORE_RESULTS", "").lower() in ("1", "true", "yes"),
-            heartbeat_interval=_float(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
-            max_payload_bytes=_positive_int(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
-            trust_trace_context=_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
-            max_delay=_float(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
+            shutdown_grace=env_seconds(env, "OMNIDAEMON_SHUTDOWN_GRACE", 30.0),
+            stream_maxlen=env_count(env, "OMNIDAEMON_STREAM_MAXLEN", 100_000),
+            store_results=env_flag(env, "OMNIDAEMON_STORE_RESULTS", False),
+            heartbeat_interval=env_seconds(env, "OMNIDAEMON_HEARTBEAT_INTERVAL", 5.0) or 5.0,
+            max_payload_bytes=env_count(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
+            trust_trace_context=env_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
+            max_delay=env_seconds(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
         )

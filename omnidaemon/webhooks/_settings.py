@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from omnidaemon._env import env_count, env_flag, env_seconds
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.retry import Backoff
 
@@ -17,42 +18,6 @@ __all__ = ["WebhookSettings"]
 
 # Frozen, so one shared default is safe.
 _DEFAULT_BACKOFF = Backoff(initial=1.0, maximum=60.0)
-
-
-def _env_seconds(env: Mapping[str, str], name: str, default: float, *, zero_ok: bool) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        bound = "at least 0" if zero_ok else "more than 0"
-        raise ConfigurationError(f"{name}={raw!r} must be a finite number {bound}")
-    return value
-
-
-def _env_count(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
-def _env_bool(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigurationError(f"{name}={raw!r}: use 1/true to enable or 0/false to disable")
 
 
 def _normalize_host_pattern(entry: str) -> str:
@@ -173,11 +138,11 @@ class WebhookSettings:
         return cls(
             secret=env.get("OMNIDAEMON_WEBHOOK_SECRET") or None,
             allowed_hosts=tuple(entries),
-            allow_private=_env_bool(env, "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE"),
-            timeout=_env_seconds(env, "OMNIDAEMON_WEBHOOK_TIMEOUT", 10.0, zero_ok=False),
-            max_elapsed=_env_seconds(env, "OMNIDAEMON_WEBHOOK_MAX_ELAPSED", 300.0, zero_ok=True),
-            max_in_flight=_env_count(env, "OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", 32, minimum=1),
-            max_queued_bytes=_env_count(
+            allow_private=env_flag(env, "OMNIDAEMON_WEBHOOK_ALLOW_PRIVATE", False),
+            timeout=env_seconds(env, "OMNIDAEMON_WEBHOOK_TIMEOUT", 10.0, zero_ok=False),
+            max_elapsed=env_seconds(env, "OMNIDAEMON_WEBHOOK_MAX_ELAPSED", 300.0, zero_ok=True),
+            max_in_flight=env_count(env, "OMNIDAEMON_WEBHOOK_MAX_IN_FLIGHT", 32, minimum=1),
+            max_queued_bytes=env_count(
                 env, "OMNIDAEMON_WEBHOOK_MAX_QUEUED_BYTES", 16 * 1024 * 1024, minimum=0
             ),
         )
