@@ -19,6 +19,7 @@ clock jumps to the next scheduled retry), so a test of three retries takes no lo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -62,6 +63,16 @@ class _RecordingBroker(MemoryBroker):
         return appended
 
 
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside `group` and the groups nested in it, or None if several."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        if len(found.exceptions) != 1:
+            return None
+        found = found.exceptions[0]
+    return found
+
+
 class TestApp:
     """Runs an app's agents on a private in-memory bus; use it as an async context manager.
 
@@ -69,7 +80,9 @@ class TestApp:
         app: The app under test. Its broker is swapped for the block and restored after.
         agents: Run only these agents (default: all).
         fast_retries: Let `drain()` skip retry backoff instead of waiting it out.
-        shutdown_grace: Seconds in-flight handlers get when the block exits.
+        shutdown_grace: Seconds handlers still running when the block ends get to finish;
+            those that do not are cancelled with a `RuntimeWarning`. A block that ends with
+            an exception cancels them at once.
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -80,7 +93,7 @@ class TestApp:
         *,
         agents: Sequence[str] | None = None,
         fast_retries: bool = True,
-        shutdown_grace: float = 5.0,
+        shutdown_grace: float = 0.1,
     ) -> None:
         self.app = app
         self.broker = _RecordingBroker()
@@ -88,6 +101,7 @@ class TestApp:
         self._fast_retries = fast_retries
         self._grace = shutdown_grace
         self._stack: AsyncExitStack | None = None
+        self._worker: Worker | None = None
         self._saved: tuple[Broker | None, bool] | None = None
 
     async def __aenter__(self) -> TestApp:
@@ -96,7 +110,7 @@ class TestApp:
         app._broker, app._connected = self.broker, False
         stack = AsyncExitStack()
         try:
-            worker = Worker(app, agents=self._agents, shutdown_grace=self._grace)
+            worker = self._worker = Worker(app, agents=self._agents, shutdown_grace=self._grace)
             await stack.enter_async_context(worker.started())
         except BaseException:
             await stack.aclose()
@@ -111,12 +125,39 @@ class TestApp:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        sole: BaseException | None = None
         try:
             if self._stack is not None:
                 await self._stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The worker runs in a task group, which wraps whatever leaves the block. A test
+            # expects its own exception (`pytest.raises(TimeoutError)`), so one exception
+            # comes out as itself; several (the block's and a failing hook's) stay grouped.
+            sole = _sole_exception(group)
+            if sole is None:
+                raise
+            if sole is exc:
+                return  # Python re-raises the block's exception, traceback intact
         finally:
             self._stack = None
             self._restore()
+        if sole is not None:
+            raise sole
+        if exc is None:
+            self._warn_if_abandoned()
+
+    def _warn_if_abandoned(self) -> None:
+        worker = self._worker
+        abandoned = [] if worker is None else [c for c in worker.consumers if c.abandoned_handlers]
+        if abandoned:
+            names = ", ".join(repr(c.subscription.group) for c in abandoned)
+            warnings.warn(
+                f"a handler of {names} was still running when the TestApp block ended and "
+                f"was cancelled after shutdown_grace={self._grace} s; await drain() in the "
+                "block to let handlers finish, or pass a longer shutdown_grace",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _restore(self) -> None:
         if self._saved is not None:

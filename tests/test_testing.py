@@ -56,10 +56,11 @@ async def test_drain_times_out_on_a_handler_that_never_returns() -> None:
     async def stuck(event: dict[str, int]) -> None:
         await anyio.sleep(3600)
 
-    async with TestApp(app, shutdown_grace=0.05) as bus:
-        await bus.publish("a.b", {"n": 1})
-        with pytest.raises(TimeoutError, match="still busy"):
-            await bus.drain(timeout=0.2)
+    with pytest.warns(RuntimeWarning, match="'stuck' was still running"):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 1})
+            with pytest.raises(TimeoutError, match="still busy"):
+                await bus.drain(timeout=0.2)
 
 
 async def test_published_lists_everything_in_order_and_by_topic() -> None:
@@ -97,3 +98,61 @@ async def test_drain_skips_publish_delays() -> None:
             await bus.publish("a.b", {"n": 1}, delay=60)
             await bus.drain()
     assert seen == [1, 2]
+
+
+async def test_an_error_raised_in_the_block_propagates_as_itself() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+
+    @app.agent("a.b")
+    async def work(event: dict[str, int]) -> None:
+        pass
+
+    with pytest.raises(TimeoutError, match="the model never answered"):
+        async with TestApp(app):
+            raise TimeoutError("the model never answered")
+    with pytest.raises(KeyError):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 1})
+            raise KeyError("missing")
+
+    # Two failures at once (the test's and a shutdown hook's) are both reported.
+    @app.on_shutdown
+    async def broken_hook() -> None:
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(ExceptionGroup) as caught:
+        async with TestApp(app):
+            raise ValueError("test failed")
+    assert sorted(type(e).__name__ for e in _leaves(caught.value)) == [
+        "RuntimeError",
+        "ValueError",
+    ]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
+
+
+async def test_leaving_the_block_with_a_hung_handler_is_prompt_and_warns() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+    started = anyio.Event()
+
+    @app.agent("a.b")
+    async def stuck(event: dict[str, int]) -> None:
+        started.set()
+        await anyio.sleep(3600)
+
+    with (
+        anyio.fail_after(2),  # the old default waited 5 s for it
+        pytest.warns(RuntimeWarning, match=r"'stuck' was still running .* cancelled"),
+    ):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 1})
+            await started.wait()
