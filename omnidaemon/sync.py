@@ -9,13 +9,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
 from omnidaemon.brokers.base import Broker
 
-__all__ = ["SyncPublisher"]
+__all__ = ["PublishesSync", "SyncPublisher"]
+
+
+class PublishesSync(Protocol):
+    """What `App.publish_sync` publishes through: `SyncPublisher`, or `omnidaemon.testing`'s
+    stand-in that puts events on the test bus."""
+
+    def serves_current_task(self) -> bool:
+        """True if the async task calling `publish_sync` may publish through this."""
+        ...
+
+    def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        """Publish one encoded event, blocking the calling thread until the bus has it."""
+        ...
+
+    def close(self) -> None:
+        """Release what publishing holds (threads, connections)."""
+        ...
 
 
 class SyncPublisher:
@@ -61,6 +79,10 @@ class SyncPublisher:
                 raise failure[0]
             assert self._portal is not None
             return self._portal
+
+    def serves_current_task(self) -> bool:
+        """Never: publishing blocks the thread, which would stall the caller's event loop."""
+        return False
 
     def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
         """Publish one encoded event, blocking the calling thread until the bus has it."""

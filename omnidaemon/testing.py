@@ -19,13 +19,16 @@ clock jumps to the next scheduled retry), so a test of three retries takes no lo
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
+from anyio.from_thread import BlockingPortal
 from pydantic import TypeAdapter
 
 from omnidaemon.app import App
@@ -33,6 +36,7 @@ from omnidaemon.brokers.base import Broker, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope
+from omnidaemon.sync import PublishesSync
 from omnidaemon.worker.runner import Worker
 
 __all__ = ["TestApp"]
@@ -47,9 +51,10 @@ class _RecordingBroker(MemoryBroker):
         super().__init__(None)
         self.log: list[tuple[str, bytes]] = []
 
-    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+    def publish_nowait(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        # `publish` goes through here too.
         self.log.append((topic, data))
-        await super().publish(topic, data, delay=delay)
+        super().publish_nowait(topic, data, delay=delay)
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         self.log.extend(entries)
@@ -71,6 +76,34 @@ def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException |
             return None
         found = found.exceptions[0]
     return found
+
+
+class _TestPublisher:
+    """`App.publish_sync` inside the block: events go onto the test bus, on the test's loop.
+
+    The memory bus lives on one event loop, so other threads hand their events to it through
+    a portal; the test itself (the task that entered the block, as with a Flask view called
+    directly) publishes in place, since the memory bus takes an event without waiting.
+    Handlers and other tasks are refused, as `publish_sync` refuses async code in production.
+    """
+
+    def __init__(self, broker: _RecordingBroker, portal: BlockingPortal) -> None:
+        self._broker = broker
+        self._portal = portal
+        self._loop_thread = threading.get_ident()
+        self._test_task = anyio.get_current_task().id
+
+    def serves_current_task(self) -> bool:
+        return anyio.get_current_task().id == self._test_task
+
+    def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._broker.publish_nowait(topic, data, delay=delay)
+        else:
+            self._portal.call(partial(self._broker.publish_nowait, topic, data, delay=delay))
+
+    def close(self) -> None:
+        pass  # the portal is the block's, and closes with it
 
 
 class TestApp:
@@ -102,14 +135,16 @@ class TestApp:
         self._grace = shutdown_grace
         self._stack: AsyncExitStack | None = None
         self._worker: Worker | None = None
-        self._saved: tuple[Broker | None, bool] | None = None
+        self._saved: tuple[Broker | None, bool, PublishesSync | None] | None = None
 
     async def __aenter__(self) -> TestApp:
         app = self.app
-        self._saved = (app._broker, app._connected)
+        self._saved = (app._broker, app._connected, app._sync)
         app._broker, app._connected = self.broker, False
         stack = AsyncExitStack()
         try:
+            portal = await stack.enter_async_context(BlockingPortal())
+            app._sync = _TestPublisher(self.broker, portal)
             worker = self._worker = Worker(app, agents=self._agents, shutdown_grace=self._grace)
             await stack.enter_async_context(worker.started())
         except BaseException:
@@ -161,7 +196,7 @@ class TestApp:
 
     def _restore(self) -> None:
         if self._saved is not None:
-            self.app._broker, self.app._connected = self._saved
+            self.app._broker, self.app._connected, self.app._sync = self._saved
             self._saved = None
 
     async def publish(self, topic: str, payload: Any, **options: Any) -> str:

@@ -156,3 +156,31 @@ async def test_leaving_the_block_with_a_hung_handler_is_prompt_and_warns() -> No
         async with TestApp(app) as bus:
             await bus.publish("a.b", {"n": 1})
             await started.wait()
+
+
+async def test_publish_sync_from_a_thread_or_the_test_reaches_the_test_bus() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+    handled: list[int] = []
+
+    @app.agent("order.placed")
+    async def confirm(event: dict[str, int]) -> None:
+        handled.append(event["n"])
+
+    @app.agent("order.misused")
+    async def misuse(event: dict[str, int]) -> None:
+        app.publish_sync("order.placed", {"n": 0})  # blocks the loop in production: refused
+
+    def view(n: int) -> str:  # a Django or Flask view: plain sync code
+        return app.publish_sync("order.placed", {"n": n})
+
+    async with TestApp(app) as bus:
+        in_thread = await anyio.to_thread.run_sync(view, 1)
+        direct = view(2)  # called from the test itself, on the harness's event loop
+        await bus.publish("order.misused", {"n": 3})
+        await bus.drain()
+        assert [e.id for e in bus.published("order.placed")] == [in_thread, direct]
+        [letter] = bus.dead_letters("misuse")
+        assert "in async code, use `await app.publish" in letter.error_message
+    assert handled == [1, 2]

@@ -190,12 +190,17 @@ class MemoryBroker(Broker):
     # Publishing ---------------------------------------------------------------------------
 
     async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        self.publish_nowait(topic, data, delay=delay)
+        await anyio.lowlevel.checkpoint()
+
+    def publish_nowait(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        """`publish` in one step, for code on the bus's event loop thread that cannot await
+        (`App.publish_sync` called by a test under `omnidaemon.testing`)."""
         if delay > 0:
             self._bus.delay(topic, data, delay)
         else:
             self._bus.append(topic, data)
         self._bus.notify()
-        await anyio.lowlevel.checkpoint()
 
     async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
         for topic, data in entries:
