@@ -223,6 +223,54 @@ class TestApp:
         if scope.cancelled_caught:
             raise TimeoutError(f"the bus was still busy after {timeout} s")
 
+    async def advance(self, seconds: float, *, timeout: float = 10.0) -> None:
+        """Let `seconds` pass on the test's clock, at once; the clock handler timeouts run on.
+
+        First waits until every event is either handled or inside a handler (retry backoff
+        skipped, as in `drain()`). Then moves the clock: a handler running under
+        `timeout=` that has now outlived it fails with `TimeoutError` and is retried or
+        dead-lettered as in production; retries, delayed events and result and idempotency
+        expiries falling due in that time are due. Then waits until the bus settles again, so
+        each call times out one attempt of a hung handler. Handlers that start later get their
+        whole timeout, and a handler's own `anyio.sleep` still takes real time.
+
+        Raises:
+            TimeoutError: the bus did not settle within `timeout` real seconds (a handler
+                without a `timeout=` that never returns, or agents that keep publishing).
+        """
+        if seconds < 0:
+            raise ValueError(f"time only goes forward, not {seconds} s")
+        await self._settle(timeout)
+        self.broker.advance(seconds)
+        worker = self._worker
+        for consumer in worker.consumers if worker is not None else ():
+            for scope in consumer.timeouts:
+                # `fail_after` raises TimeoutError once its deadline has passed; moving it
+                # earlier is what `seconds` of waiting would have done.
+                scope.deadline -= seconds
+        await self._settle(timeout)
+
+    async def _settle(self, timeout: float) -> None:
+        """Wait until no event is unread or due, and every delivery is inside a handler with
+        a timeout (which only the clock moves on)."""
+        worker = self._worker
+        consumers = worker.consumers if worker is not None else []
+        with anyio.move_on_after(timeout) as scope:
+            while True:
+                now = anyio.current_time()
+                # A handler whose deadline has passed is about to fail, not waiting.
+                waiting = all(
+                    self.broker.pending(c.subscription) == len(c.timeouts)
+                    and all(t.deadline > now for t in c.timeouts)
+                    for c in consumers
+                )
+                if self.broker.queued() or not waiting:
+                    await self.broker.wait_changed(0.05)
+                elif not (self._fast_retries and self.broker.fast_forward()):
+                    return
+        if scope.cancelled_caught:
+            raise TimeoutError(f"the bus was still busy after {timeout} s")
+
     def published(self, topic: str | None = None) -> list[Envelope[Any]]:
         """Every event published while the block ran, in order, optionally only on `topic`.
 

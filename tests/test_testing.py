@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import pytest
 
@@ -184,3 +186,38 @@ async def test_publish_sync_from_a_thread_or_the_test_reaches_the_test_bus() -> 
         [letter] = bus.dead_letters("misuse")
         assert "in async code, use `await app.publish" in letter.error_message
     assert handled == [1, 2]
+
+
+async def test_advance_times_out_hung_handlers_on_the_test_clock() -> None:
+    from omnidaemon.testing import TestApp
+
+    app = App("t", broker=MemoryBroker(None))
+    attempts: list[int] = []
+
+    @app.agent("a.b", timeout=30, max_retries=2, retry_backoff=60)
+    async def hangs(event: dict[str, int], ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        await anyio.Event().wait()  # a model call that never answers
+
+    never_set = threading.Event()
+
+    @app.agent("a.c", timeout=30, max_retries=0)
+    def hangs_in_a_thread(event: dict[str, int]) -> None:
+        never_set.wait()  # a sync handler: its thread runs on, its attempt fails
+
+    with anyio.fail_after(5):  # thirty seconds, three times, in real time would be 90 s
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"n": 1})
+            await bus.publish("a.c", {"n": 1})
+            await bus.advance(29)
+            assert attempts == [1]
+            assert bus.dead_letters("hangs") == []
+            await bus.advance(1)  # attempt 1 reaches its timeout; attempt 2 starts
+            assert attempts == [1, 2]
+            await bus.advance(30)
+            await bus.advance(30)
+            [letter] = bus.dead_letters("hangs")
+            assert (letter.error_type, letter.attempts) == ("TimeoutError", 3)
+            [letter] = bus.dead_letters("hangs_in_a_thread")
+            assert letter.error_type == "TimeoutError"
+    never_set.set()  # let the thread end

@@ -138,14 +138,15 @@ class _Bus:
             topic.entries.append((topic.next_seq, data, time.time()))
             topic.next_seq += 1
 
-    def busy(self) -> bool:
-        """True while any group has unread entries, pending deliveries or due retries."""
+    def busy(self, *, pending: bool = True) -> bool:
+        """True while any group has unread entries, due retries, or (with `pending`)
+        pending deliveries."""
         now = self.now()
         for topic in self.topics.values():
             if topic.delayed and topic.delayed[0][0] <= now and topic.groups:
                 return True
             for group in topic.groups.values():
-                if group.cursor < topic.next_seq or group.pending:
+                if group.cursor < topic.next_seq or (pending and group.pending):
                     return True
                 if group.scheduled and group.scheduled[0][0] <= now:
                     return True
@@ -614,6 +615,11 @@ class MemoryBroker(Broker):
         """True while any group has unread entries, unsettled deliveries or retries now due."""
         return self._bus.busy()
 
+    def queued(self) -> bool:
+        """True while any group has unread entries or retries now due (`busy`, less the
+        deliveries being handled)."""
+        return self._bus.busy(pending=False)
+
     def pending(self, sub: Subscription) -> int:
         """How many deliveries of the group are unsettled (handed out, not yet settled)."""
         topic = self._bus.topics.get(sub.topic)
@@ -636,6 +642,12 @@ class MemoryBroker(Broker):
         self._bus.offset += max(0.0, due - self._bus.now())
         self._bus.notify()
         return True
+
+    def advance(self, seconds: float) -> None:
+        """Move this bus's clock `seconds` forward: retries, delays and expiries that fall
+        due in that time are due now."""
+        self._bus.offset += seconds
+        self._bus.notify()
 
     async def wait_changed(self, timeout: float = math.inf) -> None:
         """Wait until anything on the bus changes, or `timeout` seconds."""

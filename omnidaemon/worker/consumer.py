@@ -104,9 +104,12 @@ class AgentConsumer(Fetching, Outcomes):
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()
         self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
+        self.timeouts: set[anyio.CancelScope] = set()
+        """The cancel scopes of handlers running under the agent's `timeout`, so that
+        `omnidaemon.testing` can move their deadlines when a test fast-forwards time."""
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._threads = (
-            TimedThreads(spec.invoke, self._thread_limiter, self._slot_freed)
+            TimedThreads(spec.invoke, self._thread_limiter, self._slot_freed, self.timeouts)
             if self._thread_limiter is not None and spec.timeout is not None
             else None
         )
@@ -417,8 +420,12 @@ class AgentConsumer(Fetching, Outcomes):
         if not spec.is_async:
             assert self._threads is not None
             return await self._threads.call(payload, ctx, spec.timeout)
-        with anyio.fail_after(spec.timeout):
-            return await spec.invoke(payload, ctx)
+        with anyio.fail_after(spec.timeout) as scope:
+            self.timeouts.add(scope)
+            try:
+                return await spec.invoke(payload, ctx)
+            finally:
+                self.timeouts.discard(scope)
 
     async def _invoke(self, payload: Any, ctx: Context) -> Any:
         spec = self._spec

@@ -56,6 +56,8 @@ class TimedThreads:
         func: The handler, called as `func(payload, ctx)`.
         slots: The agent's thread slots (its `concurrency`).
         slot_freed: Called when a timed-out handler's thread returns and its slot is free.
+        timeouts: Where the cancel scopes of calls under way are kept (see
+            `AgentConsumer.timeouts`).
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class TimedThreads:
         func: Callable[[Any, Context], Any],
         slots: anyio.CapacityLimiter,
         slot_freed: Callable[[], None],
+        timeouts: set[anyio.CancelScope] | None = None,
     ) -> None:
         self._func = func
+        self._timeouts: set[anyio.CancelScope] = set() if timeouts is None else timeouts
         self._slots = slots
         self._slot_freed = slot_freed
         # A call's thread is started under this limiter, which never blocks: the slot it
@@ -91,12 +95,17 @@ class TimedThreads:
             # start once a slot is free: an event is not failed for time it did not run.
             await slots.acquire_on_behalf_of(call)
         try:
-            with anyio.fail_after(timeout):
-                # Awaited here, not in a task of its own, so that a handler that returns in
-                # time costs what it did before: the slot is only handed on when it did not.
-                result = await anyio.to_thread.run_sync(
-                    call.run, limiter=self._unbounded, abandon_on_cancel=True
-                )
+            with anyio.fail_after(timeout) as scope:
+                self._timeouts.add(scope)
+                try:
+                    # Awaited here, not in a task of its own, so that a handler that returns
+                    # in time costs what it did before: the slot is only handed on when it
+                    # did not.
+                    result = await anyio.to_thread.run_sync(
+                        call.run, limiter=self._unbounded, abandon_on_cancel=True
+                    )
+                finally:
+                    self._timeouts.discard(scope)
         except BaseException:
             # The timeout, an exception from the handler, or a hard stop.
             call.abandoned = True  # a thread not started yet will not run it
