@@ -15,6 +15,10 @@ async def test_pipeline():
 fan-out, load sharing, per-agent retries with their attempt counts, dead letters and
 ack-after-handler all behave as in production. Retry backoff is skipped by `drain()` (the bus's
 clock jumps to the next scheduled retry), so a test of three retries takes no longer than one.
+Handler timeouts move only on request: `await bus.advance(seconds)`. `app.publish_sync` (sync
+code, from a thread or the test itself) publishes on the test bus too. An exception raised in
+the block comes out as itself; handlers still running when it ends are cancelled after
+`shutdown_grace` (0.1 s) with a `RuntimeWarning`.
 """
 
 from __future__ import annotations

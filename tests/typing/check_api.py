@@ -53,3 +53,15 @@ async def publishing() -> None:
 
 
 _: Coroutine[Any, Any, Extracted] = extract(Uploaded(file_path="a.pdf"), Context.__new__(Context))
+
+
+async def testing() -> None:
+    from omnidaemon.testing import TestApp
+
+    async with TestApp(app, shutdown_grace=0.5) as bus:
+        assert_type(bus, TestApp)
+        assert_type(await bus.publish("document.uploaded", {"file_path": "a"}), str)
+        assert_type(await bus.advance(30), None)
+        assert_type(await bus.drain(), None)
+        assert_type(bus.published("text.extracted"), list[Envelope[Any]])
+        assert_type(bus.dead_letters("extract"), list[DeadLetter])
