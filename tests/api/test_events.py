@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
@@ -10,8 +11,10 @@ import orjson
 import pytest
 
 from omnidaemon import App
-from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client
+from omnidaemon.brokers.redis import RedisBroker
+from tests.api._support import ADMIN, PUBLISHER, READER, Job, ServerThread, apoll, async_client
 from tests.api.conftest import LANES
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -210,3 +213,27 @@ async def test_an_event_over_max_payload_bytes_is_413(api_server: ServerThread) 
         answer = await http.post("/v1/events", json=payload)
     assert answer.status_code == 413
     assert "max_payload_bytes" in answer.json()["message"]
+
+
+async def test_request_dead_lettered_for_its_payload_is_502_at_once(
+    api_server: ServerThread, redis_server: RedisServer, bus_prefix: str
+) -> None:
+    # The worker's app declares the type; the API's app does not know the topic, so the
+    # invalid payload is sent and dead-lettered by the worker without running the handler.
+    topic = f"typed.t{uuid.uuid4().hex[:8]}"
+    worker = App("typedworker", broker=RedisBroker(redis_server.url, prefix=bus_prefix))
+
+    @worker.agent(topic, name="typed", max_retries=3)
+    async def typed(job: Job) -> dict[str, int]:
+        return {"doubled": job.n * 2}
+
+    async with async_client(api_server.url, PUBLISHER) as http, worker.running():
+        started = time.monotonic()
+        failed = await http.post(
+            "/v1/requests", json={"topic": topic, "payload": {"n": "many"}, "timeout": 60}
+        )
+        elapsed = time.monotonic() - started
+    assert failed.status_code == 502, failed.text
+    assert failed.json()["code"] == "agent_failed"
+    assert "PayloadValidationError" in failed.json()["message"]
+    assert elapsed < 10  # the dead letter answered, not the 60 s timeout

@@ -1,0 +1,130 @@
+"""`publish --wait` and `result` as real subprocesses, against a real Redis and worker: every
+dead letter answers a waiting request at once, and `result` follows a pipeline from the id
+publish printed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.e2e._support import CLI, WorkerProcess, cli_env, wait_for, write_module
+from tests.servers import running_redis
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT = 20.0  # seconds a fresh worker may take to import and start handling
+WORKER_MAX_BYTES = 2_000  # the worker's max_payload_bytes; the CLI keeps the default (1 MiB)
+PATIENCE = 60.0  # the --timeout of waits that must end long before it
+
+APP = """
+    import os
+
+    from pydantic import BaseModel
+
+    from omnidaemon import App
+
+    app = App("waits")
+    SUFFIX = os.environ["E2E_SUFFIX"]
+
+
+    class Job(BaseModel):
+        n: int
+
+
+    @app.agent(f"typed.{SUFFIX}", name="typed", max_retries=3)
+    async def typed(job: Job) -> dict:
+        return {"doubled": job.n * 2}
+
+
+    @app.agent(f"flaky.{SUFFIX}", name="flaky", max_retries=1, retry_backoff=0.05)
+    async def flaky(job: Job) -> dict:
+        raise RuntimeError(f"job {job.n} never works")
+
+
+    @app.agent(f"stage1.{SUFFIX}", name="extract", publishes=f"stage2.{SUFFIX}")
+    async def extract(job: Job) -> Job:
+        return Job(n=job.n + 1)
+
+
+    @app.agent(f"stage2.{SUFFIX}", name="summarise", store_results=True)
+    async def summarise(job: Job) -> dict:
+        return {"summary": job.n * 10}
+"""
+
+
+@dataclass
+class Bus:
+    """A private Redis, the environment that selects it, and the worker running APP."""
+
+    env: dict[str, str]
+    cwd: Path
+    suffix: str
+
+    def topic(self, name: str) -> str:
+        return f"{name}.{self.suffix}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args],
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE + 30,
+            check=False,
+        )
+
+    def timed(self, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+        started = time.monotonic()
+        done = self.cli(*args)
+        return done, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    cwd = tmp_path_factory.mktemp("cli-wait")
+    write_module(cwd, "waits", APP)
+    suffix = uuid.uuid4().hex[:8]
+    with running_redis(cwd) as server:
+        env = cli_env(OMNIDAEMON_BROKER_URL=server.url, E2E_SUFFIX=suffix)
+        worker_env = {**env, "OMNIDAEMON_MAX_PAYLOAD_BYTES": str(WORKER_MAX_BYTES)}
+        worker = WorkerProcess(["waits:app"], cwd, worker_env)
+        try:
+            wait_for(lambda: worker.has_logged("worker started"), STARTUP_TIMEOUT, "the worker")
+            yield Bus(env, cwd, suffix)
+        finally:
+            worker.kill()
+
+
+def test_publish_wait_fails_at_once_with_the_dead_letters_reason(bus: Bus) -> None:
+    too_large = orjson.dumps({"n": 1, "pad": "x" * WORKER_MAX_BYTES}).decode()
+    waits = [
+        ("typed", '{"n": "many"}', "PayloadValidationError"),
+        ("typed", too_large, "PayloadTooLarge"),
+        ("typed", '["not", "an", "object"]', "PayloadValidationError"),
+        ("flaky", '{"n": 7}', "RuntimeError: job 7 never works"),
+    ]
+
+    def wait(topic: str, data: str) -> tuple[subprocess.CompletedProcess[str], float]:
+        return bus.timed("publish", bus.topic(topic), data, "--wait", "--timeout", str(PATIENCE))
+
+    with ThreadPoolExecutor(len(waits)) as pool:
+        done = list(pool.map(lambda w: wait(w[0], w[1]), waits))
+
+    for (topic, _, reason), (run, elapsed) in zip(waits, done, strict=True):
+        assert run.returncode == 1, (topic, reason, run.stdout, run.stderr)
+        assert reason in run.stderr, run.stderr
+        assert f"agent '{topic}' failed" in run.stderr
+        assert "TimeoutError" not in run.stderr
+        # Answered by the dead letter, not by the timeout: well under PATIENCE even on a busy
+        # machine (a CLI run takes about a second).
+        assert elapsed < PATIENCE / 3, (reason, elapsed)
