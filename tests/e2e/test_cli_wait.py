@@ -49,6 +49,11 @@ APP = """
         raise RuntimeError(f"job {job.n} never works")
 
 
+    @app.agent(f"unserved.{SUFFIX}", name="unserved")
+    async def unserved(job: Job) -> None:
+        pass  # declares the topic's type; no worker of these tests runs it
+
+
     @app.agent(f"stage1.{SUFFIX}", name="extract", publishes=f"stage2.{SUFFIX}")
     async def extract(job: Job) -> Job:
         return Job(n=job.n + 1)
@@ -97,7 +102,8 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     with running_redis(cwd) as server:
         env = cli_env(OMNIDAEMON_BROKER_URL=server.url, E2E_SUFFIX=suffix)
         worker_env = {**env, "OMNIDAEMON_MAX_PAYLOAD_BYTES": str(WORKER_MAX_BYTES)}
-        worker = WorkerProcess(["waits:app"], cwd, worker_env)
+        served = "typed,flaky,extract,summarise"
+        worker = WorkerProcess(["waits:app", "--agents", served], cwd, worker_env)
         try:
             wait_for(lambda: worker.has_logged("worker started"), STARTUP_TIMEOUT, "the worker")
             yield Bus(env, cwd, suffix)
@@ -128,3 +134,38 @@ def test_publish_wait_fails_at_once_with_the_dead_letters_reason(bus: Bus) -> No
         # Answered by the dead letter, not by the timeout: well under PATIENCE even on a busy
         # machine (a CLI run takes about a second).
         assert elapsed < PATIENCE / 3, (reason, elapsed)
+
+
+def test_publish_with_app_refuses_an_invalid_payload_before_sending(bus: Bus) -> None:
+    topic = bus.topic("unserved")
+
+    refused = bus.cli("publish", topic, '{"n": "many"}', "--app", "waits:app")
+    inspected = bus.cli("bus", "inspect", topic)
+
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stdout == ""
+    [line] = refused.stderr.splitlines()
+    assert "the payload is not a valid Job" in line
+    # Nothing was sent: the topic does not even exist.
+    assert inspected.stderr.splitlines() == [
+        f"omnidaemon bus inspect: error: no topic {topic!r} on the bus"
+    ]
+
+
+def test_publish_to_a_topic_no_agent_reads_warns_once_and_keeps_the_event(bus: Bus) -> None:
+    topic = bus.topic("nobody")
+
+    published = bus.cli("publish", topic, '{"n": 1}')
+    inspected = bus.cli("bus", "inspect", topic, "--json")
+    read = bus.cli("publish", bus.topic("typed"), '{"n": 1}')
+
+    assert published.returncode == 0, published.stderr
+    event_id = published.stdout.strip()
+    assert published.stderr.splitlines() == [
+        f"omnidaemon publish: warning: no agent reads {topic!r} yet (the topic has no "
+        "consumer group); the event is kept on the topic for agents that subscribe later"
+    ]
+    [entry] = orjson.loads(inspected.stdout)
+    assert entry["id"] == event_id
+    assert read.returncode == 0
+    assert read.stderr == ""  # a topic an agent reads: no warning
