@@ -18,6 +18,7 @@ from omnidaemon.cli._output import emit_json, print_table, say
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
+    from omnidaemon.progress import EventProgress
 
 __all__ = ["publish", "result"]
 
@@ -164,18 +165,25 @@ def result(
 
     Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying).
     """
+    from omnidaemon.progress import EventProgress, event_progress
     from omnidaemon.results import Result, event_results
 
-    async def run() -> list[Result]:
+    async def run() -> tuple[list[Result], EventProgress | None]:
         from omnidaemon.app import App
 
         async with App("cli", broker=open_cli_broker(broker)) as app:
-            return await event_results(
+            found = await event_results(
                 app, event_id, agent=agent, timeout=timeout if wait else None
             )
+            if json or any(r.status != "pending" for r in found):
+                return found, None
+            # Nothing stored: say what the bus knows instead of a bare `pending`.
+            return found, await event_progress(app.broker, event_id)
 
-    results = run_async("result", run)
-    if json:
+    results, progress = run_async("result", run)
+    if progress is not None and progress.topic is not None:
+        _explain(progress)
+    elif json:
         emit_json([r.model_dump(mode="json") for r in results])
     elif len(results) == 1 and results[0].status != "pending":
         r = results[0]
@@ -203,3 +211,18 @@ def result(
     if statuses <= {"succeeded"}:
         return
     raise typer.Exit(1 if "dead_lettered" in statuses else 3)
+
+
+def _explain(progress: "EventProgress") -> None:
+    """What the bus knows of an event no agent stored a result for: where it is, how far each
+    agent got, and the ids its handlers published, to follow a pipeline."""
+    say(f"{progress.event_id}  no result stored for this event", style="bold")
+    say(f"topic: {progress.topic}")
+    for agent in progress.agents:
+        say(f"  agent {agent.agent}: {agent.state.replace('_', ' ')}")
+    if not progress.agents:
+        say("  no agent reads this topic")
+    if progress.published:
+        say("published by its handlers (omnidaemon result ID follows them):")
+        for child in progress.published:
+            say(f"  {child.event_id}  on {child.topic}")

@@ -169,3 +169,31 @@ def test_publish_to_a_topic_no_agent_reads_warns_once_and_keeps_the_event(bus: B
     assert entry["id"] == event_id
     assert read.returncode == 0
     assert read.stderr == ""  # a topic an agent reads: no warning
+
+
+def test_result_of_a_pipelines_first_event_says_what_happened_and_where_it_went(
+    bus: Bus,
+) -> None:
+    published = bus.cli("publish", bus.topic("stage1"), '{"n": 4}')
+    first = published.stdout.strip()
+    # The pipeline's result is stored by its second stage, on the event the first published.
+    done = {}
+
+    def finished() -> bool:
+        done["run"] = bus.cli("result", first)
+        return "on " + bus.topic("stage2") in done["run"].stdout
+
+    wait_for(finished, 20, "the first stage's child event", interval=0.2)
+    lines = done["run"].stdout.splitlines()
+    assert lines[0] == f"{first}  no result stored for this event"
+    assert lines[1] == f"topic: {bus.topic('stage1')}"
+    assert lines[2] == "  agent extract: handled"
+    assert lines[3].startswith("published by its handlers")
+    child, on, topic = lines[4].split()
+    assert (on, topic) == ("on", bus.topic("stage2"))
+
+    followed = bus.cli("result", child, "--wait", "--timeout", "20", "--json")
+    assert followed.returncode == 0, followed.stderr
+    [record] = orjson.loads(followed.stdout)
+    assert record["agent"] == "summarise"
+    assert record["result"] == {"summary": 50}
