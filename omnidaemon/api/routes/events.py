@@ -118,8 +118,8 @@ async def event_result(
     (or `wait` ran out) but the bus still holds the event, the answer says what it knows
     instead: `topic`, each reading agent's progress (`agents`) and the events its handlers
     published (`published`), whose ids lead along a pipeline. 404 when the bus knows nothing
-    of the id (unknown, trimmed or expired); 504 when `wait` ran out and the event is not
-    among the topics' recent entries. With `wait`, 503 with `Retry-After` when the server's
+    of the id (unknown, trimmed or expired), or `agent` stored no result for it; 504 when
+    `wait` ran out and the event is not among the topics' recent entries. With `wait`, 503 with `Retry-After` when the server's
     bound on waiting requests is reached, and the wait ends when the client disconnects.
     Needs the `read` scope.
     """
@@ -132,13 +132,14 @@ async def event_result(
             )
     except TimeoutError as exc:
         progress = await event_progress(app.broker, event_id)
-        if progress.topic is None:
+        if progress.topic is None or agent is not None:
             raise ApiError(504, "timeout", str(exc)) from None
         results = await event_results(app, event_id, agent=agent)
         return _with_progress(event_id, results, progress)
     if all(r.status == "pending" for r in results):
-        progress = await event_progress(app.broker, event_id)
-        if progress.topic is not None:
+        # Asked about one agent, the answer stays about it; otherwise, what the bus knows.
+        progress = await event_progress(app.broker, event_id) if agent is None else None
+        if progress is not None and progress.topic is not None:
             return _with_progress(event_id, results, progress)
         nothing = f"agent {agent!r} stored no result" if agent else "no result is stored"
         raise ApiError(
