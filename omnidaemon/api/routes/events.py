@@ -119,9 +119,9 @@ async def event_result(
     instead: `topic`, each reading agent's progress (`agents`) and the events its handlers
     published (`published`), whose ids lead along a pipeline. 404 when the bus knows nothing
     of the id (unknown, trimmed or expired), or `agent` stored no result for it; 504 when
-    `wait` ran out and the event is not among the topics' recent entries. With `wait`, 503 with `Retry-After` when the server's
-    bound on waiting requests is reached, and the wait ends when the client disconnects.
-    Needs the `read` scope.
+    `wait` ran out and the event is not among the topics' recent entries. With `wait`, 503
+    with `Retry-After` when the server's bound on waiting requests is reached, and the wait
+    ends when the client disconnects. Needs the `read` scope.
     """
     try:
         if wait is None:
