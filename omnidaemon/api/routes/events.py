@@ -138,9 +138,9 @@ async def event_result(
         return _with_progress(event_id, results, progress)
     if all(r.status == "pending" for r in results):
         # Asked about one agent, the answer stays about it; otherwise, what the bus knows.
-        progress = await event_progress(app.broker, event_id) if agent is None else None
-        if progress is not None and progress.topic is not None:
-            return _with_progress(event_id, results, progress)
+        known = await event_progress(app.broker, event_id) if agent is None else None
+        if known is not None and known.topic is not None:
+            return _with_progress(event_id, results, known)
         nothing = f"agent {agent!r} stored no result" if agent else "no result is stored"
         raise ApiError(
             404,
