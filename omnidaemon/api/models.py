@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # The request bodies live in `bodies`; they are named here too, with every other model.
 from omnidaemon.api.bodies import PublishRequest, ReplayRequest, ReplyRequest, TopicName
+from omnidaemon.progress import AgentProgress, PublishedEvent
 from omnidaemon.results import Result
 
 __all__ = [
@@ -86,10 +87,15 @@ class ReplyResponse(BaseModel):
 
 class EventResults(BaseModel):
     """The stored results of an event, one per agent with `store_results=True` that handled
-    it."""
+    it; when none is stored, what the bus knows instead: the topic holding the event, each
+    reading agent's progress, and the events its handlers published (follow a pipeline with
+    their ids)."""
 
     event_id: str
     results: list[Result]
+    topic: str | None = None
+    agents: list[AgentProgress] = []
+    published: list[PublishedEvent] = []
 
 
 class BackoffInfo(BaseModel):

@@ -2,7 +2,7 @@
 of it."""
 
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -10,10 +10,15 @@ from omnidaemon.cli._common import (
     BrokerOption,
     JsonOption,
     WaitTimeoutOption,
+    load_cli_app,
     open_cli_broker,
     run_async,
 )
 from omnidaemon.cli._output import emit_json, print_table, say
+
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+    from omnidaemon.progress import EventProgress
 
 __all__ = ["publish", "result"]
 
@@ -40,6 +45,18 @@ def _read_payload(source: str) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise typer.BadParameter(f"{origin} is not valid JSON ({exc})", param_hint="DATA") from None
+
+
+async def _warn_if_unread(app: "App", topic: str) -> None:
+    """One line on standard error when no consumer group reads `topic`: the likeliest reason
+    an event seems to vanish is a typo in its topic, or a worker not started yet."""
+    info = await app.broker.describe(topic)
+    if info is None or not info.groups:
+        print(
+            f"omnidaemon publish: warning: no agent reads {topic!r} yet (the topic has no "
+            "consumer group); the event is kept on the topic for agents that subscribe later",
+            file=sys.stderr,
+        )
 
 
 def publish(
@@ -71,10 +88,23 @@ def publish(
         typer.Option("--wait", help="Wait for the handling agent's result and print it."),
     ] = False,
     timeout: WaitTimeoutOption = 30.0,
+    app_target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            metavar="MODULE:ATTR",
+            help="Check DATA against the types this app's agents declare before sending.",
+        ),
+    ] = None,
     broker: BrokerOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Publish one event; prints its id (with --wait, the agent's result)."""
+    """Publish one event; prints its id (with --wait, the agent's result).
+
+    Exit status: 1 when the handling agent gave up on a --wait request (its reason is
+    printed), or when --app's types refuse DATA (nothing is sent). A topic no agent reads yet
+    gets a warning on standard error; the event is published all the same.
+    """
     from omnidaemon.envelope import validate_topic
 
     try:
@@ -87,9 +117,14 @@ def publish(
     from omnidaemon.app import App
 
     async def run() -> None:
+        if app_target is not None:
+            # The app's own check, as its `publish` would make it: a payload its agents would
+            # dead-letter is refused here, before anything is on the bus.
+            load_cli_app(app_target).check_payload(topic, payload)
         app = App("cli", broker=open_cli_broker(broker, start_embedded=True))
         async with app:
             if wait:
+                await _warn_if_unread(app, topic)
                 reply = await app.request(
                     topic,
                     payload,
@@ -108,6 +143,7 @@ def publish(
                 tenant_id=tenant_id,
                 delay=delay,
             )
+            await _warn_if_unread(app, topic)
         emit_json({"event_id": event_id, "topic": topic}) if json else print(event_id)
 
     run_async("publish", run)
@@ -129,18 +165,25 @@ def result(
 
     Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying).
     """
+    from omnidaemon.progress import EventProgress, event_progress
     from omnidaemon.results import Result, event_results
 
-    async def run() -> list[Result]:
+    async def run() -> tuple[list[Result], EventProgress | None]:
         from omnidaemon.app import App
 
         async with App("cli", broker=open_cli_broker(broker)) as app:
-            return await event_results(
+            found = await event_results(
                 app, event_id, agent=agent, timeout=timeout if wait else None
             )
+            if json or any(r.status != "pending" for r in found):
+                return found, None
+            # Nothing stored: say what the bus knows instead of a bare `pending`.
+            return found, await event_progress(app.broker, event_id)
 
-    results = run_async("result", run)
-    if json:
+    results, progress = run_async("result", run)
+    if progress is not None and progress.topic is not None:
+        _explain(progress)
+    elif json:
         emit_json([r.model_dump(mode="json") for r in results])
     elif len(results) == 1 and results[0].status != "pending":
         r = results[0]
@@ -168,3 +211,18 @@ def result(
     if statuses <= {"succeeded"}:
         return
     raise typer.Exit(1 if "dead_lettered" in statuses else 3)
+
+
+def _explain(progress: "EventProgress") -> None:
+    """What the bus knows of an event no agent stored a result for: where it is, how far each
+    agent got, and the ids its handlers published, to follow a pipeline."""
+    say(f"{progress.event_id}  no result stored for this event", style="bold")
+    say(f"topic: {progress.topic}")
+    for agent in progress.agents:
+        say(f"  agent {agent.agent}: {agent.state.replace('_', ' ')}")
+    if not progress.agents:
+        say("  no agent reads this topic")
+    if progress.published:
+        say("published by its handlers (omnidaemon result ID follows them):")
+        for child in progress.published:
+            say(f"  {child.event_id}  on {child.topic}")

@@ -464,6 +464,6 @@ class AgentConsumer(Fetching, Outcomes):
             *entries, (_, reply) = entries
             if entries:
                 await self._broker.publish_many(entries)
-            await self._send_reply(envelope, reply_to, reply)
+            await self._send_reply(envelope.id, reply_to, reply)
             return
         await self._broker.publish_many(entries)

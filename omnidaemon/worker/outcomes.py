@@ -18,7 +18,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope, UnsupportedVersion
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
-from omnidaemon.requests import FAILURE_HEADER, is_request_reply
+from omnidaemon.requests import FAILURE_HEADER, ReplyTarget, is_request_reply, reply_target
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.topology import type_name
 from omnidaemon.worker.notify import OutcomeNotifier
@@ -53,6 +53,7 @@ class Outcomes:
     _spec: AgentSpec
     _broker: Broker
     _trimmed: set[tuple[str, str]]
+    _max_payload_bytes: int
     _started: dict[tuple[str, str], datetime]
     _log: structlog.typing.FilteringBoundLogger
 
@@ -126,7 +127,7 @@ class Outcomes:
             **event_fields(envelope, delivery),
         )
 
-    async def _send_reply(self, envelope: Envelope[Any], topic: str, data: bytes) -> None:
+    async def _send_reply(self, event_id: str, topic: str, data: bytes) -> None:
         """Send a reply to a request-reply topic, if the request still waits for it.
 
         The topic lives only while its request waits: a reply that comes later (another
@@ -136,24 +137,44 @@ class Outcomes:
         if not await self._broker.publish_if_exists(topic, data):
             self._log.debug(
                 "reply dropped: the request no longer waits (answered, timed out or gone)",
-                event_id=envelope.id,
+                event_id=event_id,
                 reply_to=topic,
             )
 
-    async def _reply_failure(self, envelope: Envelope[Any], error_type: str, message: str) -> None:
-        """Tell a waiting `App.request` that the agent gave up, instead of letting it time out."""
-        assert envelope.reply_to is not None
+    async def _reply_failure(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any] | None,
+        error_type: str,
+        message: str,
+    ) -> None:
+        """Tell a waiting `App.request` that the agent gave up, instead of letting it time out.
+
+        An entry that was not read as an envelope (too large, malformed, an invalid payload)
+        still answers, from what `reply_target` finds in its bytes.
+        """
+        if envelope is None:
+            target = reply_target(delivery.data, self._max_payload_bytes)
+        elif is_request_reply(envelope.reply_to):
+            assert envelope.reply_to is not None
+            target = ReplyTarget(
+                envelope.id, envelope.reply_to, envelope.correlation_id, envelope.tenant_id
+            )
+        else:
+            target = None
+        if target is None:
+            return
         _, data = self._app._encode(
-            envelope.reply_to,
+            target.reply_to,
             {"type": error_type, "message": message, "agent": self._spec.name},
-            correlation_id=envelope.correlation_id,
-            causation_id=envelope.id,
+            correlation_id=target.correlation_id,
+            causation_id=target.event_id,
             reply_to=None,
             webhook=None,
-            tenant_id=envelope.tenant_id,
+            tenant_id=target.tenant_id,
             headers={FAILURE_HEADER: "1"},
         )
-        await self._send_reply(envelope, envelope.reply_to, data)
+        await self._send_reply(target.event_id, target.reply_to, data)
 
     async def _record(
         self,
@@ -242,8 +263,7 @@ class Outcomes:
         if failed:
             self.metrics.failed += 1
         self.metrics.dead_lettered += 1
-        if envelope is not None and is_request_reply(envelope.reply_to):
-            await self._reply_failure(envelope, error_type, message)
+        await self._reply_failure(delivery, envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:
             error = {"type": error_type, "message": message}
             await self._record(delivery, record.event_id, "dead_lettered", error=error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
@@ -10,8 +11,10 @@ import orjson
 import pytest
 
 from omnidaemon import App
-from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client
+from omnidaemon.brokers.redis import RedisBroker
+from tests.api._support import ADMIN, PUBLISHER, READER, Job, ServerThread, apoll, async_client
 from tests.api.conftest import LANES
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -210,3 +213,62 @@ async def test_an_event_over_max_payload_bytes_is_413(api_server: ServerThread) 
         answer = await http.post("/v1/events", json=payload)
     assert answer.status_code == 413
     assert "max_payload_bytes" in answer.json()["message"]
+
+
+async def test_request_dead_lettered_for_its_payload_is_502_at_once(
+    api_server: ServerThread, redis_server: RedisServer, bus_prefix: str
+) -> None:
+    # The worker's app declares the type; the API's app does not know the topic, so the
+    # invalid payload is sent and dead-lettered by the worker without running the handler.
+    topic = f"typed.t{uuid.uuid4().hex[:8]}"
+    worker = App("typedworker", broker=RedisBroker(redis_server.url, prefix=bus_prefix))
+
+    @worker.agent(topic, name="typed", max_retries=3)
+    async def typed(job: Job) -> dict[str, int]:
+        return {"doubled": job.n * 2}
+
+    async with async_client(api_server.url, PUBLISHER) as http, worker.running():
+        started = time.monotonic()
+        failed = await http.post(
+            "/v1/requests", json={"topic": topic, "payload": {"n": "many"}, "timeout": 60}
+        )
+        elapsed = time.monotonic() - started
+    assert failed.status_code == 502, failed.text
+    assert failed.json()["code"] == "agent_failed"
+    assert "PayloadValidationError" in failed.json()["message"]
+    assert elapsed < 10  # the dead letter answered, not the 60 s timeout
+
+
+async def test_the_result_of_a_pipelines_first_event_leads_to_the_next(
+    api_server: ServerThread, redis_server: RedisServer, bus_prefix: str
+) -> None:
+    stage1, stage2 = f"stage1.t{uuid.uuid4().hex[:8]}", f"stage2.t{uuid.uuid4().hex[:8]}"
+    worker = App("pipeline", broker=RedisBroker(redis_server.url, prefix=bus_prefix))
+
+    @worker.agent(stage1, name="extract", publishes=stage2)
+    async def extract(job: Job) -> Job:
+        return Job(n=job.n + 1)
+
+    @worker.agent(stage2, name="summarise", store_results=True)
+    async def summarise(job: Job) -> dict[str, int]:
+        return {"summary": job.n * 10}
+
+    async with async_client(api_server.url, ADMIN) as http, worker.running():
+        published = await http.post("/v1/events", json={"topic": stage1, "payload": {"n": 4}})
+        location = published.headers["location"]
+
+        async def followed() -> dict[str, object] | None:
+            found = await http.get(location)
+            return found.json() if found.status_code == 200 and found.json()["published"] else None
+
+        body = await apoll(followed, message="the first stage's child")
+        waited = await http.get(location, params={"wait": 0.3})  # was a 504
+        [child] = body["published"]
+        last = await http.get(f"/v1/events/{child['event_id']}/result", params={"wait": 10})
+    assert body["topic"] == stage1
+    assert body["results"] == [{**body["results"][0], "status": "pending"}]
+    assert body["agents"] == [{"agent": "extract", "state": "handled", "result": None}]
+    assert child["topic"] == stage2
+    assert waited.status_code == 200, waited.text
+    assert waited.json()["published"] == [child]
+    assert last.json()["results"][0]["result"] == {"summary": 50}

@@ -16,7 +16,8 @@ from omnidaemon.api.models import (
     ReplyResponse,
 )
 from omnidaemon.errors import AgentFailed
-from omnidaemon.results import event_results
+from omnidaemon.progress import EventProgress, event_progress
+from omnidaemon.results import Result, event_results
 
 __all__ = ["router"]
 
@@ -113,10 +114,14 @@ async def event_result(
 ) -> EventResults:
     """The stored status and result of an event, per agent (`omnidaemon result`).
 
-    Results are stored by agents declared with `store_results=True`. 404 while nothing is
-    stored: the id is unknown, no such agent handled it yet, or its result expired. With
-    `wait`, 503 with `Retry-After` when the server's bound on waiting requests is reached, and
-    the wait ends when the client disconnects. Needs the `read` scope.
+    Results are stored by agents declared with `store_results=True`. When none is stored
+    (or `wait` ran out) but the bus still holds the event, the answer says what it knows
+    instead: `topic`, each reading agent's progress (`agents`) and the events its handlers
+    published (`published`), whose ids lead along a pipeline. 404 when the bus knows nothing
+    of the id (unknown, trimmed or expired), or `agent` stored no result for it; 504 when
+    `wait` ran out and the event is not among the topics' recent entries. With `wait`, 503
+    with `Retry-After` when the server's bound on waiting requests is reached, and the wait
+    ends when the client disconnects. Needs the `read` scope.
     """
     try:
         if wait is None:
@@ -126,8 +131,16 @@ async def event_result(
                 request, lambda: event_results(app, event_id, agent=agent, timeout=wait)
             )
     except TimeoutError as exc:
-        raise ApiError(504, "timeout", str(exc)) from None
+        progress = await event_progress(app.broker, event_id)
+        if progress.topic is None or agent is not None:
+            raise ApiError(504, "timeout", str(exc)) from None
+        results = await event_results(app, event_id, agent=agent)
+        return _with_progress(event_id, results, progress)
     if all(r.status == "pending" for r in results):
+        # Asked about one agent, the answer stays about it; otherwise, what the bus knows.
+        known = await event_progress(app.broker, event_id) if agent is None else None
+        if known is not None and known.topic is not None:
+            return _with_progress(event_id, results, known)
         nothing = f"agent {agent!r} stored no result" if agent else "no result is stored"
         raise ApiError(
             404,
@@ -136,3 +149,13 @@ async def event_result(
             "with store_results=True, or expired)",
         )
     return EventResults(event_id=event_id, results=results)
+
+
+def _with_progress(event_id: str, results: list[Result], progress: EventProgress) -> EventResults:
+    return EventResults(
+        event_id=event_id,
+        results=results,
+        topic=progress.topic,
+        agents=progress.agents,
+        published=progress.published,
+    )
