@@ -66,6 +66,13 @@ def folder(path: Path) -> Path:
     return path
 
 
+def project_with_bus(home: Path) -> Path:
+    """A project folder holding its own bus folder, made as a user would, without omnidaemon."""
+    project = folder(home / "proj")
+    (project / ".omnidaemon").mkdir(mode=0o700)
+    return project
+
+
 def start_worker(
     spawn: Callable[..., WorkerProcess], project: Path, env: dict[str, str]
 ) -> WorkerProcess:
@@ -75,16 +82,18 @@ def start_worker(
     return worker
 
 
+@pytest.mark.parametrize("bus", ["project", "per-user"])
 def test_a_publisher_in_a_subfolder_reaches_the_worker_of_its_project(
-    home: Path, env: dict[str, str], spawn: Callable[..., WorkerProcess]
+    home: Path, env: dict[str, str], spawn: Callable[..., WorkerProcess], bus: str
 ) -> None:
-    project = folder(home / "myproj")
-    assert run_cli(["bus", "init"], project, env).returncode == 0
+    project = project_with_bus(home) if bus == "project" else folder(home / "proj")
+    expected = project / ".omnidaemon" if bus == "project" else home / ".omnidaemon"
+    why = "found in this folder" if bus == "project" else "the per-user default: no "
     worker = start_worker(spawn, project, env)
 
     deeper = folder(project / "src" / "tools")
     done = run_cli(
-        ["publish", "greeting.requested", '{"name": "Ada"}', "--wait", "--timeout", "20"],
+        ["publish", "greeting.requested", '{"name": "Ada"}', "--wait", "--timeout", "10"],
         deeper,
         env,
     )
@@ -92,14 +101,13 @@ def test_a_publisher_in_a_subfolder_reaches_the_worker_of_its_project(
     assert orjson.loads(done.stdout) == {"text": "Hello, Ada!"}
     assert "started a new embedded bus" not in done.stderr  # the worker's bus, not a second
     lines = worker.stderr.splitlines()
-    # The worker started the project's new bus, said so, and the publisher found it.
-    assert (
-        f"omnidaemon: started a new embedded bus in {project}/.omnidaemon (found in this folder)"
-    ) in lines
+    # The worker started the new bus, said which and why, and the publisher found it.
+    announced = f"omnidaemon: started a new embedded bus in {expected} ({why}"
+    assert [line for line in lines if line.startswith(announced)] != []
     started = [orjson.loads(line) for line in lines if "worker started" in line]
-    assert started[0]["broker"] == f"embedded://{project}/.omnidaemon"
+    assert started[0]["broker"] == f"embedded://{expected}"
     assert not (deeper / ".omnidaemon").exists()
-    assert not (home / ".omnidaemon").exists()  # nor the per-user one
+    assert (home / ".omnidaemon").exists() is (bus == "per-user")
 
 
 def test_outside_any_project_the_per_user_bus_is_used_and_a_new_one_is_announced(
@@ -122,8 +130,7 @@ def test_outside_any_project_the_per_user_bus_is_used_and_a_new_one_is_announced
 
 
 def test_bus_status_says_which_bus_is_used_and_why(home: Path, env: dict[str, str]) -> None:
-    project = folder(home / "proj")
-    assert run_cli(["bus", "init"], project, env).returncode == 0
+    project = project_with_bus(home)
     sub = folder(project / "sub")
     bus = project / ".omnidaemon"
 
@@ -161,8 +168,7 @@ def test_bus_status_says_which_bus_is_used_and_why(home: Path, env: dict[str, st
 def test_bus_ps_lists_a_started_server_and_bus_stop_stops_it(
     home: Path, env: dict[str, str]
 ) -> None:
-    project = folder(home / "proj")
-    assert run_cli(["bus", "init"], project, env).returncode == 0
+    project = project_with_bus(home)
     assert run_cli(["publish", "t", "{}"], project, env).returncode == 0
     bus = project / ".omnidaemon"
     pid = server_status(bus)["pid"]
@@ -188,8 +194,7 @@ def test_bus_ps_lists_a_started_server_and_bus_stop_stops_it(
 def test_bus_stop_warns_of_live_workers(
     home: Path, env: dict[str, str], spawn: Callable[..., WorkerProcess]
 ) -> None:
-    project = folder(home / "proj")
-    assert run_cli(["bus", "init"], project, env).returncode == 0
+    project = project_with_bus(home)
     worker = start_worker(spawn, project, env)
     bus = str(project / ".omnidaemon")
 
