@@ -173,10 +173,14 @@ def stop(
         if workers:
             names = ", ".join(f"{w.id} ({w.app})" for w in workers[:5])
             more = f" and {len(workers) - 5} more" if len(workers) > 5 else ""
+            count = (
+                "1 live worker still uses"
+                if len(workers) == 1
+                else (f"{len(workers)} live workers still use")
+            )
             print(
-                f"omnidaemon bus stop: warning: {len(workers)} live worker"
-                f"{'s' if len(workers) != 1 else ''} still use this bus ({names}{more}); "
-                "they cannot reach it until it is started again",
+                f"omnidaemon bus stop: warning: {count} this bus ({names}{more}); they retry "
+                "until it is started again",
                 file=sys.stderr,
             )
         stopped = stop_server(home, timeout=timeout)

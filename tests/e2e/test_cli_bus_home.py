@@ -209,7 +209,7 @@ def test_bus_stop_warns_of_live_workers(
     assert stopped.returncode == 0
     warning = stopped.stderr.splitlines()
     assert len(warning) == 1
-    assert warning[0].startswith("omnidaemon bus stop: warning: 1 live worker still use")
+    assert warning[0].startswith("omnidaemon bus stop: warning: 1 live worker still uses this bus")
     assert "(greeter)" in warning[0]
     worker.send(signal.SIGKILL)
 
