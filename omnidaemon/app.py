@@ -86,7 +86,8 @@ class App:
         name: The app's name, recorded as `source` on every event it publishes.
         broker: A broker URL (`redis://...`, `unix://...`, `memory://`) or a `Broker`; by
             default `OMNIDAEMON_BROKER_URL`, else the embedded bus (a local Valkey server that
-            omnidaemon starts on first use, data in `OMNIDAEMON_HOME`, default `./.omnidaemon`).
+            omnidaemon starts on first use, data in `OMNIDAEMON_HOME`, else the nearest
+            `.omnidaemon/` in this folder or a parent, else `~/.omnidaemon`).
         lifespan: An async context manager factory run around the worker (open clients before
             the first event, close them after the last).
         settings: Settings to use instead of reading the environment.

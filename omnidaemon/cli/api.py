@@ -187,7 +187,6 @@ def _serve(
     from omnidaemon.api import create_api
     from omnidaemon.api.server import listen, serve_api
     from omnidaemon.brokers.embedded import EmbeddedBroker
-    from omnidaemon.brokers.embedded_server import ensure_server
     from omnidaemon.errors import ConfigurationError, OmniDaemonError
 
     log = structlog.get_logger("omnidaemon.api")
@@ -200,7 +199,7 @@ def _serve(
     if isinstance(app.broker, EmbeddedBroker):
         # Started here rather than in the API's startup, so that a failure is one line.
         try:
-            ensure_server(app.broker.home)
+            app.broker.ensure_server()
         except (OmniDaemonError, OSError) as exc:
             status = 2 if isinstance(exc, ConfigurationError) else 1
             return fail(_COMMAND, f"cannot start the embedded bus: {exc}", status)

@@ -1,5 +1,5 @@
 """`omnidaemon bus ...`: look into the bus, and repair it: topics, groups, entries, dead letters,
-replay, purge, and the embedded server's lifecycle.
+replay, purge. The embedded servers' own commands (init, status, ps, stop) are in `bus_local`.
 
 These commands need only the bus, not the app's code. Nothing here starts the embedded server:
 a stopped one is reported as such.
@@ -397,44 +397,3 @@ def purge(
         say(f"removed {removed} dead letter{'s' if removed != 1 else ''} from {topic}")
 
     run_async("bus purge", run)
-
-
-@bus.command("stop")
-def stop(
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=0.1, metavar="S", help="Seconds to wait for it.")
-    ] = 10.0,
-) -> None:
-    """Stop the embedded bus server (its data is kept; the next worker starts it again)."""
-    from omnidaemon.brokers.embedded_server import default_home, stop_server
-    from omnidaemon.cli._output import fail
-    from omnidaemon.errors import OmniDaemonError
-
-    try:
-        home = default_home()
-        stopped = stop_server(home, timeout=timeout)
-    except (OmniDaemonError, OSError) as exc:
-        raise typer.Exit(fail("bus stop", str(exc), 2)) from None
-    if stopped:
-        say(f"stopped the embedded bus server in {home}")
-    else:
-        say(f"no embedded bus server was running in {home}")
-
-
-@bus.command("status")
-def status() -> None:
-    """Say whether the embedded bus server runs (exit status 1 if not)."""
-    from omnidaemon.brokers.embedded_server import default_home, server_status
-    from omnidaemon.cli._output import fail
-    from omnidaemon.errors import OmniDaemonError
-
-    try:
-        found = server_status(default_home())
-    except (OmniDaemonError, OSError) as exc:
-        raise typer.Exit(fail("bus status", str(exc), 2)) from None
-    if found["running"]:
-        pid = f"pid {found['pid']}" if found["pid"] is not None else "pid unknown"
-        say(f"the embedded bus server runs ({pid}) at {found['url']}")
-        return
-    say(f"no embedded bus server runs in {found['data_dir']}")
-    raise typer.Exit(1)

@@ -18,6 +18,7 @@ from omnidaemon.cli import api as api_command
 from omnidaemon.cli import apps, events, monitor
 from omnidaemon.cli import worker as worker_command
 from omnidaemon.cli.bus import bus
+from omnidaemon.cli.bus_local import register_local_commands
 
 __all__ = ["build_cli", "main"]
 
@@ -41,6 +42,7 @@ def build_cli() -> typer.Typer:
     cli.command("metrics")(monitor.metrics)
     cli.command("health")(monitor.health)
     cli.command("api")(api_command.api)
+    register_local_commands(bus)
     cli.add_typer(bus)
     return cli
 

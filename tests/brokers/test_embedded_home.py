@@ -24,7 +24,7 @@ import redis
 
 from omnidaemon import App
 from omnidaemon.brokers.embedded import EmbeddedBroker
-from omnidaemon.brokers.embedded_home import UnsafeEmbeddedHome
+from omnidaemon.brokers.embedded_home import UnsafeEmbeddedHome, find_home
 from omnidaemon.brokers.embedded_server import ensure_server, server_status, stop_server
 from omnidaemon.cli import main
 from omnidaemon.errors import ConfigurationError
@@ -230,3 +230,61 @@ def test_a_home_others_can_only_read_is_used(home: Path) -> None:
     with redis.Redis.from_url(url, socket_timeout=5) as r:
         assert r.ping()
     assert server_status(home)["running"] is True
+
+
+def test_the_bus_is_found_like_a_git_repository(home: Path) -> None:
+    user_home, project = home / "u", home / "u" / "work" / "proj"
+    deep = project / "src" / "pkg"
+    deep.mkdir(parents=True)
+    env = {"HOME": str(user_home)}
+
+    # Nothing anywhere: the per-user default, whatever the folder.
+    for folder in (deep, project, home):
+        chosen = find_home(env, cwd=folder)
+        assert (chosen.path, chosen.source) == (user_home / ".omnidaemon", "user")
+    assert chosen.reason == "the per-user default: no .omnidaemon/ in this folder or its parents"
+
+    (project / ".omnidaemon").mkdir()
+    assert find_home(env, cwd=deep) == find_home(env, cwd=project / "src")
+    chosen = find_home(env, cwd=deep)
+    assert (chosen.path, chosen.source) == (project / ".omnidaemon", "found")
+    assert chosen.reason == f"found in a parent folder, {project}"
+    assert find_home(env, cwd=project).reason == "found in this folder"
+    assert find_home(env, cwd=user_home / "work").source == "user"  # above the project
+
+    # The nearest wins; the variable wins over everything, made absolute.
+    (deep / ".omnidaemon").mkdir()
+    assert find_home(env, cwd=deep).path == deep / ".omnidaemon"
+    forced = find_home({**env, "OMNIDAEMON_HOME": "bus/../x"}, cwd=deep)
+    assert (forced.path, forced.source) == (Path.cwd().resolve() / "x", "env")
+    assert not (user_home / ".omnidaemon").exists()  # looking creates nothing
+
+
+def test_a_bus_found_in_a_parent_folder_is_checked_as_strictly(home: Path) -> None:
+    planted = home / ".omnidaemon"
+    planted.mkdir()
+    planted.chmod(0o777)  # as a .omnidaemon in /tmp, writable by everyone, would be
+    below = home / "project"
+    below.mkdir()
+    chosen = find_home({"HOME": "/nonexistent"}, cwd=below)
+    assert chosen.path == planted
+    with pytest.raises(UnsafeEmbeddedHome, match="writable by other users"):
+        ensure_server(chosen.path, reason=chosen.reason)
+    assert server_processes(planted) == []
+
+
+def test_a_new_home_ignores_itself_and_an_existing_one_is_left_alone(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = home / "bus"
+    ensure_server(bus, reason="the test's own")
+    assert (bus / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"omnidaemon: started a new embedded bus in {bus} (the test's own)"
+    )
+    stop_server(bus)
+    ensure_server(bus)  # its data is there: not new, nothing said
+    assert "started a new" not in capsys.readouterr().err
+
+    ensure_server(home)  # made by someone else (mkdtemp): not ours to add files to
+    assert not (home / ".gitignore").exists()

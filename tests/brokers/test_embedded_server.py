@@ -32,7 +32,6 @@ from omnidaemon.brokers import embedded_server as embedded
 from omnidaemon.brokers.embedded_server import (
     EmbeddedBusUnavailable,
     EmbeddedServerError,
-    default_home,
     ensure_server,
     find_server_binary,
     server_status,
@@ -348,15 +347,24 @@ def test_bus_stop_and_status_commands(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("OMNIDAEMON_HOME", str(home))
+    monkeypatch.delenv("OMNIDAEMON_BROKER_URL", raising=False)
     assert _run_cli("bus", "status") == 1
-    assert capsys.readouterr().out == f"no embedded bus server runs in {home}\n"
+    assert capsys.readouterr().out == (
+        f"bus:    {home}\n"
+        "why:    OMNIDAEMON_HOME is set\n"
+        "server: not running (a worker or a publisher starts it)\n"
+        f"socket: {home}/valkey.sock\n"
+    )
 
     ensure_server()
     pid = server_status()["pid"]
     capsys.readouterr()  # the start-up log line
     assert _run_cli("bus", "status") == 0
     assert capsys.readouterr().out == (
-        f"the embedded bus server runs (pid {pid}) at unix://{home}/valkey.sock\n"
+        f"bus:    {home}\n"
+        "why:    OMNIDAEMON_HOME is set\n"
+        f"server: runs (pid {pid})\n"
+        f"socket: {home}/valkey.sock\n"
     )
 
     assert _run_cli("bus", "stop") == 0
@@ -459,12 +467,3 @@ def test_a_socket_path_too_long_asks_for_a_shorter_home() -> None:
             call(long_home)
         assert "OMNIDAEMON_HOME" in str(caught.value)
     assert not long_home.exists()
-
-
-def test_default_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert default_home() == tmp_path.resolve() / ".omnidaemon"
-    assert default_home({"OMNIDAEMON_HOME": "bus"}) == tmp_path.resolve() / "bus"
-    monkeypatch.setenv("OMNIDAEMON_HOME", "/srv/../srv/omni")
-    assert default_home() == Path("/srv/omni")
-    assert not (tmp_path / ".omnidaemon").exists()  # naming it creates nothing

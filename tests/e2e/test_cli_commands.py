@@ -749,7 +749,10 @@ BAD_ARGUMENTS: list[tuple[str, list[str], str | None, str]] = [
         "--agent goes with --dlq",
     ),
     ("bus stop", ["bus", "stop", "--timeout", "0"], None, "'--timeout' ('0')"),
-    ("bus status", ["bus", "status", "--json"], None, "No such option: --json"),
+    ("bus status", ["bus", "status", "--bogus"], None, "No such option: --bogus"),
+    ("bus ps", ["bus", "ps", "extra"], None, "unexpected extra argument(s) (extra)"),
+    ("bus stop", ["bus", "stop", "/tmp/" + "x" * 120], None, "shorter"),
+    ("bus init", ["bus", "init", "/tmp/" + "x" * 120], None, "shorter"),
     ("bus", ["bus", "nothing"], None, "No such command 'nothing'"),
     ("", ["nothing"], None, "No such command 'nothing'"),
 ]
