@@ -15,7 +15,9 @@ What is counted, per agent:
   annotation.
 - `retried`: retries scheduled.
 - `dead_lettered`: events moved to the dead-letter queue, whatever the reason.
-- `duration`: a histogram of handler run times (seconds), successes and failures alike.
+- `duration`: a histogram of handler run times (seconds), successes and failures alike. Its
+  quantiles are within `RELATIVE_ERROR` (1.92 %) of a real observation from 0.1 ms to about a
+  day, and never outside the smallest and largest (see `omnidaemon._histogram`).
 - `latency`: a histogram of end-to-end latency (seconds) of succeeded events, from the
   envelope's `created_at` to the end of the handler: queueing, retries and handling together.
 
