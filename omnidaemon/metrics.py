@@ -15,7 +15,9 @@ What is counted, per agent:
   annotation.
 - `retried`: retries scheduled.
 - `dead_lettered`: events moved to the dead-letter queue, whatever the reason.
-- `duration`: a histogram of handler run times (seconds), successes and failures alike.
+- `duration`: a histogram of handler run times (seconds), successes and failures alike. Its
+  quantiles are within `RELATIVE_ERROR` (1.92 %) of a real observation from 0.1 ms to about a
+  day, and never outside the smallest and largest (see `omnidaemon._histogram`).
 - `latency`: a histogram of end-to-end latency (seconds) of succeeded events, from the
   envelope's `created_at` to the end of the handler: queueing, retries and handling together.
 
@@ -25,123 +27,45 @@ heartbeats.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left as _bucket_of
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from omnidaemon._histogram import (
+    BOUNDS,
+    BUCKETS,
+    RELATIVE_ERROR,
+    HistogramSnapshot,
+    bucket_field,
+    read_buckets,
+)
 
 __all__ = [
     "BUCKETS",
     "COUNTERS",
+    "RELATIVE_ERROR",
     "AgentMetrics",
     "AgentMetricsSnapshot",
     "HistogramSnapshot",
+    "is_extreme",
 ]
 
-BUCKETS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    900.0,
-    3600.0,
-)
-"""Upper bounds (seconds) of the histogram buckets; one more bucket holds everything above."""
+
+def is_extreme(field_name: str) -> bool:
+    """Whether a metrics hash field keeps an extreme instead of summing increments.
+
+    `<histogram>:max_us` keeps the largest value ever written, `<histogram>:min_us` the
+    smallest; every other field is a sum (`HINCRBY`).
+    """
+    return field_name.endswith((":max_us", ":min_us"))
+
 
 COUNTERS: tuple[str, ...] = ("received", "succeeded", "failed", "retried", "dead_lettered")
 """The counters of every agent, in display order."""
 
 _HISTOGRAMS = ("duration", "latency")
-_NO_OBSERVATIONS = (0,) * (len(BUCKETS) + 1)
-
-
-@dataclass(frozen=True, slots=True)
-class HistogramSnapshot:
-    """A histogram of durations in seconds.
-
-    Attributes:
-        counts: Observations per bucket: `counts[i]` fell at or below `BUCKETS[i]` and above
-            the bound before it; the last one holds everything above the largest bound.
-        total: The sum of every observation, in seconds.
-    """
-
-    counts: tuple[int, ...]
-    total: float
-
-    @property
-    def count(self) -> int:
-        """How many observations there are."""
-        return sum(self.counts)
-
-    @property
-    def mean(self) -> float | None:
-        """The mean observation in seconds, or `None` when there is none."""
-        count = self.count
-        return self.total / count if count else None
-
-    def quantile(self, q: float) -> float | None:
-        """An estimate of the `q` quantile (0 <= q <= 1) in seconds, or `None` when empty.
-
-        Interpolated linearly within the bucket it falls in, like Prometheus's
-        `histogram_quantile`; above the largest bound it answers that bound.
-        """
-        count = self.count
-        if not count:
-            return None
-        rank = q * count
-        seen = 0
-        for index, in_bucket in enumerate(self.counts):
-            if in_bucket and seen + in_bucket >= rank:
-                if index == len(BUCKETS):
-                    return BUCKETS[-1]
-                lower = BUCKETS[index - 1] if index else 0.0
-                upper = BUCKETS[index]
-                return lower + (upper - lower) * max(0.0, rank - seen) / in_bucket
-            seen += in_bucket
-        return BUCKETS[-1]
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """`(upper bound, observations at or below it)` pairs, ending with `(inf, count)`."""
-        pairs = []
-        running = 0
-        for bound, in_bucket in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-            running += in_bucket
-            pairs.append((bound, running))
-        return pairs
-
-    def to_json(self) -> dict[str, Any]:
-        """The histogram as JSON data: count, sum, mean, p50, p90, p99 and the buckets."""
-        return {
-            "count": self.count,
-            "sum": self.total,
-            "mean": self.mean,
-            "p50": self.quantile(0.5),
-            "p90": self.quantile(0.9),
-            "p99": self.quantile(0.99),
-            "buckets": {_bound_label(b): n for b, n in self.cumulative()},
-        }
-
-    @classmethod
-    def empty(cls) -> HistogramSnapshot:
-        """A histogram with no observations."""
-        return cls(_NO_OBSERVATIONS, 0.0)
-
-
-def _bound_label(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else f"{bound:g}"
+_NO_LOW = 1 << 62  # above any duration in microseconds: "no observation yet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,21 +93,15 @@ class AgentMetricsSnapshot:
     retried: int = 0
     dead_lettered: int = 0
     in_flight: int = 0
-    duration: HistogramSnapshot = HistogramSnapshot(_NO_OBSERVATIONS, 0.0)
-    latency: HistogramSnapshot = HistogramSnapshot(_NO_OBSERVATIONS, 0.0)
+    duration: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
+    latency: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
 
     @classmethod
     def from_fields(
         cls, topic: str, agent: str, fields: Mapping[str, int], *, in_flight: int = 0
     ) -> AgentMetricsSnapshot:
         """Read the fields of an agent's metrics hash on the bus (see `AgentMetrics.delta`)."""
-        histograms = {
-            name: HistogramSnapshot(
-                tuple(int(fields.get(f"{name}:{i}", 0)) for i in range(len(BUCKETS) + 1)),
-                int(fields.get(f"{name}:sum_us", 0)) / 1_000_000,
-            )
-            for name in _HISTOGRAMS
-        }
+        histograms = {name: _read_histogram(name, fields) for name in _HISTOGRAMS}
         return cls(
             topic,
             agent,
@@ -209,18 +127,34 @@ class AgentMetricsSnapshot:
         }
 
 
+def _read_histogram(name: str, fields: Mapping[str, int]) -> HistogramSnapshot:
+    counts = read_buckets(name, fields)
+    low = fields.get(f"{name}:min_us")
+    high = fields.get(f"{name}:max_us")
+    return HistogramSnapshot(
+        counts,
+        int(fields.get(f"{name}:sum_us", 0)) / 1_000_000,
+        low=int(low) / 1_000_000 if counts and low is not None else None,
+        high=int(high) / 1_000_000 if counts and high is not None else None,
+    )
+
+
 class AgentMetrics:
     """One worker's running counts for one agent.
 
-    Recording is a few integer additions, cheap enough for every event; `delta()` and
+    Recording is a few integer operations, cheap enough for every event; `delta()` and
     `commit()` hand what has not reached the bus yet to the acknowledgement batcher, which
     writes it in the same round trip as a batch of acks.
     """
 
     __slots__ = (
         "_duration",
+        "_duration_high_us",
+        "_duration_low_us",
         "_duration_sum_us",
         "_latency",
+        "_latency_high_us",
+        "_latency_low_us",
         "_latency_sum_us",
         "_sent",
         "agent",
@@ -242,49 +176,83 @@ class AgentMetrics:
         self.retried = 0
         self.dead_lettered = 0
         self.in_flight = 0
-        self._duration = [0] * (len(BUCKETS) + 1)
+        self._duration = [0] * (len(BOUNDS) + 1)
         self._duration_sum_us = 0
-        self._latency = [0] * (len(BUCKETS) + 1)
+        self._duration_low_us = _NO_LOW
+        self._duration_high_us = -1
+        self._latency = [0] * (len(BOUNDS) + 1)
         self._latency_sum_us = 0
+        self._latency_low_us = _NO_LOW
+        self._latency_high_us = -1
         self._sent: dict[str, int] = {}
 
     def observe_duration(self, seconds: float) -> None:
         """Record one handler run's duration."""
-        self._duration[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self._duration_sum_us += int(seconds * 1_000_000)
+        self._duration[_bucket_of(BOUNDS, seconds)] += 1  # bisect, called inline: hot path
+        us = int(seconds * 1_000_000)
+        self._duration_sum_us += us
+        # Truncated to whole microseconds: the kept largest never exceeds the true one.
+        if us > self._duration_high_us:
+            self._duration_high_us = us
+        if us < self._duration_low_us:
+            self._duration_low_us = us
 
     def observe_latency(self, seconds: float) -> None:
         """Record one succeeded event's end-to-end latency."""
         seconds = max(0.0, seconds)  # clocks of different machines may disagree a little
-        self._latency[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self._latency_sum_us += int(seconds * 1_000_000)
+        self._latency[_bucket_of(BOUNDS, seconds)] += 1
+        us = int(seconds * 1_000_000)
+        self._latency_sum_us += us
+        if us > self._latency_high_us:
+            self._latency_high_us = us
+        if us < self._latency_low_us:
+            self._latency_low_us = us
 
     def _fields(self) -> dict[str, int]:
         fields = {name: getattr(self, name) for name in COUNTERS}
-        for name, counts, sum_us in (
-            ("duration", self._duration, self._duration_sum_us),
-            ("latency", self._latency, self._latency_sum_us),
+        for name, counts, sum_us, low_us, high_us in (
+            (
+                "duration",
+                self._duration,
+                self._duration_sum_us,
+                self._duration_low_us,
+                self._duration_high_us,
+            ),
+            (
+                "latency",
+                self._latency,
+                self._latency_sum_us,
+                self._latency_low_us,
+                self._latency_high_us,
+            ),
         ):
             for index, count in enumerate(counts):
                 if count:
-                    fields[f"{name}:{index}"] = count
+                    fields[bucket_field(name, index)] = count
             fields[f"{name}:sum_us"] = sum_us
+            if high_us >= 0:
+                fields[f"{name}:min_us"] = low_us
+                fields[f"{name}:max_us"] = high_us
         return fields
 
     def delta(self) -> dict[str, int]:
-        """What changed since the last `commit`, as increments of the bus's fields."""
+        """What changed since the last `commit`: increments of the bus's sums, and the
+        extremes (see `is_extreme`) that changed, as values."""
         sent = self._sent
-        return {
-            field: value - sent.get(field, 0)
-            for field, value in self._fields().items()
-            if value != sent.get(field, 0)
-        }
+        delta = {}
+        for name, value in self._fields().items():
+            if is_extreme(name):
+                if value != sent.get(name):
+                    delta[name] = value
+            elif value != sent.get(name, 0):
+                delta[name] = value - sent.get(name, 0)
+        return delta
 
     def commit(self, delta: Mapping[str, int]) -> None:
         """Mark `delta` (from `delta()`) as written to the bus."""
         sent = self._sent
-        for field, increment in delta.items():
-            sent[field] = sent.get(field, 0) + increment
+        for name, value in delta.items():
+            sent[name] = value if is_extreme(name) else sent.get(name, 0) + value
 
     def snapshot(self) -> AgentMetricsSnapshot:
         """This worker's counts for the agent so far."""

@@ -29,6 +29,7 @@ from omnidaemon.fleet import (
     group_infos,
     live_workers,
 )
+from omnidaemon.metrics import RELATIVE_ERROR
 from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.settings import Settings
 from omnidaemon.worker import Worker, runner
@@ -159,6 +160,39 @@ async def test_fleet_metrics_count_every_outcome_exactly(
     assert work_metrics.latency.total > 0
     assert (audit_metrics.received, audit_metrics.succeeded, audit_metrics.failed) == (8, 8, 0)
     assert (audit_metrics.duration.count, audit_metrics.latency.count) == (8, 8)
+
+
+async def test_reported_quantiles_are_within_the_bound_and_never_above_the_max(
+    make_broker: MakeBroker, topic: str
+) -> None:
+    # Issue 16: the fixed buckets answered p50 0.2 s for runs of 0.12 s, and a p99 above the
+    # longest run. Handlers here take chosen times; each measures itself, and the worker's
+    # measurement encloses it (plus microseconds of bookkeeping).
+    app = make_app(make_broker)
+    took: list[float] = []
+
+    @app.agent(topic, name="model", concurrency=4)
+    async def model(event: dict[str, float]) -> None:
+        started = time.perf_counter()
+        await anyio.sleep(event["seconds"])
+        took.append(time.perf_counter() - started)
+
+    async with app.running():
+        for seconds in (0.12, 0.12, 0.12, 0.3):
+            await app.publish(topic, {"seconds": seconds})
+        await wait_for(lambda: len(took) == 4)
+    async with make_broker() as bus:
+        [metrics] = await fleet_metrics(bus)
+    duration = metrics.duration
+    assert duration.count == 4
+    slack = 0.02  # seconds between the worker's clock reads and the handler's, at most
+    assert duration.high is not None and max(took) <= duration.high <= max(took) + slack
+    ordered = sorted(took)
+    for q, rank in ((0.5, 2), (0.99, 4)):
+        answer = duration.quantile(q)
+        assert answer is not None and answer <= duration.high
+        truth = ordered[rank - 1]
+        assert truth * (1 - RELATIVE_ERROR) <= answer <= truth * (1 + RELATIVE_ERROR) + slack
 
 
 async def _dead_lettered(bus: Broker, topic: str, agent: str, n: int) -> bool:

@@ -2,53 +2,68 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
+from omnidaemon._histogram import BOUNDS, HIGHEST, LOWEST
 from omnidaemon.metrics import (
     BUCKETS,
     COUNTERS,
+    RELATIVE_ERROR,
     AgentMetrics,
     AgentMetricsSnapshot,
     HistogramSnapshot,
 )
 
-LAST = len(BUCKETS)  # the bucket above the largest bound
-
-
-def histogram(**buckets: int) -> HistogramSnapshot:
-    """A histogram with `b<index>=count` observations."""
-    counts = [0] * (LAST + 1)
-    for name, count in buckets.items():
-        counts[int(name[1:])] = count
-    return HistogramSnapshot(tuple(counts), 0.0)
+LAST = len(BOUNDS)  # the fine bucket above the largest bound
 
 
 def placed(seconds: float) -> int:
-    """The bucket one observation of `seconds` lands in."""
+    """The fine bucket one observation of `seconds` lands in."""
     metrics = AgentMetrics("t.x", "a")
     metrics.observe_duration(seconds)
     counts = metrics.snapshot().duration.counts
-    assert sum(counts) == 1
-    return counts.index(1)
+    assert list(counts.values()) == [1]
+    return next(iter(counts))
+
+
+def durations(*seconds: float) -> HistogramSnapshot:
+    """The duration histogram of handler runs of `seconds`, recorded as a worker does."""
+    metrics = AgentMetrics("t.x", "a")
+    for value in seconds:
+        metrics.observe_duration(value)
+    return metrics.snapshot().duration
+
+
+def exact(values: list[float], q: float) -> float:
+    """The observation of rank ceil(q * n): what `quantile` promises to be near."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered) - 1e-9)) - 1]
 
 
 # Histograms -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index", range(LAST))
-def test_an_observation_at_a_bound_falls_in_that_bound_s_bucket(index: int) -> None:
+def test_the_error_bound_is_a_few_percent_from_a_millisecond_to_an_hour() -> None:
+    assert 0.015 < RELATIVE_ERROR < 0.02
+    assert LOWEST <= 0.001 and HIGHEST >= 3600
+    assert set(BUCKETS) <= set(BOUNDS)  # coarse buckets are exact unions of fine ones
+
+
+@pytest.mark.parametrize("index", range(len(BUCKETS)))
+def test_an_observation_at_a_coarse_bound_falls_at_or_below_it(index: int) -> None:
     bound = BUCKETS[index]
-    assert placed(bound) == index
-    assert placed(bound * 1.0001) == index + 1
-    assert placed(bound * 0.9999) == index
+    assert BOUNDS[placed(bound)] == bound
+    assert BOUNDS[placed(bound * 1.0001)] > bound
+    assert BOUNDS[placed(bound * 0.9999)] == bound
 
 
 def test_zero_and_huge_observations() -> None:
     assert placed(0.0) == 0
-    assert placed(BUCKETS[-1] + 1) == LAST
-    assert placed(1e9) == LAST
+    assert placed(HIGHEST * 1.01) == LAST
+    assert durations(1e9).quantile(0.5) == 1e9  # above the grid: the largest observation
 
 
 def test_negative_latency_counts_as_zero() -> None:
@@ -56,8 +71,61 @@ def test_negative_latency_counts_as_zero() -> None:
     metrics = AgentMetrics("t.x", "a")
     metrics.observe_latency(-0.5)
     latency = metrics.snapshot().latency
-    assert latency.counts[0] == 1 and latency.count == 1
+    assert latency.counts == {0: 1} and latency.count == 1
     assert latency.total == 0.0
+    assert latency.quantile(0.99) == 0.0
+
+
+def test_the_issue_s_examples_are_answered_within_the_bound() -> None:
+    # Issue 16: two runs of 40.0 s showed p50 45.0; ~33 s and ~80 s showed p99 4m55s; a
+    # 19.9 s maximum showed p99 29.5 s.
+    forty = durations(40.0, 40.0)
+    assert forty.quantile(0.5) == forty.quantile(0.99) == 40.0
+    spread = durations(33.0, 80.0)
+    assert spread.quantile(0.5) == pytest.approx(33.0, rel=RELATIVE_ERROR)
+    assert spread.quantile(0.99) == 80.0
+    capped = durations(0.5, 3.0, 19.9)
+    assert capped.quantile(0.99) == pytest.approx(19.9, rel=RELATIVE_ERROR)
+    assert capped.quantile(0.99) <= 19.9
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_quantiles_are_within_the_bound_and_the_extremes(seed: int) -> None:
+    rng = random.Random(seed)
+    # Log-uniform from 1 ms to 1 h: where model calls and everything else fall.
+    values = [10 ** rng.uniform(-3, math.log10(3600)) for _ in range(rng.randrange(1, 300))]
+    histogram = durations(*values)
+    assert histogram.low == pytest.approx(min(values), abs=1e-6)
+    assert histogram.high == pytest.approx(max(values), abs=1e-6)
+    for q in (0.0, 0.01, 0.5, 0.9, 0.99, 0.999, 1.0):
+        answer = histogram.quantile(q)
+        assert answer is not None
+        assert answer == pytest.approx(exact(values, q), rel=RELATIVE_ERROR)
+        assert min(values) - 1e-6 <= answer <= max(values)
+
+
+def test_quantiles_of_an_empty_histogram() -> None:
+    assert HistogramSnapshot.empty().quantile(0.5) is None
+    assert HistogramSnapshot.empty().to_json()["max"] is None
+
+
+def test_buckets_written_by_older_workers_still_count() -> None:
+    # Before issue 16 a worker wrote `duration:<coarse index>`; a bus may hold both formats.
+    fields = {
+        f"duration:{BUCKETS.index(0.25)}": 3,  # three runs in (0.1, 0.25]
+        f"duration:{len(BUCKETS)}": 1,  # one above an hour
+        "duration:sum_us": 4_000_000_000,
+    }
+    old = AgentMetricsSnapshot.from_fields("t.x", "a", fields).duration
+    assert old.count == 4 and old.high is None
+    assert old.quantile(0.5) == pytest.approx(0.25, rel=RELATIVE_ERROR)  # as read before
+    assert old.quantile(1.0) == BOUNDS[-1]
+    assert dict(old.cumulative())[0.25] == 3
+    merged = AgentMetricsSnapshot.from_fields(
+        "t.x", "a", {**fields, **AgentMetrics("t.x", "a").delta(), "duration:le0.01": 2}
+    ).duration
+    assert merged.count == 6
+    assert merged.quantile(0.0) == pytest.approx(0.01, rel=RELATIVE_ERROR)
 
 
 def test_sums_and_means() -> None:
@@ -72,39 +140,13 @@ def test_sums_and_means() -> None:
     assert metrics.snapshot().latency == HistogramSnapshot.empty()
 
 
-def test_quantiles_interpolate_within_their_bucket() -> None:
-    upper = BUCKETS.index(0.25)
-    ten = histogram(**{f"b{upper}": 10})  # ten observations in (0.1, 0.25]
-    assert ten.quantile(0.5) == pytest.approx(0.175)
-    assert ten.quantile(0.9) == pytest.approx(0.1 + 0.15 * 0.9)
-    assert ten.quantile(1.0) == pytest.approx(0.25)
-    assert ten.quantile(0.0) == pytest.approx(0.1)
-
-    one, second = BUCKETS.index(1.0), BUCKETS.index(0.0005)
-    split = histogram(**{f"b{second}": 5, f"b{one}": 5})  # 5 at <= 0.5 ms, 5 in (0.5, 1]
-    assert split.quantile(0.5) == pytest.approx(0.0005)  # the top of the low bucket
-    assert split.quantile(0.6) == pytest.approx(0.5 + 0.5 * 1 / 5)
-    assert split.quantile(0.9) == pytest.approx(0.9)
-    assert split.quantile(0.99) == pytest.approx(0.5 + 0.5 * 4.9 / 5)
-
-
-def test_quantiles_of_empty_and_overflowing_histograms() -> None:
-    assert HistogramSnapshot.empty().quantile(0.5) is None
-    above = histogram(**{f"b{LAST}": 3})
-    assert above.quantile(0.5) == BUCKETS[-1]
-    assert above.quantile(1.0) == BUCKETS[-1]
-    mixed = histogram(b0=9, **{f"b{LAST}": 1})
-    assert mixed.quantile(0.5) == pytest.approx(0.0005 * 5 / 9)
-    assert mixed.quantile(0.99) == BUCKETS[-1]
-
-
 def test_cumulative_buckets_and_json() -> None:
     metrics = AgentMetrics("t.x", "a")
     for seconds in (0.0001, 0.003, 0.003, 7200.0):
         metrics.observe_duration(seconds)
     duration = metrics.snapshot().duration
     pairs = duration.cumulative()
-    assert len(pairs) == LAST + 1
+    assert len(pairs) == len(BUCKETS) + 1
     assert pairs[0] == (0.0005, 1)
     assert dict(pairs)[0.005] == 3
     assert dict(pairs)[3600.0] == 3
@@ -114,21 +156,28 @@ def test_cumulative_buckets_and_json() -> None:
     assert data["buckets"]["0.0005"] == 1
     assert data["buckets"]["+Inf"] == 4
     assert data["sum"] == pytest.approx(7200.0061)
-    assert set(data) == {"count", "sum", "mean", "p50", "p90", "p99", "buckets"}
+    assert set(data) == {"count", "sum", "mean", "min", "max", "p50", "p90", "p99", "buckets"}
+    assert (data["min"], data["max"]) == (0.0001, 7200.0)
 
 
 # Deltas: what each ack batch writes to the bus -------------------------------------------
 
 
 class Bus:
-    """The bus's metrics hash of one agent: increments summed, like HINCRBY."""
+    """The bus's metrics hash of one agent: increments summed, like HINCRBY, and the
+    extremes kept (the smallest `min_us`, the largest `max_us`)."""
 
     def __init__(self) -> None:
         self.fields: dict[str, int] = {}
 
     def write(self, delta: dict[str, int]) -> None:
-        for name, increment in delta.items():
-            self.fields[name] = self.fields.get(name, 0) + increment
+        for name, value in delta.items():
+            if name.endswith(":min_us"):
+                self.fields[name] = min(self.fields.get(name, value), value)
+            elif name.endswith(":max_us"):
+                self.fields[name] = max(self.fields.get(name, value), value)
+            else:
+                self.fields[name] = self.fields.get(name, 0) + value
 
     def snapshot(self) -> AgentMetricsSnapshot:
         return AgentMetricsSnapshot.from_fields("t.x", "a", self.fields)
@@ -147,8 +196,10 @@ def test_committed_deltas_are_not_sent_again() -> None:
     assert first == {
         "received": 2,
         "succeeded": 1,
-        f"duration:{placed(0.003)}": 1,
+        "duration:le0.00304322": 1,
         "duration:sum_us": 3000,
+        "duration:min_us": 3000,
+        "duration:max_us": 3000,
     }
     bus.write(first)
     metrics.commit(first)
@@ -184,7 +235,8 @@ def test_counts_made_while_a_delta_is_on_its_way_are_sent_next() -> None:
     bus.write(in_flight)
     metrics.commit(in_flight)
     rest = metrics.delta()
-    assert rest == {"received": 1, f"latency:{BUCKETS.index(0.025)}": 1, "latency:sum_us": 20000}
+    # The extremes did not change: they are not sent again.
+    assert rest == {"received": 1, "latency:le0.0207332": 1, "latency:sum_us": 20000}
     bus.write(rest)
     metrics.commit(rest)
     assert bus.snapshot() == metrics.snapshot()

@@ -224,11 +224,14 @@ class TopicPurged(BaseModel):
 
 
 class Histogram(BaseModel):
-    """Durations in seconds: quantiles estimated from cumulative buckets."""
+    """Durations in seconds: quantiles within 1.92 % of a real observation (from 0.1 ms to a
+    day), never outside `min` and `max`."""
 
     count: int
     sum: float
     mean: float | None
+    min: float | None = Field(description="The smallest observation (null if unknown).")
+    max: float | None = Field(description="The largest observation (null if unknown).")
     p50: float | None
     p90: float | None
     p99: float | None

@@ -361,3 +361,21 @@ for _, name in ipairs(order) do
 end
 return removed
 """
+
+KEEP_EXTREMES = """
+-- Keep the smallest and largest observations of a metrics hash: a field ending in 'min_us'
+-- takes its value only if that is smaller than what it holds, any other only if larger, so
+-- every worker's extremes merge like its HINCRBYs do. Sent with EVAL: it is rare (extremes
+-- seldom change) and a pipeline of EVALSHAs would cost a SCRIPT EXISTS round trip.
+-- KEYS: the metrics hash
+-- ARGV: field, value, field, value, ...
+for i = 1, #ARGV, 2 do
+    local field, value = ARGV[i], tonumber(ARGV[i + 1])
+    local held = tonumber(redis.call('HGET', KEYS[1], field))
+    local smaller = string.sub(field, -6) == 'min_us'
+    if held == nil or (smaller and value < held) or (not smaller and value > held) then
+        redis.call('HSET', KEYS[1], field, ARGV[i + 1])
+    end
+end
+return 0
+"""

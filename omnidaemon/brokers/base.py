@@ -305,7 +305,9 @@ class Broker(ABC):
         """Settle deliveries as done. Acking an already settled delivery is a no-op.
 
         `stats` are increments of the group's metrics (see `omnidaemon.metrics`), written in
-        the same round trip; `deliveries` may be empty to write only them.
+        the same round trip, except the extremes (`omnidaemon.metrics.is_extreme`): a
+        `...:min_us` field keeps the smaller of its value and the one given, any other the
+        larger. `deliveries` may be empty to write only them.
         """
 
     @abstractmethod

@@ -28,6 +28,7 @@ from omnidaemon.brokers.base import (
     Subscription,
     TopicInfo,
 )
+from omnidaemon.metrics import is_extreme
 
 __all__ = ["MemoryBroker"]
 
@@ -333,8 +334,14 @@ class MemoryBroker(Broker):
             group.pending.pop((delivery.origin, delivery.id), None)
         if stats:
             fields = self._bus.stats.setdefault((sub.topic, sub.group), {})
-            for name, increment in stats.items():
-                fields[name] = fields.get(name, 0) + increment
+            for name, value in stats.items():
+                if not is_extreme(name):
+                    fields[name] = fields.get(name, 0) + value
+                elif name not in fields:
+                    fields[name] = value
+                else:
+                    keep = min if name.endswith(":min_us") else max
+                    fields[name] = keep(fields[name], value)
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 

@@ -51,6 +51,7 @@ from omnidaemon.brokers.base import (
     TopicInfo,
 )
 from omnidaemon.errors import BusUnavailable, ConfigurationError
+from omnidaemon.metrics import is_extreme
 
 __all__ = ["RedisBroker", "redact_url"]
 
@@ -563,8 +564,14 @@ class RedisBroker(Broker):
                 pipe.xdel(self.retry_key(sub), *from_retry)
             if stats:
                 key = self.metrics_key(sub)
-                for name, increment in stats.items():
-                    pipe.hincrby(key, name, increment)
+                extremes: list[str | int] = []
+                for name, value in stats.items():
+                    if is_extreme(name):
+                        extremes += (name, value)
+                    else:
+                        pipe.hincrby(key, name, value)
+                if extremes:
+                    pipe.eval(scripts.KEEP_EXTREMES, 1, key, *extremes)
             replies = await pipe.execute(raise_on_error=False)
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):

@@ -91,6 +91,8 @@ async def test_topics_groups_stats_metrics_and_health_see_the_worker(
         assert metrics["agent"] == "handled"
         assert metrics["received"] >= 1
         assert metrics["duration_seconds"]["count"] >= 1
+        duration = metrics["duration_seconds"]
+        assert 0 <= duration["min"] <= duration["p50"] <= duration["p99"] <= duration["max"]
 
     async with async_client(api_server.url) as anonymous:
         probe = await anonymous.get("/healthz")

@@ -298,6 +298,25 @@ async def test_ack_stats_are_summed_per_group_across_workers(
     }
 
 
+async def test_ack_stats_keep_the_smallest_and_largest_across_workers(
+    make_broker: MakeBroker, topic: str
+) -> None:
+    # Issue 16: quantiles are clamped to the extremes, which must merge like the sums do.
+    a = Subscription(topic, "a")
+    async with make_broker() as one, make_broker() as two:
+        await one.subscribe(a)
+        await one.ack(a, [], stats={"duration:min_us": 500, "duration:max_us": 40_000_000})
+        await two.ack(a, [], stats={"duration:min_us": 900, "duration:max_us": 80_000_000})
+        await two.ack(a, [], stats={"duration:min_us": 200, "duration:le1": 1})
+        await one.ack(a, [], stats={"duration:max_us": 79_000_000, "duration:le1": 1})
+        mine = (await two.stats())[(topic, "a")]
+    assert mine == {
+        "duration:min_us": 200,
+        "duration:max_us": 80_000_000,
+        "duration:le1": 2,
+    }
+
+
 async def test_ack_with_only_stats_settles_nothing(broker: Broker, topic: str) -> None:
     sub = Subscription(topic, "g")
     await broker.subscribe(sub)

@@ -38,8 +38,9 @@ T = TypeVar("T")
 
 SETTLE = 10.0  # seconds the bus may take to show what the worker did (replays: a fetch or two)
 
-LANES = ("reply", "results", "handled", "replay", "purged", "lazy")
-SERVED = [lane for lane in LANES if lane != "lazy"]  # `lazy`: served only when a test says so
+LANES = ("reply", "results", "handled", "replay", "purged", "lazy", "stopped")
+# `lazy` and `stopped`: served only when a test says so
+SERVED = [lane for lane in LANES if lane not in ("lazy", "stopped")]
 
 LANES_APP = """
     import os
@@ -54,7 +55,7 @@ LANES_APP = """
     SUFFIX = os.environ["E2E_SUFFIX"]
     MARKERS = Path(os.environ["E2E_MARKERS"])
     LOG = os.environ["E2E_LOG"]
-    LANES = ("reply", "results", "handled", "replay", "purged", "lazy")
+    LANES = ("reply", "results", "handled", "replay", "purged", "lazy", "stopped")
 
 
     class Job(BaseModel):
@@ -221,7 +222,8 @@ def stop_worker(worker: WorkerProcess) -> None:
 
 @pytest.fixture(scope="module", params=["redis", "embedded"])
 def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
-    """A private bus of the kind named, with the worker running every lane but `lazy`."""
+    """A private bus of the kind named, with the worker running every lane but `lazy` and
+    `stopped`."""
     cwd = tmp_path_factory.mktemp(f"cli-{request.param}")
     write_module(cwd, "lanes", LANES_APP)
     markers = cwd / "markers"
@@ -565,6 +567,33 @@ def test_metrics_count_exactly_what_the_worker_did(bus: Bus, handled: Handled) -
     header, row = rows(plain.stdout)
     assert header[:8] == ["TOPIC", "AGENT", "RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "IN"]
     assert row[:8] == [handled.topic, "handled", "4", "2", "1", "0", "2", "0"]
+
+
+def test_a_graceful_stop_leaves_exact_counts_on_the_bus_at_once(bus: Bus) -> None:
+    # Issue 16: counts reach the bus up to a second after the work; a worker that stops on
+    # SIGTERM must write them before it exits, so the first `metrics` after it is exact.
+    topic = bus.topic("stopped")
+    worker = start_worker(bus, "--agents", "stopped")
+    try:
+        bus.publish("stopped", {"n": 1}, {"n": 2}, {"n": 3, "fail": True}, {"n": "three"})
+
+        def settled(topics: list[dict[str, Any]]) -> bool:
+            groups = [g for t in topics if t["topic"] == topic for g in t["groups"]]
+            return [(g["lag"], g["pending"], g["dead_letters"]) for g in groups] == [(0, 0, 2)]
+
+        bus.poll(["bus", "list"], settled)
+    finally:
+        stop_worker(worker)
+
+    [snapshot] = bus.json("metrics", "--topic", topic)  # read once: no waiting for counts
+    assert {k: snapshot[k] for k in ("received", "succeeded", "failed", "dead_lettered")} == {
+        "received": 4,
+        "succeeded": 2,
+        "failed": 1,
+        "dead_lettered": 2,
+    }
+    assert snapshot["duration_seconds"]["count"] == 3
+    assert snapshot["in_flight"] == 0
 
 
 # --- health -------------------------------------------------------------------------------------
