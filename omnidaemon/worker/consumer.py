@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.agents import AgentSpec
@@ -24,6 +23,7 @@ from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AgentConsumer"]
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
 
 

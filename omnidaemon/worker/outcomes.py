@@ -9,7 +9,6 @@ import traceback
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import ValidationError
 
 from omnidaemon.agents import AgentSpec
@@ -18,6 +17,7 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope, UnsupportedVersion
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
+from omnidaemon.observability.logging import Logger
 from omnidaemon.requests import FAILURE_HEADER, is_request_reply
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.topology import type_name
@@ -54,7 +54,7 @@ class Outcomes:
     _broker: Broker
     _trimmed: set[tuple[str, str]]
     _started: dict[tuple[str, str], datetime]
-    _log: structlog.typing.FilteringBoundLogger
+    _log: Logger
 
     async def _fail(
         self,

@@ -11,10 +11,10 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.isolation import Isolation
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker", "consumer_name"]
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 _worker_numbers = itertools.count(1)
 
 
