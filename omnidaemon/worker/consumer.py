@@ -33,6 +33,7 @@ from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
 from omnidaemon.worker.outcomes import Outcomes, event_fields
 from omnidaemon.worker.threads import TimedThreads
+from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -76,6 +77,7 @@ class AgentConsumer(Fetching, Outcomes):
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
+        self.watchdog: LoopWatchdog | None = None  # the worker's, for lines about lost leases
         self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
         self._idempotency = (
             Idempotency(
