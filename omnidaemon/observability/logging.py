@@ -44,6 +44,18 @@ def configure_logging(
 ) -> None:
     """Configure structlog (and the standard `logging` module) for a worker or the CLI.
 
+    The CLI calls it; a program of its own may, to log like the CLI. Without it (or a
+    `structlog.configure` of the program's), the library's lines go through the standard
+    `logging` module under `omnidaemon.*` names: see "Logging in your own program" in
+    docs/operations.md.
+
+    Example:
+        ```python
+        from omnidaemon.observability import configure_logging
+
+        configure_logging("INFO", "json")  # JSON lines on standard error from INFO up
+        ```
+
     Args:
         level: The lowest level written: `DEBUG`, `INFO`, `WARNING` or `ERROR`.
         fmt: `console` for coloured key=value lines, `json` for one JSON object per line,
