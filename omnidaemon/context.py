@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio.from_thread
 import structlog
 
 from omnidaemon.envelope import Envelope
+from omnidaemon.observability.logging import bound_logger
 from omnidaemon.requests import is_request_reply
 
 if TYPE_CHECKING:
@@ -77,12 +78,17 @@ class Context:
     def log(self) -> structlog.typing.FilteringBoundLogger:
         """A structlog logger bound to this event's id, topic, agent, attempt and correlation id."""
         if self._log is None:
-            self._log = structlog.get_logger("omnidaemon.agent").bind(
-                event_id=self.event.id,
-                topic=self.event.topic,
-                agent=self.agent,
-                attempt=self.attempt,
-                correlation_id=self.event.correlation_id,
+            # Through structlog's configuration if the program has one, else the standard
+            # `logging` module (`omnidaemon.agent`), like the library's own lines.
+            fields = {
+                "event_id": self.event.id,
+                "topic": self.event.topic,
+                "agent": self.agent,
+                "attempt": self.attempt,
+                "correlation_id": self.event.correlation_id,
+            }
+            self._log = cast(
+                "structlog.typing.FilteringBoundLogger", bound_logger("omnidaemon.agent", fields)
             )
         return self._log
 

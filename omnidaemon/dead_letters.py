@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
 from omnidaemon.envelope import Envelope, dumps
+from omnidaemon.observability.logging import get_logger
 
 __all__ = [
     "DeadLetter",
@@ -24,7 +24,7 @@ __all__ = [
 
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
 
-_log = structlog.get_logger("omnidaemon")
+_log = get_logger("omnidaemon")
 
 
 class DeadLetter(BaseModel):

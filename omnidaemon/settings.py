@@ -47,6 +47,10 @@ class Settings:
         max_delay: `OMNIDAEMON_MAX_DELAY`, the longest `delay=` (or `at=`) publishing
             accepts, in seconds; 30 days by default. A delayed event is held on the bus outside
             the topic's `stream_maxlen`; a longer delay raises `DelayTooLong`.
+        blocked_loop_warning: `OMNIDAEMON_BLOCKED_LOOP_WARNING`, seconds a worker's event loop
+            may be blocked (an `async def` handler calling `time.sleep`, say) before the worker
+            logs a warning naming the agent, the event and the fix; 1 s by default, 0 turns
+            the check off.
     """
 
     broker_url: str | None = None
@@ -60,6 +64,7 @@ class Settings:
     max_payload_bytes: int = 1_048_576
     trust_trace_context: bool = True
     max_delay: float = 2_592_000.0
+    blocked_loop_warning: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,4 +92,5 @@ class Settings:
             max_payload_bytes=env_count(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
             trust_trace_context=env_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
             max_delay=env_seconds(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
+            blocked_loop_warning=env_seconds(env, "OMNIDAEMON_BLOCKED_LOOP_WARNING", 1.0),
         )

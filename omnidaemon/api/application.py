@@ -3,7 +3,6 @@
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
@@ -16,10 +15,11 @@ from omnidaemon.api.routes import probe_router, v1_router
 from omnidaemon.api.waiting import DEFAULT_MAX_WAITING, WaitingRequests
 from omnidaemon.app import App
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["create_api"]
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 _DESCRIPTION = """\
 The operations of the `omnidaemon` command line as JSON over HTTP: publish events and wait for

@@ -4,7 +4,6 @@ and never a traceback (that goes to the server's log, for unexpected errors only
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,10 +20,11 @@ from omnidaemon.errors import (
     PayloadTooLarge,
     PayloadValidationError,
 )
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["ApiError", "documented", "error_response", "install_error_handlers"]
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 _HTTP_CODES = {
     400: "bad_request",

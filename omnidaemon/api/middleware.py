@@ -7,20 +7,20 @@ import re
 import time
 from typing import Any
 
-import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omnidaemon.api.auth import is_loopback
 from omnidaemon.api.errors import error_response
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["RequestGuard", "TOKEN_NAME_KEY"]
 
 TOKEN_NAME_KEY = "omnidaemon_token"
 """Where the auth check leaves the name of the request's token, in `request.state`."""
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

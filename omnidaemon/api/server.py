@@ -9,13 +9,14 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import anyio
-import structlog
 import uvicorn
 from fastapi import FastAPI
 
+from omnidaemon.observability.logging import get_logger
+
 __all__ = ["listen", "serve_api"]
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Literal, TypedDict
 
 import redis
-import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -55,6 +54,7 @@ from omnidaemon.brokers.embedded_process import (
     find_server_binary,
 )
 from omnidaemon.errors import BusUnavailable
+from omnidaemon.observability.logging import get_logger
 
 __all__ = [
     "EmbeddedBusUnavailable",
@@ -68,7 +68,7 @@ __all__ = [
     "stop_server",
 ]
 
-_log = structlog.get_logger("omnidaemon.bus")
+_log = get_logger("omnidaemon.bus")
 
 START_TIMEOUT = 10.0  # seconds a new server gets to answer PING
 _LOCK_TIMEOUT = 60.0  # longer than any start-up or shutdown another process may be doing

@@ -33,7 +33,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import redis.asyncio as aioredis
-import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -52,10 +51,11 @@ from omnidaemon.brokers.base import (
 )
 from omnidaemon.errors import BusUnavailable, ConfigurationError
 from omnidaemon.metrics import is_extreme
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["RedisBroker", "redact_url"]
 
-_log = structlog.get_logger("omnidaemon.broker")
+_log = get_logger("omnidaemon.broker")
 
 _STREAM = "s"
 _RETRY = "r"

@@ -14,6 +14,7 @@ import typer
 from omnidaemon.cli._common import BrokerOption, ServedAppArgument
 from omnidaemon.cli._output import fail
 from omnidaemon.cli.worker import LogFormatOption, LogLevelOption
+from omnidaemon.observability.logging import get_logger
 
 if TYPE_CHECKING:
     from omnidaemon.api.auth import ApiToken
@@ -182,14 +183,12 @@ def _serve(
     shutdown_grace: float,
     max_waiting: int,
 ) -> int:
-    import structlog
-
     from omnidaemon.api import create_api
     from omnidaemon.api.server import listen, serve_api
     from omnidaemon.brokers.embedded import EmbeddedBroker
     from omnidaemon.errors import ConfigurationError, OmniDaemonError
 
-    log = structlog.get_logger("omnidaemon.api")
+    log = get_logger("omnidaemon.api")
     if insecure_no_auth:
         log.warning("serving without authentication (--insecure-no-auth)", host=host)
         if ignored_tokens:

@@ -12,6 +12,7 @@ import typer
 
 from omnidaemon.cli._common import ServedAppArgument
 from omnidaemon.cli._output import fail
+from omnidaemon.observability.logging import get_logger
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -236,9 +237,8 @@ async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | Non
     Returns None after a graceful stop, or the signal number that cut it short (the second).
     """
     import anyio
-    import structlog
 
-    log = structlog.get_logger("omnidaemon.worker")
+    log = get_logger("omnidaemon.worker")
     killed_by: int | None = None
     ready = False
     async with anyio.create_task_group() as tg:

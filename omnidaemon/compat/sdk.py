@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio.to_thread
 import orjson
-import structlog
 
 from omnidaemon.app import App
 from omnidaemon.brokers import Broker, Subscription
@@ -31,6 +30,7 @@ from omnidaemon.dead_letters import DeadLetter, read_dead_letters, warn_undecoda
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.worker.notify import SDK_WEBHOOK_FORMAT, WEBHOOK_FORMAT_HEADER
 
@@ -46,7 +46,7 @@ _RESULT_TTL = 86_400.0
 _STREAM_PREFIX = "omni-stream:"  # OmniDaemon's stream key prefix, accepted in stream names
 _SUPPORTED_BUS = "redis_stream"
 
-_log = structlog.get_logger("omnidaemon.compat")
+_log = get_logger("omnidaemon.compat")
 
 # The event a callback is handling, so that `publish_task` inside a callback can chain the
 # correlation, causation and tenant the way `Context.publish` does.

@@ -30,15 +30,15 @@ from functools import partial
 
 import anyio
 import anyio.abc
-import structlog
 
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.metrics import AgentMetricsSnapshot
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.observability.prometheus import render_prometheus
 
 __all__ = ["render_prometheus", "serve_metrics"]
 
-_log = structlog.get_logger("omnidaemon.metrics")
+_log = get_logger("omnidaemon.metrics")
 
 # The classic text format, which is what `generate_latest` writes. prometheus_client's own
 # CONTENT_TYPE_LATEST names version 1.0.0 since 0.22, which it only sends when the scraper

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-import structlog
 
 from omnidaemon.envelope import dumps
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.webhooks._settings import WebhookSettings
 from omnidaemon.webhooks._signing import sign
 from omnidaemon.webhooks._transport import PinnedTransport, pinned
@@ -30,7 +30,7 @@ from omnidaemon.webhooks._urls import (
 
 __all__ = ["WebhookOutcome", "WebhookSender", "WebhookStatus"]
 
-_log = structlog.get_logger("omnidaemon.webhooks")
+_log = get_logger("omnidaemon.webhooks")
 
 WebhookStatus = Literal["delivered", "failed", "refused"]
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import anyio
-import structlog
 
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.metrics import AgentMetrics
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["AckBatcher"]
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 
 
 class AckBatcher:

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.agents import AgentSpec
@@ -24,6 +23,7 @@ from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
@@ -33,13 +33,14 @@ from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
 from omnidaemon.worker.outcomes import Outcomes, event_fields
 from omnidaemon.worker.threads import TimedThreads
+from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
 
 __all__ = ["AgentConsumer"]
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
 
 
@@ -76,6 +77,7 @@ class AgentConsumer(Fetching, Outcomes):
         self.abandoned_handlers = False
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
+        self.watchdog: LoopWatchdog | None = None  # the worker's, for lines about lost leases
         self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
         self._idempotency = (
             Idempotency(

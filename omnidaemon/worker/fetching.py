@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 
 from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.observability.logging import Logger
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.heartbeat import worker_alive
@@ -67,7 +67,7 @@ class Fetching:
     _threads: TimedThreads | None
     _prune_idle: float
     _next_prune: float
-    _log: structlog.typing.FilteringBoundLogger
+    _log: Logger
 
     async def _wait_wake(self) -> None:
         # Handlers set the event only while someone waits on it: setting it for every

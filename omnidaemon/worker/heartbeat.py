@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 import orjson
-import structlog
+
+from omnidaemon.observability.logging import get_logger
 
 if TYPE_CHECKING:
     from omnidaemon.brokers.base import Broker
@@ -27,7 +28,7 @@ __all__ = ["HEARTBEAT_PREFIX", "Heartbeat", "worker_alive"]
 HEARTBEAT_PREFIX = "worker:"
 """The key prefix of heartbeat records among the bus's stored values."""
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 
 
 async def worker_alive(broker: Broker, worker: str) -> bool:

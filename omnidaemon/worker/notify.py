@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-import structlog
 from anyio.abc import TaskGroup
 
 from omnidaemon.envelope import Envelope, dumps
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.webhooks import WebhookSender, WebhookSettings
 
 __all__ = ["SDK_WEBHOOK_FORMAT", "WEBHOOK_FORMAT_HEADER", "OutcomeNotifier"]
@@ -25,7 +25,7 @@ __all__ = ["SDK_WEBHOOK_FORMAT", "WEBHOOK_FORMAT_HEADER", "OutcomeNotifier"]
 WEBHOOK_FORMAT_HEADER = "omnidaemon-webhook-format"
 SDK_WEBHOOK_FORMAT = "omnidaemon-sdk"
 
-_log = structlog.get_logger("omnidaemon.webhooks")
+_log = get_logger("omnidaemon.webhooks")
 
 
 @dataclass(frozen=True, slots=True)

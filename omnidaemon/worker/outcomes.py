@@ -9,7 +9,6 @@ import traceback
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import structlog
 from pydantic import ValidationError
 
 from omnidaemon.agents import AgentSpec
@@ -18,10 +17,12 @@ from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope, UnsupportedVersion
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
+from omnidaemon.observability.logging import Logger
 from omnidaemon.requests import FAILURE_HEADER, ReplyTarget, is_request_reply, reply_target
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
 from omnidaemon.topology import type_name
 from omnidaemon.worker.notify import OutcomeNotifier
+from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -48,6 +49,7 @@ class Outcomes:
     # Set by AgentConsumer.__init__.
     subscription: Subscription
     notifier: OutcomeNotifier | None
+    watchdog: LoopWatchdog | None
     metrics: AgentMetrics
     _app: App
     _spec: AgentSpec
@@ -55,7 +57,7 @@ class Outcomes:
     _trimmed: set[tuple[str, str]]
     _max_payload_bytes: int
     _started: dict[tuple[str, str], datetime]
-    _log: structlog.typing.FilteringBoundLogger
+    _log: Logger
 
     async def _fail(
         self,
@@ -120,11 +122,25 @@ class Outcomes:
     def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:
         """A settle or renewal found the delivery taken over by another worker: that worker
         reports its outcome, so this one records, replies, notifies and counts nothing."""
+        fields = event_fields(envelope, delivery)
+        # A stall of this worker's own event loop is the usual cause, and one the user can fix;
+        # the watchdog saw it if it happened since the lease was last renewable.
+        window = 2 * self._spec.reclaim_idle + (self.watchdog.threshold if self.watchdog else 0)
+        stall = self.watchdog.recent_stall(window) if self.watchdog is not None else None
+        if stall is not None:
+            self._log.warning(
+                f"another worker took this event over: this worker's event loop was blocked for "
+                f"{stall:.1f} s (see the warning about it), longer than reclaim_idle, so it "
+                "could not renew its lease; its outcome here is dropped",
+                **fields,
+                blocked_for=round(stall, 3),
+            )
+            return
         self._log.warning(
             "another worker took this event over (this worker stopped renewing its lease for "
-            "longer than reclaim_idle: paused, overloaded or cut off); its outcome here is "
-            "dropped",
-            **event_fields(envelope, delivery),
+            "longer than reclaim_idle: its event loop blocked, or it was paused, overloaded or "
+            "cut off); its outcome here is dropped",
+            **fields,
         )
 
     async def _send_reply(self, event_id: str, topic: str, data: bytes) -> None:

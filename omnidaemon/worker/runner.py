@@ -11,21 +11,22 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
+from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
 
 __all__ = ["Worker", "consumer_name"]
 
-_log = structlog.get_logger("omnidaemon.worker")
+_log = get_logger("omnidaemon.worker")
 _worker_numbers = itertools.count(1)
 
 
@@ -91,6 +92,11 @@ class Worker:
             for spec in specs
         ]
         self._stop = anyio.Event()
+        threshold = app.settings.blocked_loop_warning
+        # Warns when something blocks the event loop (OMNIDAEMON_BLOCKED_LOOP_WARNING).
+        self.watchdog = LoopWatchdog(threshold) if threshold > 0 else None
+        for consumer in self.consumers:
+            consumer.watchdog = self.watchdog
         # The webhook deliveries of this worker (in flight, queued, outcomes), while it runs.
         self.notifier: OutcomeNotifier | None = None
         self.heartbeat = Heartbeat(
@@ -148,6 +154,8 @@ class Worker:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.heartbeat.run)
+                    if self.watchdog is not None:
+                        tg.start_soon(self.watchdog.run)
                     async with anyio.create_task_group() as consumers:
                         for consumer in self.consumers:
                             consumers.start_soon(consumer.run, self.shutdown_grace)

@@ -14,14 +14,14 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
-import structlog
 from anyio.abc import Process, TaskStatus
 
+from omnidaemon.observability.logging import get_logger
 from omnidaemon.retry import Backoff
 
 __all__ = ["RESTART_BACKOFF", "WORKER_INDEX_ENV", "Supervisor"]
 
-_log = structlog.get_logger("omnidaemon.supervisor")
+_log = get_logger("omnidaemon.supervisor")
 
 WORKER_INDEX_ENV = "OMNIDAEMON_WORKER_INDEX"
 """The environment variable that tells a child which slot (0 to N-1) it runs in."""

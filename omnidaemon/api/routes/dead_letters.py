@@ -3,7 +3,6 @@
 from collections.abc import Iterable
 from typing import Annotated
 
-import structlog
 from fastapi import APIRouter, Query
 
 from omnidaemon import admin
@@ -20,12 +19,13 @@ from omnidaemon.api.models import (
 )
 from omnidaemon.api.routes.topics import TopicPath
 from omnidaemon.dead_letters import DeadLetter, UndecodableRecord
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["dead letters"])
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 AgentQuery = Annotated[str | None, Query(max_length=200, description="Only this agent.")]
 LimitQuery = Annotated[int, Query(ge=1, le=1000, description="How many, the most recent.")]

@@ -3,7 +3,6 @@ and purge (`bus purge`)."""
 
 from typing import Annotated
 
-import structlog
 from fastapi import APIRouter, Path, Query
 
 from omnidaemon.admin import purge_topic, recent_entries, require_topic
@@ -24,12 +23,13 @@ from omnidaemon.api.models import (
 from omnidaemon.brokers.base import GroupInfo as BusGroup
 from omnidaemon.brokers.base import TopicInfo as BusTopic
 from omnidaemon.fleet import describe_topics
+from omnidaemon.observability.logging import get_logger
 
 __all__ = ["TopicPath", "group_model", "router", "topic_model"]
 
 router = APIRouter(tags=["topics"])
 
-_log = structlog.get_logger("omnidaemon.api")
+_log = get_logger("omnidaemon.api")
 
 TopicPath = Annotated[TopicName, Path(description="The topic, e.g. `document.uploaded`.")]
 """A topic named in the path, checked as publishing checks it (422 when invalid)."""
