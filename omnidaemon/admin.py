@@ -30,6 +30,7 @@ __all__ = [
     "ReplayPreview",
     "find_dead_letters",
     "preview_replay",
+    "purge_backlog",
     "purge_dead_letters",
     "purge_topic",
     "recent_entries",
@@ -131,23 +132,29 @@ async def find_dead_letters(
     that could not be read.
 
     Raises:
-        NotFound: `topic` was given and the bus has no such topic.
+        NotFound: `topic` was given and the bus has no such topic, or `agent` was given and
+            reads no topic searched (a typo must not look like an empty queue).
     """
     letters: list[DeadLetter] = []
     undecodable: list[UndecodableRecord] = []
     names = [topic] if topic is not None else await broker.topics()
+    agent_seen = False
     for name in names:
         info = await broker.describe(name)
         if info is None:
             if topic is not None:
                 raise NotFound(f"no topic {topic!r} on the bus")
             continue  # deleted since it was listed
+        agent_seen = agent_seen or any(g.group == agent for g in info.groups)
         for g in info.groups:
             if (agent is None or g.group == agent) and g.dead_letters:
                 records = await broker.dead_letters(Subscription(name, g.group), limit)
                 readable, unreadable = read_dead_letters(records, name, g.group)
                 letters += readable
                 undecodable += unreadable
+    if agent is not None and not agent_seen:
+        where = f"topic {topic!r}" if topic is not None else "any topic on the bus"
+        raise NotFound(f"no agent {agent!r} reads {where}")
     letters.sort(key=lambda d: d.failed_at)
     return DeadLetterListing(tuple(letters[-limit:]), tuple(undecodable))
 
@@ -248,6 +255,19 @@ async def purge_topic(broker: Broker, topic: str) -> TopicInfo:
     """
     info = await require_topic(broker, topic)
     await broker.delete_topic(topic)
+    return info
+
+
+async def purge_backlog(broker: Broker, topic: str) -> TopicInfo:
+    """Drop a topic's backlog (entries, delayed events, pending deliveries, scheduled
+    retries) but keep its groups, so the agents go on receiving what is published next.
+    Returns what the topic held just before.
+
+    Raises:
+        NotFound: the bus has no such topic.
+    """
+    info = await require_topic(broker, topic)
+    await broker.purge_backlog(topic)
     return info
 
 

@@ -99,7 +99,7 @@ class BackoffInfo(BaseModel):
     initial: float
     factor: float
     maximum: float
-    jitter: float
+    jitter: bool = Field(description="Whether each delay is randomised (50% to 100%).")
 
 
 class AgentInfo(BaseModel):

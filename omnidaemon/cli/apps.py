@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from omnidaemon.cli._common import JsonOption, load_cli_app
-from omnidaemon.cli._output import emit_json, fail, print_table
+from omnidaemon.cli._output import emit_json, fail, plural, print_table
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
@@ -52,7 +52,7 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
             ]
             for s in specs
         ],
-        title=f"app {loaded.name}: {len(specs)} agents",
+        title=f"app {loaded.name}: {plural(len(specs), 'agent')}",
         numeric=["RETRIES", "CONCURRENCY"],
         empty="the app declares no agents",
     )

@@ -23,6 +23,7 @@ from omnidaemon.cli._output import (
     is_terminal,
     json_text,
     number,
+    plural,
     print_table,
     progress,
     say,
@@ -171,7 +172,7 @@ def inspect_topic(
         print_table(
             ["ENTRY", "EVENT ID", "CREATED", "CORRELATION", "PAYLOAD"],
             rows,
-            title=f"{topic}: last {len(rows)} entries",
+            title=f"{topic}: last {plural(len(rows), 'entry')}",
             empty="the topic holds no entries",
         )
 
@@ -204,7 +205,7 @@ def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption =
                 ]
                 for g in info.groups
             ],
-            title=f"{topic}: {info.length:,} entries",
+            title=f"{topic}: {plural(info.length, 'entry')}",
             numeric=["CONSUMERS", "LAG", "PENDING", "RETRIES", "DLQ"],
             empty="no agent reads this topic",
         )
@@ -344,7 +345,7 @@ def replay(
                     say(_one_line(f"would replay {d.event_id or '?'} ({reason})", 200))
                 _warn_undecodable("bus replay", preview.undecodable, "it would not be replayed")
                 chosen, total = len(preview.chosen), preview.total
-                say(f"{chosen} of {total} dead letters would be replayed (dry run)")
+                say(f"{chosen} of {plural(total, 'dead letter')} would be replayed (dry run)")
                 return
             group = await require_group(bus_, topic, agent)  # the progress bar's length
             with progress(f"replaying to {agent}", group.dead_letters) as advance:
@@ -353,7 +354,7 @@ def replay(
                 )
             moved = outcome.replayed
         _warn_undecodable("bus replay", outcome.undecodable, "not replayed, left in the queue")
-        say(f"replayed {moved} event{'s' if moved != 1 else ''} to {agent} on {topic}")
+        say(f"replayed {plural(moved, 'event')} to {agent} on {topic}")
         if wanted and moved < len(wanted):
             raise CommandError(
                 f"{len(wanted) - moved} of the named events are not in {agent}'s dead letters"
@@ -371,30 +372,48 @@ def purge(
     agent: Annotated[
         str | None, typer.Option("--agent", help="With --dlq: only this agent's queue.")
     ] = None,
+    keep_groups: Annotated[
+        bool,
+        typer.Option(
+            "--keep-groups", help="Drop the backlog only; keep the agents' groups and DLQs."
+        ),
+    ] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: this deletes events.")] = False,
     broker: BrokerOption = None,
 ) -> None:
     """Delete a topic with everything it holds (entries, groups, retries, dead letters,
-    metrics), or with --dlq only its dead letters."""
+    metrics), with --keep-groups only its backlog (entries, delayed, pending, retries), or
+    with --dlq only its dead letters."""
     _check_topic(topic)
     if not yes:
         raise typer.BadParameter("purging deletes events for good: add --yes to confirm")
     if agent is not None and not dlq:
         raise typer.BadParameter("--agent goes with --dlq")
-    from omnidaemon.admin import purge_dead_letters, purge_topic, require_topic
+    if keep_groups and dlq:
+        raise typer.BadParameter("give --keep-groups or --dlq, not both")
+    from omnidaemon.admin import purge_backlog, purge_dead_letters, purge_topic, require_topic
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
+            if keep_groups:
+                info = await purge_backlog(bus_, topic)
+                dropped = sum(g.pending + g.retries for g in info.groups)
+                say(
+                    f"purged the backlog of {topic} ({plural(info.length, 'entry')}, "
+                    f"{info.delayed:,} delayed, {dropped:,} pending or retrying); "
+                    f"kept {plural(len(info.groups), 'agent')}"
+                )
+                return
             if not dlq:
                 info = await purge_topic(bus_, topic)
-                agents = f"{len(info.groups)} agent{'s' if len(info.groups) != 1 else ''}"
-                say(f"purged topic {topic} ({info.length:,} entries, {agents})")
+                agents = plural(len(info.groups), "agent")
+                say(f"purged topic {topic} ({plural(info.length, 'entry')}, {agents})")
                 return
             info = await require_topic(bus_, topic)  # the progress bar's length
             queues = len(info.groups) if agent is None else 1
             with progress("purging dead letters", queues) as advance:
                 removed = await purge_dead_letters(bus_, topic, agent=agent, on_group=advance)
-        say(f"removed {removed} dead letter{'s' if removed != 1 else ''} from {topic}")
+        say(f"removed {plural(removed, 'dead letter')} from {topic}")
 
     run_async("bus purge", run)
 

@@ -4,6 +4,7 @@ Every bad argument prints one line (`omnidaemon CMD: error: ...`) and exits with
 Commands import what they need when they run, so `omnidaemon --help` starts fast.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -59,6 +60,17 @@ def _given_value(args: Sequence[str], exc: BadParameter) -> str | None:
     return None
 
 
+def _reader_went_away() -> NoReturn:
+    """Exit as Unix tools do when the reader of stdout closes it (`omnidaemon bus list | head
+    -1`): no traceback, and the status of a process killed by SIGPIPE (128 + 13), so
+    `set -o pipefail` still sees the output was cut short."""
+    # Python flushes stdout again at exit, which would fail and print a warning: point it at
+    # /dev/null first, as the Python documentation advises.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the command line with `argv` (default: `sys.argv[1:]`) and exit."""
     command = typer.main.get_command(build_cli())
@@ -84,4 +96,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except BrokenPipeError:
+        _reader_went_away()
+    except SystemExit as exc:
+        # Click turns a broken pipe into `sys.exit(1)` itself: the same quiet exit for it.
+        if isinstance(exc.__context__, BrokenPipeError):
+            _reader_went_away()
+        raise
     sys.exit(status if isinstance(status, int) else 0)

@@ -1,0 +1,147 @@
+"""Operator commands of issue 16 as real subprocesses on the session's Redis: purging a
+backlog while keeping the groups, output cut short by `| head`, unknown agents, plurals.
+
+Every test uses topics of its own: the Redis server is shared with the rest of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from omnidaemon.brokers import RedisBroker, Subscription
+from tests.e2e._support import CLI, cli_env, run_cli, write_module
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.slow
+
+ONE_AGENT_APP = """
+    from pydantic import BaseModel
+
+    from omnidaemon import App
+
+    app = App("solo")
+
+
+    class Note(BaseModel):
+        text: str
+
+
+    @app.agent("notes.taken", max_retries=2)
+    async def keep(note: Note) -> None:
+        '''Keeps the note.'''
+"""
+
+
+@pytest.fixture
+def env(redis_server: RedisServer) -> dict[str, str]:
+    return cli_env(OMNIDAEMON_BROKER_URL=redis_server.url)
+
+
+def cli_json(args: list[str], cwd: Path, env: dict[str, str]) -> Any:
+    done = run_cli([*args, "--json"], cwd, env)
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)
+
+
+def test_bus_purge_keep_groups_drops_the_backlog_and_keeps_the_agents_groups(
+    redis_server: RedisServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    topic = f"ops{uuid.uuid4().hex[:8]}.jobs"
+
+    async def prepare() -> None:
+        async with RedisBroker(redis_server.url) as broker:
+            for agent in ("alpha", "beta"):
+                await broker.subscribe(Subscription(topic, agent))
+            await broker.publish_many([(topic, b'{"id":"x"}')] * 3)
+            await broker.publish(topic, b'{"id":"later"}', delay=600)
+
+    anyio.run(prepare)
+
+    purged = run_cli(["bus", "purge", topic, "--keep-groups", "--yes"], tmp_path, env)
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout == (
+        f"purged the backlog of {topic} (3 entries, 1 delayed, 0 pending or retrying); "
+        "kept 2 agents\n"
+    )
+    [after] = [t for t in cli_json(["bus", "list"], tmp_path, env) if t["topic"] == topic]
+    assert (after["length"], after["delayed"]) == (0, 0)
+    assert [(g["agent"], g["lag"], g["pending"]) for g in after["groups"]] == [
+        ("alpha", 0, 0),
+        ("beta", 0, 0),
+    ]
+    published = run_cli(["publish", topic, '{"n": 1}'], tmp_path, env)
+    assert published.returncode == 0, published.stderr
+    [later] = [t for t in cli_json(["bus", "list"], tmp_path, env) if t["topic"] == topic]
+    assert [g["lag"] for g in later["groups"]] == [1, 1]  # the groups see what comes next
+
+    both = run_cli(["bus", "purge", topic, "--keep-groups", "--dlq", "--yes"], tmp_path, env)
+    assert both.returncode == 2
+    assert len(both.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["bus", "list"], ["agents", "solo"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    write_module(tmp_path, "solo", ONE_AGENT_APP)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -1` that already exited: every write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [*CLI, *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as `seq 1 1000000 | head -1` leaves it
+
+
+def test_bus_dlq_of_an_unknown_agent_says_so_like_replay(
+    env: dict[str, str], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    topic = f"ops{uuid.uuid4().hex[:8]}.jobs"
+
+    async def prepare() -> None:
+        async with RedisBroker(redis_server.url) as broker:
+            await broker.subscribe(Subscription(topic, "research"))
+
+    anyio.run(prepare)
+    on_topic = run_cli(["bus", "dlq", topic, "--agent", "reserch"], tmp_path, env)
+    anywhere = run_cli(["bus", "dlq", "--agent", "reserch", "--json"], tmp_path, env)
+    replay = run_cli(["bus", "replay", topic, "--agent", "reserch", "--all"], tmp_path, env)
+
+    for done in (on_topic, anywhere, replay):
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+    assert on_topic.stderr == (
+        f"omnidaemon bus dlq: error: no agent 'reserch' reads topic {topic!r}\n"
+    )
+    assert replay.stderr == (
+        f"omnidaemon bus replay: error: no agent 'reserch' reads topic {topic!r}\n"
+    )
+    assert anywhere.stderr == (
+        "omnidaemon bus dlq: error: no agent 'reserch' reads any topic on the bus\n"
+    )
+
+
+def test_agents_of_a_one_agent_app_says_one_agent(env: dict[str, str], tmp_path: Path) -> None:
+    write_module(tmp_path, "solo", ONE_AGENT_APP)
+    done = run_cli(["agents", "solo"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].strip() == "app solo: 1 agent:"
+    [agent] = cli_json(["agents", "solo"], tmp_path, env)
+    assert agent["backoff"]["jitter"] is True
