@@ -15,8 +15,8 @@ import typer
 # takes over error output (standalone_mode=False).
 from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpError, UsageError
 
+from omnidaemon.cli import activity, apps, events, monitor
 from omnidaemon.cli import api as api_command
-from omnidaemon.cli import apps, events, monitor
 from omnidaemon.cli import worker as worker_command
 from omnidaemon.cli.bus import bus
 
@@ -41,6 +41,7 @@ def build_cli() -> typer.Typer:
     cli.command("graph")(apps.graph)
     cli.command("metrics")(monitor.metrics)
     cli.command("health")(monitor.health)
+    cli.command("inspect")(activity.inspect)
     cli.command("api")(api_command.api)
     cli.add_typer(bus)
     return cli

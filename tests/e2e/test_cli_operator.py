@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ import orjson
 import pytest
 
 from omnidaemon.brokers import RedisBroker, Subscription
-from tests.e2e._support import CLI, cli_env, run_cli, write_module
+from tests.e2e._support import (
+    CLI,
+    WorkerProcess,
+    cli_env,
+    run_cli,
+    spawn_workers,
+    wait_for,
+    write_module,
+)
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -43,6 +52,11 @@ ONE_AGENT_APP = """
 @pytest.fixture
 def env(redis_server: RedisServer) -> dict[str, str]:
     return cli_env(OMNIDAEMON_BROKER_URL=redis_server.url)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., WorkerProcess]]:
+    yield from spawn_workers()
 
 
 def cli_json(args: list[str], cwd: Path, env: dict[str, str]) -> Any:
@@ -145,3 +159,76 @@ def test_agents_of_a_one_agent_app_says_one_agent(env: dict[str, str], tmp_path:
     assert done.stdout.splitlines()[0].strip() == "app solo: 1 agent:"
     [agent] = cli_json(["agents", "solo"], tmp_path, env)
     assert agent["backoff"]["jitter"] is True
+
+
+SLOW_APP = """
+    import os
+    from pathlib import Path
+
+    import anyio
+    from pydantic import BaseModel
+
+    from omnidaemon import App
+
+    app = App("slow")
+    GATE = Path(os.environ["E2E_GATE"])
+
+
+    class Task(BaseModel):
+        n: int
+
+
+    @app.agent(os.environ["E2E_TOPIC"], name="crawler", concurrency=4)
+    async def crawl(task: Task) -> None:
+        '''Runs until the gate file is removed.'''
+        while GATE.exists():
+            await anyio.sleep(0.05)
+"""
+
+
+def test_inspect_shows_the_events_each_worker_runs_now(
+    env: dict[str, str], tmp_path: Path, spawn: Callable[..., WorkerProcess]
+) -> None:
+    topic = f"ops{uuid.uuid4().hex[:8]}.crawl"
+    gate = tmp_path / "gate"
+    gate.touch()
+    write_module(tmp_path, "slow", SLOW_APP)
+    env = {**env, "E2E_GATE": str(gate), "E2E_TOPIC": topic}
+    env["OMNIDAEMON_HEARTBEAT_INTERVAL"] = "0.2"
+    worker = spawn(["slow:app"], tmp_path, env)
+    wait_for(lambda: worker.has_logged("worker started"), 20, "the worker")
+    ids = []
+    for n in (1, 2):
+        done = run_cli(["publish", topic, orjson.dumps({"n": n}).decode()], tmp_path, env)
+        assert done.returncode == 0, done.stderr
+        ids.append(done.stdout.strip())
+
+    def running() -> Any:
+        [mine] = [w for w in cli_json(["inspect", "slow:app"], tmp_path, env)]
+        return mine if mine["count"] == 2 else None
+
+    mine = wait_for(running, 20, "both events to show as running", interval=0.1)
+    assert mine["pid"] == worker.proc.pid
+    assert {r["event_id"] for r in mine["running"]} == set(ids)
+    for r in mine["running"]:
+        assert (r["agent"], r["topic"], r["attempt"]) == ("crawler", topic, 1)
+        assert "payload" not in r
+    with_payload = cli_json(["inspect", "slow:app", "--payload"], tmp_path, env)
+    payloads = {r["event_id"]: r["payload"] for w in with_payload for r in w["running"]}
+    assert payloads == {ids[0]: {"n": 1}, ids[1]: {"n": 2}}
+
+    table = run_cli(["inspect", "--agent", "crawler", "--payload"], tmp_path, env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:4] == ["WORKER", "AGENT", "EVENT", "ID"]
+    [row] = [line for line in lines if ids[0] in line]
+    assert row.split()[1:4] == ["crawler", ids[0], "1"]
+    assert row.endswith('{"n":1}')
+
+    gate.unlink()
+    wait_for(
+        lambda: cli_json(["inspect", "slow:app"], tmp_path, env)[0]["count"] == 0,
+        20,
+        "the events to finish",
+        interval=0.1,
+    )
