@@ -109,6 +109,8 @@ class AgentInfo(BaseModel):
     topic: str
     payload_type: str
     return_type: str
+    payload_schema: dict[str, Any] | None = Field(description="JSON Schema of the payload.")
+    return_schema: dict[str, Any] | None = Field(description="JSON Schema of the return value.")
     publishes: str | None
     description: str | None
     handler: str = Field(description="The handler's module and qualified name.")

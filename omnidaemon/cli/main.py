@@ -39,6 +39,7 @@ def build_cli() -> typer.Typer:
     cli.command("result")(events.result)
     cli.command("agents")(apps.agents)
     cli.command("graph")(apps.graph)
+    cli.command("asyncapi")(apps.asyncapi)
     cli.command("metrics")(monitor.metrics)
     cli.command("health")(monitor.health)
     cli.command("inspect")(activity.inspect)

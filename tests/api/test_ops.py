@@ -10,11 +10,12 @@ from typing import Any
 
 import anyio
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from omnidaemon import App
 from omnidaemon.brokers.redis import RedisBroker
 from omnidaemon.settings import Settings
+from omnidaemon.topology import describe_agent
 from tests.api._support import PUBLISHER, READER, ServerThread, apoll, async_client, running_api
 from tests.servers import RedisServer
 
@@ -106,8 +107,30 @@ async def test_inspect_lists_what_the_worker_runs_now(
         await apoll(finished, message="the event to finish")
 
 
-async def test_agents_agree_with_the_cli_on_jitter(ops_api: ServerThread) -> None:
+async def test_agents_carry_their_schemas_and_agree_with_the_cli(ops_api: ServerThread) -> None:
     async with async_client(ops_api.url, READER) as reader:
         body = (await reader.get("/v1/agents")).json()
     crawler = next(a for a in body["agents"] if a["name"] == "crawler")
-    assert crawler["backoff"]["jitter"] is True
+    # What `omnidaemon agents --json` prints for the same agent (`describe_agent`).
+    assert crawler == describe_agent(make_ops_app("redis://x", "x").agents["crawler"])
+    assert crawler["backoff"]["jitter"] is True  # not 1.0
+    assert crawler["payload_schema"] == TypeAdapter(Page).json_schema()
+    assert crawler["payload_schema"]["required"] == ["url"]
+    assert crawler["return_schema"]["title"] == "Crawled"
+
+
+async def test_asyncapi_document_is_served(ops_api: ServerThread) -> None:
+    async with async_client(ops_api.url, READER) as reader:
+        answer = await reader.get("/asyncapi.json")
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "opsapp"
+    addresses = {c["address"] for c in document["channels"].values()}
+    assert addresses == {TOPIC, f"{TOPIC}.done"}
+    assert sorted(op["action"] for op in document["operations"].values()) == [
+        "receive",
+        "receive",
+        "send",
+    ]
+    assert sorted(document["components"]["schemas"]) == ["Crawled", "Page"]

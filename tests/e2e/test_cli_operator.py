@@ -232,3 +232,34 @@ def test_inspect_shows_the_events_each_worker_runs_now(
         "the events to finish",
         interval=0.1,
     )
+
+
+def test_agents_json_has_schemas_and_asyncapi_prints_the_document(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    write_module(tmp_path, "solo", ONE_AGENT_APP)
+    [agent] = cli_json(["agents", "solo"], tmp_path, env)
+    assert agent["payload_schema"] == {
+        "properties": {"text": {"title": "Text", "type": "string"}},
+        "required": ["text"],
+        "title": "Note",
+        "type": "object",
+    }
+    assert agent["return_schema"] == {"type": "null"}
+
+    as_json = run_cli(["asyncapi", "solo", "--api-version", "3.1.4"], tmp_path, env)
+    assert as_json.returncode == 0, as_json.stderr
+    document = orjson.loads(as_json.stdout)
+    assert (document["asyncapi"], document["info"]["version"]) == ("3.0.0", "3.1.4")
+    [channel] = document["channels"].values()
+    assert channel["address"] == "notes.taken"
+    [operation] = document["operations"].values()
+    assert operation["action"] == "receive"
+    assert document["components"]["schemas"]["Note"] == agent["payload_schema"]
+
+    as_yaml = run_cli(["asyncapi", "solo", "--format", "yaml"], tmp_path, env)
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    assert as_yaml.stdout.startswith("asyncapi: 3.0.0\ninfo:\n  title: solo\n")
+    bad = run_cli(["asyncapi", "solo", "--format", "xml"], tmp_path, env)
+    assert bad.returncode == 2
+    assert len(bad.stderr.splitlines()) == 1
