@@ -17,6 +17,7 @@ from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpEr
 
 from omnidaemon.cli import activity, apps, events, monitor
 from omnidaemon.cli import api as api_command
+from omnidaemon.cli import bus_dead_letters as bus_dead_letters  # registers `bus dlq`, `replay`
 from omnidaemon.cli import worker as worker_command
 from omnidaemon.cli.bus import bus
 

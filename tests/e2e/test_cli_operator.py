@@ -263,3 +263,78 @@ def test_agents_json_has_schemas_and_asyncapi_prints_the_document(
     bad = run_cli(["asyncapi", "solo", "--format", "xml"], tmp_path, env)
     assert bad.returncode == 2
     assert len(bad.stderr.splitlines()) == 1
+
+
+NOTES_APP = """
+    import os
+
+    from pydantic import BaseModel
+
+    from omnidaemon import App, Context
+
+    app = App("notes")
+    LOG = os.environ["E2E_LOG"]
+
+
+    class Note(BaseModel):
+        text: str
+
+
+    @app.agent(os.environ["E2E_TOPIC"], name="keeper", max_retries=0)
+    async def keep(note: Note, ctx: Context) -> None:
+        with open(LOG, "a") as log:
+            event = ctx.event
+            log.write(f"{note.text} {event.id} {event.correlation_id} {ctx.attempt}\\n")
+"""
+
+FIXING_EDITOR = """
+import json, sys
+path = sys.argv[1]
+with open(path) as f:
+    payload = json.load(f)
+payload["text"] = payload.pop("txt") + " (fixed)"
+with open(path, "w") as f:
+    json.dump(payload, f)
+"""
+
+
+def test_bus_replay_edit_replays_one_dead_letter_with_a_corrected_payload(
+    env: dict[str, str], tmp_path: Path, spawn: Callable[..., WorkerProcess]
+) -> None:
+    topic = f"ops{uuid.uuid4().hex[:8]}.notes"
+    log = tmp_path / "handled.log"
+    write_module(tmp_path, "notes", NOTES_APP)
+    editor = tmp_path / "fix.py"
+    editor.write_text(FIXING_EDITOR)
+    env = {**env, "E2E_LOG": str(log), "E2E_TOPIC": topic}
+    worker = spawn(["notes:app"], tmp_path, env)
+    wait_for(lambda: worker.has_logged("worker started"), 20, "the worker")
+    published = run_cli(["publish", topic, '{"txt": "buy milk"}'], tmp_path, env)
+    assert published.returncode == 0, published.stderr
+    dead = published.stdout.strip()
+    wait_for(
+        lambda: cli_json(["bus", "dlq", topic], tmp_path, env), 20, "the event to be dead-lettered"
+    )
+    replay = ["bus", "replay", topic, "--agent", "keeper", "--id", dead, "--app", "notes:app"]
+
+    invalid = run_cli([*replay, "--payload", '{"text": 5}'], tmp_path, env)
+    assert (invalid.returncode, invalid.stdout) == (1, "")
+    assert invalid.stderr.splitlines() == [
+        "omnidaemon bus replay: error: the corrected payload is not a valid Note: "
+        "text: Input should be a valid string"
+    ]
+    unchecked = run_cli([*replay[:-2], "--payload", '{"text": "x"}'], tmp_path, env)
+    assert unchecked.returncode == 2
+    assert "--app" in unchecked.stderr and len(unchecked.stderr.splitlines()) == 1
+    assert len(cli_json(["bus", "dlq", topic], tmp_path, env)) == 1  # nothing changed
+
+    edited = run_cli([*replay, "--edit"], tmp_path, {**env, "EDITOR": f"{CLI[0]} {editor}"})
+    assert edited.returncode == 0, edited.stderr
+    *_, new_id = edited.stdout.split(" as ")[1].split(",")[0].split()
+    assert edited.stdout == (
+        f"replayed {dead} to keeper on {topic} as {new_id}, with the corrected payload\n"
+    )
+    handled = wait_for(lambda: log.exists() and log.read_text(), 20, "the corrected event")
+    # The new event: its own id, the dead one's correlation, a first attempt.
+    assert handled == f"buy milk (fixed) {new_id} {dead} 1\n"
+    assert cli_json(["bus", "dlq", topic], tmp_path, env) == []
