@@ -1,5 +1,5 @@
-"""Response bodies of `GET /v1/inspect` (what each live worker runs now) and of the app's
-AsyncAPI document, apart from `models` to keep each module one screenful of models."""
+"""Response bodies of `GET /v1/inspect` (what each live worker runs now), apart from `models`,
+which is near its size limit."""
 
 from datetime import datetime
 from typing import Any
