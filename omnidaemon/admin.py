@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.brokers.base import Broker, GroupInfo, Subscription, TopicInfo
 from omnidaemon.dead_letters import (
@@ -22,17 +24,22 @@ from omnidaemon.dead_letters import (
     UndecodableRecord,
     read_dead_letters,
 )
-from omnidaemon.errors import NotFound
+from omnidaemon.envelope import Envelope, new_event_id
+from omnidaemon.errors import NotFound, PayloadValidationError
+from omnidaemon.topology import type_name
 
 __all__ = [
     "DeadLetterListing",
     "ReplayOutcome",
     "ReplayPreview",
     "find_dead_letters",
+    "find_dead_letter",
     "preview_replay",
+    "purge_backlog",
     "purge_dead_letters",
     "purge_topic",
     "recent_entries",
+    "replay_corrected",
     "replay_dead_letters",
     "require_group",
     "require_topic",
@@ -131,23 +138,29 @@ async def find_dead_letters(
     that could not be read.
 
     Raises:
-        NotFound: `topic` was given and the bus has no such topic.
+        NotFound: `topic` was given and the bus has no such topic, or `agent` was given and
+            reads no topic searched (a typo must not look like an empty queue).
     """
     letters: list[DeadLetter] = []
     undecodable: list[UndecodableRecord] = []
     names = [topic] if topic is not None else await broker.topics()
+    agent_seen = False
     for name in names:
         info = await broker.describe(name)
         if info is None:
             if topic is not None:
                 raise NotFound(f"no topic {topic!r} on the bus")
             continue  # deleted since it was listed
+        agent_seen = agent_seen or any(g.group == agent for g in info.groups)
         for g in info.groups:
             if (agent is None or g.group == agent) and g.dead_letters:
                 records = await broker.dead_letters(Subscription(name, g.group), limit)
                 readable, unreadable = read_dead_letters(records, name, g.group)
                 letters += readable
                 undecodable += unreadable
+    if agent is not None and not agent_seen:
+        where = f"topic {topic!r}" if topic is not None else "any topic on the bus"
+        raise NotFound(f"no agent {agent!r} reads {where}")
     letters.sort(key=lambda d: d.failed_at)
     return DeadLetterListing(tuple(letters[-limit:]), tuple(undecodable))
 
@@ -237,6 +250,76 @@ async def replay_dead_letters(
     return ReplayOutcome(moved, tuple(chosen), missing, tuple(selection.undecodable))
 
 
+async def find_dead_letter(broker: Broker, topic: str, agent: str, event_id: str) -> DeadLetter:
+    """The dead letter of event `event_id` in `agent`'s queue on `topic`.
+
+    Raises:
+        NotFound: no agent of that name reads the topic, or its queue holds no such event.
+    """
+    group = await require_group(broker, topic, agent)
+    records = await broker.dead_letters(Subscription(topic, agent), max(1, group.dead_letters))
+    letters, _ = read_dead_letters(records, topic, agent)
+    found = next((d for d in letters if d.event_id == event_id), None)
+    if found is None:
+        raise NotFound(f"event {event_id!r} is not in {agent}'s dead letters on {topic!r}")
+    return found
+
+
+async def replay_corrected(
+    broker: Broker, topic: str, agent: str, event_id: str, payload: Any, *, payload_type: Any
+) -> Envelope[Any]:
+    """Replay one dead letter to its agent with a corrected payload: a new event (new id,
+    first attempt) with the same correlation, caused by the dead one, for that agent alone;
+    the record leaves the queue in the same atomic step. Returns the new event.
+
+    Args:
+        payload: The corrected payload, as JSON data; it goes on the bus as given.
+        payload_type: The agent's declared payload type: the payload must validate as one.
+
+    Raises:
+        NotFound: no such agent on the topic, or no such event in its dead letters.
+        PayloadValidationError: the payload does not validate (nothing is changed).
+    """
+    letter = await find_dead_letter(broker, topic, agent, event_id)
+    original = letter.envelope
+    if original is None:
+        raise NotFound(f"the dead letter of event {event_id!r} holds no readable event")
+    try:
+        TypeAdapter(payload_type).validate_python(payload)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}"
+            for e in exc.errors(include_url=False)[:3]
+        )
+        raise PayloadValidationError(
+            f"the corrected payload is not a valid {type_name(payload_type)}: {problems}"
+        ) from None
+    corrected = original.model_copy(
+        update={
+            "id": new_event_id(),
+            "payload": payload,
+            "created_at": datetime.now(UTC),
+            "correlation_id": original.correlation_id or original.id,
+            "causation_id": original.id,
+        }
+    )
+    moved = False
+
+    def select(record_id: str, record: bytes) -> bytes | None:
+        nonlocal moved
+        if moved:
+            return None
+        found = ReplaySelection(topic, agent, {event_id})
+        if found(record_id, record) is None:
+            return None
+        moved = True
+        return corrected.encode()
+
+    if not await broker.replay_dead_letters(Subscription(topic, agent), select):
+        raise NotFound(f"event {event_id!r} left {agent}'s dead letters meanwhile")
+    return corrected
+
+
 async def purge_topic(broker: Broker, topic: str) -> TopicInfo:
     """Delete a topic with everything it holds: entries, groups, retries, dead letters,
     metrics. Returns what it held just before.
@@ -248,6 +331,19 @@ async def purge_topic(broker: Broker, topic: str) -> TopicInfo:
     """
     info = await require_topic(broker, topic)
     await broker.delete_topic(topic)
+    return info
+
+
+async def purge_backlog(broker: Broker, topic: str) -> TopicInfo:
+    """Drop a topic's backlog (entries, delayed events, pending deliveries, scheduled
+    retries) but keep its groups, so the agents go on receiving what is published next.
+    Returns what the topic held just before.
+
+    Raises:
+        NotFound: the bus has no such topic.
+    """
+    info = await require_topic(broker, topic)
+    await broker.purge_backlog(topic)
     return info
 
 

@@ -14,12 +14,21 @@ from typing import Any, Literal
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
+from pydantic.errors import PydanticUserError
 
 from omnidaemon.agents import AgentSpec
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import PayloadValidationError
 
-__all__ = ["Edge", "TopicSpec", "Topology", "TopicTypes", "describe_agent", "type_name"]
+__all__ = [
+    "Edge",
+    "TopicSpec",
+    "Topology",
+    "TopicTypes",
+    "describe_agent",
+    "json_schema",
+    "type_name",
+]
 
 _RAW = (Any, dict, dict[str, Any], object)
 
@@ -31,15 +40,27 @@ def type_name(tp: Any) -> str:
     return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
+def json_schema(tp: Any) -> dict[str, Any] | None:
+    """The JSON Schema pydantic makes of a type (its models under `$defs`), or `None` for a
+    type it cannot describe (an arbitrary class)."""
+    try:
+        schema: dict[str, Any] = TypeAdapter(tp).json_schema()
+    except (PydanticUserError, TypeError, ValueError):
+        return None
+    return schema
+
+
 def describe_agent(spec: AgentSpec) -> dict[str, Any]:
-    """An agent as JSON data: its topic, types, what it publishes and every policy
-    (`omnidaemon agents --json`, `GET /v1/agents`)."""
+    """An agent as JSON data: its topic, types (with their JSON Schemas), what it publishes
+    and every policy (`omnidaemon agents --json`, `GET /v1/agents`)."""
     backoff = spec.policy.backoff
     return {
         "name": spec.name,
         "topic": spec.topic,
         "payload_type": type_name(spec.payload_type),
         "return_type": type_name(spec.return_type),
+        "payload_schema": json_schema(spec.payload_type),
+        "return_schema": json_schema(spec.return_type),
         "publishes": spec.publishes,
         "description": spec.description,
         "handler": f"{spec.handler.__module__}.{spec.handler.__qualname__}",

@@ -12,6 +12,7 @@ from omnidaemon.api.dependencies import ApiState
 from omnidaemon.api.errors import install_error_handlers
 from omnidaemon.api.middleware import RequestGuard
 from omnidaemon.api.routes import probe_router, v1_router
+from omnidaemon.api.routes.asyncapi import router as asyncapi_router
 from omnidaemon.api.waiting import DEFAULT_MAX_WAITING, WaitingRequests
 from omnidaemon.app import App
 from omnidaemon.errors import ConfigurationError
@@ -128,4 +129,5 @@ def create_api(
     api.add_middleware(RequestGuard, max_body=body_limit, loopback_only=insecure_no_auth)
     api.include_router(probe_router)
     api.include_router(v1_router())
+    api.include_router(asyncapi_router)
     return api

@@ -105,7 +105,7 @@ class BackoffInfo(BaseModel):
     initial: float
     factor: float
     maximum: float
-    jitter: float
+    jitter: bool = Field(description="Whether each delay is randomised (50% to 100%).")
 
 
 class AgentInfo(BaseModel):
@@ -115,6 +115,8 @@ class AgentInfo(BaseModel):
     topic: str
     payload_type: str
     return_type: str
+    payload_schema: dict[str, Any] | None = Field(description="JSON Schema of the payload.")
+    return_schema: dict[str, Any] | None = Field(description="JSON Schema of the return value.")
     publishes: str | None
     description: str | None
     handler: str = Field(description="The handler's module and qualified name.")

@@ -15,6 +15,7 @@ __all__ = [
     "EXTEND",
     "FETCH_RETRIES",
     "PRUNE_CONSUMERS",
+    "PURGE_BACKLOG",
     "RECLAIM",
     "RECOVER",
     "REMOVE_CONSUMER",
@@ -378,4 +379,51 @@ for i = 1, #ARGV, 2 do
     end
 end
 return 0
+"""
+
+
+PURGE_BACKLOG = """
+-- Drop a topic's backlog but keep its groups: every group is moved to the end of the topic
+-- stream and of its retry stream with nothing pending there, then both are emptied, and the
+-- scheduled retries and delayed events are deleted. One step, so no fetch sees half of it.
+-- KEYS: topic stream, the topic's delayed zset, then per group its retry stream and due zset
+-- ARGV: the group names, in the order of their KEYS pairs
+-- Returns how many entries the topic stream held.
+local function settle(key, group)
+    -- Acknowledged, not just skipped: a pending entry would otherwise be reclaimed after
+    -- the purge, or show as pending forever.
+    local moved = redis.pcall('XGROUP', 'SETID', key, group, '$')
+    if type(moved) == 'table' and moved.err then
+        return  -- no such stream, or no such group on it
+    end
+    while true do
+        local held = redis.call('XPENDING', key, group, '-', '+', 1000)
+        if #held == 0 then
+            break
+        end
+        local ids = {}
+        for i, entry in ipairs(held) do
+            ids[i] = entry[1]
+        end
+        redis.call('XACK', key, group, unpack(ids))
+    end
+end
+local removed = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    removed = redis.call('XLEN', KEYS[1])
+end
+for i, group in ipairs(ARGV) do
+    local retry = KEYS[1 + 2 * i]
+    settle(KEYS[1], group)
+    settle(retry, group)
+    if redis.call('EXISTS', retry) == 1 then
+        redis.call('XTRIM', retry, 'MAXLEN', 0)
+    end
+    redis.call('DEL', KEYS[2 + 2 * i])
+end
+if removed > 0 then
+    redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+end
+redis.call('DEL', KEYS[2])
+return removed
 """

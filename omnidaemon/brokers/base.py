@@ -377,6 +377,17 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def purge_backlog(self, topic: str) -> int:
+        """Drop what the topic holds for its groups, but keep the groups: its entries, its
+        delayed events, and per group the deliveries pending and the retries scheduled.
+
+        Each group is left at the end of the (now empty) stream, so the events published
+        afterwards reach every agent as before; dead letters and metrics are kept (see
+        `purge_dead_letters`). A handler still running a dropped delivery settles nothing
+        when it ends. Returns how many entries the topic held (0 for no such topic).
+        """
+
+    @abstractmethod
     async def expire_topic(self, topic: str, ttl: float) -> None:
         """Have the bus remove the topic with everything it holds `ttl` seconds from now,
         even if no process of ours is left to call `delete_topic`.

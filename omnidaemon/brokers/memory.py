@@ -445,6 +445,21 @@ class MemoryBroker(Broker):
         self._bus.notify()
         await anyio.lowlevel.checkpoint()
 
+    async def purge_backlog(self, topic: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        state = self._bus.topics.get(topic)
+        if state is None:
+            return 0
+        removed = len(state.entries)
+        state.entries.clear()
+        state.delayed.clear()
+        for group in state.groups.values():
+            group.cursor = state.next_seq
+            group.pending.clear()
+            group.scheduled.clear()
+        self._bus.notify()
+        return removed
+
     async def expire_topic(self, topic: str, ttl: float) -> None:
         # Nothing to do: the bus lives in this process, so a requester that dies takes its
         # topics with it; one that lives deletes them (App.request does, whatever happens).

@@ -229,6 +229,7 @@ class RedisBroker(Broker):
                 "DELAY",
                 "REMOVE_CONSUMER",
                 "PRUNE_CONSUMERS",
+                "PURGE_BACKLOG",
             )
         }
         self._client = client
@@ -740,6 +741,22 @@ class RedisBroker(Broker):
             keys += [self.retry_key(sub), self.due_key(sub), self.dlq_key(sub)]
             keys.append(self.metrics_key(sub))
         return keys
+
+    async def purge_backlog(self, topic: str) -> int:
+        stream = self.stream_key(topic)
+        try:
+            groups: Any = await self.client.xinfo_groups(stream)
+        except ResponseError:  # no stream: nothing but delayed events, if anything
+            groups = []
+        names = sorted(_decode(group["name"]) for group in groups)
+        keys = [stream, self.delayed_key(topic)]
+        for name in names:
+            sub = Subscription(topic, name)
+            keys += [self.retry_key(sub), self.due_key(sub)]
+            # What this broker remembers of the group's next due retry is void now.
+            self._retry_state.pop(sub, None)
+        removed = await self._scripts["PURGE_BACKLOG"](keys=keys, args=names)
+        return int(removed)
 
     async def expire_topic(self, topic: str, ttl: float) -> None:
         ttl_ms = max(1, math.ceil(ttl * 1000))

@@ -97,6 +97,8 @@ def run_async(command: str, func: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(_fail(command, str(exc), 1)) from None
     except OmniDaemonError as exc:
         raise typer.Exit(_fail(command, str(exc), 1)) from None
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the entry point exits quietly
     except (OSError, TimeoutError) as exc:
         raise typer.Exit(_fail(command, f"{type(exc).__name__}: {exc}", 1)) from None
     except Exception as exc:

@@ -18,6 +18,7 @@ __all__ = [
     "is_terminal",
     "json_text",
     "number",
+    "plural",
     "print_table",
     "progress",
     "say",
@@ -76,6 +77,15 @@ def fail(command: str, message: str, status: int = 1) -> int:
 def number(value: int | None) -> str:
     """A count for a table cell; `-` when unknown."""
     return "-" if value is None else f"{value:,}"
+
+
+def plural(count: int, word: str) -> str:
+    """`count` and `word`, with an `s` unless it is one: `1 agent`, `2 agents`, `1,000 entries`
+    (a word ending in `y` after a consonant takes `ies`)."""
+    if count != 1:
+        ies = word.endswith("y") and word[-2:-1] not in "aeiou"
+        word = word[:-1] + "ies" if ies else word + "s"
+    return f"{count:,} {word}"
 
 
 def age(seconds: float | None) -> str:

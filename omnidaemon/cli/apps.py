@@ -1,5 +1,5 @@
-"""`omnidaemon agents APP` and `omnidaemon graph APP`: what an app declares, read from its code
-(no bus needed)."""
+"""`omnidaemon agents APP`, `omnidaemon graph APP` and `omnidaemon asyncapi APP`: what an app
+declares, read from its code (no bus needed)."""
 
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from omnidaemon.cli._common import JsonOption, load_cli_app
-from omnidaemon.cli._output import emit_json, fail, print_table
+from omnidaemon.cli._output import emit_json, fail, plural, print_table
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
 
-__all__ = ["agents", "graph"]
+__all__ = ["agents", "asyncapi", "graph"]
 
 AppArgument = Annotated[
     str, typer.Argument(metavar="APP", help="'module:attribute', or a module holding one App.")
@@ -52,7 +52,7 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
             ]
             for s in specs
         ],
-        title=f"app {loaded.name}: {len(specs)} agents",
+        title=f"app {loaded.name}: {plural(len(specs), 'agent')}",
         numeric=["RETRIES", "CONCURRENCY"],
         empty="the app declares no agents",
     )
@@ -74,3 +74,39 @@ def graph(
     """The event flow of APP: topics, the agents that consume them and what they publish."""
     topology = _load("graph", app).topology()
     print(topology.to_mermaid() if format is GraphFormat.mermaid else topology.to_dot())
+
+
+class DocumentFormat(StrEnum):
+    """Formats `asyncapi` can print."""
+
+    json = "json"
+    yaml = "yaml"
+
+
+def asyncapi(
+    app: AppArgument,
+    format: Annotated[
+        DocumentFormat, typer.Option("--format", help="json, or yaml (needs PyYAML).")
+    ] = DocumentFormat.json,
+    version: Annotated[
+        str, typer.Option("--api-version", metavar="V", help="The document's info.version.")
+    ] = "1.0.0",
+) -> None:
+    """The AsyncAPI 3.0 document of APP: topics as channels, agents as operations, payload
+    schemas from the agents' types."""
+    from omnidaemon.asyncapi import asyncapi_document
+
+    document = asyncapi_document(_load("asyncapi", app), version=version)
+    if format is DocumentFormat.json:
+        emit_json(document)
+        return
+    import importlib
+
+    try:
+        # Optional, and untyped: imported by name so that type checking does not need it.
+        yaml = importlib.import_module("yaml")
+    except ImportError:
+        raise typer.Exit(
+            fail("asyncapi", "YAML output needs PyYAML: pip install pyyaml (or use JSON)", 2)
+        ) from None
+    print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")

@@ -12,7 +12,6 @@ import typer
 
 from omnidaemon.cli._common import (
     BrokerOption,
-    CommandError,
     JsonOption,
     open_cli_broker,
     run_async,
@@ -20,9 +19,9 @@ from omnidaemon.cli._common import (
 from omnidaemon.cli._output import (
     age,
     emit_json,
-    is_terminal,
     json_text,
     number,
+    plural,
     print_table,
     progress,
     say,
@@ -171,7 +170,7 @@ def inspect_topic(
         print_table(
             ["ENTRY", "EVENT ID", "CREATED", "CORRELATION", "PAYLOAD"],
             rows,
-            title=f"{topic}: last {len(rows)} entries",
+            title=f"{topic}: last {plural(len(rows), 'entry')}",
             empty="the topic holds no entries",
         )
 
@@ -204,7 +203,7 @@ def groups(topic: TopicArgument, broker: BrokerOption = None, json: JsonOption =
                 ]
                 for g in info.groups
             ],
-            title=f"{topic}: {info.length:,} entries",
+            title=f"{topic}: {plural(info.length, 'entry')}",
             numeric=["CONSUMERS", "LAG", "PENDING", "RETRIES", "DLQ"],
             empty="no agent reads this topic",
         )
@@ -263,105 +262,6 @@ def stats(broker: BrokerOption = None, json: JsonOption = False) -> None:
     run_async("bus stats", run)
 
 
-@bus.command("dlq")
-def dead_letters(
-    topic: Annotated[
-        str | None, typer.Argument(metavar="[TOPIC]", help="Only this topic.", show_default=False)
-    ] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
-    limit: LimitOption = 20,
-    broker: BrokerOption = None,
-    json: JsonOption = False,
-) -> None:
-    """Dead-lettered events: the error, the attempts and the payload of each."""
-    if topic is not None:
-        _check_topic(topic)
-    from omnidaemon.admin import find_dead_letters
-
-    async def run() -> None:
-        async with open_cli_broker(broker) as bus_:
-            found = await find_dead_letters(bus_, topic=topic, agent=agent, limit=limit)
-        letters = found.letters
-        _warn_undecodable("bus dlq", found.undecodable, "skipped")
-        if json:
-            emit_json([{**d.model_dump(mode="json"), "payload": d.payload} for d in letters])
-            return
-        print_table(
-            ["FAILED AT", "TOPIC", "AGENT", "EVENT ID", "ATTEMPTS", "ERROR", "PAYLOAD"],
-            [
-                [
-                    d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
-                    d.topic,
-                    d.agent,
-                    d.event_id or "?",
-                    str(d.attempts),
-                    _one_line(f"{d.error_type}: {d.error_message}", 100 if is_terminal() else 200),
-                    _preview(d.payload, 50),
-                ]
-                for d in letters
-            ],
-            numeric=["ATTEMPTS"],
-            empty="no dead letters",
-        )
-
-    run_async("bus dlq", run)
-
-
-@bus.command("replay")
-def replay(
-    topic: TopicArgument,
-    agent: Annotated[str, typer.Option("--agent", help="Whose dead letters (required).")],
-    ids: Annotated[
-        list[str] | None,
-        typer.Option("--id", metavar="EVENT_ID", help="Replay this event (repeatable)."),
-    ] = None,
-    all_records: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Say what would be replayed; change nothing.")
-    ] = False,
-    broker: BrokerOption = None,
-) -> None:
-    """Deliver dead-lettered events to their agent again, each as a first attempt.
-
-    Only that agent sees them again; the records leave the dead-letter queue as they go.
-    """
-    _check_topic(topic)
-    if not ids and not all_records:
-        raise typer.BadParameter("name events with --id, or replay every one with --all")
-    if ids and all_records:
-        raise typer.BadParameter("give --id or --all, not both")
-    from omnidaemon.admin import preview_replay, replay_dead_letters, require_group
-
-    wanted = set(ids or ())
-    event_ids = None if all_records else wanted
-
-    async def run() -> None:
-        async with open_cli_broker(broker) as bus_:
-            if dry_run:
-                preview = await preview_replay(bus_, topic, agent, event_ids=event_ids)
-                for d in preview.chosen:
-                    reason = f"{d.error_type}: {d.error_message}"
-                    say(_one_line(f"would replay {d.event_id or '?'} ({reason})", 200))
-                _warn_undecodable("bus replay", preview.undecodable, "it would not be replayed")
-                chosen, total = len(preview.chosen), preview.total
-                say(f"{chosen} of {total} dead letters would be replayed (dry run)")
-                return
-            group = await require_group(bus_, topic, agent)  # the progress bar's length
-            with progress(f"replaying to {agent}", group.dead_letters) as advance:
-                outcome = await replay_dead_letters(
-                    bus_, topic, agent, event_ids=event_ids, on_record=advance
-                )
-            moved = outcome.replayed
-        _warn_undecodable("bus replay", outcome.undecodable, "not replayed, left in the queue")
-        say(f"replayed {moved} event{'s' if moved != 1 else ''} to {agent} on {topic}")
-        if wanted and moved < len(wanted):
-            raise CommandError(
-                f"{len(wanted) - moved} of the named events are not in {agent}'s dead letters"
-            )
-
-    run_async("bus replay", run)
-
-
 @bus.command("purge")
 def purge(
     topic: TopicArgument,
@@ -371,29 +271,47 @@ def purge(
     agent: Annotated[
         str | None, typer.Option("--agent", help="With --dlq: only this agent's queue.")
     ] = None,
+    keep_groups: Annotated[
+        bool,
+        typer.Option(
+            "--keep-groups", help="Drop the backlog only; keep the agents' groups and DLQs."
+        ),
+    ] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm: this deletes events.")] = False,
     broker: BrokerOption = None,
 ) -> None:
     """Delete a topic with everything it holds (entries, groups, retries, dead letters,
-    metrics), or with --dlq only its dead letters."""
+    metrics), with --keep-groups only its backlog (entries, delayed, pending, retries), or
+    with --dlq only its dead letters."""
     _check_topic(topic)
     if not yes:
         raise typer.BadParameter("purging deletes events for good: add --yes to confirm")
     if agent is not None and not dlq:
         raise typer.BadParameter("--agent goes with --dlq")
-    from omnidaemon.admin import purge_dead_letters, purge_topic, require_topic
+    if keep_groups and dlq:
+        raise typer.BadParameter("give --keep-groups or --dlq, not both")
+    from omnidaemon.admin import purge_backlog, purge_dead_letters, purge_topic, require_topic
 
     async def run() -> None:
         async with open_cli_broker(broker) as bus_:
+            if keep_groups:
+                info = await purge_backlog(bus_, topic)
+                dropped = sum(g.pending + g.retries for g in info.groups)
+                say(
+                    f"purged the backlog of {topic} ({plural(info.length, 'entry')}, "
+                    f"{info.delayed:,} delayed, {dropped:,} pending or retrying); "
+                    f"kept {plural(len(info.groups), 'agent')}"
+                )
+                return
             if not dlq:
                 info = await purge_topic(bus_, topic)
-                agents = f"{len(info.groups)} agent{'s' if len(info.groups) != 1 else ''}"
-                say(f"purged topic {topic} ({info.length:,} entries, {agents})")
+                agents = plural(len(info.groups), "agent")
+                say(f"purged topic {topic} ({plural(info.length, 'entry')}, {agents})")
                 return
             info = await require_topic(bus_, topic)  # the progress bar's length
             queues = len(info.groups) if agent is None else 1
             with progress("purging dead letters", queues) as advance:
                 removed = await purge_dead_letters(bus_, topic, agent=agent, on_group=advance)
-        say(f"removed {removed} dead letter{'s' if removed != 1 else ''} from {topic}")
+        say(f"removed {plural(removed, 'dead letter')} from {topic}")
 
     run_async("bus purge", run)

@@ -4,6 +4,7 @@ Every bad argument prints one line (`omnidaemon CMD: error: ...`) and exits with
 Commands import what they need when they run, so `omnidaemon --help` starts fast.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -14,8 +15,9 @@ import typer
 # takes over error output (standalone_mode=False).
 from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpError, UsageError
 
+from omnidaemon.cli import activity, apps, events, monitor
 from omnidaemon.cli import api as api_command
-from omnidaemon.cli import apps, events, monitor
+from omnidaemon.cli import bus_dead_letters as bus_dead_letters  # registers `bus dlq`, `replay`
 from omnidaemon.cli import worker as worker_command
 from omnidaemon.cli.bus import bus
 from omnidaemon.cli.bus_local import register_local_commands
@@ -39,8 +41,10 @@ def build_cli() -> typer.Typer:
     cli.command("result")(events.result)
     cli.command("agents")(apps.agents)
     cli.command("graph")(apps.graph)
+    cli.command("asyncapi")(apps.asyncapi)
     cli.command("metrics")(monitor.metrics)
     cli.command("health")(monitor.health)
+    cli.command("inspect")(activity.inspect)
     cli.command("api")(api_command.api)
     register_local_commands(bus)
     cli.add_typer(bus)
@@ -59,6 +63,17 @@ def _given_value(args: Sequence[str], exc: BadParameter) -> str | None:
             if arg.startswith(name + "="):
                 return arg[len(name) + 1 :]
     return None
+
+
+def _reader_went_away() -> NoReturn:
+    """Exit as Unix tools do when the reader of stdout closes it (`omnidaemon bus list | head
+    -1`): no traceback, and the status of a process killed by SIGPIPE (128 + 13), so
+    `set -o pipefail` still sees the output was cut short."""
+    # Python flushes stdout again at exit, which would fail and print a warning: point it at
+    # /dev/null first, as the Python documentation advises.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(141)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -86,4 +101,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except BrokenPipeError:
+        _reader_went_away()
+    except SystemExit as exc:
+        # Click turns a broken pipe into `sys.exit(1)` itself: the same quiet exit for it.
+        if isinstance(exc.__context__, BrokenPipeError):
+            _reader_went_away()
+        raise
     sys.exit(status if isinstance(status, int) else 0)

@@ -69,6 +69,9 @@ class AgentConsumer(Fetching, Outcomes):
         self.consumer = consumer
         self._capacity = concurrency
         self._in_flight: dict[tuple[str, str], Delivery] = {}
+        self.running: dict[tuple[str, str], tuple[Delivery, float]] = {}
+        """The deliveries whose handling has begun, with the wall-clock time it began: what
+        the heartbeat lists for `omnidaemon inspect`."""
         self._wake = anyio.Event()
         self._wake_waiting = False
         self._stopping = False
@@ -197,6 +200,8 @@ class AgentConsumer(Fetching, Outcomes):
         metrics = self.metrics
         metrics.received += 1
         metrics.in_flight += 1
+        key = (delivery.origin, delivery.id)
+        self.running[key] = (delivery, time.time())
         try:
             await self._process(delivery)
         except Exception as exc:
@@ -209,7 +214,7 @@ class AgentConsumer(Fetching, Outcomes):
             )
         finally:
             metrics.in_flight -= 1
-            key = (delivery.origin, delivery.id)
+            self.running.pop(key, None)
             self._in_flight.pop(key, None)
             if self._started:
                 self._started.pop(key, None)

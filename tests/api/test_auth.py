@@ -124,6 +124,8 @@ READ_ROUTES = [
     ("GET", "/v1/dlq"),
     ("GET", "/v1/dlq/some.topic"),
     ("GET", "/v1/events/some-id/result"),
+    ("GET", "/v1/inspect"),
+    ("GET", "/asyncapi.json"),
 ]
 PUBLISH_ROUTES = [("POST", "/v1/events"), ("POST", "/v1/requests")]
 ADMIN_ROUTES = [

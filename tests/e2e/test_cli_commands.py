@@ -451,7 +451,9 @@ def test_bus_dlq_shows_error_attempts_and_payload(bus: Bus, handled: Handled) ->
     assert invalid["error_type"] == "PayloadValidationError"
     assert invalid["payload"] == {"n": "three"}
     assert {d["event_id"] for d in parse(by_agent)} == set(letters)  # every topic searched
-    assert parse(other_agent) == []
+    # An agent that does not read the topic is an error, as for `bus replay`: not "none".
+    assert (other_agent.returncode, other_agent.stdout) == (1, "")
+    assert "no agent 'nobody' reads topic" in other_agent.stderr
 
     assert plain.returncode == 0, plain.stderr
     header, *lines = plain.stdout.splitlines()

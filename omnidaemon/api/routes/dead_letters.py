@@ -49,7 +49,9 @@ def _listing(found: admin.DeadLetterListing) -> DeadLetterList:
     )
 
 
-@router.get("/dlq", dependencies=[require(Scope.read)], responses=documented(401, 403, 422, 503))
+@router.get(
+    "/dlq", dependencies=[require(Scope.read)], responses=documented(401, 403, 404, 422, 503)
+)
 async def list_dead_letters(
     app: CurrentApp, agent: AgentQuery = None, limit: LimitQuery = 20
 ) -> DeadLetterList:

@@ -7,6 +7,8 @@ import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
+from omnidaemon.activity import fleet_activity
+from omnidaemon.api.activity_models import ActivityResponse
 from omnidaemon.api.auth import Scope
 from omnidaemon.api.dependencies import CurrentApp, require
 from omnidaemon.api.errors import documented
@@ -117,3 +119,18 @@ async def get_stats(app: CurrentApp) -> BusStatsResponse:
     """The bus at a glance: its server, totals over every topic and agent, and every live
     worker (`omnidaemon bus stats --json`). Needs the `read` scope."""
     return BusStatsResponse.model_validate((await bus_stats(app.broker)).to_json())
+
+
+@router.get(
+    "/inspect", dependencies=[require(Scope.read)], responses=documented(401, 403, 422, 503)
+)
+async def inspect_workers(
+    app: CurrentApp,
+    agent: Annotated[str | None, Query(max_length=200, description="Only this agent.")] = None,
+    payload: Annotated[bool, Query(description="Include each event's payload.")] = False,
+) -> ActivityResponse:
+    """The events each live worker runs now: agent, event id, attempt and when it started,
+    with `payload=true` the payload too (`omnidaemon inspect --json`). Every worker on the
+    bus is listed, whatever its app. Needs the `read` scope."""
+    found = await fleet_activity(app.broker, agent=agent)
+    return ActivityResponse.model_validate({"workers": [w.to_json(payload=payload) for w in found]})
