@@ -47,6 +47,9 @@ class Settings:
         max_delay: `OMNIDAEMON_MAX_DELAY`, the longest `delay=` (or `at=`) publishing
             accepts, in seconds; 30 days by default. A delayed event is held on the bus outside
             the topic's `stream_maxlen`; a longer delay raises `DelayTooLong`.
+        connect_timeout: `OMNIDAEMON_CONNECT_TIMEOUT`, seconds a starting worker keeps trying
+            to reach the bus before it gives up (`BusUnavailable`); `None` (unset, the
+            default) waits for as long as it takes, and `0` tries once.
     """
 
     broker_url: str | None = None
@@ -60,6 +63,7 @@ class Settings:
     max_payload_bytes: int = 1_048_576
     trust_trace_context: bool = True
     max_delay: float = 2_592_000.0
+    connect_timeout: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,4 +91,9 @@ class Settings:
             max_payload_bytes=env_count(env, "OMNIDAEMON_MAX_PAYLOAD_BYTES", 1_048_576),
             trust_trace_context=env_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
             max_delay=env_seconds(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
+            connect_timeout=(
+                env_seconds(env, "OMNIDAEMON_CONNECT_TIMEOUT", 0.0)
+                if env.get("OMNIDAEMON_CONNECT_TIMEOUT")
+                else None
+            ),
         )
