@@ -90,6 +90,16 @@ def worker(
             ),
         ),
     ] = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help=(
+                "Development: restart the worker when a .py file under the current folder (or "
+                "the app file's folder) changes. Needs the 'reload' extra (watchfiles)."
+            ),
+        ),
+    ] = False,
     log_level: LogLevelOption = None,
     log_format: LogFormatOption = None,
     metrics_port: Annotated[
@@ -119,19 +129,27 @@ def worker(
     except OmniDaemonError as exc:
         raise typer.Exit(fail("worker", str(exc), 2)) from None
     target = app or settings.app
+    grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
     if not target:
         raise typer.BadParameter(
             "name the app to run, e.g. 'omnidaemon worker myapp:app' (or set OMNIDAEMON_APP)",
             param_hint="APP",
+        )
+    if reload:
+        raise typer.Exit(
+            _reload(
+                target,
+                shutdown_grace=grace,
+                log_level=log_level.value if log_level else settings.log_level,
+                log_format=log_format.value if log_format else settings.log_format,
+            )
         )
     if processes > 1:
         raise typer.Exit(
             _supervise(
                 processes,
                 sys.argv,
-                shutdown_grace=settings.shutdown_grace
-                if shutdown_grace is None
-                else shutdown_grace,
+                shutdown_grace=grace,
                 metrics_port=metrics_port,
                 log_level=log_level.value if log_level else settings.log_level,
                 log_format=log_format.value if log_format else settings.log_format,
@@ -173,6 +191,26 @@ def _child_argv(argv: list[str], index: int, metrics_port: int | None) -> list[s
     if metrics_port is not None:
         child += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
     return child
+
+
+def _reload(target: str, *, shutdown_grace: float, log_level: str, log_format: str) -> int:
+    from pathlib import Path
+
+    from omnidaemon.cli import _reload as reloading
+    from omnidaemon.observability.logging import configure_logging
+
+    if not reloading.reload_available():
+        return fail(
+            "worker",
+            "--reload needs the watchfiles package: pip install 'omnidaemon[reload]'",
+            2,
+        )
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    return reloading.run_with_reload(
+        reloading.child_command(sys.argv),
+        reloading.watched_folders(target, Path.cwd()),
+        shutdown_grace,
+    )
 
 
 def _supervise(
