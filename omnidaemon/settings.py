@@ -51,6 +51,9 @@ class Settings:
             may be blocked (an `async def` handler calling `time.sleep`, say) before the worker
             logs a warning naming the agent, the event and the fix; 1 s by default, 0 turns
             the check off.
+        connect_timeout: `OMNIDAEMON_CONNECT_TIMEOUT`, seconds a starting worker keeps trying
+            to reach the bus before it gives up (`BusUnavailable`); `None` (unset, the
+            default) waits for as long as it takes, and `0` tries once.
     """
 
     broker_url: str | None = None
@@ -65,6 +68,7 @@ class Settings:
     trust_trace_context: bool = True
     max_delay: float = 2_592_000.0
     blocked_loop_warning: float = 1.0
+    connect_timeout: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,4 +97,9 @@ class Settings:
             trust_trace_context=env_flag(env, "OMNIDAEMON_TRUST_TRACE_CONTEXT", True),
             max_delay=env_seconds(env, "OMNIDAEMON_MAX_DELAY", 2_592_000.0),
             blocked_loop_warning=env_seconds(env, "OMNIDAEMON_BLOCKED_LOOP_WARNING", 1.0),
+            connect_timeout=(
+                env_seconds(env, "OMNIDAEMON_CONNECT_TIMEOUT", 0.0)
+                if env.get("OMNIDAEMON_CONNECT_TIMEOUT")
+                else None
+            ),
         )

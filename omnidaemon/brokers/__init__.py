@@ -27,6 +27,13 @@ def open_broker(url: str, *, maxlen: int | None = None) -> Broker:
         name = url[len("memory://") :] if url.startswith("memory://") else ""
         return MemoryBroker(name)
     if scheme in ("redis", "rediss", "unix"):
+        try:
+            urlsplit(url).port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            # Never echo the URL: it may carry a password.
+            raise ConfigurationError(
+                "the broker URL's port is not a number from 0 to 65535"
+            ) from None
         if scheme != "unix" and not urlsplit(url).hostname:
             raise ConfigurationError(f"broker URL {redact_url(url)} names no host")
         return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)

@@ -42,7 +42,10 @@ ServedAppArgument = Annotated[
     str | None,
     typer.Argument(
         metavar="APP",
-        help="'module:attribute', or a module holding one App (default: $OMNIDAEMON_APP).",
+        help=(
+            "'module:attribute', a module holding one App, or a file ('./myapp.py', "
+            "'agents/main.py:app') (default: $OMNIDAEMON_APP)."
+        ),
         show_default=False,
     ),
 ]
@@ -71,7 +74,7 @@ def open_cli_broker(url: str | None, *, start_embedded: bool = False) -> Broker:
 
 
 def load_cli_app(target: str) -> App:
-    """Import the app `target` names (`module:attribute` or a module)."""
+    """Import the app `target` names (`module:attribute`, a module, or a file path)."""
     from omnidaemon.worker.loader import load_app
 
     return load_app(target)

@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 __all__ = ["agents", "asyncapi", "graph"]
 
 AppArgument = Annotated[
-    str, typer.Argument(metavar="APP", help="'module:attribute', or a module holding one App.")
+    str,
+    typer.Argument(
+        metavar="APP",
+        help="'module:attribute', a module holding one App, or a file ('./myapp.py[:app]').",
+    ),
 ]
 
 

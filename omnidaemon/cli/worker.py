@@ -79,6 +79,28 @@ def worker(
             help="Seconds in-flight handlers get after a stop signal (default 30).",
         ),
     ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--connect-timeout",
+            min=0.0,
+            metavar="S",
+            help=(
+                "Seconds to keep trying to reach the bus at start, then exit 1 (default: "
+                "$OMNIDAEMON_CONNECT_TIMEOUT, or for as long as it takes; 0 tries once)."
+            ),
+        ),
+    ] = None,
+    reload: Annotated[
+        bool,
+        typer.Option(
+            "--reload",
+            help=(
+                "Development: restart the worker when a .py file under the current folder (or "
+                "the app file's folder) changes. Needs the 'reload' extra (watchfiles)."
+            ),
+        ),
+    ] = False,
     log_level: LogLevelOption = None,
     log_format: LogFormatOption = None,
     metrics_port: Annotated[
@@ -108,19 +130,27 @@ def worker(
     except OmniDaemonError as exc:
         raise typer.Exit(fail("worker", str(exc), 2)) from None
     target = app or settings.app
+    grace = settings.shutdown_grace if shutdown_grace is None else shutdown_grace
     if not target:
         raise typer.BadParameter(
             "name the app to run, e.g. 'omnidaemon worker myapp:app' (or set OMNIDAEMON_APP)",
             param_hint="APP",
+        )
+    if reload:
+        raise typer.Exit(
+            _reload(
+                target,
+                shutdown_grace=grace,
+                log_level=log_level.value if log_level else settings.log_level,
+                log_format=log_format.value if log_format else settings.log_format,
+            )
         )
     if processes > 1:
         raise typer.Exit(
             _supervise(
                 processes,
                 sys.argv,
-                shutdown_grace=settings.shutdown_grace
-                if shutdown_grace is None
-                else shutdown_grace,
+                shutdown_grace=grace,
                 metrics_port=metrics_port,
                 log_level=log_level.value if log_level else settings.log_level,
                 log_format=log_format.value if log_format else settings.log_format,
@@ -133,6 +163,7 @@ def worker(
             agents=agents,
             concurrency=concurrency,
             shutdown_grace=shutdown_grace,
+            connect_timeout=connect_timeout,
             log_level=log_level.value if log_level else settings.log_level,
             log_format=log_format.value if log_format else settings.log_format,
             metrics=(metrics_host, metrics_port) if metrics_port is not None else None,
@@ -161,6 +192,26 @@ def _child_argv(argv: list[str], index: int, metrics_port: int | None) -> list[s
     if metrics_port is not None:
         child += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
     return child
+
+
+def _reload(target: str, *, shutdown_grace: float, log_level: str, log_format: str) -> int:
+    from pathlib import Path
+
+    from omnidaemon.cli import _reload as reloading
+    from omnidaemon.observability.logging import configure_logging
+
+    if not reloading.reload_available():
+        return fail(
+            "worker",
+            "--reload needs the watchfiles package: pip install 'omnidaemon[reload]'",
+            2,
+        )
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    return reloading.run_with_reload(
+        reloading.child_command(sys.argv),
+        reloading.watched_folders(target, Path.cwd()),
+        shutdown_grace,
+    )
 
 
 def _supervise(
@@ -193,13 +244,14 @@ def _run_worker(
     agents: str | None,
     concurrency: int | None,
     shutdown_grace: float | None,
+    connect_timeout: float | None,
     log_level: str,
     log_format: str,
     metrics: tuple[str, int] | None,
 ) -> int:
     import anyio
 
-    from omnidaemon.errors import OmniDaemonError
+    from omnidaemon.errors import BusUnavailable, OmniDaemonError
     from omnidaemon.observability.logging import configure_logging
     from omnidaemon.worker.loader import load_app
     from omnidaemon.worker.runner import Worker
@@ -212,13 +264,20 @@ def _run_worker(
             agents=names,
             concurrency=concurrency,
             shutdown_grace=shutdown_grace,
+            connect_timeout=connect_timeout,
         )
     except OmniDaemonError as exc:
         return fail("worker", str(exc), 2)
     try:
-        killed_by = anyio.run(_serve, worker, metrics, backend_options=_backend_options())
+        try:
+            killed_by = anyio.run(_serve, worker, metrics, backend_options=_backend_options())
+        except BaseExceptionGroup as group:
+            # Task groups wrap the error that ended the start; show the error, not the groups.
+            raise _sole_error(group) from None
     except KeyboardInterrupt:
         killed_by = signal.SIGINT
+    except BusUnavailable as exc:
+        return fail("worker", str(exc), 1)
     except OmniDaemonError as exc:
         return fail("worker", str(exc), 2)
     if killed_by is not None or worker.abandoned_handlers:
@@ -288,6 +347,24 @@ async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | Non
         await tg.start(run_worker)
         ready = True
     return killed_by
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one omnidaemon error (or interrupt) inside nested task-group errors; the group
+    itself when it holds anything else, so that a bug keeps its full traceback."""
+    from omnidaemon.errors import OmniDaemonError
+
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1 and isinstance(leaves[0], OmniDaemonError | KeyboardInterrupt):
+        return leaves[0]
+    return group
 
 
 def _backend_options() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
+from omnidaemon.worker.startup import wait_for_bus
 from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ class Worker:
         concurrency: Override every agent's `concurrency`.
         shutdown_grace: Seconds in-flight handlers get to finish after `stop()`; default: the
             app's settings (`OMNIDAEMON_SHUTDOWN_GRACE`, 30 s).
+        connect_timeout: Seconds `run()` keeps trying to reach the bus at start before it
+            raises `BusUnavailable`; default: the app's settings (`OMNIDAEMON_CONNECT_TIMEOUT`,
+            unset: for as long as it takes).
 
     Raises:
         ConfigurationError: an unknown agent name, or an app without agents.
@@ -66,6 +70,7 @@ class Worker:
         agents: Sequence[str] | None = None,
         concurrency: int | None = None,
         shutdown_grace: float | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         if not app.agents:
             raise ConfigurationError(f"app {app.name!r} has no agents to run")
@@ -79,6 +84,9 @@ class Worker:
         self.name = consumer_name()
         self.shutdown_grace = (
             app.settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        )
+        self.connect_timeout = (
+            app.settings.connect_timeout if connect_timeout is None else connect_timeout
         )
         isolation = Isolation()  # one per worker: its agents share one process
         self.consumers = [
@@ -97,6 +105,8 @@ class Worker:
         self.watchdog = LoopWatchdog(threshold) if threshold > 0 else None
         for consumer in self.consumers:
             consumer.watchdog = self.watchdog
+        # Cancelled by stop(): a stop while waiting for the bus ends the wait at once.
+        self._waiting: anyio.CancelScope | None = None
         # The webhook deliveries of this worker (in flight, queued, outcomes), while it runs.
         self.notifier: OutcomeNotifier | None = None
         self.heartbeat = Heartbeat(
@@ -119,12 +129,20 @@ class Worker:
     def stop(self) -> None:
         """Ask for a graceful stop: no new events; in-flight handlers get the grace period."""
         self._stop.set()
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until `stop()` (graceful) or cancellation (immediate).
 
-        Startup hooks run first, and every consumer group exists before `task_status.started()`
-        is reported, so an event published after that is seen even by `start="latest"` agents.
+        It waits for the bus first (retrying with backoff up to `connect_timeout`; a `stop()`
+        meanwhile reports the start and returns at once). Startup
+        hooks run next, and every consumer group exists before `task_status.started()` is
+        reported, so an event published after that is seen even by `start="latest"` agents.
+
+        Raises:
+            ConfigurationError: the bus refused the broker URL's credentials.
+            BusUnavailable: the bus could not be reached within `connect_timeout`.
         """
         app = self.app
         with app._agents_running(c.subscription.group for c in self.consumers):
@@ -133,11 +151,24 @@ class Worker:
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
         app = self.app
-        async with (
-            app._worker_connection(),
-            app.lifespan(),
-            OutcomeNotifier.running() as notifier,
-        ):
+        async with app._worker_connection():
+            # Before the hooks and subscriptions, and outside any task group, so that a bus
+            # that is down or refuses us ends the start with one plain error.
+            self._waiting = anyio.CancelScope()
+            if self._stop.is_set():
+                self._waiting.cancel()
+            with self._waiting:
+                await wait_for_bus(app.broker, timeout=self.connect_timeout)
+            if self._stop.is_set():
+                # Stopped before the bus answered: nothing ran, nothing to finish.
+                _log.info("stopped before reaching the bus", bus=app.broker.url)
+                task_status.started()
+                return
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
+        app = self.app
+        async with app.lifespan(), OutcomeNotifier.running() as notifier:
             self.notifier = notifier
             for consumer in self.consumers:
                 consumer.notifier = notifier

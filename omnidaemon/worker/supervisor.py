@@ -57,9 +57,10 @@ class Supervisor:
     Each child runs in a numbered slot (0 to `processes - 1`). When a child dies while the
     supervisor is not stopping, its slot waits out a capped exponential backoff and starts a
     replacement; the backoff restarts from `restart_backoff.initial` once a child of the slot
-    stayed up for `restart_reset_after` seconds. If every child of the first start exits with
-    status 2 (a configuration error: a bad app path or option) within `config_error_window`
-    seconds, the supervisor gives up and `run()` returns 2.
+    stayed up for `restart_reset_after` seconds. A child that exits with status 2 (a
+    configuration error: a bad app path or option, credentials the bus refuses) is not
+    replaced, since the same command would fail the same way; once every slot has ended so,
+    `run()` returns 2.
 
     The first SIGINT or SIGTERM is forwarded to every child, which finishes its in-flight
     handlers within its own shutdown grace; children still alive `shutdown_grace + 10` seconds
@@ -79,8 +80,6 @@ class Supervisor:
         restart_backoff: The delay before restarting a slot after its n-th death in a row.
         restart_reset_after: Seconds a child must stay up for its slot's backoff to restart
             from the beginning.
-        config_error_window: Seconds within which a child of the first start must exit with
-            status 2 to count as a configuration error.
 
     Raises:
         ValueError: `processes` < 1, or a negative duration.
@@ -101,11 +100,10 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         restart_backoff: Backoff = RESTART_BACKOFF,
         restart_reset_after: float = 60.0,
-        config_error_window: float = 10.0,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, not {processes}")
-        if min(shutdown_grace, restart_reset_after, config_error_window) < 0:
+        if min(shutdown_grace, restart_reset_after) < 0:
             raise ValueError("durations must be >= 0")
         self.command = command
         self.processes = processes
@@ -113,20 +111,17 @@ class Supervisor:
         self.env = dict(env or {})
         self.restart_backoff = restart_backoff
         self.restart_reset_after = restart_reset_after
-        self.config_error_window = config_error_window
         self._procs: dict[int, Process] = {}
         self._stopping = False
         self._stop_signals: set[int] = set()
         self._hard_signal: int | None = None
         self._failed_during_stop = False
-        self._gave_up = False
-        # Per slot: did its first child exit with status 2 within config_error_window?
-        self._first_start: dict[int, bool] = {}
+        # Slots whose child exited with status 2 (a configuration error): not restarted.
+        self._config_errors: set[int] = set()
         self._argv: dict[int, list[str]] = {}
         # Created by run(): anyio primitives need the event loop.
         self._stop_event: anyio.Event | None = None
         self._hard_event: anyio.Event | None = None
-        self._verdict: anyio.Event | None = None
 
     @property
     def children(self) -> dict[int, int]:
@@ -144,11 +139,10 @@ class Supervisor:
         Returns:
             The exit status: 0 after a graceful stop, 1 if a child exited with a failure (or
             had to be killed) during it, `128 + signum` after a second signal, 2 when every
-            child of the first start failed with a configuration error.
+            child exited with status 2, a configuration error.
         """
         self._stop_event = anyio.Event()
         self._hard_event = anyio.Event()
-        self._verdict = anyio.Event()
         if self._stopping:  # stop() before run(): nothing to start
             return 0
         try:
@@ -165,7 +159,7 @@ class Supervisor:
             if self._procs:
                 with anyio.CancelScope(shield=True):
                     await self._terminate_all()
-        if self._gave_up:
+        if len(self._config_errors) == self.processes:
             return _CONFIG_ERROR
         if self._hard_signal is not None:
             return 128 + self._hard_signal
@@ -189,8 +183,6 @@ class Supervisor:
         )
         self._forward(signum)
         self._stop_event.set()
-        assert self._verdict is not None
-        self._verdict.set()  # slots waiting on the first start's verdict must not start more
 
     def _hard_stop(self, signum: int) -> None:
         self._hard_signal = signum
@@ -251,36 +243,29 @@ class Supervisor:
     # Slots ---------------------------------------------------------------------------------
 
     async def _run_slot(self, index: int) -> None:
-        """Keep a child running in slot `index` until the supervisor stops or gives up."""
+        """Keep a child running in slot `index` until the supervisor stops, or the child
+        exits with a configuration error."""
         failures = 0
-        first = True
         while not self._stopping:
             started = anyio.current_time()
             proc = await self._spawn(index)
             returncode: int | None = None
-            quick_config_error = proc is None  # a command that cannot even start
             if proc is not None:
-                if first:
-                    status, quick_config_error = await self._wait_first(index, proc)
-                else:
-                    status = await proc.wait()
+                returncode = await proc.wait()
                 del self._procs[index]
                 if self._stopping:
-                    self._note_exit_during_stop(index, proc.pid, status)
+                    self._note_exit_during_stop(index, proc.pid, returncode)
                     return
-                returncode = status
             uptime = anyio.current_time() - started
-            if first:
-                first = False
-                await self._report_first_start(index, quick_config_error=quick_config_error)
-            if self._stopping or self._gave_up:
+            if returncode == _CONFIG_ERROR or proc is None:
+                self._give_up_slot(index, None if proc is None else proc.pid)
                 return
             failures = 1 if uptime >= self.restart_reset_after else failures + 1
             delay = self.restart_backoff.delay(failures)
             _log.warning(
                 "worker process exited; restarting it",
                 index=index,
-                pid=None if proc is None else proc.pid,
+                pid=proc.pid,
                 **_describe(returncode),
                 uptime=round(uptime, 3),
                 restart_in=round(delay, 3),
@@ -288,6 +273,19 @@ class Supervisor:
             assert self._stop_event is not None
             with anyio.move_on_after(delay):
                 await self._stop_event.wait()
+
+    def _give_up_slot(self, index: int, pid: int | None) -> None:
+        """Leave slot `index` empty: its child exited with status 2 (or could not start), and
+        the same command would fail the same way again."""
+        self._config_errors.add(index)
+        last = len(self._config_errors) == self.processes
+        _log.error(
+            "worker process exited with status 2, a configuration error (see its message "
+            "above); not restarting it" + ("; no worker process is left" if last else ""),
+            index=index,
+            pid=pid,
+            argv=self._argv.get(index),
+        )
 
     async def _spawn(self, index: int) -> Process | None:
         """Start the child of slot `index`; None (logged) if it could not be started."""
@@ -309,40 +307,6 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.Signals(signum))
         return proc
-
-    async def _wait_first(self, index: int, proc: Process) -> tuple[int, bool]:
-        """Wait for a child of the first start; return its exit status and whether it exited
-        with status 2 within `config_error_window` (reporting early if it outlived that)."""
-        returncode: int | None = None
-        with anyio.move_on_after(self.config_error_window):
-            returncode = await proc.wait()
-        if returncode is not None:
-            return returncode, returncode == _CONFIG_ERROR
-        await self._report_first_start(index, quick_config_error=False)
-        return await proc.wait(), False
-
-    async def _report_first_start(self, index: int, *, quick_config_error: bool) -> None:
-        """Record how the first child of slot `index` fared (once per slot); give up once every
-        slot's failed as a configuration error. A slot whose child failed so waits for the
-        verdict of the others before restarting it."""
-        assert self._verdict is not None
-        if index in self._first_start:
-            return
-        self._first_start[index] = quick_config_error
-        if not quick_config_error:
-            self._verdict.set()
-            return
-        if len(self._first_start) == self.processes and all(self._first_start.values()):
-            if not self._stopping:
-                self._gave_up = True
-                _log.error(
-                    "every worker process exited with status 2 at startup: a configuration "
-                    "error (see their messages above); not restarting them",
-                    processes=self.processes,
-                    argv=self._argv.get(index),
-                )
-            self._verdict.set()
-        await self._verdict.wait()
 
     def _note_exit_during_stop(self, index: int, pid: int, returncode: int) -> None:
         # Dying of the forwarded signal itself is a clean stop: a child still importing has no

@@ -4,8 +4,7 @@
 
 Exits with the status `Supervisor.run()` returns. The supervisor's logs are JSON lines on
 standard error, where the children's go too. Tests shrink its timings through the environment:
-`T_RESTART_INITIAL` and `T_RESTART_MAX` (the restart backoff, in seconds), `T_SHUTDOWN_GRACE`
-and `T_CONFIG_ERROR_WINDOW`.
+`T_RESTART_INITIAL` and `T_RESTART_MAX` (the restart backoff, in seconds) and `T_SHUTDOWN_GRACE`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ def main(argv: list[str]) -> int:
             maximum=float(os.environ.get("T_RESTART_MAX", "1")),
             jitter=False,
         ),
-        config_error_window=float(os.environ.get("T_CONFIG_ERROR_WINDOW", "1")),
     )
     return anyio.run(supervisor.run)
 
