@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from omnidaemon.brokers.embedded_server import ensure_server, stop_server
+from tests.cluster import RedisCluster, running_cluster
 from tests.servers import RedisServer, running_redis
 
 
@@ -50,3 +51,14 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own, with AOF on (`appendfsync always`), to restart."""
     with running_redis(tmp_path, appendonly=True) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 masters, a replica each) for one test module, started on first use.
+
+    Module-scoped, not session-scoped: tests kill nodes and move slots, so a module gets a
+    cluster whose faults are its own. Tests should find nodes with `master_of(key)`.
+    """
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
