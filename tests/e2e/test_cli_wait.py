@@ -181,7 +181,9 @@ def test_result_of_a_pipelines_first_event_says_what_happened_and_where_it_went(
 
     def finished() -> bool:
         done["run"] = bus.cli("result", first)
-        return "on " + bus.topic("stage2") in done["run"].stdout
+        # The child is published before the first event's (batched) acknowledgement.
+        out = done["run"].stdout
+        return "on " + bus.topic("stage2") in out and "agent extract: handled" in out
 
     wait_for(finished, 20, "the first stage's child event", interval=0.2)
     lines = done["run"].stdout.splitlines()
