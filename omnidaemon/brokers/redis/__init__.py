@@ -1,0 +1,65 @@
+"""`redis://`, `rediss://`, `unix://`: the production bus, on Redis Streams (Redis >= 6.2, Valkey).
+
+Layout per topic (every key carries the topic as a hash tag, so one topic lives in one Redis
+Cluster slot), with `omni` as the default prefix:
+
+- `omni:{<topic>}:stream`: the topic's entries, one field `e` holding the envelope; every
+  agent is a consumer group on it.
+- `omni:{<topic>}:due:<group>`: a sorted set of the group's scheduled retries by due time.
+- `omni:{<topic>}:retry:<group>`: the group's retry stream: due retries are moved here (one
+  atomic script) and read by the same group, with the attempt in field `a`.
+- `omni:{<topic>}:dlq:<group>`: the group's dead-letter stream, one field `r` per record.
+- `omni:{<topic>}:delayed`: a sorted set of entries published with a delay, by due time on the
+  server's clock.
+- `omni:{<topic>}:metrics:<group>`: a hash of the group's metrics, incremented by every worker
+  with its batched acks (see `omnidaemon.metrics`).
+
+Outside topics: `omni:result:<event id>` (stored results, a hash by agent) and
+`omni:value:<key>` (idempotency claims, worker heartbeats `worker:<name>`).
+
+Trimming: each publish trims the topic stream to about `maxlen` entries (`XADD MAXLEN ~`). An
+entry no group has read yet is trimmed only once at least `maxlen` newer entries were published
+after it; size `maxlen` above the backlog your slowest agent may build up.
+"""
+
+from __future__ import annotations
+
+from omnidaemon.brokers.redis._connection import MAX_CONNECTIONS, redact_url
+from omnidaemon.brokers.redis._delivery import RedisDelivery
+from omnidaemon.brokers.redis._inspection import RedisInspection
+from omnidaemon.brokers.redis._publishing import RedisPublishing
+
+__all__ = ["MAX_CONNECTIONS", "RedisBroker", "redact_url"]
+
+
+class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
+    """The Redis Streams broker.
+
+    Args:
+        url: `redis://[[user]:password@]host[:port][/db]`, `rediss://...` for TLS, or
+            `unix:///path/to/socket[?db=N]`.
+        prefix: The first part of every key.
+        maxlen: Entries each topic stream keeps (approximately; see the module docs).
+        topic_maxlen: Per-topic overrides of `maxlen`.
+        publish_timeout: Seconds a publish keeps trying an unreachable bus before it raises
+            `BusUnavailable`.
+        max_connections: The most connections the broker opens to the server (its pool):
+            one per consumer of each agent while it reads, plus those commands use while
+            they run. A command that finds them all in use fails at once with
+            `MaxConnectionsError`, a `ConnectionError`. The URL's `?max_connections=N` wins
+            over this argument.
+    """
+
+    # Its parts, one job each: `_connection` (URLs, the client and pool, the broker's own
+    # connections, missing groups: the one place that knows where a key lives), `_keys` (the
+    # key layout), `_publishing`, `_delivery` (fetching and settling) and `_inspection`.
+
+    def clone(self) -> RedisBroker:
+        return RedisBroker(
+            self._raw_url,
+            prefix=self._prefix,
+            maxlen=self._maxlen,
+            topic_maxlen=self._topic_maxlen,
+            publish_timeout=self._publish_timeout,
+            max_connections=self._max_connections,
+        )

@@ -1,0 +1,125 @@
+"""Publishing on the Redis broker: single, batched and delayed events, retried with backoff
+while the bus is unreachable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from redis.exceptions import AuthenticationError
+
+from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _UNAVAILABLE, RedisConnection
+from omnidaemon.brokers.redis._keys import _xadd_args
+from omnidaemon.errors import BusUnavailable, ConfigurationError
+
+__all__ = ["RedisPublishing"]
+
+# publish_many: a topic's entries go out as APPEND_MANY from this many on, this many a call
+# (one call holds the server for about a millisecond per 1,000 entries).
+_APPEND_MANY_FROM = 8
+_APPEND_MANY_CHUNK = 1_000
+
+
+class RedisPublishing(RedisConnection):
+    """The publishing commands of `RedisBroker`."""
+
+    async def _with_publish_deadline(self, attempt: Any) -> None:
+        """Run `attempt()` until it succeeds, retrying an unreachable bus with backoff until
+        `publish_timeout`, then raise `BusUnavailable`."""
+        deadline = anyio.current_time() + self._publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                await attempt()
+                return
+            except AuthenticationError as exc:
+                # Wrong credentials will not fix themselves: say so at once.
+                raise ConfigurationError(
+                    f"the bus at {self._url} refused the credentials in the broker URL ({exc})"
+                ) from None
+            except _UNAVAILABLE as exc:
+                if anyio.current_time() + delay > deadline:
+                    raise BusUnavailable(
+                        f"cannot publish: the bus at {self._url} did not answer within "
+                        f"{self._publish_timeout:g} s ({type(exc).__name__}: {exc})"
+                    ) from exc
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def publish(self, topic: str, data: bytes, *, delay: float = 0.0) -> None:
+        key = self.stream_key(topic)
+        maxlen = self._maxlen_of(topic)
+
+        async def append() -> None:
+            await self._direct(_xadd_args(key, maxlen, data), timeout=_SOCKET_TIMEOUT)
+
+        if delay <= 0:
+            try:
+                # The common case first, without the retry machinery's set-up; a failure is
+                # retried (or reported) by `_with_publish_deadline` below.
+                await append()
+                return
+            except (AuthenticationError, *_UNAVAILABLE):
+                pass
+            await self._with_publish_deadline(append)
+            return
+        # A delayed entry is held in the topic's delayed set by due time; consumers of the topic
+        # release it into the stream (FETCH_RETRIES) once the server's clock reaches it. The
+        # due time is set by that same clock (DELAY), not this process's: a publisher whose
+        # clock is behind would otherwise have its events released early. The member is made
+        # once, so a retried call cannot add it twice.
+        delay_ms = max(0, int(delay * 1000))
+        member = f"{self._unique_prefix}-{next(self._unique)}\n".encode() + data
+
+        async def hold() -> None:
+            await self._scripts["DELAY"](keys=[self.delayed_key(topic)], args=[delay_ms, member])
+
+        await self._with_publish_deadline(hold)
+
+    async def publish_many(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        if not entries:
+            return
+
+        # Per topic, in order; a topic's entries go out as one APPEND_MANY per chunk (few
+        # entries: plain XADDs). Order across topics means nothing: they are separate streams.
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, data in entries:
+            by_topic.setdefault(topic, []).append(data)
+        appends: list[tuple[str, int, list[bytes]]] = []  # (stream, maxlen, entries) per call
+        for topic, datas in by_topic.items():
+            key, maxlen = self.stream_key(topic), self._maxlen_of(topic)
+            if len(datas) < _APPEND_MANY_FROM:
+                appends += [(key, maxlen, [data]) for data in datas]
+            else:
+                step = _APPEND_MANY_CHUNK
+                appends += [(key, maxlen, datas[i : i + step]) for i in range(0, len(datas), step)]
+        append_many = self._scripts["APPEND_MANY"]
+
+        async def attempt() -> None:
+            if len(appends) == 1 and len(appends[0][2]) > 1:
+                # One call: no pipeline, whose script check would cost a round trip more.
+                key, maxlen, chunk = appends[0]
+                await append_many(keys=[key], args=[maxlen, *chunk])
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, maxlen, chunk in appends:
+                    if len(chunk) == 1:
+                        pipe.execute_command(*_xadd_args(key, maxlen, chunk[0]))
+                    else:
+                        await append_many(keys=[key], args=[maxlen, *chunk], client=pipe)
+                await pipe.execute()
+
+        await self._with_publish_deadline(attempt)
+
+    async def publish_if_exists(self, topic: str, data: bytes) -> bool:
+        appended = False
+        append_if_exists = self._scripts["APPEND_IF_EXISTS"]
+        key, maxlen = self.stream_key(topic), self._maxlen_of(topic)
+
+        async def attempt() -> None:
+            nonlocal appended
+            appended = bool(await append_if_exists(keys=[key], args=[maxlen, data]))
+
+        await self._with_publish_deadline(attempt)
+        return appended
