@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -81,7 +80,6 @@ class AgentConsumer(Fetching, Outcomes):
         """True once a shutdown cancelled handlers that outlived the grace period."""
         self.notifier: OutcomeNotifier | None = None  # set by the worker before it runs
         self.watchdog: LoopWatchdog | None = None  # the worker's, for lines about lost leases
-        self._started: dict[tuple[str, str], datetime] = {}  # attempt start, for results
         self._idempotency = (
             Idempotency(
                 self._broker,
@@ -114,7 +112,7 @@ class AgentConsumer(Fetching, Outcomes):
         `omnidaemon.testing` can move their deadlines when a test fast-forwards time."""
         self._thread_limiter = None if spec.is_async else anyio.CapacityLimiter(concurrency)
         self._threads = (
-            TimedThreads(spec.invoke, self._thread_limiter, self._slot_freed, self.timeouts)
+            TimedThreads(spec.invoke, self._thread_limiter, self._nudge, self.timeouts)
             if self._thread_limiter is not None and spec.timeout is not None
             else None
         )
@@ -183,12 +181,10 @@ class AgentConsumer(Fetching, Outcomes):
         await self._leave_group()
 
     def _nudge(self) -> None:
+        # Something the fetch loop may be waiting for changed: a timed-out handler's thread
+        # returned (a slot is free again), or the worker-wide isolation moved on.
         if self._wake_waiting:
             self._wake.set()
-
-    def _slot_freed(self) -> None:
-        if self._wake_waiting:
-            self._wake.set()  # a timed-out handler's thread returned: a slot is free again
 
     # Handling -----------------------------------------------------------------------------
 
@@ -216,8 +212,6 @@ class AgentConsumer(Fetching, Outcomes):
             metrics.in_flight -= 1
             self.running.pop(key, None)
             self._in_flight.pop(key, None)
-            if self._started:
-                self._started.pop(key, None)
             if self._lost or self._trimmed:
                 self._lost.discard(key)
                 self._trimmed.discard(key)
@@ -291,7 +285,6 @@ class AgentConsumer(Fetching, Outcomes):
     async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
         spec = self._spec
         if spec.store_results:
-            self._started[(delivery.origin, delivery.id)] = datetime.now(UTC)
             await self._record(delivery, envelope.id, "running")
         ctx = Context(
             self._app,

@@ -56,7 +56,7 @@ class Outcomes:
     _broker: Broker
     _trimmed: set[tuple[str, str]]
     _max_payload_bytes: int
-    _started: dict[tuple[str, str], datetime]
+    running: dict[tuple[str, str], tuple[Delivery, float]]
     _log: Logger
 
     async def _fail(
@@ -210,12 +210,17 @@ class Outcomes:
             result=result,
             error=error,
             attempts=delivery.attempt,
-            started_at=self._started.get((delivery.origin, delivery.id)),
+            started_at=self._attempt_started(delivery),
             finished_at=datetime.now(UTC) if finished else None,
         )
         await self._broker.put_result(
             event_id, self._spec.name, record.encode(), self._spec.result_ttl
         )
+
+    def _attempt_started(self, delivery: Delivery) -> datetime | None:
+        """When this worker began handling the delivery (wall clock), if it is handling it."""
+        running = self.running.get((delivery.origin, delivery.id))
+        return datetime.fromtimestamp(running[1], UTC) if running is not None else None
 
     async def _reject_undecodable(self, delivery: Delivery, exc: ValidationError) -> None:
         errors = exc.errors(include_url=False)
