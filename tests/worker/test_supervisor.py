@@ -372,8 +372,8 @@ def ready_child(ready_dir: Path, on_sigterm: str) -> Callable[[int], list[str]]:
 
 
 def files(directory: Path) -> dict[str, str]:
-    """The files of `directory` (name to text)."""
-    return {p.name: p.read_text() for p in directory.iterdir()}
+    """The files of `directory` (name to text), but those still being written (`.tmp`)."""
+    return {p.name: p.read_text() for p in directory.iterdir() if p.suffix != ".tmp"}
 
 
 def gone(pid: int) -> bool:
@@ -402,7 +402,12 @@ async def test_stop_forwards_sigterm_and_children_get_their_index_and_env(tmp_pa
     code = (
         "import os, sys, time\n"
         "index = os.environ['OMNIDAEMON_WORKER_INDEX']\n"
-        f"open(os.path.join({str(tmp_path)!r}, index), 'w').write(os.environ['T_EXTRA'])\n"
+        # Written aside and renamed: the file appears with its content, so a SIGTERM sent
+        # as soon as all three exist cannot catch a child between creating and writing it.
+        f"path = os.path.join({str(tmp_path)!r}, index)\n"
+        "with open(path + '.tmp', 'w') as f:\n"
+        "    f.write(os.environ['T_EXTRA'])\n"
+        "os.rename(path + '.tmp', path)\n"
         "time.sleep(60)\n"
     )
     sup = Supervisor(child(code), 3, env={"T_EXTRA": "extra"})
