@@ -9,6 +9,7 @@ __all__ = [
     "ConfigurationError",
     "DelayTooLong",
     "NotFound",
+    "NotReplicated",
     "OmniDaemonError",
     "PayloadTooLarge",
     "PayloadValidationError",
@@ -25,6 +26,15 @@ class ConfigurationError(OmniDaemonError):
 
 class BusUnavailable(OmniDaemonError):
     """The bus did not answer within the timeout; the message names it (without password)."""
+
+
+class NotReplicated(BusUnavailable):
+    """The bus stored a publish, but fewer replicas than `min_replicas` confirmed it in time.
+
+    Raised only under `OMNIDAEMON_REDIS_MIN_REPLICAS` (or `RedisBroker(min_replicas=...)`):
+    the event is on the master and is delivered unless that master fails before a replica
+    copies it. Publishing it again is safe (delivery is at least once) but may deliver it twice.
+    """
 
 
 class NotFound(OmniDaemonError, LookupError):

@@ -48,6 +48,14 @@ class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
             they run. A command that finds them all in use fails at once with
             `MaxConnectionsError`, a `ConnectionError`. The URL's `?max_connections=N` wins
             over this argument.
+        min_replicas: Replicas that must confirm a write before a publish or a settle
+            returns (`WAIT`); a publish not confirmed within `publish_timeout` raises
+            `NotReplicated`. `None` reads `OMNIDAEMON_REDIS_MIN_REPLICAS` (default 0: the
+            server's answer is enough, and a failover can lose the last writes).
+
+    A URL may list several nodes of a Redis Cluster (`redis://h1:7000,h2:7000`); a URL of one
+    node is asked at connection whether it is a cluster. On a cluster, each command goes to the
+    master of its keys' slot, following `MOVED` and `ASK`.
     """
 
     # Its parts, one job each: `_connection` (URLs, the client and pool, the broker's own
@@ -62,4 +70,5 @@ class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
             topic_maxlen=self._topic_maxlen,
             publish_timeout=self._publish_timeout,
             max_connections=self._max_connections,
+            min_replicas=self._min_replicas,
         )

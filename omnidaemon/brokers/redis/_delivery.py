@@ -113,7 +113,10 @@ class RedisDelivery(RedisConnection):
         args += ("STREAMS", self.stream_key(sub.topic), ">")
         # [[stream, [[id, [field, value, ...]], ...]]] with RESP2, {stream: [...]} with RESP3.
         response = await self._direct(
-            args, owner=(sub, consumer), timeout=block_ms / 1000 + _SOCKET_TIMEOUT
+            args,
+            key=self.stream_key(sub.topic),
+            owner=(sub, consumer),
+            timeout=block_ms / 1000 + _SOCKET_TIMEOUT,
         )
         if not response:
             return deliveries
@@ -141,24 +144,40 @@ class RedisDelivery(RedisConnection):
             return
         from_stream = [d.id for d in deliveries if d.origin != _RETRY]
         from_retry = [d.id for d in deliveries if d.origin == _RETRY]
-        async with self.client.pipeline(transaction=False) as pipe:
-            if from_stream:
-                pipe.xack(self.stream_key(sub.topic), sub.group, *from_stream)
-            if from_retry:
-                # Retry entries are read by this group alone: once settled they can go.
-                pipe.xack(self.retry_key(sub), sub.group, *from_retry)
-                pipe.xdel(self.retry_key(sub), *from_retry)
-            if stats:
-                key = self.metrics_key(sub)
-                extremes: list[str | int] = []
-                for name, value in stats.items():
-                    if is_extreme(name):
-                        extremes += (name, value)
-                    else:
-                        pipe.hincrby(key, name, value)
-                if extremes:
-                    pipe.eval(scripts.KEEP_EXTREMES, 1, key, *extremes)
-            replies = await pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = []
+        if from_stream:
+            commands.append(("XACK", self.stream_key(sub.topic), sub.group, *from_stream))
+        if from_retry:
+            # Retry entries are read by this group alone: once settled they can go.
+            commands.append(("XACK", self.retry_key(sub), sub.group, *from_retry))
+            commands.append(("XDEL", self.retry_key(sub), *from_retry))
+        if stats:
+            key = self.metrics_key(sub)
+            extremes: list[str | int] = []
+            for name, value in stats.items():
+                if is_extreme(name):
+                    extremes += (name, value)
+                else:
+                    commands.append(("HINCRBY", key, name, value))
+            if extremes:
+                commands.append(("EVAL", scripts.KEEP_EXTREMES, 1, key, *extremes))
+        replies: list[Any]
+        if self._min_replicas > 0:
+            # One connection of the broker's own, so that WAIT follows these writes.
+            try:
+                replies = await self._exchange(
+                    commands,
+                    key=self.stream_key(sub.topic),
+                    timeout=_SOCKET_TIMEOUT + self._replica_wait,
+                    replicate="settle",
+                )
+            except ResponseError as exc:
+                replies = [exc]
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
             # Nothing is pending in a group that is gone: these acks have nothing to settle.
@@ -191,6 +210,7 @@ class RedisDelivery(RedisConnection):
                 "1" if trimmed else "0",
                 delivery.consumer,
             ],
+            settles=True,
         )
         self._retry_state.pop(sub, None)
         return bool(settled)
@@ -210,6 +230,7 @@ class RedisDelivery(RedisConnection):
                 "1" if trimmed else "0",
                 delivery.consumer,
             ],
+            settles=True,
         )
         # A group that is gone (None) took everything it held with it: nothing was settled.
         return bool(settled)

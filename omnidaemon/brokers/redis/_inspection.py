@@ -10,7 +10,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, Subscription, TopicInfo
-from omnidaemon.brokers.redis._connection import RedisConnection
+from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, RedisConnection
 from omnidaemon.brokers.redis._keys import _decode, _escape_glob
 
 __all__ = ["RedisInspection"]
@@ -81,7 +81,8 @@ class RedisInspection(RedisConnection):
         for owner in owners:
             self._reader_ids.pop(owner, None)
             self._interrupted.discard(owner)
-            await self.client.connection_pool.release(self._readers.pop(owner))
+            conn, node = self._readers.pop(owner)
+            await self._release(self.client, conn, node)
         await self.client.delete(*await self._topic_keys(topic))
 
     # Results ------------------------------------------------------------------------------
@@ -186,11 +187,10 @@ class RedisInspection(RedisConnection):
             pipe.xlen(stream)
             pipe.zcard(self.delayed_key(topic))
             pipe.xinfo_groups(stream)
-            pipe.time()
             # Sampled (the server's default), so it costs the same for any number of entries.
             pipe.memory_usage(self.delayed_key(topic))
             replies = await pipe.execute(raise_on_error=False)
-        exists, length, delayed, groups, now, used = replies
+        exists, length, delayed, groups, used = replies
         # None: no delayed set; an error: MEMORY disabled (some hosted servers), so unknown.
         delayed_bytes = None if isinstance(used, Exception) else int(used or 0)
         if not exists:
@@ -198,6 +198,8 @@ class RedisInspection(RedisConnection):
             return TopicInfo(topic, 0, int(delayed), (), delayed_bytes) if int(delayed) else None
         if isinstance(groups, Exception):
             return None
+        # The clock of the server that holds the topic (a cluster pipeline takes no TIME).
+        now = await self._direct(("TIME",), key=stream, timeout=_SOCKET_TIMEOUT)
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         infos = []
         for group in groups:
@@ -310,7 +312,9 @@ class RedisInspection(RedisConnection):
         ]
         if not keys:
             return {}
-        values: Any = await self.client.mget(keys)
+        # Keys of many slots: on a cluster, one MGET per node (not atomic, and need not be).
+        client = self.client
+        values: Any = await (client.mget_nonatomic(keys) if self.is_cluster else client.mget(keys))
         return {
             _decode(key)[len(head) :]: bytes(value)
             for key, value in zip(keys, values, strict=True)

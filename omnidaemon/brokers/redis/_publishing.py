@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 from redis.exceptions import AuthenticationError
 
+from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _UNAVAILABLE, RedisConnection
 from omnidaemon.brokers.redis._keys import _xadd_args
 from omnidaemon.errors import BusUnavailable, ConfigurationError
@@ -52,7 +53,12 @@ class RedisPublishing(RedisConnection):
         maxlen = self._maxlen_of(topic)
 
         async def append() -> None:
-            await self._direct(_xadd_args(key, maxlen, data), timeout=_SOCKET_TIMEOUT)
+            await self._exchange(
+                (_xadd_args(key, maxlen, data),),
+                key=key,
+                timeout=_SOCKET_TIMEOUT + self._replica_wait,
+                replicate="publish",
+            )
 
         if delay <= 0:
             try:
@@ -73,7 +79,12 @@ class RedisPublishing(RedisConnection):
         member = f"{self._unique_prefix}-{next(self._unique)}\n".encode() + data
 
         async def hold() -> None:
-            await self._scripts["DELAY"](keys=[self.delayed_key(topic)], args=[delay_ms, member])
+            await self._script(
+                "DELAY",
+                keys=[self.delayed_key(topic)],
+                args=[delay_ms, member],
+                replicate="publish",
+            )
 
         await self._with_publish_deadline(hold)
 
@@ -97,29 +108,48 @@ class RedisPublishing(RedisConnection):
         append_many = self._scripts["APPEND_MANY"]
 
         async def attempt() -> None:
+            if self._min_replicas > 0:
+                # Each topic on a connection of its own, followed by WAIT on that connection
+                # (a pipeline through the client could put the WAIT on another one).
+                by_key: dict[str, list[tuple[Any, ...]]] = {}
+                for key, maxlen, chunk in appends:
+                    by_key.setdefault(key, []).append(_append_command(key, maxlen, chunk))
+                timeout = _SOCKET_TIMEOUT + self._replica_wait
+                for key, commands in by_key.items():
+                    await self._exchange(commands, key=key, timeout=timeout, replicate="publish")
+                return
             if len(appends) == 1 and len(appends[0][2]) > 1:
                 # One call: no pipeline, whose script check would cost a round trip more.
                 key, maxlen, chunk = appends[0]
                 await append_many(keys=[key], args=[maxlen, *chunk])
                 return
+            # On a cluster, the client sends one pipeline per node: topics on different
+            # masters go out at once, each topic's entries in order. Scripts go as EVAL with
+            # their text, so no server needs them cached (a new master after a failover).
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, maxlen, chunk in appends:
-                    if len(chunk) == 1:
-                        pipe.execute_command(*_xadd_args(key, maxlen, chunk[0]))
-                    else:
-                        await append_many(keys=[key], args=[maxlen, *chunk], client=pipe)
+                    pipe.execute_command(*_append_command(key, maxlen, chunk))
                 await pipe.execute()
 
         await self._with_publish_deadline(attempt)
 
     async def publish_if_exists(self, topic: str, data: bytes) -> bool:
         appended = False
-        append_if_exists = self._scripts["APPEND_IF_EXISTS"]
         key, maxlen = self.stream_key(topic), self._maxlen_of(topic)
 
         async def attempt() -> None:
             nonlocal appended
-            appended = bool(await append_if_exists(keys=[key], args=[maxlen, data]))
+            done = await self._script(
+                "APPEND_IF_EXISTS", keys=[key], args=[maxlen, data], replicate="publish"
+            )
+            appended = bool(done)
 
         await self._with_publish_deadline(attempt)
         return appended
+
+
+def _append_command(key: str, maxlen: int, chunk: Sequence[bytes]) -> tuple[Any, ...]:
+    """One entry: XADD; several: the APPEND_MANY script, sent with its text (EVAL)."""
+    if len(chunk) == 1:
+        return _xadd_args(key, maxlen, chunk[0])
+    return ("EVAL", scripts.APPEND_MANY, 1, key, maxlen, *chunk)
