@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,28 @@ class RedisCluster:
 
         self._wait(f"failover of {old_master_port}", ready, timeout)
         return promoted[0]
+
+    def revive(self, port: int, timeout: float = 20) -> None:
+        """Start a killed node again with its data: it rejoins as a replica of whichever node
+        took over its slots; return once the cluster is ok with it in sync."""
+        self.nodes[port].start()
+        self.killed.discard(port)
+        self._killed_slots.pop(port, None)
+        self.wait_ok(timeout)
+
+    def master_with_replica(self, keys: Sequence[str]) -> tuple[str, ClusterMaster]:
+        """The first of `keys` whose master has a live replica in sync, and that master."""
+        for key in keys:
+            master = self.master_of(key)
+            for port in self.ports:
+                role = self.client(port).info("replication")
+                if (
+                    role["role"] == "slave"
+                    and int(role["master_port"]) == master.port
+                    and role["master_link_status"] == "up"
+                ):
+                    return key, master
+        raise LookupError("no key of those given has a master with a replica")
 
     # -- resharding ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from redis.exceptions import (
     NoScriptError,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -139,6 +140,7 @@ class RedisConnection(RedisKeys, Broker):
         self._cluster: ClusterClient | None = None  # the client, when the bus is a cluster
         self._mode_known = False  # whether we asked the server if it is a cluster
         self._stale_slots = False  # a node failed: fetch the slot map before the next command
+        self._slots_lock = anyio.Lock()
         self._scripts: dict[str, Any] = {}
         self._unique = itertools.count()
         self._unique_prefix = f"{os.getpid()}-{os.urandom(4).hex()}"
@@ -274,9 +276,8 @@ class RedisConnection(RedisKeys, Broker):
         """
         if not self._mode_known:
             await self._learn_mode()
-        if self._stale_slots and self._cluster is not None:
-            self._stale_slots = False
-            await self._cluster.nodes_manager.initialize()
+        if self._cluster is not None:
+            await self._load_slots()
         node = self._node_of(key)
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
@@ -315,12 +316,29 @@ class RedisConnection(RedisKeys, Broker):
             raise error
         return replies
 
+    async def _load_slots(self) -> None:
+        """Fetch the cluster's slot map if none was yet, or a node failed since (one caller
+        fetches it; the others wait for that one)."""
+        assert self._cluster is not None
+        await self._cluster.initialize()  # a no-op once the client has its map
+        if self._stale_slots:
+            async with self._slots_lock:
+                if self._stale_slots:
+                    await self._cluster.nodes_manager.initialize()
+                    self._stale_slots = False
+
     def _node_of(self, key: str) -> ClusterNode | None:
         """The master that holds `key`'s slot, by the cached slot map (None: not a cluster)."""
         if self._cluster is None:
             return None
         slot = self._cluster.keyslot(key)
-        return self._cluster.nodes_manager.get_node_from_slot(slot)
+        try:
+            return self._cluster.nodes_manager.get_node_from_slot(slot)
+        except (KeyError, SlotNotCoveredError):
+            # No master serves the slot in the map we have (a failover under way): fetch the
+            # map again before the next command, and let the caller retry as for a lost node.
+            self._stale_slots = True
+            raise RedisConnectionError(f"no master serves slot {slot} of the cluster") from None
 
     def _cluster_node(self, host: str, port: int) -> ClusterNode:
         assert self._cluster is not None
