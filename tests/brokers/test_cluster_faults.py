@@ -262,4 +262,3 @@ async def test_a_master_killed_under_load_without_min_replicas_loses_at_most_a_f
     assert figures["publish_gap_s"] < 15
     for worker in fleet.workers:
         assert worker.proc.poll() is None, worker.stderr
-
