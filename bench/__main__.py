@@ -40,8 +40,9 @@ from bench.common import (
 CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
 # Run only when named in --cases: the drain at each of SWEEP's concurrencies, and the Redis
 # Cluster rows (publish and drain against redis-py's cluster client, and what min_replicas=1
-# costs), which start a cluster of 6 nodes of their own (about 40 s at N = 20,000; 20 s
-# even at --smoke's N = 500, most of it starting the cluster and the consumer processes).
+# costs), which start a cluster of 6 nodes of their own (about 2.5 minutes at N = 20,000
+# and 3 runs; 13 s even at --smoke's N = 500, most of it starting the cluster, the workers
+# and the raw consumers).
 EXTRA_CASES = ("concurrency", "cluster")
 SWEEP = (16, 32, 64, 100, 256)
 

@@ -391,4 +391,6 @@ def machine_info(server: RedisServer) -> dict[str, str]:
         "cores": str(cores),
         "memory": _memory(),
         "os": f"{platform.system()} {platform.release()}",
+        # Other work on the machine when the benchmark started (1, 5 and 15 minutes).
+        "load": ", ".join(f"{load:.2f}" for load in os.getloadavg()),
     }

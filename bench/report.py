@@ -281,7 +281,8 @@ def _machine(info: Mapping[str, str], elapsed: float, peers: str | None) -> list
         f"- machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
         f"{info.get('memory', '?')} RAM, {info.get('os', '?')}",
         versions + (f"; peers: {peers}" if peers is not None else ""),
-        f"- ran {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {elapsed:.0f} s",
+        f"- ran {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {elapsed:.0f} s; load average "
+        f"when it started {info.get('load', '?')}",
     ]
 
 
