@@ -4,6 +4,7 @@
     python -m bench --quick               # N = 5,000, one run of each case
     python -m bench --smoke               # a few seconds: N = 500, one run, no peers (CI)
     python -m bench --cases drain,latency --no-peers -n 50000
+    python -m bench --cases cluster --no-peers  # on a local Redis Cluster (writes its section)
 
 Progress goes to stderr, the table to stdout. Exit status: 0 when every case was measured
 (whether or not targets were met), 1 when a case failed, 2 when the benchmark cannot run.
@@ -21,13 +22,15 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from bench import report
-from bench.cases import memory, omni, peers, raw, scale
+from bench.cases import cluster, memory, omni, peers, raw, scale
 from bench.common import (
     BenchError,
     Children,
     Config,
+    LocalCluster,
     RedisServer,
     machine_info,
     progress,
@@ -35,12 +38,16 @@ from bench.common import (
 )
 
 CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
-# Run only when named in --cases: the drain at each of SWEEP's concurrencies.
-EXTRA_CASES = ("concurrency",)
+# Run only when named in --cases: the drain at each of SWEEP's concurrencies, and the Redis
+# Cluster rows (publish and drain against redis-py's cluster client, and what min_replicas=1
+# costs), which start a cluster of 6 nodes of their own (about 2.5 minutes at N = 20,000
+# and 3 runs; 13 s even at --smoke's N = 500, most of it starting the cluster, the workers
+# and the raw consumers).
+EXTRA_CASES = ("concurrency", "cluster")
 SWEEP = (16, 32, 64, 100, 256)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
+def parse_args(argv: list[str] | None) -> tuple[Config, bool, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="omnidaemon's benchmark against raw redis-py, FastStream and Taskiq.",
@@ -56,7 +63,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         "--cases",
         default=",".join(CASES),
         help=f"comma-separated, from {','.join(CASES + EXTRA_CASES)} (default: all but "
-        f"{','.join(EXTRA_CASES)}, the drain at concurrency {', '.join(map(str, SWEEP))})",
+        f"{','.join(EXTRA_CASES)}: the drain at concurrency {', '.join(map(str, SWEEP))}, and "
+        "publish and drain on a local Redis Cluster of 3 masters with a replica each)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
     parser.add_argument("-n", type=int, help="events per case (default 20,000)")
@@ -85,8 +93,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         cfg.reps = max(1, args.reps)
     if args.latency_seconds is not None:
         cfg.latency_seconds = max(0.5, args.latency_seconds)
-    full = cfg.mode == "full" and cfg.cases == CASES and cfg.peers and not args.no_write
-    return cfg, full
+    # A full run writes RESULTS.md: its main part when it ran the default cases, its cluster
+    # section when it ran the cluster case; each keeps the other part as it was.
+    write = cfg.mode == "full" and not args.no_write
+    main_cases = tuple(c for c in cfg.cases if c != "cluster")
+    full = write and main_cases == CASES and cfg.peers
+    return cfg, full, write and "cluster" in cfg.cases
 
 
 class Bench:
@@ -99,6 +111,8 @@ class Bench:
         self.out = out
         self.results: dict[str, list[float]] = defaultdict(list)
         self.notes: list[str] = []
+        self.cluster_notes: list[str] = []  # the cluster section's
+        self.cluster_elapsed = 0.0
         self.failed = False
         self.peers_python: Path | None = None
 
@@ -110,7 +124,8 @@ class Bench:
             self.failed = True
             reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
             progress(f"{what}: FAILED: {reason}")
-            self.notes.append(f"{what} failed: {(reason.splitlines() or ['?'])[0]}")
+            notes = self.cluster_notes if what.startswith("cluster") else self.notes
+            notes.append(f"{what} failed: {(reason.splitlines() or ['?'])[0]}")
             return False
         for key, value in figures.items():
             self.results[key].append(value)
@@ -134,8 +149,10 @@ class Bench:
             self.notes.append("FastStream and Taskiq not run (--no-peers or --smoke)")
         if cfg.mode == "smoke":
             self.notes.append("smoke run: too few events for the figures to mean anything")
+            self.cluster_notes.append(self.notes[-1])
 
-        raw.warm_server(s, cfg)
+        if cases - {"cluster"}:
+            raw.warm_server(s, cfg)
         if "publish" in cases:
             for i in self.reps():
                 self.measure(f"publish raw #{i}", lambda: raw.publish(s, cfg))
@@ -189,6 +206,43 @@ class Bench:
             for i in self.reps():
                 self.measure(f"memory #{i}", lambda: memory.memory(s, ch, cfg, out))
 
+        if "cluster" in cases:
+            self.cluster()
+
+    def cluster(self) -> None:
+        """The Redis Cluster rows, on a cluster of their own (stopped when they end)."""
+        cfg, ch, out = self.cfg, self.children, self.out
+        started = time.monotonic()
+        progress("starting a Redis Cluster: 3 masters, a replica each")
+        lc = LocalCluster(masters=3, replicas=1)
+        try:
+            lc.start()
+        except BenchError as exc:
+            self.failed = True
+            progress(f"cluster: FAILED to start: {exc}")
+            self.cluster_notes.append(f"the cluster did not start: {str(exc).splitlines()[0]}")
+            return
+        try:
+            topics = cluster.spread_topics(lc)
+            progress(f"cluster masters on ports {', '.join(map(str, lc.master_ports))}")
+            one, six = [cluster.TOPIC], f"{len(topics)} topics"
+            for i in self.reps():
+                run = partial(cluster.publish, lc, cfg, topics)
+                self.measure(f"cluster publish, all publishers in turn #{i}", run)
+                for name, on, label in (("", one, "1 topic"), ("_spread", topics, six)):
+                    run = partial(_rate, f"cluster.raw.drain{name}", cluster.raw_drain, lc, ch,
+                                  cfg, out, on)  # fmt: skip
+                    self.measure(f"cluster drain raw, {label} #{i}", run)
+                    run = partial(_rate, f"cluster.omni.drain{name}", cluster.omni_drain, lc, ch,
+                                  cfg, out, on)  # fmt: skip
+                    self.measure(f"cluster drain omnidaemon, {label} #{i}", run)
+                run = partial(_rate, "cluster.mr1.drain", cluster.omni_drain, lc, ch, cfg, out,
+                              one, min_replicas=1)  # fmt: skip
+                self.measure(f"cluster drain omnidaemon min_replicas=1, 1 topic #{i}", run)
+        finally:
+            lc.stop()
+            self.cluster_elapsed = time.monotonic() - started
+
     def _omni_drain(self) -> dict[str, float]:
         result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
         return {"omni.drain": result["rate"], "omni.drain_cpu": result["cpu"]}
@@ -226,12 +280,16 @@ class Bench:
         return ", ".join(f"{name} {found[key]}" for key, name in names.items() if key in found)
 
 
+def _rate(key: str, run: Callable[..., float], *args: Any, **kwargs: Any) -> dict[str, float]:
+    return {key: run(*args, **kwargs)}
+
+
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, full = parse_args(argv)
+    cfg, full, full_cluster = parse_args(argv)
     # Ctrl-C and SIGTERM stop the benchmark, its workers and its server, even when it was
     # started where SIGINT is ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -267,11 +325,23 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
 
     elapsed = time.monotonic() - started
-    printed, markdown, _ = report.render(bench.results, cfg, info, elapsed, bench.notes)
-    print(printed, flush=True)
-    if full:
-        report.RESULTS_MD.write_text(markdown + "\n")
-        progress(f"wrote {report.RESULTS_MD.relative_to(report.RESULTS_MD.parent.parent)}")
+    rendered = report.render(
+        bench.results,
+        cfg,
+        info,
+        elapsed,
+        bench.notes,
+        cluster_notes=bench.cluster_notes,
+        cluster_elapsed=bench.cluster_elapsed,
+    )
+    print(rendered.printed, flush=True)
+    if full or full_cluster:
+        report.write_results(rendered, main=full, cluster=full_cluster)
+        written = " and ".join(
+            what for what, done in (("results", full), ("cluster section", full_cluster)) if done
+        )
+        path = report.RESULTS_MD.relative_to(report.RESULTS_MD.parent.parent)
+        progress(f"wrote {path} ({written})")
     else:
         progress("bench/RESULTS.md not written (only a full run writes it)")
     return 1 if bench.failed else 0

@@ -6,6 +6,9 @@ the environment:
 - `OMNI_BENCH_TOPIC`: the topic (default `bench.events`);
 - `OMNI_BENCH_FANOUT`: how many agents consume it (`drain` only; default 1); each is its own
   consumer group, so each gets every event;
+- `OMNI_BENCH_TOPICS`: several topics, comma-separated (`drain` only), each consumed by one
+  agent, instead of `OMNI_BENCH_TOPIC` and `OMNI_BENCH_FANOUT` (the cluster case spreads its
+  events over topics on different masters);
 - `OMNI_BENCH_EXPECT`: how many handler calls this process will see, if known (then its CPU
   time is read at the first and the last one);
 - `OMNI_BENCH_OUT`: a folder; the worker writes `ready-<pid>` there once started, and
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ def build_app(
     *,
     topic: str = "bench.events",
     fanout: int = 1,
+    topics: Sequence[str] = (),
     broker: str | Broker | None = None,
     recorder: Recorder | None = None,
     out: Path | None = None,
@@ -43,6 +48,7 @@ def build_app(
     """The app of `kind`:
 
     - `drain`: `fanout` agents `sink_0`, `sink_1`, ... on `topic`, each a no-op that counts;
+      with `topics`, one such agent on each of them instead (`sink_<i>` on `topics[i]`);
     - `latency`: one agent `latency` recording each event's time since it was sent;
     - `retry`: one agent `parked` whose handler raises `Retry(delay=3600)`, so every event it
       gets waits in the agent's scheduled retries.
@@ -60,8 +66,8 @@ def build_app(
         async def sink(event: BenchEvent) -> None:
             rec.hit()
 
-        for i in range(fanout):
-            app.agent(topic, name=f"sink_{i}")(sink)
+        for i, on in enumerate(topics or [topic] * fanout):
+            app.agent(on, name=f"sink_{i}")(sink)
     elif kind == "latency":
 
         @app.agent(topic, name="latency")
@@ -97,6 +103,7 @@ def _from_env(kind: str) -> App:
         kind,
         topic=env.get("OMNI_BENCH_TOPIC", "bench.events"),
         fanout=int(env.get("OMNI_BENCH_FANOUT", "1")),
+        topics=[t for t in env.get("OMNI_BENCH_TOPICS", "").split(",") if t],
         recorder=Recorder(int(expect) if expect else None),
         out=Path(out) if out else None,
     )

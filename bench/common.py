@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+from redis.crc import key_slot
 
 from bench.peers._shared import BenchEvent, make_event
 
@@ -28,8 +29,10 @@ __all__ = [
     "BenchEvent",
     "Children",
     "Config",
+    "LocalCluster",
     "RedisServer",
     "blocked_readers",
+    "free_port",
     "machine_info",
     "make_event",
     "median",
@@ -111,9 +114,10 @@ class Config:
 
 
 class RedisServer:
-    """A `redis-server` on a free 127.0.0.1 port, no persistence, data in a temporary folder."""
+    """A `redis-server` on a free 127.0.0.1 port, no persistence, data in a temporary folder;
+    `extra_args` are appended to its command line."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise BenchError(
@@ -122,9 +126,8 @@ class RedisServer:
             )
         self.binary = binary
         self.directory = Path(tempfile.mkdtemp(prefix="omnibench-redis-"))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -144,6 +147,7 @@ class RedisServer:
             "--appendonly", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.directory / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
@@ -176,6 +180,119 @@ class RedisServer:
         with contextlib.closing(self.client()) as r:
             info: dict[str, Any] = r.info("server")
         return str(info.get("redis_version", "?"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """A Redis Cluster on 127.0.0.1: `masters` masters with `replicas` replicas each, every
+    node a `RedisServer` (no persistence), joined by `redis-cli --cluster create`.
+
+    `url` names one master (`redis://127.0.0.1:<port>`): cluster clients, omnidaemon's
+    included, learn the rest of the cluster from it.
+    """
+
+    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+        redis_cli = shutil.which("redis-cli")
+        if redis_cli is None:
+            raise BenchError("redis-cli is not installed (it comes with redis-server)")
+        self.redis_cli = redis_cli
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+        for _ in range(masters * (1 + replicas)):
+            self.nodes.append(RedisServer())
+        for node in self.nodes:
+            node.extra_args += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node.directory / "nodes.conf"),
+                "--cluster-node-timeout", "5000",
+                "--cluster-port", str(free_port()),
+                "--repl-diskless-sync-delay", "0",  # a replica's first sync at once, not in 5 s
+            ]  # fmt: skip
+        self.master_ports: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.master_ports[0]}"
+
+    def start(self, timeout: float = 30) -> None:
+        try:
+            for node in self.nodes:
+                node.start()
+            command = [self.redis_cli, "--cluster", "create"]
+            command += [f"127.0.0.1:{node.port}" for node in self.nodes]
+            command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            if done.returncode != 0:
+                raise BenchError(f"redis-cli --cluster create failed:\n{done.stdout[-2000:]}")
+            wait_until(self._converged, timeout=timeout, what="the cluster to converge")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _converged(self) -> bool:
+        """Every node says cluster_state:ok and knows every node; every replica is in sync."""
+        masters = []
+        for node in self.nodes:
+            with contextlib.closing(node.client()) as r:
+                try:
+                    info: dict[str, Any] = r.cluster("INFO")
+                    known = len(r.cluster("NODES"))
+                    replication: dict[str, Any] = r.info("replication")
+                except redis.RedisError:
+                    return False
+            if info.get("cluster_state") != "ok" or known != len(self.nodes):
+                return False
+            if replication["role"] == "master":
+                masters.append(node.port)
+            elif replication.get("master_link_status") != "up":
+                return False
+        self.master_ports = masters
+        return len(masters) * (1 + self.replicas) == len(self.nodes)
+
+    def masters(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.port in self.master_ports]
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot."""
+        slot = key_slot(key.encode())
+        with contextlib.closing(self.masters()[0].client()) as r:
+            slots: list[Any] = r.cluster("SLOTS")  # [start, end, [host, port, id], replicas...]
+        for start, end, master, *_ in slots:
+            if int(start) <= slot <= int(end):
+                return int(master[1])
+        raise BenchError(f"no master serves slot {slot}")
+
+    def sync_keys(self) -> list[tuple[int, str]]:
+        """A key on each master: (its port, the key)."""
+        found: dict[int, str] = {}
+        i = 0
+        while len(found) < len(self.master_ports):
+            found.setdefault(self.master_of(f"bench:sync:{i}"), f"bench:sync:{i}")
+            i += 1
+        return sorted(found.items())
+
+    def flushall(self) -> None:
+        """Empty every master (their replicas follow)."""
+        for node in self.masters():
+            with contextlib.closing(node.client()) as r:
+                r.flushall()
+
+    def blocked_readers(self) -> int:
+        """Clients blocked in XREADGROUP, over every master."""
+        total = 0
+        for node in self.masters():
+            with contextlib.closing(node.client()) as r:
+                total += blocked_readers(r)
+        return total
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 class Children:
@@ -274,4 +391,6 @@ def machine_info(server: RedisServer) -> dict[str, str]:
         "cores": str(cores),
         "memory": _memory(),
         "os": f"{platform.system()} {platform.release()}",
+        # Other work on the machine when the benchmark started (1, 5 and 15 minutes).
+        "load": ", ".join(f"{load:.2f}" for load in os.getloadavg()),
     }

@@ -154,17 +154,107 @@ ROWS: tuple[Row, ...] = (
         lower_is_better=True),
 )  # fmt: skip
 
+# Redis Cluster (--cases cluster): a topic's stream lives on one master; "6 topics" are two on
+# each of the 3 masters, events dealt over them in turn (bench/cases/cluster.py).
+_ONE, _SIX = "1 topic", "6 topics on 3 masters"
+
+# omnidaemon on the cluster against redis-py's cluster client, same cluster, same run.
+CLUSTER_ROWS: tuple[Row, ...] = (
+    Row("cluster.raw.publish_pipelined", "raw", f"publish, {_ONE}: pipelined XADD, 1,000 per "
+        "batch", _rate, "cluster.raw.publish_pipelined"),
+    Row("cluster.omni.publish_many", "omnidaemon", f"publish, {_ONE}: app.publish_many, 1,000 "
+        "per batch", _rate, "cluster.raw.publish_pipelined"),
+    Row("cluster.raw.publish_pipelined_spread", "raw", f"publish, {_SIX}: pipelined XADD, "
+        "1,000 per batch", _rate, "cluster.raw.publish_pipelined_spread"),
+    Row("cluster.omni.publish_many_spread", "omnidaemon", f"publish, {_SIX}: "
+        "app.publish_many, 1,000 per batch", _rate, "cluster.raw.publish_pipelined_spread"),
+    Row("cluster.raw.publish_awaited", "raw", f"publish, {_ONE}: one awaited XADD at a time",
+        _rate, "cluster.raw.publish_awaited"),
+    Row("cluster.omni.publish", "omnidaemon", f"publish, {_ONE}: one awaited app.publish at a "
+        "time", _rate, "cluster.raw.publish_awaited"),
+    Row("cluster.raw.publish_awaited_p50", "raw", "one awaited XADD: p50", _ms,
+        "cluster.raw.publish_awaited_p50", lower_is_better=True),
+    Row("cluster.raw.publish_awaited_p99", "raw", "one awaited XADD: p99", _ms,
+        "cluster.raw.publish_awaited_p99", lower_is_better=True),
+    Row("cluster.omni.publish_p50", "omnidaemon", "one awaited app.publish: p50", _ms,
+        "cluster.raw.publish_awaited_p50", lower_is_better=True),
+    Row("cluster.omni.publish_p99", "omnidaemon", "one awaited app.publish: p99", _ms,
+        "cluster.raw.publish_awaited_p99", lower_is_better=True),
+    Row("cluster.raw.drain", "raw", f"drain, {_ONE}: XREADGROUP 100 + XACK per batch", _rate,
+        "cluster.raw.drain"),
+    Row("cluster.omni.drain", "omnidaemon", f"drain, {_ONE}: 1 worker process, --concurrency "
+        "100", _rate, "cluster.raw.drain"),
+    Row("cluster.raw.drain_spread", "raw", f"drain, {_SIX}: the same, a reader task per "
+        "stream", _rate, "cluster.raw.drain_spread"),
+    Row("cluster.omni.drain_spread", "omnidaemon", f"drain, {_SIX}: 1 worker process, an "
+        "agent per topic, --concurrency 100", _rate, "cluster.raw.drain_spread"),
+)  # fmt: skip
+
+# What a WAIT 1 after each write costs, on the same cluster: each row against the same work
+# without it (raw: a plain client on the topic's master; omnidaemon: min_replicas=0).
+DURABILITY_ROWS: tuple[Row, ...] = (
+    Row("cluster.node.publish_pipelined", "raw", f"publish, {_ONE}: 1,000 pipelined XADD, on "
+        "the topic's master", _rate, "cluster.node.publish_pipelined"),
+    Row("cluster.node.publish_pipelined_wait", "raw", "the same + WAIT 1", _rate,
+        "cluster.node.publish_pipelined"),
+    Row("cluster.omni.publish_many", "omnidaemon", f"publish, {_ONE}: app.publish_many, 1,000 "
+        "per batch, min_replicas=0", _rate, "cluster.omni.publish_many"),
+    Row("cluster.mr1.publish_many", "omnidaemon", "the same, min_replicas=1", _rate,
+        "cluster.omni.publish_many"),
+    Row("cluster.omni.publish_many_spread", "omnidaemon", f"publish, {_SIX}: "
+        "app.publish_many, 1,000 per batch, min_replicas=0", _rate,
+        "cluster.omni.publish_many_spread"),
+    Row("cluster.mr1.publish_many_spread", "omnidaemon", "the same, min_replicas=1", _rate,
+        "cluster.omni.publish_many_spread"),
+    Row("cluster.node.publish_awaited", "raw", f"publish, {_ONE}: one awaited XADD, on the "
+        "topic's master", _rate, "cluster.node.publish_awaited"),
+    Row("cluster.node.publish_awaited_wait", "raw", "one awaited XADD + WAIT 1", _rate,
+        "cluster.node.publish_awaited"),
+    Row("cluster.node.publish_awaited_p50", "raw", "one awaited XADD: p50", _ms,
+        "cluster.node.publish_awaited_p50", lower_is_better=True),
+    Row("cluster.node.publish_awaited_wait_p50", "raw", "one awaited XADD + WAIT 1: p50", _ms,
+        "cluster.node.publish_awaited_p50", lower_is_better=True),
+    Row("cluster.node.publish_awaited_p99", "raw", "one awaited XADD: p99", _ms,
+        "cluster.node.publish_awaited_p99", lower_is_better=True),
+    Row("cluster.node.publish_awaited_wait_p99", "raw", "one awaited XADD + WAIT 1: p99", _ms,
+        "cluster.node.publish_awaited_p99", lower_is_better=True),
+    Row("cluster.omni.publish", "omnidaemon", f"publish, {_ONE}: one awaited app.publish, "
+        "min_replicas=0", _rate, "cluster.omni.publish"),
+    Row("cluster.mr1.publish", "omnidaemon", "the same, min_replicas=1", _rate,
+        "cluster.omni.publish"),
+    Row("cluster.omni.publish_p50", "omnidaemon", "one awaited app.publish, min_replicas=0: "
+        "p50", _ms, "cluster.omni.publish_p50", lower_is_better=True),
+    Row("cluster.mr1.publish_p50", "omnidaemon", "min_replicas=1: p50", _ms,
+        "cluster.omni.publish_p50", lower_is_better=True),
+    Row("cluster.omni.publish_p99", "omnidaemon", "one awaited app.publish, min_replicas=0: "
+        "p99", _ms, "cluster.omni.publish_p99", lower_is_better=True),
+    Row("cluster.mr1.publish_p99", "omnidaemon", "min_replicas=1: p99", _ms,
+        "cluster.omni.publish_p99", lower_is_better=True),
+    Row("cluster.omni.drain", "omnidaemon", f"drain, {_ONE}: 1 worker process, --concurrency "
+        "100, min_replicas=0", _rate, "cluster.omni.drain"),
+    Row("cluster.mr1.drain", "omnidaemon", "the same, min_replicas=1 (WAIT 1 after each "
+        "batch of acks)", _rate, "cluster.omni.drain"),
+)  # fmt: skip
+
 _MARK = {True: "✓", False: "✗", None: ""}
 
 
-def table(results: Runs, cfg: Config) -> tuple[str, list[bool]]:
-    """The markdown table, and the outcome of each target that could be checked."""
+def table(
+    results: Runs,
+    cfg: Config,
+    rows: Sequence[Row] = ROWS,
+    vs: str = "vs raw",
+    *,
+    targets: bool = True,
+) -> tuple[str, list[bool]]:
+    """The markdown table of `rows` (their ratio column headed `vs`, the target columns left
+    out without `targets`), and the outcome of each target that could be checked."""
     lines = [
-        "| case | figure | median | vs raw | runs | target | |",
-        "|---|---|--:|--:|---|---|:-:|",
+        f"| case | figure | median | {vs} | runs |" + (" target | |" if targets else ""),
+        "|---|---|--:|--:|---|" + ("---|:-:|" if targets else ""),
     ]
     outcomes: list[bool] = []
-    for row in ROWS:
+    for row in rows:
         runs = results.get(row.key)
         if not runs:
             continue
@@ -175,28 +265,52 @@ def table(results: Runs, cfg: Config) -> tuple[str, list[bool]]:
         if ok is not None:
             outcomes.append(ok)
         shown = " / ".join(row.fmt(v).split(" ")[0].removesuffix("/s") for v in runs)
-        lines.append(
-            f"| {row.case} | {row.figure} | {row.fmt(value)} | {ratio} | {shown} | {target} "
-            f"| {_MARK[ok]} |"
-        )
+        line = f"| {row.case} | {row.figure} | {row.fmt(value)} | {ratio} | {shown} |"
+        lines.append(line + (f" {target} | {_MARK[ok]} |" if targets else ""))
     return "\n".join(lines), outcomes
 
 
+def _machine(info: Mapping[str, str], elapsed: float, peers: str | None) -> list[str]:
+    versions = (
+        f"- versions: Python {info.get('python', '?')}, redis-py {info.get('redis-py', '?')} "
+        f"(hiredis {info.get('hiredis', '?')}), "
+        f"pydantic {info.get('pydantic', '?')}, redis-server {info.get('redis-server', '?')}, "
+        f"omnidaemon {info.get('omnidaemon', '?')}"
+    )
+    return [
+        f"- machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
+        f"{info.get('memory', '?')} RAM, {info.get('os', '?')}",
+        versions + (f"; peers: {peers}" if peers is not None else ""),
+        f"- ran {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {elapsed:.0f} s; load average "
+        f"when it started {info.get('load', '?')}",
+    ]
+
+
+def _reps(cfg: Config) -> str:
+    return f"median of {cfg.reps} run{'s' if cfg.reps != 1 else ''}"
+
+
 def header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
-    peers = info.get("peers", "not run")
-    reps = f"median of {cfg.reps} run{'s' if cfg.reps != 1 else ''}"
     return "\n".join(
         [
             f"## omnidaemon benchmark ({cfg.mode}): N = {cfg.n:,} events of ~200 bytes, "
-            f"validated into a pydantic model, no-op async handler; {reps}",
+            f"validated into a pydantic model, no-op async handler; {_reps(cfg)}",
             "",
-            f"- machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
-            f"{info.get('memory', '?')} RAM, {info.get('os', '?')}",
-            f"- versions: Python {info.get('python', '?')}, redis-py {info.get('redis-py', '?')} "
-            f"(hiredis {info.get('hiredis', '?')}), "
-            f"pydantic {info.get('pydantic', '?')}, redis-server {info.get('redis-server', '?')}, "
-            f"omnidaemon {info.get('omnidaemon', '?')}; peers: {peers}",
-            f"- ran {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {elapsed:.0f} s",
+            *_machine(info, elapsed, info.get("peers", "not run")),
+        ]
+    )
+
+
+CLUSTER_HEADING = "## Redis Cluster"
+
+
+def cluster_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
+    return "\n".join(
+        [
+            f"{CLUSTER_HEADING} ({cfg.mode}): N = {cfg.n:,} events of ~200 bytes a case, on a "
+            f"local cluster of 3 masters with a replica each; {_reps(cfg)}",
+            "",
+            *_machine(info, elapsed, None),
         ]
     )
 
@@ -243,20 +357,105 @@ How each figure is measured (`bench/`; `bash bench/run.sh` runs it all):
 """
 
 
+CLUSTER_METHOD = """\
+How the cluster figures are measured (`bench/cases/cluster.py`; `bash bench/run.sh --cases
+cluster --no-peers` runs them alone, and writes this section of RESULTS.md):
+
+- The benchmark starts 6 `redis-server` nodes on free 127.0.0.1 ports (no persistence), joins
+  them with `redis-cli --cluster create --cluster-replicas 1` (3 masters, a replica each) and
+  waits until every node says `cluster_state:ok` and every replica is in sync. omnidaemon is
+  given one master's URL (`redis://127.0.0.1:<port>`) and finds the cluster from it; raw is
+  redis-py's own cluster client (`redis.asyncio.cluster.RedisCluster`) from the same URL.
+  Events, validation, handler and `MAXLEN ~ 100000` are those of the single-server rows.
+- 1 topic: one stream, on one master. 6 topics: two on each master, the events dealt over
+  them in turn. Raw streams carry the topic as their hash tag (`raw:{<topic>}:stream`), so
+  raw and omnidaemon load the same masters.
+- publish: every publisher in one process, taking turns: each sends a block of the N events
+  (a batch of 1,000, or 500 awaited publishes), then the next, the order rotating each block,
+  each block starting once every replica has caught up (a write and `WAIT 1` on every
+  master, not timed), so that a slower minute of a shared machine, or replication still
+  under way, falls on all of them alike. Pipelined: raw through the cluster client's
+  pipeline (one batch per master, sent at once), omnidaemon through `app.publish_many` (one
+  `APPEND_MANY` script call per topic). Awaited: one publish at a time on one topic, each
+  call timed for the p50 and p99.
+- drain: as the single-server drain (pre-filled, consumer started, woken once it waits in
+  XREADGROUP on every stream, timed inside the consumer from its first event to its N-th).
+  raw: one process, one reader task per stream, each XREADGROUP COUNT 100 + one XACK per
+  batch through the cluster client. omnidaemon: one worker process, one agent per topic,
+  `--concurrency 100` (the like-for-like batch size).
+- durability: the same omnidaemon cases with `RedisBroker(url, min_replicas=1)` (the worker:
+  `OMNIDAEMON_REDIS_MIN_REPLICAS=1`), so every publish and every settle (a worker's batch of
+  acks) is followed by `WAIT 1` on its connection and returns once a replica has it; its
+  ratio is to `min_replicas=0` on the same cluster in the same run. The raw floor is a plain
+  redis-py client on the topic's master sending the XADDs then `WAIT 1` as one pipeline,
+  against the same without `WAIT` (the cluster client would send `WAIT`, a keyless command,
+  to every node rather than on the connection of the XADD).
+"""
+
+
+def cluster_section(
+    results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
+) -> str:
+    """The Redis Cluster figures: RESULTS.md's section, without its method."""
+    routing, _ = table(results, cfg, CLUSTER_ROWS, targets=False)
+    durability, _ = table(results, cfg, DURABILITY_ROWS, "vs no WAIT", targets=False)
+    parts = [
+        cluster_header(cfg, info, elapsed),
+        "",
+        "### omnidaemon against redis-py's cluster client",
+        "",
+        routing,
+        "",
+        "### The cost of `min_replicas=1` (a `WAIT 1` after each publish and settle)",
+        "",
+        durability,
+    ]
+    if notes:
+        parts += ["", *(f"- note: {note}" for note in notes)]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    printed: str  # what goes to stdout
+    main: str | None  # RESULTS.md's main part, when its cases ran
+    cluster: str | None  # RESULTS.md's cluster section, when the cluster case ran
+    outcomes: list[bool]  # the targets' outcomes
+
+
 def render(
     results: Runs,
     cfg: Config,
     info: Mapping[str, str],
     elapsed: float,
     notes: Sequence[str],
-) -> tuple[str, str, list[bool]]:
-    """(what to print, the RESULTS.md text, the targets' outcomes)."""
-    body, outcomes = table(results, cfg)
-    passed = sum(outcomes)
-    summary = f"targets met: {passed} of {len(outcomes)}"
-    parts = [header(cfg, info, elapsed), "", body, "", summary]
-    if notes:
-        parts += ["", *(f"- note: {note}" for note in notes)]
-    printed = "\n".join(parts)
-    markdown = "\n".join(["# Benchmark results", "", printed, "", METHOD])
-    return printed, markdown, outcomes
+    *,
+    cluster_notes: Sequence[str] = (),
+    cluster_elapsed: float = 0.0,
+) -> Rendered:
+    printed: list[str] = []
+    main = cluster = None
+    outcomes: list[bool] = []
+    if set(cfg.cases) - {"cluster"}:
+        body, outcomes = table(results, cfg)
+        summary = f"targets met: {sum(outcomes)} of {len(outcomes)}"
+        parts = [header(cfg, info, elapsed), "", body, "", summary]
+        if notes:
+            parts += ["", *(f"- note: {note}" for note in notes)]
+        printed.append("\n".join(parts))
+        main = "\n".join(["# Benchmark results", "", printed[-1], "", METHOD])
+    if "cluster" in cfg.cases:
+        printed.append(cluster_section(results, cfg, info, cluster_elapsed, cluster_notes))
+        cluster = "\n".join([printed[-1], "", CLUSTER_METHOD])
+    return Rendered("\n\n".join(printed), main, cluster, outcomes)
+
+
+def write_results(rendered: Rendered, *, main: bool, cluster: bool) -> None:
+    """Write RESULTS.md's main part and/or its cluster section, keeping the other as it was."""
+    old = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
+    head, heading, tail = old.partition(CLUSTER_HEADING)
+    kept_main = head.strip() or "# Benchmark results"
+    kept_cluster = (heading + tail).strip()
+    text = rendered.main if main and rendered.main else kept_main
+    section = rendered.cluster if cluster and rendered.cluster else kept_cluster
+    RESULTS_MD.write_text(text.strip() + (f"\n\n{section.strip()}" if section else "") + "\n")

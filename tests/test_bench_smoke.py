@@ -1,4 +1,5 @@
-"""The benchmark (`bench/`, issue 6) still runs: `python -m bench --smoke` end to end.
+"""The benchmark (`bench/`, issue 6) still runs: `python -m bench --smoke` end to end, and its
+Redis Cluster case (issue 17), which runs only when named.
 
 Not a performance test: the smoke mode measures 500 events once, and no figure is checked,
 only that every case ran and is in the table. The benchmark starts its own redis-server.
@@ -40,3 +41,30 @@ def test_bench_smoke_runs_every_case() -> None:
         assert figure in table, f"{figure!r} missing from:\n{table}"
     assert "failed" not in table
     assert "RESULTS.md not written" in done.stderr  # a smoke run never overwrites the results
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_the_cluster_case() -> None:
+    """`--cases cluster` (run only when named: it starts a 6-node Redis Cluster of its own)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--cases", "cluster"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    for figure in (
+        "publish, 1 topic: pipelined XADD",
+        "publish, 6 topics on 3 masters: app.publish_many",
+        "one awaited app.publish: p99",
+        "drain, 6 topics on 3 masters: 1 worker process",
+        "the same + WAIT 1",
+        "min_replicas=1: p50",
+        "the same, min_replicas=1 (WAIT 1 after each batch of acks)",
+    ):
+        assert figure in table, f"{figure!r} missing from:\n{table}"
+    assert "failed" not in table
+    assert "publish: pipelined XADD, 1,000 per batch" not in table  # the single-server rows
+    assert "RESULTS.md not written" in done.stderr

@@ -13,7 +13,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from bench.common import (
     BenchError,
     Children,
     Config,
+    LocalCluster,
     RedisServer,
     blocked_readers,
     make_event,
@@ -83,12 +84,13 @@ async def _prefill(url: str, n: int, batch: int) -> None:
 
 
 class WorkerRun:
-    """`python -m omnidaemon worker bench.apps:<kind>` against the benchmark's server."""
+    """`python -m omnidaemon worker bench.apps:<kind>` against the benchmark's server (or
+    cluster: anything with a broker `url`); `env` adds to the worker's environment."""
 
     def __init__(
         self,
         children: Children,
-        server: RedisServer,
+        server: RedisServer | LocalCluster,
         kind: str,
         out: Path,
         *,
@@ -96,6 +98,7 @@ class WorkerRun:
         processes: int = 1,
         expect: int | None = None,
         concurrency: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         for old in [*out.glob("ready-*"), *out.glob("stats-*.json")]:
             old.unlink()
@@ -109,14 +112,15 @@ class WorkerRun:
             argv += ["--processes", str(processes)]
         if concurrency is not None:
             argv += ["--concurrency", str(concurrency)]
-        env = {
+        environment = {
             "OMNIDAEMON_BROKER_URL": server.url,
             "OMNI_BENCH_TOPIC": TOPIC,
             "OMNI_BENCH_FANOUT": str(fanout),
             "OMNI_BENCH_OUT": str(out),
             "OMNI_BENCH_EXPECT": str(expect or ""),
+            **(env or {}),
         }
-        self.proc = children.start(argv, env=env, log=self.log)
+        self.proc = children.start(argv, env=environment, log=self.log)
 
     def check(self) -> None:
         """`BenchError` with the end of the worker's log if it exited."""
