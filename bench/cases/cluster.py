@@ -43,7 +43,6 @@ from bench.cases import omni
 from bench.cases.raw import _result
 from bench.common import BenchError, Children, Config, LocalCluster, make_event, wait_until
 from bench.peers._shared import BenchEvent, Recorder, percentile
-from omnidaemon import App
 from omnidaemon.brokers.redis import RedisBroker
 
 TOPIC = omni.TOPIC
@@ -86,15 +85,6 @@ def control(cluster: LocalCluster) -> Iterator[Any]:
 
 def _payload(event: BenchEvent) -> dict[str, str]:
     return {"e": event.model_dump_json()}
-
-
-async def _load_slot_map(app: App) -> None:
-    """Work around a broker bug: on a cluster, a fresh broker's first `publish` (or any
-    publish with min_replicas) fails with `KeyError: <slot>` from redis-py's
-    `NodesManager.get_node_from_slot`, because the cluster client loads its slot map on its
-    first command and `RedisBroker._exchange` reads the map before any command ran. A ping
-    through the client loads it. Not timed; remove once the broker loads the map itself."""
-    await app.broker.ping()
 
 
 # Publishing -----------------------------------------------------------------------------------
@@ -236,7 +226,6 @@ async def _publish(
     try:
         for app in apps:
             await app.connect()
-            await _load_slot_map(app)
         for publisher in publishers:  # warm-up, not timed
             await pipelined(topics)(publisher, events[:batch], 0)
             await awaited(publisher, events[:100], 0)
@@ -324,7 +313,6 @@ def raw_drain(
 async def _omni_fill(url: str, topics: Sequence[str], n: int, batch: int, first: int = 0) -> None:
     app = build_app("drain", topics=topics, broker=url)
     async with app:
-        await _load_slot_map(app)
         for i in range(first, n, batch):
             chunk = range(i, min(n, i + batch))
             await app.publish_many([(topics[j % len(topics)], make_event(j)) for j in chunk])
