@@ -7,6 +7,7 @@ thin shells around it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import anyio
 import orjson
 
-from omnidaemon.brokers.base import Broker, GroupInfo, TopicInfo
+from omnidaemon.brokers.base import Broker, GroupInfo, NodeInfo, TopicInfo
 from omnidaemon.metrics import AgentMetricsSnapshot
 from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
@@ -182,12 +183,14 @@ class BusStats:
             `in_flight`. `delayed_bytes` counts the topics whose bus can tell (see
             `TopicInfo.delayed_bytes`).
         workers: The live workers.
+        nodes: The bus's servers when it has several (a Redis Cluster's nodes), else empty.
     """
 
     bus: str
     server: Mapping[str, str]
     totals: Mapping[str, int]
     workers: tuple[WorkerStatus, ...]
+    nodes: tuple[NodeInfo, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The stats as JSON data."""
@@ -196,6 +199,7 @@ class BusStats:
             "server": dict(self.server),
             "totals": dict(self.totals),
             "workers": [w.to_json() for w in self.workers],
+            "nodes": [dataclasses.asdict(node) for node in self.nodes],
         }
 
 
@@ -219,7 +223,8 @@ async def bus_stats(broker: Broker) -> BusStats:
         "workers": len(workers),
         "in_flight": sum(w.in_flight for w in workers),
     }
-    return BusStats(broker.url, server, totals, tuple(workers))
+    nodes = tuple(await broker.nodes())
+    return BusStats(broker.url, server, totals, tuple(workers), nodes)
 
 
 @dataclass(frozen=True, slots=True)

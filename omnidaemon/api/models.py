@@ -21,6 +21,7 @@ __all__ = [
     "AgentMetrics",
     "BackoffInfo",
     "BusInfo",
+    "BusNode",
     "BusStatsResponse",
     "BusTotals",
     "ConsumerInfo",
@@ -328,6 +329,18 @@ class BusTotals(BaseModel):
     in_flight: int
 
 
+class BusNode(BaseModel):
+    """One server of a bus made of several (a Redis Cluster node)."""
+
+    address: str = Field(description="`host:port`.")
+    role: str = Field(description="`master`, `replica`, or `failed` (seen down by the others).")
+    slots: int = Field(description="Hash slots it serves (0 for replicas).")
+    replica_of: str | None = Field(description="The master a replica copies.")
+    topics: int = Field(description="Topics whose slot it serves (0 for replicas).")
+    used_memory: str = Field(description="As the server writes it (`1.20M`); `?` if down.")
+    clients: int = Field(description="Connected clients; -1 if down.")
+
+
 class BusStatsResponse(BaseModel):
     """The bus at a glance (`omnidaemon bus stats`)."""
 
@@ -335,6 +348,10 @@ class BusStatsResponse(BaseModel):
     server: dict[str, str]
     totals: BusTotals
     workers: list[WorkerInfo]
+    nodes: list[BusNode] = Field(
+        default_factory=list,
+        description="A Redis Cluster's nodes, masters first; empty for a single server.",
+    )
 
 
 class DeadLetterRecord(BaseModel):

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
 from omnidaemon.brokers.redis import RedisBroker, redact_url
+from omnidaemon.brokers.redis._cluster import seeds
 from omnidaemon.errors import ConfigurationError
 
 __all__ = ["Broker", "Delivery", "MemoryBroker", "RedisBroker", "Subscription", "open_broker"]
@@ -26,16 +27,12 @@ def open_broker(url: str, *, maxlen: int | None = None) -> Broker:
     if scheme == "memory":
         name = url[len("memory://") :] if url.startswith("memory://") else ""
         return MemoryBroker(name)
-    if scheme in ("redis", "rediss", "unix"):
-        try:
-            urlsplit(url).port  # noqa: B018 - parsing it is the check
-        except ValueError:
-            # Never echo the URL: it may carry a password.
-            raise ConfigurationError(
-                "the broker URL's port is not a number from 0 to 65535"
-            ) from None
-        if scheme != "unix" and not urlsplit(url).hostname:
+    if scheme == "unix":
+        return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)
+    if scheme in ("redis", "rediss"):
+        if not urlsplit(url).netloc.rpartition("@")[2]:
             raise ConfigurationError(f"broker URL {redact_url(url)} names no host")
+        seeds(url)  # every host and port checked; the error never echoes the URL
         return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)
     # Never echo the URL itself: it may carry a password.
     raise ConfigurationError(

@@ -38,6 +38,7 @@ __all__ = [
     "ConsumerInfo",
     "Delivery",
     "GroupInfo",
+    "NodeInfo",
     "Reclaimed",
     "Renewal",
     "Subscription",
@@ -107,6 +108,29 @@ class Renewal:
 
     lost: tuple[Delivery, ...] = ()
     trimmed: tuple[Delivery, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One server of a bus made of several (a Redis Cluster's nodes), as `bus stats` lists it.
+
+    Attributes:
+        address: `host:port`.
+        role: `master` or `replica`; `failed` when the others see it down.
+        slots: Hash slots it serves (masters; 0 for replicas).
+        replica_of: The master a replica copies (its address), else `None`.
+        topics: Topics whose slot it serves (masters; 0 for replicas).
+        used_memory: Memory the server says it uses, as it writes it (`1.20M`); `?` if down.
+        clients: Connected clients; -1 if down.
+    """
+
+    address: str
+    role: str
+    slots: int
+    replica_of: str | None
+    topics: int
+    used_memory: str
+    clients: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +484,11 @@ class Broker(ABC):
     async def server_info(self) -> dict[str, str]:
         """What the bus's server says of itself (kind, version, memory), for operators."""
         return {}
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The servers of a bus made of several (a cluster's masters and replicas, with the
+        topics each master serves); empty for a bus of one server."""
+        return []
 
     @abstractmethod
     async def topics(self) -> list[str]:

@@ -237,6 +237,24 @@ def stats(broker: BrokerOption = None, json: JsonOption = False) -> None:
             [[number(v) for v in totals.values()]],
             numeric=[k.upper().replace("_", " ") for k in totals],
         )
+        if found.nodes:
+            print_table(
+                ["NODE", "ROLE", "SLOTS", "TOPICS", "REPLICA OF", "MEMORY", "CLIENTS"],
+                [
+                    [
+                        n.address,
+                        n.role,
+                        number(n.slots),
+                        number(n.topics),
+                        n.replica_of or "",
+                        n.used_memory,
+                        number(n.clients) if n.clients >= 0 else "?",
+                    ]
+                    for n in found.nodes
+                ],
+                title="cluster nodes",
+                numeric=["SLOTS", "TOPICS", "CLIENTS"],
+            )
         from datetime import UTC, datetime
 
         now = datetime.now(UTC)

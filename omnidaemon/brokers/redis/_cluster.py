@@ -10,15 +10,27 @@ to every node.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.exceptions import RedisError
 
+from omnidaemon.brokers.base import NodeInfo
 from omnidaemon.errors import ConfigurationError
 
-__all__ = ["ClusterClient", "cluster_client", "cluster_enabled", "first_seed_url", "seeds"]
+__all__ = [
+    "ClusterClient",
+    "cluster_client",
+    "cluster_enabled",
+    "cluster_server_info",
+    "describe_nodes",
+    "first_seed_url",
+    "seeds",
+]
 
 _DEFAULT_PORT = 6379
 
@@ -50,7 +62,7 @@ def _host_port(part: str) -> tuple[str, int]:
     if not port_text:
         return host, _DEFAULT_PORT
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigurationError("a port in the broker URL is not a number from 1 to 65535")
+        raise ConfigurationError("the broker URL's port is not a number from 1 to 65535")
     return host, int(port_text)
 
 
@@ -89,3 +101,85 @@ def cluster_client(url: str, options: dict[str, Any]) -> ClusterClient:
     if startup:
         kwargs["startup_nodes"] = startup
     return ClusterClient.from_url(first, **kwargs)
+
+
+async def describe_nodes(client: ClusterClient, topic_keys: Sequence[str]) -> list[NodeInfo]:
+    """Every node of the cluster as the node the client asks sees it, masters first, with the
+    topics (by stream key) each master serves and what each node says of its memory."""
+    seen: dict[str, dict[str, Any]] = await client.cluster_nodes()
+    address_of = {fields["node_id"]: address for address, fields in seen.items()}
+    slots_of = {address: _ranges(fields["slots"]) for address, fields in seen.items()}
+    topic_slots = [client.keyslot(key) for key in topic_keys]
+    found = []
+    for address, fields in seen.items():
+        flags = set(str(fields["flags"]).split(","))
+        ranges = slots_of[address]
+        failed = bool(flags & {"fail", "fail?", "noaddr"})
+        role = "failed" if failed else "master" if "master" in flags else "replica"
+        used, clients = "?", -1
+        if not failed:
+            with contextlib.suppress(RedisError, OSError):
+                info = await _node(client, address).execute_command("INFO")
+                used = str(info.get("used_memory_human", "?"))
+                clients = int(info.get("connected_clients", -1))
+        found.append(
+            NodeInfo(
+                address=address,
+                role=role,
+                slots=sum(end - start + 1 for start, end in ranges),
+                replica_of=address_of.get(str(fields["master_id"])),
+                topics=sum(1 for slot in topic_slots if _in(slot, ranges)),
+                used_memory=used,
+                clients=clients,
+            )
+        )
+    order = {"master": 0, "replica": 1, "failed": 2}
+    return sorted(found, key=lambda n: (order[n.role], n.replica_of or n.address, n.address))
+
+
+async def cluster_server_info(client: ClusterClient) -> dict[str, str]:
+    """`server_info` of a cluster: kind and version, masters and replicas, and the memory and
+    clients of all masters together."""
+    await client.initialize()  # the map, if no command has fetched it yet
+    primaries = client.get_primaries()
+    infos = []
+    for node in primaries:
+        with contextlib.suppress(RedisError, OSError):
+            infos.append(await node.execute_command("INFO"))
+    first = infos[0] if infos else {}
+    kind = "valkey" if "valkey_version" in first else "redis"
+    replicas = len(client.get_nodes()) - len(primaries)
+    return {
+        "server": f"{kind} {first.get(f'{kind}_version', '?')} cluster",
+        "masters": str(len(primaries)),
+        "replicas": str(replicas),
+        "used_memory": _human(sum(int(i.get("used_memory", 0)) for i in infos)),
+        "connected_clients": str(sum(int(i.get("connected_clients", 0)) for i in infos)),
+    }
+
+
+def _node(client: ClusterClient, address: str) -> ClusterNode:
+    node = client.get_node(node_name=address)
+    if node is None:  # known to the asked node, not (yet) to the client's map
+        host, _, port = address.rpartition(":")
+        node = ClusterNode(host, int(port), **client.nodes_manager.connection_kwargs)
+        client.nodes_manager.set_nodes(client.nodes_manager.nodes_cache, {node.name: node})
+    return node
+
+
+def _ranges(slots: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    return [(int(r[0]), int(r[-1])) for r in slots]
+
+
+def _in(slot: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    return any(start <= slot <= end for start, end in ranges)
+
+
+def _human(size: int) -> str:
+    """Bytes as Redis writes `used_memory_human` (`1.20M`)."""
+    value = float(size)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.2f}{unit}" if unit != "B" else f"{int(value)}B"
+        value /= 1024
+    return f"{value:.2f}T"  # pragma: no cover - the loop returns at G

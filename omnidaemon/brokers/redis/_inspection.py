@@ -9,7 +9,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, Subscription, TopicInfo
+from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
+from omnidaemon.brokers.redis._cluster import cluster_server_info, describe_nodes
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, RedisConnection
 from omnidaemon.brokers.redis._keys import _decode, _escape_glob
 
@@ -155,9 +156,19 @@ class RedisInspection(RedisConnection):
         return [(_decode(i), fields.get(b"r", b"")) for i, fields in reversed(entries)]
 
     async def ping(self) -> None:
+        if not self._mode_known:  # the bus did not answer at connect: ask now what it is
+            await self._learn_mode()
         await self.client.ping()
 
+    async def nodes(self) -> list[NodeInfo]:
+        if self._cluster is None:
+            return []
+        streams = [self.stream_key(topic) for topic in await self.topics()]
+        return await describe_nodes(self._cluster, streams)
+
     async def server_info(self) -> dict[str, str]:
+        if self._cluster is not None:
+            return await cluster_server_info(self._cluster)
         info: Any = await self.client.info()
         kind = "valkey" if "valkey_version" in info else "redis"
         return {

@@ -115,8 +115,22 @@ class RedisPublishing(RedisConnection):
                 for key, maxlen, chunk in appends:
                     by_key.setdefault(key, []).append(_append_command(key, maxlen, chunk))
                 timeout = _SOCKET_TIMEOUT + self._replica_wait
-                for key, commands in by_key.items():
-                    await self._exchange(commands, key=key, timeout=timeout, replicate="publish")
+                errors: list[Exception] = []
+
+                async def send(key: str, commands: list[tuple[Any, ...]]) -> None:
+                    try:
+                        await self._exchange(
+                            commands, key=key, timeout=timeout, replicate="publish"
+                        )
+                    except Exception as exc:  # the first is raised once every topic is done
+                        errors.append(exc)
+
+                # Topics at once: each waits for its own replicas, not for the others'.
+                async with anyio.create_task_group() as tasks:
+                    for key, commands in by_key.items():
+                        tasks.start_soon(send, key, commands)
+                if errors:
+                    raise errors[0]
                 return
             if len(appends) == 1 and len(appends[0][2]) > 1:
                 # One call: no pipeline, whose script check would cost a round trip more.
