@@ -235,7 +235,7 @@ class RedisCluster:
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (no shutdown, no AOF rewrite: a crash)."""
-        mine = [m for m in self.masters() if m.port == port]
+        mine = [m for m in self.masters(port) if m.port == port]  # asked of itself: alive
         if mine:
             self._killed_slots[port] = mine[0].slots
         client = self._clients.pop(port, None)
