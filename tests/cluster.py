@@ -48,6 +48,8 @@ class RedisCluster:
     """`masters` masters, each with one replica when `replicas`, data under `directory`.
 
     Each node has its own folder (its `nodes.conf`, AOF and log) and its own cluster bus port.
+    AOF is fsynced every second by default; `appendfsync="always"` for a test that SIGKILLs a
+    node and restarts it expecting every acknowledged write back.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class RedisCluster:
         masters: int = 3,
         replicas: bool = True,
         node_timeout_ms: int = 1000,
+        appendfsync: str = "everysec",
     ) -> None:
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
@@ -81,7 +84,7 @@ class RedisCluster:
                     "--cluster-config-file", str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--cluster-port", str(free_port()),
-                    "--appendfsync", "everysec",
+                    "--appendfsync", appendfsync,
                 ],
             )  # fmt: skip
             self.nodes[server.port] = server
@@ -324,9 +327,20 @@ def _as_dict(item: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def running_cluster(
-    directory: Path, *, masters: int = 3, replicas: bool = True
+    directory: Path,
+    *,
+    masters: int = 3,
+    replicas: bool = True,
+    node_timeout_ms: int = 1000,
+    appendfsync: str = "everysec",
 ) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(directory, masters=masters, replicas=replicas)
+    cluster = RedisCluster(
+        directory,
+        masters=masters,
+        replicas=replicas,
+        node_timeout_ms=node_timeout_ms,
+        appendfsync=appendfsync,
+    )
     cluster.start()
     try:
         yield cluster
