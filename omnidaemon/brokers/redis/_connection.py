@@ -274,6 +274,8 @@ class RedisConnection(RedisKeys, Broker):
         """
         if not self._mode_known:
             await self._learn_mode()
+        if self._cluster is not None and not self._cluster.nodes_manager.slots_cache:
+            await self._cluster.initialize()  # a new client: no slot map until its first command
         if self._stale_slots and self._cluster is not None:
             self._stale_slots = False
             await self._cluster.nodes_manager.initialize()
