@@ -13,12 +13,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import redis
+from redis.crc import key_slot
 
 from tests.servers import RedisServer, free_port
 
@@ -198,6 +200,24 @@ class RedisCluster:
                     port = int(node["port"])
                     return next(m for m in self.masters() if m.port == port)
         raise LookupError(f"no online master owns slot {slot}")
+
+    def spread(self, keys_of: Callable[[str], Sequence[str]]) -> str:
+        """A fresh random tag whose keys `keys_of(tag)` land on as many different masters as
+        they can (one each, while there are masters to go round).
+
+        Slots are computed here (CRC16 of the key, or of its hash tag) against one CLUSTER
+        NODES: the tag is found in microseconds, even when few tags qualify.
+        """
+        masters = self.masters()
+        for _ in range(100_000):
+            tag = uuid4().hex[:10]
+            keys = keys_of(tag)
+            owners = {
+                next(m.port for m in masters if m.owns(key_slot(key.encode()))) for key in keys
+            }
+            if len(owners) == min(len(keys), len(masters)):
+                return tag
+        raise LookupError("no tag spreads these keys over the masters")
 
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -10,25 +10,32 @@ share the session's cluster (`shared_cluster`, 3 masters, no replicas) and never
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from uuid import uuid4
 
 import pytest
 
 from omnidaemon.brokers import RedisBroker, Subscription
+from omnidaemon.fleet import bus_stats, describe_topics
 from tests.cluster import RedisCluster
+from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
 
 
 def topics_on_every_master(cluster: RedisCluster, per_master: int = 1) -> list[str]:
-    """Fresh topic names, `per_master` on each master (by their stream key's slot)."""
+    """Fresh topic names, `per_master` on each master (by their stream key's slot), grouped by
+    master; each is checked with the cluster's own CLUSTER KEYSLOT."""
     found: dict[int, list[str]] = {m.port: [] for m in cluster.masters()}
-    while any(len(names) < per_master for names in found.values()):
-        topic = f"spread{uuid4().hex[:10]}.events"
-        names = found[cluster.master_of(f"omni:{{{topic}}}:stream").port]
-        if len(names) < per_master:
-            names.append(topic)
+    for _ in range(per_master):
+        tag = cluster.spread(lambda tag: [f"s{tag}.{n}" for n in range(len(found))])
+        for n in range(len(found)):
+            topic = f"s{tag}.{n}"
+            found[cluster.master_of(stream_key(topic)).port].append(topic)
+    assert all(len(names) == per_master for names in found.values())
     return [topic for names in found.values() for topic in names]
+
+
+def stream_key(topic: str) -> str:
+    return f"omni:{{{topic}}}:stream"
 
 
 def seed_list(ports: list[int]) -> str:
@@ -62,3 +69,81 @@ async def test_a_fresh_broker_s_first_command_may_be_a_publish(
         shared_cluster.url.encode(),
         seed_list(shared_cluster.ports).encode(),
     ]
+
+
+async def test_publish_many_over_topics_on_every_master_keeps_each_topic_s_order(
+    broker: RedisBroker, shared_cluster: RedisCluster
+) -> None:
+    topics = topics_on_every_master(shared_cluster, per_master=2)
+    # Per master, a topic of a few entries (plain XADDs) and one of many (APPEND_MANY, in two
+    # chunks), all interleaved in one call: one pipeline per master goes out.
+    counts = {topic: 3 if n % 2 else 1_500 for n, topic in enumerate(topics)}
+    entries = [
+        (topic, f"{topic}:{i}".encode())
+        for i in range(max(counts.values()))
+        for topic in topics
+        if i < counts[topic]
+    ]
+    await broker.publish_many(entries)
+    for topic, count in counts.items():
+        master = shared_cluster.master_of(stream_key(topic))
+        assert shared_cluster.client(master.port).xlen(stream_key(topic)) == count
+        found = [data for _, data in await broker.entries(topic, 2 * count)]
+        assert found == [f"{topic}:{i}".encode() for i in range(count)], topic
+    # A consumer reads them in that order too.
+    sub = Subscription(topics[0], "g")
+    await broker.subscribe(sub)  # start="earliest": the entries already there
+    got = [d.data for d in await broker.fetch(sub, "c", 2_000, 1.0)]
+    assert got == [f"{topics[0]}:{i}".encode() for i in range(counts[topics[0]])]
+
+
+async def test_listings_stats_and_values_gather_every_master(
+    broker: RedisBroker, shared_cluster: RedisCluster
+) -> None:
+    streams = topics_on_every_master(shared_cluster)
+    delayed_only = topics_on_every_master(shared_cluster)  # no stream: only a delayed set
+    for topic in streams:
+        await broker.publish(topic, b"x")
+        await broker.ack(Subscription(topic, "g"), [], stats={"received": 1})
+    for topic in delayed_only:
+        await broker.publish(topic, b"later", delay=60)
+    tag = shared_cluster.spread(lambda tag: [f"omni:value:v{tag}:{n}" for n in range(3)])
+    values = {f"v{tag}:{n}": str(n).encode() for n in range(3)}
+    for key, value in values.items():
+        await broker.set_value(key, value, 60)
+    owners = {shared_cluster.master_of(f"omni:value:{key}").port for key in values}
+    assert len(owners) == 3
+
+    listed = await broker.topics()
+    assert set(streams + delayed_only) <= set(listed)
+    assert listed == sorted(listed)
+    stats = await broker.stats()
+    assert {topic: stats.get((topic, "g")) for topic in streams} == {
+        topic: {"received": 1} for topic in streams
+    }
+    assert await broker.scan_values(f"v{tag}:") == values
+    described = {info.topic: info for info in await describe_topics(broker)}
+    assert [described[topic].length for topic in streams] == [1, 1, 1]
+    assert [described[topic].delayed for topic in delayed_only] == [1, 1, 1]
+    assert (await bus_stats(broker)).totals["delayed"] >= 3
+
+
+async def test_a_seed_list_whose_first_node_is_down_still_works(
+    shared_cluster: RedisCluster,
+) -> None:
+    [topic] = topics_on_every_master(shared_cluster)[:1]
+    sub = Subscription(topic, "g")
+    url = seed_list([free_port(), *shared_cluster.ports])  # nothing listens on the first
+    async with RedisBroker(url) as publisher:
+        await publisher.publish(topic, b"first")  # the broker's first command
+        assert publisher.is_cluster
+    async with RedisBroker(url) as broker:
+        await broker.ping()
+        await broker.subscribe(sub)
+        await broker.publish_many([(topic, b"second"), (topic, b"third")])
+        got = await broker.fetch(sub, "c", 10, 1.0)
+        assert [d.data for d in got] == [b"first", b"second", b"third"]
+        await broker.ack(sub, got)
+        assert topic in await broker.topics()
+        info = await broker.describe(topic)
+        assert info is not None and info.length == 3
