@@ -267,6 +267,16 @@ class RedisCluster:
         self.nodes[port].stop(signal.SIGKILL)
         self.killed.add(port)
 
+    def restart(self, port: int, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        """Stop one node with `sig` (SIGKILL: a crash) and start it again on its port with its
+        data (AOF and `nodes.conf`): it rejoins with the same id and slots. Returns once every
+        node says cluster_state:ok (a master's slots are down, cluster-wide, while it is)."""
+        client = self._clients.pop(port, None)
+        if client is not None:
+            client.close()
+        self.nodes[port].restart(sig)
+        self.wait_ok(timeout)
+
     def wait_failover(self, old_master_port: int, timeout: float = 20) -> ClusterMaster:
         """Until a replica owns the killed master's slots and the cluster is ok; it is returned."""
         slots = self._killed_slots[old_master_port]
