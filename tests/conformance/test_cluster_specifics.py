@@ -147,3 +147,31 @@ async def test_a_seed_list_whose_first_node_is_down_still_works(
         assert topic in await broker.topics()
         info = await broker.describe(topic)
         assert info is not None and info.length == 3
+
+
+async def test_a_broker_that_could_not_reach_its_bus_at_connect_finds_the_cluster_on_ping(
+    shared_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker started before its bus connects, waits with `ping` until the bus answers, then
+    subscribes: by then its broker must know the bus is a cluster, or every command of the
+    client (a subscribe, a describe) meets MOVED for the keys of the other masters."""
+    from omnidaemon.brokers.redis import _connection
+
+    async def unreachable(client: object) -> bool:
+        raise ConnectionError("not up yet")  # as a bus that does not answer at connect
+
+    broker = RedisBroker(shared_cluster.url)
+    monkeypatch.setattr(_connection, "cluster_enabled", unreachable)
+    await broker.connect()
+    monkeypatch.undo()
+    try:
+        await broker.ping()  # the bus answers now
+        topics = topics_on_every_master(shared_cluster)
+        for topic in topics:
+            await broker.subscribe(Subscription(topic, "g"))
+        assert broker.is_cluster
+        for topic in topics:
+            info = await broker.describe(topic)
+            assert info is not None and [g.group for g in info.groups] == ["g"]
+    finally:
+        await broker.close()

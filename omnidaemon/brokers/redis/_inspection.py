@@ -155,6 +155,7 @@ class RedisInspection(RedisConnection):
         return [(_decode(i), fields.get(b"r", b"")) for i, fields in reversed(entries)]
 
     async def ping(self) -> None:
+        await self._learn_mode()  # a bus that did not answer at connect: is it a cluster?
         await self.client.ping()
 
     async def server_info(self) -> dict[str, str]:
