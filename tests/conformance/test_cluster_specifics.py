@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 
 from omnidaemon.brokers import RedisBroker, Subscription
+from omnidaemon.errors import BusUnavailable
 from omnidaemon.fleet import bus_stats, describe_topics
 from tests.cluster import RedisCluster
 from tests.servers import free_port
@@ -175,3 +177,18 @@ async def test_a_broker_that_could_not_reach_its_bus_at_connect_finds_the_cluste
             assert info is not None and [g.group for g in info.groups] == ["g"]
     finally:
         await broker.close()
+
+
+async def test_a_publish_to_a_seed_list_none_of_which_answers_is_bus_unavailable() -> None:
+    """As on one server: retried until `publish_timeout`, then `BusUnavailable` (redis-py's
+    cluster client says `RedisClusterException`, which is no `ConnectionError`)."""
+    url = seed_list([free_port(), free_port()])
+    async with RedisBroker(url, publish_timeout=0.3) as broker:
+        for publish in (
+            lambda: broker.publish("t", b"x"),
+            lambda: broker.publish_many([("t", b"x"), ("u", b"y")]),
+        ):
+            start = anyio.current_time()
+            with pytest.raises(BusUnavailable, match=r"did not answer within 0\.3 s"):
+                await publish()
+            assert anyio.current_time() - start >= 0.1  # retried, not raised at once
