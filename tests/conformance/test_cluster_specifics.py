@@ -17,6 +17,8 @@ import pytest
 from omnidaemon.brokers import RedisBroker, Subscription
 from omnidaemon.errors import BusUnavailable
 from omnidaemon.fleet import bus_stats, describe_topics
+from omnidaemon.retry import Backoff
+from omnidaemon.worker.startup import wait_for_bus
 from tests.cluster import RedisCluster
 from tests.servers import free_port
 
@@ -192,3 +194,12 @@ async def test_a_publish_to_a_seed_list_none_of_which_answers_is_bus_unavailable
             with pytest.raises(BusUnavailable, match=r"did not answer within 0\.3 s"):
                 await publish()
             assert anyio.current_time() - start >= 0.1  # retried, not raised at once
+
+
+async def test_a_worker_waits_for_a_seed_list_none_of_which_answers_yet() -> None:
+    """A worker started before its cluster (docker-compose, a reboot) waits for it, as for one
+    server, instead of crashing on redis-py's `RedisClusterException`."""
+    url = seed_list([free_port(), free_port()])
+    async with RedisBroker(url) as broker:
+        with pytest.raises(BusUnavailable, match="did not answer within"):
+            await wait_for_bus(broker, timeout=0.3, backoff=Backoff(initial=0.05, jitter=False))
