@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import redis
+from redis.crc import key_slot
 
 from tests.servers import RedisServer, free_port
 
@@ -48,6 +50,8 @@ class RedisCluster:
     """`masters` masters, each with one replica when `replicas`, data under `directory`.
 
     Each node has its own folder (its `nodes.conf`, AOF and log) and its own cluster bus port.
+    AOF is fsynced every second by default; `appendfsync="always"` for a test that SIGKILLs a
+    node and restarts it expecting every acknowledged write back.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class RedisCluster:
         masters: int = 3,
         replicas: bool = True,
         node_timeout_ms: int = 1000,
+        appendfsync: str = "everysec",
     ) -> None:
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
@@ -81,7 +86,7 @@ class RedisCluster:
                     "--cluster-config-file", str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--cluster-port", str(free_port()),
-                    "--appendfsync", "everysec",
+                    "--appendfsync", appendfsync,
                 ],
             )  # fmt: skip
             self.nodes[server.port] = server
@@ -196,6 +201,24 @@ class RedisCluster:
                     return next(m for m in self.masters() if m.port == port)
         raise LookupError(f"no online master owns slot {slot}")
 
+    def spread(self, keys_of: Callable[[str], Sequence[str]]) -> str:
+        """A fresh random tag whose keys `keys_of(tag)` land on as many different masters as
+        they can (one each, while there are masters to go round).
+
+        Slots are computed here (CRC16 of the key, or of its hash tag) against one CLUSTER
+        NODES: the tag is found in microseconds, even when few tags qualify.
+        """
+        masters = self.masters()
+        for _ in range(100_000):
+            tag = uuid4().hex[:10]
+            keys = keys_of(tag)
+            owners = {
+                next(m.port for m in masters if m.owns(key_slot(key.encode()))) for key in keys
+            }
+            if len(owners) == min(len(keys), len(masters)):
+                return tag
+        raise LookupError("no tag spreads these keys over the masters")
+
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -243,6 +266,16 @@ class RedisCluster:
             client.close()
         self.nodes[port].stop(signal.SIGKILL)
         self.killed.add(port)
+
+    def restart(self, port: int, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        """Stop one node with `sig` (SIGKILL: a crash) and start it again on its port with its
+        data (AOF and `nodes.conf`): it rejoins with the same id and slots. Returns once every
+        node says cluster_state:ok (a master's slots are down, cluster-wide, while it is)."""
+        client = self._clients.pop(port, None)
+        if client is not None:
+            client.close()
+        self.nodes[port].restart(sig)
+        self.wait_ok(timeout)
 
     def wait_failover(self, old_master_port: int, timeout: float = 20) -> ClusterMaster:
         """Until a replica owns the killed master's slots and the cluster is ok; it is returned."""
@@ -346,9 +379,20 @@ def _as_dict(item: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def running_cluster(
-    directory: Path, *, masters: int = 3, replicas: bool = True
+    directory: Path,
+    *,
+    masters: int = 3,
+    replicas: bool = True,
+    node_timeout_ms: int = 1000,
+    appendfsync: str = "everysec",
 ) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(directory, masters=masters, replicas=replicas)
+    cluster = RedisCluster(
+        directory,
+        masters=masters,
+        replicas=replicas,
+        node_timeout_ms=node_timeout_ms,
+        appendfsync=appendfsync,
+    )
     cluster.start()
     try:
         yield cluster

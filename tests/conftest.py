@@ -1,4 +1,5 @@
-"""Shared fixtures: asyncio through anyio's plugin, and a real Redis server for the session."""
+"""Shared fixtures: asyncio through anyio's plugin, a real Redis server for the session, and
+Redis Clusters (one shared by the session, and one per module for tests that break nodes)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,25 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of the test's own, with AOF on (`appendfsync always`), to restart."""
     with running_redis(tmp_path, appendonly=True) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 masters and no replicas, shared by the session (one per pytest
+    worker process, started on first use): for tests that run the broker on a cluster and
+    leave its nodes alone. Without replicas it starts in about 2 s, three times faster.
+
+    Tests use unique keys, as on `redis_server`. A test that kills or moves anything takes
+    `redis_cluster` instead.
+    """
+    with running_cluster(tmp_path_factory.mktemp("shared-cluster"), replicas=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_url(shared_cluster: RedisCluster) -> str:
+    """A seed URL of `shared_cluster` (one node: the broker discovers the others)."""
+    return shared_cluster.url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import anyio
 import structlog
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+)
 
 from omnidaemon.brokers.base import Broker
 from omnidaemon.errors import BusUnavailable, ConfigurationError
@@ -21,8 +26,10 @@ CONNECT_BACKOFF = Backoff(initial=0.5, factor=2.0, maximum=10.0, jitter=True)
 at most 10 s (with jitter, so a fleet restarted together does not knock in lockstep)."""
 
 # What a bus that is not (yet) there looks like: refused or timed-out connections, a server
-# still loading its data (`BusyLoadingError` is a `ConnectionError`).
-_NOT_YET = (ConnectionError, TimeoutError, OSError, RedisError)
+# still loading its data (`BusyLoadingError` is a `ConnectionError`), a Redis Cluster none of
+# whose seeds answers or whose slots are not all served yet (`RedisClusterException`, which is
+# no `RedisError`).
+_NOT_YET = (ConnectionError, TimeoutError, OSError, RedisError, RedisClusterException)
 
 
 async def wait_for_bus(

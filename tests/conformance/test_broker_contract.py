@@ -19,6 +19,7 @@ pytestmark = pytest.mark.anyio
 BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
     "memory": lambda request: MemoryBroker(None),
     "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
+    "cluster": lambda request: RedisBroker(request.getfixturevalue("cluster_url")),
     "embedded": lambda request: EmbeddedBroker(request.getfixturevalue("embedded_home")),
 }
 

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.anyio
 BROKERS: dict[str, Callable[[pytest.FixtureRequest, str], Broker]] = {
     "memory": lambda request, name: MemoryBroker(name),
     "redis": lambda request, name: RedisBroker(request.getfixturevalue("redis_url")),
+    "cluster": lambda request, name: RedisBroker(request.getfixturevalue("cluster_url")),
     "embedded": lambda request, name: EmbeddedBroker(request.getfixturevalue("embedded_home")),
 }
 

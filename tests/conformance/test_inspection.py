@@ -9,7 +9,7 @@ uses topics and keys of its own and looks only at those.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from uuid import uuid4
 
 import anyio
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.anyio
 BROKERS: dict[str, Callable[[pytest.FixtureRequest, str], Broker]] = {
     "memory": lambda request, name: MemoryBroker(name),
     "redis": lambda request, name: RedisBroker(request.getfixturevalue("redis_url")),
+    "cluster": lambda request, name: RedisBroker(request.getfixturevalue("cluster_url")),
     "embedded": lambda request, name: EmbeddedBroker(request.getfixturevalue("embedded_home")),
 }
 
@@ -50,6 +51,22 @@ def topic() -> str:
     return f"insp{uuid4().hex[:10]}.events"
 
 
+@pytest.fixture
+def topics(request: pytest.FixtureRequest) -> Callable[[Sequence[str]], list[str]]:
+    """Make fresh topic names `<base>.<suffix>`, one per suffix, sharing one base. On the
+    cluster they land on different masters, so listings and stats must gather every master's."""
+
+    def make(suffixes: Sequence[str]) -> list[str]:
+        if request.node.callspec.params.get("make_broker") == "cluster":
+            cluster = request.getfixturevalue("shared_cluster")
+            base = "insp" + cluster.spread(lambda tag: [f"insp{tag}.{s}" for s in suffixes])
+        else:
+            base = f"insp{uuid4().hex[:10]}"
+        return [f"{base}.{suffix}" for suffix in suffixes]
+
+    return make
+
+
 async def describe(broker: Broker, topic: str, *, consumers: bool = False) -> TopicInfo:
     info = await broker.describe(topic, consumers=consumers)
     assert info is not None
@@ -72,18 +89,17 @@ async def fetch_n(broker: Broker, sub: Subscription, consumer: str, n: int) -> l
     return got
 
 
-async def test_topics_lists_every_published_topic_sorted(broker: Broker) -> None:
-    base = f"insp{uuid4().hex[:10]}"
-    for name in ("charlie", "alpha", "bravo"):
-        await broker.publish(f"{base}.{name}", b"x")
-    await broker.publish(f"{base}.alpha", b"y")
+async def test_topics_lists_every_published_topic_sorted(
+    broker: Broker, topics: Callable[[Sequence[str]], list[str]]
+) -> None:
+    alpha, bravo, charlie = topics(["alpha", "bravo", "charlie"])
+    for name in (charlie, alpha, bravo):
+        await broker.publish(name, b"x")
+    await broker.publish(alpha, b"y")
     names = await broker.topics()
     assert names == sorted(names)
-    assert [n for n in names if n.startswith(base)] == [
-        f"{base}.alpha",
-        f"{base}.bravo",
-        f"{base}.charlie",
-    ]
+    base = alpha.rpartition(".")[0]
+    assert [n for n in names if n.startswith(base)] == [alpha, bravo, charlie]
 
 
 async def test_describe_an_unknown_topic_is_none(broker: Broker, topic: str) -> None:
@@ -330,8 +346,10 @@ async def test_ack_with_only_stats_settles_nothing(broker: Broker, topic: str) -
     assert (await broker.stats())[(topic, "g")] == {"received": 1}
 
 
-async def test_delete_topic_removes_its_stats(broker: Broker, topic: str) -> None:
-    other = f"{topic}.other"
+async def test_delete_topic_removes_its_stats(
+    broker: Broker, topics: Callable[[Sequence[str]], list[str]]
+) -> None:
+    topic, other = topics(["events", "other"])
     for name in (topic, other):
         sub = Subscription(name, "g")
         await broker.subscribe(sub)

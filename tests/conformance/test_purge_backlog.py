@@ -20,6 +20,7 @@ pytestmark = pytest.mark.anyio
 BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
     "memory": lambda request: MemoryBroker(f"purge-{uuid4().hex}"),
     "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
+    "cluster": lambda request: RedisBroker(request.getfixturevalue("cluster_url")),
 }
 
 

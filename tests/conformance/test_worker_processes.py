@@ -10,7 +10,9 @@ to `RESTARTABLE_BUSES`). The tests run against Redis; those marked `@on_every_bu
 each bus. The embedded bus is a Valkey server behind the same broker code, so its delivery
 semantics are proven by the broker conformance suite; here it only shows that workers given no
 broker URL at all share it, which two tests suffice for (running all of them on it costs the
-suite half a minute).
+suite half a minute). A Redis Cluster (3 masters) runs the tests where it differs from one
+server: a worker killed mid-handler (its successor reclaims on the topic's master) and a
+master restarted under a running worker (the other masters stay up).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from omnidaemon.brokers import Broker, RedisBroker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
+from tests.cluster import RedisCluster, running_cluster
 from tests.e2e._support import (
     WorkerProcess,
     cli_env,
@@ -51,26 +54,53 @@ SETTLE = 20.0  # seconds within which the work of one test must be done once it 
 
 @dataclass(frozen=True)
 class RestartableBus:
-    """A bus whose server a test may restart (data kept: AOF with `appendfsync always`)."""
+    """A bus whose server a test may restart (data kept: AOF with `appendfsync always`).
+
+    `restart(signal, key)` stops the server that holds `key` with `signal` and starts it
+    again; on a cluster, the other masters stay up. `outage_errors` name the errors a worker
+    may meet meanwhile: on a cluster, the other masters answer CLUSTERDOWN for the slots of
+    the one that is down.
+    """
 
     url: str
-    restart: Callable[[signal.Signals], None]
+    restart: Callable[[signal.Signals, str], None]
+    outage_errors: tuple[str, ...] = ("ConnectionError",)
 
 
 BUSES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
     "redis": lambda request: request.getfixturevalue("redis_url"),
     # Workers get no broker URL, only OMNIDAEMON_HOME: the default an app falls back to.
     "embedded": lambda request: f"embedded://{request.getfixturevalue('embedded_home')}",
+    "cluster": lambda request: request.getfixturevalue("cluster_url"),
 }
+
+
+@pytest.fixture(scope="module")
+def durable_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """3 masters without replicas, AOF fsynced on every write, for the restart tests alone:
+    a master they restart comes back with its data, and nobody else shares it."""
+    directory = tmp_path_factory.mktemp("durable-cluster")
+    with running_cluster(directory, replicas=False, appendfsync="always") as cluster:
+        yield cluster
 
 
 def _durable_redis(request: pytest.FixtureRequest) -> RestartableBus:
     server = request.getfixturevalue("durable_redis")
-    return RestartableBus(server.url, server.restart)
+    return RestartableBus(server.url, lambda sig, key: server.restart(sig))
+
+
+def _durable_cluster(request: pytest.FixtureRequest) -> RestartableBus:
+    cluster: RedisCluster = request.getfixturevalue("durable_cluster")
+    return RestartableBus(
+        cluster.url,
+        lambda sig, key: cluster.restart(cluster.master_of(key).port, sig),
+        outage_errors=("ConnectionError", "ClusterDownError"),
+    )
 
 
 RESTARTABLE_BUSES: dict[str, Callable[[pytest.FixtureRequest], RestartableBus]] = {
     "redis": _durable_redis,
+    "cluster": _durable_cluster,
 }
 
 
@@ -79,10 +109,12 @@ def bus_url(request: pytest.FixtureRequest) -> str:
     return BUSES[request.param](request)
 
 
-on_every_bus = pytest.mark.parametrize("bus_url", sorted(BUSES), indirect=True)
+on_every_bus = pytest.mark.parametrize("bus_url", ["embedded", "redis"], indirect=True)
+# The tests where a cluster differs from one server (see the module's docs).
+on_every_bus_and_cluster = pytest.mark.parametrize("bus_url", sorted(BUSES), indirect=True)
 
 
-@pytest.fixture(params=sorted(RESTARTABLE_BUSES))
+@pytest.fixture
 def restartable_bus(request: pytest.FixtureRequest) -> RestartableBus:
     return RESTARTABLE_BUSES[request.param](request)
 
@@ -218,7 +250,7 @@ class Fleet:
     log: Path
     spawn: Callable[..., WorkerProcess]
     env: dict[str, str] = field(default_factory=dict)
-    _client: redis.Redis | None = None
+    _client: redis.Redis | redis.RedisCluster | None = None
 
     def write_app(self, agents: str) -> None:
         write_module(self.cwd, "procs_app", PREAMBLE + agents)
@@ -296,12 +328,17 @@ class Fleet:
         return RedisBroker(self.url)
 
     @property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> redis.Redis | redis.RedisCluster:
+        """A client of the bus (a cluster client on a cluster: keys live on several nodes)."""
         if self._client is None:
             url = self.url
             if url.startswith("embedded://"):
                 url = f"unix://{url.removeprefix('embedded://')}/valkey.sock"
-            self._client = redis.Redis.from_url(url, socket_timeout=5)
+            client = redis.Redis.from_url(url, socket_timeout=5)
+            if not url.startswith("unix:") and client.info("cluster").get("cluster_enabled"):
+                client.close()
+                client = redis.RedisCluster.from_url(url, socket_timeout=5)
+            self._client = client
         return self._client
 
     def close(self) -> None:
@@ -383,7 +420,7 @@ def supervise_until_dead_letter(
 # 4.1 At least once across SIGKILL ----------------------------------------------------------
 
 
-@on_every_bus
+@on_every_bus_and_cluster
 def test_event_of_a_worker_killed_mid_handler_is_taken_over_and_nothing_is_lost(
     fleet: Fleet,
 ) -> None:
@@ -582,7 +619,18 @@ def test_sigterm_finishes_in_flight_handlers_and_leaves_the_rest_to_the_next_wor
 # Reconnection after the server restarts ----------------------------------------------------
 
 
-@pytest.mark.parametrize("server_signal", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+@pytest.mark.parametrize(
+    ("restartable_bus", "server_signal"),
+    [
+        ("redis", signal.SIGTERM),
+        ("redis", signal.SIGKILL),
+        # One master of three, crashed and restarted with its AOF (a clean stop costs as long
+        # and proves no more).
+        ("cluster", signal.SIGKILL),
+    ],
+    ids=["redis-term", "redis-kill", "cluster-kill"],
+    indirect=["restartable_bus"],
+)
 def test_worker_reconnects_by_itself_after_the_server_restarts(
     restartable_bus: RestartableBus,
     tmp_path: Path,
@@ -600,7 +648,7 @@ def test_worker_reconnects_by_itself_after_the_server_restarts(
         fleet.publish([{"k": k} for k in before])
         wait_for(lambda: len(fleet.done_counts()) >= 5, SETTLE, "some events to be handled")
 
-        restartable_bus.restart(server_signal)
+        restartable_bus.restart(server_signal, fleet.stream_key)
         fleet.close()  # its connection died with the server
         after = [f"a{i}" for i in range(50)]
         fleet.publish([{"k": k} for k in after])
@@ -629,7 +677,10 @@ def test_worker_reconnects_by_itself_after_the_server_restarts(
         ]
         assert 1 <= len(unreachable) <= 6, worker.stderr
         assert all(e["agent"] == "work" for e in unreachable)
-        assert all("ConnectionError" in e.get("error", "") for e in unreachable), worker.stderr
+        assert all(
+            any(kind in e.get("error", "") for kind in restartable_bus.outage_errors)
+            for e in unreachable
+        ), worker.stderr
         problems = [e for e in worker.logs() if e["level"] in ("warning", "error")]
         assert len(problems) <= 10, worker.stderr
     finally:

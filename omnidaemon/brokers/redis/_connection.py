@@ -24,6 +24,7 @@ from redis.exceptions import (
     ClusterError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     SlotNotCoveredError,
@@ -77,7 +78,9 @@ _SCRIPTS = (
 # A connection of the broker's own and the cluster node it is on (None: a single server).
 _Held = tuple[AbstractConnection, ClusterNode | None]
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# A bus that does not answer; on a cluster, also none of the seeds answering or no full slot
+# map yet (redis-py's RedisClusterException, which is no RedisError).
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
 
 # Query parameters that carry credentials in the URLs of the buses we support (redis-py reads
 # `password`, `username` and `ssl_password` from the query as well as from the userinfo).
