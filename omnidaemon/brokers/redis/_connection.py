@@ -21,6 +21,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     ClusterError,
     MovedError,
     NoScriptError,
@@ -28,6 +29,7 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
     SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -80,7 +82,16 @@ _Held = tuple[AbstractConnection, ClusterNode | None]
 
 # A bus that does not answer; on a cluster, also none of the seeds answering or no full slot
 # map yet (redis-py's RedisClusterException, which is no RedisError).
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
+# ClusterDownError and TryAgainError are error replies (ResponseError) that say "not now":
+# a slot without a master during a failover, a slot half moved.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    RedisClusterException,
+    ClusterDownError,
+    TryAgainError,
+)
 
 # Query parameters that carry credentials in the URLs of the buses we support (redis-py reads
 # `password`, `username` and `ssl_password` from the query as well as from the userinfo).
@@ -295,10 +306,10 @@ class RedisConnection(RedisKeys, Broker):
                 asking=asking,
                 replicate=replicate if self._min_replicas > 0 else None,
             )
-            moved: AskError | None = None
+            moved: AskError | TryAgainError | None = None
             redirected = []
             for index, reply in zip(todo, got, strict=True):
-                if isinstance(reply, AskError):  # MovedError is an AskError
+                if isinstance(reply, AskError | TryAgainError):  # MovedError is an AskError
                     moved = reply if moved is None or isinstance(reply, MovedError) else moved
                     redirected.append(index)
                 else:
@@ -306,7 +317,10 @@ class RedisConnection(RedisKeys, Broker):
             if moved is None or self._cluster is None:
                 break
             todo = redirected
-            if isinstance(moved, MovedError):
+            if isinstance(moved, TryAgainError):
+                # A multi-key command while its slot is half moved: nothing ran; soon it can.
+                await anyio.sleep(0.05)
+            elif isinstance(moved, MovedError):
                 # The slot has a new owner (resharding done, or a failover): remember it.
                 await self._cluster.nodes_manager.move_slot(moved)
                 node, asking = self._node_of(key), False
@@ -315,6 +329,8 @@ class RedisConnection(RedisKeys, Broker):
         else:
             raise ClusterError(f"too many MOVED/ASK redirections for key {key!r}")
         error = next((r for r in replies if isinstance(r, ResponseError)), None)
+        if isinstance(error, ClusterDownError):
+            self._stale_slots = True  # a slot without a master: a failover is under way
         if error is not None:
             raise error
         return replies
