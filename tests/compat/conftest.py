@@ -1,4 +1,5 @@
-"""A clean Redis database per compat test: the seed's samples reuse topic names across tests."""
+"""A clean bus per compat test (Redis, and a Redis Cluster): the seed's samples reuse topic
+names across tests."""
 
 from __future__ import annotations
 
@@ -11,15 +12,22 @@ from omnidaemon.compat import OmniDaemonSDK
 from tests.http_receiver import Receiver, serving
 
 
-@pytest.fixture
-def compat_url(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The session's Redis, database 9, emptied, and selected the way OmniDaemon users do."""
-    url = redis_url.rsplit("/", 1)[0] + "/9"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+@pytest.fixture(params=["redis", "cluster"])
+def compat_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An emptied bus selected the way OmniDaemon users do: the session's Redis (database 9),
+    or the session's Redis Cluster (every master flushed; topics are reused across tests)."""
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("shared_cluster")
+        for master in cluster.masters():
+            cluster.client(master.port).flushall()
+        url = cluster.url
+    else:
+        url = request.getfixturevalue("redis_url").rsplit("/", 1)[0] + "/9"
+        client = redis.Redis.from_url(url)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
     monkeypatch.setenv("EVENT_BUS_TYPE", "redis_stream")
     monkeypatch.setenv("REDIS_URL", url)
     monkeypatch.delenv("OMNIDAEMON_BROKER_URL", raising=False)
