@@ -1,5 +1,5 @@
 """The app, the fleet and the bus over HTTP: agents, topics, groups, stats, metrics, health,
-dead letters, replay and purge, against a real worker on Redis."""
+dead letters, replay and purge, against a real worker on Redis and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -11,10 +11,22 @@ import httpx
 import pytest
 
 from omnidaemon import App
-from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client
+from omnidaemon.brokers.redis import RedisBroker
+from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client, make_app
 from tests.api.conftest import LANES
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def make_bus_app(
+    request: pytest.FixtureRequest, bus_prefix: str, failing: set[str]
+) -> Callable[[], App]:
+    """The module runs on the session's Redis, then on its Redis Cluster (where listing
+    scans every master and `stats` lists the nodes)."""
+    fixture = "redis_server" if request.param == "redis" else "shared_cluster"
+    url = request.getfixturevalue(fixture).url
+    return lambda: make_app(RedisBroker(url, prefix=bus_prefix), LANES, failing)
 
 
 async def _handled(http: httpx.AsyncClient, topic: str, n: int) -> str:
@@ -75,6 +87,12 @@ async def test_topics_groups_stats_metrics_and_health_see_the_worker(
             assert stats["workers"][0]["app"] == "apitest"
             assert stats["server"]["server"].startswith(("redis", "valkey"))
             assert ":***@" not in stats["bus"]
+            if "cluster" in stats["server"]["server"]:
+                masters = [n for n in stats["nodes"] if n["role"] == "master"]
+                assert len(masters) == 3 and sum(n["slots"] for n in masters) == 16384
+                assert sum(n["topics"] for n in masters) == stats["totals"]["topics"]
+            else:
+                assert stats["nodes"] == []
 
             health = await reader.get("/v1/health")
             assert health.status_code == 200
