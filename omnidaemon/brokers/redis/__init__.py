@@ -58,9 +58,11 @@ class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
     master of its keys' slot, following `MOVED` and `ASK`.
     """
 
-    # Its parts, one job each: `_connection` (URLs, the client and pool, the broker's own
-    # connections, missing groups: the one place that knows where a key lives), `_keys` (the
-    # key layout), `_publishing`, `_delivery` (fetching and settling) and `_inspection`.
+    # Its parts, one job each: `_connection` (URLs, settings, the client and its pool),
+    # `_cluster` (seed lists, telling a cluster, its nodes), `_routing` (the broker's own
+    # connections, which server each command goes to, replica confirmation, scripts, missing
+    # groups: the one place that knows where a key lives), `_keys` (the key layout),
+    # `_publishing`, `_delivery` (fetching and settling) and `_inspection`.
 
     def clone(self) -> RedisBroker:
         return RedisBroker(

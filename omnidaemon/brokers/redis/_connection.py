@@ -1,9 +1,7 @@
-"""The Redis broker's connections: URL handling, the client and its pool, and the fast path
-hot commands take on connections of the broker's own (`_direct`).
+"""The Redis broker's state and client: URL handling, the settings, and the redis-py client
+(a `Redis`, or a `RedisCluster` once the bus is known to be a cluster) with its pool.
 
-Every command the broker sends goes through `client` or `_direct`, and a command that finds its
-consumer group gone goes through `_regroup`: this is the one place that knows which server a
-key lives on, so routing by key (Redis Cluster) belongs here alone.
+The broker's own connections, and which server each command goes to, are `_routing`'s job.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -20,15 +18,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
-    AskError,
     ClusterDownError,
-    ClusterError,
-    MovedError,
-    NoScriptError,
     RedisClusterException,
     RedisError,
-    ResponseError,
-    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,11 +35,17 @@ from omnidaemon.brokers.redis._cluster import (
     cluster_enabled,
     names_several_nodes,
 )
-from omnidaemon.brokers.redis._keys import RedisKeys, _is_nogroup
-from omnidaemon.errors import ConfigurationError, NotReplicated
+from omnidaemon.brokers.redis._keys import RedisKeys
+from omnidaemon.errors import ConfigurationError
 from omnidaemon.observability.logging import get_logger
 
-__all__ = ["MAX_CONNECTIONS", "MIN_REPLICAS_ENV", "RedisConnection", "redact_url"]
+__all__ = [
+    "MAX_CONNECTIONS",
+    "MIN_REPLICAS_ENV",
+    "RedisConnection",
+    "redact_url",
+    "release_connection",
+]
 
 _log = get_logger("omnidaemon.broker")
 
@@ -58,7 +56,6 @@ MAX_CONNECTIONS = 100  # the default size of a broker's connection pool (redis-p
 _MAX_SPARES = 16
 
 MIN_REPLICAS_ENV = "OMNIDAEMON_REDIS_MIN_REPLICAS"
-_MAX_REDIRECTS = 5  # MOVED/ASK replies followed for one command before giving up
 
 _SCRIPTS = (
     "RETRY",
@@ -235,7 +232,7 @@ class RedisConnection(RedisKeys, Broker):
         if client is not None:
             with anyio.CancelScope(shield=True):
                 for conn, node in held:
-                    await self._release(client, conn, node)
+                    await release_connection(client, conn, node)
                 await client.aclose()
 
     @property
@@ -249,321 +246,12 @@ class RedisConnection(RedisKeys, Broker):
     def _maxlen_of(self, topic: str) -> int:
         return self._topic_maxlen.get(topic, self._maxlen)
 
-    # The broker's own connections -------------------------------------------------------
 
-    async def _direct(
-        self, args: Sequence[Any], *, key: str, owner: Hashable | None = None, timeout: float
-    ) -> Any:
-        """Send one command to the server that holds `key`; return its unparsed reply (see
-        `_exchange`)."""
-        return (await self._exchange((args,), key=key, owner=owner, timeout=timeout))[0]
-
-    async def _exchange(
-        self,
-        commands: Sequence[Sequence[Any]],
-        *,
-        key: str,
-        owner: Hashable | None = None,
-        timeout: float,
-        replicate: str | None = None,
-    ) -> list[Any]:
-        """Send commands, pipelined on one connection of the broker's own, to the server that
-        holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
-
-        The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
-        command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
-        callbacks): between two network round trips it costs about as much as the rest of
-        the work. With an `owner` (a consumer of a subscription) the same connection serves
-        all its commands; without, any idle one of the broker's does, and concurrent callers
-        each get their own. A connection whose command failed or was cancelled midway may
-        still have a reply on its way, so it is closed and replaced; an error reply
-        (NOGROUP, a full disk) leaves it usable. On a cluster, a `MOVED` reply updates the
-        slot map and the commands go to the new owner; an `ASK` reply (a slot being moved)
-        sends the commands it names to the importing node, each after `ASKING`.
-
-        With `replicate` (`"publish"` or `"settle"`) and `min_replicas` set, a `WAIT` follows
-        the commands on each connection they ran on, so the call returns once that many
-        replicas have its writes; too few in `publish_timeout` raise `NotReplicated` for a
-        publish, and log a warning for a settle (a settle lost in a failover only means the
-        event is delivered again). An error reply raises (the first one, after every reply
-        was read); errors are redis-py's, as from the client.
-        """
-        if not self._mode_known:
-            await self._learn_mode()
-        if self._cluster is not None:
-            await self._load_slots()
-        node = self._node_of(key)
-        replies: list[Any] = [None] * len(commands)
-        todo = list(range(len(commands)))
-        asking = False
-        for _ in range(_MAX_REDIRECTS):
-            batch = [commands[i] for i in todo]
-            got = await self._send(
-                batch,
-                node,
-                owner=owner if not asking else None,
-                timeout=timeout,
-                asking=asking,
-                replicate=replicate if self._min_replicas > 0 else None,
-            )
-            moved: AskError | TryAgainError | None = None
-            redirected = []
-            for index, reply in zip(todo, got, strict=True):
-                if isinstance(reply, AskError | TryAgainError):  # MovedError is an AskError
-                    moved = reply if moved is None or isinstance(reply, MovedError) else moved
-                    redirected.append(index)
-                else:
-                    replies[index] = reply
-            if moved is None or self._cluster is None:
-                break
-            todo = redirected
-            if isinstance(moved, TryAgainError):
-                # A multi-key command while its slot is half moved: nothing ran; soon it can.
-                await anyio.sleep(0.05)
-            elif isinstance(moved, MovedError):
-                # The slot has a new owner (resharding done, or a failover): remember it.
-                await self._cluster.nodes_manager.move_slot(moved)
-                node, asking = self._node_of(key), False
-            else:
-                node, asking = self._cluster_node(moved.host, moved.port), True
-        else:
-            raise ClusterError(f"too many MOVED/ASK redirections for key {key!r}")
-        error = next((r for r in replies if isinstance(r, ResponseError)), None)
-        if isinstance(error, ClusterDownError):
-            self._stale_slots = True  # a slot without a master: a failover is under way
-        if error is not None:
-            raise error
-        return replies
-
-    async def _load_slots(self) -> None:
-        """Fetch the cluster's slot map if none was yet, or a node failed since (one caller
-        fetches it; the others wait for that one)."""
-        assert self._cluster is not None
-        await self._cluster.initialize()  # a no-op once the client has its map
-        if self._stale_slots:
-            async with self._slots_lock:
-                if self._stale_slots:
-                    await self._cluster.nodes_manager.initialize()
-                    self._stale_slots = False
-
-    def _node_of(self, key: str) -> ClusterNode | None:
-        """The master that holds `key`'s slot, by the cached slot map (None: not a cluster)."""
-        if self._cluster is None:
-            return None
-        slot = self._cluster.keyslot(key)
-        try:
-            return self._cluster.nodes_manager.get_node_from_slot(slot)
-        except (KeyError, SlotNotCoveredError):
-            # No master serves the slot in the map we have (a failover under way): fetch the
-            # map again before the next command, and let the caller retry as for a lost node.
-            self._stale_slots = True
-            raise RedisConnectionError(f"no master serves slot {slot} of the cluster") from None
-
-    def _cluster_node(self, host: str, port: int) -> ClusterNode:
-        assert self._cluster is not None
-        manager = self._cluster.nodes_manager
-        found = manager.get_node(host=host, port=port)
-        if found is None:  # a node the map does not know yet
-            found = ClusterNode(host, port, **manager.connection_kwargs)
-            manager.set_nodes(manager.nodes_cache, {found.name: found})
-        return found
-
-    async def _send(
-        self,
-        commands: Sequence[Sequence[Any]],
-        node: ClusterNode | None,
-        *,
-        owner: Hashable | None,
-        timeout: float,
-        asking: bool,
-        replicate: str | None,
-    ) -> list[Any]:
-        """One round trip on one connection to `node`: every reply, error replies as values."""
-        conn = self._take(owner, node)
-        try:
-            if conn is None:
-                conn = await self._acquire(node)
-                if owner is not None:
-                    # A consumer's reads block; `interrupt` ends a block by this connection's id.
-                    await conn.send_command("CLIENT", "ID")
-                    client_id = int(await conn.read_response(timeout=timeout))
-                    self._reader_ids[owner] = (client_id, node)
-            packed: list[Sequence[Any]] = []
-            for command in commands:
-                packed += [("ASKING",), command] if asking else [command]
-            if replicate:
-                packed.append(("WAIT", self._min_replicas, int(self._publish_timeout * 1000)))
-            await conn.send_packed_command(conn.pack_commands(packed))
-            raw: list[Any] = []
-            for _ in packed:
-                try:
-                    raw.append(await conn.read_response(timeout=timeout))
-                except ResponseError as exc:
-                    raw.append(exc)
-        except BaseException as exc:
-            if owner is not None:
-                self._reader_ids.pop(owner, None)
-            if isinstance(exc, _UNAVAILABLE) and self._cluster is not None:
-                self._stale_slots = True  # the node may be gone: fetch the map again
-            if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect(nowait=True)
-                    if self._client is not None:
-                        await self._release(self._client, conn, node)
-            raise
-        await self._keep(conn, node, owner)
-        if replicate:
-            self._check_replicas(raw.pop(), replicate)
-        return raw[1::2] if asking else raw
-
-    def _check_replicas(self, acknowledged: Any, what: str) -> None:
-        if isinstance(acknowledged, int) and acknowledged >= self._min_replicas:
-            return
-        if isinstance(acknowledged, ResponseError):
-            raise acknowledged
-        message = (
-            f"the bus at {self._url} stored the {what} but {acknowledged} of the "
-            f"{self._min_replicas} replicas required (min_replicas) confirmed it within "
-            f"{self._publish_timeout:g} s; it may be lost if its master fails"
-        )
-        if what == "publish":
-            raise NotReplicated(message)
-        _log.warning(message)
-
-    def _take(self, owner: Hashable | None, node: ClusterNode | None) -> AbstractConnection | None:
-        """A kept connection to `node` for `owner` (or a spare); None if there is none."""
-        if owner is not None:
-            held = self._readers.pop(owner, None)
-            if held is None:
-                return None
-            if held[1] is node:
-                return held[0]
-            # The topic's slot moved to another node: this one has nothing to read.
-            self._reader_ids.pop(owner, None)
-            if self._client is not None:
-                self._background_release(held)
-            return None
-        for index in range(len(self._spares) - 1, -1, -1):
-            if self._spares[index][1] is node:
-                return self._spares.pop(index)[0]
-        return None
-
-    async def _acquire(self, node: ClusterNode | None) -> AbstractConnection:
-        if node is None:
-            return await self.client.connection_pool.get_connection()  # type: ignore[no-any-return]
-        return node.acquire_connection()
-
-    @staticmethod
-    async def _release(client: Any, conn: AbstractConnection, node: ClusterNode | None) -> None:
-        if node is None:
-            await client.connection_pool.release(conn)
-        else:
-            node.release(conn)  # type: ignore[arg-type]
-
-    def _background_release(self, held: _Held) -> None:
-        conn, node = held
-        if node is not None:
-            node.release(conn)  # type: ignore[arg-type]
-        # A connection of the single-server pool is released by `_keep`'s callers only.
-
-    async def interrupt(self, sub: Subscription, consumer: str) -> None:
-        # CLIENT UNBLOCK ends the consumer's blocking XREADGROUP as if it had timed out: what the
-        # server already delivered still reaches the reader, unlike a cancelled read (whose
-        # entries would stay pending and be charged an attempt when taken over).
-        self._interrupted.add((sub, consumer))
-        reader = self._reader_ids.get((sub, consumer))
-        if reader is None:
-            return
-        client_id, node = reader
-        try:
-            if node is None:
-                await self.client.execute_command("CLIENT", "UNBLOCK", client_id)
-            else:  # sent to the node the reader's connection is on
-                await node.execute_command("CLIENT", "UNBLOCK", client_id)
-        except ResponseError as exc:  # not allowed by the server's ACL: the fetch times out
-            _log.debug("cannot interrupt a blocking read", error=str(exc))
-
-    async def _keep(
-        self, conn: AbstractConnection, node: ClusterNode | None, owner: Hashable | None
-    ) -> None:
-        if self._client is None:  # the broker closed while the command ran
-            await conn.disconnect(nowait=True)
-        elif owner is not None:
-            self._readers[owner] = (conn, node)
-        elif len(self._spares) < _MAX_SPARES:
-            self._spares.append((conn, node))
-        else:
-            await self._release(self._client, conn, node)
-
-    # Scripts ------------------------------------------------------------------------------
-
-    async def _script(
-        self,
-        name: str,
-        *,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        replicate: str | None = None,
-    ) -> Any:
-        """Run one of the broker's scripts on the server that holds `keys` (one slot).
-
-        With `replicate` and `min_replicas` set, it returns once that many replicas have the
-        script's writes (see `_exchange`): the script goes on a connection of the broker's own,
-        followed by `WAIT` on that same connection.
-        """
-        if replicate is None or self._min_replicas == 0:
-            return await self._scripts[name](keys=keys, args=args)
-        script = self._scripts[name]
-        try:
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            return await self._replicated(command, keys[0], replicate)
-        except NoScriptError:
-            # Not cached on this server (a new master after a failover): send its text. It was
-            # refused whole, so nothing ran and sending it again cannot repeat a write.
-            command = ("EVAL", script.script, len(keys), *keys, *args)
-            return await self._replicated(command, keys[0], replicate)
-
-    async def _replicated(self, command: Sequence[Any], key: str, what: str) -> Any:
-        timeout = self._publish_timeout + _SOCKET_TIMEOUT
-        return (await self._exchange((command,), key=key, timeout=timeout, replicate=what))[0]
-
-    # Missing groups -----------------------------------------------------------------------
-
-    async def _regroup(self, sub: Subscription) -> None:
-        """Recreate a group a command found missing, and say so once.
-
-        The stream or group is gone: the topic was deleted, or the bus lost its data (restarted
-        without persistence, failed over to an empty replica). Any command of a consumer may be
-        the first to notice (a reclaim, a lease renewal, a settle, a fetch); each recreates the
-        group instead of failing forever.
-        """
-        await self.subscribe(sub)
-        _log.error(
-            "the agent's consumer group was missing on the bus and was created again: the bus "
-            "lost its data (restarted without persistence, or failed over to an empty replica) "
-            "or the topic was deleted; events it held are gone",
-            topic=sub.topic,
-            agent=sub.group,
-        )
-
-    async def _group_script(
-        self,
-        sub: Subscription,
-        script: str,
-        *,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        settles: bool = False,
-    ) -> Any:
-        """Run a script on `sub`'s group; `None` when the group was missing (it is recreated:
-        see `_regroup`). Our scripts never return nil themselves. A script that `settles` a
-        delivery waits for `min_replicas` replicas (see `_exchange`)."""
-        try:
-            return await self._script(
-                script, keys=keys, args=args, replicate="settle" if settles else None
-            )
-        except ResponseError as exc:
-            if not _is_nogroup(exc):
-                raise
-            await self._regroup(sub)
-            return None
+async def release_connection(
+    client: Any, conn: AbstractConnection, node: ClusterNode | None
+) -> None:
+    """Give a connection of the broker's own back to its pool: the client's, or its node's."""
+    if node is None:
+        await client.connection_pool.release(conn)
+    else:
+        node.release(conn)  # type: ignore[arg-type]

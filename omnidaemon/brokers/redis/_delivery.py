@@ -12,8 +12,9 @@ from redis.exceptions import ResponseError
 
 from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
-from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, RedisConnection, _log
+from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _log
 from omnidaemon.brokers.redis._keys import _RETRY, _STREAM, _decode, _field, _is_nogroup
+from omnidaemon.brokers.redis._routing import RedisRouting
 from omnidaemon.metrics import is_extreme
 
 __all__ = ["RedisDelivery"]
@@ -22,7 +23,7 @@ _RETRY_CHECK_INTERVAL = 0.05  # seconds between looks at the due-retry set while
 _MAX_BLOCK_MS = 5_000
 
 
-class RedisDelivery(RedisConnection):
+class RedisDelivery(RedisRouting):
     """The consuming commands of `RedisBroker`."""
 
     async def subscribe(self, sub: Subscription) -> None:

@@ -11,13 +11,14 @@ from redis.exceptions import ResponseError
 
 from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
 from omnidaemon.brokers.redis._cluster import cluster_server_info, describe_nodes
-from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, RedisConnection
+from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, release_connection
 from omnidaemon.brokers.redis._keys import _decode, _escape_glob
+from omnidaemon.brokers.redis._routing import RedisRouting
 
 __all__ = ["RedisInspection"]
 
 
-class RedisInspection(RedisConnection):
+class RedisInspection(RedisRouting):
     """The inspection and management commands of `RedisBroker`."""
 
     async def _topic_keys(self, topic: str) -> list[str]:
@@ -83,7 +84,7 @@ class RedisInspection(RedisConnection):
             self._reader_ids.pop(owner, None)
             self._interrupted.discard(owner)
             conn, node = self._readers.pop(owner)
-            await self._release(self.client, conn, node)
+            await release_connection(self.client, conn, node)
         await self.client.delete(*await self._topic_keys(topic))
 
     # Results ------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import anyio
 from redis.exceptions import AuthenticationError
 
 from omnidaemon.brokers import _redis_scripts as scripts
-from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _UNAVAILABLE, RedisConnection
+from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _UNAVAILABLE
 from omnidaemon.brokers.redis._keys import _xadd_args
+from omnidaemon.brokers.redis._routing import RedisRouting
 from omnidaemon.errors import BusUnavailable, ConfigurationError
 
 __all__ = ["RedisPublishing"]
@@ -22,7 +23,7 @@ _APPEND_MANY_FROM = 8
 _APPEND_MANY_CHUNK = 1_000
 
 
-class RedisPublishing(RedisConnection):
+class RedisPublishing(RedisRouting):
     """The publishing commands of `RedisBroker`."""
 
     async def _with_publish_deadline(self, attempt: Any) -> None:
