@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 
 from omnidaemon import App
 from omnidaemon.brokers import RedisBroker, open_broker
@@ -96,3 +97,22 @@ async def test_a_cluster_is_found_from_one_seed_and_bus_stats_lists_its_nodes(
     assert {r["replica_of"] for r in replicas} <= {m["address"] for m in masters}
     table = run_cli(["bus", "stats"], tmp_path, cli_env(OMNIDAEMON_BROKER_URL=url))
     assert "cluster nodes" in table.stdout and "REPLICA OF" in table.stdout
+
+
+async def test_a_user_who_may_not_run_info_gets_a_single_server_broker(redis_url: str) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    user = f"noinfo{free_port()}"
+    admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-info")
+    try:
+        host = redis_url.split("//", 1)[1].split("/", 1)[0].rpartition("@")[2]
+        broker = RedisBroker(f"redis://{user}:pw@{host}/0")
+        async with App("noinfo", broker=broker) as app:
+            await broker.ping()
+            assert not broker.is_cluster
+            topic = f"noinfo-{free_port()}"
+            await broker.subscribe(Subscription(topic, "g"))
+            await app.publish(topic, {"n": 1})
+            assert len(await broker.fetch(Subscription(topic, "g"), "c", 10, 1.0)) == 1
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+        admin.close()

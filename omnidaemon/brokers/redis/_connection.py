@@ -21,6 +21,7 @@ from redis.exceptions import (
     ClusterDownError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -218,7 +219,19 @@ class RedisConnection(RedisKeys, Broker):
         if self._mode_known or self._client is None or self._cluster is not None:
             return
         plain = self._client
-        if await cluster_enabled(plain):
+        try:
+            enabled = await cluster_enabled(plain)
+        except ResponseError as exc:
+            # INFO refused (an ACL without it): taken for a single server. A cluster whose
+            # users may not run INFO is named by two or more seeds, which needs no question.
+            _log.warning(
+                "cannot ask the bus whether it is a Redis Cluster (INFO refused); taking it "
+                "for a single server: for a cluster, list two or more nodes in the URL",
+                bus=self._url,
+                error=str(exc),
+            )
+            enabled = False
+        if enabled:
             self._use(cluster_client(self._raw_url, self._client_options()))
             await plain.aclose()
             _log.debug("the bus is a Redis Cluster", bus=self._url)
