@@ -18,8 +18,10 @@ from uuid import uuid4
 
 import anyio
 import pytest
+from redis.exceptions import TryAgainError
 
 from omnidaemon.brokers import RedisBroker
+from omnidaemon.brokers.base import Subscription
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import BusUnavailable
 from tests.cluster import RedisCluster, running_cluster
@@ -379,3 +381,42 @@ async def test_a_publish_waits_out_a_cluster_that_is_down_then_says_bus_unavaila
             assert [data for _, data in await broker.entries(other, 10)] == [b"3"]
         finally:
             await broker.close()
+
+
+async def test_a_topic_half_moved_is_followed_by_ask_then_moved(
+    redis_cluster: RedisCluster,
+) -> None:
+    broker = RedisBroker(redis_cluster.url, publish_timeout=5)
+    await broker.connect()
+    try:
+        topic = f"asked-{uuid4().hex[:8]}"
+        sub = Subscription(topic, "g")
+        await broker.subscribe(sub)
+        await broker.publish(topic, b"before")
+        stream = broker.stream_key(topic)
+        slot = redis_cluster.keyslot(stream)
+        source = redis_cluster.master_of(stream)
+        target = next(m for m in redis_cluster.masters() if m.port != source.port)
+        migration = redis_cluster.begin_migration(slot, target.port)
+        assert redis_cluster.move_keys(migration) >= 1
+        # The keys are on the target, the slot still on the source: it answers -ASK, and the
+        # broker's own connections follow it with ASKING (a publish does not fail).
+        await broker.publish(topic, b"asked")
+        await broker.publish_many([(topic, b"asked-too")] * 10)
+        # A script over several keys, some of which exist nowhere yet, cannot run until the
+        # slot is moved (TRYAGAIN): a fetch says "not now" and the worker's loop retries it.
+        with pytest.raises(TryAgainError):
+            await broker.fetch(sub, "c", 100, 1.0)
+        redis_cluster.finish_migration(migration)
+        got = await broker.fetch(sub, "c", 100, 1.0)
+        assert [d.data for d in got] == [b"before", b"asked"] + [b"asked-too"] * 10
+        await broker.ack(sub, got)
+        # Now -MOVED: the slot map is updated and the command sent to the new owner.
+        await broker.publish(topic, b"moved")
+        got = await broker.fetch(sub, "c", 10, 1.0)
+        assert [d.data for d in got] == [b"moved"]
+        info = await broker.describe(topic)
+        assert info is not None and info.length == 13 and info.groups[0].pending == 1
+        assert redis_cluster.master_of(stream).port == target.port
+    finally:
+        await broker.close()

@@ -30,14 +30,20 @@ class RedisDelivery(RedisRouting):
         start = "$" if sub.start == "latest" else "0"
         for key, first in ((self.stream_key(sub.topic), start), (self.retry_key(sub), "0")):
             try:
-                await self.client.xgroup_create(key, sub.group, id=first, mkstream=True)
+                if self._cluster is None:
+                    await self.client.xgroup_create(key, sub.group, id=first, mkstream=True)
+                else:  # on a connection of the broker's own, which follows ASK (see `_script`)
+                    command = ("XGROUP", "CREATE", key, sub.group, first, "MKSTREAM")
+                    await self._direct(command, key=key, timeout=_SOCKET_TIMEOUT)
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
     async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
-        removed = await self._scripts["REMOVE_CONSUMER"](
-            keys=[self.stream_key(sub.topic), self.retry_key(sub)], args=[sub.group, consumer]
+        removed = await self._script(
+            "REMOVE_CONSUMER",
+            keys=[self.stream_key(sub.topic), self.retry_key(sub)],
+            args=[sub.group, consumer],
         )
         return bool(removed)
 
@@ -48,7 +54,8 @@ class RedisDelivery(RedisRouting):
         *,
         alive: Callable[[str], Awaitable[bool]] | None = None,
     ) -> list[str]:
-        found = await self._scripts["PRUNE_CONSUMERS"](
+        found = await self._script(
+            "PRUNE_CONSUMERS",
             keys=[self.stream_key(sub.topic), self.retry_key(sub)],
             args=[sub.group, max(0, int(min_idle * 1000)), "0" if alive is None else "1"],
         )
@@ -91,7 +98,8 @@ class RedisDelivery(RedisRouting):
         # The due-retry set is looked at every few ms while busy, and whenever a retry known
         # to this worker falls due; other workers' retries are seen within one fetch timeout.
         if now - checked_at >= _RETRY_CHECK_INTERVAL or next_due <= now:
-            entries, wait_ms = await self._scripts["FETCH_RETRIES"](
+            entries, wait_ms = await self._script(
+                "FETCH_RETRIES",
                 keys=[
                     self.due_key(sub),
                     self.retry_key(sub),
@@ -163,8 +171,9 @@ class RedisDelivery(RedisRouting):
             if extremes:
                 commands.append(("EVAL", scripts.KEEP_EXTREMES, 1, key, *extremes))
         replies: list[Any]
-        if self._min_replicas > 0:
-            # One connection of the broker's own, so that WAIT follows these writes.
+        if self._min_replicas > 0 or self._cluster is not None:
+            # One connection of the broker's own: WAIT must follow these writes on it, and a
+            # cluster's ASK must be followed on it (see `_script`).
             try:
                 replies = await self._exchange(
                     commands,

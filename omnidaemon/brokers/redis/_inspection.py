@@ -56,7 +56,7 @@ class RedisInspection(RedisRouting):
             keys += [self.retry_key(sub), self.due_key(sub)]
             # What this broker remembers of the group's next due retry is void now.
             self._retry_state.pop(sub, None)
-        removed = await self._scripts["PURGE_BACKLOG"](keys=keys, args=names)
+        removed = await self._script("PURGE_BACKLOG", keys=keys, args=names)
         return int(removed)
 
     async def expire_topic(self, topic: str, ttl: float) -> None:
@@ -120,7 +120,8 @@ class RedisInspection(RedisRouting):
     async def replace_value(
         self, key: str, expected: bytes, value: bytes | None, ttl: float
     ) -> bool:
-        done = await self._scripts["REPLACE_VALUE"](
+        done = await self._script(
+            "REPLACE_VALUE",
             keys=[self.value_key(key)],
             args=[expected, value if value is not None else b"", max(1, int(ttl * 1000))],
         )
@@ -142,8 +143,8 @@ class RedisInspection(RedisRouting):
                 # Out of the dead-letter stream and into the group's retry stream (read by this
                 # group alone) as attempt 1, in one script that moves the record only if it is
                 # still there: replays running at once all see it, exactly one moves it.
-                if await self._scripts["REPLAY"](
-                    keys=[self.dlq_key(sub), self.retry_key(sub)], args=[entry_id, entry]
+                if await self._script(
+                    "REPLAY", keys=[self.dlq_key(sub), self.retry_key(sub)], args=[entry_id, entry]
                 ):
                     moved += 1
             if len(page) < 100:

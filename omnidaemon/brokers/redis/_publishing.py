@@ -109,9 +109,10 @@ class RedisPublishing(RedisRouting):
         append_many = self._scripts["APPEND_MANY"]
 
         async def attempt() -> None:
-            if self._min_replicas > 0:
+            if self._min_replicas > 0 or self._cluster is not None:
                 # Each topic on a connection of its own, followed by WAIT on that connection
-                # (a pipeline through the client could put the WAIT on another one).
+                # (a pipeline through the client could put the WAIT on another one), and
+                # following a cluster's ASK on it (see `_script`).
                 by_key: dict[str, list[tuple[Any, ...]]] = {}
                 for key, maxlen, chunk in appends:
                     by_key.setdefault(key, []).append(_append_command(key, maxlen, chunk))
@@ -138,9 +139,7 @@ class RedisPublishing(RedisRouting):
                 key, maxlen, chunk = appends[0]
                 await append_many(keys=[key], args=[maxlen, *chunk])
                 return
-            # On a cluster, the client sends one pipeline per node: topics on different
-            # masters go out at once, each topic's entries in order. Scripts go as EVAL with
-            # their text, so no server needs them cached (a new master after a failover).
+            # Scripts go as EVAL with their text: no SCRIPT EXISTS round trip first.
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, maxlen, chunk in appends:
                     pipe.execute_command(*_append_command(key, maxlen, chunk))

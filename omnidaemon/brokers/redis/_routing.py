@@ -126,6 +126,9 @@ class RedisRouting(RedisConnection):
             else:
                 node, asking = self._cluster_node(moved.host, moved.port), True
         else:
+            if isinstance(moved, TryAgainError):
+                # Still half moved: "not now" (an unavailable bus) for the caller to retry.
+                raise moved
             raise ClusterError(f"too many MOVED/ASK redirections for key {key!r}")
         error = next((r for r in replies if isinstance(r, ResponseError)), None)
         if isinstance(error, ClusterDownError):
@@ -299,25 +302,31 @@ class RedisRouting(RedisConnection):
     ) -> Any:
         """Run one of the broker's scripts on the server that holds `keys` (one slot).
 
-        With `replicate` and `min_replicas` set, it returns once that many replicas have the
-        script's writes (see `_exchange`): the script goes on a connection of the broker's own,
-        followed by `WAIT` on that same connection.
+        On one server without `min_replicas`, through the client (which loads a script the
+        server lacks). Otherwise on a connection of the broker's own (see `_exchange`): on a
+        cluster, so that `ASK` is followed with `ASKING` on the same connection (redis-py's
+        cluster client sends it on another pooled connection, and then loops between the two
+        nodes until "TTL exhausted" while a slot is being moved); with `replicate` and
+        `min_replicas`, so that the `WAIT` follows the script on its connection.
         """
-        if replicate is None or self._min_replicas == 0:
+        durable = replicate is not None and self._min_replicas > 0
+        if self._cluster is None and not durable:
             return await self._scripts[name](keys=keys, args=args)
         script = self._scripts[name]
+        what = replicate if durable else None
         try:
             command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            return await self._replicated(command, keys[0], replicate)
+            return await self._own(command, keys[0], what)
         except NoScriptError:
             # Not cached on this server (a new master after a failover): send its text. It was
             # refused whole, so nothing ran and sending it again cannot repeat a write.
             command = ("EVAL", script.script, len(keys), *keys, *args)
-            return await self._replicated(command, keys[0], replicate)
+            return await self._own(command, keys[0], what)
 
-    async def _replicated(self, command: Sequence[Any], key: str, what: str) -> Any:
-        timeout = self._publish_timeout + _SOCKET_TIMEOUT
-        return (await self._exchange((command,), key=key, timeout=timeout, replicate=what))[0]
+    async def _own(self, command: Sequence[Any], key: str, replicate: str | None) -> Any:
+        """One command on a connection of the broker's own, to `key`'s server."""
+        timeout = _SOCKET_TIMEOUT + self._replica_wait
+        return (await self._exchange((command,), key=key, timeout=timeout, replicate=replicate))[0]
 
     # Missing groups -----------------------------------------------------------------------
 
