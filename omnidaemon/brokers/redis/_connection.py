@@ -274,9 +274,12 @@ class RedisConnection(RedisKeys, Broker):
         """
         if not self._mode_known:
             await self._learn_mode()
-        if self._stale_slots and self._cluster is not None:
-            self._stale_slots = False
-            await self._cluster.nodes_manager.initialize()
+        if self._cluster is not None:
+            # No command went through the client yet: it has no slot map (a no-op after).
+            await self._cluster.initialize()
+            if self._stale_slots:
+                self._stale_slots = False
+                await self._cluster.nodes_manager.initialize()
         node = self._node_of(key)
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))

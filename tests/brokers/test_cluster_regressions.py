@@ -1,0 +1,34 @@
+"""Regressions the chaos suite's cluster mode (`python -m tests.chaos --cluster`) found in
+the Redis broker on a Redis Cluster (issue 17), each with the smallest reproduction."""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+import pytest
+
+from omnidaemon.brokers import RedisBroker
+from tests.cluster import HOST, RedisCluster
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def _seed_list(cluster: RedisCluster) -> str:
+    return "redis://" + ",".join(f"{HOST}:{port}" for port in cluster.ports)
+
+
+@pytest.mark.parametrize("seeds", ["one", "several"])
+@pytest.mark.parametrize("min_replicas", [0, 1])
+async def test_a_new_brokers_first_command_may_be_a_publish(
+    redis_cluster: RedisCluster, seeds: str, min_replicas: int
+) -> None:
+    # A publisher's first command is its first publish, which goes by the broker's own
+    # connections: the cluster client had no slot map yet (KeyError: the slot number).
+    url = redis_cluster.url if seeds == "one" else _seed_list(redis_cluster)
+    topic = f"first{uuid4().hex[:8]}"
+    broker = RedisBroker(url, min_replicas=min_replicas)
+    async with broker:
+        await broker.publish(topic, b"hello")
+        assert broker.is_cluster
+        entries = await broker.client.xrange(broker.stream_key(topic))
+    assert [fields[b"e"] for _, fields in entries] == [b"hello"]
