@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
 from omnidaemon.brokers.redis import RedisBroker, redact_url
+from omnidaemon.brokers.redis._cluster import names_several_nodes, seeds
 from omnidaemon.errors import ConfigurationError
 
 __all__ = ["Broker", "Delivery", "MemoryBroker", "RedisBroker", "Subscription", "open_broker"]
@@ -26,6 +27,9 @@ def open_broker(url: str, *, maxlen: int | None = None) -> Broker:
     if scheme == "memory":
         name = url[len("memory://") :] if url.startswith("memory://") else ""
         return MemoryBroker(name)
+    if scheme in ("redis", "rediss") and names_several_nodes(url):
+        seeds(url)  # a Redis Cluster's seed list: every host and port is checked
+        return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)
     if scheme in ("redis", "rediss", "unix"):
         try:
             urlsplit(url).port  # noqa: B018 - parsing it is the check

@@ -7,7 +7,8 @@ from uuid import uuid4
 
 import pytest
 
-from omnidaemon.brokers import RedisBroker
+from omnidaemon.brokers import RedisBroker, open_broker
+from omnidaemon.errors import ConfigurationError
 from tests.cluster import HOST, RedisCluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -32,3 +33,15 @@ async def test_a_new_brokers_first_command_may_be_a_publish(
         assert broker.is_cluster
         entries = await broker.client.xrange(broker.stream_key(topic))
     assert [fields[b"e"] for _, fields in entries] == [b"hello"]
+
+
+def test_open_broker_takes_a_list_of_seed_nodes() -> None:
+    # The worker's CLI opens its broker with open_broker, which checked the URL's port with
+    # urlsplit: "redis://h1:7000,h2:7001" was refused ("port is not a number").
+    broker = open_broker("redis://:hunter2@10.0.0.1:7000,10.0.0.2:7001")
+    assert isinstance(broker, RedisBroker)
+    assert "hunter2" not in broker.url
+    for bad in ("redis://:hunter2@10.0.0.1:7000,10.0.0.2:x", "redis://:hunter2@h:7000,:7001"):
+        with pytest.raises(ConfigurationError) as info:
+            open_broker(bad)
+        assert "hunter2" not in str(info.value)
