@@ -3,13 +3,15 @@ the Redis broker on a Redis Cluster (issue 17), each with the smallest reproduct
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import uuid4
 
+import anyio
 import pytest
 
 from omnidaemon.brokers import RedisBroker, open_broker
-from omnidaemon.errors import ConfigurationError
-from tests.cluster import HOST, RedisCluster
+from omnidaemon.errors import BusUnavailable, ConfigurationError
+from tests.cluster import HOST, RedisCluster, running_cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -45,3 +47,30 @@ def test_open_broker_takes_a_list_of_seed_nodes() -> None:
         with pytest.raises(ConfigurationError) as info:
             open_broker(bad)
         assert "hunter2" not in str(info.value)
+
+
+async def test_a_publish_waits_out_a_cluster_that_is_down(tmp_path: Path) -> None:
+    # While a failed master's replica is not yet promoted, every master answers CLUSTERDOWN
+    # (a cluster serves all its slots or none): even a topic whose own master is healthy.
+    # The publish raised ClusterDownError at once; it is retried like an unreachable bus.
+    # Without replicas the cluster stays down until the killed master is started again.
+    with running_cluster(tmp_path, replicas=False) as cluster:
+        topic = f"down{uuid4().hex[:8]}"
+        mine = cluster.master_of(f"omni:{{{topic}}}:stream").port
+        other = next(port for port in cluster.ports if port != mine)
+        seed = f"redis://{HOST}:{mine}"  # a seed that stays up
+        impatient = RedisBroker(seed, publish_timeout=1.0)
+        broker = RedisBroker(seed, publish_timeout=30.0)
+        async with impatient, broker:
+            await broker.publish(topic, b"before")
+            await impatient.publish(f"{topic}.other", b"slot map fetched")
+            cluster.kill(other)
+            while cluster.client(mine).cluster("INFO")["cluster_state"] != "fail":
+                await anyio.sleep(0.05)
+            with pytest.raises(BusUnavailable, match="ClusterDownError"):
+                await impatient.publish(topic, b"given up")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, cluster.restart, other)
+                await broker.publish(topic, b"after")  # once the cluster is up again
+            entries = await broker.client.xrange(broker.stream_key(topic))
+    assert [fields[b"e"] for _, fields in entries] == [b"before", b"after"]

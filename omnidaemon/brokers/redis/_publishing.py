@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
-from redis.exceptions import AuthenticationError
+from redis.exceptions import AuthenticationError, ClusterDownError, TryAgainError
 
 from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _UNAVAILABLE, RedisConnection
@@ -20,6 +20,11 @@ __all__ = ["RedisPublishing"]
 # (one call holds the server for about a millisecond per 1,000 entries).
 _APPEND_MANY_FROM = 8
 _APPEND_MANY_CHUNK = 1_000
+
+# Retried until `publish_timeout` like an unreachable bus: a cluster that is down while a failed
+# master's replica takes over (CLUSTERDOWN, from every master), or a slot in the middle of a
+# migration (TRYAGAIN: a command's keys are split between the two nodes for a moment).
+_TRANSIENT = (*_UNAVAILABLE, ClusterDownError, TryAgainError)
 
 
 class RedisPublishing(RedisConnection):
@@ -39,7 +44,7 @@ class RedisPublishing(RedisConnection):
                 raise ConfigurationError(
                     f"the bus at {self._url} refused the credentials in the broker URL ({exc})"
                 ) from None
-            except _UNAVAILABLE as exc:
+            except _TRANSIENT as exc:
                 if anyio.current_time() + delay > deadline:
                     raise BusUnavailable(
                         f"cannot publish: the bus at {self._url} did not answer within "
@@ -66,7 +71,7 @@ class RedisPublishing(RedisConnection):
                 # retried (or reported) by `_with_publish_deadline` below.
                 await append()
                 return
-            except (AuthenticationError, *_UNAVAILABLE):
+            except (AuthenticationError, *_TRANSIENT):
                 pass
             await self._with_publish_deadline(append)
             return
