@@ -8,9 +8,10 @@ from uuid import uuid4
 
 import anyio
 import pytest
+from redis.exceptions import ResponseError
 
 from omnidaemon.brokers import RedisBroker, open_broker
-from omnidaemon.errors import BusUnavailable, ConfigurationError
+from omnidaemon.errors import BusUnavailable, ConfigurationError, NotReplicated
 from tests.cluster import HOST, RedisCluster, running_cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -74,3 +75,46 @@ async def test_a_publish_waits_out_a_cluster_that_is_down(tmp_path: Path) -> Non
                 await broker.publish(topic, b"after")  # once the cluster is up again
             entries = await broker.client.xrange(broker.stream_key(topic))
     assert [fields[b"e"] for _, fields in entries] == [b"before", b"after"]
+
+
+async def test_a_replicated_publish_follows_a_failover_it_learns_of_by_moved(
+    redis_cluster: RedisCluster,
+) -> None:
+    # With min_replicas, WAIT goes after the XADD on the same connection. After a failover the
+    # broker's map still names the old master, now a replica: the XADD is answered MOVED and
+    # the WAIT "cannot be used with replica instances". That error was raised before the
+    # MOVED was looked at, so the map was never updated: every later publish failed the same.
+    topic = f"moved{uuid4().hex[:8]}"
+    broker = RedisBroker(redis_cluster.url, min_replicas=1, publish_timeout=5.0)
+    async with broker:
+        await broker.publish(topic, b"before")
+        old = redis_cluster.master_of(broker.stream_key(topic)).port
+        replica = next(
+            node["port"]
+            for node in redis_cluster.cluster_nodes()
+            if node["master_id"] == redis_cluster.master_of(broker.stream_key(topic)).node_id
+        )
+        redis_cluster.client(replica).execute_command("CLUSTER", "FAILOVER")  # no data lost
+        while redis_cluster.role(old) != "slave":
+            await anyio.sleep(0.05)
+        await anyio.to_thread.run_sync(redis_cluster.wait_ok)
+        await broker.publish(topic, b"after")
+        await broker.publish(topic, b"and after")
+        entries = await broker.client.xrange(broker.stream_key(topic))
+    assert [fields[b"e"] for _, fields in entries] == [b"before", b"after", b"and after"]
+
+
+def test_a_wait_refused_by_a_demoted_master_is_not_replicated() -> None:
+    # A publish that ran on a master demoted before WAIT answered (WAIT is then refused, or
+    # unblocked with an error) may be lost with that node: NotReplicated, a BusUnavailable.
+    broker = RedisBroker("redis://127.0.0.1:1", min_replicas=1)
+    for refusal in (
+        "WAIT cannot be used with replica instances. Please also note that since Redis 4.0...",
+        "UNBLOCKED force unblock from blocking operation, instance state changed "
+        "(master -> replica?)",
+    ):
+        with pytest.raises(NotReplicated, match="replica"):
+            broker._check_replicas(ResponseError(refusal), "publish")
+        broker._check_replicas(ResponseError(refusal), "settle")  # a warning only
+    with pytest.raises(ResponseError, match="NOPERM"):
+        broker._check_replicas(ResponseError("NOPERM no permissions to run 'wait'"), "publish")

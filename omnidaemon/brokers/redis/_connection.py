@@ -378,20 +378,34 @@ class RedisConnection(RedisKeys, Broker):
                         await self._release(self._client, conn, node)
             raise
         await self._keep(conn, node, owner)
-        if replicate:
-            self._check_replicas(raw.pop(), replicate)
-        return raw[1::2] if asking else raw
+        acknowledged = raw.pop() if replicate else None
+        replies = raw[1::2] if asking else raw
+        # Commands all redirected (MOVED, ASK) wrote nothing here: the WAIT after them says
+        # nothing (on a master since demoted, it is refused), and the caller follows them.
+        if replicate and not all(isinstance(reply, AskError) for reply in replies):
+            self._check_replicas(acknowledged, replicate)
+        return replies
 
     def _check_replicas(self, acknowledged: Any, what: str) -> None:
         if isinstance(acknowledged, int) and acknowledged >= self._min_replicas:
             return
         if isinstance(acknowledged, ResponseError):
-            raise acknowledged
-        message = (
-            f"the bus at {self._url} stored the {what} but {acknowledged} of the "
-            f"{self._min_replicas} replicas required (min_replicas) confirmed it within "
-            f"{self._publish_timeout:g} s; it may be lost if its master fails"
-        )
+            if "replica" not in str(acknowledged):  # not allowed by the server's ACL...
+                raise acknowledged
+            # The node ran the writes, then stopped being a master before WAIT answered (a
+            # failover): WAIT is refused, or unblocked with an error. They may be lost.
+            self._stale_slots = True
+            message = (
+                f"the bus at {self._url} stored the {what} on a master that became a replica "
+                f"before {self._min_replicas} replicas (min_replicas) confirmed it "
+                f"({acknowledged}); it may be lost"
+            )
+        else:
+            message = (
+                f"the bus at {self._url} stored the {what} but {acknowledged} of the "
+                f"{self._min_replicas} replicas required (min_replicas) confirmed it within "
+                f"{self._publish_timeout:g} s; it may be lost if its master fails"
+            )
         if what == "publish":
             raise NotReplicated(message)
         _log.warning(message)
