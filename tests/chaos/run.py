@@ -148,7 +148,8 @@ class Workers:
 
     def stop(self) -> None:
         self._stopping = True
-        self._watcher.join(timeout=5)
+        if self._watcher.ident is not None:
+            self._watcher.join(timeout=5)
         with self._lock:
             for proc in self._procs:
                 with contextlib.suppress(ProcessLookupError):
@@ -299,7 +300,8 @@ class Sampler(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
-        self.join(timeout=30)
+        if self.ident is not None:
+            self.join(timeout=30)
         self._client.close()
 
 
@@ -528,51 +530,51 @@ def run(
     (folder / "log").mkdir(parents=True, exist_ok=True)
     bus: ServerBus | ClusterBus = ClusterBus(folder) if cluster else ServerBus(folder)
     env = {"OMNIDAEMON_REDIS_MIN_REPLICAS": str(min_replicas)}
-    workers = Workers(folder, bus.worker_url, env)
-    publisher = Publisher(bus.url, folder, events, seconds, min_replicas)
-    sampler = Sampler(bus.sampling_client())
     faults: Counter[str] = Counter()
     fault_ends: list[tuple[str, float]] = []
     try:
-        workers.start()
-        time.sleep(2.0)  # workers connect and create their groups before events flow
-        sampler.start()
-        publisher.start()
-        # A fault every 4 s on average (6 s on a cluster, whose faults take longer: a failover,
-        # then the killed node's restart and resync), and every kind at least once however
-        # short the run.
-        count = max(len(bus.faults), int(seconds / (6 if cluster else 4)))
-        plan = sorted(rng.uniform(1.0, max(2.0, seconds - 2.0)) for _ in range(count))
-        kinds = [bus.faults[i % len(bus.faults)] for i in range(len(plan))]
-        rng.shuffle(kinds)
-        begun = time.monotonic()
-        with (folder / "garbage.jsonl").open("a") as garbage_out:
-            for at, kind in zip(plan, kinds, strict=True):
-                time.sleep(max(0.0, begun + at - time.monotonic()))
-                log(f"fault: {kind}")
-                faults[kind] += 1
-                _inject(kind, rng, workers, bus, publisher, garbage_out, faults)
-                fault_ends.append((kind, time.monotonic()))
-        bus.settle()
-        publisher.done.wait(timeout=seconds + 120)
-        # Drain: until every group has read and settled everything (or a deadline).
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if sampler.samples and sampler.samples[-1][1] == 0:
-                break
-            time.sleep(0.2)
-        left = sampler.samples[-1][1]
-        log(f"published {publisher.seq} events; backlog at the end: {left}")
-        if left != 0:
-            log(f"the topic's groups at the end: {bus.describe_groups()}")
-    finally:
-        sampler.stop()
-        workers.stop()
-        bus.stop_proxy()
-        with (folder / "samples.jsonl").open("w") as out:
-            for at, left in sampler.samples:
-                out.write(json.dumps({"t": round(at - _START, 2), "backlog": left}) + "\n")
-    try:
+        workers = Workers(folder, bus.worker_url, env)
+        publisher = Publisher(bus.url, folder, events, seconds, min_replicas)
+        sampler = Sampler(bus.sampling_client())
+        try:
+            workers.start()
+            time.sleep(2.0)  # workers connect and create their groups before events flow
+            sampler.start()
+            publisher.start()
+            # A fault every 4 s on average (6 s on a cluster, whose faults take longer: a failover,
+            # then the killed node's restart and resync), and every kind at least once however
+            # short the run.
+            count = max(len(bus.faults), int(seconds / (6 if cluster else 4)))
+            plan = sorted(rng.uniform(1.0, max(2.0, seconds - 2.0)) for _ in range(count))
+            kinds = [bus.faults[i % len(bus.faults)] for i in range(len(plan))]
+            rng.shuffle(kinds)
+            begun = time.monotonic()
+            with (folder / "garbage.jsonl").open("a") as garbage_out:
+                for at, kind in zip(plan, kinds, strict=True):
+                    time.sleep(max(0.0, begun + at - time.monotonic()))
+                    log(f"fault: {kind}")
+                    faults[kind] += 1
+                    _inject(kind, rng, workers, bus, publisher, garbage_out, faults)
+                    fault_ends.append((kind, time.monotonic()))
+            bus.settle()
+            publisher.done.wait(timeout=seconds + 120)
+            # Drain: until every group has read and settled everything (or a deadline).
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if sampler.samples and sampler.samples[-1][1] == 0:
+                    break
+                time.sleep(0.2)
+            left = sampler.samples[-1][1]
+            log(f"published {publisher.seq} events; backlog at the end: {left}")
+            if left != 0:
+                log(f"the topic's groups at the end: {bus.describe_groups()}")
+        finally:
+            sampler.stop()
+            workers.stop()
+            bus.stop_proxy()
+            with (folder / "samples.jsonl").open("w") as out:
+                for at, left in sampler.samples:
+                    out.write(json.dumps({"t": round(at - _START, 2), "backlog": left}) + "\n")
         recoveries = _recoveries(fault_ends, sampler.samples)
         return _report(folder, bus, faults, recoveries, workers, min_replicas)
     finally:
