@@ -8,9 +8,10 @@ from uuid import uuid4
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from omnidaemon.brokers import RedisBroker, open_broker
+from omnidaemon.brokers import RedisBroker, Subscription, open_broker
 from omnidaemon.errors import BusUnavailable, ConfigurationError, NotReplicated
 from tests.cluster import HOST, RedisCluster, running_cluster
 
@@ -118,3 +119,38 @@ def test_a_wait_refused_by_a_demoted_master_is_not_replicated() -> None:
         broker._check_replicas(ResponseError(refusal), "settle")  # a warning only
     with pytest.raises(ResponseError, match="NOPERM"):
         broker._check_replicas(ResponseError("NOPERM no permissions to run 'wait'"), "publish")
+
+
+@pytest.mark.parametrize("seeds", ["one", "several"])
+async def test_a_broker_made_before_the_cluster_answers_waits_for_it(
+    tmp_path: Path, seeds: str
+) -> None:
+    # A worker started before its cluster (or while every seed is down) waits for the bus
+    # with backoff (wait_for_bus retries what ping raises while the bus is unreachable).
+    # Several seeds: redis-py's "Redis Cluster cannot be connected" is no ConnectionError,
+    # so the worker exited at once. One seed: ping went through the plain client made at
+    # connect, never switched to the cluster client, so subscribing met MOVED and exited.
+    cluster = RedisCluster(tmp_path)  # not started: nothing listens on its ports yet
+    ports = list(cluster.nodes)
+    url = f"redis://{HOST}:{ports[0]}"
+    if seeds == "several":
+        url = "redis://" + ",".join(f"{HOST}:{port}" for port in ports)
+    topic = f"cold{uuid4().hex[:8]}"
+    broker = RedisBroker(url, publish_timeout=0.5)
+    try:
+        async with broker:
+            with pytest.raises(RedisConnectionError):
+                await broker.ping()
+            with pytest.raises(BusUnavailable):
+                await broker.publish(topic, b"too early")
+            await anyio.to_thread.run_sync(cluster.start)
+            await broker.ping()
+            assert broker.is_cluster
+            # Every topic, wherever its slot is: no MOVED reaches the caller.
+            for n in range(6):
+                await broker.subscribe(Subscription(f"{topic}{n}", "agent"))
+            await broker.publish(topic, b"on time")
+            entries = await broker.client.xrange(broker.stream_key(topic))
+    finally:
+        cluster.stop()
+    assert [fields[b"e"] for _, fields in entries] == [b"on time"]

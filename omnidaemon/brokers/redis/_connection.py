@@ -279,7 +279,7 @@ class RedisConnection(RedisKeys, Broker):
             await self._cluster.initialize()
             if self._stale_slots:
                 self._stale_slots = False
-                await self._cluster.nodes_manager.initialize()
+                await self._cluster.refresh_slots()
         node = self._node_of(key)
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))

@@ -155,6 +155,9 @@ class RedisInspection(RedisConnection):
         return [(_decode(i), fields.get(b"r", b"")) for i, fields in reversed(entries)]
 
     async def ping(self) -> None:
+        # A bus that did not answer at `connect` is asked here whether it is a cluster: the
+        # commands after a worker's first ping go through the right client.
+        await self._learn_mode()
         await self.client.ping()
 
     async def server_info(self) -> dict[str, str]:
