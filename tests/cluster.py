@@ -277,6 +277,32 @@ class RedisCluster:
         self.nodes[port].restart(sig)
         self.wait_ok(timeout)
 
+    def pause(self, port: int) -> None:
+        """SIGSTOP one node: it holds its connections and answers nothing (a node cut off, or
+        stalled by its host), until `resume`. Past the node timeout, its replica takes over."""
+        mine = [m for m in self.masters() if m.port == port]
+        if mine:
+            self._killed_slots[port] = mine[0].slots
+        process = self.nodes[port].process
+        assert process is not None, f"node {port} is not running"
+        process.send_signal(signal.SIGSTOP)
+        self.killed.add(port)  # not asked anything while it cannot answer
+
+    def resume(self, port: int) -> None:
+        """SIGCONT a node `pause` stopped (call `wait_ok` to wait until it is back in)."""
+        process = self.nodes[port].process
+        assert process is not None, f"node {port} is not running"
+        process.send_signal(signal.SIGCONT)
+        self.killed.discard(port)
+        self._killed_slots.pop(port, None)
+        client = self._clients.pop(port, None)  # its socket may hold a reply it timed out on
+        if client is not None:
+            client.close()
+
+    def role(self, port: int) -> str:
+        """`master` or `slave`, as the node itself says."""
+        return self._role(port)
+
     def wait_failover(self, old_master_port: int, timeout: float = 20) -> ClusterMaster:
         """Until a replica owns the killed master's slots and the cluster is ok; it is returned."""
         slots = self._killed_slots[old_master_port]

@@ -5,6 +5,11 @@ Inputs: the workers' attempt logs (`tests/chaos/app.py`), what the publisher was
 what the injector wrote straight into the stream (`garbage.jsonl`), and the dead-letter queues
 read from the bus. Nothing here trusts the workers' own accounts of what they acknowledged:
 an event counts as processed only if a handler logged `done` for it.
+
+An acknowledged event neither processed nor dead-lettered is lost. It is counted apart when the
+bus itself no longer holds it (its entry is not in the topic's stream at the end: a failover
+to a replica that never received it, which asynchronous replication allows), so that what the
+bus dropped and what omnidaemon dropped are never confused; neither is hidden.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class AgentReport:
     processed: int = 0
     ordinary_dead_lettered: Counter[str] = field(default_factory=Counter)  # by reason
     lost: list[int] = field(default_factory=list)
+    lost_by_bus: list[int] = field(default_factory=list)  # not in the stream at the end
     duplicated: int = 0
     duplicate_causes: Counter[str] = field(default_factory=Counter)
     poison_dead_lettered: int = 0
@@ -48,10 +54,31 @@ class RunReport:
     agents: list[AgentReport]
     faults: Counter[str]
     recoveries: list[tuple[str, float | None]]
+    publish_errors: Counter[str] = field(default_factory=Counter)  # by type, unexpected ones
+    bus_loss_allowed: bool = False
+    """Whether events the bus itself dropped may be > 0 (a cluster without min_replicas)."""
+    timings: dict[str, list[float]] = field(default_factory=dict)  # cluster operations
+    worker_log: Counter[str] = field(default_factory=Counter)  # warnings and errors
 
     @property
     def lost(self) -> int:
         return sum(len(a.lost) for a in self.agents)
+
+    @property
+    def lost_by_bus(self) -> int:
+        return sum(len(a.lost_by_bus) for a in self.agents)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost (but what the bus dropped, where allowed), every poison and garbage
+        entry dead-lettered, and every failed publish a `BusUnavailable`."""
+        return (
+            self.lost == 0
+            and (self.lost_by_bus == 0 or self.bus_loss_allowed)
+            and self.poison_ok
+            and self.garbage_ok
+            and not self.publish_errors
+        )
 
     @property
     def poison_ok(self) -> bool:
@@ -69,10 +96,15 @@ class RunReport:
         rows: list[tuple[str, list[str]]] = [
             ("events published (acknowledged by the bus)", [str(self.published)] * each),
             ("publishes that raised (not acknowledged)", [str(self.publish_failed)] * each),
+            ("... raising something else than BusUnavailable",
+             [_counts(self.publish_errors)] * each),
             ("... of which reached the bus anyway", [str(self.publish_failed_but_arrived)] * each),
             ("processed successfully (distinct events)", [str(a.processed) for a in self.agents]),
-            ("**lost** (acknowledged, neither processed nor dead-lettered)",
+            ("**lost** (acknowledged, still on the bus, neither processed nor dead-lettered)",
              [f"**{len(a.lost)}**" for a in self.agents]),
+            ("**lost with the bus's data** (acknowledged, then gone from the stream: a "
+             "failover" + (", allowed without min_replicas)" if self.bus_loss_allowed else ")"),
+             [f"**{len(a.lost_by_bus)}**" for a in self.agents]),
             ("ordinary events dead-lettered (reason)",
              [_counts(a.ordinary_dead_lettered) for a in self.agents]),
             ("processed more than once", [_dups(a) for a in self.agents]),
@@ -91,7 +123,23 @@ class RunReport:
         lines.append(f"faults survived: {faults}")
         if self.recoveries:
             lines += ["", recovery_table(self.recoveries)]
+        if self.timings:
+            lines += ["", timing_table(self.timings)]
+        if self.worker_log:
+            lines += ["", "workers' warnings and errors (log lines):"]
+            lines += [f"- {n} x {what}" for what, n in self.worker_log.most_common()]
         return "\n".join(lines)
+
+
+def timing_table(timings: dict[str, list[float]]) -> str:
+    """Per operation on the bus (a failover, a node rejoining, a slot migration): how often,
+    and its median and longest duration."""
+    lines = ["| bus operation | times | median | longest |", "|---|--:|--:|--:|"]
+    for what, times in sorted(timings.items()):
+        median = f"{statistics.median(times):.1f} s" if times else "—"
+        longest = f"{max(times):.1f} s" if times else "—"
+        lines.append(f"| {what} | {len(times)} | {median} | {longest} |")
+    return "\n".join(lines)
 
 
 def recovery_table(recoveries: list[tuple[str, float | None]]) -> str:
@@ -159,13 +207,15 @@ def check(
         folder: the run's folder (`log/*.jsonl`, `published.jsonl`, `garbage.jsonl`).
         dead_letters: per agent, its dead-letter records as dicts (`DeadLetter` fields).
         stream_seqs: the `seq` of every event found in the topic's stream at the end (tells
-            apart failed publishes that reached the bus anyway).
+            apart failed publishes that reached the bus anyway, and acknowledged events the
+            bus dropped).
         faults: how many faults of each kind were injected.
         recoveries: per fault, seconds until the backlog was back to normal.
     """
     published = read_jsonl(folder / "published.jsonl")
     acked = {p["seq"]: p for p in published if p["ok"]}
     failed = {p["seq"] for p in published if not p["ok"]} - set(acked)
+    unexpected = Counter(p["error_type"] for p in published if not p["ok"] and p.get("unexpected"))
     garbage = read_jsonl(folder / "garbage.jsonl")
     attempts: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for path in sorted((folder / "log").glob("*.jsonl")):
@@ -179,6 +229,9 @@ def check(
         dead_ids = {d["event_id"] for d in letters if d.get("event_id")}
         for seq, event in sorted(acked.items()):
             done = [a for a in attempts[(agent, seq)] if a["phase"] == "done"]
+            if not done and event["id"] not in dead_ids and seq not in stream_seqs:
+                report.lost_by_bus.append(seq)  # the bus no longer holds it: see the module
+                continue
             if event["kind"] == "ok":
                 if done:
                     report.processed += 1
@@ -228,6 +281,7 @@ def check(
         agents=reports,
         faults=faults,
         recoveries=recoveries,
+        publish_errors=unexpected,
     )
 
 
