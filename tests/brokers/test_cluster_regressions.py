@@ -72,7 +72,7 @@ async def test_a_publish_waits_out_a_cluster_that_is_down(tmp_path: Path) -> Non
             with pytest.raises(BusUnavailable, match="ClusterDownError"):
                 await impatient.publish(topic, b"given up")
             async with anyio.create_task_group() as tg:
-                tg.start_soon(anyio.to_thread.run_sync, cluster.restart, other)
+                tg.start_soon(anyio.to_thread.run_sync, cluster.revive, other)
                 await broker.publish(topic, b"after")  # once the cluster is up again
             entries = await broker.client.xrange(broker.stream_key(topic))
     assert [fields[b"e"] for _, fields in entries] == [b"before", b"after"]

@@ -11,13 +11,15 @@ to every node.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.cluster import RedisCluster as ClusterClient
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster as _RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from omnidaemon.brokers.base import NodeInfo
 from omnidaemon.errors import ConfigurationError
@@ -33,6 +35,35 @@ __all__ = [
 ]
 
 _DEFAULT_PORT = 6379
+
+
+class ClusterClient(_RedisCluster):
+    """redis-py's asyncio cluster client, for which no node answering is a `ConnectionError`.
+
+    redis-py raises `RedisClusterException` ("Redis Cluster cannot be connected"), which is no
+    `RedisError`, when it cannot fetch the slot map from any node: a worker waiting for its
+    bus, or a publish retrying until `publish_timeout`, must see it as the bus unreachable.
+    """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> ClusterClient:
+        with _unreachable_as_connection_error():
+            await super().initialize(*args, **kwargs)
+        return self
+
+    async def refresh_slots(self) -> None:
+        """Fetch the slot map again (a node failed: its slots may have a new owner)."""
+        with _unreachable_as_connection_error():
+            await self.nodes_manager.initialize()
+
+
+@contextlib.contextmanager
+def _unreachable_as_connection_error() -> Iterator[None]:
+    try:
+        yield
+    except RedisClusterException as exc:
+        if not isinstance(exc.__cause__, RedisConnectionError | RedisTimeoutError | OSError):
+            raise  # not a cluster node, slots not covered...: said as redis-py says it
+        raise RedisConnectionError(f"no node of the Redis Cluster answered ({exc})") from exc
 
 
 def seeds(url: str) -> list[tuple[str, int]]:
@@ -100,7 +131,8 @@ def cluster_client(url: str, options: dict[str, Any]) -> ClusterClient:
     kwargs = dict(options)
     if startup:
         kwargs["startup_nodes"] = startup
-    return ClusterClient.from_url(first, **kwargs)
+    # from_url makes an instance of the class it is called on (typed as redis-py's).
+    return cast(ClusterClient, ClusterClient.from_url(first, **kwargs))
 
 
 async def describe_nodes(client: ClusterClient, topic_keys: Sequence[str]) -> list[NodeInfo]:

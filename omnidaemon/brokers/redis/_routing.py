@@ -145,7 +145,7 @@ class RedisRouting(RedisConnection):
         if self._stale_slots:
             async with self._slots_lock:
                 if self._stale_slots:
-                    await self._cluster.nodes_manager.initialize()
+                    await self._cluster.refresh_slots()
                     self._stale_slots = False
 
     def _node_of(self, key: str) -> ClusterNode | None:
