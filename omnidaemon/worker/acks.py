@@ -66,6 +66,11 @@ class AckBatcher:
         """`(origin, id)` of the deliveries queued or on their way, not acknowledged yet."""
         return {(d.origin, d.id) for d in self._pending}
 
+    def unsettled(self) -> list[Delivery]:
+        """The deliveries queued or on their way, not acknowledged yet (their leases must be
+        renewed like running handlers': an ack that waits for replicas can take seconds)."""
+        return list(self._pending)
+
     async def run(self) -> None:
         """Send batches until cancelled."""
         failures = 0

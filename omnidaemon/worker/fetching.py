@@ -235,12 +235,14 @@ class Fetching:
         failures = 0
         while True:
             await anyio.sleep(interval)
-            if not self._in_flight:
+            # Finished deliveries whose acks are not through yet too: an ack that waits for
+            # replicas (min_replicas) may take up to publish_timeout, and a delivery left
+            # unrenewed that long would be taken over and run again by another worker.
+            held = [*self._in_flight.values(), *self._acks.unsettled()]
+            if not held:
                 continue
             try:
-                renewal = await self._broker.extend(
-                    self.subscription, self.consumer, list(self._in_flight.values())
-                )
+                renewal = await self._broker.extend(self.subscription, self.consumer, held)
                 failures = 0
             except Exception as exc:
                 failures += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 import redis
 
@@ -116,3 +117,39 @@ async def test_a_user_who_may_not_run_info_gets_a_single_server_broker(redis_url
     finally:
         admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+
+
+async def test_a_finished_delivery_whose_ack_waits_for_replicas_keeps_its_lease(
+    redis_url: str,
+) -> None:
+    # Workers with min_replicas=1 on a server without replicas: every ack waits WAIT's whole
+    # timeout (1.5 s) before it is taken as done. Its deliveries were not lease-renewed
+    # meanwhile (only running handlers were), so the other worker took them over after
+    # reclaim_idle and ran them again (the chaos suite's cluster runs saw thousands).
+    topic = f"slowack-{free_port()}"
+    apps = [
+        App("slowack", broker=RedisBroker(redis_url, min_replicas=1, publish_timeout=1.5))
+        for _ in range(2)
+    ]
+    runs: list[str] = []
+    for app in apps:
+
+        @app.agent(topic, reclaim_idle=0.3, name="quick")
+        async def quick(event: dict[str, str]) -> None:
+            runs.append(event["k"])
+
+    publisher = App("slowack-publisher", broker=RedisBroker(redis_url, min_replicas=0))
+    async with publisher, apps[0].running(), apps[1].running():
+        # The first events' ack waits; what finishes meanwhile queues behind it, unsent.
+        await publisher.publish_many([(topic, {"k": f"first{n}"}) for n in range(2)])
+        with anyio.fail_after(10):
+            while len(runs) < 2:
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.1)
+        await publisher.publish_many([(topic, {"k": f"e{n}"}) for n in range(6)])
+        with anyio.fail_after(10):
+            while len(runs) < 8:
+                await anyio.sleep(0.02)
+        await anyio.sleep(3.5)  # past the queued acks' wait, ten reclaim periods
+    expected = [f"first{n}" for n in range(2)] + [f"e{n}" for n in range(6)]
+    assert sorted(runs) == sorted(expected)  # each once
