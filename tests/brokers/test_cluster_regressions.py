@@ -130,7 +130,7 @@ async def test_a_broker_made_before_the_cluster_answers_waits_for_it(
     # Several seeds: redis-py's "Redis Cluster cannot be connected" is no ConnectionError,
     # so the worker exited at once. One seed: ping went through the plain client made at
     # connect, never switched to the cluster client, so subscribing met MOVED and exited.
-    cluster = RedisCluster(tmp_path)  # not started: nothing listens on its ports yet
+    cluster = RedisCluster(tmp_path, replicas=False)  # not started: nothing listens yet
     ports = list(cluster.nodes)
     url = f"redis://{HOST}:{ports[0]}"
     if seeds == "several":

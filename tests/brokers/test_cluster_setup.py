@@ -69,22 +69,22 @@ async def test_a_publish_no_replica_confirms_raises_not_replicated(redis_url: st
 
 
 async def test_a_cluster_is_found_from_one_seed_and_bus_stats_lists_its_nodes(
-    redis_cluster: RedisCluster, tmp_path: Path
+    shared_cluster: RedisCluster, tmp_path: Path
 ) -> None:
-    broker = RedisBroker(redis_cluster.url)
+    broker = RedisBroker(shared_cluster.url)
     await broker.connect()
     try:
         assert broker.is_cluster
         topics = [f"stats-{n}-{free_port()}" for n in range(12)]
         for topic in topics:
             await broker.subscribe(Subscription(topic, "agent"))
-        owners = {redis_cluster.master_of(broker.stream_key(t)).port for t in topics}
+        owners = {shared_cluster.master_of(broker.stream_key(t)).port for t in topics}
         assert len(owners) >= 2  # the topics spread over the masters
     finally:
         await broker.close()
     # Every seed but the last is a dead port: the one that answers gives the whole map.
     dead = ",".join(f"127.0.0.1:{free_port()}" for _ in range(2))
-    url = f"redis://{dead},127.0.0.1:{redis_cluster.ports[-1]}"
+    url = f"redis://{dead},127.0.0.1:{shared_cluster.ports[-1]}"
     result = run_cli(["bus", "stats", "--json"], tmp_path, cli_env(OMNIDAEMON_BROKER_URL=url))
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
@@ -92,7 +92,7 @@ async def test_a_cluster_is_found_from_one_seed_and_bus_stats_lists_its_nodes(
     nodes = stats["nodes"]
     masters = [n for n in nodes if n["role"] == "master"]
     replicas = [n for n in nodes if n["role"] == "replica"]
-    assert len(masters) == 3 and len(replicas) == len(redis_cluster.ports) - 3
+    assert len(masters) == 3 and len(replicas) == len(shared_cluster.ports) - 3
     assert sum(n["slots"] for n in masters) == 16384
     assert sum(n["topics"] for n in masters) == stats["totals"]["topics"] >= len(topics)
     assert {r["replica_of"] for r in replicas} <= {m["address"] for m in masters}
