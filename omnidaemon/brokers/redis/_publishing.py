@@ -54,6 +54,9 @@ class RedisPublishing(RedisRouting):
         maxlen = self._maxlen_of(topic)
 
         async def append() -> None:
+            if self._min_replicas == 0:
+                await self._direct(_xadd_args(key, maxlen, data), key=key, timeout=_SOCKET_TIMEOUT)
+                return
             await self._exchange(
                 (_xadd_args(key, maxlen, data),),
                 key=key,

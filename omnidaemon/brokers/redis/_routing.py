@@ -55,7 +55,25 @@ class RedisRouting(RedisConnection):
     ) -> Any:
         """Send one command to the server that holds `key`; return its unparsed reply (see
         `_exchange`)."""
-        return (await self._exchange((args,), key=key, owner=owner, timeout=timeout))[0]
+        if self._cluster is not None or not self._mode_known:
+            return (await self._exchange((args,), key=key, owner=owner, timeout=timeout))[0]
+        # One server, one command: the shortest way (a consumer's read, a publish), without
+        # the routing and pipelining machinery; the same connection handling as `_send`.
+        conn = self._take(owner, None)
+        try:
+            if conn is None:
+                conn = await self._open(owner, None, timeout)
+            await conn.send_packed_command(conn.pack_command(*args))
+            reply = await conn.read_response(timeout=timeout)
+        except ResponseError:
+            if conn is not None:  # an error reply (NOGROUP...) leaves the connection usable
+                await self._keep(conn, None, owner)
+            raise
+        except BaseException as exc:
+            await self._discard(conn, None, owner, exc)
+            raise
+        await self._keep(conn, None, owner)
+        return reply
 
     async def _exchange(
         self,
@@ -184,12 +202,7 @@ class RedisRouting(RedisConnection):
         conn = self._take(owner, node)
         try:
             if conn is None:
-                conn = await self._acquire(node)
-                if owner is not None:
-                    # A consumer's reads block; `interrupt` ends a block by this connection's id.
-                    await conn.send_command("CLIENT", "ID")
-                    client_id = int(await conn.read_response(timeout=timeout))
-                    self._reader_ids[owner] = (client_id, node)
+                conn = await self._open(owner, node, timeout)
             packed: list[Sequence[Any]] = []
             for command in commands:
                 packed += [("ASKING",), command] if asking else [command]
@@ -203,15 +216,7 @@ class RedisRouting(RedisConnection):
                 except ResponseError as exc:
                     raw.append(exc)
         except BaseException as exc:
-            if owner is not None:
-                self._reader_ids.pop(owner, None)
-            if isinstance(exc, _UNAVAILABLE) and self._cluster is not None:
-                self._stale_slots = True  # the node may be gone: fetch the map again
-            if conn is not None:
-                with anyio.CancelScope(shield=True):
-                    await conn.disconnect(nowait=True)
-                    if self._client is not None:
-                        await release_connection(self._client, conn, node)
+            await self._discard(conn, node, owner, exc)
             raise
         await self._keep(conn, node, owner)
         acknowledged = raw.pop() if replicate else None
@@ -221,6 +226,41 @@ class RedisRouting(RedisConnection):
         if replicate and not all(isinstance(reply, AskError) for reply in replies):
             self._check_replicas(acknowledged, replicate)
         return replies
+
+    async def _open(
+        self, owner: Hashable | None, node: ClusterNode | None, timeout: float
+    ) -> AbstractConnection:
+        """A new connection of the broker's own to `node`; a consumer's learns its client id."""
+        conn = await self._acquire(node)
+        if owner is not None:
+            try:
+                # A consumer's reads block; `interrupt` ends a block by this connection's id.
+                await conn.send_command("CLIENT", "ID")
+                client_id = int(await conn.read_response(timeout=timeout))
+            except BaseException as exc:
+                await self._discard(conn, node, owner, exc)
+                raise
+            self._reader_ids[owner] = (client_id, node)
+        return conn
+
+    async def _discard(
+        self,
+        conn: AbstractConnection | None,
+        node: ClusterNode | None,
+        owner: Hashable | None,
+        exc: BaseException,
+    ) -> None:
+        """After a command failed or was cancelled midway: a reply may still be on its way on
+        `conn`, so it is closed and given back, never reused as it is."""
+        if owner is not None:
+            self._reader_ids.pop(owner, None)
+        if isinstance(exc, _UNAVAILABLE) and self._cluster is not None:
+            self._stale_slots = True  # the node may be gone: fetch the map again
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await conn.disconnect(nowait=True)
+                if self._client is not None:
+                    await release_connection(self._client, conn, node)
 
     def _check_replicas(self, acknowledged: Any, what: str) -> None:
         if isinstance(acknowledged, int) and acknowledged >= self._min_replicas:
