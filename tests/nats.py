@@ -101,7 +101,8 @@ class NatsServer:
 
     def healthy(self) -> bool:
         try:
-            return bool(self.monitor("/healthz?js-enabled-only=true").get("status") == "ok")
+            # The full check: JetStream up and, in a cluster, its meta group current.
+            return bool(self.monitor("/healthz").get("status") == "ok")
         except (urllib.error.URLError, OSError, ValueError):
             return False
 

@@ -126,12 +126,13 @@ class RedisRouting(RedisConnection):
             moved: AskError | TryAgainError | None = None
             redirected = []
             for index, reply in zip(todo, got, strict=True):
-                if isinstance(reply, AskError | TryAgainError):  # MovedError is an AskError
+                # MovedError is an AskError; only a cluster redirects (elsewhere: an error).
+                if isinstance(reply, AskError | TryAgainError) and self._cluster is not None:
                     moved = reply if moved is None or isinstance(reply, MovedError) else moved
                     redirected.append(index)
                 else:
                     replies[index] = reply
-            if moved is None or self._cluster is None:
+            if moved is None:
                 break
             todo = redirected
             if isinstance(moved, TryAgainError):
@@ -139,6 +140,7 @@ class RedisRouting(RedisConnection):
                 await anyio.sleep(0.05)
             elif isinstance(moved, MovedError):
                 # The slot has a new owner (resharding done, or a failover): remember it.
+                assert self._cluster is not None
                 await self._cluster.nodes_manager.move_slot(moved)
                 node, asking = self._node_of(key), False
             else:
