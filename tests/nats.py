@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.servers import free_port
+from tests.servers import free_port, stop_process
 
 __all__ = [
     "NatsCluster",
@@ -121,15 +121,7 @@ class NatsServer:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         process, self.process = self.process, None
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, sig)
 
     def restart(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop (SIGKILL: a crash) and start again on the same ports, with its store."""

@@ -85,15 +85,7 @@ class RedisServer:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         process, self.process = self.process, None
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, sig)
 
     def restart(self, sig: signal.Signals = signal.SIGTERM) -> None:
         self.stop(sig)
@@ -110,3 +102,16 @@ def running_redis(
         yield server
     finally:
         server.stop()
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send `sig` to a server process and wait for it; SIGKILL past 10 s. None: nothing."""
+    if process is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

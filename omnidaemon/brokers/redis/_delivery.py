@@ -119,11 +119,12 @@ class RedisDelivery(RedisRouting):
         args.append(count - len(deliveries))
         if not deliveries and block_ms > 0:
             args += ("BLOCK", block_ms)
-        args += ("STREAMS", self.stream_key(sub.topic), ">")
+        stream = self.stream_key(sub.topic)
+        args += ("STREAMS", stream, ">")
         # [[stream, [[id, [field, value, ...]], ...]]] with RESP2, {stream: [...]} with RESP3.
         response = await self._direct(
             args,
-            key=self.stream_key(sub.topic),
+            key=stream,
             owner=(sub, consumer),
             timeout=block_ms / 1000 + _SOCKET_TIMEOUT,
         )

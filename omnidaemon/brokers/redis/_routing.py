@@ -33,7 +33,6 @@ from omnidaemon.brokers.redis._connection import (
     _SOCKET_TIMEOUT,
     _UNAVAILABLE,
     RedisConnection,
-    _Held,
     _log,
     release_connection,
 )
@@ -296,10 +295,11 @@ class RedisRouting(RedisConnection):
                 return None
             if held[1] is node:
                 return held[0]
-            # The topic's slot moved to another node: this one has nothing to read.
+            # The topic's slot moved to another node (only a cluster's connections have one):
+            # this one has nothing to read; it goes back to its node's pool.
             self._reader_ids.pop(owner, None)
-            if self._client is not None:
-                self._background_release(held)
+            if held[1] is not None:
+                held[1].release(held[0])  # type: ignore[arg-type]
             return None
         for index in range(len(self._spares) - 1, -1, -1):
             if self._spares[index][1] is node:
@@ -310,12 +310,6 @@ class RedisRouting(RedisConnection):
         if node is None:
             return await self.client.connection_pool.get_connection()  # type: ignore[no-any-return]
         return node.acquire_connection()
-
-    def _background_release(self, held: _Held) -> None:
-        conn, node = held
-        if node is not None:
-            node.release(conn)  # type: ignore[arg-type]
-        # A connection of the single-server pool is released by `_keep`'s callers only.
 
     async def interrupt(self, sub: Subscription, consumer: str) -> None:
         # CLIENT UNBLOCK ends the consumer's blocking XREADGROUP as if it had timed out: what the
