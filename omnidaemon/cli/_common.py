@@ -33,7 +33,7 @@ BrokerOption = Annotated[
         show_envvar=True,
         show_default=False,
         metavar="URL",
-        help="The bus (redis://, rediss://, unix://); default: the embedded bus.",
+        help="The bus (redis://, rediss://, unix://, nats://, tls://); default: the embedded bus.",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]

@@ -3,7 +3,7 @@
 ```python
 from omnidaemon.compat import AgentConfig, EventEnvelope, OmniDaemonSDK, PayloadBase
 
-sdk = OmniDaemonSDK()   # EVENT_BUS_TYPE=redis_stream + REDIS_URL, or omnidaemon's defaults
+sdk = OmniDaemonSDK()   # EVENT_BUS_TYPE=redis_stream + REDIS_URL, =nats + NATS_URL, or defaults
 await sdk.register_agent(agent_config=AgentConfig(topic="file.uploaded", callback=process))
 await sdk.start()
 ```

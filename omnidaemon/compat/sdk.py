@@ -44,7 +44,10 @@ SOURCE_HEADER = "omnidaemon-compat-source"
 _RESULT_PREFIX = "compat:result:"
 _RESULT_TTL = 86_400.0
 _STREAM_PREFIX = "omni-stream:"  # OmniDaemon's stream key prefix, accepted in stream names
-_SUPPORTED_BUS = "redis_stream"
+# EVENT_BUS_TYPE -> the variable naming its URL. "nats" (NATS_URL, the NATS tools' variable):
+# OmniDaemon announced NATS without naming its variables.
+_BUS_URL_VARIABLES = {"redis_stream": "REDIS_URL", "nats": "NATS_URL"}
+_NATS_SCHEMES = ("nats", "tls")
 
 _log = get_logger("omnidaemon.compat")
 
@@ -56,22 +59,71 @@ _CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
 
 
 def broker_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The broker URL OmniDaemon's `EVENT_BUS_TYPE` / `REDIS_URL` select, or `None`.
+    """The broker URL OmniDaemon's `EVENT_BUS_TYPE` selects, or `None`.
+
+    - `EVENT_BUS_TYPE` unset or `redis_stream`: `REDIS_URL` (Redis Streams); `None` without it.
+    - `EVENT_BUS_TYPE=nats`: `NATS_URL` (NATS JetStream), as the NATS tools take it:
+      `nats://[user:password@|token@]host:port`, `tls://...`, `host:port` alone, or a
+      comma-separated list of servers. Without `NATS_URL`, `OMNIDAEMON_BROKER_URL` must name a
+      NATS bus (then `None`).
 
     `None` leaves the choice to `App` (`OMNIDAEMON_BROKER_URL`, else the embedded bus).
 
     Raises:
-        ConfigurationError: `EVENT_BUS_TYPE` names a bus other than `redis_stream`.
+        ConfigurationError: `EVENT_BUS_TYPE` names a bus other than `redis_stream` or `nats`,
+            or `nats` without a NATS URL, or `NATS_URL` is not one (errors never echo it).
     """
     env = os.environ if env is None else env
-    bus_type = (env.get("EVENT_BUS_TYPE") or "").strip()
-    if bus_type and bus_type.lower() != _SUPPORTED_BUS:
+    bus_type = (env.get("EVENT_BUS_TYPE") or "").strip().lower() or "redis_stream"
+    if bus_type not in _BUS_URL_VARIABLES:
         raise ConfigurationError(
-            f"EVENT_BUS_TYPE={bus_type!r} is not supported: omnidaemon runs the OmniDaemon SDK "
-            f"on Redis Streams only; set EVENT_BUS_TYPE={_SUPPORTED_BUS} (with REDIS_URL) or "
-            "unset it to use OMNIDAEMON_BROKER_URL or the embedded bus"
+            f"EVENT_BUS_TYPE={env.get('EVENT_BUS_TYPE', '').strip()!r} is not supported: "
+            "omnidaemon runs the OmniDaemon SDK on Redis Streams (EVENT_BUS_TYPE=redis_stream "
+            "with REDIS_URL) and NATS JetStream (EVENT_BUS_TYPE=nats with NATS_URL); or unset "
+            "it to use OMNIDAEMON_BROKER_URL or the embedded bus"
         )
-    return env.get("REDIS_URL") or None
+    url = (env.get(_BUS_URL_VARIABLES[bus_type]) or "").strip()
+    if bus_type == "redis_stream":
+        return url or None
+    if url:
+        return _nats_url(url)
+    fallback = env.get("OMNIDAEMON_BROKER_URL") or ""
+    if fallback.partition("://")[0].lower() in _NATS_SCHEMES:
+        return None
+    raise ConfigurationError(
+        "EVENT_BUS_TYPE=nats needs NATS_URL (nats://host:4222), or OMNIDAEMON_BROKER_URL "
+        "naming a nats:// or tls:// bus"
+    )
+
+
+def _nats_url(value: str) -> str:
+    """`NATS_URL` as one omnidaemon broker URL: `host:port` gets `nats://`, and a list of
+    server URLs (`nats://u:p@a:4222,nats://u:p@b:4222`) becomes one URL listing the hosts
+    (`nats://u:p@a:4222,b:4222`). Errors never echo the value: it may hold a password."""
+    schemes: set[str] = set()
+    credentials: set[str] = set()
+    hosts: list[str] = []
+    for server in filter(None, (part.strip() for part in value.split(","))):
+        scheme, sep, rest = server.partition("://")
+        scheme, rest = (scheme.lower(), rest) if sep else ("nats", server)
+        if scheme not in _NATS_SCHEMES:
+            raise ConfigurationError(
+                f"NATS_URL names a {scheme}:// server; EVENT_BUS_TYPE=nats takes nats:// or "
+                "tls:// servers (or host:port)"
+            )
+        userinfo, at, host = rest.rpartition("@")
+        if at:
+            credentials.add(userinfo)
+        schemes.add(scheme)
+        hosts.append(host)
+    if not hosts:
+        raise ConfigurationError("NATS_URL names no server")
+    if len(schemes) > 1:
+        raise ConfigurationError("NATS_URL mixes nats:// and tls:// servers")
+    if len(credentials) > 1:
+        raise ConfigurationError("NATS_URL gives its servers different credentials")
+    userinfo = f"{credentials.pop()}@" if credentials else ""
+    return f"{schemes.pop()}://{userinfo}{','.join(hosts)}"
 
 
 def _agent_name(callback: Callable[..., Any]) -> str:
@@ -111,15 +163,17 @@ class OmniDaemonSDK:
     """The OmniDaemon SDK on omnidaemon's engine.
 
     Args:
-        event_bus: A broker URL (`redis://...`) or a `Broker`; default: `REDIS_URL` when
-            `EVENT_BUS_TYPE` is unset or `redis_stream`, else `OMNIDAEMON_BROKER_URL`, else the
-            embedded bus.
+        event_bus: A broker URL (`redis://...`, `nats://...`) or a `Broker`; default:
+            `REDIS_URL` when `EVENT_BUS_TYPE` is unset or `redis_stream`, `NATS_URL` when it is
+            `nats`, else `OMNIDAEMON_BROKER_URL`, else the embedded bus
+            (`broker_url_from_env`).
         store: Must be `None`: results are kept on the bus, next to the events.
         app_name: The name of the internal `App`, recorded as `source` of published events.
         shutdown_grace: Seconds running callbacks get to finish on `stop()`.
 
     Raises:
-        ConfigurationError: `EVENT_BUS_TYPE` is not `redis_stream`, or a store was given.
+        ConfigurationError: `EVENT_BUS_TYPE` is neither `redis_stream` nor `nats` (or `nats`
+            without a NATS URL), or a store was given.
 
     Example:
         ```python

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
@@ -284,7 +285,7 @@ class Supervisor:
             "above); not restarting it" + ("; no worker process is left" if last else ""),
             index=index,
             pid=pid,
-            argv=self._argv.get(index),
+            argv=_shown(self._argv.get(index)),
         )
 
     async def _spawn(self, index: int) -> Process | None:
@@ -298,7 +299,9 @@ class Supervisor:
                 argv, stdin=None, stdout=None, stderr=None, env=env, start_new_session=True
             )
         except OSError as exc:
-            _log.error("cannot start worker process", index=index, argv=argv, error=repr(exc))
+            _log.error(
+                "cannot start worker process", index=index, argv=_shown(argv), error=repr(exc)
+            )
             return None
         self._procs[index] = proc
         _log.info("worker process started", index=index, pid=proc.pid)
@@ -319,3 +322,26 @@ class Supervisor:
         _log.warning(
             "worker process failed while stopping", index=index, pid=pid, **_describe(returncode)
         )
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*$")
+
+
+def _shown(argv: Sequence[str] | None) -> list[str] | None:
+    """`argv` as it may be logged: broker URLs (`--broker URL`, `--broker=URL`) with their
+    credentials masked."""
+    if argv is None:
+        return None
+    from omnidaemon.brokers import redact_url
+
+    shown = []
+    for arg in argv:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if _URL.match(value):
+            try:
+                value = redact_url(value)
+            except ValueError:  # not parseable as a URL: shown not at all
+                value = "***"
+            arg = f"{option}{equals}{value}"
+        shown.append(arg)
+    return shown

@@ -3,10 +3,13 @@ seeded random times; then the checker's report.
 
     python -m tests.chaos --events 3000 --seconds 600 --seed 7
     python -m tests.chaos --cluster --min-replicas 1 --events 3000 --seconds 600 --seed 7
+    python -m tests.chaos --nats --events 3000 --seconds 600 --seed 7
 
 The bus is one redis-server (AOF, `appendfsync always`) behind a fault-injecting proxy, or with
 `--cluster` a local Redis Cluster of 3 masters and 3 replicas (`tests/cluster.py`) that the
-workers reach directly. Faults (each chosen at random, spread over the run):
+workers reach directly, or with `--nats` one JetStream nats-server behind the proxy (its faults
+are those of one redis-server: `tests/chaos/nats_faults.py`). Faults (each chosen at random,
+spread over the run):
 
 - `kill worker`: SIGKILL a worker (often mid-handler) and start a new one;
 - `stop worker`: SIGTERM a worker (graceful stop) and start a new one;
@@ -56,7 +59,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis
@@ -64,13 +67,16 @@ from redis.cluster import ClusterNode
 from redis.cluster import RedisCluster as SyncClusterClient
 
 from omnidaemon import App, BusUnavailable
-from omnidaemon.brokers import RedisBroker, Subscription
+from omnidaemon.brokers import Broker, RedisBroker, Subscription
 from omnidaemon.envelope import encode_new
 from tests.chaos.app import AGENTS, TOPIC, ChaosEvent
 from tests.chaos.checker import RunReport, check
 from tests.chaos.proxy import ChaosProxy
 from tests.cluster import HOST, ClusterMaster, RedisCluster
 from tests.servers import RedisServer
+
+if TYPE_CHECKING:
+    from tests.chaos.nats_faults import NatsBus
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 3
@@ -190,9 +196,15 @@ class Publisher(threading.Thread):
         finally:
             self.done.set()
 
+    def _broker(self) -> Broker:
+        if self._url.startswith("nats://"):
+            from omnidaemon.brokers.nats import NatsBroker
+
+            return NatsBroker(self._url, publish_timeout=15.0)
+        return RedisBroker(self._url, publish_timeout=15.0, min_replicas=self._min_replicas)
+
     async def _run(self) -> None:
-        broker = RedisBroker(self._url, publish_timeout=15.0, min_replicas=self._min_replicas)
-        app = App("chaos-publisher", broker=broker)
+        app = App("chaos-publisher", broker=self._broker())
         interval = self._seconds / max(1, self._events)
         start = time.monotonic()
         with self._out.open("a") as out:
@@ -226,8 +238,9 @@ class Publisher(threading.Thread):
         out.flush()
 
 
-def garbage_entry(rng: random.Random, n: int) -> tuple[str, bytes]:
-    """One entry another program might write: `(marker, bytes)`; the marker is in the bytes."""
+def garbage_entry(rng: random.Random, n: int, huge: int = 2_000_000) -> tuple[str, bytes]:
+    """One entry another program might write: `(marker, bytes)`; the marker is in the bytes
+    (`huge`: the size of the oversized payload)."""
     marker = f"chaos-garbage-{n}"
     kind = rng.choice(["bytes", "json", "shape", "version", "payload", "huge"])
     if kind == "bytes":
@@ -243,8 +256,8 @@ def garbage_entry(rng: random.Random, n: int) -> tuple[str, bytes]:
     elif kind == "payload":
         envelope["payload"] = {"seq": marker, "kind": "nope"}
     else:
-        envelope["payload"] = {"seq": -1, "kind": "ok", "body": marker + "x" * 2_000_000}
-        envelope["payload"]["kind"] = "huge"  # fails validation, after a 2 MB read
+        envelope["payload"] = {"seq": -1, "kind": "ok", "body": marker + "x" * huge}
+        envelope["payload"]["kind"] = "huge"  # fails validation, after a large read
     return marker, json.dumps(envelope).encode()
 
 
@@ -285,30 +298,42 @@ def describe_groups(client: redis.Redis | SyncClusterClient) -> Any:
 
 
 class Sampler(threading.Thread):
-    """Samples the backlog every 0.2 s, on a client of its own, until stopped."""
+    """Samples the backlog every 0.2 s (`measure`, on a client of its own, closed by `close`),
+    until stopped."""
 
-    def __init__(self, client: redis.Redis | SyncClusterClient) -> None:
+    def __init__(
+        self, measure: Callable[[], int | None], close: Callable[[], None] = lambda: None
+    ) -> None:
         super().__init__(daemon=True)
-        self._client = client
+        self._measure = measure
+        self._close = close
         self._done = threading.Event()
         self.samples: list[tuple[float, int | None]] = []
 
+    @classmethod
+    def of(cls, bus: ServerBus | ClusterBus | NatsBus) -> Sampler:
+        if isinstance(bus, ServerBus | ClusterBus):
+            client = bus.sampling_client()
+            return cls(lambda: backlog(client), client.close)
+        return cls(bus.backlog)
+
     def run(self) -> None:
         while not self._done.is_set():
-            self.samples.append((time.monotonic(), backlog(self._client)))
+            self.samples.append((time.monotonic(), self._measure()))
             self._done.wait(0.2)
 
     def stop(self) -> None:
         self._done.set()
         if self.ident is not None:
             self.join(timeout=30)
-        self._client.close()
+        self._close()
 
 
 class ServerBus:
     """One redis-server with AOF, and the proxy the workers reach it through."""
 
     faults = FAULTS
+    huge_garbage = 2_000_000
 
     def __init__(self, folder: Path) -> None:
         self.server = RedisServer(folder, appendonly=True)
@@ -373,6 +398,7 @@ class ClusterBus:
     """
 
     faults = CLUSTER_FAULTS
+    huge_garbage = 2_000_000
 
     def __init__(self, folder: Path) -> None:
         self.cluster = RedisCluster(folder / "cluster", masters=3, replicas=True)
@@ -520,25 +546,39 @@ def run(
     *,
     cluster: bool = False,
     min_replicas: int = 0,
+    nats: bool = False,
 ) -> RunReport:
     """Run the whole scenario in `folder` and return the checker's report.
 
     `cluster` runs it on a local Redis Cluster (see the module docs); `min_replicas` is given
-    to the workers and the publisher (`OMNIDAEMON_REDIS_MIN_REPLICAS`).
+    to the workers and the publisher (`OMNIDAEMON_REDIS_MIN_REPLICAS`). `nats` runs it on one
+    JetStream nats-server (`tests/chaos/nats_faults.py`).
     """
     rng = random.Random(seed)
     (folder / "log").mkdir(parents=True, exist_ok=True)
-    bus: ServerBus | ClusterBus = ClusterBus(folder) if cluster else ServerBus(folder)
+    bus: ServerBus | ClusterBus | NatsBus
+    if nats:
+        from tests.chaos.nats_faults import NatsBus
+
+        bus = NatsBus(folder)
+    else:
+        bus = ClusterBus(folder) if cluster else ServerBus(folder)
     env = {"OMNIDAEMON_REDIS_MIN_REPLICAS": str(min_replicas)}
     faults: Counter[str] = Counter()
     fault_ends: list[tuple[str, float]] = []
     try:
         workers = Workers(folder, bus.worker_url, env)
-        publisher = Publisher(bus.url, folder, events, seconds, min_replicas)
-        sampler = Sampler(bus.sampling_client())
+        # The publisher shares the workers' network faults on NATS; on Redis it reaches the bus
+        # directly.
+        publisher_url = bus.worker_url if nats else bus.url
+        publisher = Publisher(publisher_url, folder, events, seconds, min_replicas)
+        sampler = Sampler.of(bus)
         try:
             workers.start()
-            time.sleep(2.0)  # workers connect and create their groups before events flow
+            if isinstance(bus, ServerBus | ClusterBus):
+                time.sleep(2.0)  # workers connect and create their groups before events flow
+            else:
+                bus.wait_subscribed()  # consumers made: every published event will be seen
             sampler.start()
             publisher.start()
             # A fault every 4 s on average (6 s on a cluster, whose faults take longer: a failover,
@@ -585,7 +625,7 @@ def _inject(
     kind: str,
     rng: random.Random,
     workers: Workers,
-    bus: ServerBus | ClusterBus,
+    bus: ServerBus | ClusterBus | NatsBus,
     publisher: Publisher,
     garbage_out: Any,
     faults: Counter[str],
@@ -597,7 +637,7 @@ def _inject(
     elif kind.startswith("poison"):
         publisher.poison(kind.split()[1])
     elif kind == "garbage":
-        marker, data = garbage_entry(rng, faults[kind])
+        marker, data = garbage_entry(rng, faults[kind], bus.huge_garbage)
         if bus.write_garbage(data):
             garbage_out.write(json.dumps({"marker": marker}) + "\n")
             garbage_out.flush()
@@ -620,7 +660,7 @@ def _recoveries(
 
 def _report(
     folder: Path,
-    bus: ServerBus | ClusterBus,
+    bus: ServerBus | ClusterBus | NatsBus,
     faults: Counter[str],
     recoveries: list[tuple[str, float | None]],
     workers: Workers,
@@ -642,7 +682,7 @@ def _report(
                     seqs.add(int(json.loads(fields[b"e"])["payload"]["seq"]))
         return letters, seqs
 
-    letters, seqs = anyio.run(read)
+    letters, seqs = anyio.run(read) if isinstance(bus, ServerBus | ClusterBus) else bus.outcome()
     crashed = sum(n for code, n in workers.exits.items() if code != 0)
     faults = faults.copy()
     faults["worker exits seen (any cause)"] = crashed
@@ -694,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run on a local Redis Cluster (3 masters, 3 replicas)",
     )
     parser.add_argument(
+        "--nats",
+        action="store_true",
+        help="run on one NATS JetStream server behind the fault proxy",
+    )
+    parser.add_argument(
         "--min-replicas",
         type=int,
         default=0,
@@ -701,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         "makes an acknowledged event lost in a failover fail the run)",
     )
     args = parser.parse_args(argv)
+    if args.nats and (args.cluster or args.min_replicas):
+        parser.error("--nats runs on one server: --cluster and --min-replicas are Redis's")
     folder = args.keep or Path(tempfile.mkdtemp(prefix="omnichaos-"))
     folder.mkdir(parents=True, exist_ok=True)
     report = run(
@@ -710,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         folder,
         cluster=args.cluster,
         min_replicas=args.min_replicas,
+        nats=args.nats,
     )
     print(report.table())
     ok = report.ok

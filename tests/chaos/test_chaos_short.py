@@ -1,5 +1,6 @@
 """The chaos run's short modes, run in CI: every kind of fault once, on one redis-server in
-well under a minute, and on a Redis Cluster (with `min_replicas=1`) in about a minute.
+well under a minute, on a Redis Cluster (with `min_replicas=1`) in about a minute, and on one
+NATS JetStream server in well under a minute.
 
 The full runs (`python -m tests.chaos`, 10 minutes, with and without `--cluster`) are in
 docs/reliability.md.
@@ -33,6 +34,18 @@ def test_a_short_cluster_run_with_every_fault_and_min_replicas_loses_nothing(
     table = report.table()
     assert all(report.faults[kind] >= 1 for kind in CLUSTER_FAULTS), table
     assert not report.bus_loss_allowed
+    _assert_nothing_lost(report)
+
+
+@pytest.mark.slow
+def test_a_short_nats_run_with_every_fault_loses_nothing(tmp_path: Path) -> None:
+    from tests.chaos.nats_faults import NATS_FAULTS  # the NATS client only where it is used
+
+    report = run(events=200, seconds=12.0, seed=1, folder=tmp_path, nats=True)
+    table = report.table()
+    assert all(report.faults[kind] >= 1 for kind in NATS_FAULTS), table
+    # The publisher goes through the proxy too, but no fault lasts as long as publish_timeout.
+    assert report.publish_failed == 0, table
     _assert_nothing_lost(report)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import uuid4
 
 import anyio
 import orjson
@@ -30,12 +31,75 @@ def test_an_unknown_event_bus_type_raises_naming_it(monkeypatch: pytest.MonkeyPa
         OmniDaemonSDK()
 
 
+def test_an_unknown_event_bus_type_names_the_supported_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        broker_url_from_env({"EVENT_BUS_TYPE": "rabbitmq"})
+    assert "EVENT_BUS_TYPE=redis_stream" in str(info.value)
+    assert "EVENT_BUS_TYPE=nats with NATS_URL" in str(info.value)
+
+
 def test_bus_selection_from_the_environment() -> None:
     assert broker_url_from_env({}) is None  # App's default: OMNIDAEMON_BROKER_URL or embedded
     assert broker_url_from_env({"EVENT_BUS_TYPE": "redis_stream"}) is None
     url = "redis://127.0.0.1:6390/0"
     assert broker_url_from_env({"EVENT_BUS_TYPE": "redis_stream", "REDIS_URL": url}) == url
     assert broker_url_from_env({"REDIS_URL": url}) == url
+
+
+def test_nats_selection_from_the_environment() -> None:
+    url = "nats://127.0.0.1:4333"
+    for bus_type in ("nats", "NATS", " nats "):
+        env = {"EVENT_BUS_TYPE": bus_type, "NATS_URL": url, "REDIS_URL": "redis://h:6379/0"}
+        assert broker_url_from_env(env) == url  # REDIS_URL is not this bus's variable
+    nats = {"EVENT_BUS_TYPE": "nats"}
+    assert broker_url_from_env({**nats, "NATS_URL": "tls://tok@h:4222"}) == "tls://tok@h:4222"
+    # As the NATS tools take it: host:port alone, or a list of server URLs.
+    assert broker_url_from_env({**nats, "NATS_URL": "127.0.0.1:4333"}) == url
+    servers = "nats://u:pw@h1:4222, nats://u:pw@h2:4223,h3"
+    assert broker_url_from_env({**nats, "NATS_URL": servers}) == "nats://u:pw@h1:4222,h2:4223,h3"
+    # No NATS_URL: OMNIDAEMON_BROKER_URL may name the NATS bus (App reads it).
+    assert broker_url_from_env({**nats, "OMNIDAEMON_BROKER_URL": url}) is None
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({}, "needs NATS_URL"),
+        ({"OMNIDAEMON_BROKER_URL": "redis://:hunter2@h:6379/0"}, "needs NATS_URL"),
+        ({"NATS_URL": "redis://:hunter2@h:6379/0"}, "names a redis:// server"),
+        ({"NATS_URL": "nats://a:1,tls://b:2"}, "mixes nats:// and tls://"),
+        ({"NATS_URL": "nats://u:hunter2@a:1,nats://v:hunter2@b:2"}, "different credentials"),
+        ({"NATS_URL": " , "}, "names no server"),
+    ],
+)
+def test_a_nats_bus_type_without_a_nats_url_is_refused_without_echoing_it(
+    env: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=fragment) as info:
+        broker_url_from_env({"EVENT_BUS_TYPE": "nats", **env})
+    assert "hunter2" not in str(info.value)
+
+
+async def test_event_bus_type_nats_runs_the_sdk_on_nats_url(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A token the server does not ask for is accepted, and never shown.
+    monkeypatch.setenv("EVENT_BUS_TYPE", "nats")
+    monkeypatch.setenv("NATS_URL", nats_url.replace("nats://", "nats://s3cret-token@"))
+    monkeypatch.delenv("OMNIDAEMON_BROKER_URL", raising=False)
+    topic = f"compat{uuid4().hex[:8]}.selected"
+    sdk = OmniDaemonSDK()
+    try:
+        assert sdk.app.broker.url == nats_url.replace("nats://", "nats://***@")
+        task_id = await sdk.publish_task(
+            event_envelope=EventEnvelope(topic=topic, payload=PayloadBase(content={"n": 1}))
+        )
+        [entry] = await sdk.inspect_stream(topic)
+        assert entry["data"]["id"] == task_id
+        stats = await sdk.get_bus_stats()
+        assert stats["bus"] == sdk.app.broker.url and "s3cret-token" not in repr(stats)
+    finally:
+        await sdk.shutdown()
 
 
 def test_a_store_is_refused() -> None:

@@ -11,7 +11,7 @@ from uuid import uuid4
 import anyio
 import pytest
 
-from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 
 pytestmark = pytest.mark.anyio
@@ -21,6 +21,7 @@ BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
     "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
     "cluster": lambda request: RedisBroker(request.getfixturevalue("cluster_url")),
     "embedded": lambda request: EmbeddedBroker(request.getfixturevalue("embedded_home")),
+    "nats": lambda request: open_broker(request.getfixturevalue("nats_url")),
 }
 
 

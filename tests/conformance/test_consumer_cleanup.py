@@ -3,7 +3,8 @@
 A gracefully stopped worker removes its consumer from its agents' groups; the consumer of a
 killed one is removed by a live worker once its deliveries were taken over. Without this, every
 restart left one more consumer in every group of the bus. The workers and their app are those
-of `test_worker_processes.py`.
+of `test_worker_processes.py`, on each broker's bus; the consumers are the ones the bus lists
+(`describe(consumers=True)`, as `omnidaemon bus stats` shows them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.test_worker_processes import BLOCKING_AGENT, SETTLE, Fleet, _make_fleet
+from omnidaemon.brokers import Broker
+from tests.conformance.test_worker_processes import (
+    BLOCKING_AGENT,
+    BROKER_BUSES,
+    BUSES,
+    SETTLE,
+    Fleet,
+    _make_fleet,
+)
 from tests.e2e._support import spawn_workers, wait_for
 
 pytestmark = pytest.mark.slow
@@ -24,10 +33,10 @@ pytestmark = pytest.mark.slow
 PRUNED = 20.0
 
 
-@pytest.fixture
-def fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
+@pytest.fixture(params=BROKER_BUSES)
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     spawning = spawn_workers()
-    f = _make_fleet(redis_url, tmp_path, next(spawning))
+    f = _make_fleet(BUSES[request.param](request), tmp_path, next(spawning))
     try:
         yield f
     finally:
@@ -36,12 +45,14 @@ def fleet(redis_url: str, tmp_path: Path) -> Iterator[Fleet]:
 
 
 def consumers(fleet: Fleet, group: str = "work") -> list[str]:
-    """The consumers the bus lists for `group`, in the topic stream and the retry stream."""
-    names: list[str] = []
-    for key in (fleet.stream_key, f"omni:{{{fleet.topic}}}:retry:{group}"):
-        if fleet.redis.exists(key):
-            names += [c["name"].decode() for c in fleet.redis.xinfo_consumers(key, group)]
-    return sorted(set(names))
+    """The consumers the bus lists for `group` (on Redis: of the topic and the retry stream)."""
+
+    async def names(bus: Broker) -> list[str]:
+        info = await bus.describe(fleet.topic, consumers=True)
+        found = [g for g in info.groups if g.group == group] if info else []
+        return sorted({c.name for g in found for c in g.consumer_details})
+
+    return fleet.call(names)
 
 
 def test_graceful_restarts_leave_no_consumer_behind(fleet: Fleet) -> None:

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from omnidaemon import App, Backoff, Context, Reject, Retry
-from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.envelope import Envelope
 from omnidaemon.worker import Worker
@@ -28,6 +28,7 @@ BROKERS: dict[str, Callable[[pytest.FixtureRequest, str], Broker]] = {
     "redis": lambda request, name: RedisBroker(request.getfixturevalue("redis_url")),
     "cluster": lambda request, name: RedisBroker(request.getfixturevalue("cluster_url")),
     "embedded": lambda request, name: EmbeddedBroker(request.getfixturevalue("embedded_home")),
+    "nats": lambda request, name: open_broker(request.getfixturevalue("nats_url")),
 }
 
 
@@ -317,12 +318,9 @@ async def test_concurrency_bounds_handlers_and_what_is_fetched(
         await app.publish_many([(topic, {"order_id": f"o{i}"}) for i in range(6)])
         await wait_for(lambda: running == 2)
         await anyio.sleep(0.3)  # time enough to over-fetch, were it going to
-        broker = app.broker
-        if isinstance(broker, RedisBroker):  # only two entries were handed to the worker
-            pending = await broker.client.xpending(broker.stream_key(topic), "work")
-            assert pending["pending"] == 2
-        elif isinstance(broker, MemoryBroker):
-            assert broker.pending(Subscription(topic, "work")) == 2
+        info = await app.broker.describe(topic)  # only two entries were handed to the worker
+        assert info is not None
+        assert [(g.group, g.pending) for g in info.groups] == [("work", 2)]
         release.set()
         await wait_for(lambda: running == 0)
     assert peak == 2
@@ -441,6 +439,9 @@ async def test_request_returns_the_handlers_reply_and_cleans_up(
         await broker.close()
     elif isinstance(broker, MemoryBroker):
         assert not [t for t in broker._bus.topics if t.startswith("omni-reply.")]
+    else:
+        async with broker.clone() as bus:
+            assert not [t for t in await bus.topics() if t.startswith("omni-reply.")]
 
 
 async def test_replies_of_several_agents_leave_no_reply_topic_behind(

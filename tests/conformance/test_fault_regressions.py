@@ -1,10 +1,11 @@
 """Regression tests for delivery defects found by the fault audit (issue 14, items 1, 2, 3, 8).
 
 Each test reproduces one way the promises of docs/reliability.md and docs/concepts.md broke
-under a fault, with a real `redis-server` and real `python -m omnidaemon worker` processes, and
-asserts what a user notices once it is fixed: what the handlers did (their own log), what is in
-the dead-letter queue, and how long it took (bounds with generous slack). Nothing here looks
-at the broker's keys, scripts or methods, so the tests hold however the fixes are made.
+under a fault, with a real bus (each broker's: `redis-server`, `nats-server`) and real
+`python -m omnidaemon worker` processes, and asserts what a user notices once it is fixed:
+what the handlers did (their own log), what is in the dead-letter queue, and how long it took
+(bounds with generous slack). Nothing here looks at the broker's keys, scripts or methods, so
+the tests hold however the fixes are made.
 
 The app module the workers run records every step of every handler, one JSON line per step
 (agent, event key, attempt, pid, phase, wall-clock time), in the file named by `T_LOG`; each
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import time
 from collections import Counter
@@ -37,6 +39,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from omnidaemon import App
 from omnidaemon.dead_letters import DeadLetter
 from tests.chaos.proxy import ChaosProxy
+from tests.conformance.test_worker_processes import BROKER_BUSES, BUSES
 from tests.e2e._support import (
     WorkerProcess,
     cli_env,
@@ -45,6 +48,7 @@ from tests.e2e._support import (
     wait_for,
     write_module,
 )
+from tests.nats import NatsServer, running_nats
 from tests.servers import running_redis
 
 pytestmark = pytest.mark.slow
@@ -239,10 +243,12 @@ def spawn() -> Iterator[Callable[..., WorkerProcess]]:
     yield from spawn_workers()
 
 
-@pytest.fixture
-def run(redis_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> Iterator[Run]:
-    """A run on the session's redis-server (each test on topics of its own)."""
-    with running(redis_url, tmp_path, spawn) as r:
+@pytest.fixture(params=BROKER_BUSES)
+def run(
+    request: pytest.FixtureRequest, tmp_path: Path, spawn: Callable[..., WorkerProcess]
+) -> Iterator[Run]:
+    """A run on the session's server of each broker (each test on topics of its own)."""
+    with running(BUSES[request.param](request), tmp_path, spawn) as r:
         yield r
 
 
@@ -250,18 +256,97 @@ def new_topic() -> str:
     return f"t{uuid4().hex[:12]}.jobs"
 
 
+@dataclass(frozen=True)
+class OwnBus:
+    """A bus server of the test's own, which keeps no data across a restart."""
+
+    url: str
+    port: int
+    kill: Callable[[], None]  # SIGKILL the server
+    start_empty: Callable[[], None]  # start it again on its port, with no data
+    # Workers waiting in a fetch on the server, to time a fault (never to decide an outcome).
+    waiting_readers: Callable[[], int]
+    url_via: Callable[[int], str]  # the bus's URL through a proxy on that loopback port
+
+
+def _blocked_readers(client: redis.Redis) -> int:
+    """Clients blocked in XREADGROUP on the server: a worker waiting for events."""
+    return sum(
+        1
+        for c in client.client_list()
+        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+    )
+
+
+def _waiting_pulls(server: NatsServer) -> int:
+    """JetStream consumers with a pull request waiting on the server: a worker waiting for
+    events (from the monitoring endpoint)."""
+    found = server.monitor("/jsz?accounts=true&streams=true&consumers=true")
+    return sum(
+        1
+        for account in found.get("account_details") or []
+        for stream in account.get("stream_detail") or []
+        for consumer in stream.get("consumer_detail") or []
+        if consumer.get("num_waiting")
+    )
+
+
+@contextlib.contextmanager
+def _own_redis(directory: Path) -> Iterator[OwnBus]:
+    """A redis-server without persistence."""
+    directory.mkdir()
+    with (
+        running_redis(directory, appendonly=False) as server,
+        contextlib.closing(redis.Redis.from_url(server.url, socket_timeout=5)) as direct,
+    ):
+        yield OwnBus(
+            server.url,
+            server.port,
+            kill=lambda: server.stop(signal.SIGKILL),
+            start_empty=server.start,
+            waiting_readers=lambda: _blocked_readers(direct),
+            url_via=lambda port: f"redis://127.0.0.1:{port}/0",
+        )
+
+
+@contextlib.contextmanager
+def _own_nats(directory: Path) -> Iterator[OwnBus]:
+    """A JetStream nats-server whose store is deleted when it comes back."""
+    with running_nats(directory) as server:
+
+        def start_empty() -> None:
+            shutil.rmtree(server.directory / "store", ignore_errors=True)
+            server.start()
+
+        yield OwnBus(
+            server.url,
+            server.port,
+            kill=lambda: server.stop(signal.SIGKILL),
+            start_empty=start_empty,
+            waiting_readers=lambda: _waiting_pulls(server),
+            url_via=lambda port: f"nats://127.0.0.1:{port}",
+        )
+
+
+OWN_BUSES: dict[str, Callable[[Path], contextlib.AbstractContextManager[OwnBus]]] = {
+    "redis": _own_redis,
+    "nats": _own_nats,
+}
+on_own_bus = pytest.mark.parametrize("bus", BROKER_BUSES)
+
+
 # 1. The bus loses its data -----------------------------------------------------------------
 
 
+@on_own_bus
 def test_agent_resumes_when_the_bus_comes_back_empty(
-    tmp_path: Path, spawn: Callable[..., WorkerProcess]
+    tmp_path: Path, spawn: Callable[..., WorkerProcess], bus: str
 ) -> None:
-    """A Redis without persistence is killed for longer than the reclaim interval and comes
+    """A bus without persistence is killed for longer than the reclaim interval and comes
     back empty (as after a failover to an empty replica): the consumer groups are gone. Events
     published afterwards must still be handled, within a few seconds, by the same worker."""
-    (tmp_path / "bus").mkdir()
     with (
-        running_redis(tmp_path / "bus", appendonly=False) as server,
+        OWN_BUSES[bus](tmp_path / "bus") as server,
         running(server.url, tmp_path, spawn) as run,
     ):
         topic = new_topic()
@@ -269,11 +354,11 @@ def test_agent_resumes_when_the_bus_comes_back_empty(
         run.publish([(topic, {"k": "before"})])
         wait_for(lambda: run.done_counts()["before"] == 1, SETTLE, "the first event")
 
-        server.stop(signal.SIGKILL)
+        server.kill()
         # The outage: several reclaim intervals (0.5 s) long, so the worker's consume loop
         # fails and backs off a few times while the bus is gone.
         time.sleep(4 * RECLAIM_IDLE / 2)
-        server.start()  # the same port, no data: no stream, no consumer group
+        server.start_empty()  # the same port, no data: no stream, no consumer group
         after = [f"after{i}" for i in range(3)]
         run.publish([(topic, {"k": k}) for k in after])
 
@@ -468,42 +553,31 @@ def test_a_last_attempt_runs_alone_in_its_worker_not_only_in_its_agent(run: Run)
 # 8. A graceful stop charges no attempt -------------------------------------------------------
 
 
-def _blocked_readers(client: redis.Redis) -> int:
-    """Clients blocked in XREADGROUP on the server: a worker waiting for events. Used only to
-    time the fault (so that each worker's read is on the server when the event arrives), never
-    to decide the outcome."""
-    return sum(
-        1
-        for c in client.client_list()
-        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
-    )
-
-
+@on_own_bus
 def test_graceful_stop_while_a_fetch_reply_is_in_transit_charges_no_attempt(
-    tmp_path: Path, spawn: Callable[..., WorkerProcess]
+    tmp_path: Path, spawn: Callable[..., WorkerProcess], bus: str
 ) -> None:
-    """Six workers (one agent each, max_retries=0) reach Redis through a proxy. Each waits in
+    """Six workers (one agent each, max_retries=0) reach the bus through a proxy. Each waits in
     a fetch when an event is published for it; the network holds the reply (the entry is on
     its way to the worker) while the worker gets SIGTERM, then delivers again. Another worker
     runs the agents afterwards. A graceful stop must never charge an attempt to an event that
     did not run: every event is handled once, on attempt 1, and none is dead-lettered."""
     trials = 6
-    (tmp_path / "bus").mkdir()
     with (
-        running_redis(tmp_path / "bus") as server,
+        OWN_BUSES[bus](tmp_path / "bus") as server,
         ChaosProxy("127.0.0.1", server.port) as proxy,
         running(server.url, tmp_path, spawn) as run,
-        contextlib.closing(redis.Redis.from_url(server.url, socket_timeout=5)) as direct,
     ):
         run.env.update(T_MAX_RETRIES="0", T_CONCURRENCY="4")
         agents = {f"w{i}": new_topic() for i in range(trials)}
-        stopping = [run.start({name: topic}, url=proxy.url) for name, topic in agents.items()]
+        via_proxy = server.url_via(proxy.port)
+        stopping = [run.start({name: topic}, url=via_proxy) for name, topic in agents.items()]
         for worker in stopping:
             wait_until_started(worker)
         # Best effort: every worker's read is waiting on the server (an idle worker's usually
         # is); the test is as valid without, only less likely to hit the window today.
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: _blocked_readers(direct) == trials, 3, "all reads to block")
+            wait_for(lambda: server.waiting_readers() == trials, 3, "all reads to block")
 
         proxy.pause()  # the replies (with the entries in them) are held on their way
         run.publish([(topic, {"k": name}) for name, topic in agents.items()])
@@ -519,7 +593,7 @@ def test_graceful_stop_while_a_fetch_reply_is_in_transit_charges_no_attempt(
             status, _ = worker.wait_exit(timeout=15)
             assert status == 0, worker.stderr
 
-        after = run.start_ready(agents)  # straight to Redis
+        after = run.start_ready(agents)  # straight to the bus
 
         def outcome(name: str, topic: str) -> bool:
             return bool(run.done_counts(name) or run.dead_letters(name, topic))

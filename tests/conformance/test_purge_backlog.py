@@ -12,7 +12,14 @@ from uuid import uuid4
 import anyio
 import pytest
 
-from omnidaemon.brokers import Broker, Delivery, MemoryBroker, RedisBroker, Subscription
+from omnidaemon.brokers import (
+    Broker,
+    Delivery,
+    MemoryBroker,
+    RedisBroker,
+    Subscription,
+    open_broker,
+)
 from omnidaemon.brokers.base import GroupInfo
 
 pytestmark = pytest.mark.anyio
@@ -21,6 +28,7 @@ BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
     "memory": lambda request: MemoryBroker(f"purge-{uuid4().hex}"),
     "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
     "cluster": lambda request: RedisBroker(request.getfixturevalue("cluster_url")),
+    "nats": lambda request: open_broker(request.getfixturevalue("nats_url")),
 }
 
 

@@ -6,33 +6,39 @@ per step (agent, event key, attempt, pid, phase), in the file named by `T_LOG`; 
 `O_APPEND` write followed by `fsync`, so a SIGKILL loses nothing already recorded.
 
 Each bus joins by adding a factory to `BUSES` (and, when its server can be restarted by a test,
-to `RESTARTABLE_BUSES`). The tests run against Redis; those marked `@on_every_bus` run against
-each bus. The embedded bus is a Valkey server behind the same broker code, so its delivery
-semantics are proven by the broker conformance suite; here it only shows that workers given no
-broker URL at all share it, which two tests suffice for (running all of them on it costs the
-suite half a minute). A Redis Cluster (3 masters) runs the tests where it differs from one
-server: a worker killed mid-handler (its successor reclaims on the topic's master) and a
-master restarted under a running worker (the other masters stay up).
+to `RESTARTABLE_BUSES`). The tests run against Redis and NATS JetStream (each its own broker
+code); those marked `@on_every_bus` run against each bus. The embedded bus is a Valkey server
+behind the Redis broker's code, so its delivery semantics are proven by the broker conformance
+suite; here it only shows that workers given no broker URL at all share it, which two tests
+suffice for (running all of them on it costs the suite half a minute). A Redis Cluster (3
+masters) runs the tests where it differs from one server: a worker killed mid-handler (its
+successor reclaims on the topic's master) and a master restarted under a running worker (the
+other masters stay up).
+
+The test side reads the bus through the broker API alone (`describe`, `publish`), on one
+connection kept open in a blocking portal, so the same checks hold on every bus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import uuid4
 
 import anyio
 import pytest
-import redis
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from omnidaemon import App
-from omnidaemon.brokers import Broker, RedisBroker
+from omnidaemon.brokers import Broker, RedisBroker, open_broker
+from omnidaemon.brokers.base import GroupInfo
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import encode_new
@@ -45,8 +51,11 @@ from tests.e2e._support import (
     wait_for,
     write_module,
 )
+from tests.nats import NatsServer
 
 pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
 
 STARTUP = 20.0  # seconds a fresh worker process may take to import and subscribe
 SETTLE = 20.0  # seconds within which the work of one test must be done once it can be
@@ -54,7 +63,8 @@ SETTLE = 20.0  # seconds within which the work of one test must be done once it 
 
 @dataclass(frozen=True)
 class RestartableBus:
-    """A bus whose server a test may restart (data kept: AOF with `appendfsync always`).
+    """A bus whose server a test may restart (data kept: AOF with `appendfsync always` on
+    Redis, the JetStream file store on NATS).
 
     `restart(signal, key)` stops the server that holds `key` with `signal` and starts it
     again; on a cluster, the other masters stay up. `outage_errors` name the errors a worker
@@ -72,6 +82,7 @@ BUSES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
     # Workers get no broker URL, only OMNIDAEMON_HOME: the default an app falls back to.
     "embedded": lambda request: f"embedded://{request.getfixturevalue('embedded_home')}",
     "cluster": lambda request: request.getfixturevalue("cluster_url"),
+    "nats": lambda request: request.getfixturevalue("nats_url"),
 }
 
 
@@ -98,18 +109,31 @@ def _durable_cluster(request: pytest.FixtureRequest) -> RestartableBus:
     )
 
 
+def _durable_nats(request: pytest.FixtureRequest) -> RestartableBus:
+    server: NatsServer = request.getfixturevalue("durable_nats")
+    # While nats-py reconnects, the broker refuses at once (ConnectionError); a request sent
+    # just before the server went away gets no answer (TimeoutError).
+    errors = ("ConnectionError", "TimeoutError")
+    return RestartableBus(server.url, lambda sig, key: server.restart(sig), outage_errors=errors)
+
+
 RESTARTABLE_BUSES: dict[str, Callable[[pytest.FixtureRequest], RestartableBus]] = {
     "redis": _durable_redis,
     "cluster": _durable_cluster,
+    "nats": _durable_nats,
 }
 
+# The buses every test runs on: each broker implementation (the embedded bus and the cluster
+# run the Redis broker's code, so they join only where they differ).
+BROKER_BUSES = ["nats", "redis"]
 
-@pytest.fixture(params=["redis"])
+
+@pytest.fixture(params=BROKER_BUSES)
 def bus_url(request: pytest.FixtureRequest) -> str:
     return BUSES[request.param](request)
 
 
-on_every_bus = pytest.mark.parametrize("bus_url", ["embedded", "redis"], indirect=True)
+on_every_bus = pytest.mark.parametrize("bus_url", ["embedded", *BROKER_BUSES], indirect=True)
 # The tests where a cluster differs from one server (see the module's docs).
 on_every_bus_and_cluster = pytest.mark.parametrize("bus_url", sorted(BUSES), indirect=True)
 
@@ -250,7 +274,9 @@ class Fleet:
     log: Path
     spawn: Callable[..., WorkerProcess]
     env: dict[str, str] = field(default_factory=dict)
-    _client: redis.Redis | redis.RedisCluster | None = None
+    _connection: tuple[contextlib.ExitStack, BlockingPortal, Broker] | None = field(
+        default=None, repr=False
+    )
 
     def write_app(self, agents: str) -> None:
         write_module(self.cwd, "procs_app", PREAMBLE + agents)
@@ -325,49 +351,73 @@ class Fleet:
         """A broker on the fleet's bus, for the test process."""
         if self.url.startswith("embedded://"):
             return EmbeddedBroker(Path(self.url.removeprefix("embedded://")))
-        return RedisBroker(self.url)
+        return open_broker(self.url)
 
-    @property
-    def redis(self) -> redis.Redis | redis.RedisCluster:
-        """A client of the bus (a cluster client on a cluster: keys live on several nodes)."""
-        if self._client is None:
-            url = self.url
-            if url.startswith("embedded://"):
-                url = f"unix://{url.removeprefix('embedded://')}/valkey.sock"
-            client = redis.Redis.from_url(url, socket_timeout=5)
-            if not url.startswith("unix:") and client.info("cluster").get("cluster_enabled"):
-                client.close()
-                client = redis.RedisCluster.from_url(url, socket_timeout=5)
-            self._client = client
-        return self._client
+    def call(self, method: Callable[[Broker], Awaitable[T]]) -> T:
+        """`method(broker)` on the fleet's own connected broker, kept open between calls (a
+        poll costs a round trip, not a connect) until `close`."""
+        if self._connection is None:
+            with contextlib.ExitStack() as stack:
+                portal = stack.enter_context(start_blocking_portal())
+                bus = stack.enter_context(portal.wrap_async_context_manager(self.broker()))
+                self._connection = (stack.pop_all(), portal, bus)
+        _, portal, bus = self._connection
+        return portal.call(method, bus)
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        """Close the fleet's connection to the bus (the next call opens a new one)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection[0].close()
 
     @property
     def stream_key(self) -> str:
+        """The topic's stream key on Redis (where a cluster test finds the master to restart)."""
         return f"omni:{{{self.topic}}}:stream"
 
+    def group(self, group: str) -> GroupInfo | None:
+        """`group` on the fleet's topic, as the bus describes it (`omnidaemon bus stats`);
+        `None` before a worker created it."""
+
+        async def describe(bus: Broker) -> GroupInfo | None:
+            info = await bus.describe(self.topic)
+            return next((g for g in info.groups if g.group == group), None) if info else None
+
+        return self.call(describe)
+
+    def existing_group(self, group: str) -> GroupInfo:
+        found = self.group(group)
+        if found is None:
+            raise LookupError(f"the bus has no group {group!r} on {self.topic}")
+        return found
+
     def dlq_length(self, agent: str) -> int:
-        return int(self.redis.xlen(f"omni:{{{self.topic}}}:dlq:{agent}"))
+        """Records in the agent's dead-letter queue (0 before its group exists)."""
+        found = self.group(agent)
+        return 0 if found is None else found.dead_letters
 
     def pending(self, group: str) -> int:
-        """Deliveries of the topic stream `group` has not settled."""
-        return int(self.redis.xpending(self.stream_key, group)["pending"])
+        """Deliveries (first attempts and retries) `group` was handed and has not settled."""
+        return self.existing_group(group).pending
 
     def settled(self, group: str) -> bool:
-        """Nothing pending for `group`, in the topic stream or its retry stream, and no retry
-        scheduled: no further handler run can happen without a new publish."""
-        retry_key = f"omni:{{{self.topic}}}:retry:{group}"
-        due_key = f"omni:{{{self.topic}}}:due:{group}"
-        retry_pending = (
-            int(self.redis.xpending(retry_key, group)["pending"])
-            if self.redis.exists(retry_key)
-            else 0
-        )
-        return self.pending(group) == 0 and retry_pending == 0 and self.redis.zcard(due_key) == 0
+        """Nothing pending for `group` and no retry scheduled or due: no further handler run
+        can happen without a new publish."""
+        found = self.existing_group(group)
+        return found.pending == 0 and found.retries == 0
+
+    def publish_raw(self, entries: Sequence[bytes | None]) -> None:
+        """Append entries to the topic as they are, not as envelopes; `None` is an entry
+        without one (on Redis, a stream entry without the `e` field; elsewhere, empty)."""
+
+        async def publish(bus: Broker) -> None:
+            for data in entries:
+                if data is None and isinstance(bus, RedisBroker):
+                    await bus.client.xadd(self.stream_key, {"x": b"no e field"})
+                else:
+                    await bus.publish(self.topic, data or b"")
+
+        self.call(publish)
 
 
 @pytest.fixture
@@ -627,8 +677,11 @@ def test_sigterm_finishes_in_flight_handlers_and_leaves_the_rest_to_the_next_wor
         # One master of three, crashed and restarted with its AOF (a clean stop costs as long
         # and proves no more).
         ("cluster", signal.SIGKILL),
+        # JetStream's file store, after a clean stop and after a crash.
+        ("nats", signal.SIGTERM),
+        ("nats", signal.SIGKILL),
     ],
-    ids=["redis-term", "redis-kill", "cluster-kill"],
+    ids=["redis-term", "redis-kill", "cluster-kill", "nats-term", "nats-kill"],
     indirect=["restartable_bus"],
 )
 def test_worker_reconnects_by_itself_after_the_server_restarts(
@@ -697,9 +750,7 @@ def test_undecodable_entries_and_invalid_payloads_are_dead_lettered_without_stop
     worker = fleet.start_ready()
     fleet.publish([{"k": "good1", "n": 1}])
     invalid_id, invalid = encode_new(fleet.topic, {"k": "bad", "n": "not a number"})
-    fleet.redis.xadd(fleet.stream_key, {"e": b"\xff not json"})
-    fleet.redis.xadd(fleet.stream_key, {"x": b"no e field"})
-    fleet.redis.xadd(fleet.stream_key, {"e": invalid})
+    fleet.publish_raw([b"\xff not json", None, invalid])
     fleet.publish([{"k": "good2", "n": 2}])
 
     wait_for(

@@ -484,6 +484,22 @@ async def test_a_child_exiting_with_status_2_is_not_restarted_even_late() -> Non
 
 
 @pytest.mark.anyio
+async def test_a_given_up_childs_command_line_is_logged_without_broker_credentials() -> None:
+    # `omnidaemon worker --broker URL --processes N` passes the URL on to its children.
+    urls = ["--broker", "nats://s3cret-token@h:4222", "--broker=redis://:hunter2@h:6379/0"]
+    sup = Supervisor(lambda index: [PY, "-c", "raise SystemExit(2)", *urls], 1)
+    with capture_logs() as logs:
+        assert await sup.run() == 2
+    [gave_up] = [e for e in logs if "not restarting it" in e["event"]]
+    assert gave_up["argv"][-3:] == [
+        "--broker",
+        "nats://***@h:4222",
+        "--broker=redis://:***@h:6379/0",
+    ]
+    assert "s3cret-token" not in repr(logs) and "hunter2" not in repr(logs)
+
+
+@pytest.mark.anyio
 async def test_children_that_outlive_the_grace_are_killed_and_the_status_is_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

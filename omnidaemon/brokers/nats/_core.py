@@ -1,0 +1,485 @@
+"""The NATS broker's state and connection: URL handling, settings, the nats-py client, the
+JetStream requests every part uses, and making sure streams and consumers exist.
+
+The connection is opened on first use, not by `connect` (a worker started before its bus waits
+for it with `ping`); nats-py then reconnects by itself, to any seed, for as long as it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from omnidaemon._env import env_count
+from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.brokers.nats._names import Names
+from omnidaemon.brokers.nats._url import parse_nats_url, redact_nats_url
+from omnidaemon.errors import BusUnavailable, ConfigurationError
+from omnidaemon.observability.logging import get_logger
+
+__all__ = [
+    "REPLICAS_ENV",
+    "JetStreamError",
+    "NatsCore",
+    "Reader",
+]
+
+_log = get_logger("omnidaemon.broker")
+
+REPLICAS_ENV = "OMNIDAEMON_NATS_REPLICAS"
+_REQUEST_TIMEOUT = 5  # one JetStream API request or publish; a publish retries until its own
+_NOT_FOUND_CODES = frozenset({10059, 10014})  # stream not found, consumer not found
+
+
+class JetStreamError(Exception):
+    """An error reply of the JetStream API (`code` is the HTTP-like code, `err_code` NATS's)."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"{description} (code {code}, err_code {err_code})")
+        self.code = code
+        self.err_code = err_code
+
+    @property
+    def not_found(self) -> bool:
+        return self.err_code in _NOT_FOUND_CODES or self.code == 404
+
+
+@dataclass(slots=True)
+class Held:
+    """A delivery this process handed out and has not settled: what its lease needs."""
+
+    delivery: Delivery
+    delivered: int  # the server's delivery count when it was handed out
+    renewed_at: float  # monotonic time the lease was last (re)started, at the latest
+
+
+@dataclass(slots=True)
+class Reader:
+    """One consumer (a worker's reader of one agent) in this process: its inbox, the messages
+    the server pushed to it that no fetch returned yet, and what it holds."""
+
+    inbox: str
+    sub: Any = None  # the nats-py subscription on `inbox.*`
+    # (message, monotonic time it arrived): entries and pull statuses, in arrival order
+    buffer: list[tuple[Msg, float]] = field(default_factory=list)
+    held: dict[int, Held] = field(default_factory=dict)
+    # Held deliveries the server handed out again after another consumer's lease ran out:
+    # kept for `reclaim` to hand out (a takeover), renewed by this process meanwhile.
+    parked: list[Delivery] = field(default_factory=list)
+    arrived: anyio.Event = field(default_factory=anyio.Event)
+    interrupted: anyio.Event = field(default_factory=anyio.Event)
+    request_seq: int = 0
+    registered_at: float = -1e9  # monotonic time of its last registry write
+    # The reply subject of a waiting pull request the server may still answer (one whose
+    # fetch was interrupted), and until when (monotonic).
+    waiting: str | None = None
+    waiting_until: float = 0.0
+
+    async def on_message(self, msg: Msg) -> None:
+        if msg.subject == self.waiting:
+            self.waiting = None  # answered: an entry (the request asks for one) or its end
+        self.buffer.append((msg, anyio.current_time()))
+        self.arrived.set()
+
+
+class NatsCore(Broker):
+    """A NATS broker's state and connection; `NatsBroker` adds the commands."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "omni",
+        maxlen: int = 100_000,
+        topic_maxlen: Mapping[str, int] | None = None,
+        publish_timeout: float = 10.0,
+        replicas: int | None = None,
+        lease: float = 30.0,
+    ) -> None:
+        self._raw_url = url
+        self._target = parse_nats_url(url)
+        self._url = redact_nats_url(url)
+        self._prefix = prefix
+        self._names = Names(prefix)
+        self._maxlen = maxlen
+        self._topic_maxlen = dict(topic_maxlen or {})
+        self._publish_timeout = publish_timeout
+        if replicas is None:
+            replicas = env_count(os.environ, REPLICAS_ENV, 1)
+        if not 1 <= replicas <= 5:
+            raise ConfigurationError(f"replicas must be 1 to 5, not {replicas}")
+        self._replicas = replicas
+        self._lease = lease
+        self._client: Client | None = None
+        self._connecting = anyio.Lock()
+        self._connected = False
+        self._streams: set[str] = set()  # streams known to exist (a cache; cleared on loss)
+        self._groups: dict[Subscription, float] = {}  # groups known to exist -> their AckWait
+        self._readers: dict[tuple[Subscription, str], Reader] = {}
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    async def connect(self) -> None:
+        self._connected = True
+
+    async def close(self) -> None:
+        self._connected = False
+        client, self._client = self._client, None
+        readers, self._readers = list(self._readers.values()), {}
+        self._streams.clear()
+        self._groups.clear()
+        if client is None:
+            return
+        with anyio.CancelScope(shield=True):
+            for reader in readers:
+                reader.interrupted.set()
+            try:
+                with anyio.move_on_after(2.0):
+                    await client.close()
+            except Exception as exc:  # closing a broken connection: nothing left to do
+                _log.debug("closing the NATS connection failed", error=repr(exc))
+
+    # The client ----------------------------------------------------------------------------
+
+    async def _nc(self) -> Client:
+        client = self._client
+        if client is not None and client.is_connected:
+            return client
+        if client is not None and not client.is_closed:
+            # nats-py reconnects by itself meanwhile; failing now (rather than queueing in its
+            # buffer) lets every caller retry with its own backoff and say the bus is away.
+            raise ConnectionError(f"the connection to NATS at {self._url} is down; reconnecting")
+        async with self._connecting:
+            if self._client is not None and not self._client.is_closed:
+                return self._client
+            self._client = await self._open()
+            return self._client
+
+    async def _open(self) -> Client:
+        target = self._target
+        options: dict[str, Any] = {
+            "servers": list(target.servers),
+            "connect_timeout": 2,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnect,
+            "reconnected_cb": self._on_reconnect,
+            "name": "omnidaemon",
+        }
+        if target.user is not None:
+            options["user"], options["password"] = target.user, target.password
+        if target.token is not None:
+            options["token"] = target.token
+        if target.creds is not None:
+            options["user_credentials"] = target.creds
+        if target.nkey is not None:
+            options["nkeys_seed"] = target.nkey
+        if target.tls:
+            context = ssl.create_default_context(cafile=target.tls_ca)
+            options["tls"] = context
+        try:
+            return await nats.connect(**options)
+        except (NatsError, OSError, TimeoutError) as exc:
+            if _is_auth_error(exc):
+                raise ConfigurationError(
+                    f"the bus at {self._url} refused the broker URL's credentials"
+                ) from None
+            raise ConnectionError(
+                f"cannot reach NATS at {self._url}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _on_error(self, exc: Exception) -> None:
+        _log.debug("NATS client error", error=f"{type(exc).__name__}: {exc}")
+
+    async def _on_disconnect(self) -> None:
+        _log.debug("NATS connection lost; reconnecting", bus=self._url)
+
+    async def _on_reconnect(self) -> None:
+        _log.debug("NATS connection back", bus=self._url)
+
+    # JetStream requests ---------------------------------------------------------------------
+
+    async def _api(self, subject: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One JetStream API request (`$JS.API.<subject>`); raises `JetStreamError` on an error
+        reply, `ConnectionError` when the bus does not answer."""
+        client = await self._nc()
+        payload = json.dumps(body).encode() if body is not None else b""
+        try:
+            reply = await client.request(f"$JS.API.{subject}", payload, timeout=_REQUEST_TIMEOUT)
+        except NoRespondersError:
+            raise ConnectionError(f"JetStream at {self._url} does not answer") from None
+        except NatsTimeout:
+            raise TimeoutError(f"JetStream at {self._url} did not answer in time") from None
+        return _checked(json.loads(reply.data))
+
+    async def _publish(
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        timeout: float = _REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Publish to a stream and wait for its acknowledgement (the `PubAck`): durable when
+        this returns. Raises `NoRespondersError` when no stream takes the subject."""
+        client = await self._nc()
+        try:
+            reply = await client.request(subject, data, timeout=timeout, headers=headers)
+        except NatsTimeout:
+            raise TimeoutError(f"JetStream at {self._url} did not acknowledge in time") from None
+        return _checked(json.loads(reply.data))
+
+    async def _direct_get_last(self, stream: str, subject: str) -> Msg | None:
+        """The last message on `subject` in `stream` (its headers carry `Nats-Sequence` and
+        `Nats-Time-Stamp`), or `None`."""
+        client = await self._nc()
+        try:
+            msg = await client.request(
+                f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=_REQUEST_TIMEOUT
+            )
+        except NoRespondersError:
+            # Direct gets are answered by the stream itself: no stream, no answer.
+            return None
+        except NatsTimeout:
+            raise TimeoutError(f"JetStream at {self._url} did not answer in time") from None
+        status = (msg.headers or {}).get("Status")
+        if status == "404":
+            return None
+        if status:
+            raise JetStreamError(int(status), 0, (msg.headers or {}).get("Description", ""))
+        return msg
+
+    async def _flush(self) -> None:
+        client = await self._nc()
+        try:
+            await client.flush(timeout=_REQUEST_TIMEOUT)
+        except NatsTimeout:
+            raise TimeoutError(f"NATS at {self._url} did not answer a flush in time") from None
+
+    # Streams and consumers ------------------------------------------------------------------
+
+    def _maxlen_of(self, topic: str) -> int:
+        return self._topic_maxlen.get(topic, self._maxlen)
+
+    async def _ensure_stream(self, name: str, config: dict[str, Any]) -> None:
+        if name in self._streams:
+            return
+        config = {
+            "name": name,
+            "storage": "file",
+            "num_replicas": self._replicas,
+            "allow_direct": True,
+            **config,
+        }
+        try:
+            await self._api(f"STREAM.CREATE.{name}", config)
+        except JetStreamError as exc:
+            if exc.err_code != 10058:  # "stream name already in use": made by someone else
+                raise
+        self._streams.add(name)
+
+    async def _ensure_topic(self, topic: str) -> str:
+        names = self._names
+        stream = names.stream(topic)
+        await self._ensure_stream(
+            stream,
+            {
+                "subjects": [
+                    names.entries(topic),
+                    names.all_group_entries(topic),
+                    names.all_delayed(topic),
+                ],
+                "retention": "limits",
+                "max_msgs": self._maxlen_of(topic),
+                "discard": "old",
+                "allow_msg_schedules": True,
+                "allow_msg_ttl": True,
+                "duplicate_window": 120_000_000_000,
+            },
+        )
+        return stream
+
+    async def _ensure_dlq(self, topic: str) -> str:
+        stream = self._names.dlq_stream(topic)
+        await self._ensure_stream(
+            stream,
+            {
+                "subjects": [self._names.all_dlq(topic)],
+                "retention": "limits",
+                "duplicate_window": 120_000_000_000,
+            },
+        )
+        return stream
+
+    async def _ensure_kv(self) -> str:
+        stream = self._names.kv_stream
+        await self._ensure_stream(
+            stream,
+            {
+                "subjects": [self._names.kv_all],
+                "retention": "limits",
+                "max_msgs_per_subject": 1,
+                "allow_msg_ttl": True,
+                "allow_rollup_hdrs": True,
+                "deny_delete": False,
+                "discard": "new",
+                "duplicate_window": 0,
+            },
+        )
+        return stream
+
+    async def _ensure_metrics(self) -> str:
+        stream = self._names.metrics_stream
+        await self._ensure_stream(
+            stream,
+            {
+                "subjects": [self._names.metrics_all],
+                "retention": "limits",
+                "allow_msg_counter": True,
+                "max_msgs_per_subject": 1,
+            },
+        )
+        return stream
+
+    def _group_config(self, sub: Subscription, ack_wait: float) -> dict[str, Any]:
+        names = self._names
+        subjects = [names.entries(sub.topic), names.group_entries(sub.topic, sub.group)]
+        return {
+            "durable_name": names.consumer(sub.group),
+            "deliver_policy": "all" if sub.start == "earliest" else "new",
+            "ack_policy": "explicit",
+            "ack_wait": int(ack_wait * 1e9),
+            "max_deliver": -1,
+            "max_ack_pending": -1,
+            "max_waiting": 4096,
+            "filter_subjects": subjects,
+            "num_replicas": 0,  # the stream's
+        }
+
+    async def _ensure_group(self, sub: Subscription) -> None:
+        if sub in self._groups:
+            return
+        stream = await self._ensure_topic(sub.topic)
+        durable = self._names.consumer(sub.group)
+        try:
+            info = await self._api(f"CONSUMER.INFO.{stream}.{durable}")
+            ack_wait = info["config"]["ack_wait"] / 1e9
+        except JetStreamError as exc:
+            if not exc.not_found:
+                raise
+            ack_wait = self._lease
+            body = {"stream_name": stream, "config": self._group_config(sub, ack_wait)}
+            body["action"] = "create"
+            try:
+                await self._api(f"CONSUMER.CREATE.{stream}.{durable}", body)
+            except JetStreamError as again:
+                if again.err_code != 10148:  # made by another process meanwhile
+                    raise
+        self._groups[sub] = ack_wait
+
+    async def _set_ack_wait(self, sub: Subscription, ack_wait: float) -> None:
+        """Make the group's lease `ack_wait` seconds (the server redelivers what was not
+        renewed for that long)."""
+        await self._ensure_group(sub)
+        if abs(self._groups[sub] - ack_wait) < 1e-3:
+            return
+        stream = self._names.stream(sub.topic)
+        body = {"stream_name": stream, "config": self._group_config(sub, ack_wait)}
+        body["action"] = "update"
+        info = await self._api(f"CONSUMER.CREATE.{stream}.{self._names.consumer(sub.group)}", body)
+        self._groups[sub] = info["config"]["ack_wait"] / 1e9
+
+    def _forget(self, topic: str) -> None:
+        """Drop what the caches say of a topic (it was deleted, or the bus lost it)."""
+        self._streams.discard(self._names.stream(topic))
+        self._streams.discard(self._names.dlq_stream(topic))
+        for sub in [s for s in self._groups if s.topic == topic]:
+            del self._groups[sub]
+
+    def _forget_all(self) -> None:
+        self._streams.clear()
+        self._groups.clear()
+
+    async def _reader(self, sub: Subscription, consumer: str) -> Reader:
+        reader = self._readers.get((sub, consumer))
+        if reader is None:
+            client = await self._nc()
+            reader = Reader(client.new_inbox())
+            # A callback, not nats-py's queue: a fetch cancelled while waiting must never take
+            # a message off the queue and drop it.
+            reader.sub = await client.subscribe(
+                f"{reader.inbox}.*", cb=reader.on_message, pending_msgs_limit=-1
+            )
+            self._readers[(sub, consumer)] = reader
+        return reader
+
+    def _readers_of(self, sub: Subscription) -> list[tuple[str, Reader]]:
+        return [(name, r) for (s, name), r in self._readers.items() if s == sub]
+
+
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    error = reply.get("error")
+    if error:
+        raise JetStreamError(
+            int(error.get("code", 0)), int(error.get("err_code", 0)), error.get("description", "")
+        )
+    return reply
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text
+
+
+def unavailable(url: str, exc: BaseException) -> BusUnavailable:
+    """The error a publish raises once it gave up on a bus that does not answer."""
+    return BusUnavailable(f"the bus at {url} is unavailable: {type(exc).__name__}: {exc}")
+
+
+class NatsParts(NatsCore):
+    """What the broker's parts ask of each other (each implemented by one part), so that each
+    part type-checks alone."""
+
+    # `_values` ------------------------------------------------------------------------------
+
+    async def _write_marks(self, sub: Subscription, marks: list[tuple[int, int]]) -> None:
+        """Record, for each `(stream sequence, delivery count)`, that the entry was delivered
+        again: a consumer that held an earlier delivery of it lost it."""
+        raise NotImplementedError
+
+    async def _read_mark(self, sub: Subscription, seq: int) -> int | None:
+        """The highest delivery count recorded by `_write_marks` for an entry, or `None`."""
+        raise NotImplementedError
+
+    async def _register(self, sub: Subscription, consumer: str, pending: int) -> None:
+        """List `consumer` in its group's registry (refreshing its idle time)."""
+        raise NotImplementedError
+
+    async def _registered(self, sub: Subscription) -> dict[str, tuple[int, float]]:
+        """The group's registered consumers: name -> (pending when last written, idle s)."""
+        raise NotImplementedError
+
+    async def _unregister(self, sub: Subscription, consumer: str) -> None:
+        raise NotImplementedError
+
+    async def _add_stats(self, sub: Subscription, stats: Mapping[str, int]) -> None:
+        """Add metrics increments (and keep extremes) for a group."""
+        raise NotImplementedError

@@ -1,0 +1,521 @@
+"""Inspecting and managing the NATS broker's data: the server and its cluster, topics, groups
+and their backlogs, dead letters (listing, replaying, purging), topic purges, expiry and
+deletion.
+
+Messages are read with batched direct gets (`$JS.API.DIRECT.GET.<stream>` with
+`next_by_subj` and `batch`, page by page), which any replica answers and which cost the stream
+no consumer. Counts come from `STREAM.INFO` with `subjects_filter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+from nats.aio.msg import Msg
+
+from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
+from omnidaemon.brokers.nats._core import JetStreamError, NatsParts
+from omnidaemon.brokers.nats._names import decode
+
+__all__ = ["NatsInspection"]
+
+_TIMEOUT = 5.0  # one page of a direct get
+_PAGE = 256  # messages per direct-get page
+_SAMPLE = 100  # delayed messages whose sizes are summed to estimate what they all take
+_EXPIRES = "omni_expires_at"  # stream metadata: the server-clock Unix time it expires at
+_ATTEMPT = "Omni-Attempt"  # the attempt header of group entries (see `_names`)
+_ID_IN_PROCESS = 10158  # "duplicate message id is in process"
+
+
+class NatsInspection(NatsParts):
+    """The inspection and management commands of `NatsBroker`."""
+
+    # The server -----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._api("INFO")  # the account's JetStream usage: answered by any server
+
+    async def server_info(self) -> dict[str, str]:
+        client = await self._nc()
+        account = await self._api("INFO")
+        # The INFO the server sent at connect (updated by nats-py as the cluster changes).
+        server: dict[str, Any] = getattr(client, "_server_info", {}) or {}
+        urls = server.get("connect_urls") or []
+        info = {
+            "server": f"nats-server {server.get('version', '?')}",
+            "server_name": str(server.get("server_name", "?")),
+            "jetstream_memory": _human(int(account.get("memory", 0))),
+            "jetstream_storage": _human(int(account.get("storage", 0))),
+            "streams": str(account.get("streams", "?")),
+            "consumers": str(account.get("consumers", "?")),
+        }
+        if server.get("cluster"):
+            info["cluster"] = str(server["cluster"])
+            # Every server advertises its client URL to the others (unless configured not to).
+            info["cluster_size"] = str(len(urls)) if urls else "?"
+        return info
+
+    async def nodes(self) -> list[NodeInfo]:
+        client = await self._nc()
+        server: dict[str, Any] = getattr(client, "_server_info", {}) or {}
+        if not server.get("cluster"):
+            return []
+        # Without the system account, servers show only in the placement of streams: each
+        # names its leader and replicas. So: every server that holds a stream of ours (all of
+        # them with replicas 3 on 3 servers), by name (no server's address is given), with
+        # the topics it leads; `failed` when no stream has it as leader or as a current
+        # replica (the server flags a replica not current some 10 s after it went silent).
+        leads = {str(server.get("server_name", "?")): 0}
+        up, down = set(leads), set[str]()
+        for info in await self._listing("STREAM.LIST", "streams", subject=f"{self._prefix}.>"):
+            cluster = info.get("cluster") or {}
+            if leader := cluster.get("leader"):
+                up.add(leader)
+                is_topic = self._names.topic_of_stream(info["config"]["name"]) is not None
+                leads[leader] = leads.get(leader, 0) + is_topic
+            for replica in cluster.get("replicas") or []:
+                name = replica["name"]
+                leads.setdefault(name, 0)
+                live = replica.get("current") and not replica.get("offline")
+                (up if live else down).add(name)
+        return [
+            NodeInfo(name, "failed" if name in down - up else "peer", 0, None, count, "?", -1)
+            for name, count in sorted(leads.items())
+        ]
+
+    # Topics ---------------------------------------------------------------------------------
+
+    async def topics(self) -> list[str]:
+        # Every topic stream listens on its topic's entries subject: `<prefix>.t.*` finds them.
+        every_topic = self._names.entries("").rpartition(".")[0] + ".*"
+        names: list[str] = []
+        expired: list[str] = []
+        for info in await self._listing("STREAM.LIST", "streams", subject=every_topic):
+            topic = self._names.topic_of_stream(info["config"]["name"])
+            if topic is not None:
+                (expired if _expired(info) else names).append(topic)
+        for topic in expired:
+            await self._remove_expired(topic)
+        return sorted(names)
+
+    async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
+        names = self._names
+        stream = names.stream(topic)
+        found = await self._stream_info(stream, names.entries(topic))
+        if found is None:
+            return None
+        info, counts = found
+        if _expired(info):
+            await self._remove_expired(topic)
+            return None
+        length = counts.get(names.entries(topic), 0)
+        found = await self._stream_info(stream, names.all_group_entries(topic))
+        group_counts = found[1] if found else {}
+        # The stream holds entries, group entries and delayed messages, nothing else: what is
+        # neither of the first two is delayed (counted so, not listed: each has a subject).
+        total = int((found[0] if found else info)["state"].get("messages", 0))
+        delayed = max(0, total - length - sum(group_counts.values()))
+        dlq = await self._stream_info(names.dlq_stream(topic), names.all_dlq(topic))
+        dead = dlq[1] if dlq else {}
+        groups = []
+        for consumer in await self._listing(f"CONSUMER.LIST.{stream}", "consumers"):
+            sub = Subscription(topic, decode(consumer["name"]))
+            waiting = 0  # group entries not handed out yet: retries and replays, as on Redis
+            if group_counts.get(names.group_entries(topic, sub.group)):
+                after = int(consumer["delivered"]["stream_seq"]) + 1
+                page, more = await self._page(
+                    stream, names.group_entries(topic, sub.group), after, 1
+                )
+                waiting = len(page) + more
+            groups.append(
+                await self._group(sub, consumer, waiting, dead.get(names.dlq(topic, sub.group), 0))
+            )
+        if not consumers:
+            groups = [dataclasses.replace(g, consumer_details=()) for g in groups]
+        groups.sort(key=lambda g: g.group)
+        return TopicInfo(
+            topic, length, delayed, tuple(groups), await self._delayed_bytes(topic, delayed)
+        )
+
+    async def _group(
+        self, sub: Subscription, consumer: dict[str, Any], waiting: int, dead: int
+    ) -> GroupInfo:
+        """One group as its consumer's info and the consumer registry tell it."""
+        registered = await self._registered(sub)
+        local = {
+            name: len(reader.held)
+            for (s, name), reader in self._readers.items()
+            if (s.topic, s.group) == (sub.topic, sub.group)
+        }
+        # This process's own consumers are counted from what they hold now; the others from
+        # what they last wrote to the registry.
+        details = tuple(
+            ConsumerInfo(
+                name,
+                local[name] if name in local else registered[name][0],
+                registered[name][1] if name in registered else 0.0,
+            )
+            for name in sorted(registered.keys() | local.keys())
+        )
+        # JetStream counts a retry scheduled with `nak(delay)` as ack pending, like a delivery
+        # being handled, and tells no one which is which. What the consumers say they hold is
+        # handed out; the rest of `num_ack_pending` waits for its redelivery: a retry.
+        ack_pending = int(consumer.get("num_ack_pending", 0))
+        pending = min(ack_pending, sum(c.pending for c in details))
+        oldest = None
+        if pending:
+            # The first entry past the ack floor is unsettled, and was handed out before any
+            # later one (a consumer delivers in stream order): the oldest pending, unless it
+            # is a retry waiting for its delay (then this is the age of that retry's entry).
+            after = int(consumer["ack_floor"]["stream_seq"]) + 1
+            names, firsts = self._names, []
+            for subject in (names.entries(sub.topic), names.group_entries(sub.topic, sub.group)):
+                firsts += (await self._page(names.stream(sub.topic), subject, after, 1))[0]
+            if firsts:
+                first = min(firsts, key=_seq).headers or {}
+                now = _time(consumer.get("ts")) or time.time()
+                oldest = max(0.0, now - _time(first.get("Nats-Time-Stamp")))
+        lag = max(0, int(consumer.get("num_pending", 0)) - waiting)
+        retries = ack_pending - pending + waiting
+        return GroupInfo(
+            sub.topic, sub.group, len(details), pending, lag, retries, dead, oldest, details
+        )
+
+    async def _delayed_bytes(self, topic: str, delayed: int) -> int | None:
+        """What the delayed messages hold: the data of the first `_SAMPLE` of them, scaled to
+        all (an estimate, as Redis's `MEMORY USAGE` is: reading every one could be costly;
+        each also takes its subject and schedule headers, about 130 bytes)."""
+        if not delayed:
+            return 0
+        page, _ = await self._page(
+            self._names.stream(topic), self._names.all_delayed(topic), 1, _SAMPLE
+        )
+        if not page:
+            return None
+        return round(sum(len(m.data) for m in page) * delayed / len(page))
+
+    async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
+        found = await self._recent(self._names.stream(topic), self._names.entries(topic), limit)
+        return [(str(_seq(m)), m.data) for m in found]
+
+    # Dead letters ---------------------------------------------------------------------------
+
+    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
+        stream, subject = self._names.dlq_stream(sub.topic), self._names.dlq(sub.topic, sub.group)
+        found = await self._recent(stream, subject, limit)
+        return [(str(_seq(m)), m.data) for m in found]
+
+    async def purge_dead_letters(self, sub: Subscription) -> int:
+        names = self._names
+        return await self._purge(names.dlq_stream(sub.topic), names.dlq(sub.topic, sub.group))
+
+    async def replay_dead_letters(
+        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
+    ) -> int:
+        names = self._names
+        dlq, subject = names.dlq_stream(sub.topic), names.dlq(sub.topic, sub.group)
+        found = await self._stream_info(dlq, subject)
+        if found is None or not found[1].get(subject):
+            return 0
+        # The stream must exist to take the entries; the group is left to its workers to make
+        # (with their start), as any call of theirs does.
+        await self._ensure_topic(sub.topic)
+        state = found[0]["state"]
+        start, last = int(state["first_seq"]), int(state["last_seq"])  # records made later wait
+        moved = 0
+        while start <= last:
+            page, more = await self._page(dlq, subject, start, min(_PAGE, last - start + 1))
+            for msg in page:
+                if _seq(msg) > last:
+                    return moved
+                entry = select(str(_seq(msg)), msg.data)
+                if entry is not None and await self._move(sub, msg, entry):
+                    moved += 1
+            if not page or not more:
+                break
+            start = _seq(page[-1]) + 1
+        return moved
+
+    async def _move(self, sub: Subscription, record: Msg, entry: bytes) -> bool:
+        """Move one dead letter to the group alone, as a first attempt; whether this call did.
+
+        Publish first, then delete: the delete decides who moved the record (deleting a
+        sequence already deleted fails), and the publish's `Nats-Msg-Id`, derived from the
+        record, makes the topic stream keep one entry when several replays publish it within
+        its duplicate window (2 minutes). A crash between the two leaves the record where it
+        was, to be moved again: within the window that adds nothing, after it the entry is
+        delivered twice (at least once, never lost). Deleting first would decide the same, but
+        a crash between would lose the record. The record is looked up on the stream leader
+        just before the publish, so that a replay whose listing is old does not publish a
+        record moved more than the window ago.
+        """
+        names = self._names
+        dlq, seq = names.dlq_stream(sub.topic), _seq(record)
+        if not await self._holds(dlq, seq):  # moved (or purged) meanwhile
+            return False
+        stamp = (record.headers or {}).get("Nats-Time-Stamp", "")
+        headers = {"Nats-Msg-Id": f"omni-replay:{dlq}:{seq}:{stamp}", _ATTEMPT: "1"}
+        subject = names.group_entries(sub.topic, sub.group)
+        for _ in range(100):
+            try:
+                await self._publish(subject, entry, headers)
+                break
+            except JetStreamError as exc:
+                if exc.err_code != _ID_IN_PROCESS:
+                    raise
+            # A replicated stream refuses a message id whose first publish is still being
+            # stored; once it is, publishing again is acknowledged as a duplicate (and stores
+            # the entry, should that first publish have failed).
+            await anyio.sleep(0.05)
+        else:
+            raise TimeoutError(f"JetStream at {self._url} kept a replayed entry in process")
+        try:
+            await self._api(f"STREAM.MSG.DELETE.{dlq}", {"seq": seq, "no_erase": True})
+        except JetStreamError:
+            # The server says "no message found" (10057) or "sequence not found" (10043, with
+            # a delete of the same sequence in flight): another replay moved it and counts it.
+            if not await self._holds(dlq, seq):
+                return False
+            raise
+        return True
+
+    async def _holds(self, stream: str, seq: int) -> bool:
+        """Whether the stream (its leader) still holds the message at `seq`."""
+        try:
+            await self._api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
+        except JetStreamError as exc:
+            if exc.code == 404:
+                return False
+            raise
+        return True
+
+    # Purging, expiry, deletion ----------------------------------------------------------------
+
+    async def purge_backlog(self, topic: str) -> int:
+        names = self._names
+        stream = names.stream(topic)
+        # Entries first, counted as they go (exactly what the topic held); then what waits for
+        # one group alone and the delayed messages. Each purge moves every consumer's delivered
+        # and ack floor past what it removed and drops its pending deliveries and scheduled
+        # retries: the groups stay, at the end of the stream. Entries published meanwhile stay.
+        removed = await self._purge(stream, names.entries(topic))
+        await self._purge(stream, names.all_group_entries(topic))
+        await self._purge(stream, names.all_delayed(topic))
+        # A late ack of a purged delivery is taken without a word by the server: what this
+        # process's readers of the topic hold, park or were pushed and not handed out yet is
+        # void now, so that their settles report nothing (pull statuses stay, for the fetch
+        # that waits on them; an entry published after the purge and dropped here with them
+        # is delivered again once its lease runs out).
+        for (sub, _), reader in self._readers.items():
+            if sub.topic == topic:
+                reader.held.clear()
+                reader.parked.clear()
+                reader.buffer[:] = [i for i in reader.buffer if (i[0].headers or {}).get("Status")]
+        return removed
+
+    async def expire_topic(self, topic: str, ttl: float) -> None:
+        # JetStream has no stream expiry: nothing on the server deletes a stream by itself.
+        # What it can do alone: `max_age` drops every message `ttl` after it was stored (so the
+        # topic empties out: an entry appended later lives `ttl` after its own publish), and a
+        # consumer's `inactive_threshold` deletes it once no worker has pulled for `ttl`. The
+        # empty stream that remains is marked with its deadline (server clock), and any
+        # broker of ours that lists or describes it after the deadline deletes it with what is
+        # left (as Redis removes an expired key when it is next touched).
+        names = self._names
+        ns = max(math.ceil(ttl * 1e9), 100_000_000)  # the server's smallest max_age: 100 ms
+        for stream in (names.stream(topic), names.dlq_stream(topic)):
+            found = await self._stream_info(stream, None)
+            if found is None:
+                continue
+            info = found[0]
+            config = dict(info["config"])
+            config["max_age"] = ns
+            # The duplicate window may not outlast max_age.
+            config["duplicate_window"] = min(int(config.get("duplicate_window") or ns), ns)
+            deadline = (_time(info.get("ts")) or time.time()) + ttl
+            config["metadata"] = {**(config.get("metadata") or {}), _EXPIRES: f"{deadline:.3f}"}
+            await self._api(f"STREAM.UPDATE.{stream}", config)
+        stream = names.stream(topic)
+        for consumer in await self._listing(f"CONSUMER.LIST.{stream}", "consumers"):
+            config = {**consumer["config"], "inactive_threshold": ns}
+            body = {"stream_name": stream, "config": config, "action": "update"}
+            await self._api(f"CONSUMER.CREATE.{stream}.{consumer['name']}", body)
+
+    async def delete_topic(self, topic: str) -> None:
+        names = self._names
+        # This process's readers of the topic go first, whatever the deletes do: a process
+        # that makes a topic per request must not keep an inbox subscription per request.
+        for key in [key for key in self._readers if key[0].topic == topic]:
+            reader = self._readers.pop(key)
+            reader.interrupted.set()
+            # A closed or broken connection: the subscription is gone anyway.
+            with contextlib.suppress(Exception):
+                await reader.sub.unsubscribe()
+        try:
+            for stream in (names.stream(topic), names.dlq_stream(topic)):
+                try:
+                    await self._api(f"STREAM.DELETE.{stream}")
+                except JetStreamError as exc:
+                    if not exc.not_found:
+                        raise
+            # Marks, registry and metric extremes of the topic; not `topic_kv`, whose `*`
+            # would also match values and results whose key starts with the topic's name.
+            head, _, tail = names.topic_kv(topic).partition(".*.")
+            for kind in ("h", "c", "e"):
+                await self._purge(names.kv_stream, f"{head}.{kind}.{tail}")
+            await self._purge(names.metrics_stream, names.metrics_of_topic(topic))
+        finally:
+            self._forget(topic)
+
+    async def _remove_expired(self, topic: str) -> None:
+        """Delete a topic past its `expire_topic` deadline; another broker may be at it too."""
+        with contextlib.suppress(JetStreamError):  # else left for the next look
+            await self.delete_topic(topic)
+
+    # JetStream reads ------------------------------------------------------------------------
+
+    async def _purge(self, stream: str, subject: str) -> int:
+        """Remove the stream's messages on `subject` (a filter); how many (0: no stream)."""
+        try:
+            reply = await self._api(f"STREAM.PURGE.{stream}", {"filter": subject})
+        except JetStreamError as exc:
+            if exc.not_found:
+                return 0
+            raise
+        return int(reply.get("purged", 0))
+
+    async def _stream_info(
+        self, stream: str, subjects: str | None
+    ) -> tuple[dict[str, Any], dict[str, int]] | None:
+        """A stream's info and its message count per subject matching `subjects`, every page
+        of them; `None` if there is no such stream."""
+        counts: dict[str, int] = {}
+        while True:
+            body = {"subjects_filter": subjects, "offset": len(counts)} if subjects else None
+            try:
+                info = await self._api(f"STREAM.INFO.{stream}", body)
+            except JetStreamError as exc:
+                if exc.not_found:
+                    return None
+                raise
+            page = info["state"].get("subjects") or {}
+            counts.update(page)
+            if not page or len(counts) >= int(info.get("total", 0)):
+                return info, counts
+
+    async def _listing(self, api: str, key: str, **body: str) -> list[dict[str, Any]]:
+        """Every item of a paged JetStream listing (`STREAM.LIST`, `CONSUMER.LIST.<stream>`),
+        page after page; none when its stream does not exist."""
+        found: list[dict[str, Any]] = []
+        while True:
+            try:
+                page = await self._api(api, {**body, "offset": len(found)})
+            except JetStreamError as exc:
+                if exc.not_found:
+                    return found
+                raise
+            items = page.get(key) or []
+            found += items
+            if not items or len(found) >= int(page.get("total", 0)):
+                return found
+
+    async def _page(
+        self, stream: str, subject: str, start: int, batch: int
+    ) -> tuple[list[Msg], int]:
+        """Up to `batch` messages on `subject` from sequence `start` on, oldest first, and how
+        many more match after them (none: no such stream, or nothing from `start` on)."""
+        client = await self._nc()
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        body = {"seq": max(start, 1), "next_by_subj": subject, "batch": batch}
+        found: list[Msg] = []
+        try:
+            await client.publish(
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox
+            )
+            with anyio.fail_after(_TIMEOUT):
+                async for msg in sub.messages:
+                    status = (msg.headers or {}).get("Status")
+                    if not status:
+                        found.append(msg)
+                        continue
+                    if status == "204":  # end of the batch: how many more match
+                        return found, int((msg.headers or {}).get("Nats-Num-Pending", 0))
+                    if status in ("404", "503"):  # nothing from `start` on; no stream
+                        return found, 0
+                    raise JetStreamError(int(status), 0, "direct get failed")
+        except TimeoutError:
+            raise TimeoutError(f"JetStream at {self._url} did not answer in time") from None
+        finally:
+            await sub.unsubscribe()
+        return found, 0  # the subscription ended (the connection closed)
+
+    async def _recent(self, stream: str, subject: str, limit: int) -> list[Msg]:
+        """The `limit` most recent messages on `subject`, oldest first.
+
+        JetStream reads forwards only: windows of sequences are read from the end backwards,
+        each sized to hold what is still missing at the subject's average density, and
+        doubled while they come back short.
+        """
+        found = await self._stream_info(stream, subject) if limit > 0 else None
+        count = found[1].get(subject, 0) if found else 0
+        if found is None or not count:
+            return []
+        state = found[0]["state"]
+        first, hi = int(state["first_seq"]), int(state["last_seq"])
+        span = math.ceil(limit * (hi - first + 1) / count)
+        msgs: list[Msg] = []
+        while hi >= first and len(msgs) < limit:
+            lo = max(first, hi - span + 1)
+            window: list[Msg] = []
+            start = lo
+            while start <= hi:
+                page, more = await self._page(stream, subject, start, min(_PAGE, hi - start + 1))
+                window += [m for m in page if _seq(m) <= hi]
+                if not page or not more or _seq(page[-1]) >= hi:
+                    break
+                start = _seq(page[-1]) + 1
+            msgs = window + msgs
+            hi, span = lo - 1, span * 2
+        return msgs[-limit:]
+
+
+def _seq(msg: Msg) -> int:
+    return int((msg.headers or {}).get("Nats-Sequence", 0))
+
+
+def _time(text: str | None) -> float:
+    """An RFC 3339 time of the server as a Unix time; 0 when absent or unreadable."""
+    try:
+        return datetime.fromisoformat(text).timestamp() if text else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _expired(info: dict[str, Any]) -> bool:
+    """Whether a stream is past the deadline `expire_topic` wrote into it (server clock)."""
+    deadline = (info.get("config", {}).get("metadata") or {}).get(_EXPIRES)
+    if deadline is None:
+        return False
+    try:
+        return float(deadline) <= (_time(info.get("ts")) or time.time())
+    except ValueError:
+        return False
+
+
+def _human(size: int) -> str:
+    """Bytes as `1.20M` (as Redis writes its memory)."""
+    value = float(size)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024:
+            return f"{int(value)}B" if unit == "B" else f"{value:.2f}{unit}"
+        value /= 1024
+    return f"{value:.2f}T"
