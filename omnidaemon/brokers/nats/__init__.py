@@ -8,6 +8,7 @@ Where everything lives is `_names`; how the contract maps onto JetStream is in
 from __future__ import annotations
 
 from omnidaemon.brokers.nats._core import REPLICAS_ENV
+from omnidaemon.brokers.nats._dead_letters import NatsDeadLetters
 from omnidaemon.brokers.nats._delivery import NatsDelivery
 from omnidaemon.brokers.nats._inspection import NatsInspection
 from omnidaemon.brokers.nats._publishing import NatsPublishing
@@ -17,7 +18,7 @@ from omnidaemon.brokers.nats._values import NatsValues
 __all__ = ["REPLICAS_ENV", "NatsBroker", "parse_nats_url", "redact_nats_url"]
 
 
-class NatsBroker(NatsPublishing, NatsDelivery, NatsValues, NatsInspection):
+class NatsBroker(NatsPublishing, NatsDelivery, NatsValues, NatsDeadLetters, NatsInspection):
     """The NATS JetStream broker.
 
     Args:

@@ -267,6 +267,21 @@ class NatsCore(Broker):
             raise JetStreamError(int(status), 0, (msg.headers or {}).get("Description", ""))
         return msg
 
+    async def _has_entry(self, stream: str, seq: int) -> bool:
+        """Whether `stream` still holds the message `seq` (not trimmed or purged away)."""
+        client = await self._nc()
+        try:
+            msg = await client.request(
+                f"$JS.API.DIRECT.GET.{stream}",
+                json.dumps({"seq": seq}).encode(),
+                timeout=_REQUEST_TIMEOUT,
+            )
+        except NoRespondersError:
+            return False
+        except NatsTimeout:
+            raise TimeoutError(f"JetStream at {self._url} did not answer in time") from None
+        return not (msg.headers or {}).get("Status")
+
     async def _flush(self) -> None:
         client = await self._nc()
         try:

@@ -306,6 +306,12 @@ class NatsDelivery(NatsParts):
             return False
         client = await self._nc()
         following = delivery.attempt + 1 if attempt is None else attempt
+        if not trimmed:
+            # An entry trimmed from the stream while its handler ran cannot be redelivered:
+            # the delivery's own copy of it is scheduled instead (a retry is rare enough to
+            # afford the look).
+            _, seq = ack_reply_info(delivery.origin)
+            trimmed = not await self._has_entry(self._names.stream(sub.topic), seq)
         if following == delivery.attempt + 1 and not trimmed:
             # The server redelivers to this agent alone, `delay` from now, with the delivery
             # count (the attempt) one higher: settling and scheduling in one step.
@@ -320,9 +326,8 @@ class NatsDelivery(NatsParts):
             # this agent alone, then the delivery ended. The copy's message id makes a repeat
             # of this step (after a crash between the two) store it once.
             await self._for_group_alone(sub, delivery, following, delay)
-            if not trimmed:
-                await client.publish(delivery.origin, b"+TERM")
-                await self._flush()
+            await client.publish(delivery.origin, b"+TERM")
+            await self._flush()
         self._release(sub, delivery)
         return True
 

@@ -11,31 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-import anyio
-from nats.aio.msg import Msg
-
 from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
-from omnidaemon.brokers.nats._core import JetStreamError, NatsParts
+from omnidaemon.brokers.nats._core import JetStreamError
+from omnidaemon.brokers.nats._listing import NatsListing
+from omnidaemon.brokers.nats._listing import msg_seq as _seq
+from omnidaemon.brokers.nats._listing import server_time as _time
 from omnidaemon.brokers.nats._names import decode
 
 __all__ = ["NatsInspection"]
 
-_TIMEOUT = 5.0  # one page of a direct get
 _PAGE = 256  # messages per direct-get page
 _SAMPLE = 100  # delayed messages whose sizes are summed to estimate what they all take
 _EXPIRES = "omni_expires_at"  # stream metadata: the server-clock Unix time it expires at
-_ATTEMPT = "Omni-Attempt"  # the attempt header of group entries (see `_names`)
-_ID_IN_PROCESS = 10158  # "duplicate message id is in process"
 
 
-class NatsInspection(NatsParts):
+class NatsInspection(NatsListing):
     """The inspection and management commands of `NatsBroker`."""
 
     # The server -----------------------------------------------------------------------------
@@ -206,97 +200,6 @@ class NatsInspection(NatsParts):
         found = await self._recent(self._names.stream(topic), self._names.entries(topic), limit)
         return [(str(_seq(m)), m.data) for m in found]
 
-    # Dead letters ---------------------------------------------------------------------------
-
-    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
-        stream, subject = self._names.dlq_stream(sub.topic), self._names.dlq(sub.topic, sub.group)
-        found = await self._recent(stream, subject, limit)
-        return [(str(_seq(m)), m.data) for m in found]
-
-    async def purge_dead_letters(self, sub: Subscription) -> int:
-        names = self._names
-        return await self._purge(names.dlq_stream(sub.topic), names.dlq(sub.topic, sub.group))
-
-    async def replay_dead_letters(
-        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
-    ) -> int:
-        names = self._names
-        dlq, subject = names.dlq_stream(sub.topic), names.dlq(sub.topic, sub.group)
-        found = await self._stream_info(dlq, subject)
-        if found is None or not found[1].get(subject):
-            return 0
-        # The stream must exist to take the entries; the group is left to its workers to make
-        # (with their start), as any call of theirs does.
-        await self._ensure_topic(sub.topic)
-        state = found[0]["state"]
-        start, last = int(state["first_seq"]), int(state["last_seq"])  # records made later wait
-        moved = 0
-        while start <= last:
-            page, more = await self._page(dlq, subject, start, min(_PAGE, last - start + 1))
-            for msg in page:
-                if _seq(msg) > last:
-                    return moved
-                entry = select(str(_seq(msg)), msg.data)
-                if entry is not None and await self._move(sub, msg, entry):
-                    moved += 1
-            if not page or not more:
-                break
-            start = _seq(page[-1]) + 1
-        return moved
-
-    async def _move(self, sub: Subscription, record: Msg, entry: bytes) -> bool:
-        """Move one dead letter to the group alone, as a first attempt; whether this call did.
-
-        Publish first, then delete: the delete decides who moved the record (deleting a
-        sequence already deleted fails), and the publish's `Nats-Msg-Id`, derived from the
-        record, makes the topic stream keep one entry when several replays publish it within
-        its duplicate window (2 minutes). A crash between the two leaves the record where it
-        was, to be moved again: within the window that adds nothing, after it the entry is
-        delivered twice (at least once, never lost). Deleting first would decide the same, but
-        a crash between would lose the record. The record is looked up on the stream leader
-        just before the publish, so that a replay whose listing is old does not publish a
-        record moved more than the window ago.
-        """
-        names = self._names
-        dlq, seq = names.dlq_stream(sub.topic), _seq(record)
-        if not await self._holds(dlq, seq):  # moved (or purged) meanwhile
-            return False
-        stamp = (record.headers or {}).get("Nats-Time-Stamp", "")
-        headers = {"Nats-Msg-Id": f"omni-replay:{dlq}:{seq}:{stamp}", _ATTEMPT: "1"}
-        subject = names.group_entries(sub.topic, sub.group)
-        for _ in range(100):
-            try:
-                await self._publish(subject, entry, headers)
-                break
-            except JetStreamError as exc:
-                if exc.err_code != _ID_IN_PROCESS:
-                    raise
-            # A replicated stream refuses a message id whose first publish is still being
-            # stored; once it is, publishing again is acknowledged as a duplicate (and stores
-            # the entry, should that first publish have failed).
-            await anyio.sleep(0.05)
-        else:
-            raise TimeoutError(f"JetStream at {self._url} kept a replayed entry in process")
-        try:
-            await self._api(f"STREAM.MSG.DELETE.{dlq}", {"seq": seq, "no_erase": True})
-        except JetStreamError:
-            # The server says "no message found" (10057) or "sequence not found" (10043, with
-            # a delete of the same sequence in flight): another replay moved it and counts it.
-            if not await self._holds(dlq, seq):
-                return False
-            raise
-        return True
-
-    async def _holds(self, stream: str, seq: int) -> bool:
-        """Whether the stream (its leader) still holds the message at `seq`."""
-        try:
-            await self._api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
-        except JetStreamError as exc:
-            if exc.code == 404:
-                return False
-            raise
-        return True
-
     # Purging, expiry, deletion ----------------------------------------------------------------
 
     async def purge_backlog(self, topic: str) -> int:
@@ -361,6 +264,9 @@ class NatsInspection(NatsParts):
                 await reader.sub.unsubscribe()
         try:
             for stream in (names.stream(topic), names.dlq_stream(topic)):
+                # Purged first: a stream deleted and soon made again under its name was seen
+                # to come back with its old messages (nats-server 2.15.1, file storage).
+                await self._purge(stream, ">")
                 try:
                     await self._api(f"STREAM.DELETE.{stream}")
                 except JetStreamError as exc:
@@ -379,125 +285,6 @@ class NatsInspection(NatsParts):
         """Delete a topic past its `expire_topic` deadline; another broker may be at it too."""
         with contextlib.suppress(JetStreamError):  # else left for the next look
             await self.delete_topic(topic)
-
-    # JetStream reads ------------------------------------------------------------------------
-
-    async def _purge(self, stream: str, subject: str) -> int:
-        """Remove the stream's messages on `subject` (a filter); how many (0: no stream)."""
-        try:
-            reply = await self._api(f"STREAM.PURGE.{stream}", {"filter": subject})
-        except JetStreamError as exc:
-            if exc.not_found:
-                return 0
-            raise
-        return int(reply.get("purged", 0))
-
-    async def _stream_info(
-        self, stream: str, subjects: str | None
-    ) -> tuple[dict[str, Any], dict[str, int]] | None:
-        """A stream's info and its message count per subject matching `subjects`, every page
-        of them; `None` if there is no such stream."""
-        counts: dict[str, int] = {}
-        while True:
-            body = {"subjects_filter": subjects, "offset": len(counts)} if subjects else None
-            try:
-                info = await self._api(f"STREAM.INFO.{stream}", body)
-            except JetStreamError as exc:
-                if exc.not_found:
-                    return None
-                raise
-            page = info["state"].get("subjects") or {}
-            counts.update(page)
-            if not page or len(counts) >= int(info.get("total", 0)):
-                return info, counts
-
-    async def _listing(self, api: str, key: str, **body: str) -> list[dict[str, Any]]:
-        """Every item of a paged JetStream listing (`STREAM.LIST`, `CONSUMER.LIST.<stream>`),
-        page after page; none when its stream does not exist."""
-        found: list[dict[str, Any]] = []
-        while True:
-            try:
-                page = await self._api(api, {**body, "offset": len(found)})
-            except JetStreamError as exc:
-                if exc.not_found:
-                    return found
-                raise
-            items = page.get(key) or []
-            found += items
-            if not items or len(found) >= int(page.get("total", 0)):
-                return found
-
-    async def _page(
-        self, stream: str, subject: str, start: int, batch: int
-    ) -> tuple[list[Msg], int]:
-        """Up to `batch` messages on `subject` from sequence `start` on, oldest first, and how
-        many more match after them (none: no such stream, or nothing from `start` on)."""
-        client = await self._nc()
-        inbox = client.new_inbox()
-        sub = await client.subscribe(inbox)
-        body = {"seq": max(start, 1), "next_by_subj": subject, "batch": batch}
-        found: list[Msg] = []
-        try:
-            await client.publish(
-                f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox
-            )
-            with anyio.fail_after(_TIMEOUT):
-                async for msg in sub.messages:
-                    status = (msg.headers or {}).get("Status")
-                    if not status:
-                        found.append(msg)
-                        continue
-                    if status == "204":  # end of the batch: how many more match
-                        return found, int((msg.headers or {}).get("Nats-Num-Pending", 0))
-                    if status in ("404", "503"):  # nothing from `start` on; no stream
-                        return found, 0
-                    raise JetStreamError(int(status), 0, "direct get failed")
-        except TimeoutError:
-            raise TimeoutError(f"JetStream at {self._url} did not answer in time") from None
-        finally:
-            await sub.unsubscribe()
-        return found, 0  # the subscription ended (the connection closed)
-
-    async def _recent(self, stream: str, subject: str, limit: int) -> list[Msg]:
-        """The `limit` most recent messages on `subject`, oldest first.
-
-        JetStream reads forwards only: windows of sequences are read from the end backwards,
-        each sized to hold what is still missing at the subject's average density, and
-        doubled while they come back short.
-        """
-        found = await self._stream_info(stream, subject) if limit > 0 else None
-        count = found[1].get(subject, 0) if found else 0
-        if found is None or not count:
-            return []
-        state = found[0]["state"]
-        first, hi = int(state["first_seq"]), int(state["last_seq"])
-        span = math.ceil(limit * (hi - first + 1) / count)
-        msgs: list[Msg] = []
-        while hi >= first and len(msgs) < limit:
-            lo = max(first, hi - span + 1)
-            window: list[Msg] = []
-            start = lo
-            while start <= hi:
-                page, more = await self._page(stream, subject, start, min(_PAGE, hi - start + 1))
-                window += [m for m in page if _seq(m) <= hi]
-                if not page or not more or _seq(page[-1]) >= hi:
-                    break
-                start = _seq(page[-1]) + 1
-            msgs = window + msgs
-            hi, span = lo - 1, span * 2
-        return msgs[-limit:]
-
-
-def _seq(msg: Msg) -> int:
-    return int((msg.headers or {}).get("Nats-Sequence", 0))
-
-
-def _time(text: str | None) -> float:
-    """An RFC 3339 time of the server as a Unix time; 0 when absent or unreadable."""
-    try:
-        return datetime.fromisoformat(text).timestamp() if text else 0.0
-    except ValueError:
-        return 0.0
 
 
 def _expired(info: dict[str, Any]) -> bool:
