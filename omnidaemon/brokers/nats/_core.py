@@ -39,7 +39,7 @@ __all__ = [
 _log = get_logger("omnidaemon.broker")
 
 REPLICAS_ENV = "OMNIDAEMON_NATS_REPLICAS"
-_REQUEST_TIMEOUT = 5  # one JetStream API request or publish; a publish retries until its own
+REQUEST_TIMEOUT = 5  # one JetStream API request or publish; a publish retries until its own
 _NOT_FOUND_CODES = frozenset({10059, 10014})  # stream not found, consumer not found
 
 
@@ -223,7 +223,7 @@ class NatsCore(Broker):
         client = await self._nc()
         payload = json.dumps(body).encode() if body is not None else b""
         try:
-            reply = await client.request(f"$JS.API.{subject}", payload, timeout=_REQUEST_TIMEOUT)
+            reply = await client.request(f"$JS.API.{subject}", payload, timeout=REQUEST_TIMEOUT)
         except NoRespondersError:
             raise ConnectionError(f"JetStream at {self._url} does not answer") from None
         except NatsTimeout:
@@ -236,7 +236,7 @@ class NatsCore(Broker):
         data: bytes,
         headers: dict[str, str] | None = None,
         *,
-        timeout: float = _REQUEST_TIMEOUT,
+        timeout: float = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
         """Publish to a stream and wait for its acknowledgement (the `PubAck`): durable when
         this returns. Raises `NoRespondersError` when no stream takes the subject."""
@@ -253,7 +253,7 @@ class NatsCore(Broker):
         client = await self._nc()
         try:
             msg = await client.request(
-                f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=_REQUEST_TIMEOUT
+                f"$JS.API.DIRECT.GET.{stream}.{subject}", b"", timeout=REQUEST_TIMEOUT
             )
         except NoRespondersError:
             # Direct gets are answered by the stream itself: no stream, no answer.
@@ -274,7 +274,7 @@ class NatsCore(Broker):
             msg = await client.request(
                 f"$JS.API.DIRECT.GET.{stream}",
                 json.dumps({"seq": seq}).encode(),
-                timeout=_REQUEST_TIMEOUT,
+                timeout=REQUEST_TIMEOUT,
             )
         except NoRespondersError:
             return False
@@ -285,169 +285,9 @@ class NatsCore(Broker):
     async def _flush(self) -> None:
         client = await self._nc()
         try:
-            await client.flush(timeout=_REQUEST_TIMEOUT)
+            await client.flush(timeout=REQUEST_TIMEOUT)
         except NatsTimeout:
             raise TimeoutError(f"NATS at {self._url} did not answer a flush in time") from None
-
-    # Streams and consumers ------------------------------------------------------------------
-
-    def _maxlen_of(self, topic: str) -> int:
-        return self._topic_maxlen.get(topic, self._maxlen)
-
-    async def _ensure_stream(self, name: str, config: dict[str, Any]) -> None:
-        if name in self._streams:
-            return
-        config = {
-            "name": name,
-            "storage": "file",
-            "num_replicas": self._replicas,
-            "allow_direct": True,
-            **config,
-        }
-        try:
-            await self._api(f"STREAM.CREATE.{name}", config)
-        except JetStreamError as exc:
-            if exc.err_code != 10058:  # "stream name already in use": made by someone else
-                raise
-        self._streams.add(name)
-
-    async def _ensure_topic(self, topic: str) -> str:
-        names = self._names
-        stream = names.stream(topic)
-        await self._ensure_stream(
-            stream,
-            {
-                "subjects": [
-                    names.entries(topic),
-                    names.all_group_entries(topic),
-                    names.all_delayed(topic),
-                ],
-                "retention": "limits",
-                "max_msgs": self._maxlen_of(topic),
-                "discard": "old",
-                "allow_msg_schedules": True,
-                "allow_msg_ttl": True,
-                "duplicate_window": 120_000_000_000,
-            },
-        )
-        return stream
-
-    async def _ensure_dlq(self, topic: str) -> str:
-        stream = self._names.dlq_stream(topic)
-        await self._ensure_stream(
-            stream,
-            {
-                "subjects": [self._names.all_dlq(topic)],
-                "retention": "limits",
-                "duplicate_window": 120_000_000_000,
-            },
-        )
-        return stream
-
-    async def _ensure_kv(self) -> str:
-        stream = self._names.kv_stream
-        await self._ensure_stream(
-            stream,
-            {
-                "subjects": [self._names.kv_all],
-                "retention": "limits",
-                "max_msgs_per_subject": 1,
-                "allow_msg_ttl": True,
-                "allow_rollup_hdrs": True,
-                "deny_delete": False,
-                "discard": "new",
-                "duplicate_window": 0,
-            },
-        )
-        return stream
-
-    async def _ensure_metrics(self) -> str:
-        stream = self._names.metrics_stream
-        await self._ensure_stream(
-            stream,
-            {
-                "subjects": [self._names.metrics_all],
-                "retention": "limits",
-                "allow_msg_counter": True,
-                "max_msgs_per_subject": 1,
-            },
-        )
-        return stream
-
-    def _group_config(self, sub: Subscription, ack_wait: float) -> dict[str, Any]:
-        names = self._names
-        subjects = [names.entries(sub.topic), names.group_entries(sub.topic, sub.group)]
-        return {
-            "durable_name": names.consumer(sub.group),
-            "deliver_policy": "all" if sub.start == "earliest" else "new",
-            "ack_policy": "explicit",
-            "ack_wait": int(ack_wait * 1e9),
-            "max_deliver": -1,
-            "max_ack_pending": -1,
-            "max_waiting": 4096,
-            "filter_subjects": subjects,
-            "num_replicas": 0,  # the stream's
-        }
-
-    async def _ensure_group(self, sub: Subscription) -> None:
-        if sub in self._groups:
-            return
-        stream = await self._ensure_topic(sub.topic)
-        durable = self._names.consumer(sub.group)
-        try:
-            info = await self._api(f"CONSUMER.INFO.{stream}.{durable}")
-            ack_wait = info["config"]["ack_wait"] / 1e9
-        except JetStreamError as exc:
-            if not exc.not_found:
-                raise
-            ack_wait = self._lease
-            body = {"stream_name": stream, "config": self._group_config(sub, ack_wait)}
-            body["action"] = "create"
-            try:
-                await self._api(f"CONSUMER.CREATE.{stream}.{durable}", body)
-            except JetStreamError as again:
-                if again.err_code != 10148:  # made by another process meanwhile
-                    raise
-        self._groups[sub] = ack_wait
-
-    async def _set_ack_wait(self, sub: Subscription, ack_wait: float) -> None:
-        """Make the group's lease `ack_wait` seconds (the server redelivers what was not
-        renewed for that long)."""
-        await self._ensure_group(sub)
-        if abs(self._groups[sub] - ack_wait) < 1e-3:
-            return
-        stream = self._names.stream(sub.topic)
-        body = {"stream_name": stream, "config": self._group_config(sub, ack_wait)}
-        body["action"] = "update"
-        info = await self._api(f"CONSUMER.CREATE.{stream}.{self._names.consumer(sub.group)}", body)
-        self._groups[sub] = info["config"]["ack_wait"] / 1e9
-
-    def _forget(self, topic: str) -> None:
-        """Drop what the caches say of a topic (it was deleted, or the bus lost it)."""
-        self._streams.discard(self._names.stream(topic))
-        self._streams.discard(self._names.dlq_stream(topic))
-        for sub in [s for s in self._groups if s.topic == topic]:
-            del self._groups[sub]
-
-    def _forget_all(self) -> None:
-        self._streams.clear()
-        self._groups.clear()
-
-    async def _reader(self, sub: Subscription, consumer: str) -> Reader:
-        reader = self._readers.get((sub, consumer))
-        if reader is None:
-            client = await self._nc()
-            reader = Reader(client.new_inbox())
-            # A callback, not nats-py's queue: a fetch cancelled while waiting must never take
-            # a message off the queue and drop it.
-            reader.sub = await client.subscribe(
-                f"{reader.inbox}.*", cb=reader.on_message, pending_msgs_limit=-1
-            )
-            self._readers[(sub, consumer)] = reader
-        return reader
-
-    def _readers_of(self, sub: Subscription) -> list[tuple[str, Reader]]:
-        return [(name, r) for (s, name), r in self._readers.items() if s == sub]
 
 
 def _checked(reply: dict[str, Any]) -> dict[str, Any]:
@@ -467,34 +307,3 @@ def _is_auth_error(exc: BaseException) -> bool:
 def unavailable(url: str, exc: BaseException) -> BusUnavailable:
     """The error a publish raises once it gave up on a bus that does not answer."""
     return BusUnavailable(f"the bus at {url} is unavailable: {type(exc).__name__}: {exc}")
-
-
-class NatsParts(NatsCore):
-    """What the broker's parts ask of each other (each implemented by one part), so that each
-    part type-checks alone."""
-
-    # `_values` ------------------------------------------------------------------------------
-
-    async def _write_marks(self, sub: Subscription, marks: list[tuple[int, int]]) -> None:
-        """Record, for each `(stream sequence, delivery count)`, that the entry was delivered
-        again: a consumer that held an earlier delivery of it lost it."""
-        raise NotImplementedError
-
-    async def _read_mark(self, sub: Subscription, seq: int) -> int | None:
-        """The highest delivery count recorded by `_write_marks` for an entry, or `None`."""
-        raise NotImplementedError
-
-    async def _register(self, sub: Subscription, consumer: str, pending: int) -> None:
-        """List `consumer` in its group's registry (refreshing its idle time)."""
-        raise NotImplementedError
-
-    async def _registered(self, sub: Subscription) -> dict[str, tuple[int, float]]:
-        """The group's registered consumers: name -> (pending when last written, idle s)."""
-        raise NotImplementedError
-
-    async def _unregister(self, sub: Subscription, consumer: str) -> None:
-        raise NotImplementedError
-
-    async def _add_stats(self, sub: Subscription, stats: Mapping[str, int]) -> None:
-        """Add metrics increments (and keep extremes) for a group."""
-        raise NotImplementedError

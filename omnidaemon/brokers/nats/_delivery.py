@@ -1,256 +1,43 @@
-"""Fetching and settling on NATS: a durable pull consumer per agent, explicit acks.
+"""Settling on NATS, leases and group membership.
 
-- **Fetch** sends pull requests (`CONSUMER.MSG.NEXT`) with a reply subject under the reader's
-  own inbox: first `no_wait` for what is there, then, if nothing was, one waiting request for a
-  single entry (so that entries arriving later are not pushed to a reader that stopped asking),
-  then `no_wait` again for the rest of the batch. Everything the server pushes to the inbox,
-  even for an earlier request that was interrupted or cancelled, is kept in the reader's
-  buffer and handed out by the next fetch or `recover`: nothing delivered is dropped.
-- **Attempts** are the server's delivery count (`$JS.ACK.<stream>.<consumer>.<count>.<seq>...`),
-  plus the `Omni-Attempt` header of entries published for one agent alone (replays, deferrals).
-- **Leases** are the consumer's AckWait: the server hands an entry out again once it was not
-  renewed (`+WPI`) for that long. `reclaim` sets AckWait to the agent's `reclaim_idle`; the
-  takeover itself comes with the next pull. Retries are `-NAK {"delay": ns}` (to this agent's
-  consumer only; atomic on the server).
+- **Settles**: `+ACK`; retries are `-NAK {"delay": ns}` (redelivered to this agent's consumer
+  only, with the delivery count one higher: atomic on the server); dead letters are a write to
+  the topic's dead-letter stream with a message id, then `+TERM`.
+- **Leases** are the consumer's AckWait, renewed with `+WPI`. `reclaim` (in `_fetching`) sets
+  AckWait to the agent's `reclaim_idle`.
 - **Lost deliveries.** JetStream accepts the ack of an entry from whoever sends it, even from a
   consumer whose lease ran out and whose entry went to another. So each entry handed out
-  again is *marked* with its new delivery count (`_write_marks`), and a settle or renewal of a
-  delivery whose lease may have run out (not renewed for half the AckWait) first reads the
-  mark: a higher count means another consumer holds it now, and this one reports it lost and
-  settles nothing. A delivery renewed recently cannot have been handed out again, so the hot
-  path reads nothing.
+  again is *marked* with its new delivery count (`_write_marks`), and a retry, dead letter or
+  renewal of a delivery whose lease may have run out (not renewed for half the AckWait) first
+  reads the mark: a higher count means another consumer holds it now, and this one reports it
+  lost and settles nothing. A delivery renewed recently cannot have been handed out again, so
+  the hot path reads nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
-from nats.aio.msg import Msg
 
-from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
-from omnidaemon.brokers.nats._core import Held, NatsParts, Reader
+from omnidaemon.brokers.base import Delivery, Renewal, Subscription
+from omnidaemon.brokers.nats._core import Held, Reader
+from omnidaemon.brokers.nats._fetching import (
+    ATTEMPT_HEADER,
+    NatsFetching,
+    ack_reply_info,
+    is_status,
+)
 from omnidaemon.brokers.nats._names import encode
 from omnidaemon.brokers.nats._publishing import schedule_headers
-from omnidaemon.observability.logging import get_logger
 
-__all__ = ["NatsDelivery", "ack_reply_info"]
-
-_log = get_logger("omnidaemon.broker")
-
-_REGISTER_EVERY = 5.0  # seconds between writes of a busy consumer's registry entry
-_NO_WAIT_REPLY = 5.0  # seconds a no-wait pull may take to answer
-_ATTEMPT = "Omni-Attempt"
+__all__ = ["NatsDelivery"]
 
 
-def ack_reply_info(reply: str) -> tuple[int, int]:
-    """`(delivery count, stream sequence)` from a JetStream message's reply subject (the v1
-    form `$JS.ACK.<stream>.<consumer>.<count>.<seq>...` and the v2 form with a domain and an
-    account hash before the stream)."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[4]), int(tokens[5])
-    return int(tokens[6]), int(tokens[7])
-
-
-def _status(msg: Msg) -> str | None:
-    headers = msg.headers
-    return headers.get("Status") if headers and not msg.data else None
-
-
-class NatsDelivery(NatsParts):
-    """`subscribe`, `fetch`, `interrupt`, the settles, leases, and group membership."""
-
-    async def subscribe(self, sub: Subscription) -> None:
-        await self._ensure_group(sub)
-
-    # Fetching -------------------------------------------------------------------------------
-
-    async def fetch(
-        self, sub: Subscription, consumer: str, count: int, timeout: float
-    ) -> list[Delivery]:
-        await self._ensure_group(sub)
-        reader = await self._reader(sub, consumer)
-        reader.interrupted = anyio.Event()
-        msgs = self._take_buffered(reader, count)
-        if len(msgs) < count:
-            msgs += await self._pull(sub, reader, count - len(msgs), wait=None)
-        if not msgs and timeout > 0:
-            msgs = await self._pull(sub, reader, 1, wait=timeout)
-            if msgs and count > 1:
-                msgs += await self._pull(sub, reader, count - 1, wait=None)
-        await self._renew_parked(sub, reader)
-        return await self._hand_out(sub, consumer, reader, msgs, park=True)
-
-    async def interrupt(self, sub: Subscription, consumer: str) -> None:
-        reader = self._readers.get((sub, consumer))
-        if reader is not None:
-            reader.interrupted.set()
-
-    def _take_buffered(self, reader: Reader, count: int) -> list[tuple[Msg, float]]:
-        """Up to `count` entries the server pushed earlier (statuses of past requests are
-        dropped: they answered requests nobody waits for any more)."""
-        taken: list[tuple[Msg, float]] = []
-        kept: list[tuple[Msg, float]] = []
-        for item in reader.buffer:
-            if _status(item[0]) is not None:
-                continue
-            (taken if len(taken) < count else kept).append(item)
-        reader.buffer = kept
-        return taken
-
-    async def _pull(
-        self, sub: Subscription, reader: Reader, batch: int, *, wait: float | None
-    ) -> list[tuple[Msg, float]]:
-        """One pull request for up to `batch` entries: `no_wait` (`wait` None), or waiting up to
-        `wait` seconds for them (returning early when interrupted). A consumer found missing
-        (the bus lost it) is made again and asked once more."""
-        for _ in range(2):
-            got, missing = await self._pull_once(sub, reader, batch, wait)
-            if not missing:
-                return got
-            self._forget(sub.topic)
-            await self._ensure_group(sub)
-            _log.error(
-                "the agent's consumer was missing on the bus and was created again: the bus "
-                "lost its data (restarted without its store) or the topic was deleted; events "
-                "it held are gone",
-                topic=sub.topic,
-                agent=sub.group,
-            )
-        return []
-
-    async def _pull_once(
-        self, sub: Subscription, reader: Reader, batch: int, wait: float | None
-    ) -> tuple[list[tuple[Msg, float]], bool]:
-        client = await self._nc()
-        reader.request_seq += 1
-        reply = f"{reader.inbox}.{reader.request_seq}"
-        body: dict[str, object] = {"batch": batch}
-        if wait is None:
-            body["no_wait"] = True
-        else:
-            body["expires"] = int(wait * 1e9)
-        stream, durable = self._names.stream(sub.topic), self._names.consumer(sub.group)
-        if wait is not None:
-            reader.waiting, reader.waiting_until = reply, anyio.current_time() + wait
-        await client.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", json.dumps(body).encode(), reply=reply
-        )
-        deadline = anyio.current_time() + (_NO_WAIT_REPLY if wait is None else wait + 1.0)
-        got: list[tuple[Msg, float]] = []
-        while True:
-            buffered, reader.buffer = reader.buffer, []
-            done = missing = False
-            for item in buffered:
-                status = _status(item[0])
-                if status is None:
-                    got.append(item)
-                elif item[0].subject == reply and status != "100":
-                    done = True  # 404 nothing there, 408 expired, 409 ended for a reason
-                    missing = status == "503" or (
-                        status == "409"
-                        and "Deleted" in (item[0].headers or {}).get("Description", "")
-                    )
-            if done or len(got) >= batch or reader.interrupted.is_set():
-                break
-            now = anyio.current_time()
-            if now >= deadline:
-                break
-            reader.arrived = anyio.Event()
-            if reader.buffer:
-                continue
-            with anyio.move_on_after(deadline - now):
-                async with anyio.create_task_group() as tg:
-
-                    async def stop_when_interrupted() -> None:
-                        await reader.interrupted.wait()
-                        tg.cancel_scope.cancel()
-
-                    tg.start_soon(stop_when_interrupted)
-                    await reader.arrived.wait()
-                    tg.cancel_scope.cancel()
-        if len(got) > batch:  # pushed for earlier requests: kept for the next fetch
-            reader.buffer[:0] = got[batch:]
-            got = got[:batch]
-        return got, missing
-
-    async def _hand_out(
-        self,
-        sub: Subscription,
-        consumer: str,
-        reader: Reader,
-        msgs: list[tuple[Msg, float]],
-        *,
-        park: bool = False,
-    ) -> list[Delivery]:
-        """Deliveries of pulled messages, held by `consumer` from now on (and by no other
-        reader of this process).
-
-        An entry handed out again is a retry if its retry marked it so, else a takeover (the
-        lease of whoever held it ran out): a takeover is marked (see the module docs) and,
-        with `park`, kept back for `reclaim` instead of returned.
-        """
-        deliveries = []
-        again: list[tuple[int, int, Delivery]] = []
-        others = [r for name, r in self._readers_of(sub) if name != consumer]
-        for msg, arrived in msgs:
-            delivered, seq = ack_reply_info(msg.reply)
-            base = int((msg.headers or {}).get(_ATTEMPT, "1"))
-            delivery = Delivery(str(seq), msg.data, base + delivered - 1, msg.reply, consumer)
-            for other in others:
-                other.held.pop(seq, None)  # it lost the entry: the server handed it out again
-            reader.held[seq] = Held(delivery, delivered, arrived)
-            deliveries.append(delivery)
-            if delivered > 1:
-                again.append((seq, delivered, delivery))
-        if again:
-            marks = await asyncio.gather(*(self._read_mark(sub, seq) for seq, _, _ in again))
-            taken = [
-                (seq, delivered, delivery)
-                for (seq, delivered, delivery), mark in zip(again, marks, strict=True)
-                if mark is None or mark < delivered
-            ]
-            if taken:
-                await self._write_marks(sub, [(seq, delivered) for seq, delivered, _ in taken])
-                if park:
-                    parked = {id(delivery) for _, _, delivery in taken}
-                    reader.parked += [d for d in deliveries if id(d) in parked]
-                    deliveries = [d for d in deliveries if id(d) not in parked]
-        await self._refresh_registry(sub, consumer, reader, force=not deliveries)
-        return deliveries
-
-    async def _renew_parked(self, sub: Subscription, reader: Reader) -> None:
-        """Renew the leases of parked takeovers (the worker does not know them yet) once a
-        third of their AckWait passed."""
-        if not reader.parked:
-            return
-        client = await self._nc()
-        started = anyio.current_time()
-        renewed = []
-        lease = self._groups.get(sub, self._lease)
-        for delivery in reader.parked:
-            held = reader.held.get(int(delivery.id))
-            if held is None:
-                continue
-            if started - held.renewed_at >= lease / 3:
-                await client.publish(delivery.origin, b"+WPI")
-                renewed.append(held)
-        if renewed:
-            await self._flush()
-            for held in renewed:
-                held.renewed_at = started
-
-    async def _refresh_registry(
-        self, sub: Subscription, consumer: str, reader: Reader, *, force: bool = False
-    ) -> None:
-        now = anyio.current_time()
-        if now - reader.registered_at >= _REGISTER_EVERY or (force and reader.registered_at < 0):
-            reader.registered_at = now
-            await self._register(sub, consumer, len(reader.held))
+class NatsDelivery(NatsFetching):
+    """The settles, `extend`, and the group membership of `NatsBroker`'s consumers."""
 
     # Settling ------------------------------------------------------------------------------
 
@@ -338,7 +125,7 @@ class NatsDelivery(NatsParts):
         target = names.group_entries(sub.topic, sub.group)
         delivered, seq = ack_reply_info(delivery.origin)
         headers = {
-            _ATTEMPT: str(attempt),
+            ATTEMPT_HEADER: str(attempt),
             "Nats-Msg-Id": f"again:{sub.group}:{seq}:{delivered}:{attempt}",
         }
         subject = target
@@ -392,73 +179,6 @@ class NatsDelivery(NatsParts):
             await self._refresh_registry(sub, consumer, reader)
         return Renewal(lost=tuple(lost))
 
-    async def reclaim(
-        self,
-        sub: Subscription,
-        consumer: str,
-        min_idle: float,
-        count: int,
-        *,
-        hold_back: int | None = None,
-    ) -> Reclaimed:
-        # The server takes over what was not renewed for AckWait by itself: AckWait is made
-        # the agent's `min_idle`. Deliveries held by other readers of this process are
-        # handed back at once when their lease is that old (the server cannot know them
-        # apart from live ones before AckWait).
-        if min_idle > 0:
-            await self._set_ack_wait(sub, max(min_idle, 0.05))
-        else:
-            await self._ensure_group(sub)
-        client = await self._nc()
-        now = anyio.current_time()
-        given_back = 0
-        for name, other in self._readers_of(sub):
-            if name == consumer:
-                continue
-            for held in other.held.values():
-                if now - held.renewed_at >= min_idle:
-                    await client.publish(held.delivery.origin, b"-NAK")
-                    given_back += 1
-        if given_back:
-            await self._flush()
-        reader = await self._reader(sub, consumer)
-        msgs = self._take_buffered(reader, count)
-        if len(msgs) < count:
-            wait = 1.0 if given_back else None
-            batch = min(count - len(msgs), given_back or count)
-            msgs += await self._pull(sub, reader, batch, wait=wait)
-        # What the pull handed out for the first time goes back to the buffer, for the next
-        # fetch; takeovers join those fetches parked.
-        reader.buffer[:0] = [(m, t) for m, t in msgs if ack_reply_info(m.reply)[0] <= 1]
-        again = [(m, t) for m, t in msgs if ack_reply_info(m.reply)[0] > 1]
-        await self._hand_out(sub, consumer, reader, again, park=True)
-        taken, kept = Reclaimed(), []
-        for delivery in reader.parked:
-            if int(delivery.id) not in reader.held:
-                continue  # settled meanwhile, or handed out again to another reader
-            if len(taken) >= count:
-                kept.append(delivery)
-            elif hold_back is not None and delivery.attempt == hold_back:
-                kept.append(delivery)  # for an idle worker: this one's renews it meanwhile
-                taken.held_back += 1
-            else:
-                taken.append(delivery)
-        reader.parked = kept
-        await self._renew_parked(sub, reader)
-        return taken
-
-    async def recover(self, sub: Subscription, consumer: str, count: int) -> list[Delivery]:
-        reader = self._readers.get((sub, consumer))
-        if reader is None:
-            return []
-        held = [h.delivery for h in reader.held.values()][:count]
-        if len(held) < count:
-            buffered = self._take_buffered(reader, count - len(held))
-            held += await self._hand_out(sub, consumer, reader, buffered)
-        handed = {id(d) for d in held}
-        reader.parked = [d for d in reader.parked if id(d) not in handed]
-        return held
-
     # Group membership -----------------------------------------------------------------------
 
     async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
@@ -510,7 +230,7 @@ class NatsDelivery(NatsParts):
                     # Not waiting for requests still open: `remove_consumer` (a stopping
                     # worker's last call) did; here only what already came is given back.
                     reader.waiting = None
-                    if any(_status(m) is None for m, _ in reader.buffer):
+                    if any(is_status(m) is None for m, _ in reader.buffer):
                         with contextlib.suppress(Exception):
                             await self._give_back(sub, consumer, reader)
         await super().close()

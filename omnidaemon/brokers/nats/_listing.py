@@ -14,7 +14,8 @@ from typing import Any
 import anyio
 from nats.aio.msg import Msg
 
-from omnidaemon.brokers.nats._core import JetStreamError, NatsParts
+from omnidaemon.brokers.nats._core import JetStreamError
+from omnidaemon.brokers.nats._streams import NatsParts
 
 __all__ = ["NatsListing", "msg_seq", "server_time"]
 

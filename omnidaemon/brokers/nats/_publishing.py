@@ -18,7 +18,8 @@ import anyio
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError, NoRespondersError
 
-from omnidaemon.brokers.nats._core import JetStreamError, NatsParts, unavailable
+from omnidaemon.brokers.nats._core import JetStreamError, unavailable
+from omnidaemon.brokers.nats._streams import NatsParts
 
 __all__ = ["NatsPublishing", "schedule_headers"]
 

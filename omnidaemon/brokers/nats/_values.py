@@ -36,12 +36,12 @@ from nats.errors import NoRespondersError
 
 from omnidaemon.brokers.base import Subscription
 from omnidaemon.brokers.nats._core import (
-    _REQUEST_TIMEOUT,
+    REQUEST_TIMEOUT,
     JetStreamError,
-    NatsParts,
     unavailable,
 )
 from omnidaemon.brokers.nats._names import decode, key_from_tokens, key_subject_tokens
+from omnidaemon.brokers.nats._streams import NatsParts
 from omnidaemon.metrics import is_extreme
 
 __all__ = ["NatsValues"]
@@ -184,7 +184,7 @@ class NatsValues(NatsParts):
                 await client.publish(
                     f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
                 )
-                with anyio.fail_after(_REQUEST_TIMEOUT):
+                with anyio.fail_after(REQUEST_TIMEOUT):
                     end = await ends.get()
                 found += page
                 if page:
