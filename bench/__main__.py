@@ -45,7 +45,9 @@ CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
 # costs), which start a cluster of 6 nodes of their own (about 2.5 minutes at N = 20,000
 # and 3 runs; 13 s even at --smoke's N = 500, most of it starting the cluster, the workers
 # and the raw consumers), and the NATS JetStream rows (omnidaemon's `nats://` broker against
-# nats-py on a nats-server of their own).
+# nats-py on a nats-server of their own: about 3 minutes at N = 20,000 and 3 runs; 16 s at
+# --smoke, most of it starting workers and stopping them: a NATS worker's graceful stop waits
+# about 2.3 s for its last pull request to expire).
 EXTRA_CASES = ("concurrency", "cluster", "nats")
 SECTIONS = ("cluster", "nats")  # extra cases that write their own section of RESULTS.md
 SWEEP = (16, 32, 64, 100, 256)

@@ -47,7 +47,7 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fetch: XREADGROUP (redis-py, socket, reply parsing)", ("RedisBroker.fetch",)),
     # NATS (--nats): a fetch's pull requests and hand-out; what nats-py's read loop does with
     # each message the server pushes (parsing, the reader's callback) is its own part below.
-    ("fetch: pull requests, hand-out (NatsDelivery)", ("NatsDelivery.fetch",)),
+    ("fetch: pull requests, hand-out (NATS broker)", ("NatsFetching.fetch", "NatsDelivery.fetch")),
     ("acks: +ACK per entry, flush (NatsDelivery.ack)", ("NatsDelivery.ack",)),
     ("acks and metrics: XACK pipeline", ("AckBatcher.",)),
     ("leases, reclaim, heartbeat", ("_renew_leases", "Heartbeat.", "reclaim")),

@@ -110,12 +110,13 @@ async def _raw_consumer(js: JetStreamContext, *, paused: bool) -> None:
 
 
 async def _pipelined(js: JetStreamContext, events: Sequence[BenchEvent]) -> None:
+    """Publish every event before awaiting any ack (nats-py's asynchronous publish)."""
     acks = [await js.publish_async(SUBJECT, _data(event)) for event in events]
     await asyncio.gather(*acks)
 
 
-async def _prefill(js: JetStreamContext, n: int, batch: int, first: int = 0) -> None:
-    for i in range(first, n, batch):
+async def _prefill(js: JetStreamContext, n: int, batch: int) -> None:
+    for i in range(0, n, batch):
         await _pipelined(js, [make_event(j) for j in range(i, min(n, i + batch))])
 
 

@@ -77,7 +77,7 @@ async def _stream(js: Any, stream: str) -> StreamInfo | None:
 
 
 async def _until_stream(
-    js: Any, stream: str, ready: Callable[[StreamInfo], bool], timeout: float, what: str
+    js: Any, stream: str, ready: Callable[[StreamInfo], object], timeout: float, what: str
 ) -> StreamInfo:
     deadline = anyio.current_time() + timeout
     last = None
@@ -168,7 +168,11 @@ async def test_the_topic_leader_killed_under_load_loses_nothing_and_catches_up(
         await anyio.to_thread.run_sync(nats_cluster.revive, leader)
 
         def caught_up(info: StreamInfo) -> bool:
-            back = [r for r in (info.cluster.replicas or []) if r.name == leader]
+            back = (
+                [r for r in (info.cluster.replicas or []) if r.name == leader]
+                if info.cluster
+                else []
+            )
             current = _leader(info) == leader or bool(back and back[0].current)
             return current and _last_stored_on(nats_cluster.node(leader), stream) == last
 

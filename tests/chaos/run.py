@@ -579,6 +579,7 @@ def run(
                 time.sleep(2.0)  # workers connect and create their groups before events flow
             else:
                 bus.wait_subscribed()  # consumers made: every published event will be seen
+            log("workers subscribed; publishing")
             sampler.start()
             publisher.start()
             # A fault every 4 s on average (6 s on a cluster, whose faults take longer: a failover,

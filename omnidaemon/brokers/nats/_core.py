@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,9 @@ class Reader:
     async def on_message(self, msg: Msg) -> None:
         if msg.subject == self.waiting:
             self.waiting = None  # answered: an entry (the request asks for one) or its end
-        self.buffer.append((msg, anyio.current_time()))
+        # The event loop's clock (asyncio's is `time.monotonic`), read without anyio's
+        # lookup of the running backend: this runs for every message.
+        self.buffer.append((msg, time.monotonic()))
         self.arrived.set()
 
 

@@ -34,6 +34,7 @@ _log = get_logger("omnidaemon.broker")
 
 _REGISTER_EVERY = 5.0  # seconds between writes of a busy consumer's registry entry
 _NO_WAIT_REPLY = 5.0  # seconds a no-wait pull may take to answer
+_LONGEST_WAIT = 1.0  # seconds one pull request waits for entries (a fetch may send several)
 ATTEMPT_HEADER = "Omni-Attempt"
 
 
@@ -67,12 +68,16 @@ class NatsFetching(NatsParts):
         reader = await self._reader(sub, consumer)
         reader.interrupted = anyio.Event()
         msgs = self._take_buffered(reader, count)
-        if len(msgs) < count:
-            msgs += await self._pull(sub, reader, count - len(msgs), wait=None)
-        if not msgs and timeout > 0:
-            msgs = await self._pull(sub, reader, 1, wait=timeout)
-            if msgs and count > 1:
-                msgs += await self._pull(sub, reader, count - 1, wait=None)
+        deadline = anyio.current_time() + timeout
+        while len(msgs) < count:
+            # One request: with `expires` it waits for the first entry, then (`no_wait`)
+            # returns with what is there and ends. Waits are cut in slices so that a reader
+            # that stops (an interrupted fetch) leaves no request open for long.
+            remaining = deadline - anyio.current_time()
+            wait = min(remaining, _LONGEST_WAIT) if not msgs and remaining > 0 else None
+            msgs += await self._pull(sub, reader, count - len(msgs), wait=wait)
+            if msgs or wait is None or reader.interrupted.is_set():
+                break
         await self._renew_parked(sub, reader)
         return await self._hand_out(sub, consumer, reader, msgs, park=True)
 
@@ -80,6 +85,7 @@ class NatsFetching(NatsParts):
         reader = self._readers.get((sub, consumer))
         if reader is not None:
             reader.interrupted.set()
+            reader.arrived.set()
 
     def _take_buffered(self, reader: Reader, count: int) -> list[tuple[Msg, float]]:
         """Up to `count` entries the server pushed earlier (statuses of past requests are
@@ -120,20 +126,20 @@ class NatsFetching(NatsParts):
         client = await self._nc()
         reader.request_seq += 1
         reply = f"{reader.inbox}.{reader.request_seq}"
-        body: dict[str, object] = {"batch": batch}
-        if wait is None:
-            body["no_wait"] = True
-        else:
-            body["expires"] = int(wait * 1e9)
-        stream, durable = self._names.stream(sub.topic), self._names.consumer(sub.group)
+        body: dict[str, object] = {"batch": batch, "no_wait": True}
         if wait is not None:
+            body["expires"] = int(wait * 1e9)
             reader.waiting, reader.waiting_until = reply, anyio.current_time() + wait
+        stream, durable = self._names.stream(sub.topic), self._names.consumer(sub.group)
         await client.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", json.dumps(body).encode(), reply=reply
         )
         deadline = anyio.current_time() + (_NO_WAIT_REPLY if wait is None else wait + 1.0)
         got: list[tuple[Msg, float]] = []
         while True:
+            # A fresh event before the buffer is read: a message or an interrupt that comes
+            # after this look sets it (no await until the wait below).
+            reader.arrived = anyio.Event()
             buffered, reader.buffer = reader.buffer, []
             done = missing = False
             for item in buffered:
@@ -141,7 +147,7 @@ class NatsFetching(NatsParts):
                 if status is None:
                     got.append(item)
                 elif item[0].subject == reply and status != "100":
-                    done = True  # 404 nothing there, 408 expired, 409 ended for a reason
+                    done = True  # 404 no more, 408 expired, 409 ended for a reason
                     missing = status == "503" or (
                         status == "409"
                         and "Deleted" in (item[0].headers or {}).get("Description", "")
@@ -151,19 +157,8 @@ class NatsFetching(NatsParts):
             now = anyio.current_time()
             if now >= deadline:
                 break
-            reader.arrived = anyio.Event()
-            if reader.buffer:
-                continue
             with anyio.move_on_after(deadline - now):
-                async with anyio.create_task_group() as tg:
-
-                    async def stop_when_interrupted() -> None:
-                        await reader.interrupted.wait()
-                        tg.cancel_scope.cancel()
-
-                    tg.start_soon(stop_when_interrupted)
-                    await reader.arrived.wait()
-                    tg.cancel_scope.cancel()
+                await reader.arrived.wait()
         if len(got) > batch:  # pushed for earlier requests: kept for the next fetch
             reader.buffer[:0] = got[batch:]
             got = got[:batch]

@@ -21,6 +21,7 @@ stream `p_m` (a counter stream) holds metric sums (`p.m.<t>.<g>.<field>`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ _SAFE = re.compile(rb"[A-Za-z0-9_-]")
 _ESCAPE = re.compile(r"=([0-9a-f]{2})")
 
 
+@functools.lru_cache(maxsize=8192)
 def encode(text: str) -> str:
     """`text` as one subject token and a valid stream or consumer name (reversible)."""
     if not text:
