@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from urllib.parse import urlsplit
 
 from omnidaemon.brokers.base import Broker, Delivery, Subscription
@@ -62,12 +63,12 @@ def open_broker(url: str, *, maxlen: int | None = None) -> Broker:
         seeds(url)  # every host and port checked; the error never echoes the URL
         return RedisBroker(url) if maxlen is None else RedisBroker(url, maxlen=maxlen)
     if scheme in ("nats", "tls"):
-        try:
-            from omnidaemon.brokers.nats import NatsBroker
-        except ImportError:
+        if importlib.util.find_spec("nats") is None:
             raise ConfigurationError(
                 "a nats:// broker URL needs the NATS client: pip install 'omnidaemon[nats]'"
-            ) from None
+            )
+        from omnidaemon.brokers.nats import NatsBroker
+
         return NatsBroker(url) if maxlen is None else NatsBroker(url, maxlen=maxlen)
     # Never echo the URL itself: it may carry a password.
     raise ConfigurationError(

@@ -197,7 +197,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def check(
     folder: Path,
     dead_letters: dict[str, list[dict[str, Any]]],
-    stream_seqs: set[int],
+    stream_seqs: Counter[int],
     faults: Counter[str],
     recoveries: list[tuple[str, float | None]],
 ) -> RunReport:
@@ -206,9 +206,9 @@ def check(
     Args:
         folder: the run's folder (`log/*.jsonl`, `published.jsonl`, `garbage.jsonl`).
         dead_letters: per agent, its dead-letter records as dicts (`DeadLetter` fields).
-        stream_seqs: the `seq` of every event found in the topic's stream at the end (tells
-            apart failed publishes that reached the bus anyway, and acknowledged events the
-            bus dropped).
+        stream_seqs: how many copies of each event (by `seq`) the topic's stream holds at
+            the end (tells apart failed publishes that reached the bus anyway, acknowledged
+            events the bus dropped, and events stored twice from those handled twice).
         faults: how many faults of each kind were injected.
         recoveries: per fault, seconds until the backlog was back to normal.
     """
@@ -237,7 +237,7 @@ def check(
                     report.processed += 1
                     if len(done) > 1:
                         report.duplicated += 1
-                        report.duplicate_causes[_cause(done)] += 1
+                        report.duplicate_causes[_cause(done, stream_seqs[seq])] += 1
                 elif event["id"] in dead_ids:
                     # A healthy event whose every attempt died with its worker (killed by the
                     # injector or by a poison event it shared the worker with): parked, not lost.
@@ -277,7 +277,7 @@ def check(
     return RunReport(
         published=len(acked),
         publish_failed=len(failed),
-        publish_failed_but_arrived=len(failed & stream_seqs),
+        publish_failed_but_arrived=len(failed & set(stream_seqs)),
         agents=reports,
         faults=faults,
         recoveries=recoveries,
@@ -285,11 +285,15 @@ def check(
     )
 
 
-def _cause(done: list[dict[str, Any]]) -> str:
+def _cause(done: list[dict[str, Any]], copies: int) -> str:
     # Every delivery of one stream entry counts an attempt, so two successes at attempt 1 are
-    # two entries: a publish retried across a bus fault after its first try had landed.
-    # Otherwise the entry was delivered again because its first success's ack never reached
-    # the bus (the worker was killed, or the bus restarted or was cut off, first).
+    # two entries (a publish retried across a bus fault after its first try had landed), or one
+    # entry the bus handed out afresh: it forgot its deliveries and acknowledgements (JetStream
+    # on one server keeps a consumer's state a moment after it changes, and a SIGKILL loses
+    # that moment). Otherwise the entry was delivered again because its first success's ack
+    # never reached the bus (the worker was killed, or the bus restarted or was cut off, first).
     if sum(1 for d in done if d["attempt"] == 1) > 1:
-        return "published twice (publish retried across a bus fault)"
+        if copies > 1:
+            return "published twice (publish retried across a bus fault)"
+        return "delivered afresh (the bus lost its record of the delivery in a crash)"
     return "redelivered (ack lost to a kill or bus fault)"

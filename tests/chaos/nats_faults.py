@@ -27,7 +27,7 @@ import random
 import signal
 import time
 import urllib.error
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,11 +113,11 @@ class NatsBus:
     def describe_groups(self) -> Any:
         return self.consumers()
 
-    def outcome(self) -> tuple[dict[str, list[dict[str, Any]]], set[int]]:
-        """Per agent its dead letters (as dicts), and the `seq` of every event in the topic's
-        stream, read through the broker's own inspection."""
+    def outcome(self) -> tuple[dict[str, list[dict[str, Any]]], Counter[int]]:
+        """Per agent its dead letters (as dicts), and how many copies of each event (by `seq`)
+        the topic's stream holds, read through the broker's own inspection."""
 
-        async def read() -> tuple[dict[str, list[dict[str, Any]]], set[int]]:
+        async def read() -> tuple[dict[str, list[dict[str, Any]]], Counter[int]]:
             async with NatsBroker(self.url) as broker:
                 letters = {
                     agent: [
@@ -128,10 +128,10 @@ class NatsBus:
                     ]
                     for agent in AGENTS
                 }
-                seqs = set()
+                seqs: Counter[int] = Counter()
                 for _, data in await broker.entries(TOPIC, 1_000_000):
                     with contextlib.suppress(Exception):
-                        seqs.add(int(json.loads(data)["payload"]["seq"]))
+                        seqs[int(json.loads(data)["payload"]["seq"])] += 1
             return letters, seqs
 
         return anyio.run(read)

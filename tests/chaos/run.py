@@ -599,10 +599,13 @@ def run(
                     fault_ends.append((kind, time.monotonic()))
             bus.settle()
             publisher.done.wait(timeout=seconds + 120)
-            # Drain: until every group has read and settled everything (or a deadline).
-            deadline = time.monotonic() + 120
+            # Drain: until every group has read and settled everything (or a deadline), as a
+            # sample taken after the last publish says (one from before would miss it).
+            published = time.monotonic()
+            deadline = published + 120
             while time.monotonic() < deadline:
-                if sampler.samples and sampler.samples[-1][1] == 0:
+                last = sampler.samples[-1] if sampler.samples else (0.0, None)
+                if last[0] > published and last[1] == 0:
                     break
                 time.sleep(0.2)
             left = sampler.samples[-1][1]
@@ -667,7 +670,7 @@ def _report(
     workers: Workers,
     min_replicas: int,
 ) -> RunReport:
-    async def read() -> tuple[dict[str, list[dict[str, Any]]], set[int]]:
+    async def read() -> tuple[dict[str, list[dict[str, Any]]], Counter[int]]:
         broker = RedisBroker(bus.url)
         async with broker:
             letters = {
@@ -677,10 +680,10 @@ def _report(
                 ]
                 for agent in AGENTS
             }
-            seqs = set()
+            seqs: Counter[int] = Counter()
             for _, fields in await broker.client.xrange(broker.stream_key(TOPIC)):
                 with contextlib.suppress(Exception):
-                    seqs.add(int(json.loads(fields[b"e"])["payload"]["seq"]))
+                    seqs[int(json.loads(fields[b"e"])["payload"]["seq"])] += 1
         return letters, seqs
 
     letters, seqs = anyio.run(read) if isinstance(bus, ServerBus | ClusterBus) else bus.outcome()

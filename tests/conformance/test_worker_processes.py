@@ -66,14 +66,16 @@ class RestartableBus:
     """A bus whose server a test may restart (data kept: AOF with `appendfsync always` on
     Redis, the JetStream file store on NATS).
 
-    `restart(signal, key)` stops the server that holds `key` with `signal` and starts it
-    again; on a cluster, the other masters stay up. `outage_errors` name the errors a worker
-    may meet meanwhile: on a cluster, the other masters answer CLUSTERDOWN for the slots of
-    the one that is down.
+    `restart(signal, key, noticed)` stops the server that holds `key` with `signal` and starts
+    it again; on a cluster, the other masters stay up. A NATS server stays down until
+    `noticed()` (the worker logged the outage): nats-py reconnects by itself and buffers what
+    is sent meanwhile, so a restart quicker than a fetch may go unseen, which a real outage
+    does not. `outage_errors` name the errors a worker may meet meanwhile: on a cluster, the
+    other masters answer CLUSTERDOWN for the slots of the one that is down.
     """
 
     url: str
-    restart: Callable[[signal.Signals, str], None]
+    restart: Callable[[signal.Signals, str, Callable[[], bool]], None]
     outage_errors: tuple[str, ...] = ("ConnectionError",)
 
 
@@ -97,24 +99,31 @@ def durable_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisC
 
 def _durable_redis(request: pytest.FixtureRequest) -> RestartableBus:
     server = request.getfixturevalue("durable_redis")
-    return RestartableBus(server.url, lambda sig, key: server.restart(sig))
+    return RestartableBus(server.url, lambda sig, key, noticed: server.restart(sig))
 
 
 def _durable_cluster(request: pytest.FixtureRequest) -> RestartableBus:
     cluster: RedisCluster = request.getfixturevalue("durable_cluster")
     return RestartableBus(
         cluster.url,
-        lambda sig, key: cluster.restart(cluster.master_of(key).port, sig),
+        lambda sig, key, noticed: cluster.restart(cluster.master_of(key).port, sig),
         outage_errors=("ConnectionError", "ClusterDownError"),
     )
 
 
 def _durable_nats(request: pytest.FixtureRequest) -> RestartableBus:
     server: NatsServer = request.getfixturevalue("durable_nats")
+
+    def restart(sig: signal.Signals, key: str, noticed: Callable[[], bool]) -> None:
+        server.stop(sig)
+        try:
+            wait_for(noticed, SETTLE, "the worker to notice that the bus is down")
+        finally:
+            server.start()
+
     # While nats-py reconnects, the broker refuses at once (ConnectionError); a request sent
     # just before the server went away gets no answer (TimeoutError).
-    errors = ("ConnectionError", "TimeoutError")
-    return RestartableBus(server.url, lambda sig, key: server.restart(sig), outage_errors=errors)
+    return RestartableBus(server.url, restart, outage_errors=("ConnectionError", "TimeoutError"))
 
 
 RESTARTABLE_BUSES: dict[str, Callable[[pytest.FixtureRequest], RestartableBus]] = {
@@ -701,7 +710,16 @@ def test_worker_reconnects_by_itself_after_the_server_restarts(
         fleet.publish([{"k": k} for k in before])
         wait_for(lambda: len(fleet.done_counts()) >= 5, SETTLE, "some events to be handled")
 
-        restartable_bus.restart(server_signal, fleet.stream_key)
+        def unreachable() -> list[dict[str, Any]]:
+            """The worker's warnings that it cannot reach the bus."""
+            said = ("cannot fetch", "acknowledgements failed", "cannot renew")
+            return [
+                e
+                for e in worker.logs()
+                if e["level"] == "warning" and any(m in e["event"] for m in said)
+            ]
+
+        restartable_bus.restart(server_signal, fleet.stream_key, lambda: bool(unreachable()))
         fleet.close()  # its connection died with the server
         after = [f"a{i}" for i in range(50)]
         fleet.publish([{"k": k} for k in after])
@@ -720,19 +738,12 @@ def test_worker_reconnects_by_itself_after_the_server_restarts(
         # The outage was noticed and logged once per outage per agent and component (fetch,
         # acks, lease renewal), not once per retry; a stale pooled connection may fail once
         # more after the reconnect.
-        unreachable = [
-            e
-            for e in worker.logs()
-            if e["level"] == "warning"
-            and any(
-                m in e["event"] for m in ("cannot fetch", "acknowledgements failed", "cannot renew")
-            )
-        ]
-        assert 1 <= len(unreachable) <= 6, worker.stderr
-        assert all(e["agent"] == "work" for e in unreachable)
+        warnings = unreachable()
+        assert 1 <= len(warnings) <= 6, worker.stderr
+        assert all(e["agent"] == "work" for e in warnings)
         assert all(
             any(kind in e.get("error", "") for kind in restartable_bus.outage_errors)
-            for e in unreachable
+            for e in warnings
         ), worker.stderr
         problems = [e for e in worker.logs() if e["level"] in ("warning", "error")]
         assert len(problems) <= 10, worker.stderr

@@ -90,6 +90,7 @@ class NatsDelivery(NatsFetching):
         trimmed: bool = False,
     ) -> bool:
         if not trimmed and not await self._still_held(sub, delivery):
+            self._release(sub, delivery)  # never handed back by `recover`: it is another's
             return False
         client = await self._nc()
         following = delivery.attempt + 1 if attempt is None else attempt
@@ -139,6 +140,7 @@ class NatsDelivery(NatsFetching):
         self, sub: Subscription, delivery: Delivery, record: bytes, *, trimmed: bool = False
     ) -> bool:
         if not trimmed and not await self._still_held(sub, delivery):
+            self._release(sub, delivery)  # never handed back by `recover`: it is another's
             return False
         await self._ensure_dlq(sub.topic)
         delivered, seq = ack_reply_info(delivery.origin)
@@ -164,6 +166,7 @@ class NatsDelivery(NatsFetching):
         renewed: list[Held] = []
         for delivery in deliveries:
             if not await self._still_held(sub, delivery):
+                self._release(sub, delivery)
                 lost.append(delivery)
                 continue
             await client.publish(delivery.origin, b"+WPI")
