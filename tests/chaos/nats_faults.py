@@ -6,7 +6,10 @@ Faults, besides the worker faults every run has (`tests/chaos/run.py`):
 
 - `restart bus`: SIGTERM nats-server and start it again on the same port and store;
 - `kill bus`: the same with SIGKILL (the store holds every acknowledged publish: a `PubAck`
-  is sent once the message is written, and a killed process loses nothing written);
+  is sent once the message is written, and a killed process loses nothing written). A
+  consumer's state is written a moment after it changes, so the settles of that last moment
+  are lost: those entries are handed out afresh, at attempt 1, and the checker counts them
+  apart ("delivered afresh");
 - `pause network` / `cut network` / `slow network`: for 1-4 s, between the workers and the
   publisher on one side and nats-server on the other.
 

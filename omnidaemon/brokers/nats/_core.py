@@ -130,6 +130,7 @@ class NatsCore(Broker):
         self._connected = False
         self._streams: set[str] = set()  # streams known to exist (a cache; cleared on loss)
         self._groups: dict[Subscription, float] = {}  # groups known to exist -> their AckWait
+        self._last_error: BaseException | None = None  # nats-py's last, while connecting
         self._readers: dict[tuple[Subscription, str], Reader] = {}
 
     @property
@@ -178,7 +179,10 @@ class NatsCore(Broker):
             "servers": list(target.servers),
             "connect_timeout": 2,
             "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
+            # Each seed tried twice at first (nats-py would try for ever): a bus that is not
+            # there fails this call, and the caller retries with its own backoff. Once
+            # connected, reconnecting goes on for ever (set below).
+            "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.5,
             "ping_interval": 10,
             "max_outstanding_pings": 3,
@@ -198,18 +202,22 @@ class NatsCore(Broker):
         if target.tls:
             context = ssl.create_default_context(cafile=target.tls_ca)
             options["tls"] = context
+        self._last_error = None
         try:
-            return await nats.connect(**options)
+            client = await nats.connect(**options)
         except (NatsError, OSError, TimeoutError) as exc:
-            if _is_auth_error(exc):
+            if _is_auth_error(exc) or _is_auth_error(self._last_error):
                 raise ConfigurationError(
                     f"the bus at {self._url} refused the broker URL's credentials"
                 ) from None
             raise ConnectionError(
                 f"cannot reach NATS at {self._url}: {type(exc).__name__}: {exc}"
             ) from None
+        client.options["max_reconnect_attempts"] = -1
+        return client
 
     async def _on_error(self, exc: Exception) -> None:
+        self._last_error = exc
         _log.debug("NATS client error", error=f"{type(exc).__name__}: {exc}")
 
     async def _on_disconnect(self) -> None:
@@ -220,13 +228,19 @@ class NatsCore(Broker):
 
     # JetStream requests ---------------------------------------------------------------------
 
-    async def _api(self, subject: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def _api(
+        self,
+        subject: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
         """One JetStream API request (`$JS.API.<subject>`); raises `JetStreamError` on an error
         reply, `ConnectionError` when the bus does not answer."""
         client = await self._nc()
         payload = json.dumps(body).encode() if body is not None else b""
         try:
-            reply = await client.request(f"$JS.API.{subject}", payload, timeout=REQUEST_TIMEOUT)
+            reply = await client.request(f"$JS.API.{subject}", payload, timeout=timeout)
         except NoRespondersError:
             raise ConnectionError(f"JetStream at {self._url} does not answer") from None
         except NatsTimeout:
@@ -302,7 +316,9 @@ def _checked(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def _is_auth_error(exc: BaseException) -> bool:
+def _is_auth_error(exc: BaseException | None) -> bool:
+    if exc is None:
+        return False
     text = str(exc).lower()
     return "authorization" in text or "authentication" in text
 

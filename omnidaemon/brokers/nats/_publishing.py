@@ -25,6 +25,7 @@ __all__ = ["NatsPublishing", "schedule_headers"]
 
 _RETRY_EVERY = 0.25  # seconds between a failed publish's tries, doubling up to _RETRY_MAX
 _RETRY_MAX = 2.0
+_TRY = 2.0  # seconds one try of a publish waits for the stream's acknowledgement
 
 
 def schedule_headers(delay: float, target: str) -> dict[str, str]:
@@ -96,7 +97,10 @@ class NatsPublishing(NatsParts):
         while True:
             try:
                 await self._ensure_topic(topic)
-                await self._publish(subject, data, headers)
+                # A try shorter than the whole timeout: a stream whose leader died answers
+                # nothing until another is elected, and the next try reaches that one.
+                left = deadline - anyio.current_time()
+                await self._publish(subject, data, headers, timeout=max(0.5, min(_TRY, left)))
                 return
             except NoRespondersError:
                 # The stream is gone (deleted, or the bus lost its data): make it again.

@@ -7,9 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from omnidaemon.brokers.base import Subscription
-from omnidaemon.brokers.nats._core import JetStreamError, NatsCore, Reader
+from omnidaemon.brokers.nats._core import REPLICAS_ENV, JetStreamError, NatsCore, Reader
+from omnidaemon.errors import ConfigurationError
 
 __all__ = ["NatsParts", "NatsStreams"]
+
+_INFO_TRIES = 3
 
 
 class NatsStreams(NatsCore):
@@ -31,6 +34,11 @@ class NatsStreams(NatsCore):
         try:
             await self._api(f"STREAM.CREATE.{name}", config)
         except JetStreamError as exc:
+            if exc.err_code == 10074:  # replicas > 1 on a server that is no cluster
+                raise ConfigurationError(
+                    f"{REPLICAS_ENV}={self._replicas} needs a JetStream cluster of at least "
+                    f"{self._replicas} servers; the bus at {self._url} is one server ({exc})"
+                ) from None
             if exc.err_code != 10058:  # "stream name already in use": made by someone else
                 raise
         self._streams.add(name)
@@ -47,7 +55,9 @@ class NatsStreams(NatsCore):
                     names.all_delayed(topic),
                 ],
                 "retention": "limits",
-                "max_msgs": self._maxlen_of(topic),
+                # Per subject, so that `maxlen` counts the topic's entries only: delayed
+                # entries (a subject each) and entries for one agent are not trimmed by them.
+                "max_msgs_per_subject": self._maxlen_of(topic),
                 "discard": "old",
                 "allow_msg_schedules": True,
                 "allow_msg_ttl": True,
@@ -119,7 +129,7 @@ class NatsStreams(NatsCore):
         stream = await self._ensure_topic(sub.topic)
         durable = self._names.consumer(sub.group)
         try:
-            info = await self._api(f"CONSUMER.INFO.{stream}.{durable}")
+            info = await self._consumer_info(stream, durable)
             ack_wait = info["config"]["ack_wait"] / 1e9
         except JetStreamError as exc:
             if not exc.not_found:
@@ -133,6 +143,16 @@ class NatsStreams(NatsCore):
                 if again.err_code != 10148:  # made by another process meanwhile
                     raise
         self._groups[sub] = ack_wait
+
+    async def _consumer_info(self, stream: str, durable: str) -> dict[str, Any]:
+        # On a cluster, a consumer info asked while another process's create of the same
+        # consumer is being applied was seen to go unanswered: asked again, it is answered.
+        for _ in range(_INFO_TRIES - 1):
+            try:
+                return await self._api(f"CONSUMER.INFO.{stream}.{durable}", timeout=2.0)
+            except TimeoutError:
+                continue
+        return await self._api(f"CONSUMER.INFO.{stream}.{durable}")
 
     async def _set_ack_wait(self, sub: Subscription, ack_wait: float) -> None:
         """Make the group's lease `ack_wait` seconds (the server redelivers what was not
