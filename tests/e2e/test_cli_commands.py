@@ -29,7 +29,7 @@ import pytest
 
 from omnidaemon.brokers.embedded_server import ensure_server, stop_server
 from tests.e2e._support import CLI, WorkerProcess, cli_env, read_lines, wait_for, write_module
-from tests.servers import free_port, running_redis
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -220,11 +220,15 @@ def stop_worker(worker: WorkerProcess) -> None:
     assert status == 0, worker.stderr
 
 
-@pytest.fixture(scope="module", params=["redis", "embedded"])
-def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
-    """A private bus of the kind named, with the worker running every lane but `lazy` and
-    `stopped`."""
-    cwd = tmp_path_factory.mktemp(f"cli-{request.param}")
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    """A private embedded bus, with the worker running every lane but `lazy` and `stopped`.
+
+    One bus kind only, for the suite's time: the embedded bus is the default users get and
+    runs the same Redis broker as a `redis://` URL, which `test_cli_startup.py`,
+    `test_cli_wait.py` and the API tests drive.
+    """
+    cwd = tmp_path_factory.mktemp("cli-embedded")
     write_module(cwd, "lanes", LANES_APP)
     markers = cwd / "markers"
     markers.mkdir()
@@ -233,10 +237,6 @@ def bus(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "E2E_MARKERS": str(markers),
         "E2E_LOG": str(cwd / "handlers.log"),
     }
-    if request.param == "redis":
-        with running_redis(cwd) as server:
-            yield from _with_worker(cwd, cli_env(OMNIDAEMON_BROKER_URL=server.url, **extra))
-        return
     home = Path(tempfile.mkdtemp(prefix="odc"))  # short: a unix socket path has a size limit
     try:
         ensure_server(home)
