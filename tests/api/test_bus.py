@@ -1,5 +1,6 @@
 """The app, the fleet and the bus over HTTP: agents, topics, groups, stats, metrics, health,
-dead letters, replay and purge, against a real worker on Redis and on a Redis Cluster."""
+dead letters, replay and purge, against a real worker on Redis, on a Redis Cluster and on NATS
+JetStream."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from omnidaemon import App
+from omnidaemon.brokers import Broker
 from omnidaemon.brokers.redis import RedisBroker
 from tests.api._support import ADMIN, PUBLISHER, READER, ServerThread, apoll, async_client, make_app
 from tests.api.conftest import LANES
@@ -18,15 +20,24 @@ from tests.api.conftest import LANES
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module", params=["redis", "cluster"])
+@pytest.fixture(scope="module", params=["redis", "cluster", "nats"])
 def make_bus_app(
     request: pytest.FixtureRequest, bus_prefix: str, failing: set[str]
 ) -> Callable[[], App]:
-    """The module runs on the session's Redis, then on its Redis Cluster (where listing
-    scans every master and `stats` lists the nodes)."""
+    """The module runs on the session's Redis, on its Redis Cluster (where listing scans
+    every master and `stats` lists the nodes), then on its NATS server."""
+    if request.param == "nats":
+        url = request.getfixturevalue("nats_server").url
+        return lambda: make_app(open_nats(url, bus_prefix), LANES, failing)
     fixture = "redis_server" if request.param == "redis" else "shared_cluster"
     url = request.getfixturevalue(fixture).url
     return lambda: make_app(RedisBroker(url, prefix=bus_prefix), LANES, failing)
+
+
+def open_nats(url: str, prefix: str) -> Broker:
+    from omnidaemon.brokers.nats import NatsBroker  # the NATS client only where it is used
+
+    return NatsBroker(url, prefix=prefix)
 
 
 async def _handled(http: httpx.AsyncClient, topic: str, n: int) -> str:
@@ -85,7 +96,7 @@ async def test_topics_groups_stats_metrics_and_health_see_the_worker(
             assert stats["totals"]["topics"] >= 1
             assert stats["totals"]["workers"] == 1
             assert stats["workers"][0]["app"] == "apitest"
-            assert stats["server"]["server"].startswith(("redis", "valkey"))
+            assert stats["server"]["server"].startswith(("redis", "valkey", "nats"))
             assert ":***@" not in stats["bus"]
             if "cluster" in stats["server"]["server"]:
                 masters = [n for n in stats["nodes"] if n["role"] == "master"]
