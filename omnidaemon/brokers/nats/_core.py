@@ -64,6 +64,10 @@ class Held:
     delivery: Delivery
     delivered: int  # the server's delivery count when it was handed out
     renewed_at: float  # monotonic time the lease was last (re)started, at the latest
+    # Deliveries of the entry that were never run (see `_fetching`, parked takeovers): not
+    # attempts. `parked`: this one too, for as long as it waits in its reader.
+    free: int = 0
+    parked: bool = False
 
 
 @dataclass(slots=True)

@@ -180,34 +180,64 @@ class NatsFetching(NatsParts):
         lease of whoever held it ran out): a takeover is marked (see the module docs) and,
         with `park`, kept back for `reclaim` instead of returned.
         """
-        deliveries = []
-        again: list[tuple[int, int, Delivery]] = []
+        deliveries: list[Delivery] = []
+        again: list[tuple[int, int, int, Msg]] = []
         others = [r for name, r in self._readers_of(sub) if name != consumer]
         for msg, arrived in msgs:
             delivered, seq = ack_reply_info(msg.reply)
-            base = int((msg.headers or {}).get(ATTEMPT_HEADER, "1"))
-            delivery = Delivery(str(seq), msg.data, base + delivered - 1, msg.reply, consumer)
             for other in others:
                 other.held.pop(seq, None)  # it lost the entry: the server handed it out again
+            if delivered > 1:
+                again.append((len(deliveries), seq, delivered, msg))
+                deliveries.append(Delivery("", b"", 0))  # made below, with what was not run
+                continue
+            base = int((msg.headers or {}).get(ATTEMPT_HEADER, "1"))
+            delivery = Delivery(str(seq), msg.data, base, msg.reply, consumer)
             reader.held[seq] = Held(delivery, delivered, arrived)
             deliveries.append(delivery)
-            if delivered > 1:
-                again.append((seq, delivered, delivery))
         if again:
-            marks = await asyncio.gather(*(self._read_mark(sub, seq) for seq, _, _ in again))
-            taken = [
-                (seq, delivered, delivery)
-                for (seq, delivered, delivery), mark in zip(again, marks, strict=True)
-                if mark is None or mark < delivered
-            ]
+            marks, frees = await asyncio.gather(
+                asyncio.gather(*(self._read_mark(sub, seq) for _, seq, _, _ in again)),
+                asyncio.gather(*(self._read_free(sub, seq) for _, seq, _, _ in again)),
+            )
+            taken: list[tuple[int, int, int]] = []
+            arrivals = {id(m): t for m, t in msgs}
+            for (i, seq, delivered, msg), mark, free in zip(again, marks, frees, strict=True):
+                base = int((msg.headers or {}).get(ATTEMPT_HEADER, "1"))
+                attempt = base + delivered - 1 - free
+                delivery = Delivery(str(seq), msg.data, attempt, msg.reply, consumer)
+                held = Held(delivery, delivered, arrivals[id(msg)], free)
+                deliveries[i] = delivery
+                reader.held[seq] = held
+                if mark is None or mark < delivered:
+                    taken.append((i, seq, delivered))
+                    held.parked = park
             if taken:
-                await self._write_marks(sub, [(seq, delivered) for seq, delivered, _ in taken])
+                writes = [self._write_marks(sub, [(seq, d) for _, seq, d in taken])]
                 if park:
-                    parked = {id(delivery) for _, _, delivery in taken}
-                    reader.parked += [d for d in deliveries if id(d) in parked]
-                    deliveries = [d for d in deliveries if id(d) not in parked]
+                    # Not run while it waits here: if this worker dies meanwhile, the next
+                    # delivery of it is no attempt either.
+                    writes += [
+                        self._write_free(sub, seq, reader.held[seq].free + 1) for _, seq, _ in taken
+                    ]
+                await asyncio.gather(*writes)
+                if park:
+                    parked = {i for i, _, _ in taken}
+                    reader.parked += [d for i, d in enumerate(deliveries) if i in parked]
+                    deliveries = [d for i, d in enumerate(deliveries) if i not in parked]
         await self._refresh_registry(sub, consumer, reader, force=not deliveries)
         return deliveries
+
+    async def _unpark(self, sub: Subscription, reader: Reader, deliveries: list[Delivery]) -> None:
+        """Parked takeovers about to run: their deliveries count as attempts again."""
+        writes = []
+        for delivery in deliveries:
+            held = reader.held.get(int(delivery.id))
+            if held is not None and held.parked:
+                held.parked = False
+                writes.append(self._write_free(sub, int(delivery.id), held.free))
+        if writes:
+            await asyncio.gather(*writes)
 
     async def _renew_parked(self, sub: Subscription, reader: Reader) -> None:
         """Renew the leases of parked takeovers (the worker does not know them yet) once a
@@ -292,6 +322,7 @@ class NatsFetching(NatsParts):
             else:
                 taken.append(delivery)
         reader.parked = kept
+        await self._unpark(sub, reader, taken)
         await self._renew_parked(sub, reader)
         return taken
 
@@ -305,4 +336,5 @@ class NatsFetching(NatsParts):
             held += await self._hand_out(sub, consumer, reader, buffered)
         handed = {id(d) for d in held}
         reader.parked = [d for d in reader.parked if id(d) not in handed]
+        await self._unpark(sub, reader, held)
         return held

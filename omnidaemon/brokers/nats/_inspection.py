@@ -272,10 +272,11 @@ class NatsInspection(NatsListing):
                 except JetStreamError as exc:
                     if not exc.not_found:
                         raise
-            # Marks, registry and metric extremes of the topic; not `topic_kv`, whose `*`
-            # would also match values and results whose key starts with the topic's name.
+            # Marks, never-run counts, registry and metric extremes of the topic; not
+            # `topic_kv`, whose `*` would also match values and results whose key starts with
+            # the topic's name.
             head, _, tail = names.topic_kv(topic).partition(".*.")
-            for kind in ("h", "c", "e"):
+            for kind in ("h", "f", "c", "e"):
                 await self._purge(names.kv_stream, f"{head}.{kind}.{tail}")
             await self._purge(names.metrics_stream, names.metrics_of_topic(topic))
         finally:

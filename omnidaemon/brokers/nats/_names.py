@@ -15,7 +15,8 @@ Per topic (`t` the encoded topic, `g` an encoded agent, `p` the prefix, `omni` b
 
 Outside topics: stream `p_kv` (one message per subject, per-message TTLs) holds values
 (`p.kv.v.<key>`), results (`p.kv.r.<event>.<agent>`), metric extremes (`p.kv.e.<t>.<g>.<field>`),
-redelivery marks (`p.kv.h.<t>.<g>.<seq>`) and the consumer registry (`p.kv.c.<t>.<g>.<consumer>`);
+redelivery marks (`p.kv.h.<t>.<g>.<seq>`), deliveries never run (`p.kv.f.<t>.<g>.<seq>`) and the
+consumer registry (`p.kv.c.<t>.<g>.<consumer>`);
 stream `p_m` (a counter stream) holds metric sums (`p.m.<t>.<g>.<field>`).
 """
 
@@ -140,6 +141,9 @@ class Names:
 
     def mark(self, topic: str, group: str, seq: int) -> str:
         return f"{self.prefix}.kv.h.{encode(topic)}.{encode(group)}.{seq}"
+
+    def free(self, topic: str, group: str, seq: int) -> str:
+        return f"{self.prefix}.kv.f.{encode(topic)}.{encode(group)}.{seq}"
 
     def registry(self, topic: str, group: str, consumer: str) -> str:
         return f"{self.prefix}.kv.c.{encode(topic)}.{encode(group)}.{encode(consumer)}"

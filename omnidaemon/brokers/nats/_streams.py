@@ -209,6 +209,14 @@ class NatsParts(NatsStreams):
         """The highest delivery count recorded by `_write_marks` for an entry, or `None`."""
         raise NotImplementedError
 
+    async def _read_free(self, sub: Subscription, seq: int) -> int:
+        """How many deliveries of an entry were never run (`_write_free`); 0 if none."""
+        raise NotImplementedError
+
+    async def _write_free(self, sub: Subscription, seq: int, count: int) -> None:
+        """Record how many deliveries of an entry were never run: they are no attempts."""
+        raise NotImplementedError
+
     async def _register(self, sub: Subscription, consumer: str, pending: int) -> None:
         """List `consumer` in its group's registry (refreshing its idle time)."""
         raise NotImplementedError

@@ -318,6 +318,15 @@ class NatsValues(NatsParts):
         msg = await self._last(self._names.mark(sub.topic, sub.group, seq))
         return _int(msg.data) if msg is not None else None
 
+    async def _read_free(self, sub: Subscription, seq: int) -> int:
+        msg = await self._last(self._names.free(sub.topic, sub.group, seq))
+        return (_int(msg.data) or 0) if msg is not None else 0
+
+    async def _write_free(self, sub: Subscription, seq: int, count: int) -> None:
+        # Written by the consumer holding the entry only: no compare-and-set needed.
+        subject = self._names.free(sub.topic, sub.group, seq)
+        await self._put(subject, str(count).encode(), _ttl(_MARK_TTL))
+
     # The consumer registry -----------------------------------------------------------------
 
     async def _register(self, sub: Subscription, consumer: str, pending: int) -> None:
