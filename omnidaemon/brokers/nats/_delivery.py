@@ -214,7 +214,7 @@ class NatsDelivery(NatsFetching):
         reader that is going away and that no fetch handed out: entries answering a waiting
         request of an interrupted fetch (waited for until that request expires), since left
         to the server they would come back after AckWait as a further attempt."""
-        end = reader.waiting_until + 0.5
+        end = reader.waiting_until + 0.25  # its answer may still be on its way
         while reader.waiting is not None and anyio.current_time() < end:
             reader.arrived = anyio.Event()
             with anyio.move_on_after(end - anyio.current_time()):

@@ -34,7 +34,7 @@ _log = get_logger("omnidaemon.broker")
 
 _REGISTER_EVERY = 5.0  # seconds between writes of a busy consumer's registry entry
 _NO_WAIT_REPLY = 5.0  # seconds a no-wait pull may take to answer
-_LONGEST_WAIT = 1.0  # seconds one pull request waits for entries (a fetch may send several)
+_LONGEST_WAIT = 0.5  # seconds one pull request waits for entries (a fetch may send several)
 ATTEMPT_HEADER = "Omni-Attempt"
 
 
