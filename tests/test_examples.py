@@ -1,4 +1,4 @@
-"""Every pattern example runs as documented, on the embedded bus."""
+"""Every pattern example runs as documented, on the embedded bus and on NATS JetStream."""
 
 from __future__ import annotations
 
@@ -23,9 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
         ("payments.py", ["the card was charged 1 time(s)", "duplicate: {'receipt'"]),
     ],
 )
-def test_example_runs(embedded_home: Path, example: str, expected: list[str]) -> None:
+@pytest.mark.parametrize("bus", ["embedded", "nats"])
+def test_example_runs(
+    request: pytest.FixtureRequest, bus: str, example: str, expected: list[str]
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIDAEMON_")}
-    env["OMNIDAEMON_HOME"] = str(embedded_home)
+    if bus == "nats":
+        env["OMNIDAEMON_BROKER_URL"] = request.getfixturevalue("nats_server").url
+    else:
+        env["OMNIDAEMON_HOME"] = str(request.getfixturevalue("embedded_home"))
     result = subprocess.run(
         [sys.executable, f"examples/{example}"],
         cwd=ROOT,
