@@ -160,10 +160,13 @@ class NatsStreams(NatsCore):
         await self._ensure_group(sub)
         if abs(self._groups[sub] - ack_wait) < 1e-3:
             return
-        stream = self._names.stream(sub.topic)
-        body = {"stream_name": stream, "config": self._group_config(sub, ack_wait)}
-        body["action"] = "update"
-        info = await self._api(f"CONSUMER.CREATE.{stream}.{self._names.consumer(sub.group)}", body)
+        stream, durable = self._names.stream(sub.topic), self._names.consumer(sub.group)
+        # The consumer's config as it is, with only AckWait changed: whatever else was set
+        # on it (`expire_topic`'s `inactive_threshold`, an operator's edit) stays.
+        config = dict((await self._consumer_info(stream, durable))["config"])
+        config["ack_wait"] = int(ack_wait * 1e9)
+        body = {"stream_name": stream, "config": config, "action": "update"}
+        info = await self._api(f"CONSUMER.CREATE.{stream}.{durable}", body)
         self._groups[sub] = info["config"]["ack_wait"] / 1e9
 
     def _forget(self, topic: str) -> None:
