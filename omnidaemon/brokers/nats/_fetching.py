@@ -1,11 +1,11 @@
 """Fetching on NATS: pull requests on an agent's durable consumer, and takeovers.
 
-- **Fetch** sends pull requests (`CONSUMER.MSG.NEXT`) with a reply subject under the reader's
-  own inbox: first `no_wait` for what is there, then, if nothing was, one waiting request for a
-  single entry (so that entries arriving later are not pushed to a reader that stopped asking),
-  then `no_wait` again for the rest of the batch. Everything the server pushes to the inbox,
-  even for an earlier request that was interrupted or cancelled, is kept in the reader's
-  buffer and handed out by the next fetch or `recover`: nothing delivered is dropped.
+- **Fetch** sends one pull request (`CONSUMER.MSG.NEXT`, `no_wait` with `expires`: it waits
+  for the first entry, then returns what is there and ends) with a reply subject under the
+  reader's own inbox; waits are cut in slices of `_LONGEST_WAIT`, so a reader that stops
+  leaves no request open for long. Everything the server pushes to the inbox, even for an
+  earlier request that was interrupted or cancelled, is kept in the reader's buffer and
+  handed out by the next fetch or `recover`: nothing delivered is dropped.
 - **Attempts** are the server's delivery count (`$JS.ACK.<stream>.<consumer>.<count>.<seq>...`),
   plus the `Omni-Attempt` header of entries published for one agent alone (replays, deferrals).
 - **Takeovers.** The server hands an entry out again once its lease (the consumer's AckWait)
@@ -13,6 +13,8 @@
   that its retry did not mark is a takeover: it is marked with its new delivery count (so that
   the consumer that lost it settles nothing, see `_delivery`) and parked for `reclaim`, which
   hands it out as the worker expects a takeover (logged, on its last attempt run alone).
+  While parked it is no attempt (`_write_free`): if this worker dies before handing it out,
+  the next delivery of it has the same attempt number.
 """
 
 from __future__ import annotations
