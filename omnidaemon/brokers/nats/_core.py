@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -35,6 +36,8 @@ __all__ = [
     "JetStreamError",
     "NatsCore",
     "Reader",
+    "msg_seq",
+    "server_time",
 ]
 
 _log = get_logger("omnidaemon.broker")
@@ -330,3 +333,16 @@ def _is_auth_error(exc: BaseException | None) -> bool:
 def unavailable(url: str, exc: BaseException) -> BusUnavailable:
     """The error a publish raises once it gave up on a bus that does not answer."""
     return BusUnavailable(f"the bus at {url} is unavailable: {type(exc).__name__}: {exc}")
+
+
+def msg_seq(msg: Msg) -> int:
+    """The stream sequence a direct get's reply carries (0 if none)."""
+    return int((msg.headers or {}).get("Nats-Sequence", 0))
+
+
+def server_time(text: str | None) -> float:
+    """An RFC 3339 time of the server as a Unix time; 0 when absent or unreadable."""
+    try:
+        return datetime.fromisoformat(text).timestamp() if text else 0.0
+    except ValueError:
+        return 0.0

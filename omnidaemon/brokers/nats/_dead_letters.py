@@ -10,13 +10,13 @@ from nats.aio.msg import Msg
 
 from omnidaemon.brokers.base import Subscription
 from omnidaemon.brokers.nats._core import JetStreamError
+from omnidaemon.brokers.nats._core import msg_seq as _seq
+from omnidaemon.brokers.nats._fetching import ATTEMPT_HEADER
 from omnidaemon.brokers.nats._listing import NatsListing
-from omnidaemon.brokers.nats._listing import msg_seq as _seq
 
 __all__ = ["NatsDeadLetters"]
 
 _PAGE = 256  # records per direct-get page
-_ATTEMPT = "Omni-Attempt"  # the attempt header of group entries (see `_names`)
 _ID_IN_PROCESS = 10158  # "duplicate message id is in process"
 
 
@@ -77,7 +77,7 @@ class NatsDeadLetters(NatsListing):
         if not await self._holds(dlq, seq):  # moved (or purged) meanwhile
             return False
         stamp = (record.headers or {}).get("Nats-Time-Stamp", "")
-        headers = {"Nats-Msg-Id": f"omni-replay:{dlq}:{seq}:{stamp}", _ATTEMPT: "1"}
+        headers = {"Nats-Msg-Id": f"omni-replay:{dlq}:{seq}:{stamp}", ATTEMPT_HEADER: "1"}
         subject = names.group_entries(sub.topic, sub.group)
         for _ in range(100):
             try:

@@ -17,9 +17,9 @@ from typing import Any
 
 from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
 from omnidaemon.brokers.nats._core import JetStreamError
+from omnidaemon.brokers.nats._core import msg_seq as _seq
+from omnidaemon.brokers.nats._core import server_time as _time
 from omnidaemon.brokers.nats._listing import NatsListing
-from omnidaemon.brokers.nats._listing import msg_seq as _seq
-from omnidaemon.brokers.nats._listing import server_time as _time
 from omnidaemon.brokers.nats._names import decode
 
 __all__ = ["NatsInspection"]
@@ -272,12 +272,8 @@ class NatsInspection(NatsListing):
                 except JetStreamError as exc:
                     if not exc.not_found:
                         raise
-            # Marks, never-run counts, registry and metric extremes of the topic; not
-            # `topic_kv`, whose `*` would also match values and results whose key starts with
-            # the topic's name.
-            head, _, tail = names.topic_kv(topic).partition(".*.")
-            for kind in ("h", "f", "c", "e"):
-                await self._purge(names.kv_stream, f"{head}.{kind}.{tail}")
+            for kind in ("h", "f", "c", "e"):  # marks, never-run counts, registry, extremes
+                await self._purge(names.kv_stream, names.topic_kv(kind, topic))
             await self._purge(names.metrics_stream, names.metrics_of_topic(topic))
         finally:
             self._forget(topic)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
 from typing import Any
 
 import anyio
 from nats.aio.msg import Msg
 
-from omnidaemon.brokers.nats._core import JetStreamError
+from omnidaemon.brokers.nats._core import JetStreamError, msg_seq
 from omnidaemon.brokers.nats._streams import NatsParts
 
-__all__ = ["NatsListing", "msg_seq", "server_time"]
+__all__ = ["NatsListing"]
 
 _TIMEOUT = 5.0  # one page of a direct get
 _PAGE = 256  # messages per direct-get page
@@ -130,15 +129,3 @@ class NatsListing(NatsParts):
             msgs = window + msgs
             hi, span = lo - 1, span * 2
         return msgs[-limit:]
-
-
-def msg_seq(msg: Msg) -> int:
-    return int((msg.headers or {}).get("Nats-Sequence", 0))
-
-
-def server_time(text: str | None) -> float:
-    """An RFC 3339 time of the server as a Unix time; 0 when absent or unreadable."""
-    try:
-        return datetime.fromisoformat(text).timestamp() if text else 0.0
-    except ValueError:
-        return 0.0

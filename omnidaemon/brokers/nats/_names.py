@@ -151,9 +151,11 @@ class Names:
     def registry_of(self, topic: str, group: str) -> str:
         return f"{self.prefix}.kv.c.{encode(topic)}.{encode(group)}.*"
 
-    def topic_kv(self, topic: str) -> str:
-        """Every value-stream subject that belongs to one topic (marks, registry, extremes)."""
-        return f"{self.prefix}.kv.*.{encode(topic)}.>"
+    def topic_kv(self, kind: str, topic: str) -> str:
+        """Every value-stream subject of one kind (`h` marks, `f` never-run counts, `c` the
+        registry, `e` extremes) that belongs to one topic. Not a `*` for the kind: that would
+        also match values and results whose key starts with the topic's name."""
+        return f"{self.prefix}.kv.{kind}.{encode(topic)}.>"
 
     # Metrics -----------------------------------------------------------------------------
 

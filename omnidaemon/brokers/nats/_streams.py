@@ -176,10 +176,6 @@ class NatsStreams(NatsCore):
         for sub in [s for s in self._groups if s.topic == topic]:
             del self._groups[sub]
 
-    def _forget_all(self) -> None:
-        self._streams.clear()
-        self._groups.clear()
-
     async def _reader(self, sub: Subscription, consumer: str) -> Reader:
         reader = self._readers.get((sub, consumer))
         if reader is None:

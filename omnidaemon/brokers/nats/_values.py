@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from collections.abc import Awaitable, Mapping, Sequence
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -38,6 +36,8 @@ from omnidaemon.brokers.base import Subscription
 from omnidaemon.brokers.nats._core import (
     REQUEST_TIMEOUT,
     JetStreamError,
+    msg_seq,
+    server_time,
     unavailable,
 )
 from omnidaemon.brokers.nats._names import decode, key_from_tokens, key_subject_tokens
@@ -54,28 +54,12 @@ _WRONG_LAST = frozenset({10071, 10164})
 _MARK_TTL = 86_400  # a redelivery mark outlives any lease; then the server drops it
 _RETRY_FIRST, _RETRY_MAX = 0.02, 1.0  # seconds between tries of a write nobody took
 _PAGE = 1000  # messages per direct-get batch of a listing
-_STAMP = re.compile(r"(?P<base>[^.]+?)(?P<fraction>\.\d+)?(?P<zone>Z|[+-]\d\d:\d\d)")
 
 
 def _ttl(seconds: float) -> dict[str, str]:
     """A per-message TTL header: the server takes whole seconds, at least one (it truncates
     fractions and refuses less than a second), so round up: kept at least as long as asked."""
     return {"Nats-TTL": f"{max(1, math.ceil(seconds))}s"}
-
-
-def _epoch(stamp: str) -> float:
-    """Seconds since the epoch of an RFC 3339 time as the server writes it (nanoseconds,
-    which `datetime` cannot read)."""
-    match = _STAMP.fullmatch(stamp)
-    if match is None:
-        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
-    zone = "+00:00" if match["zone"] == "Z" else match["zone"]
-    base = datetime.fromisoformat(match["base"] + zone).timestamp()
-    return base + float(match["fraction"] or 0)
-
-
-def _seq(msg: Msg) -> int:
-    return int((msg.headers or {})["Nats-Sequence"])
 
 
 def _subject(msg: Msg) -> str:
@@ -152,7 +136,7 @@ class NatsValues(NatsParts):
             held = _int(last.data) if last is not None else None
             if held is not None and (held <= value if smaller else held >= value):
                 return
-            seq = _seq(last) if last is not None else 0
+            seq = msg_seq(last) if last is not None else 0
             if await self._cas(subject, str(value).encode(), headers, seq):
                 return
             last = await self._last(subject)  # someone else wrote in between: look again
@@ -188,7 +172,7 @@ class NatsValues(NatsParts):
                     end = await ends.get()
                 found += page
                 if page:
-                    after = _seq(page[-1])
+                    after = msg_seq(page[-1])
                 page.clear()
                 headers = end.headers or {}
                 status = headers["Status"]
@@ -221,7 +205,7 @@ class NatsValues(NatsParts):
         msg = await self._last(subject)
         if msg is None:
             return 0, None
-        return _seq(msg), None if (msg.headers or {}).get(_DELETED) else msg.data
+        return msg_seq(msg), None if (msg.headers or {}).get(_DELETED) else msg.data
 
     async def set_value(
         self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
@@ -346,10 +330,10 @@ class NatsValues(NatsParts):
             if exc.not_found:
                 return {}
             raise
-        now = _epoch(info["ts"])
+        now = server_time(info["ts"])
         consumers = {}
         for msg in found:
-            stamp = _epoch((msg.headers or {})["Nats-Time-Stamp"])
+            stamp = server_time((msg.headers or {})["Nats-Time-Stamp"])
             pending = _int(msg.data, "pending") or 0
             consumers[decode(_subject(msg).rpartition(".")[2])] = (pending, max(0.0, now - stamp))
         return consumers
