@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         PayloadTooLarge,
         PayloadValidationError,
     )
+    from omnidaemon.flow import Budget, RateLimit
     from omnidaemon.results import Result
     from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
 
@@ -56,6 +57,8 @@ _LAZY = {
     "PayloadTooLarge": "omnidaemon.errors",
     "PayloadValidationError": "omnidaemon.errors",
     "Result": "omnidaemon.results",
+    "Budget": "omnidaemon.flow",
+    "RateLimit": "omnidaemon.flow",
     "Backoff": "omnidaemon.retry",
     "Reject": "omnidaemon.retry",
     "Retry": "omnidaemon.retry",
@@ -90,6 +93,7 @@ __all__ = [
     "App",
     "AppLoadError",
     "Backoff",
+    "Budget",
     "BusUnavailable",
     "ConfigurationError",
     "Context",
@@ -99,6 +103,7 @@ __all__ = [
     "OmniDaemonError",
     "PayloadTooLarge",
     "PayloadValidationError",
+    "RateLimit",
     "Reject",
     "Result",
     "Retry",

@@ -6,7 +6,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -16,6 +16,7 @@ from pydantic.errors import PydanticSchemaGenerationError, PydanticUserError
 
 from omnidaemon.context import Context
 from omnidaemon.envelope import Envelope, validate_topic
+from omnidaemon.flow.limits import Budget, FlowSpec, RateLimit, build_flow_spec
 from omnidaemon.retry import Backoff, RetryPolicy
 
 __all__ = ["AgentSpec", "Handler", "build_agent_spec", "validate_agent_name"]
@@ -63,6 +64,7 @@ class AgentSpec:
         idempotency_key: Maps a payload to its key; the handler runs at most once per key
             among successful runs (see `omnidaemon.idempotency`).
         idempotency_ttl: Seconds a key's successful result is remembered.
+        flow: Rate limit, budgets and per-key concurrency (see `omnidaemon.flow`), or `None`.
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         envelope_adapter: Validates an envelope with this agent's payload type from JSON bytes.
         return_adapter: Validates the return value, or `None` when it is not checked.
@@ -88,6 +90,7 @@ class AgentSpec:
     result_ttl: float = 86_400.0
     idempotency_key: Callable[[Any], Any] | None = None
     idempotency_ttl: float = 86_400.0
+    flow: FlowSpec | None = None
 
 
 def _qualname(handler: Handler) -> str:
@@ -166,6 +169,12 @@ def build_agent_spec(
     result_ttl: float | timedelta = 86_400.0,
     idempotency_key: Callable[[Any], Any] | None = None,
     idempotency_ttl: float | timedelta = 86_400.0,
+    rate_limit: str | RateLimit | None = None,
+    rate_limit_key: Callable[[Any], Any] | None = None,
+    key_concurrency: int | None = None,
+    concurrency_key: Callable[[Any], Any] | None = None,
+    budgets: Sequence[Budget] | None = None,
+    estimate: Callable[[Any], float | Mapping[str, float]] | None = None,
 ) -> AgentSpec:
     """Inspect `handler` and the decorator's options; raise `TypeError`/`ValueError` if unusable.
 
@@ -274,6 +283,15 @@ def build_agent_spec(
         raise ValueError(f"{qualname}: result_ttl must be > 0 seconds")
     if start not in ("earliest", "latest"):
         raise ValueError(f"{qualname}: start must be 'earliest' or 'latest', not {start!r}")
+    flow = build_flow_spec(
+        qualname,
+        rate_limit=rate_limit,
+        rate_limit_key=rate_limit_key,
+        key_concurrency=key_concurrency,
+        concurrency_key=concurrency_key,
+        budgets=budgets,
+        estimate=estimate,
+    )
 
     return AgentSpec(
         name=agent_name,
@@ -296,4 +314,5 @@ def build_agent_spec(
         result_ttl=ttl_s,
         idempotency_key=idempotency_key,
         idempotency_ttl=_seconds(idempotency_ttl),
+        flow=flow,
     )

@@ -44,6 +44,7 @@ from omnidaemon.errors import (
     PayloadTooLarge,
     PayloadValidationError,
 )
+from omnidaemon.flow.limits import Budget, RateLimit, check_budgets
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result, wait_result
@@ -77,6 +78,18 @@ def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> floa
     if not seconds >= 0:  # NaN too
         raise ValueError(f"delay must be a number of seconds, not negative, not {seconds}")
     return seconds
+
+
+def expiry_time(expires: timedelta | datetime) -> datetime:
+    """When an event published with `expires=` expires: a lifetime from now, or a time
+    (timezone-aware, or naive UTC)."""
+    if isinstance(expires, timedelta):
+        if not expires.total_seconds() > 0:
+            raise ValueError(f"expires must be a positive lifetime, not {expires}")
+        return datetime.now(UTC) + expires
+    if isinstance(expires, datetime):
+        return expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
+    raise TypeError(f"expires takes a timedelta or a datetime, not {type(expires).__name__}")
 
 
 class App:
@@ -157,6 +170,12 @@ class App:
         result_ttl: float | timedelta = 86_400.0,
         idempotency_key: Callable[[Any], Any] | None = None,
         idempotency_ttl: float | timedelta = 86_400.0,
+        rate_limit: str | RateLimit | None = None,
+        rate_limit_key: Callable[[Any], Any] | None = None,
+        key_concurrency: int | None = None,
+        concurrency_key: Callable[[Any], Any] | None = None,
+        budgets: Sequence[Budget] | None = None,
+        estimate: Callable[[Any], float | Mapping[str, float]] | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as an agent consuming `topic`.
 
@@ -187,6 +206,21 @@ class App:
                 runs at most once per key among successful runs; a duplicate gets the stored
                 result. See `omnidaemon.idempotency` for the exact guarantee.
             idempotency_ttl: Seconds a key's result is remembered (24 h).
+            rate_limit: Handler starts allowed per period across the whole fleet: `"60/m"`,
+                `"10/s"`, or `RateLimit(60, per=60, burst=10)`. An event over the limit
+                waits on the bus (no lease, no attempt counted) and starts as soon as the
+                limit allows. See docs/flow-control.md.
+            rate_limit_key: A function of the payload (`lambda e: e.tenant_id`): one
+                `rate_limit` per key instead of one for the agent.
+            key_concurrency: Most handlers running at once per key of `concurrency_key`,
+                across the fleet; keys take turns, so one key's backlog does not hold up
+                another's events.
+            concurrency_key: A function of the payload giving its `key_concurrency` key.
+            budgets: `Budget(...)`s a start needs out of debt (shared by every agent naming
+                them); the handler pays what it used with `ctx.charge(name, units)`.
+            estimate: A function of the payload giving the units it will likely use (a
+                number for every budget, or `{name: units}`), reserved at admission and
+                settled by `ctx.charge`.
 
         Raises:
             TypeError: The handler's signature cannot be used (see the message).
@@ -216,17 +250,35 @@ class App:
                 result_ttl=result_ttl,
                 idempotency_key=idempotency_key,
                 idempotency_ttl=idempotency_ttl,
+                rate_limit=rate_limit,
+                rate_limit_key=rate_limit_key,
+                key_concurrency=key_concurrency,
+                concurrency_key=concurrency_key,
+                budgets=budgets,
+                estimate=estimate,
             )
             if spec.name in self._agents:
                 raise ValueError(
                     f"an agent named {spec.name!r} is already registered on app {self.name!r}; "
                     "pass name=... to tell them apart"
                 )
+            if spec.flow is not None:
+                check_budgets(self.budgets, spec.flow.budgets.values(), spec.name)
             self._agents[spec.name] = spec
             self._topic_types = None
             return handler
 
         return decorate
+
+    @property
+    def budgets(self) -> dict[str, Budget]:
+        """Every budget an agent of the app declares, by name (what `ctx.charge` may name)."""
+        return {
+            name: budget
+            for spec in self._agents.values()
+            if spec.flow is not None
+            for name, budget in spec.flow.budgets.items()
+        }
 
     def remove_agent(self, name: str) -> AgentSpec:
         """Forget the agent `name`, so that another can be registered under its name.
@@ -374,6 +426,7 @@ class App:
         webhook: str | None,
         tenant_id: str | None,
         headers: Mapping[str, str] | None,
+        expires_at: datetime | None = None,
     ) -> tuple[str, bytes]:
         """Validate and encode a new event from this app; return `(event_id, data)`.
 
@@ -400,6 +453,7 @@ class App:
                 self.name,
                 tenant_id,
                 dict(headers) if headers else None,
+                expires_at,
             )
         except TypeError as exc:
             # orjson's reason names no field: find which one, and where in it. A value of a
@@ -447,6 +501,7 @@ class App:
         headers: Mapping[str, str] | None = None,
         delay: float | timedelta | None = None,
         at: datetime | None = None,
+        expires: timedelta | datetime | None = None,
     ) -> str:
         """Publish one event and return its id.
 
@@ -463,6 +518,9 @@ class App:
                 the bus meanwhile, so it survives restarts. At most `settings.max_delay`
                 (`OMNIDAEMON_MAX_DELAY`, 30 days).
             at: A time (timezone-aware, or naive UTC) at which agents see the event.
+            expires: A lifetime (`timedelta`, from now) or a time (`datetime`): an agent that
+                has not started the event by then dead-letters it as `Expired` without
+                running it (for answers nobody waits for any more).
 
         Raises:
             ValueError: The topic name is invalid.
@@ -480,7 +538,15 @@ class App:
         self.check_payload(topic, payload)
         hold = 0.0 if delay is None and at is None else self._hold(topic, delay, at)
         event_id, data = self._encode(
-            topic, payload, correlation_id, causation_id, reply_to, webhook, tenant_id, headers
+            topic,
+            payload,
+            correlation_id,
+            causation_id,
+            reply_to,
+            webhook,
+            tenant_id,
+            headers,
+            None if expires is None else expiry_time(expires),
         )
         if not self._connected:
             await self.connect()

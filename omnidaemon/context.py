@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,7 +37,16 @@ class Context:
         ```
     """
 
-    __slots__ = ("_app", "_log", "agent", "attempt", "event", "max_attempts", "replied")
+    __slots__ = (
+        "_app",
+        "_charge",
+        "_log",
+        "agent",
+        "attempt",
+        "event",
+        "max_attempts",
+        "replied",
+    )
 
     def __init__(
         self, app: App, event: Envelope[Any], *, agent: str, attempt: int, max_attempts: int
@@ -48,6 +58,8 @@ class Context:
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.replied = False
+        # Set by the worker when the app declares budgets: pays a charge (see `charge`).
+        self._charge: Callable[[str, float], Awaitable[None]] | None = None
 
     @property
     def app(self) -> App:
@@ -134,6 +146,26 @@ class Context:
         self.replied = True
         return event_id
 
+    async def charge(self, budget: str, units: float) -> None:
+        """Pay `units` of `budget` for what this handler used (the tokens a model call
+        reported, say). The budget may go into debt; new starts of every agent drawing on it
+        then wait until it has been paid back. What was reserved for this event at admission
+        (`estimate=`) is settled by its first charge of that budget.
+
+        Raises:
+            ValueError: no agent of the app declares `budget`, or `units` is negative.
+        """
+        if self._charge is None:
+            known = ", ".join(sorted(self._app.budgets)) or "none"
+            raise ValueError(
+                f"no agent of this app declares a budget {budget!r} (budgets: {known})"
+            )
+        await self._charge(budget, units)
+
+    def charge_sync(self, budget: str, units: float) -> None:
+        """`charge` for plain `def` handlers, which run in a worker thread."""
+        anyio.from_thread.run(self.charge, budget, units)
+
     async def publish(
         self,
         topic: str,
@@ -144,6 +176,7 @@ class Context:
         headers: dict[str, str] | None = None,
         delay: float | timedelta | None = None,
         at: datetime | None = None,
+        expires: timedelta | datetime | None = None,
     ) -> str:
         """Publish an event caused by the one being handled.
 
@@ -161,6 +194,7 @@ class Context:
             headers=headers,
             delay=delay,
             at=at,
+            expires=expires,
         )
 
     def publish_sync(

@@ -174,6 +174,7 @@ def encode_new(
     source: str | None = None,
     tenant_id: str | None = None,
     headers: dict[str, str] | None = None,
+    expires_at: datetime | None = None,
 ) -> tuple[str, bytes]:
     """Encode a new event straight to its wire form; return `(event_id, data)`.
 
@@ -186,23 +187,24 @@ def encode_new(
     if reply_to is not None:
         validate_topic(reply_to)
     event_id = _ids.next()
-    data = dumps(
-        {
-            "v": WIRE_VERSION,
-            "id": event_id,
-            "topic": topic,
-            "payload": payload,
-            "created_at": datetime.now(UTC),
-            "correlation_id": correlation_id or event_id,
-            "causation_id": causation_id,
-            "reply_to": reply_to,
-            "webhook": webhook,
-            "source": source,
-            "tenant_id": tenant_id,
-            "headers": headers or {},
-        }
-    )
-    return event_id, data
+    fields = {
+        "v": WIRE_VERSION,
+        "id": event_id,
+        "topic": topic,
+        "payload": payload,
+        "created_at": datetime.now(UTC),
+        "correlation_id": correlation_id or event_id,
+        "causation_id": causation_id,
+        "reply_to": reply_to,
+        "webhook": webhook,
+        "source": source,
+        "tenant_id": tenant_id,
+        "headers": headers or {},
+    }
+    if expires_at is not None:
+        # Written only when set: most events have none, and every byte is on the hot path.
+        fields["expires_at"] = expires_at
+    return event_id, dumps(fields)
 
 
 class UnsupportedVersion(ValueError):
@@ -238,6 +240,8 @@ class Envelope(BaseModel, Generic[PayloadT]):
         source: The name of the app that published it.
         tenant_id: Free-form tenant marker, carried unchanged.
         headers: String metadata carried unchanged (tracing context, for example).
+        expires_at: When it expires: an event not started by then is dead-lettered as
+            `Expired` without running (`None`: never).
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -254,6 +258,7 @@ class Envelope(BaseModel, Generic[PayloadT]):
     source: str | None = None
     tenant_id: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    expires_at: datetime | None = None
 
     @classmethod
     def new(
@@ -268,6 +273,7 @@ class Envelope(BaseModel, Generic[PayloadT]):
         source: str | None = None,
         tenant_id: str | None = None,
         headers: dict[str, str] | None = None,
+        expires_at: datetime | None = None,
     ) -> Envelope[PayloadT]:
         """Make a new envelope with a fresh id and the current time.
 
@@ -287,26 +293,28 @@ class Envelope(BaseModel, Generic[PayloadT]):
             source=source,
             tenant_id=tenant_id,
             headers=dict(headers) if headers else {},
+            expires_at=expires_at,
         )
 
     def encode(self) -> bytes:
         """Return the wire form: orjson-encoded JSON bytes."""
-        return dumps(
-            {
-                "v": self.v,
-                "id": self.id,
-                "topic": self.topic,
-                "payload": self.payload,
-                "created_at": self.created_at,
-                "correlation_id": self.correlation_id,
-                "causation_id": self.causation_id,
-                "reply_to": self.reply_to,
-                "webhook": self.webhook,
-                "source": self.source,
-                "tenant_id": self.tenant_id,
-                "headers": self.headers,
-            }
-        )
+        fields = {
+            "v": self.v,
+            "id": self.id,
+            "topic": self.topic,
+            "payload": self.payload,
+            "created_at": self.created_at,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "reply_to": self.reply_to,
+            "webhook": self.webhook,
+            "source": self.source,
+            "tenant_id": self.tenant_id,
+            "headers": self.headers,
+        }
+        if self.expires_at is not None:
+            fields["expires_at"] = self.expires_at
+        return dumps(fields)
 
     @staticmethod
     def check_version(data: bytes) -> None:

@@ -20,6 +20,11 @@ What is counted, per agent:
   day, and never outside the smallest and largest (see `omnidaemon._histogram`).
 - `latency`: a histogram of end-to-end latency (seconds) of succeeded events, from the
   envelope's `created_at` to the end of the handler: queueing, retries and handling together.
+- `throttled`: times an event was put back on the bus by flow control (a rate limit, budget
+  or key's concurrency refused it for now; see `omnidaemon.flow`).
+- `expired`: events dead-lettered as `Expired` because they were not started in time.
+- `wait`: a histogram of the time events that flow control held back waited (seconds), from
+  their first refusal to their start.
 
 In flight (handlers running now) is a gauge, not a count: it comes from the workers'
 heartbeats.
@@ -61,10 +66,18 @@ def is_extreme(field_name: str) -> bool:
     return field_name.endswith((":max_us", ":min_us"))
 
 
-COUNTERS: tuple[str, ...] = ("received", "succeeded", "failed", "retried", "dead_lettered")
+COUNTERS: tuple[str, ...] = (
+    "received",
+    "succeeded",
+    "failed",
+    "retried",
+    "dead_lettered",
+    "throttled",
+    "expired",
+)
 """The counters of every agent, in display order."""
 
-_HISTOGRAMS = ("duration", "latency")
+_HISTOGRAMS = ("duration", "latency", "wait")
 _NO_LOW = 1 << 62  # above any duration in microseconds: "no observation yet"
 
 
@@ -80,9 +93,12 @@ class AgentMetricsSnapshot:
         failed: Handler runs that failed.
         retried: Retries scheduled.
         dead_lettered: Events dead-lettered.
+        throttled: Times flow control put an event back on the bus to wait.
+        expired: Events dead-lettered as `Expired`, unrun.
         in_flight: Handlers running now (from heartbeats; 0 when no worker runs).
         duration: Handler run times.
         latency: End-to-end latency of succeeded events.
+        wait: How long events held back by flow control waited before they started.
     """
 
     topic: str
@@ -92,9 +108,12 @@ class AgentMetricsSnapshot:
     failed: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    throttled: int = 0
+    expired: int = 0
     in_flight: int = 0
     duration: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
     latency: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
+    wait: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
 
     @classmethod
     def from_fields(
@@ -110,9 +129,12 @@ class AgentMetricsSnapshot:
             failed=int(fields.get("failed", 0)),
             retried=int(fields.get("retried", 0)),
             dead_lettered=int(fields.get("dead_lettered", 0)),
+            throttled=int(fields.get("throttled", 0)),
+            expired=int(fields.get("expired", 0)),
             in_flight=in_flight,
             duration=histograms["duration"],
             latency=histograms["latency"],
+            wait=histograms["wait"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -124,6 +146,7 @@ class AgentMetricsSnapshot:
             "in_flight": self.in_flight,
             "duration_seconds": self.duration.to_json(),
             "latency_seconds": self.latency.to_json(),
+            "wait_seconds": self.wait.to_json(),
         }
 
 
@@ -157,13 +180,19 @@ class AgentMetrics:
         "_latency_low_us",
         "_latency_sum_us",
         "_sent",
+        "_wait",
+        "_wait_high_us",
+        "_wait_low_us",
+        "_wait_sum_us",
         "agent",
         "dead_lettered",
+        "expired",
         "failed",
         "in_flight",
         "received",
         "retried",
         "succeeded",
+        "throttled",
         "topic",
     )
 
@@ -175,6 +204,8 @@ class AgentMetrics:
         self.failed = 0
         self.retried = 0
         self.dead_lettered = 0
+        self.throttled = 0
+        self.expired = 0
         self.in_flight = 0
         self._duration = [0] * (len(BOUNDS) + 1)
         self._duration_sum_us = 0
@@ -184,6 +215,10 @@ class AgentMetrics:
         self._latency_sum_us = 0
         self._latency_low_us = _NO_LOW
         self._latency_high_us = -1
+        self._wait = [0] * (len(BOUNDS) + 1)
+        self._wait_sum_us = 0
+        self._wait_low_us = _NO_LOW
+        self._wait_high_us = -1
         self._sent: dict[str, int] = {}
 
     def observe_duration(self, seconds: float) -> None:
@@ -208,6 +243,15 @@ class AgentMetrics:
         if us < self._latency_low_us:
             self._latency_low_us = us
 
+    def observe_wait(self, seconds: float) -> None:
+        """Record how long an event held back by flow control waited before it started."""
+        seconds = max(0.0, seconds)
+        self._wait[_bucket_of(BOUNDS, seconds)] += 1
+        us = int(seconds * 1_000_000)
+        self._wait_sum_us += us
+        self._wait_high_us = max(self._wait_high_us, us)
+        self._wait_low_us = min(self._wait_low_us, us)
+
     def _fields(self) -> dict[str, int]:
         fields = {name: getattr(self, name) for name in COUNTERS}
         for name, counts, sum_us, low_us, high_us in (
@@ -225,6 +269,7 @@ class AgentMetrics:
                 self._latency_low_us,
                 self._latency_high_us,
             ),
+            ("wait", self._wait, self._wait_sum_us, self._wait_low_us, self._wait_high_us),
         ):
             for index, count in enumerate(counts):
                 if count:

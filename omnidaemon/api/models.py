@@ -251,9 +251,12 @@ class AgentMetrics(BaseModel):
     failed: int
     retried: int
     dead_lettered: int
+    throttled: int = 0
+    expired: int = 0
     in_flight: int
     duration_seconds: Histogram
     latency_seconds: Histogram
+    wait_seconds: Histogram | None = None
 
 
 class MetricsResponse(BaseModel):

@@ -27,11 +27,15 @@ same promises, checked by one conformance suite:
 
 from __future__ import annotations
 
+import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
+
+import anyio
 
 __all__ = [
     "Broker",
@@ -44,6 +48,9 @@ __all__ = [
     "Subscription",
     "TopicInfo",
 ]
+
+R = TypeVar("R")
+_UPDATE_TRIES = 200  # compare-and-set rounds before `update_value` gives up
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +462,38 @@ class Broker(ABC):
     ) -> bool:
         """Atomically, only if `key` holds `expected`: store `value` for `ttl` seconds (or
         remove the key when `value` is None). Returns whether it did."""
+
+    async def update_value(
+        self, key: str, update: Callable[[bytes | None], tuple[bytes, float, R]]
+    ) -> R:
+        """Change `key`'s value atomically: `update(current)` returns `(new value, ttl,
+        answer)`; the new value is stored for `ttl` seconds, and the answer returned.
+
+        `update` must be a pure function of the value (it may run more than once: the default
+        reads, then stores with compare-and-set, and runs it again on a conflict). A bus that
+        can run it in one step (the in-memory bus) does.
+
+        Raises:
+            RuntimeError: the value kept changing under it for `_UPDATE_TRIES` rounds.
+        """
+        for round_ in range(_UPDATE_TRIES):
+            current = await self.get_value(key)
+            new, ttl, answer = update(current)
+            if current is None:
+                if await self.set_value(key, new, ttl, only_if_absent=True):
+                    return answer
+            elif await self.replace_value(key, current, new, ttl):
+                return answer
+            # Others won the race: spread the retries so they do not collide again.
+            await anyio.sleep(random.uniform(0, 0.001 * min(round_ + 1, 20)))
+        raise RuntimeError(f"value {key!r} kept changing: gave up after {_UPDATE_TRIES} tries")
+
+    def clock(self) -> float:
+        """Seconds since the epoch, as flow control measures time (rate limits, budgets,
+        leases of concurrency slots): the worker's wall clock, which must agree across the
+        fleet within what the limits can tolerate (NTP). The in-memory bus's moves with its
+        test clock."""
+        return time.time()
 
     # Inspection ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from omnidaemon.brokers.base import (
     ConsumerInfo,
     Delivery,
     GroupInfo,
+    R,
     Reclaimed,
     Renewal,
     Subscription,
@@ -513,6 +514,18 @@ class MemoryBroker(Broker):
         else:
             self._bus.values[key] = (self._bus.now() + ttl, value)
         return True
+
+    async def update_value(
+        self, key: str, update: Callable[[bytes | None], tuple[bytes, float, R]]
+    ) -> R:
+        # One step, with no await between the read and the write: atomic on this bus.
+        await anyio.lowlevel.checkpoint()
+        new, ttl, answer = update(self._value(key))
+        self._bus.values[key] = (self._bus.now() + ttl, new)
+        return answer
+
+    def clock(self) -> float:
+        return time.time() + self._bus.offset
 
     def _value(self, key: str) -> bytes | None:
         expires, value = self._bus.values.get(key, (0.0, b""))

@@ -17,7 +17,8 @@ def metrics(
     json: JsonOption = False,
 ) -> None:
     """Per agent, summed over every worker: received, succeeded, failed, retried,
-    dead-lettered, in flight, handler duration and end-to-end latency."""
+    dead-lettered, held back by flow control (THROTTLED, and how long they waited), in flight,
+    handler duration and end-to-end latency."""
     from omnidaemon.fleet import fleet_metrics
 
     async def run() -> None:
@@ -35,6 +36,8 @@ def metrics(
                 "FAILED",
                 "RETRIED",
                 "DLQ",
+                "THROTTLED",
+                "WAIT P99",
                 "IN FLIGHT",
                 "P50",
                 "P99",
@@ -50,6 +53,8 @@ def metrics(
                     number(s.failed),
                     number(s.retried),
                     number(s.dead_lettered),
+                    number(s.throttled),
+                    age(s.wait.quantile(0.99)),
                     number(s.in_flight),
                     age(s.duration.quantile(0.5)),
                     age(s.duration.quantile(0.99)),
@@ -58,7 +63,7 @@ def metrics(
                 ]
                 for s in snapshots
             ],
-            numeric=["RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "IN FLIGHT"],
+            numeric=["RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "THROTTLED", "IN FLIGHT"],
             empty="no metrics yet: no worker has handled an event",
         )
 

@@ -39,6 +39,8 @@ _COUNTERS = (
     ("failed", "Handler runs that raised, timed out or returned a mistyped value."),
     ("retried", "Retries scheduled."),
     ("dead_lettered", "Events moved to the dead-letter queue, whatever the reason."),
+    ("throttled", "Times flow control put an event back on the bus to wait for its turn."),
+    ("expired", "Events dead-lettered as Expired because they were not started in time."),
 )
 
 
@@ -90,6 +92,11 @@ class _SnapshotCollector:
             "End-to-end latency of succeeded events, from publication to the handler's end.",
             labels=_LABELS,
         )
+        wait = HistogramMetricFamily(
+            "omnidaemon_flow_wait_seconds",
+            "Time events held back by flow control waited, from first refusal to start.",
+            labels=_LABELS,
+        )
         for snapshot in self._snapshots:
             labels = (self._app, snapshot.topic, snapshot.agent)
             for name, family in counters:
@@ -97,11 +104,13 @@ class _SnapshotCollector:
             in_flight.add_metric(labels, snapshot.in_flight)
             duration.add_metric(labels, _buckets(snapshot.duration), snapshot.duration.total)
             latency.add_metric(labels, _buckets(snapshot.latency), snapshot.latency.total)
+            wait.add_metric(labels, _buckets(snapshot.wait), snapshot.wait.total)
         for _, family in counters:
             yield family
         yield in_flight
         yield duration
         yield latency
+        yield wait
 
 
 def _buckets(histogram: HistogramSnapshot) -> list[tuple[str, float]]:

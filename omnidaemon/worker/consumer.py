@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,6 +21,8 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
 from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
+from omnidaemon.flow.gate import Admission, FlowGate, Refusal, mark_waited
+from omnidaemon.flow.limits import FlowSpec
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
@@ -121,8 +125,23 @@ class AgentConsumer(Fetching, Outcomes):
         self._direct = spec.is_async and spec.timeout is None
         self._max_payload_bytes = app.settings.max_payload_bytes
         self._log = _log.bind(agent=spec.name, topic=spec.topic)
+        budgets = app.budgets
+        self._gate = (
+            FlowGate(
+                self._broker,
+                spec.name,
+                spec.flow or FlowSpec(),
+                lease=spec.reclaim_idle,
+                consumer=consumer,
+                budgets=budgets,
+                log=self._log,
+            )
+            if spec.flow is not None or budgets
+            else None
+        )
         self._prune_idle = prune_idle(spec)
         self._next_prune = 0.0  # the first reclaim prunes: consumers of earlier crashed runs
+        self._due: list[float] = []  # when events this consumer put back are due (a heap)
 
     @property
     def capacity(self) -> int:
@@ -283,6 +302,31 @@ class AgentConsumer(Fetching, Outcomes):
             await self._process_event(delivery, envelope)
 
     async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
+        if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):
+            return
+        gate = self._gate
+        if gate is None or self._spec.flow is None:
+            await self._run_event(delivery, envelope, None)
+            return
+        try:
+            verdict = await gate.admit(envelope)
+        except Exception as exc:
+            # A key or estimate function that raised: the attempt fails like a handler's.
+            await self._fail(delivery, envelope, exc, None)
+            return
+        if isinstance(verdict, Refusal):
+            await self._wait_on_bus(delivery, envelope, verdict)
+            return
+        if verdict.waited:
+            self.metrics.observe_wait(verdict.waited)
+        try:
+            await self._run_event(delivery, envelope, verdict)
+        finally:
+            await self._release(verdict)
+
+    async def _run_event(
+        self, delivery: Delivery, envelope: Envelope[Any], admission: Admission | None
+    ) -> None:
         spec = self._spec
         if spec.store_results:
             await self._record(delivery, envelope.id, "running")
@@ -293,6 +337,8 @@ class AgentConsumer(Fetching, Outcomes):
             attempt=delivery.attempt,
             max_attempts=spec.policy.max_attempts,
         )
+        if self._gate is not None:
+            ctx._charge = partial(self._gate.charge, admission)
         idempotency = self._idempotency
         idempotency_key: str | None = None
         claim: bytes | None = None  # this run's claim of the key, while it holds one
@@ -354,6 +400,63 @@ class AgentConsumer(Fetching, Outcomes):
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
+
+    async def _expired(self, delivery: Delivery, envelope: Envelope[Any], wait: float) -> bool:
+        """Dead-letter the event as `Expired`, unrun, if it expires within `wait` seconds
+        (0: it has expired); say whether it did."""
+        assert envelope.expires_at is not None
+        now = self._broker.clock()
+        expires = envelope.expires_at.timestamp()
+        if expires > now + wait:
+            return False
+        why = (
+            "it expired before it started"
+            if expires <= now
+            else f"it would expire before flow control lets it start (in {wait:.3g} s)"
+        )
+        self.metrics.expired += 1
+        await self._dead_letter(
+            delivery,
+            envelope,
+            "Expired",
+            f"{why}: expires_at {envelope.expires_at.isoformat()}; it was not run",
+        )
+        return True
+
+    async def _wait_on_bus(
+        self, delivery: Delivery, envelope: Envelope[Any], refusal: Refusal
+    ) -> None:
+        """Put an event a limit refused back on the bus until the limit allows it: the same
+        attempt, no lease held, no handler slot taken (see `omnidaemon.flow.gate`)."""
+        if envelope.expires_at is not None and await self._expired(
+            delivery, envelope, refusal.wait
+        ):
+            return
+        key = (delivery.origin, delivery.id)
+        waiting = replace(delivery, data=mark_waited(delivery.data, refusal.since))
+        deferred = await self._broker.retry(
+            self.subscription,
+            waiting,
+            refusal.wait,
+            attempt=delivery.attempt,
+            trimmed=key in self._trimmed,
+        )
+        if not deferred:
+            self._report_lost(delivery, envelope)
+            return
+        self.metrics.throttled += 1
+        self._due_at(refusal.wait)
+
+    async def _release(self, admission: Admission) -> None:
+        assert self._gate is not None
+        try:
+            await self._gate.release(admission)
+        except Exception as exc:
+            # The slot's lease runs out by itself after reclaim_idle.
+            self._log.warning(
+                "could not free a concurrency slot; it frees itself when its lease runs out",
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     async def _run_handler(
         self, delivery: Delivery, envelope: Envelope[Any], ctx: Context

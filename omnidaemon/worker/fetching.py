@@ -4,6 +4,7 @@ group. `AgentConsumer` inherits it; the handling side is in `consumer.py`."""
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 import anyio
@@ -16,6 +17,7 @@ from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.heartbeat import worker_alive
 
 if TYPE_CHECKING:
+    from omnidaemon.flow.gate import FlowGate
     from omnidaemon.worker.isolation import Isolation
     from omnidaemon.worker.threads import TimedThreads
 
@@ -35,6 +37,7 @@ _PRUNE_INTERVAL = 60.0
 _PRUNE_IDLE_RECLAIMS = 3
 _PRUNE_IDLE_FLOOR = 10.0  # five fetch timeouts: a live consumer reads far more often
 _LEAVE_TIMEOUT = 2.0  # seconds a stopping worker gives the bus to remove its consumer
+_MAX_DUE = 10_000  # due times of put-back events a consumer remembers (see _due_at)
 
 
 def prune_idle(spec: AgentSpec) -> float:
@@ -68,6 +71,20 @@ class Fetching:
     _prune_idle: float
     _next_prune: float
     _log: Logger
+    _gate: FlowGate | None
+    _due: list[float]
+
+    def _due_at(self, wait: float) -> None:
+        """An event this consumer put back on the bus is due in `wait` seconds: an idle fetch
+        returns by then to pick it up, rather than after its full timeout."""
+        if len(self._due) < _MAX_DUE:
+            heapq.heappush(self._due, anyio.current_time() + wait)
+
+    def _next_due(self, now: float) -> float:
+        due = self._due
+        while due and due[0] <= now:
+            heapq.heappop(due)
+        return due[0] if due else now + _FETCH_TIMEOUT
 
     async def _wait_wake(self) -> None:
         # Handlers set the event only while someone waits on it: setting it for every
@@ -140,7 +157,7 @@ class Fetching:
                         )
                 if not deliveries and not self._draining:
                     longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
-                    timeout = max(0.0, min(longest, next_reclaim - now))
+                    timeout = max(0.0, min(longest, next_reclaim - now, self._next_due(now) - now))
                     self._fetching = True
                     try:
                         deliveries = await self._broker.fetch(
@@ -260,6 +277,25 @@ class Fetching:
                 key = (delivery.origin, delivery.id)
                 if key in self._in_flight:
                     self._trimmed.add(key)
+            if self._gate is not None:
+                await self._renew_slots(self._gate)
+
+    async def _renew_slots(self, gate: FlowGate) -> None:
+        try:
+            lost = await gate.renew()
+        except Exception as exc:
+            self._log.warning(
+                "cannot renew concurrency slots", error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        if lost:
+            # Paused past the lease (a stopped process): the key may have run one more
+            # handler than key_concurrency meanwhile. The handlers go on; say so.
+            self._log.warning(
+                "concurrency slots ran out while their handlers ran (the worker was paused "
+                "longer than reclaim_idle); the key may have had one handler too many",
+                slots=len(lost),
+            )
 
     async def _leave_group(self) -> None:
         """Remove this consumer from the agent's group after a graceful stop, so that restarts
