@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from omnidaemon.brokers.base import Broker
+from omnidaemon.brokers.base import Broker, R
 from omnidaemon.flow import state
+from omnidaemon.flow.batching import StateUpdates
 from omnidaemon.flow.limits import Budget, FlowSpec
 from omnidaemon.observability.logging import Logger
 
@@ -113,6 +114,7 @@ class FlowGate:
         self._log = log
         self._held: dict[str, set[str]] = {}  # slot state key -> tokens this worker holds
         self._throttled: str | None = None
+        self._updates = StateUpdates(broker)
         self._last_refusal = 0.0
 
     # Admission ----------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class FlowGate:
             assert flow.concurrency_key is not None
             key = state_key("slots", self._agent, str(flow.concurrency_key(payload)))
             token = f"{self._consumer}:{envelope.id}:{os.urandom(3).hex()}"
-            decision = await self._take_slot(key, token, now, waited)
+            decision = await self._take_slot(key, token, waited)
             if not decision.admitted:
                 return self._refused(decision, "key_concurrency", key, since)
             admission.slot = (key, token)
@@ -146,7 +148,7 @@ class FlowGate:
             if flow.rate_limit_key is not None:
                 parts.append(str(flow.rate_limit_key(payload)))
             key = state_key("rate", *parts)
-            decision = await self._take(key, now, 1.0, 1.0 / limit.interval, limit.burst, waited)
+            decision = await self._take(key, 1.0, 1.0 / limit.interval, limit.burst, waited)
             if not decision.admitted:
                 await self.release(admission, ran=False)
                 return self._refused(decision, "rate_limit", key, since)
@@ -156,7 +158,7 @@ class FlowGate:
             for name, budget in flow.budgets.items():
                 key = state_key("budget", name)
                 decision = await self._take(
-                    key, now, estimates.get(name), budget.rate, budget.amount, waited
+                    key, estimates.get(name), budget.rate, budget.amount, waited
                 )
                 if not decision.admitted:
                     await self.release(admission, ran=False)
@@ -184,6 +186,13 @@ class FlowGate:
     def _refused(self, decision: state.Decision, reason: str, key: str, since: float) -> Refusal:
         refusal = Refusal(decision.wait, reason, key.split(":", 2)[-1], since)
         self._last_refusal = self._broker.clock()
+        self._log.debug(
+            "not started yet: waits on the bus",
+            reason=reason,
+            key=refusal.detail,
+            wait=round(decision.wait, 3),
+            waiting_since=round(self._last_refusal - since, 3),
+        )
         if self._throttled is None:
             self._throttled = f"{reason} {refusal.detail}"
             self._log.info(
@@ -202,29 +211,34 @@ class FlowGate:
             return f"{flow.key_concurrency} per key"
         return ", ".join(str(b) for b in flow.budgets.values())
 
+    async def _update(
+        self, key: str, step: Callable[[bytes | None, float], tuple[bytes, float, R]]
+    ) -> R:
+        return await self._updates.apply(key, step)
+
     async def _take(
-        self, key: str, now: float, cost: float | None, rate: float, capacity: float, waited: bool
+        self, key: str, cost: float | None, rate: float, capacity: float, waited: bool
     ) -> state.Decision:
-        def step(data: bytes | None) -> tuple[bytes, float, state.Decision]:
+        def step(data: bytes | None, now: float) -> tuple[bytes, float, state.Decision]:
             new, decision = state.bucket_take(
                 data, now, cost=cost, rate=rate, capacity=capacity, waited=waited
             )
             return new, state.bucket_ttl(new, now, rate=rate, capacity=capacity), decision
 
-        return await self._broker.update_value(key, step)
+        return await self._update(key, step)
 
-    async def _take_slot(self, key: str, token: str, now: float, waited: bool) -> state.Decision:
+    async def _take_slot(self, key: str, token: str, waited: bool) -> state.Decision:
         limit = self._flow.key_concurrency
         assert limit is not None
         lease = self._lease
 
-        def step(data: bytes | None) -> tuple[bytes, float, state.Decision]:
+        def step(data: bytes | None, now: float) -> tuple[bytes, float, state.Decision]:
             new, decision = state.slots_take(
                 data, now, token=token, limit=limit, lease=lease, waited=waited
             )
             return new, state.slots_ttl(new, now, lease=lease), decision
 
-        decision = await self._broker.update_value(key, step)
+        decision = await self._update(key, step)
         if decision.admitted:
             self._held.setdefault(key, set()).add(token)
         return decision
@@ -245,11 +259,11 @@ class FlowGate:
                 if not tokens:
                     del self._held[key]
 
-            def free(data: bytes | None) -> tuple[bytes, float, None]:
+            def free(data: bytes | None, now: float) -> tuple[bytes, float, None]:
                 new = state.slots_release(data, now, token=token, held=held)
                 return new, state.slots_ttl(new, now, lease=self._lease), None
 
-            await self._broker.update_value(key, free)
+            await self._update(key, free)
         if ran:
             return
         for name, cost in admission.reserved.items():
@@ -258,6 +272,7 @@ class FlowGate:
 
             def refund(
                 data: bytes | None,
+                now: float,
                 cost: float = cost,
                 rate: float = rate,
                 capacity: float = capacity,
@@ -265,7 +280,7 @@ class FlowGate:
                 new = state.bucket_refund(data, now, cost=cost, rate=rate)
                 return new, state.bucket_ttl(new, now, rate=rate, capacity=capacity), None
 
-            await self._broker.update_value(key, refund)
+            await self._update(key, refund)
         admission.reserved.clear()
 
     def _bucket_of(self, name: str) -> tuple[float, float]:
@@ -292,31 +307,29 @@ class FlowGate:
         if not isinstance(used, int | float) or used != used or used < 0:
             raise ValueError(f"a charge is a number of units >= 0, not {used!r}")
         reserved = admission.reserved.pop(name, 0.0) if admission is not None else 0.0
-        now = self._broker.clock()
 
-        def settle(data: bytes | None) -> tuple[bytes, float, None]:
+        def settle(data: bytes | None, now: float) -> tuple[bytes, float, None]:
             new = state.bucket_charge(
                 data, now, used=float(used), reserved=reserved, rate=budget.rate
             )
             return new, state.bucket_ttl(new, now, rate=budget.rate, capacity=budget.amount), None
 
-        await self._broker.update_value(state_key("budget", name), settle)
+        await self._update(state_key("budget", name), settle)
 
     async def renew(self) -> list[str]:
         """Renew the leases of the slots this worker holds; return the tokens it lost (a
         pause longer than the lease let them run out)."""
         lost: list[str] = []
-        now = self._broker.clock()
         for key, tokens in list(self._held.items()):
             held = sorted(tokens)
 
             def extend(
-                data: bytes | None, held: list[str] = held
+                data: bytes | None, now: float, held: list[str] = held
             ) -> tuple[bytes, float, list[str]]:
                 new, gone = state.slots_renew(data, now, tokens=held, lease=self._lease)
                 return new, state.slots_ttl(new, now, lease=self._lease), gone
 
-            lost.extend(await self._broker.update_value(key, extend))
+            lost.extend(await self._update(key, extend))
         return lost
 
 

@@ -103,7 +103,7 @@ class RateLimit:
 
 
 def _format_period(seconds: float) -> str:
-    for name, unit in (("d", 86_400.0), ("h", 3600.0), ("m", 60.0)):
+    for name, unit in (("d", 86_400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         if seconds == unit:
             return name
     return f"{seconds:g}s"

@@ -45,6 +45,9 @@ __all__ = [
 
 _MIN_RECHECK = 0.01  # seconds: a refused start never comes back sooner than this
 _EMA = 0.2  # weight of the newest observation in the running averages
+# Seconds a slot is held, until releases have taught a key better. Short on purpose: a start
+# told to come back too early costs one recheck, one told too late leaves a slot idle.
+_FIRST_HOLD = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,21 +180,27 @@ def slots_take(
     for a start that has not waited yet, nobody waits before it); else say when to ask again.
 
     A refused start is told to come back after its place in the line: one average hold of a
-    slot (`d`, learned from releases) per `limit` starts refused before it.
+    slot (`d`, learned from releases) per `limit` starts refused before it. One that comes
+    back and still finds no slot joins a second line (`v`) of such starts, ahead of fresh
+    ones, spaced the same way.
     """
     state = _load(data)
     holders = _holders(state, now)
     horizon = float(state.get("w", 0.0))
-    hold = float(state.get("d", 1.0))
+    again = float(state.get("v", 0.0))
+    hold = float(state.get("d", _FIRST_HOLD))
     state["h"] = holders
-    if len(holders) < limit and (waited or horizon <= now):
+    if len(holders) < limit and (waited or max(horizon, again) <= now):
         holders[token] = now + lease
         return _dump(state), Decision(True)
     step = max(hold / limit, _MIN_RECHECK)
     if waited:
-        start = now + step
+        # Back too early (the hold was longer than learned): in the line of those asking
+        # again, one turn each, so they recheck about as often as slots free up.
+        start = max(again, now) + step
+        state["v"] = start
     else:
-        start = max(horizon, now) + step
+        start = max(horizon, again, now) + step
         state["w"] = start
     return _dump(state), Decision(False, start - now)
 
@@ -228,5 +237,5 @@ def slots_ttl(data: bytes, now: float, *, lease: float) -> float:
     """Seconds the slots' value must be kept: past every lease and the waiting horizon."""
     state = _load(data)
     holders = _holders(state, now)
-    until = max([float(state.get("w", now)), now, *holders.values()])
+    until = max([float(state.get("w", now)), float(state.get("v", now)), now, *holders.values()])
     return until - now + lease + 3600.0

@@ -45,6 +45,7 @@ __all__ = ["AgentConsumer"]
 
 _log = get_logger("omnidaemon.worker")
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
+_DUE_MARGIN = 0.003  # seconds added to the wait of an event put back by flow control
 
 
 class AgentConsumer(Fetching, Outcomes):
@@ -437,7 +438,9 @@ class AgentConsumer(Fetching, Outcomes):
         deferred = await self._broker.retry(
             self.subscription,
             waiting,
-            refusal.wait,
+            # A bus rounds delays down to its resolution (milliseconds): a hair early, the
+            # event would find its turn not come yet and be put back once more.
+            refusal.wait + _DUE_MARGIN,
             attempt=delivery.attempt,
             trimmed=key in self._trimmed,
         )
@@ -445,7 +448,7 @@ class AgentConsumer(Fetching, Outcomes):
             self._report_lost(delivery, envelope)
             return
         self.metrics.throttled += 1
-        self._due_at(refusal.wait)
+        self._due_at(refusal.wait + _DUE_MARGIN)
 
     async def _release(self, admission: Admission) -> None:
         assert self._gate is not None

@@ -538,7 +538,16 @@ def test_metrics_count_exactly_what_the_worker_did(bus: Bus, handled: Handled) -
     plain = bus.cli("metrics", "--topic", handled.topic, "--agent", "handled")
     assert plain.returncode == 0, plain.stderr
     header, row = rows(plain.stdout)
-    assert header[:8] == ["TOPIC", "AGENT", "RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "IN"]
+    assert header[:8] == [
+        "TOPIC",
+        "AGENT",
+        "RECEIVED",
+        "OK",
+        "FAILED",
+        "RETRIED",
+        "DLQ",
+        "THROTTLED",
+    ]
     assert row[:8] == [handled.topic, "handled", "4", "2", "1", "0", "2", "0"]
 
 
