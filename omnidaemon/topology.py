@@ -77,6 +77,7 @@ def describe_agent(spec: AgentSpec) -> dict[str, Any]:
         "start": spec.start,
         "store_results": spec.store_results,
         "idempotent": spec.idempotency_key is not None,
+        "flow": spec.flow.describe() if spec.flow is not None else None,
     }
 
 

@@ -129,6 +129,11 @@ class AgentInfo(BaseModel):
     start: Literal["earliest", "latest"]
     store_results: bool
     idempotent: bool
+    flow: dict[str, Any] | None = Field(
+        default=None,
+        description="Flow control (rate_limit, rate_limit_keyed, key_concurrency, budgets, "
+        "estimate), or null when the agent declares none.",
+    )
 
 
 class AgentList(BaseModel):
