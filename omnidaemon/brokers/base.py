@@ -464,18 +464,27 @@ class Broker(ABC):
         remove the key when `value` is None). Returns whether it did."""
 
     async def update_value(
-        self, key: str, update: Callable[[bytes | None], tuple[bytes, float, R]]
+        self,
+        key: str,
+        update: Callable[[bytes | None], tuple[bytes, float, R]],
+        *,
+        guess: bytes | None = None,
     ) -> R:
         """Change `key`'s value atomically: `update(current)` returns `(new value, ttl,
         answer)`; the new value is stored for `ttl` seconds, and the answer returned.
 
         `update` must be a pure function of the value (it may run more than once: the default
         reads, then stores with compare-and-set, and runs it again on a conflict). A bus that
-        can run it in one step (the in-memory bus) does.
+        can run it in one step (the in-memory bus) does. `guess`, the value the caller last
+        saw, saves the read when nobody changed it since.
 
         Raises:
             RuntimeError: the value kept changing under it for `_UPDATE_TRIES` rounds.
         """
+        if guess is not None:
+            new, ttl, answer = update(guess)
+            if await self.replace_value(key, guess, new, ttl):
+                return answer
         for round_ in range(_UPDATE_TRIES):
             current = await self.get_value(key)
             new, ttl, answer = update(current)

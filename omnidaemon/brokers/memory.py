@@ -516,7 +516,11 @@ class MemoryBroker(Broker):
         return True
 
     async def update_value(
-        self, key: str, update: Callable[[bytes | None], tuple[bytes, float, R]]
+        self,
+        key: str,
+        update: Callable[[bytes | None], tuple[bytes, float, R]],
+        *,
+        guess: bytes | None = None,
     ) -> R:
         # One step, with no await between the read and the write: atomic on this bus.
         await anyio.lowlevel.checkpoint()

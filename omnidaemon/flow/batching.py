@@ -20,6 +20,8 @@ from omnidaemon.brokers.base import Broker, R
 
 __all__ = ["Step", "StateUpdates"]
 
+_KNOWN = 10_000  # states whose last value a worker remembers (the oldest are forgotten)
+
 Step = Callable[[bytes | None, float], tuple[bytes, float, Any]]
 """A change of a state: `(stored bytes, now) -> (new bytes, seconds to keep them, answer)`."""
 
@@ -42,6 +44,7 @@ class StateUpdates:
         self._clock = broker.clock
         self._open: dict[str, _Batch] = {}  # key -> the batch still taking steps
         self._turns: dict[str, anyio.Lock] = {}  # key -> held while its batch is applied
+        self._known: dict[str, bytes] = {}  # key -> the value this worker stored last
 
     async def apply(
         self, key: str, step: Callable[[bytes | None, float], tuple[bytes, float, R]]
@@ -70,6 +73,8 @@ class StateUpdates:
                 del self._open[key]
                 steps = batch.steps
 
+                produced: list[bytes] = []
+
                 def run_all(data: bytes | None) -> tuple[bytes, float, list[Any]]:
                     now = self._clock()
                     answers = []
@@ -78,9 +83,16 @@ class StateUpdates:
                         new, ttl, answer = one(data, now)
                         answers.append(answer)
                         data = new
+                    produced.append(new)
                     return new, ttl, answers
 
-                batch.answers = await self._broker.update_value(key, run_all)
+                known = self._known.pop(key, None)
+                batch.answers = await self._broker.update_value(key, run_all, guess=known)
+                # What this worker stored last: usually still there at its next change, which
+                # then costs one compare-and-set instead of a read and a compare-and-set.
+                self._known[key] = produced[-1]
+                if len(self._known) > _KNOWN:
+                    del self._known[next(iter(self._known))]
         except BaseException as exc:
             batch.error = (
                 exc
