@@ -6,6 +6,7 @@
     python -m bench --cases drain,latency --no-peers -n 50000
     python -m bench --cases cluster --no-peers  # on a local Redis Cluster (writes its section)
     python -m bench --cases nats --no-peers     # on a local nats-server (writes its section)
+    python -m bench --cases flow --no-peers     # a rate limit that never binds, Redis and NATS
 
 Progress goes to stderr, the table to stdout. Exit status: 0 when every case was measured
 (whether or not targets were met), 1 when a case failed, 2 when the benchmark cannot run.
@@ -26,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from bench import report
-from bench.cases import cluster, memory, nats, omni, peers, raw, scale
+from bench.cases import cluster, flow, memory, nats, omni, peers, raw, scale
 from bench.common import (
     BenchError,
     Children,
@@ -47,9 +48,11 @@ CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
 # and the raw consumers), and the NATS JetStream rows (omnidaemon's `nats://` broker against
 # nats-py on a nats-server of their own: about 3 minutes at N = 20,000 and 3 runs; 16 s at
 # --smoke, most of it starting workers and stopping them: a NATS worker's graceful stop waits
-# about 2.3 s for its last pull request to expire).
-EXTRA_CASES = ("concurrency", "cluster", "nats")
-SECTIONS = ("cluster", "nats")  # extra cases that write their own section of RESULTS.md
+# about 2.3 s for its last pull request to expire), and the flow-control rows (the drain
+# with a rate limit that never binds against the same drain without, on Redis and on a
+# nats-server of their own: 4 worker runs a repetition on each).
+EXTRA_CASES = ("concurrency", "cluster", "nats", "flow")
+SECTIONS = ("cluster", "nats", "flow")  # extra cases that write their own section of RESULTS.md
 SWEEP = (16, 32, 64, 100, 256)
 
 
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool, frozenset[str]]:
         help=f"comma-separated, from {','.join(CASES + EXTRA_CASES)} (default: all but "
         f"{','.join(EXTRA_CASES)}: the drain at concurrency {', '.join(map(str, SWEEP))}, "
         "publish and drain on a local Redis Cluster of 3 masters with a replica each, and on a "
-        "local nats-server with JetStream)",
+        "local nats-server with JetStream, and the drain with a rate limit that never binds)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
     parser.add_argument("-n", type=int, help="events per case (default 20,000)")
@@ -124,6 +127,8 @@ class Bench:
         self.nats_notes: list[str] = []  # the NATS section's
         self.nats_elapsed = 0.0
         self.nats_info: dict[str, str] = {}  # nats-server's and nats-py's versions
+        self.flow_notes: list[str] = []  # the flow-control section's
+        self.flow_elapsed = 0.0
         self.failed = False
         self.peers_python: Path | None = None
 
@@ -136,7 +141,9 @@ class Bench:
             reason = str(exc) if isinstance(exc, BenchError) else f"{type(exc).__name__}: {exc}"
             progress(f"{what}: FAILED: {reason}")
             notes = self.notes
-            if what.startswith("cluster"):
+            if what.startswith("flow"):
+                notes = self.flow_notes
+            elif what.startswith("cluster"):
                 notes = self.cluster_notes
             elif what.startswith("nats"):
                 notes = self.nats_notes
@@ -166,6 +173,7 @@ class Bench:
             self.notes.append("smoke run: too few events for the figures to mean anything")
             self.cluster_notes.append(self.notes[-1])
             self.nats_notes.append(self.notes[-1])
+            self.flow_notes.append(self.notes[-1])
 
         if cases - set(SECTIONS):
             raw.warm_server(s, cfg)
@@ -227,6 +235,9 @@ class Bench:
 
         if "nats" in cases:
             self.nats()
+
+        if "flow" in cases:
+            self.flow()
 
     def cluster(self) -> None:
         """The Redis Cluster rows, on a cluster of their own (stopped when they end)."""
@@ -297,6 +308,37 @@ class Bench:
         finally:
             server.stop()
             self.nats_elapsed = time.monotonic() - started
+
+    def flow(self) -> None:
+        """The flow-control rows: the drain with and without a rate limit that never binds,
+        in turn, on the benchmark's redis-server, then on a nats-server of their own."""
+        cfg, s, ch, out = self.cfg, self.server, self.children, self.out
+        started = time.monotonic()
+        try:
+            raw.warm_server(s, cfg)
+            for i in self.reps():
+                for limited, label in ((False, "no limit"), (True, "rate limit never binding")):
+                    run = partial(flow.redis_drain, s, ch, cfg, out, limited=limited)
+                    self.measure(f"flow drain omnidaemon, {label} #{i}", run)
+            try:
+                server = NatsServer()
+                progress(f"starting nats-server (JetStream) on 127.0.0.1:{server.port}")
+                server.start()
+            except BenchError as exc:
+                self.failed = True
+                progress(f"flow: nats-server FAILED to start: {exc}")
+                self.flow_notes.append(f"nats-server did not start: {str(exc).splitlines()[0]}")
+                return
+            try:
+                self.nats_info = nats.versions(server)
+                for i in self.reps():
+                    for limited, label in ((False, "no limit"), (True, "rate limit never binding")):
+                        run = partial(flow.nats_drain, server, ch, cfg, out, limited=limited)
+                        self.measure(f"flow nats drain omnidaemon, {label} #{i}", run)
+            finally:
+                server.stop()
+        finally:
+            self.flow_elapsed = time.monotonic() - started
 
     def _omni_drain(self) -> dict[str, float]:
         result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
@@ -391,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster_elapsed=bench.cluster_elapsed,
         nats_notes=bench.nats_notes,
         nats_elapsed=bench.nats_elapsed,
+        flow_notes=bench.flow_notes,
+        flow_elapsed=bench.flow_elapsed,
     )
     print(rendered.printed, flush=True)
     if full or sections:

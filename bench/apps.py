@@ -11,6 +11,8 @@ the environment:
   events over topics on different masters);
 - `OMNI_BENCH_EXPECT`: how many handler calls this process will see, if known (then its CPU
   time is read at the first and the last one);
+- `OMNI_BENCH_RATE_LIMIT`: `never-binds` gives the `drain` agents `NEVER_BINDS`, a rate limit
+  far above any rate they reach (`--cases flow`: what flow control costs when it never waits);
 - `OMNI_BENCH_OUT`: a folder; the worker writes `ready-<pid>` there once started, and
   `stats-<pid>.json` (what it handled, when, and the latencies) when it stops.
 
@@ -27,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers._shared import BenchEvent, Recorder
-from omnidaemon import App, Retry
+from omnidaemon import App, RateLimit, Retry
 from omnidaemon.brokers import Broker
 
-__all__ = ["BenchEvent", "build_app"]
+__all__ = ["NEVER_BINDS", "BenchEvent", "build_app"]
 
 KINDS = ("drain", "latency", "retry")
+
+# A million starts a second, a million at once: every start asks the bus, none ever waits.
+NEVER_BINDS = RateLimit(1_000_000, per=1, burst=1_000_000)
 
 
 def build_app(
@@ -44,11 +49,13 @@ def build_app(
     broker: str | Broker | None = None,
     recorder: Recorder | None = None,
     out: Path | None = None,
+    rate_limit: RateLimit | None = None,
 ) -> App:
     """The app of `kind`:
 
     - `drain`: `fanout` agents `sink_0`, `sink_1`, ... on `topic`, each a no-op that counts;
       with `topics`, one such agent on each of them instead (`sink_<i>` on `topics[i]`);
+      each with `rate_limit` if given;
     - `latency`: one agent `latency` recording each event's time since it was sent;
     - `retry`: one agent `parked` whose handler raises `Retry(delay=3600)`, so every event it
       gets waits in the agent's scheduled retries.
@@ -67,7 +74,7 @@ def build_app(
             rec.hit()
 
         for i, on in enumerate(topics or [topic] * fanout):
-            app.agent(on, name=f"sink_{i}")(sink)
+            app.agent(on, name=f"sink_{i}", rate_limit=rate_limit)(sink)
     elif kind == "latency":
 
         @app.agent(topic, name="latency")
@@ -106,7 +113,14 @@ def _from_env(kind: str) -> App:
         topics=[t for t in env.get("OMNI_BENCH_TOPICS", "").split(",") if t],
         recorder=Recorder(int(expect) if expect else None),
         out=Path(out) if out else None,
+        rate_limit=_rate_limit(env.get("OMNI_BENCH_RATE_LIMIT", "")),
     )
+
+
+def _rate_limit(value: str) -> RateLimit | None:
+    if value not in ("", "never-binds"):
+        raise ValueError(f"OMNI_BENCH_RATE_LIMIT={value!r}: the one value known is never-binds")
+    return NEVER_BINDS if value else None
 
 
 _apps: dict[str, App] = {}

@@ -269,6 +269,25 @@ NATS_ROWS: tuple[Row, ...] = (
         lower_is_better=True),
 )  # fmt: skip
 
+# Flow control (--cases flow): the omnidaemon drain with a rate limit that never binds against
+# the same drain without it, same server, same run (bench/cases/flow.py).
+_NO_LIMIT = "drain, no limit: 1 worker process, default concurrency (16)"
+_NEVER_BINDS = "drain, rate limit that never binds: the same agent, RateLimit(1_000_000, per=1)"
+FLOW_ROWS: tuple[Row, ...] = (
+    Row("flow.drain", "Redis", _NO_LIMIT, _rate, "flow.drain"),
+    Row("flow.drain_limited", "Redis", _NEVER_BINDS, _rate, "flow.drain"),
+    Row("flow.drain_cpu", "Redis", "CPU per event: worker, no limit", _cpu, "flow.drain_cpu",
+        lower_is_better=True),
+    Row("flow.drain_limited_cpu", "Redis", "CPU per event: worker, rate limit that never binds",
+        _cpu, "flow.drain_cpu", lower_is_better=True),
+    Row("flow.nats.drain", "NATS", _NO_LIMIT, _rate, "flow.nats.drain"),
+    Row("flow.nats.drain_limited", "NATS", _NEVER_BINDS, _rate, "flow.nats.drain"),
+    Row("flow.nats.drain_cpu", "NATS", "CPU per event: worker, no limit", _cpu,
+        "flow.nats.drain_cpu", lower_is_better=True),
+    Row("flow.nats.drain_limited_cpu", "NATS", "CPU per event: worker, rate limit that never "
+        "binds", _cpu, "flow.nats.drain_cpu", lower_is_better=True),
+)  # fmt: skip
+
 _MARK = {True: "✓", False: "✗", None: ""}
 
 
@@ -304,9 +323,22 @@ def table(
 
 
 def _machine(
-    info: Mapping[str, str], elapsed: float, peers: str | None, *, nats: bool = False
+    info: Mapping[str, str],
+    elapsed: float,
+    peers: str | None,
+    *,
+    nats: bool = False,
+    both: bool = False,
 ) -> list[str]:
-    if nats:
+    if both:
+        versions = (
+            f"- versions: Python {info.get('python', '?')}, redis-py "
+            f"{info.get('redis-py', '?')} (hiredis {info.get('hiredis', '?')}), nats-py "
+            f"{info.get('nats-py', '?')}, pydantic {info.get('pydantic', '?')}, redis-server "
+            f"{info.get('redis-server', '?')}, nats-server {info.get('nats-server', '?')}, "
+            f"omnidaemon {info.get('omnidaemon', '?')}"
+        )
+    elif nats:
         versions = (
             f"- versions: Python {info.get('python', '?')}, nats-py {info.get('nats-py', '?')}, "
             f"pydantic {info.get('pydantic', '?')}, nats-server {info.get('nats-server', '?')}, "
@@ -367,6 +399,21 @@ def nats_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
             f"local nats-server with JetStream (file storage); {_reps(cfg)}",
             "",
             *_machine(info, elapsed, None, nats=True),
+        ]
+    )
+
+
+FLOW_HEADING = "## Flow control"
+
+
+def flow_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
+    return "\n".join(
+        [
+            f"{FLOW_HEADING} ({cfg.mode}): N = {cfg.n:,} events of ~200 bytes a case, drained "
+            "by one worker process with and without a rate limit that never binds, on the "
+            f"benchmark's redis-server and on a local nats-server; {_reps(cfg)}",
+            "",
+            *_machine(info, elapsed, None, both=True),
         ]
     )
 
@@ -485,6 +532,35 @@ How the NATS figures are measured (`bench/cases/nats.py`; `bash bench/run.sh --c
 """
 
 
+FLOW_METHOD = """\
+How the flow-control figures are measured (`bench/cases/flow.py`; `bash bench/run.sh --cases
+flow --no-peers` runs them alone, and writes this section of RESULTS.md):
+
+- The drain of the Redis and NATS rows (N-1 events pre-filled, one worker process started
+  and woken, timed inside it from its first handled event to its N-th), at the default
+  concurrency (16), run twice in turn on the same server: the agent as it is, and the same
+  agent with `rate_limit=RateLimit(1_000_000, per=1, burst=1_000_000)`
+  (`OMNI_BENCH_RATE_LIMIT=never-binds`, `bench/apps.py`), which no event ever waits for. So
+  the difference is the admission alone: before each handler starts, the worker reads the
+  limit's state on the bus and writes it back with a compare-and-set, one change of a key at
+  a time per worker (`omnidaemon/flow/gate.py`). After each drain the benchmark checks that
+  the limit's state is on the bus with the limit, and not without. **vs no limit** is the
+  ratio to the drain without a limit on the same bus in the same run. CPU per event: the
+  worker's `time.process_time()` over the same window, divided by N.
+"""
+
+
+def flow_section(
+    results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
+) -> str:
+    """The flow-control figures: RESULTS.md's section, without its method."""
+    body, _ = table(results, cfg, FLOW_ROWS, "vs no limit", targets=False)
+    parts = [flow_header(cfg, info, elapsed), "", body]
+    if notes:
+        parts += ["", *(f"- note: {note}" for note in notes)]
+    return "\n".join(parts)
+
+
 def nats_section(
     results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
 ) -> tuple[str, list[bool]]:
@@ -530,6 +606,7 @@ class Rendered:
     main: str | None  # RESULTS.md's main part, when its cases ran
     cluster: str | None  # RESULTS.md's cluster section, when the cluster case ran
     nats: str | None  # RESULTS.md's NATS section, when the nats case ran
+    flow: str | None  # RESULTS.md's flow-control section, when the flow case ran
     outcomes: list[bool]  # the targets' outcomes
 
 
@@ -544,11 +621,13 @@ def render(
     cluster_elapsed: float = 0.0,
     nats_notes: Sequence[str] = (),
     nats_elapsed: float = 0.0,
+    flow_notes: Sequence[str] = (),
+    flow_elapsed: float = 0.0,
 ) -> Rendered:
     printed: list[str] = []
-    main = cluster = nats = None
+    main = cluster = nats = flow = None
     outcomes: list[bool] = []
-    if set(cfg.cases) - {"cluster", "nats"}:
+    if set(cfg.cases) - set(_HEADINGS):
         body, outcomes = table(results, cfg)
         summary = f"targets met: {sum(outcomes)} of {len(outcomes)}"
         parts = [header(cfg, info, elapsed), "", body, "", summary]
@@ -564,10 +643,14 @@ def render(
         printed.append(section)
         outcomes += nats_outcomes
         nats = "\n".join([printed[-1], "", NATS_METHOD])
-    return Rendered("\n\n".join(printed), main, cluster, nats, outcomes)
+    if "flow" in cfg.cases:
+        printed.append(flow_section(results, cfg, info, flow_elapsed, flow_notes))
+        flow = "\n".join([printed[-1], "", FLOW_METHOD])
+    return Rendered("\n\n".join(printed), main, cluster, nats, flow, outcomes)
 
 
-_HEADINGS = {"cluster": CLUSTER_HEADING, "nats": NATS_HEADING}  # in RESULTS.md's order
+# The sections, in RESULTS.md's order.
+_HEADINGS = {"cluster": CLUSTER_HEADING, "nats": NATS_HEADING, "flow": FLOW_HEADING}
 
 
 def split_results(text: str) -> dict[str, str]:
@@ -591,7 +674,7 @@ def write_results(rendered: Rendered, *, main: bool, sections: Collection[str] =
     old = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
     kept = split_results(old)
     new = {"main": rendered.main if main else None, "cluster": rendered.cluster,
-           "nats": rendered.nats}  # fmt: skip
+           "nats": rendered.nats, "flow": rendered.flow}  # fmt: skip
     parts = []
     for name in ("main", *_HEADINGS):
         part = new[name] if name == "main" or name in sections else None

@@ -80,13 +80,14 @@ def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> floa
     return seconds
 
 
-def expiry_time(expires: timedelta | datetime) -> datetime:
-    """When an event published with `expires=` expires: a lifetime from now, or a time
-    (timezone-aware, or naive UTC)."""
+def expiry_time(expires: timedelta | datetime, now: float) -> datetime:
+    """When an event published with `expires=` expires: a lifetime from `now` (seconds since
+    the epoch on the broker's clock, which a test's bus moves), or a time (timezone-aware, or
+    naive UTC)."""
     if isinstance(expires, timedelta):
         if not expires.total_seconds() > 0:
             raise ValueError(f"expires must be a positive lifetime, not {expires}")
-        return datetime.now(UTC) + expires
+        return datetime.fromtimestamp(now, UTC) + expires
     if isinstance(expires, datetime):
         return expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
     raise TypeError(f"expires takes a timedelta or a datetime, not {type(expires).__name__}")
@@ -546,7 +547,7 @@ class App:
             webhook,
             tenant_id,
             headers,
-            None if expires is None else expiry_time(expires),
+            None if expires is None else expiry_time(expires, self.broker.clock()),
         )
         if not self._connected:
             await self.connect()

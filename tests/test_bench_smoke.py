@@ -1,5 +1,5 @@
 """The benchmark (`bench/`, issue 6) still runs: `python -m bench --smoke` end to end, and its
-Redis Cluster case (issue 17), which runs only when named.
+Redis Cluster case (issue 17) and flow-control case, which run only when named.
 
 Not a performance test: the smoke mode measures 500 events once, and no figure is checked,
 only that every case ran and is in the table. The benchmark starts its own redis-server.
@@ -65,6 +65,32 @@ def test_bench_smoke_runs_the_cluster_case() -> None:
         "the same, min_replicas=1 (WAIT 1 after each batch of acks)",
     ):
         assert figure in table, f"{figure!r} missing from:\n{table}"
+    assert "failed" not in table
+    assert "publish: pipelined XADD, 1,000 per batch" not in table  # the single-server rows
+    assert "RESULTS.md not written" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_the_flow_case() -> None:
+    """`--cases flow` (run only when named: the drain with and without a rate limit that never
+    binds, on the benchmark's redis-server and on a nats-server of its own)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--cases", "flow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    assert "## Flow control (smoke)" in table
+    for case in ("Redis", "NATS"):
+        for figure in (
+            "drain, no limit: 1 worker process",
+            "drain, rate limit that never binds",
+            "CPU per event: worker, rate limit that never binds",
+        ):
+            assert f"| {case} | {figure}" in table, f"{case} {figure!r} missing from:\n{table}"
     assert "failed" not in table
     assert "publish: pipelined XADD, 1,000 per batch" not in table  # the single-server rows
     assert "RESULTS.md not written" in done.stderr

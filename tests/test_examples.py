@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
         ("sync_publish.py", ["welcomed: user0@example.com"]),
         ("request_reply.py", ["quote: A1 x4 = 10.00", "failed: Reject: unknown sku ZZ"]),
         ("payments.py", ["the card was charged 1 time(s)", "duplicate: {'receipt'"]),
+        (
+            "llm_budget.py",
+            ["acme: 3 research run(s)", "globex: 1 research run(s)", "translated 4 summaries"],
+        ),
     ],
 )
 @pytest.mark.parametrize("bus", ["embedded", "nats"])
@@ -50,3 +55,14 @@ def test_example_runs(
             "at a fixed time, 1 second from now",
             "in 2 seconds",
         ]
+    if example == "llm_budget.py":
+        # acme's three requests, published at once, start 2 s apart (30/m for that tenant);
+        # globex's starts at once, not behind them.
+        starts = {
+            line.split(":")[0]: [float(t) for t in line.split("after ")[1][:-2].split(", ")]
+            for line in lines
+            if "research run(s), started after" in line
+        }
+        acme, globex = starts["acme"], starts["globex"]
+        assert all(b - a >= 1.8 for a, b in itertools.pairwise(acme)), acme
+        assert globex[0] < acme[1], starts

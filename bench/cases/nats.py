@@ -32,7 +32,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -272,12 +272,16 @@ def omni_drain(
     out: Path,
     *,
     concurrency: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """A worker process (`concurrency` as `--concurrency`, default the agent's own) draining
-    N pre-filled events; started and timed as the raw consumer is."""
+    """A worker process (`concurrency` as `--concurrency`, default the agent's own; `env`
+    added to its environment) draining N pre-filled events; started and timed as the raw
+    consumer is."""
     n, group, stream = cfg.n, "sink_0", omni_stream()
     asyncio.run(_omni_fill(server.url, group, n - 1, cfg.batch))
-    worker = omni.WorkerRun(children, server, "drain", out, expect=n, concurrency=concurrency)
+    worker = omni.WorkerRun(
+        children, server, "drain", out, expect=n, concurrency=concurrency, env=env
+    )
     with _stopped_on_failure(worker.proc):
         worker.wait(
             lambda: _waiting(server, stream, group),

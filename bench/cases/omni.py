@@ -187,6 +187,7 @@ def drain(
     fanout: int = 1,
     processes: int = 1,
     concurrency: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Time a worker (`processes` processes, `fanout` agents on the topic, each handling every
     event) draining N pre-filled events, from its first handled event to its last. Returns
@@ -196,7 +197,8 @@ def drain(
     at the stream's end. Once all its processes wait in XREADGROUP, the groups are moved back
     to the stream's start and the N-th event is published, which wakes them all at once; so
     neither start-up nor processes starting at different times are counted. `concurrency`
-    is passed to the worker as `--concurrency` (default: the agents' own, 16).
+    is passed to the worker as `--concurrency` (default: the agents' own, 16); `env` adds to
+    the worker's environment (`OMNI_BENCH_RATE_LIMIT`, say).
     """
     groups = [f"sink_{i}" for i in range(fanout)]
     with server.client() as r:
@@ -213,6 +215,7 @@ def drain(
             processes=processes,
             expect=n * fanout if processes == 1 else None,
             concurrency=concurrency,
+            env=env,
         )
         worker.wait(
             lambda: blocked_readers(r) >= processes * fanout,

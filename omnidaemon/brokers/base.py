@@ -213,6 +213,10 @@ class Broker(ABC):
     `connect` may be called only while connected.
     """
 
+    waits_unread: bool = True
+    """Whether a consume loop may leave events unread while it waits (for a rate limit): on
+    a bus whose clock is a test's, only what the bus schedules moves with that clock."""
+
     @property
     @abstractmethod
     def url(self) -> str:

@@ -13,6 +13,7 @@ back it goes before events that have not waited yet (see `omnidaemon.flow.state`
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -115,13 +116,61 @@ class FlowGate:
         self._held: dict[str, set[str]] = {}  # slot state key -> tokens this worker holds
         self._throttled: str | None = None
         self._updates = StateUpdates(broker)
+        self._rate_key = state_key("rate", agent)  # the agent-wide rate limit's state
         self._last_refusal = 0.0
 
     # Admission ----------------------------------------------------------------------------
 
-    async def admit(self, envelope: Envelope[Any]) -> Admission | Refusal:
+    @property
+    def gates_fetch(self) -> bool:
+        """Whether the agent's rate limit is one for the whole agent: then the consume loop
+        takes starts before it fetches (`take_starts`), and events over the limit wait
+        unread, in order, without a round trip each."""
+        return (
+            self._flow.rate_limit is not None
+            and self._flow.rate_limit_key is None
+            and self._broker.waits_unread
+        )
+
+    @property
+    def only_rate_limit(self) -> bool:
+        """Whether an agent-wide rate limit is all the agent declares (no slots, no budgets):
+        an event whose start `take_starts` took is then admitted with no more to ask."""
+        flow = self._flow
+        return self.gates_fetch and flow.key_concurrency is None and not flow.budgets
+
+    async def take_starts(self, count: int) -> tuple[int, float]:
+        """Take up to `count` starts of the agent's rate limit at once, for as many events
+        as the next fetch may bring; `(how many, seconds to wait when none)`."""
+        limit = self._flow.rate_limit
+        assert limit is not None
+        rate, capacity = 1.0 / limit.interval, float(limit.burst)
+
+        def step(data: bytes | None, now: float) -> tuple[bytes, float, tuple[int, float]]:
+            new, granted, wait = state.bucket_take_many(
+                data, now, count=count, rate=rate, capacity=capacity
+            )
+            return new, state.bucket_ttl(new, now, rate=rate, capacity=capacity), (granted, wait)
+
+        granted, wait = await self._update(self._rate_key, step)
+        now = self._broker.clock()
+        if granted:
+            self._quiet(now)
+        elif self._throttled is None:
+            self._refused(state.Decision(False, wait), "rate_limit", self._rate_key, now)
+        else:
+            self._last_refusal = now
+        return granted, wait
+
+    async def give_back_starts(self, count: int) -> None:
+        """Return starts `take_starts` gave that no event used (the fetch brought fewer)."""
+        admission = Admission(started=0.0, reserved={self._rate_key: float(count)})
+        await self.release(admission, ran=False)
+
+    async def admit(self, envelope: Envelope[Any], *, paid: bool = False) -> Admission | Refusal:
         """Ask every limit of the agent for this event, in order; give back what was granted
-        if a later one refuses.
+        if a later one refuses. `paid`: the event's start of the agent-wide rate limit was
+        taken before it was fetched (`take_starts`).
 
         Raises:
             Exception: whatever a key or estimate function raised (a bug, or a payload they do
@@ -134,21 +183,28 @@ class FlowGate:
         waited = since_header is not None
         since = now if since_header is None else _float(since_header, now)
         admission = Admission(started=now, waited=max(0.0, now - since) if waited else 0.0)
+        # An event that would expire before its turn must not take a turn from the others.
+        deadline = envelope.expires_at.timestamp() if envelope.expires_at else math.inf
+        if paid:
+            admission.reserved[self._rate_key] = 1.0  # given back if another limit refuses
         if flow.key_concurrency is not None:
             assert flow.concurrency_key is not None
             key = state_key("slots", self._agent, str(flow.concurrency_key(payload)))
             token = f"{self._consumer}:{envelope.id}:{os.urandom(3).hex()}"
-            decision = await self._take_slot(key, token, waited)
+            decision = await self._take_slot(key, token, waited, deadline)
             if not decision.admitted:
+                await self.release(admission, ran=False)
                 return self._refused(decision, "key_concurrency", key, since)
             admission.slot = (key, token)
-        if flow.rate_limit is not None:
+        if flow.rate_limit is not None and not paid:
             limit = flow.rate_limit
             parts = [self._agent]
             if flow.rate_limit_key is not None:
                 parts.append(str(flow.rate_limit_key(payload)))
             key = state_key("rate", *parts)
-            decision = await self._take(key, 1.0, 1.0 / limit.interval, limit.burst, waited)
+            decision = await self._take(
+                key, 1.0, 1.0 / limit.interval, limit.burst, waited, deadline
+            )
             if not decision.admitted:
                 await self.release(admission, ran=False)
                 return self._refused(decision, "rate_limit", key, since)
@@ -158,7 +214,7 @@ class FlowGate:
             for name, budget in flow.budgets.items():
                 key = state_key("budget", name)
                 decision = await self._take(
-                    key, estimates.get(name), budget.rate, budget.amount, waited
+                    key, estimates.get(name), budget.rate, budget.amount, waited, deadline
                 )
                 if not decision.admitted:
                     await self.release(admission, ran=False)
@@ -169,10 +225,13 @@ class FlowGate:
             admission.reserved = {
                 name: cost for name, cost in admission.reserved.items() if name in flow.budgets
             }
+        self._quiet(now)
+        return admission
+
+    def _quiet(self, now: float) -> None:
         if self._throttled is not None and now - self._last_refusal > _QUIET:
             self._log.info("no longer throttled", was=self._throttled)
             self._throttled = None
-        return admission
 
     def _estimates(self, payload: Any) -> dict[str, float]:
         estimate = self._flow.estimate
@@ -217,24 +276,38 @@ class FlowGate:
         return await self._updates.apply(key, step)
 
     async def _take(
-        self, key: str, cost: float | None, rate: float, capacity: float, waited: bool
+        self,
+        key: str,
+        cost: float | None,
+        rate: float,
+        capacity: float,
+        waited: bool,
+        deadline: float,
     ) -> state.Decision:
         def step(data: bytes | None, now: float) -> tuple[bytes, float, state.Decision]:
             new, decision = state.bucket_take(
-                data, now, cost=cost, rate=rate, capacity=capacity, waited=waited
+                data,
+                now,
+                cost=cost,
+                rate=rate,
+                capacity=capacity,
+                waited=waited,
+                deadline=deadline,
             )
             return new, state.bucket_ttl(new, now, rate=rate, capacity=capacity), decision
 
         return await self._update(key, step)
 
-    async def _take_slot(self, key: str, token: str, waited: bool) -> state.Decision:
+    async def _take_slot(
+        self, key: str, token: str, waited: bool, deadline: float
+    ) -> state.Decision:
         limit = self._flow.key_concurrency
         assert limit is not None
         lease = self._lease
 
         def step(data: bytes | None, now: float) -> tuple[bytes, float, state.Decision]:
             new, decision = state.slots_take(
-                data, now, token=token, limit=limit, lease=lease, waited=waited
+                data, now, token=token, limit=limit, lease=lease, waited=waited, deadline=deadline
             )
             return new, state.slots_ttl(new, now, lease=lease), decision
 

@@ -35,7 +35,9 @@ def _period(per: str | float | timedelta, what: str) -> float:
     if isinstance(per, timedelta):
         seconds = per.total_seconds()
     elif isinstance(per, str):
-        unit = per.strip().lower().removesuffix("s") if len(per.strip()) > 1 else per.strip()
+        unit = per.strip().lower()
+        if unit not in _UNITS and len(unit) > 2 and unit.endswith("s"):
+            unit = unit[:-1]  # a plural ("minutes"); never "ms", which is no minute
         if unit not in _UNITS:
             raise ValueError(
                 f"{what}: unknown period {per!r}; use second, minute, hour, day "

@@ -25,6 +25,7 @@ Times are seconds on the clock of `Broker.clock`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "bucket_level",
     "bucket_refund",
     "bucket_take",
+    "bucket_take_many",
     "bucket_ttl",
     "slots_release",
     "slots_renew",
@@ -90,6 +92,7 @@ def bucket_take(
     rate: float,
     capacity: float,
     waited: bool,
+    deadline: float = math.inf,
 ) -> tuple[bytes, Decision]:
     """Admit a start of `cost` units if the bucket holds them (and, for a start that has not
     waited yet, nobody waits before it); else say when to ask again.
@@ -115,8 +118,24 @@ def bucket_take(
         start = max(fits_at, now + _MIN_RECHECK)
     else:
         start = max(fits_at, horizon, now + _MIN_RECHECK)
-        state["w"] = start + needed / rate
+        if start <= deadline:  # one that would expire before its turn takes no turn
+            state["w"] = start + needed / rate
     return _dump(state), Decision(False, start - now)
+
+
+def bucket_take_many(
+    data: bytes | None, now: float, *, count: int, rate: float, capacity: float
+) -> tuple[bytes, int, float]:
+    """Take up to `count` whole units the bucket holds now (for starts fetched together);
+    return `(new state, how many, seconds until one more is there when none was)`."""
+    state = _load(data)
+    tat = max(float(state.get("t", now)), now)
+    level = capacity - (tat - now) * rate
+    granted = min(count, int(level + 1e-9))
+    if granted >= 1:
+        state["t"] = tat + granted / rate
+        return _dump(state), granted, 0.0
+    return _dump(state), 0, max((1.0 - level) / rate, _MIN_RECHECK)
 
 
 def bucket_refund(data: bytes | None, now: float, *, cost: float, rate: float) -> bytes:
@@ -175,6 +194,7 @@ def slots_take(
     limit: int,
     lease: float,
     waited: bool,
+    deadline: float = math.inf,
 ) -> tuple[bytes, Decision]:
     """Take one of `limit` slots for `token`, leased for `lease` seconds, if one is free (and,
     for a start that has not waited yet, nobody waits before it); else say when to ask again.
@@ -198,10 +218,12 @@ def slots_take(
         # Back too early (the hold was longer than learned): in the line of those asking
         # again, one turn each, so they recheck about as often as slots free up.
         start = max(again, now) + step
-        state["v"] = start
+        if start <= deadline:
+            state["v"] = start
     else:
         start = max(horizon, again, now) + step
-        state["w"] = start
+        if start <= deadline:
+            state["w"] = start
     return _dump(state), Decision(False, start - now)
 
 

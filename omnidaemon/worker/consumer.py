@@ -143,6 +143,7 @@ class AgentConsumer(Fetching, Outcomes):
         self._prune_idle = prune_idle(spec)
         self._next_prune = 0.0  # the first reclaim prunes: consumers of earlier crashed runs
         self._due: list[float] = []  # when events this consumer put back are due (a heap)
+        self._paid: set[tuple[str, str]] = set()
 
     @property
     def capacity(self) -> int:
@@ -232,6 +233,8 @@ class AgentConsumer(Fetching, Outcomes):
             metrics.in_flight -= 1
             self.running.pop(key, None)
             self._in_flight.pop(key, None)
+            if self._paid:
+                self._paid.discard(key)
             if self._lost or self._trimmed:
                 self._lost.discard(key)
                 self._trimmed.discard(key)
@@ -303,14 +306,20 @@ class AgentConsumer(Fetching, Outcomes):
             await self._process_event(delivery, envelope)
 
     async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
-        if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):
-            return
         gate = self._gate
+        paid = bool(self._paid) and (delivery.origin, delivery.id) in self._paid
+        if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):
+            if paid and gate is not None:
+                await gate.give_back_starts(1)  # taken at fetch for a start that never came
+            return
         if gate is None or self._spec.flow is None:
             await self._run_event(delivery, envelope, None)
             return
+        if paid and gate.only_rate_limit:
+            await self._run_event(delivery, envelope, None)  # its start was taken at fetch
+            return
         try:
-            verdict = await gate.admit(envelope)
+            verdict = await gate.admit(envelope, paid=paid)
         except Exception as exc:
             # A key or estimate function that raised: the attempt fails like a handler's.
             await self._fail(delivery, envelope, exc, None)

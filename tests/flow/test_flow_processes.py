@@ -157,8 +157,16 @@ def _scenario(
             60,
             "key B's event to run",
         )
-        expired = portal.call(
-            lambda: publisher.broker.dead_letters(Subscription("flow.paced", "paced"), 10)
+
+        def dead_letters() -> list[tuple[str, bytes]]:
+            sub = Subscription("flow.paced", "paced")
+            found = portal.call(lambda: publisher.broker.dead_letters(sub, 10))
+            return found if len(found) >= len(expiring) else []
+
+        expired = wait_for(
+            dead_letters,
+            10,
+            "the expired events' dead letters",
         )
 
     # The rate limit: never more than 10 starts in any second plus the burst of 2, from the
