@@ -1,7 +1,8 @@
 """The consume loop of one agent: fetch, validate, handle, then settle each delivery.
 
-The fetching side (fetch, reclaim, leases, group membership) is `worker/fetching.py`; settling
-failures and reporting outcomes is `worker/outcomes.py`; sync handlers with a timeout run
+The fetching side (fetch, reclaim, leases, group membership) is `worker/fetching.py`; flow
+control before a handler starts is `worker/admission.py`; settling failures and reporting
+outcomes is `worker/outcomes.py`; sync handlers with a timeout run
 through `worker/threads.py`.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
 from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
-from omnidaemon.flow.gate import Admission, FlowGate, Refusal, mark_waited
+from omnidaemon.flow.gate import Admission, FlowGate
 from omnidaemon.flow.limits import FlowSpec
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.metrics import AgentMetrics
@@ -30,6 +30,7 @@ from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
+from omnidaemon.worker.admission import Admitting
 from omnidaemon.worker.fetching import Fetching, prune_idle
 from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.isolation import Isolation
@@ -45,10 +46,9 @@ __all__ = ["AgentConsumer"]
 
 _log = get_logger("omnidaemon.worker")
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
-_DUE_MARGIN = 0.003  # seconds added to the wait of an event put back by flow control
 
 
-class AgentConsumer(Fetching, Outcomes):
+class AgentConsumer(Admitting, Fetching, Outcomes):
     """Runs one agent in one worker: its consume loop, lease renewal and acknowledgements.
 
     Invariants kept here (DESIGN.md section 4): a delivery is acknowledged only after its
@@ -305,35 +305,6 @@ class AgentConsumer(Fetching, Outcomes):
         ):
             await self._process_event(delivery, envelope)
 
-    async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
-        gate = self._gate
-        paid = bool(self._paid) and (delivery.origin, delivery.id) in self._paid
-        if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):
-            if paid and gate is not None:
-                await gate.give_back_starts(1)  # taken at fetch for a start that never came
-            return
-        if gate is None or self._spec.flow is None:
-            await self._run_event(delivery, envelope, None)
-            return
-        if paid and gate.only_rate_limit:
-            await self._run_event(delivery, envelope, None)  # its start was taken at fetch
-            return
-        try:
-            verdict = await gate.admit(envelope, paid=paid)
-        except Exception as exc:
-            # A key or estimate function that raised: the attempt fails like a handler's.
-            await self._fail(delivery, envelope, exc, None)
-            return
-        if isinstance(verdict, Refusal):
-            await self._wait_on_bus(delivery, envelope, verdict)
-            return
-        if verdict.waited:
-            self.metrics.observe_wait(verdict.waited)
-        try:
-            await self._run_event(delivery, envelope, verdict)
-        finally:
-            await self._release(verdict)
-
     async def _run_event(
         self, delivery: Delivery, envelope: Envelope[Any], admission: Admission | None
     ) -> None:
@@ -410,65 +381,6 @@ class AgentConsumer(Fetching, Outcomes):
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
-
-    async def _expired(self, delivery: Delivery, envelope: Envelope[Any], wait: float) -> bool:
-        """Dead-letter the event as `Expired`, unrun, if it expires within `wait` seconds
-        (0: it has expired); say whether it did."""
-        assert envelope.expires_at is not None
-        now = self._broker.clock()
-        expires = envelope.expires_at.timestamp()
-        if expires > now + wait:
-            return False
-        why = (
-            "it expired before it started"
-            if expires <= now
-            else f"it would expire before flow control lets it start (in {wait:.3g} s)"
-        )
-        self.metrics.expired += 1
-        await self._dead_letter(
-            delivery,
-            envelope,
-            "Expired",
-            f"{why}: expires_at {envelope.expires_at.isoformat()}; it was not run",
-        )
-        return True
-
-    async def _wait_on_bus(
-        self, delivery: Delivery, envelope: Envelope[Any], refusal: Refusal
-    ) -> None:
-        """Put an event a limit refused back on the bus until the limit allows it: the same
-        attempt, no lease held, no handler slot taken (see `omnidaemon.flow.gate`)."""
-        if envelope.expires_at is not None and await self._expired(
-            delivery, envelope, refusal.wait
-        ):
-            return
-        key = (delivery.origin, delivery.id)
-        waiting = replace(delivery, data=mark_waited(delivery.data, refusal.since))
-        deferred = await self._broker.retry(
-            self.subscription,
-            waiting,
-            # A bus rounds delays down to its resolution (milliseconds): a hair early, the
-            # event would find its turn not come yet and be put back once more.
-            refusal.wait + _DUE_MARGIN,
-            attempt=delivery.attempt,
-            trimmed=key in self._trimmed,
-        )
-        if not deferred:
-            self._report_lost(delivery, envelope)
-            return
-        self.metrics.throttled += 1
-        self._due_at(refusal.wait + _DUE_MARGIN)
-
-    async def _release(self, admission: Admission) -> None:
-        assert self._gate is not None
-        try:
-            await self._gate.release(admission)
-        except Exception as exc:
-            # The slot's lease runs out by itself after reclaim_idle.
-            self._log.warning(
-                "could not free a concurrency slot; it frees itself when its lease runs out",
-                error=f"{type(exc).__name__}: {exc}",
-            )
 
     async def _run_handler(
         self, delivery: Delivery, envelope: Envelope[Any], ctx: Context
