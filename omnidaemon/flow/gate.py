@@ -25,6 +25,7 @@ from omnidaemon.brokers.base import Broker, R
 from omnidaemon.flow import state
 from omnidaemon.flow.batching import StateUpdates
 from omnidaemon.flow.limits import Budget, FlowSpec
+from omnidaemon.flow.starts import FetchStarts
 from omnidaemon.observability.logging import Logger
 
 if TYPE_CHECKING:
@@ -117,60 +118,39 @@ class FlowGate:
         self._throttled: str | None = None
         self._updates = StateUpdates(broker)
         self._rate_key = state_key("rate", agent)  # the agent-wide rate limit's state
+        self.starts: FetchStarts | None = None
+        """The agent-wide rate limit's starts, taken before each fetch, on a bus that may
+        leave events unread while they wait (`Broker.waits_unread`); else `None`."""
+        if flow.rate_limit is not None and flow.rate_limit_key is None and broker.waits_unread:
+            self.starts = FetchStarts(
+                flow.rate_limit,
+                self._rate_key,
+                self._updates,
+                on_refused=self._starts_refused,
+                on_granted=lambda: self._quiet(self._broker.clock()),
+            )
         self._last_refusal = 0.0
 
     # Admission ----------------------------------------------------------------------------
 
     @property
-    def gates_fetch(self) -> bool:
-        """Whether the agent's rate limit is one for the whole agent: then the consume loop
-        takes starts before it fetches (`take_starts`), and events over the limit wait
-        unread, in order, without a round trip each."""
-        return (
-            self._flow.rate_limit is not None
-            and self._flow.rate_limit_key is None
-            and self._broker.waits_unread
-        )
-
-    @property
     def only_rate_limit(self) -> bool:
-        """Whether an agent-wide rate limit is all the agent declares (no slots, no budgets):
-        an event whose start `take_starts` took is then admitted with no more to ask."""
+        """Whether an agent-wide rate limit taken before the fetch (`starts`) is all the agent
+        declares: an event whose start was taken is then admitted with no more to ask."""
         flow = self._flow
-        return self.gates_fetch and flow.key_concurrency is None and not flow.budgets
+        return self.starts is not None and flow.key_concurrency is None and not flow.budgets
 
-    async def take_starts(self, count: int) -> tuple[int, float]:
-        """Take up to `count` starts of the agent's rate limit at once, for as many events
-        as the next fetch may bring; `(how many, seconds to wait when none)`."""
-        limit = self._flow.rate_limit
-        assert limit is not None
-        rate, capacity = 1.0 / limit.interval, float(limit.burst)
-
-        def step(data: bytes | None, now: float) -> tuple[bytes, float, tuple[int, float]]:
-            new, granted, wait = state.bucket_take_many(
-                data, now, count=count, rate=rate, capacity=capacity
-            )
-            return new, state.bucket_ttl(new, now, rate=rate, capacity=capacity), (granted, wait)
-
-        granted, wait = await self._update(self._rate_key, step)
+    def _starts_refused(self, wait: float) -> None:
         now = self._broker.clock()
-        if granted:
-            self._quiet(now)
-        elif self._throttled is None:
+        if self._throttled is None:
             self._refused(state.Decision(False, wait), "rate_limit", self._rate_key, now)
         else:
             self._last_refusal = now
-        return granted, wait
-
-    async def give_back_starts(self, count: int) -> None:
-        """Return starts `take_starts` gave that no event used (the fetch brought fewer)."""
-        admission = Admission(started=0.0, reserved={self._rate_key: float(count)})
-        await self.release(admission, ran=False)
 
     async def admit(self, envelope: Envelope[Any], *, paid: bool = False) -> Admission | Refusal:
         """Ask every limit of the agent for this event, in order; give back what was granted
         if a later one refuses. `paid`: the event's start of the agent-wide rate limit was
-        taken before it was fetched (`take_starts`).
+        taken before it was fetched (`starts`).
 
         Raises:
             Exception: whatever a key or estimate function raised (a bug, or a payload they do

@@ -124,14 +124,18 @@ def bucket_take(
 
 
 def bucket_take_many(
-    data: bytes | None, now: float, *, count: int, rate: float, capacity: float
+    data: bytes | None, now: float, *, count: int, rate: float, capacity: float, spare: int = 0
 ) -> tuple[bytes, int, float]:
-    """Take up to `count` whole units the bucket holds now (for starts fetched together);
-    return `(new state, how many, seconds until one more is there when none was)`."""
+    """Take up to `count` whole units the bucket holds now (for starts fetched together),
+    and up to `spare` more while the bucket stays at least half full (far from binding, so
+    taking them early changes nothing); return `(new state, how many, seconds until one more
+    is there when none was)`."""
     state = _load(data)
     tat = max(float(state.get("t", now)), now)
     level = capacity - (tat - now) * rate
     granted = min(count, int(level + 1e-9))
+    if granted == count and spare:
+        granted += max(0, min(spare, int(level - granted - capacity / 2)))
     if granted >= 1:
         state["t"] = tat + granted / rate
         return _dump(state), granted, 0.0

@@ -68,8 +68,8 @@ class Admitting:
         gate = self._gate
         paid = bool(self._paid) and (delivery.origin, delivery.id) in self._paid
         if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):
-            if paid and gate is not None:
-                await gate.give_back_starts(1)  # taken at fetch for a start that never came
+            # A start taken for it at the fetch is spent: given back now, it could be used
+            # later than the limit counted it.
             return
         if gate is None or self._spec.flow is None:
             await self._run_event(delivery, envelope, None)

@@ -38,9 +38,6 @@ _PRUNE_INTERVAL = 60.0
 _PRUNE_IDLE_RECLAIMS = 3
 _PRUNE_IDLE_FLOOR = 10.0  # five fetch timeouts: a live consumer reads far more often
 _LEAVE_TIMEOUT = 2.0  # seconds a stopping worker gives the bus to remove its consumer
-# Seconds within which starts taken before a fetch must be used: a rate limit may admit up
-# to its rate times this more in a window than it allows (docs/flow-control.md).
-_FRESH_STARTS = 0.05
 _MAX_DUE = 10_000  # due times of put-back events a consumer remembers (see _due_at)
 
 
@@ -164,17 +161,16 @@ class Fetching:
                 if not deliveries and not self._draining:
                     longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
                     timeout = max(0.0, min(longest, next_reclaim - now, self._next_due(now) - now))
-                    gate = self._gate if self._gate is not None and self._gate.gates_fetch else None
-                    if gate is not None:
+                    starts = self._gate.starts if self._gate is not None else None
+                    if starts is not None:
                         # The agent-wide rate limit: starts are taken before the fetch, so
                         # events over the limit wait unread on the bus, in order.
-                        free, wait = await gate.take_starts(free)
+                        free, wait, taken = await starts.take(free)
                         if not free:
                             self.metrics.throttled += 1
                             with anyio.move_on_after(min(wait, timeout)):
                                 await self._stop_requested.wait()
                             continue
-                        taken = anyio.current_time()
                     self._fetching = True
                     try:
                         deliveries = await self._broker.fetch(
@@ -182,15 +178,12 @@ class Fetching:
                         )
                     finally:
                         self._fetching = False
-                    if gate is not None and anyio.current_time() - taken <= _FRESH_STARTS:
+                    if starts is not None and starts.fresh(taken):
                         for delivery in deliveries:
                             self._paid.add((delivery.origin, delivery.id))
-                        if len(deliveries) < free:
-                            await gate.give_back_starts(free - len(deliveries))
+                        starts.keep(free - len(deliveries), taken)
                     # Else the fetch waited for events: the starts taken before it are spent
-                    # (used now, they would start later than the limit counted them; given
-                    # back now, the bucket, refilled meanwhile, would count them twice), and
-                    # the events ask the limit one by one.
+                    # (see omnidaemon.flow.starts), and the events ask the limit one by one.
             except Exception as exc:
                 failures += 1
                 # The fetch's reply may have been lost after the bus handed entries out.
