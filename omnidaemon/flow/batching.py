@@ -68,31 +68,11 @@ class StateUpdates:
         if turn is None:
             turn = self._turns[key] = anyio.Lock()
         try:
-            async with turn:
-                # Closed once its turn has come: whoever arrives from now on starts the next.
-                del self._open[key]
-                steps = batch.steps
-
-                produced: list[bytes] = []
-
-                def run_all(data: bytes | None) -> tuple[bytes, float, list[Any]]:
-                    now = self._clock()
-                    answers = []
-                    new, ttl = b"", 0.0
-                    for one in steps:
-                        new, ttl, answer = one(data, now)
-                        answers.append(answer)
-                        data = new
-                    produced.append(new)
-                    return new, ttl, answers
-
-                known = self._known.pop(key, None)
-                batch.answers = await self._broker.update_value(key, run_all, guess=known)
-                # What this worker stored last: usually still there at its next change, which
-                # then costs one compare-and-set instead of a read and a compare-and-set.
-                self._known[key] = produced[-1]
-                if len(self._known) > _KNOWN:
-                    del self._known[next(iter(self._known))]
+            # Shielded: the batch is other handlers' too, and a cancelled leader (its handler's
+            # timeout) must not fail them or leave a change half known. The bus calls under it
+            # have timeouts of their own.
+            with anyio.CancelScope(shield=True):
+                await self._apply_batch(key, batch, turn)
         except BaseException as exc:
             batch.error = (
                 exc
@@ -107,3 +87,31 @@ class StateUpdates:
             if not turn.locked() and not turn.statistics().tasks_waiting:
                 self._turns.pop(key, None)
         return cast("R", batch.answers[0])
+
+    async def _apply_batch(self, key: str, batch: _Batch, turn: anyio.Lock) -> None:
+        """Wait for the key's turn, close the batch, and apply its steps in one update."""
+        async with turn:
+            # Closed once its turn has come: whoever arrives from now on starts the next.
+            del self._open[key]
+            steps = batch.steps
+
+            produced: list[bytes] = []
+
+            def run_all(data: bytes | None) -> tuple[bytes, float, list[Any]]:
+                now = self._clock()
+                answers = []
+                new, ttl = b"", 0.0
+                for one in steps:
+                    new, ttl, answer = one(data, now)
+                    answers.append(answer)
+                    data = new
+                produced.append(new)
+                return new, ttl, answers
+
+            known = self._known.pop(key, None)
+            batch.answers = await self._broker.update_value(key, run_all, guess=known)
+            # What this worker stored last: usually still there at its next change, which
+            # then costs one compare-and-set instead of a read and a compare-and-set.
+            self._known[key] = produced[-1]
+            if len(self._known) > _KNOWN:
+                del self._known[next(iter(self._known))]

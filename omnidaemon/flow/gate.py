@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import orjson
 
 from omnidaemon.brokers.base import Broker, R
@@ -43,8 +44,11 @@ _MAX_KEY = 120  # longer keys are hashed: they name values on the bus
 
 def state_key(kind: str, *parts: str) -> str:
     """The bus key of a limit's state: `flow:<kind>:<part>:...` (long parts hashed)."""
+    # ':' is escaped inside a part: agent `a` with key `b` and agent `a:b` are two states.
     safe = [
-        part if len(part) <= _MAX_KEY else "sha256-" + hashlib.sha256(part.encode()).hexdigest()
+        part.replace("%", "%25").replace(":", "%3A")
+        if len(part) <= _MAX_KEY
+        else "sha256-" + hashlib.sha256(part.encode()).hexdigest()
         for part in parts
     ]
     return ":".join(("flow", kind, *safe))
@@ -165,48 +169,82 @@ class FlowGate:
         admission = Admission(started=now, waited=max(0.0, now - since) if waited else 0.0)
         # An event that would expire before its turn must not take a turn from the others.
         deadline = envelope.expires_at.timestamp() if envelope.expires_at else math.inf
-        if paid:
-            admission.reserved[self._rate_key] = 1.0  # given back if another limit refuses
+        # Every key and estimate first: a function that raises must find nothing taken.
+        slot_key = rate_key = None
         if flow.key_concurrency is not None:
             assert flow.concurrency_key is not None
-            key = state_key("slots", self._agent, str(flow.concurrency_key(payload)))
-            token = f"{self._consumer}:{envelope.id}:{os.urandom(3).hex()}"
-            decision = await self._take_slot(key, token, waited, deadline)
-            if not decision.admitted:
-                await self.release(admission, ran=False)
-                return self._refused(decision, "key_concurrency", key, since)
-            admission.slot = (key, token)
+            slot_key = state_key("slots", self._agent, str(flow.concurrency_key(payload)))
         if flow.rate_limit is not None and not paid:
-            limit = flow.rate_limit
             parts = [self._agent]
             if flow.rate_limit_key is not None:
                 parts.append(str(flow.rate_limit_key(payload)))
-            key = state_key("rate", *parts)
+            rate_key = state_key("rate", *parts)
+        estimates = self._estimates(payload) if flow.budgets else {}
+        if paid:
+            admission.reserved[self._rate_key] = 1.0  # given back if another limit refuses
+        try:
+            refusal = await self._take_all(
+                admission, envelope.id, slot_key, rate_key, estimates, waited, deadline, since
+            )
+        except BaseException:
+            # The bus failed (or the task was cancelled) between two limits: what the first
+            # ones granted goes back, or a slot would stay taken for as long as this worker
+            # lives (its renewals would keep it).
+            with anyio.CancelScope(shield=True):
+                await self.release(admission, ran=False)
+            raise
+        if refusal is not None:
+            return refusal
+        self._quiet(now)
+        return admission
+
+    async def _take_all(
+        self,
+        admission: Admission,
+        event_id: str,
+        slot_key: str | None,
+        rate_key: str | None,
+        estimates: dict[str, float],
+        waited: bool,
+        deadline: float,
+        since: float,
+    ) -> Refusal | None:
+        """Take the event's slot, rate-limit start and budget reservations, in that order,
+        into `admission`; the refusal of the first limit that says no (after giving back
+        what the earlier ones granted), else `None`."""
+        flow = self._flow
+        if slot_key is not None:
+            token = f"{self._consumer}:{event_id}:{os.urandom(3).hex()}"
+            decision = await self._take_slot(slot_key, token, waited, deadline)
+            if not decision.admitted:
+                await self.release(admission, ran=False)
+                return self._refused(decision, "key_concurrency", slot_key, since)
+            admission.slot = (slot_key, token)
+        if rate_key is not None:
+            limit = flow.rate_limit
+            assert limit is not None
             decision = await self._take(
-                key, 1.0, 1.0 / limit.interval, limit.burst, waited, deadline
+                rate_key, 1.0, 1.0 / limit.interval, limit.burst, waited, deadline
             )
             if not decision.admitted:
                 await self.release(admission, ran=False)
-                return self._refused(decision, "rate_limit", key, since)
-            admission.reserved[key] = decision.cost  # given back if a budget refuses
-        if flow.budgets:
-            estimates = self._estimates(payload)
-            for name, budget in flow.budgets.items():
-                key = state_key("budget", name)
-                decision = await self._take(
-                    key, estimates.get(name), budget.rate, budget.amount, waited, deadline
-                )
-                if not decision.admitted:
-                    await self.release(admission, ran=False)
-                    return self._refused(decision, "budget", key, since)
-                admission.reserved[name] = decision.cost
+                return self._refused(decision, "rate_limit", rate_key, since)
+            admission.reserved[rate_key] = decision.cost  # given back if a budget refuses
+        for name, budget in flow.budgets.items():
+            key = state_key("budget", name)
+            decision = await self._take(
+                key, estimates.get(name), budget.rate, budget.amount, waited, deadline
+            )
+            if not decision.admitted:
+                await self.release(admission, ran=False)
+                return self._refused(decision, "budget", key, since)
+            admission.reserved[name] = decision.cost
         if flow.rate_limit is not None:
             # Kept only to give it back above: a start, once made, is never refunded.
             admission.reserved = {
                 name: cost for name, cost in admission.reserved.items() if name in flow.budgets
             }
-        self._quiet(now)
-        return admission
+        return None
 
     def _quiet(self, now: float) -> None:
         if self._throttled is not None and now - self._last_refusal > _QUIET:
@@ -218,9 +256,15 @@ class FlowGate:
         if estimate is None:
             return {}
         value = estimate(payload)
-        if isinstance(value, Mapping):
-            return {str(name): float(units) for name, units in value.items()}
-        return dict.fromkeys(self._flow.budgets, float(value))
+        units = (
+            {str(name): float(v) for name, v in value.items()}
+            if isinstance(value, Mapping)
+            else dict.fromkeys(self._flow.budgets, float(value))
+        )
+        for name, amount in units.items():
+            if not math.isfinite(amount) or amount < 0:
+                raise ValueError(f"estimate= gave {amount!r} units of {name!r}: not a number >= 0")
+        return units
 
     def _refused(self, decision: state.Decision, reason: str, key: str, since: float) -> Refusal:
         refusal = Refusal(decision.wait, reason, key.split(":", 2)[-1], since)

@@ -131,7 +131,11 @@ class Budget:
     seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", self.name):
+        if (
+            not isinstance(self.name, str)
+            or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", self.name)
+            or self.name.startswith("flow:")  # the prefix of the rate limits' reservations
+        ):
             raise ValueError(f"invalid budget name {self.name!r}: use 1 to 100 of [A-Za-z0-9_.:-]")
         if not math.isfinite(self.amount) or self.amount <= 0:
             raise ValueError(f"budget {self.name!r}: the amount must be > 0, not {self.amount!r}")

@@ -7,8 +7,11 @@ and reads nothing, so events over the limit wait unread, in order, at no cost ea
 
 Starts are used only within `FRESH` seconds of being taken: a start used later than the
 limit counted it could let a window see more than the limit allows. So the guarantee is
-`burst + (w + FRESH) x rate` starts in any window of `w` seconds. Starts older than that are
-dropped, not given back: the bucket has refilled meanwhile and would count them twice.
+`burst + (w + FRESH) x rate` starts in any window of `w` seconds (plus the round trips between
+a fetch and its handler's start). Starts older than that are dropped, not given back: the
+bucket has refilled meanwhile and would count them twice. After a fetch that brought nothing,
+the loop fetches without starts (its events ask one by one) until events flow again, so an
+idle worker does not drain the bucket.
 
 While the bucket is far from empty (more than half full), a take also asks for `SPARE` starts
 more, kept for the next fetches: a limit that never binds then costs one state change per
@@ -51,6 +54,10 @@ class FetchStarts:
         self._updates = updates
         self._on_refused = on_refused
         self._on_granted = on_granted
+        self.idle = False
+        """Set by the consume loop when a fetch with starts brought nothing (or waited past
+        `FRESH`): its next fetch goes without, and its events ask one by one, so an idle loop
+        does not spend the limit's starts on fetches that wait."""
         self._kept = 0  # starts taken and not used yet
         self._kept_at = 0.0  # when the oldest of them was taken (anyio.current_time())
 

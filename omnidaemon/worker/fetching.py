@@ -162,6 +162,11 @@ class Fetching:
                     longest = _BUSY_FETCH_TIMEOUT if self._in_flight else _FETCH_TIMEOUT
                     timeout = max(0.0, min(longest, next_reclaim - now, self._next_due(now) - now))
                     starts = self._gate.starts if self._gate is not None else None
+                    if starts is not None and starts.idle:
+                        # Nothing came last time: a fetch that waits for events would spend
+                        # the starts taken before it. These events ask one by one instead.
+                        starts.idle = False
+                        starts = None
                     if starts is not None:
                         # The agent-wide rate limit: starts are taken before the fetch, so
                         # events over the limit wait unread on the bus, in order.
@@ -178,10 +183,12 @@ class Fetching:
                         )
                     finally:
                         self._fetching = False
-                    if starts is not None and starts.fresh(taken):
-                        for delivery in deliveries:
-                            self._paid.add((delivery.origin, delivery.id))
-                        starts.keep(free - len(deliveries), taken)
+                    if starts is not None:
+                        if starts.fresh(taken):
+                            for delivery in deliveries:
+                                self._paid.add((delivery.origin, delivery.id))
+                            starts.keep(free - len(deliveries), taken)
+                        starts.idle = not deliveries or not starts.fresh(taken)
                     # Else the fetch waited for events: the starts taken before it are spent
                     # (see omnidaemon.flow.starts), and the events ask the limit one by one.
             except Exception as exc:

@@ -339,6 +339,36 @@ async def test_a_key_function_that_raises_fails_the_attempt(option: str) -> None
     assert ran == []
 
 
+async def test_an_estimate_that_raises_leaves_the_keys_slot_free() -> None:
+    app = make_app()
+    ran: list[tuple[Event, float]] = []
+
+    @app.agent(
+        "a.b",
+        max_retries=0,
+        key_concurrency=1,
+        concurrency_key=lambda e: e["user"],
+        budgets=[Budget("tok", 1_000, per="second")],
+        estimate=lambda e: e["units"],  # a KeyError when "units" is missing
+    )
+    async def keyed(event: Event, ctx: Context) -> None:
+        ran.append((event, ctx.app.broker.clock()))
+
+    with anyio.fail_after(GUARD):
+        async with TestApp(app) as bus:
+            await bus.publish("a.b", {"user": "u"})  # its estimate raises: dead-lettered
+            await bus.drain()
+            published = app.broker.clock()
+            await bus.publish("a.b", {"user": "u", "units": 1})
+            await bus.drain()
+            [letter] = bus.dead_letters("keyed")
+    assert letter.error_type == "KeyError"
+    [(event, started)] = ran
+    assert event == {"user": "u", "units": 1}
+    # At once: the key's one slot was not left taken until its lease (30 s) ran out.
+    assert started - published < 1.0
+
+
 # Metrics ----------------------------------------------------------------------------------
 
 
