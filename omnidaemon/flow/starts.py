@@ -55,9 +55,9 @@ class FetchStarts:
         self._on_refused = on_refused
         self._on_granted = on_granted
         self.idle = False
-        """Set by the consume loop when a fetch with starts brought nothing (or waited past
-        `FRESH`): its next fetch goes without, and its events ask one by one, so an idle loop
-        does not spend the limit's starts on fetches that wait."""
+        """Set by the consume loop when a fetch with starts brought nothing: its next fetch
+        goes without, and its events ask one by one, so an idle loop does not spend the
+        limit's starts on fetches that wait."""
         self._kept = 0  # starts taken and not used yet
         self._kept_at = 0.0  # when the oldest of them was taken (anyio.current_time())
 

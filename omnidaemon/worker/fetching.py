@@ -188,7 +188,7 @@ class Fetching:
                             for delivery in deliveries:
                                 self._paid.add((delivery.origin, delivery.id))
                             starts.keep(free - len(deliveries), taken)
-                        starts.idle = not deliveries or not starts.fresh(taken)
+                        starts.idle = not deliveries
                     # Else the fetch waited for events: the starts taken before it are spent
                     # (see omnidaemon.flow.starts), and the events ask the limit one by one.
             except Exception as exc:
