@@ -284,6 +284,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def wait_for_groups(client: redis.Redis | SyncClusterClient, timeout: float = 60.0) -> None:
+    """Until every agent's consumer group exists on the topic's stream. Polled, not slept on:
+    on a loaded machine the workers take seconds to start, and a group made after a publish
+    starts past it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            groups = {_text(group["name"]) for group in client.xinfo_groups(STREAM)}
+        except redis.ResponseError:  # no such key: no worker has made its group yet
+            groups = set()
+        if groups >= set(AGENTS):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the workers made no groups {sorted(AGENTS)} in {timeout} s")
+        time.sleep(0.1)
+
+
 def describe_groups(client: redis.Redis | SyncClusterClient) -> Any:
     """XINFO GROUPS and an XPENDING summary per group of the topic (for a run that does not
     drain: what is left, and who holds it)."""
@@ -376,6 +393,9 @@ class ServerBus:
 
     def settle(self) -> None:
         """Nothing is left broken after a fault on one server."""
+
+    def wait_subscribed(self) -> None:
+        wait_for_groups(self.client)
 
     def describe_groups(self) -> Any:
         return describe_groups(self.client)
@@ -521,6 +541,10 @@ class ClusterBus:
         self._wait_restart()
         self.cluster.wait_ok(60)
 
+    def wait_subscribed(self) -> None:
+        with self.sampling_client() as client:
+            wait_for_groups(client)
+
     def describe_groups(self) -> Any:
         with self.sampling_client() as client:
             return describe_groups(client)
@@ -575,10 +599,9 @@ def run(
         sampler = Sampler.of(bus)
         try:
             workers.start()
-            if isinstance(bus, ServerBus | ClusterBus):
-                time.sleep(2.0)  # workers connect and create their groups before events flow
-            else:
-                bus.wait_subscribed()  # consumers made: every published event will be seen
+            # Every agent's group (consumer) made before events flow: agents start from new
+            # entries, so one made after a publish would never see it.
+            bus.wait_subscribed()
             log("workers subscribed; publishing")
             sampler.start()
             publisher.start()
