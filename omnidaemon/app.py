@@ -45,6 +45,7 @@ from omnidaemon.errors import (
     PayloadValidationError,
 )
 from omnidaemon.flow.limits import Budget, RateLimit, check_budgets
+from omnidaemon.lanes import Lane, LaneMarks, Priority, lane_of
 from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result, wait_result
@@ -141,6 +142,7 @@ class App:
         self._running_agents: Counter[str] = Counter()  # agents workers of this app run now
         self._topic_types: TopicTypes | None = None  # built on first publish
         self._sync: PublishesSync | None = None  # publish_sync's loop, started on first use
+        self._lane_marks = LaneMarks()
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
 
@@ -503,6 +505,7 @@ class App:
         delay: float | timedelta | None = None,
         at: datetime | None = None,
         expires: timedelta | datetime | None = None,
+        priority: Priority | None = None,
     ) -> str:
         """Publish one event and return its id.
 
@@ -522,9 +525,12 @@ class App:
             expires: A lifetime (`timedelta`, from now) or a time (`datetime`): an agent that
                 has not started the event by then dead-letters it as `Expired` without
                 running it (for answers nobody waits for any more).
+            priority: `"high"`, `"normal"` (the default) or `"low"`, or an int from 0 (low)
+                to 9 (high): every agent of the topic starts higher ones first, with a guard
+                that keeps lower ones moving (see docs/flow-control.md).
 
         Raises:
-            ValueError: The topic name is invalid.
+            ValueError: The topic name or the priority is invalid.
             TypeError: The payload holds a value of a type JSON has no place for.
             PayloadValidationError: The payload contradicts the type an agent of this app
                 declares for the topic, or JSON cannot carry it: it nests arrays and objects
@@ -537,6 +543,7 @@ class App:
                 (`OMNIDAEMON_MAX_DELAY`, 30 days); nothing was sent.
         """
         self.check_payload(topic, payload)
+        lane = lane_of(priority)
         hold = 0.0 if delay is None and at is None else self._hold(topic, delay, at)
         event_id, data = self._encode(
             topic,
@@ -551,6 +558,8 @@ class App:
         )
         if not self._connected:
             await self.connect()
+        if lane != "normal":
+            topic = await self._bus_topic(topic, lane)
         await self.broker.publish(topic, data, delay=hold)
         return event_id
 
@@ -604,14 +613,21 @@ class App:
         return event_id
 
     async def publish_many(
-        self, events: Iterable[tuple[str, Any]], *, correlation_id: str | None = None
+        self,
+        events: Iterable[tuple[str, Any]],
+        *,
+        correlation_id: str | None = None,
+        priority: Priority | None = None,
     ) -> list[str]:
         """Publish several `(topic, payload)` events in one round trip; return their ids.
+
+        `priority` applies to every event of the batch (see `publish`).
 
         Every event is checked and encoded before any is sent: a bad one (`ValueError`,
         `TypeError`, `PayloadValidationError`, `PayloadTooLarge`) sends none of the batch.
         """
         events = list(events)
+        lane = lane_of(priority)
         for topic, payload in events:
             self.check_payload(topic, payload)
         encoded = [
@@ -622,8 +638,17 @@ class App:
             for topic, payload in events
         ]
         await self.connect()
-        await self.broker.publish_many([(topic, data) for topic, _, data in encoded])
+        await self.broker.publish_many(
+            [
+                (topic if lane == "normal" else await self._bus_topic(topic, lane), data)
+                for topic, _, data in encoded
+            ]
+        )
         return [event_id for _, event_id, _ in encoded]
+
+    async def _bus_topic(self, topic: str, lane: Lane) -> str:
+        """The bus topic of `topic`'s `lane` (see `omnidaemon.lanes`)."""
+        return await self._lane_marks.bus_topic(self.broker, topic, lane)
 
     # Inspecting ---------------------------------------------------------------------------
 
@@ -648,6 +673,7 @@ class App:
         correlation_id: str | None = None,
         tenant_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: Priority | None = None,
     ) -> Any: ...
 
     @overload
@@ -661,6 +687,7 @@ class App:
         correlation_id: str | None = None,
         tenant_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: Priority | None = None,
     ) -> ReplyT: ...
 
     async def request(
@@ -673,6 +700,7 @@ class App:
         correlation_id: str | None = None,
         tenant_id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: Priority | None = None,
     ) -> Any:
         """Publish an event and wait for the handling agent's return value (request-reply).
 
@@ -682,6 +710,7 @@ class App:
             timeout: Seconds to wait for the reply.
             response_type: Validate the reply into this type (a model, dataclass, ...);
                 default: the reply as JSON data.
+            priority: The request's priority (see `publish`).
 
         Returns:
             The handler's return value (the first reply, if several agents answer).
@@ -697,6 +726,7 @@ class App:
             quote = await app.request("quote.requested", {"sku": "A1"}, response_type=Quote)
             ```
         """
+        lane_of(priority)  # an invalid priority fails before anything is made on the bus
         await self.connect()
         reply_topic = new_reply_topic()
         sub = Subscription(reply_topic, "requester")
@@ -716,6 +746,7 @@ class App:
                 correlation_id=correlation_id,
                 tenant_id=tenant_id,
                 headers=headers,
+                priority=priority,
             )
             with anyio.move_on_after(timeout) as waiting:
                 reply = await wait_reply(self.broker, sub, event_id)

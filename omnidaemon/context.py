@@ -10,6 +10,7 @@ import anyio.from_thread
 import structlog
 
 from omnidaemon.envelope import Envelope
+from omnidaemon.lanes import Lane, Priority
 from omnidaemon.observability.logging import bound_logger
 from omnidaemon.requests import is_request_reply
 
@@ -27,6 +28,8 @@ class Context:
         agent: The name of the agent handling it.
         attempt: 1 on the first delivery, then 2, 3, ... on retries and redeliveries.
         max_attempts: The attempt after which a failure goes to the dead-letter queue.
+        priority: The lane the event came in (`"high"`, `"normal"` or `"low"`): events the
+            handler publishes, and its return value, keep that priority unless told otherwise.
 
     Example:
         ```python
@@ -45,13 +48,23 @@ class Context:
         "attempt",
         "event",
         "max_attempts",
+        "priority",
         "replied",
     )
 
     def __init__(
-        self, app: App, event: Envelope[Any], *, agent: str, attempt: int, max_attempts: int
+        self,
+        app: App,
+        event: Envelope[Any],
+        *,
+        agent: str,
+        attempt: int,
+        max_attempts: int,
+        priority: Lane = "normal",
     ) -> None:
         self._app = app
+        # The lane the event came in: what it publishes keeps it (see the class's docs).
+        self.priority: Lane = priority
         self._log: structlog.typing.FilteringBoundLogger | None = None
         self.event = event
         self.agent = agent
@@ -177,11 +190,13 @@ class Context:
         delay: float | timedelta | None = None,
         at: datetime | None = None,
         expires: timedelta | datetime | None = None,
+        priority: Priority | None = None,
     ) -> str:
         """Publish an event caused by the one being handled.
 
         The new event's `causation_id` is this event's id; its `correlation_id` and
-        `tenant_id` are carried over. Returns the new event's id.
+        `tenant_id` are carried over, and so is its priority unless `priority` is given.
+        Returns the new event's id.
         """
         return await self._app.publish(
             topic,
@@ -195,6 +210,7 @@ class Context:
             delay=delay,
             at=at,
             expires=expires,
+            priority=self.priority if priority is None else priority,
         )
 
     def publish_sync(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import anyio
 
-from omnidaemon.brokers.base import Broker, Delivery, Subscription
+from omnidaemon.brokers.base import Delivery
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability.logging import get_logger
+from omnidaemon.worker.lanes import AgentQueue
 
 __all__ = ["AckBatcher"]
 
@@ -30,17 +31,16 @@ class AckBatcher:
 
     def __init__(
         self,
-        broker: Broker,
-        sub: Subscription,
+        queue: AgentQueue,
         *,
         max_batch: int = 256,
         max_delay: float = 0.002,
         metrics: AgentMetrics | None = None,
         stats_interval: float = 1.0,
     ) -> None:
-        self._broker = broker
+        self._queue = queue
         self._metrics = metrics
-        self._sub = sub
+        self._sub = queue.subscription
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._stats_interval = stats_interval
@@ -139,7 +139,7 @@ class AckBatcher:
                 if not self._pending and not stats:
                     break
                 batch = self._pending[: self._max_batch]
-                await self._broker.ack(self._sub, batch, stats=stats)
+                await self._queue.ack(batch, stats=stats)
                 del self._pending[: len(batch)]  # appends happen at the end only
                 if stats and self._metrics is not None:
                     self._metrics.commit(stats)

@@ -14,6 +14,9 @@ from omnidaemon.flow.gate import Admission, FlowGate, Refusal, mark_waited
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability.logging import Logger
 
+if TYPE_CHECKING:
+    from omnidaemon.worker.lanes import AgentQueue
+
 __all__ = ["Admitting"]
 
 _DUE_MARGIN = 0.003  # seconds added to the wait of an event put back by flow control
@@ -27,6 +30,7 @@ class Admitting:
     metrics: AgentMetrics
     _spec: AgentSpec
     _broker: Broker
+    _queue: AgentQueue
     _gate: FlowGate | None
     _paid: set[tuple[str, str]]
     _trimmed: set[tuple[str, str]]
@@ -126,8 +130,7 @@ class Admitting:
             return
         key = (delivery.origin, delivery.id)
         waiting = replace(delivery, data=mark_waited(delivery.data, refusal.since))
-        deferred = await self._broker.retry(
-            self.subscription,
+        deferred = await self._queue.retry(
             waiting,
             # A bus rounds delays down to its resolution (milliseconds): a hair early, the
             # event would find its turn not come yet and be put back once more.

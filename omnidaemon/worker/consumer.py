@@ -24,6 +24,7 @@ from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.flow.gate import Admission, FlowGate
 from omnidaemon.flow.limits import FlowSpec
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
+from omnidaemon.lanes import Lane
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
 from omnidaemon.observability.logging import get_logger
@@ -34,6 +35,7 @@ from omnidaemon.worker.admission import Admitting
 from omnidaemon.worker.fetching import Fetching, prune_idle
 from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.isolation import Isolation
+from omnidaemon.worker.lanes import AgentQueue, lane_of_delivery
 from omnidaemon.worker.notify import OutcomeNotifier
 from omnidaemon.worker.outcomes import Outcomes, event_fields
 from omnidaemon.worker.threads import TimedThreads
@@ -70,6 +72,7 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         self._spec = spec
         self._broker = app.broker
         self.subscription = Subscription(spec.topic, spec.name, spec.start)
+        self._queue = AgentQueue(self._broker, self.subscription)
         self.consumer = consumer
         self._capacity = concurrency
         self._in_flight: dict[tuple[str, str], Delivery] = {}
@@ -108,7 +111,7 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         self._trimmed: set[tuple[str, str]] = set()
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
-        self._acks = AckBatcher(self._broker, self.subscription, metrics=self.metrics)
+        self._acks = AckBatcher(self._queue, metrics=self.metrics)
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()
         self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
@@ -317,6 +320,7 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
             agent=spec.name,
             attempt=delivery.attempt,
             max_attempts=spec.policy.max_attempts,
+            priority=lane_of_delivery(delivery),
         )
         if self._gate is not None:
             ctx._charge = partial(self._gate.charge, admission)
@@ -356,7 +360,9 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         # A request (App.request) always gets its reply, even an empty one.
         if output is not None or is_request_reply(envelope.reply_to):
             try:
-                await self._publish_outputs(envelope, output, replied=ctx.replied)
+                await self._publish_outputs(
+                    envelope, output, replied=ctx.replied, lane=ctx.priority
+                )
             except Exception as exc:
                 if idempotency is not None and idempotency_key is not None and claim:
                     await idempotency.release(idempotency_key, claim)
@@ -463,7 +469,7 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         )
 
     async def _publish_outputs(
-        self, envelope: Envelope[Any], output: Any, *, replied: bool
+        self, envelope: Envelope[Any], output: Any, *, replied: bool, lane: Lane
     ) -> None:
         reply_to = None if replied else envelope.reply_to
         publishes = self._spec.publishes if output is not None else None
@@ -485,6 +491,9 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
                 tenant_id=envelope.tenant_id,
                 headers=None,
             )
+            if lane != "normal" and not is_request_reply(topic):
+                # The handler's return value keeps the event's priority.
+                topic = await self._app._bus_topic(topic, lane)
             entries.append((topic, data))
         if reply_to is not None and is_request_reply(reply_to):
             # The reply (last of the targets) only goes to a request that still waits for it.

@@ -20,6 +20,7 @@ from omnidaemon.worker.heartbeat import worker_alive
 if TYPE_CHECKING:
     from omnidaemon.flow.gate import FlowGate
     from omnidaemon.worker.isolation import Isolation
+    from omnidaemon.worker.lanes import AgentQueue
     from omnidaemon.worker.threads import TimedThreads
 
 __all__ = ["Fetching"]
@@ -54,6 +55,7 @@ class Fetching:
     consumer: str
     _spec: AgentSpec
     _broker: Broker
+    _queue: AgentQueue
     _capacity: int
     _in_flight: dict[tuple[str, str], Delivery]
     _stopping: bool
@@ -132,8 +134,7 @@ class Fetching:
                     async with isolation.claiming:
                         busy = isolation.running_alone or not isolation.idle()
                         hold_back = last if busy and last > 1 else None
-                        reclaimed = await self._broker.reclaim(
-                            self.subscription,
+                        reclaimed = await self._queue.reclaim(
                             self.consumer,
                             spec.reclaim_idle,
                             1,
@@ -178,14 +179,13 @@ class Fetching:
                             continue
                     self._fetching = True
                     try:
-                        deliveries = await self._broker.fetch(
-                            self.subscription, self.consumer, free, timeout
-                        )
+                        deliveries = await self._queue.fetch(self.consumer, free, timeout)
                     finally:
                         self._fetching = False
                     if starts is not None:
                         if starts.fresh(taken):
-                            for delivery in deliveries:
+                            # Rarely more came than asked for (see AgentQueue.fetch).
+                            for delivery in deliveries[:free]:
                                 self._paid.add((delivery.origin, delivery.id))
                             starts.keep(free - len(deliveries), taken)
                         starts.idle = not deliveries
@@ -241,7 +241,7 @@ class Fetching:
     async def _orphans(self) -> list[Delivery]:
         """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was
         lost), as they were delivered: same attempt, nothing charged."""
-        held = await self._broker.recover(self.subscription, self.consumer, _ORPHANS)
+        held = await self._queue.recover(self.consumer, _ORPHANS)
         known = self._acks.waiting()  # finished, their acks not sent yet
         orphans = [
             d
@@ -268,7 +268,7 @@ class Fetching:
         while True:
             if self._fetching:
                 try:
-                    await self._broker.interrupt(self.subscription, self.consumer)
+                    await self._queue.interrupt(self.consumer)
                 except Exception as exc:
                     self._log.debug("could not interrupt the fetch", error=str(exc))
             await anyio.sleep(_INTERRUPT_EVERY)
@@ -285,7 +285,7 @@ class Fetching:
             if not held:
                 continue
             try:
-                renewal = await self._broker.extend(self.subscription, self.consumer, held)
+                renewal = await self._queue.extend(self.consumer, held)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -330,7 +330,7 @@ class Fetching:
         over and prunes it later. Failures are ignored: a consumer left listed is harmless."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(_LEAVE_TIMEOUT):
             try:
-                left = await self._broker.remove_consumer(self.subscription, self.consumer)
+                left = await self._queue.remove_consumer(self.consumer)
             except Exception as exc:
                 self._log.debug("could not leave the consumer group", error=repr(exc))
                 return
@@ -358,9 +358,7 @@ class Fetching:
             return
         self._next_prune = now + _PRUNE_INTERVAL
         try:
-            removed = await self._broker.prune_consumers(
-                self.subscription, self._prune_idle, alive=self._worker_alive
-            )
+            removed = await self._queue.prune_consumers(self._prune_idle, alive=self._worker_alive)
         except Exception as exc:
             self._log.debug("could not prune the consumer group", error=repr(exc))
             return

@@ -26,6 +26,7 @@ from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
+    from omnidaemon.worker.lanes import AgentQueue
 
 __all__ = ["Outcomes", "event_fields"]
 
@@ -54,6 +55,7 @@ class Outcomes:
     _app: App
     _spec: AgentSpec
     _broker: Broker
+    _queue: AgentQueue
     _trimmed: set[tuple[str, str]]
     _max_payload_bytes: int
     running: dict[tuple[str, str], tuple[Delivery, float]]
@@ -85,7 +87,7 @@ class Outcomes:
         if delay is None:
             delay = policy.backoff.delay(delivery.attempt)
         trimmed = (delivery.origin, delivery.id) in self._trimmed
-        if not await self._broker.retry(self.subscription, delivery, delay, trimmed=trimmed):
+        if not await self._queue.retry(delivery, delay, trimmed=trimmed):
             self._report_lost(delivery, envelope)
             return
         if failed:
@@ -107,8 +109,8 @@ class Outcomes:
         shortly as the same attempt: waiting in a handler slot would stop the agent's other
         work for as long as that run takes."""
         trimmed = (delivery.origin, delivery.id) in self._trimmed
-        deferred = await self._broker.retry(
-            self.subscription, delivery, _CLAIM_RECHECK, attempt=delivery.attempt, trimmed=trimmed
+        deferred = await self._queue.retry(
+            delivery, _CLAIM_RECHECK, attempt=delivery.attempt, trimmed=trimmed
         )
         if not deferred:
             self._report_lost(delivery, envelope)
@@ -276,9 +278,7 @@ class Outcomes:
             failed_at=datetime.now(UTC),
         )
         trimmed = (delivery.origin, delivery.id) in self._trimmed
-        if not await self._broker.dead_letter(
-            self.subscription, delivery, record.encode(), trimmed=trimmed
-        ):
+        if not await self._queue.dead_letter(delivery, record.encode(), trimmed=trimmed):
             self._report_lost(delivery, envelope)
             return
         if failed:
