@@ -30,6 +30,7 @@ __all__ = [
     "lane_of",
     "lane_topic",
     "lanes_mark_key",
+    "parse_priority",
     "split_lane_topic",
 ]
 
@@ -57,6 +58,19 @@ def lane_of(priority: Priority | None) -> Lane:
     if priority not in LANES:
         raise ValueError(f"invalid priority {priority!r}: use 'high', 'normal', 'low' or 0-9")
     return priority
+
+
+def parse_priority(text: str | None) -> Priority | None:
+    """A priority as written on a command line or in a setting (`high`, `7`); `lane_of`
+    checks it."""
+    if text is None:
+        return None
+    text = text.strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text in LANES:
+        return "high" if text == "high" else "low" if text == "low" else "normal"
+    raise ValueError(f"invalid priority {text!r}: use 'high', 'normal', 'low' or 0-9")
 
 
 def lane_topic(topic: str, lane: Lane) -> str:

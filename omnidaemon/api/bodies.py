@@ -6,7 +6,7 @@ which Python's `json` module reads) is a 422 naming the field and the place in i
 route that takes a body, rather than a 500 from the encoder or an event the worker cannot read.
 """
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +35,7 @@ AgentName = Annotated[
 ]
 
 _Id = Annotated[str, Field(min_length=1, max_length=200)]
+PriorityValue = Literal["high", "normal", "low"] | Annotated[int, Field(ge=0, le=9, strict=True)]
 
 
 def _unfit(value: Any, where: str) -> str | None:
@@ -87,6 +88,11 @@ class PublishRequest(_Body):
     headers: dict[str, str] | None = Field(
         default=None, description="String metadata carried unchanged."
     )
+    priority: PriorityValue | None = Field(
+        default=None,
+        description="high, normal (default) or low, or 0 (low) to 9 (high): agents of the "
+        "topic start higher ones first.",
+    )
 
 
 class ReplyRequest(_Body):
@@ -98,6 +104,7 @@ class ReplyRequest(_Body):
     correlation_id: _Id | None = None
     tenant_id: _Id | None = None
     headers: dict[str, str] | None = None
+    priority: PriorityValue | None = None
     timeout: float = Field(
         default=30.0, gt=0, le=300, description="Seconds to wait for the reply (504 after)."
     )

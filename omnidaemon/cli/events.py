@@ -83,6 +83,14 @@ def publish(
         float | None,
         typer.Option("--delay", min=0.0, metavar="S", help="Seconds before agents see it."),
     ] = None,
+    priority: Annotated[
+        str | None,
+        typer.Option(
+            "--priority",
+            metavar="P",
+            help="high, normal or low, or 0 (low) to 9 (high): agents start higher ones first.",
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="Wait for the handling agent's result and print it."),
@@ -113,6 +121,12 @@ def publish(
         raise typer.BadParameter(str(exc), param_hint="TOPIC") from None
     if wait and (reply_to or delay):
         raise typer.BadParameter("--wait waits for a reply itself: drop --reply-to and --delay")
+    from omnidaemon.lanes import lane_of, parse_priority
+
+    try:
+        lane = lane_of(parse_priority(priority))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--priority") from None
     payload = _read_payload(data)
     from omnidaemon.app import App
 
@@ -131,6 +145,7 @@ def publish(
                     timeout=timeout,
                     correlation_id=correlation_id,
                     tenant_id=tenant_id,
+                    priority=lane,
                 )
                 emit_json(reply) if json or not isinstance(reply, str) else print(reply)
                 return
@@ -142,6 +157,7 @@ def publish(
                 webhook=webhook,
                 tenant_id=tenant_id,
                 delay=delay,
+                priority=lane,
             )
             await _warn_if_unread(app, topic)
         emit_json({"event_id": event_id, "topic": topic}) if json else print(event_id)

@@ -48,6 +48,7 @@ async def publish_event(
         tenant_id=body.tenant_id,
         headers=body.headers,
         delay=body.delay,
+        priority=body.priority,
     )
     response.headers["Location"] = f"/v1/events/{event_id}/result"
     return PublishResponse(event_id=event_id, topic=body.topic)
@@ -78,6 +79,7 @@ async def request_reply(
             correlation_id=body.correlation_id,
             tenant_id=body.tenant_id,
             headers=body.headers,
+            priority=body.priority,
         )
 
     try:
