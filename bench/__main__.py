@@ -51,6 +51,11 @@ CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
 # about 2.3 s for its last pull request to expire), and the flow-control rows (the drain
 # with a rate limit that never binds against the same drain without, on Redis and on a
 # nats-server of their own: 4 worker runs a repetition on each).
+_FLOW_VARIANTS = (
+    ("plain", "no limit"),
+    ("limited", "rate limit never binding"),
+    ("lanes", "priority lanes in use"),
+)
 EXTRA_CASES = ("concurrency", "cluster", "nats", "flow")
 SECTIONS = ("cluster", "nats", "flow")  # extra cases that write their own section of RESULTS.md
 SWEEP = (16, 32, 64, 100, 256)
@@ -317,8 +322,8 @@ class Bench:
         try:
             raw.warm_server(s, cfg)
             for i in self.reps():
-                for limited, label in ((False, "no limit"), (True, "rate limit never binding")):
-                    run = partial(flow.redis_drain, s, ch, cfg, out, limited=limited)
+                for variant, label in _FLOW_VARIANTS:
+                    run = partial(flow.redis_drain, s, ch, cfg, out, variant=variant)
                     self.measure(f"flow drain omnidaemon, {label} #{i}", run)
             try:
                 server = NatsServer()
@@ -332,8 +337,8 @@ class Bench:
             try:
                 self.nats_info = nats.versions(server)
                 for i in self.reps():
-                    for limited, label in ((False, "no limit"), (True, "rate limit never binding")):
-                        run = partial(flow.nats_drain, server, ch, cfg, out, limited=limited)
+                    for variant, label in _FLOW_VARIANTS:
+                        run = partial(flow.nats_drain, server, ch, cfg, out, variant=variant)
                         self.measure(f"flow nats drain omnidaemon, {label} #{i}", run)
             finally:
                 server.stop()

@@ -269,19 +269,23 @@ NATS_ROWS: tuple[Row, ...] = (
         lower_is_better=True),
 )  # fmt: skip
 
-# Flow control (--cases flow): the omnidaemon drain with a rate limit that never binds against
-# the same drain without it, same server, same run (bench/cases/flow.py).
+# Flow control (--cases flow): the omnidaemon drain with a rate limit that never binds, and with
+# priority lanes in use, against the same drain without either, same server, same run
+# (bench/cases/flow.py).
 _NO_LIMIT = "drain, no limit: 1 worker process, default concurrency (16)"
 _NEVER_BINDS = "drain, rate limit that never binds: the same agent, RateLimit(1_000_000, per=1)"
+_LANES = "drain, priority lanes in use: the same agent, every event normal, high and low read"
 FLOW_ROWS: tuple[Row, ...] = (
     Row("flow.drain", "Redis", _NO_LIMIT, _rate, "flow.drain"),
     Row("flow.drain_limited", "Redis", _NEVER_BINDS, _rate, "flow.drain"),
+    Row("flow.drain_lanes", "Redis", _LANES, _rate, "flow.drain"),
     Row("flow.drain_cpu", "Redis", "CPU per event: worker, no limit", _cpu, "flow.drain_cpu",
         lower_is_better=True),
     Row("flow.drain_limited_cpu", "Redis", "CPU per event: worker, rate limit that never binds",
         _cpu, "flow.drain_cpu", lower_is_better=True),
     Row("flow.nats.drain", "NATS", _NO_LIMIT, _rate, "flow.nats.drain"),
     Row("flow.nats.drain_limited", "NATS", _NEVER_BINDS, _rate, "flow.nats.drain"),
+    Row("flow.nats.drain_lanes", "NATS", _LANES, _rate, "flow.nats.drain"),
     Row("flow.nats.drain_cpu", "NATS", "CPU per event: worker, no limit", _cpu,
         "flow.nats.drain_cpu", lower_is_better=True),
     Row("flow.nats.drain_limited_cpu", "NATS", "CPU per event: worker, rate limit that never "

@@ -32,7 +32,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -273,12 +273,15 @@ def omni_drain(
     *,
     concurrency: int | None = None,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """A worker process (`concurrency` as `--concurrency`, default the agent's own; `env`
     added to its environment) draining N pre-filled events; started and timed as the raw
-    consumer is."""
+    consumer is. `setup` runs once the bus is filled, before the worker starts."""
     n, group, stream = cfg.n, "sink_0", omni_stream()
     asyncio.run(_omni_fill(server.url, group, n - 1, cfg.batch))
+    if setup is not None:
+        setup()
     worker = omni.WorkerRun(
         children, server, "drain", out, expect=n, concurrency=concurrency, env=env
     )

@@ -188,6 +188,7 @@ def drain(
     processes: int = 1,
     concurrency: int | None = None,
     env: Mapping[str, str] | None = None,
+    setup: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Time a worker (`processes` processes, `fanout` agents on the topic, each handling every
     event) draining N pre-filled events, from its first handled event to its last. Returns
@@ -198,7 +199,8 @@ def drain(
     to the stream's start and the N-th event is published, which wakes them all at once; so
     neither start-up nor processes starting at different times are counted. `concurrency`
     is passed to the worker as `--concurrency` (default: the agents' own, 16); `env` adds to
-    the worker's environment (`OMNI_BENCH_RATE_LIMIT`, say).
+    the worker's environment (`OMNI_BENCH_RATE_LIMIT`, say); `setup` runs once the bus is
+    filled, before the worker starts.
     """
     groups = [f"sink_{i}" for i in range(fanout)]
     with server.client() as r:
@@ -206,6 +208,8 @@ def drain(
         asyncio.run(_prefill(server.url, n - 1, cfg.batch))
         for group in groups:
             r.xgroup_create(stream_key(), group, id="$", mkstream=True)
+        if setup is not None:
+            setup()
         worker = WorkerRun(
             children,
             server,

@@ -76,6 +76,7 @@ SOURCE = """
 
 EACH = 150  # events per lane in the backlog
 STARTUP = 30.0
+URGENT = 10_000  # the high event published into a busy topic
 FIRST = 96  # the first starts looked at: six rounds of the guard's 16 fetches per worker
 
 
@@ -113,6 +114,15 @@ def test_high_first_and_lower_lanes_still_progress(
             wait_for(lambda w=worker: w.has_logged("worker started"), STARTUP, "a worker to start")
         wait_for(lambda: len(_starts(log, "work")) >= 3 * EACH, 60, "the backlog to drain")
 
+        # A high event published into a busy topic: it overtakes the normal backlog, waiting
+        # only for what each worker has in hand and for its high lane's next read (50 ms).
+        for n in range(3 * EACH, 5 * EACH):
+            publish("prio.work", n)
+        wait_for(lambda: len(_starts(log, "work")) >= 3 * EACH + 20, 30, "the second backlog")
+        urgent_at = time.time()
+        publish("prio.work", URGENT, "high")
+        wait_for(lambda: len(_starts(log, "work")) >= 5 * EACH + 1, 60, "the second backlog")
+
         # A topic whose lanes were never used: its first high event is seen once the workers
         # look for the lanes' mark again (every 2 s) and their wait on the topic ends (2 s).
         published = time.time()
@@ -120,7 +130,15 @@ def test_high_first_and_lower_lanes_still_progress(
         fresh = wait_for(lambda: _starts(log, "fresh"), 15, "the first high event of a topic")
 
     starts = _starts(log, "work")
-    assert sorted(s["n"] for s in starts) == list(range(3 * EACH)), "each ran exactly once"
+    assert sorted(s["n"] for s in starts) == [*range(5 * EACH), URGENT], "each ran exactly once"
+    urgent = next(i for i, s in enumerate(starts) if s["n"] == URGENT)
+    before = [s for s in starts[:urgent] if s["at"] >= urgent_at]
+    # Within the 50 ms its lane rests once found empty (plus what the workers had in hand):
+    # a few dozen of these 2 ms handlers at most, of the 280 or so still queued.
+    assert starts[urgent]["at"] - urgent_at < 0.5
+    assert len(before) <= 60, len(before)
+    starts_urgent = f"after {starts[urgent]['at'] - urgent_at:.3f} s, {len(before)} starts later"
+    starts = [s for s in starts if s["n"] < 3 * EACH]
     lanes = {n: "low" for n in range(EACH)}
     lanes |= {EACH + n: "normal" for n in range(EACH)}
     lanes |= {2 * EACH + n: "high" for n in range(EACH)}
@@ -140,7 +158,8 @@ def test_high_first_and_lower_lanes_still_progress(
     # Within a lane, publish order holds (one worker's fetches; the two interleave).
     assert fresh[0]["lane"] == "high"
     assert fresh[0]["at"] - published < 6.0
-    print(f"{bus}: first {FIRST} starts {dict(first)}; mean positions {mean}; "
+    print(f"{bus}: first {FIRST} starts {dict(first)}; mean positions {mean}; urgent started "
+          f"{starts_urgent}; "
           f"first high of a fresh topic after {fresh[0]['at'] - published:.2f} s")  # fmt: skip
 
 
