@@ -4,7 +4,9 @@ replay and purge.
 These read and change the bus only (no app code needed). `omnidaemon bus ...` and the HTTP
 API's topic and dead-letter endpoints are thin shells around them, so both behave the same.
 Every function takes a connected broker; a topic or agent that is not on the bus is a
-`NotFound` whose message names it.
+`NotFound` whose message names it. A topic is seen with its priority lanes as one topic
+(`omnidaemon.lanes_view`): its numbers, entries and dead letters are its lanes' merged, and
+replay, purge and delete act on every lane (a replayed event goes back into its own lane).
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
+from omnidaemon import lanes_view
 from omnidaemon.brokers.base import Broker, GroupInfo, Subscription, TopicInfo
-from omnidaemon.dead_letters import (
-    DeadLetter,
-    ReplaySelection,
-    UndecodableRecord,
-    read_dead_letters,
-)
+from omnidaemon.dead_letters import DeadLetter, ReplaySelection, UndecodableRecord
 from omnidaemon.envelope import Envelope, new_event_id
 from omnidaemon.errors import NotFound, PayloadValidationError
+from omnidaemon.lanes import Lane, lane_topic
 from omnidaemon.topology import type_name
 
 __all__ = [
@@ -47,27 +46,23 @@ __all__ = [
 
 
 async def require_topic(broker: Broker, topic: str, *, consumers: bool = False) -> TopicInfo:
-    """The topic's length, delayed entries and groups (with their consumers when `consumers`).
+    """The topic's length, delayed entries and groups (with their consumers when `consumers`),
+    its priority lanes' included.
 
     Raises:
         NotFound: the bus has no such topic.
     """
-    info = await broker.describe(topic, consumers=consumers)
-    if info is None:
-        raise NotFound(f"no topic {topic!r} on the bus")
+    info, _ = await lanes_view.require_lanes(broker, topic, consumers=consumers)
     return info
 
 
 async def require_group(broker: Broker, topic: str, agent: str) -> GroupInfo:
-    """The consumer group of `agent` on `topic`.
+    """The consumer group of `agent` on `topic` (its numbers on the priority lanes included).
 
     Raises:
         NotFound: no agent of that name reads the topic (or there is no such topic).
     """
-    info = await broker.describe(topic)
-    group = next((g for g in info.groups if g.group == agent), None) if info else None
-    if group is None:
-        raise NotFound(f"no agent {agent!r} reads topic {topic!r}")
+    group, _ = await lanes_view.require_group_lanes(broker, topic, agent)
     return group
 
 
@@ -86,7 +81,9 @@ _TEXT_FIELDS = (
 )
 
 
-def _decode_entry(entry_id: str, data: bytes) -> dict[str, Any]:
+def _decode_entry(entry_id: str, data: bytes, lane: Lane = "normal") -> dict[str, Any]:
+    # An entry of a priority lane says which (`priority`); the topic's own entries as before.
+    lane_field = {} if lane == "normal" else {"priority": lane}
     try:
         envelope = orjson.loads(data)
         if not isinstance(envelope, dict):
@@ -99,21 +96,23 @@ def _decode_entry(entry_id: str, data: bytes) -> dict[str, Any]:
             raise ValueError("not an envelope")
     except ValueError:
         # Another producer's entry, or a damaged one: shown as text, not an error.
-        return {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace")}
-    return {**envelope, "entry_id": entry_id}
+        return {"entry_id": entry_id, "unreadable": data.decode("utf-8", "replace"), **lane_field}
+    return {**envelope, "entry_id": entry_id, **lane_field}
 
 
 async def recent_entries(broker: Broker, topic: str, limit: int) -> list[dict[str, Any]]:
     """The topic's `limit` most recent entries, oldest first, each decoded: its bus id as
     `entry_id` and the envelope's fields (`id`, `created_at`, `payload`, ...), or `entry_id`
     and `unreadable` (the raw text) for an entry that is not a JSON object or whose envelope
-    fields have the wrong types.
+    fields have the wrong types. Entries of the topic's priority lanes are among them, each
+    with `priority` (`high` or `low`), in time order (`omnidaemon.lanes_view`).
 
     Raises:
         NotFound: the bus has no such topic.
     """
-    await require_topic(broker, topic)
-    return [_decode_entry(entry_id, data) for entry_id, data in await broker.entries(topic, limit)]
+    _, lanes = await lanes_view.require_lanes(broker, topic)
+    found = await lanes_view.entries_with_lanes(broker, topic, limit, lanes=list(lanes))
+    return [_decode_entry(e.id, e.data, e.lane) for e in found]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +142,15 @@ async def find_dead_letters(
     """
     letters: list[DeadLetter] = []
     undecodable: list[UndecodableRecord] = []
-    names = [topic] if topic is not None else await broker.topics()
+    names = (
+        {topic: lanes_view.VIEW_ORDER}
+        if topic is not None
+        else await lanes_view.topic_lanes(broker)
+    )
     agent_seen = False
-    for name in names:
-        info = await broker.describe(name)
+    for name, listed in names.items():
+        lanes = await lanes_view.describe_lanes(broker, name, lanes=listed)
+        info = lanes_view.merge_lanes(name, lanes)
         if info is None:
             if topic is not None:
                 raise NotFound(f"no topic {topic!r} on the bus")
@@ -154,8 +158,12 @@ async def find_dead_letters(
         agent_seen = agent_seen or any(g.group == agent for g in info.groups)
         for g in info.groups:
             if (agent is None or g.group == agent) and g.dead_letters:
-                records = await broker.dead_letters(Subscription(name, g.group), limit)
-                readable, unreadable = read_dead_letters(records, name, g.group)
+                with_letters = lanes_view.lanes_with_group(lanes, g.group, dead_letters=True)
+                sub = Subscription(name, g.group)
+                records = await lanes_view.dead_letters_with_lanes(
+                    broker, sub, limit, lanes=with_letters
+                )
+                readable, unreadable = lanes_view.read_lane_dead_letters(records, name, g.group)
                 letters += readable
                 undecodable += unreadable
     if agent is not None and not agent_seen:
@@ -208,9 +216,10 @@ async def preview_replay(
     Raises:
         NotFound: no agent of that name reads the topic.
     """
-    group = await require_group(broker, topic, agent)
-    records = await broker.dead_letters(Subscription(topic, agent), max(1, group.dead_letters))
-    letters, undecodable = read_dead_letters(records, topic, agent)
+    group, lanes = await lanes_view.require_group_lanes(broker, topic, agent)
+    sub, count = Subscription(topic, agent), max(1, group.dead_letters)
+    records = await lanes_view.dead_letters_with_lanes(broker, sub, count, lanes=lanes)
+    letters, undecodable = lanes_view.read_lane_dead_letters(records, topic, agent)
     chosen = tuple(d for d in letters if event_ids is None or d.event_id in event_ids)
     return ReplayPreview(chosen, len(records), tuple(undecodable))
 
@@ -226,8 +235,8 @@ async def replay_dead_letters(
     """Deliver `agent`'s dead letters on `topic` to it again, each as a new first attempt.
 
     Only that agent sees them again; the records leave the dead-letter queue as they go, each
-    in one atomic step. A record that cannot be read stays where it is, reported in
-    `undecodable`.
+    in one atomic step, an event of a priority lane back into that lane. A record that cannot
+    be read stays where it is, reported in `undecodable`.
 
     Args:
         event_ids: Only these events; default: every record.
@@ -236,18 +245,14 @@ async def replay_dead_letters(
     Raises:
         NotFound: no agent of that name reads the topic.
     """
-    await require_group(broker, topic, agent)
-    selection = ReplaySelection(topic, agent, event_ids)
-
-    def select(record_id: str, record: bytes) -> bytes | None:
-        if on_record is not None:
-            on_record()
-        return selection(record_id, record)
-
-    moved = await broker.replay_dead_letters(Subscription(topic, agent), select)
-    chosen = selection.chosen
+    _, lanes = await lanes_view.require_group_lanes(broker, topic, agent)
+    selections = lanes_view.LaneSelections(topic, agent, event_ids, on_record)
+    moved = await lanes_view.replay_with_lanes(
+        broker, Subscription(topic, agent), selections, lanes=lanes
+    )
+    chosen = selections.chosen
     missing = () if event_ids is None else tuple(sorted(set(event_ids).difference(chosen)))
-    return ReplayOutcome(moved, tuple(chosen), missing, tuple(selection.undecodable))
+    return ReplayOutcome(moved, tuple(chosen), missing, tuple(selections.undecodable))
 
 
 async def find_dead_letter(broker: Broker, topic: str, agent: str, event_id: str) -> DeadLetter:
@@ -256,10 +261,17 @@ async def find_dead_letter(broker: Broker, topic: str, agent: str, event_id: str
     Raises:
         NotFound: no agent of that name reads the topic, or its queue holds no such event.
     """
-    group = await require_group(broker, topic, agent)
-    records = await broker.dead_letters(Subscription(topic, agent), max(1, group.dead_letters))
-    letters, _ = read_dead_letters(records, topic, agent)
-    found = next((d for d in letters if d.event_id == event_id), None)
+    return (await _find_in_lanes(broker, topic, agent, event_id))[0]
+
+
+async def _find_in_lanes(
+    broker: Broker, topic: str, agent: str, event_id: str
+) -> tuple[DeadLetter, Lane]:
+    """`find_dead_letter`, with the lane whose queue holds the record."""
+    group, lanes = await lanes_view.require_group_lanes(broker, topic, agent)
+    sub, count = Subscription(topic, agent), max(1, group.dead_letters)
+    records = await lanes_view.dead_letters_with_lanes(broker, sub, count, lanes=lanes)
+    found = lanes_view.find_lane_dead_letter(records, topic, agent, event_id)
     if found is None:
         raise NotFound(f"event {event_id!r} is not in {agent}'s dead letters on {topic!r}")
     return found
@@ -270,7 +282,8 @@ async def replay_corrected(
 ) -> Envelope[Any]:
     """Replay one dead letter to its agent with a corrected payload: a new event (new id,
     first attempt) with the same correlation, caused by the dead one, for that agent alone;
-    the record leaves the queue in the same atomic step. Returns the new event.
+    the record leaves the queue in the same atomic step (the new event goes into the lane the
+    record was in, keeping its priority). Returns the new event.
 
     Args:
         payload: The corrected payload, as JSON data; it goes on the bus as given.
@@ -280,7 +293,7 @@ async def replay_corrected(
         NotFound: no such agent on the topic, or no such event in its dead letters.
         PayloadValidationError: the payload does not validate (nothing is changed).
     """
-    letter = await find_dead_letter(broker, topic, agent, event_id)
+    letter, lane = await _find_in_lanes(broker, topic, agent, event_id)
     original = letter.envelope
     if original is None:
         raise NotFound(f"the dead letter of event {event_id!r} holds no readable event")
@@ -315,35 +328,35 @@ async def replay_corrected(
         moved = True
         return corrected.encode()
 
-    if not await broker.replay_dead_letters(Subscription(topic, agent), select):
+    if not await broker.replay_dead_letters(Subscription(lane_topic(topic, lane), agent), select):
         raise NotFound(f"event {event_id!r} left {agent}'s dead letters meanwhile")
     return corrected
 
 
 async def purge_topic(broker: Broker, topic: str) -> TopicInfo:
-    """Delete a topic with everything it holds: entries, groups, retries, dead letters,
-    metrics. Returns what it held just before.
+    """Delete a topic with everything it holds, its priority lanes too: entries, groups,
+    retries, dead letters, metrics. Returns what it held just before.
 
     Workers still consuming the topic recreate it, empty, on their next fetch.
 
     Raises:
         NotFound: the bus has no such topic.
     """
-    info = await require_topic(broker, topic)
-    await broker.delete_topic(topic)
+    info, lanes = await lanes_view.require_lanes(broker, topic)
+    await lanes_view.delete_topic_with_lanes(broker, topic, list(lanes))
     return info
 
 
 async def purge_backlog(broker: Broker, topic: str) -> TopicInfo:
     """Drop a topic's backlog (entries, delayed events, pending deliveries, scheduled
-    retries) but keep its groups, so the agents go on receiving what is published next.
-    Returns what the topic held just before.
+    retries), its priority lanes' too, but keep its groups, so the agents go on receiving what
+    is published next. Returns what the topic held just before.
 
     Raises:
         NotFound: the bus has no such topic.
     """
-    info = await require_topic(broker, topic)
-    await broker.purge_backlog(topic)
+    info, lanes = await lanes_view.require_lanes(broker, topic)
+    await lanes_view.purge_backlog_with_lanes(broker, topic, list(lanes))
     return info
 
 
@@ -354,8 +367,8 @@ async def purge_dead_letters(
     agent: str | None = None,
     on_group: Callable[[], None] | None = None,
 ) -> int:
-    """Empty the dead-letter queues of `topic` (every agent's, or only `agent`'s); returns how
-    many records were removed.
+    """Empty the dead-letter queues of `topic` and its priority lanes (every agent's, or only
+    `agent`'s); returns how many records were removed.
 
     Args:
         on_group: Called once per queue emptied (a progress display).
@@ -363,13 +376,15 @@ async def purge_dead_letters(
     Raises:
         NotFound: the bus has no such topic, or `agent` does not read it.
     """
-    info = await require_topic(broker, topic)
+    info, lanes = await lanes_view.require_lanes(broker, topic)
     groups = [g for g in info.groups if agent is None or g.group == agent]
     if agent is not None and not groups:
         raise NotFound(f"no agent {agent!r} reads topic {topic!r}")
     removed = 0
     for g in groups:
-        removed += await broker.purge_dead_letters(Subscription(topic, g.group))
+        removed += await lanes_view.purge_dead_letters_with_lanes(
+            broker, Subscription(topic, g.group), lanes=lanes_view.lanes_with_group(lanes, g.group)
+        )
         if on_group is not None:
             on_group()
     return removed

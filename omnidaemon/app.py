@@ -31,12 +31,7 @@ from omnidaemon._json_limits import MAX_NESTING, nesting_exceeds, too_deep, unfi
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
-from omnidaemon.dead_letters import (
-    DeadLetter,
-    ReplaySelection,
-    read_dead_letters,
-    warn_undecodable,
-)
+from omnidaemon.dead_letters import DeadLetter, warn_undecodable
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import (
     ConfigurationError,
@@ -782,14 +777,18 @@ class App:
         return await wait_result(self.broker, event_id, agent, timeout)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
-        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first.
+        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first: its
+        queues on the topic's priority lanes included, merged by the time the agent gave up.
 
         A record among them that cannot be read (not written by a worker) is skipped and
         logged as a warning with its id and why (`omnidaemon bus dlq` lists them too)."""
+        from omnidaemon.lanes_view import dead_letters_with_lanes, read_lane_dead_letters
+
         spec = self.get_agent(agent)
         await self.connect()
-        records = await self.broker.dead_letters(Subscription(spec.topic, spec.name), limit)
-        letters, undecodable = read_dead_letters(records, spec.topic, spec.name)
+        sub = Subscription(spec.topic, spec.name)
+        records = await dead_letters_with_lanes(self.broker, sub, limit)
+        letters, undecodable = read_lane_dead_letters(records, spec.topic, spec.name)
         warn_undecodable(undecodable, "skipped")
         return letters
 
@@ -799,7 +798,8 @@ class App:
         """Deliver dead-lettered events to `agent` again, each as a new first attempt.
 
         Only `agent` sees them again; other agents on the topic are not disturbed. The records
-        leave the dead-letter queue as they are re-queued.
+        leave the dead-letter queue as they are re-queued; an event of a priority lane goes
+        back into that lane, keeping its priority.
 
         Args:
             agent: Whose dead-letter queue.
@@ -809,12 +809,14 @@ class App:
             How many events were re-queued. A record that cannot be read is not: it stays in
             the queue and is logged as a warning.
         """
+        from omnidaemon.lanes_view import LaneSelections, replay_with_lanes
+
         spec = self.get_agent(agent)
-        select = ReplaySelection(
+        select = LaneSelections(
             spec.topic, spec.name, None if event_ids is None else set(event_ids)
         )
         await self.connect()
-        moved = await self.broker.replay_dead_letters(Subscription(spec.topic, spec.name), select)
+        moved = await replay_with_lanes(self.broker, Subscription(spec.topic, spec.name), select)
         warn_undecodable(select.undecodable, "not replayable, left in the queue")
         return moved
 

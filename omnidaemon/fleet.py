@@ -2,7 +2,7 @@
 
 Everything here reads the bus only: it works from any machine that reaches the bus, without the
 app's code, for every worker at once. The CLI's `metrics`, `health` and `bus stats` commands are
-thin shells around it.
+thin shells around it. A topic's priority lanes are part of the topic (`omnidaemon.lanes_view`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import anyio
 import orjson
 
 from omnidaemon.brokers.base import Broker, GroupInfo, NodeInfo, TopicInfo
-from omnidaemon.metrics import AgentMetricsSnapshot
+from omnidaemon.lanes import split_lane_topic
+from omnidaemon.lanes_view import describe_with_lanes, topic_lanes
+from omnidaemon.metrics import AgentMetricsSnapshot, is_extreme
 from omnidaemon.requests import REPLY_PREFIX
 from omnidaemon.worker.heartbeat import HEARTBEAT_PREFIX
 
@@ -136,7 +138,7 @@ async def fleet_metrics(
     if workers is None:
         workers = await live_workers(broker)
     in_flight = _in_flight_by_agent(workers)
-    fields = await broker.stats()
+    fields = _fold_lanes(await broker.stats())
     keys = set(fields) | set(in_flight)
     snapshots = [
         AgentMetricsSnapshot.from_fields(
@@ -148,17 +150,36 @@ async def fleet_metrics(
     return snapshots
 
 
+def _fold_lanes(
+    fields: Mapping[tuple[str, str], Mapping[str, int]],
+) -> dict[tuple[str, str], dict[str, int]]:
+    """`Broker.stats` with the fields of a lane's `(topic, group)` folded into the topic's:
+    sums summed, extremes (`omnidaemon.metrics.is_extreme`) kept extreme. Workers write an
+    agent's metrics to its topic's group alone: this only keeps lanes out of the listing."""
+    folded: dict[tuple[str, str], dict[str, int]] = {}
+    for (topic, group), values in fields.items():
+        into = folded.setdefault((split_lane_topic(topic)[0], group), {})
+        for name, value in values.items():
+            if name in into and is_extreme(name):
+                value = (min if name.endswith(":min_us") else max)(into[name], value)
+            elif name in into:
+                value += into[name]
+            into[name] = value
+    return folded
+
+
 async def describe_topics(broker: Broker, *, include_replies: bool = False) -> list[TopicInfo]:
-    """Every topic on the bus with its groups, sorted by name.
+    """Every topic on the bus with its groups, sorted by name, each with its priority lanes
+    merged in (`omnidaemon.lanes_view.merge_lanes`): a lane is never listed as a topic.
 
     The reply topics of requests in progress (`omni-reply.*`) are left out unless
     `include_replies`.
     """
     infos = []
-    for name in await broker.topics():
+    for name, lanes in (await topic_lanes(broker)).items():
         if not include_replies and name.startswith(REPLY_PREFIX):
             continue
-        info = await broker.describe(name)
+        info = await describe_with_lanes(broker, name, lanes=lanes)
         if info is not None:
             infos.append(info)
     return infos

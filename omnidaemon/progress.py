@@ -5,9 +5,10 @@ each agent reading that topic got with it, and the events its handlers published
 leads somewhere even when no agent of the event stored a result: in a pipeline the result is
 usually stored on a later event, which this finds by its `causation_id`.
 
-Everything here is read from a bounded window of recent entries (`SCAN_LIMIT` per topic), so
-the answer costs the same on a bus of any size; an event older than that window is reported
-as not found, like an expired result.
+Everything here is read from a bounded window of recent entries (`SCAN_LIMIT` per topic and
+priority lane), so the answer costs the same on a bus of any size; an event older than that
+window is reported as not found, like an expired result. An event of a priority lane is
+reported under its topic, each agent's progress read from that lane (`omnidaemon.lanes`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel
 
-from omnidaemon.brokers.base import Subscription
+from omnidaemon.brokers.base import GroupInfo, Subscription
+from omnidaemon.lanes import Lane, lane_topic
+from omnidaemon.lanes_view import describe_lanes, merge_lanes, topic_lanes
 from omnidaemon.results import Result
 
 if TYPE_CHECKING:
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["SCAN_LIMIT", "AgentProgress", "EventProgress", "PublishedEvent", "event_progress"]
 
 SCAN_LIMIT = 1_000
-"""Recent entries read per topic, and dead-letter records per agent, to answer one event."""
+"""Recent entries read per topic (and lane), and dead-letter records per agent, to answer one
+event."""
 
 AgentState = Literal["handled", "in_progress", "dead_lettered", "not_yet", "unknown"]
 
@@ -95,22 +99,29 @@ async def event_progress(
     stored = results if results is not None else await broker.get_results(event_id)
     progress = EventProgress(event_id=event_id)
     children: list[tuple[str, PublishedEvent]] = []
-    newer = 0  # entries of its topic after the event: the group's lag says if it was handed out
-    for topic in await broker.topics():
-        entries = await broker.entries(topic, SCAN_LIMIT)
-        for index, (entry_id, data) in enumerate(entries):
-            fields = _envelope_fields(data)
-            if fields.get("id") == event_id:
-                progress.topic = topic
-                newer = len(entries) - 1 - index
-            elif fields.get("causation_id") == event_id and isinstance(fields.get("id"), str):
-                children.append((entry_id, PublishedEvent(event_id=fields["id"], topic=topic)))
+    newer = 0  # entries of its lane after the event: the group's lag says if it was handed out
+    found_lane: Lane = "normal"
+    on_bus = await topic_lanes(broker)
+    for topic, lanes in on_bus.items():
+        for lane in lanes:  # each lane apart: a group's lag is its lane's
+            entries = await broker.entries(lane_topic(topic, lane), SCAN_LIMIT)
+            for index, (entry_id, data) in enumerate(entries):
+                fields = _envelope_fields(data)
+                if fields.get("id") == event_id:
+                    progress.topic, found_lane = topic, lane
+                    newer = len(entries) - 1 - index
+                elif fields.get("causation_id") == event_id and isinstance(fields.get("id"), str):
+                    child = PublishedEvent(event_id=fields["id"], topic=topic)
+                    children.append((entry_id, child))
     # Stream ids start with milliseconds since the epoch: they order events across topics.
     children.sort(key=lambda c: tuple(int(part) for part in c[0].split("-")))
     progress.published = [child for _, child in children]
     if progress.topic is None:
         return progress
-    info = await broker.describe(progress.topic)
+    infos = await describe_lanes(broker, progress.topic, lanes=on_bus[progress.topic])
+    info = merge_lanes(progress.topic, infos)
+    lane_info = infos.get(found_lane)
+    in_lane = {g.group: g for g in lane_info.groups} if lane_info is not None else {}
     for group in sorted(info.groups, key=lambda g: g.group) if info is not None else []:
         record = stored.get(group.group)
         result = Result.decode(record) if record is not None else None
@@ -121,16 +132,27 @@ async def event_progress(
             state = "dead_lettered"
         elif result is not None and result.status in ("running", "retrying"):
             state = "in_progress"
-        elif await _dead_lettered(broker, Subscription(progress.topic, group.group), event_id):
-            state = "dead_lettered"
-        elif group.lag is not None and newer < group.lag:
-            state = "not_yet"  # the group has not been handed the event yet
-        elif group.lag is not None and group.pending == 0 and group.retries == 0:
-            state = "handled"  # handed out, and the group has nothing unsettled
         else:
-            state = "unknown"
+            state = await _state_in_lane(broker, in_lane.get(group.group), event_id, newer)
         progress.agents.append(AgentProgress(agent=group.group, state=state, result=result))
     return progress
+
+
+async def _state_in_lane(
+    broker: Broker, group: GroupInfo | None, event_id: str, newer: int
+) -> AgentState:
+    """An agent's progress with an event `newer` entries from the end of its lane, from the
+    agent's group on that lane (its `topic` is the lane's; `None`: the agent has not read
+    the lane yet)."""
+    if group is None:
+        return "not_yet"  # it reads the lane from its first entry once it starts to
+    if await _dead_lettered(broker, Subscription(group.topic, group.group), event_id):
+        return "dead_lettered"
+    if group.lag is not None and newer < group.lag:
+        return "not_yet"  # the group has not been handed the event yet
+    if group.lag is not None and group.pending == 0 and group.retries == 0:
+        return "handled"  # handed out, and the group has nothing unsettled
+    return "unknown"
 
 
 async def _dead_lettered(broker: Broker, sub: Subscription, event_id: str) -> bool:

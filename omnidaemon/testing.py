@@ -40,6 +40,7 @@ from omnidaemon.brokers.base import Broker, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
 from omnidaemon.dead_letters import DeadLetter
 from omnidaemon.envelope import Envelope
+from omnidaemon.lanes import LANES, lane_topic, split_lane_topic
 from omnidaemon.sync import PublishesSync
 from omnidaemon.worker.runner import Worker
 
@@ -264,7 +265,7 @@ class TestApp:
                 now = anyio.current_time()
                 # A handler whose deadline has passed is about to fail, not waiting.
                 waiting = all(
-                    self.broker.pending(c.subscription) == len(c.timeouts)
+                    sum(self.broker.pending(sub) for sub in c.subscriptions) == len(c.timeouts)
                     and all(t.deadline > now for t in c.timeouts)
                     for c in consumers
                 )
@@ -279,15 +280,27 @@ class TestApp:
         """Every event published while the block ran, in order, optionally only on `topic`.
 
         Payloads are plain JSON data (`dict`, `list`, ...), as another process would read them.
+        Events of every priority are listed (`topic` names the topic, whatever the lane).
         """
         return [
             _ANY_ENVELOPE.validate_json(data)
             for t, data in self.broker.log
-            if topic is None or t == topic
+            if topic is None or split_lane_topic(t)[0] == topic
         ]
 
     def dead_letters(self, agent: str) -> list[DeadLetter]:
-        """The events `agent` dead-lettered, oldest first."""
+        """The events `agent` dead-lettered, oldest first (of every priority)."""
         spec = self.app.get_agent(agent)
-        records = self.broker.dead_letters_now(Subscription(spec.topic, spec.name))
-        return [DeadLetter.decode(record) for _, record in records]
+        lanes = [
+            [
+                DeadLetter.decode(record)
+                for _, record in self.broker.dead_letters_now(
+                    Subscription(lane_topic(spec.topic, lane), spec.name)
+                )
+            ]
+            for lane in LANES
+        ]
+        if sum(1 for letters in lanes if letters) <= 1:
+            return [letter for letters in lanes for letter in letters]
+        merged = [letter for letters in lanes for letter in letters]
+        return sorted(merged, key=lambda letter: letter.failed_at)  # stable: ties keep lanes

@@ -48,9 +48,12 @@ def _read_payload(source: str) -> Any:
 
 
 async def _warn_if_unread(app: "App", topic: str) -> None:
-    """One line on standard error when no consumer group reads `topic`: the likeliest reason
-    an event seems to vanish is a typo in its topic, or a worker not started yet."""
-    info = await app.broker.describe(topic)
+    """One line on standard error when no consumer group reads `topic` (or one of its priority
+    lanes): the likeliest reason an event seems to vanish is a typo in its topic, or a worker
+    not started yet."""
+    from omnidaemon.lanes_view import describe_with_lanes
+
+    info = await describe_with_lanes(app.broker, topic)
     if info is None or not info.groups:
         print(
             f"omnidaemon publish: warning: no agent reads {topic!r} yet (the topic has no "

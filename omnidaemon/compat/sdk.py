@@ -26,10 +26,19 @@ from omnidaemon.app import App
 from omnidaemon.brokers import Broker, Subscription
 from omnidaemon.compat.models import AgentConfig, EventEnvelope, SubscriptionConfig
 from omnidaemon.context import Context
-from omnidaemon.dead_letters import DeadLetter, read_dead_letters, warn_undecodable
+from omnidaemon.dead_letters import DeadLetter, warn_undecodable
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
+from omnidaemon.lanes_view import (
+    dead_letters_with_lanes,
+    describe_lanes,
+    describe_with_lanes,
+    entries_with_lanes,
+    lanes_with_group,
+    merge_lanes,
+    read_lane_dead_letters,
+)
 from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.worker.notify import SDK_WEBHOOK_FORMAT, WEBHOOK_FORMAT_HEADER
@@ -499,12 +508,13 @@ class OmniDaemonSDK:
         ]
 
     async def inspect_stream(self, stream: str, limit: int = 10) -> list[dict[str, Any]]:
-        """The `limit` most recent entries of a topic: `id` (the entry's) and `data` (the
-        decoded envelope). OmniDaemon's `omni-stream:` prefix is accepted."""
+        """The `limit` most recent entries of a topic (its priority lanes' included): `id` (the
+        entry's) and `data` (the decoded envelope). OmniDaemon's `omni-stream:` prefix is
+        accepted."""
         await self.app.connect()
-        entries = await self.app.broker.entries(_stream_topic(stream), limit)
+        entries = await entries_with_lanes(self.app.broker, _stream_topic(stream), limit)
         out = []
-        for entry_id, data in entries:
+        for _, entry_id, data in entries:
             try:
                 decoded: Any = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -516,7 +526,7 @@ class OmniDaemonSDK:
         """The consumer groups (agents) of a topic: `name`, `consumers`, `pending`, `lag`,
         `retries`, `dead_letters` and `oldest_pending_age`."""
         await self.app.connect()
-        info = await self.app.broker.describe(_stream_topic(stream))
+        info = await describe_with_lanes(self.app.broker, _stream_topic(stream))
         if info is None:
             return []
         return [
@@ -533,17 +543,19 @@ class OmniDaemonSDK:
         ]
 
     async def inspect_dlq(self, topic: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The dead letters of every agent on `topic`, up to `limit` per agent: `id` (the
-        event's), `agent`, `data` (the envelope), `error_type`, `error_message`, `traceback`,
-        `attempts` and `failed_at`."""
+        """The dead letters of every agent on `topic` (its priority lanes' included), up to
+        `limit` per agent: `id` (the event's), `agent`, `data` (the envelope), `error_type`,
+        `error_message`, `traceback`, `attempts` and `failed_at`."""
         await self.app.connect()
-        info = await self.app.broker.describe(topic)
+        lanes = await describe_lanes(self.app.broker, topic)
+        info = merge_lanes(topic, lanes)
         if info is None:
             return []
         letters: list[DeadLetter] = []
         for group in info.groups:
-            records = await self.app.broker.dead_letters(Subscription(topic, group.group), limit)
-            readable, undecodable = read_dead_letters(records, topic, group.group)
+            sub, where = Subscription(topic, group.group), lanes_with_group(lanes, group.group)
+            records = await dead_letters_with_lanes(self.app.broker, sub, limit, lanes=where)
+            readable, undecodable = read_lane_dead_letters(records, topic, group.group)
             warn_undecodable(undecodable, "skipped")
             letters.extend(readable)
         return [

@@ -149,13 +149,18 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         self._paid: set[tuple[str, str]] = set()
 
     @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The subscriptions the agent reads: its topic's, and its priority lanes' once used."""
+        return self._queue.subscriptions
+
+    @property
     def capacity(self) -> int:
         """How many handlers of the agent this worker runs at once."""
         return self._capacity
 
     async def subscribe(self) -> None:
         """Create the agent's consumer group if it does not exist yet."""
-        await self._broker.subscribe(self.subscription)
+        await self._queue.subscribe()
 
     def stop(self) -> None:
         """Stop fetching; handlers in flight go on. Safe to call more than once.

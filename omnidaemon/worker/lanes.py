@@ -88,6 +88,18 @@ class AgentQueue:
         """Whether the agent reads the topic's high and low lanes too."""
         return len(self._lanes) > 1
 
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The subscriptions the agent reads: its topic's, and its lanes' once used."""
+        return tuple(self._lanes.values())
+
+    async def subscribe(self) -> None:
+        """Create the agent's consumer group on its topic (and, on the in-memory bus, on the
+        topic's lanes, read from the start there)."""
+        await self._broker.subscribe(self.subscription)
+        if self._eager:
+            await self._look()
+
     async def _look(self) -> None:
         """Subscribe to the lanes once a publisher has marked them as used."""
         now = anyio.current_time()
@@ -154,7 +166,7 @@ class AgentQueue:
         """Wait on every lane at once; once one has delivered, end the others' waits (they
         return what they were handed, if anything)."""
         got: dict[Lane, list[Delivery]] = {}
-        some = anyio.Event()
+        some, every = anyio.Event(), anyio.Event()
 
         async def wait(lane: Lane) -> None:
             try:
@@ -162,15 +174,19 @@ class AgentQueue:
             finally:
                 if got.get(lane) or len(got) == len(self._lanes):
                     some.set()
+                if len(got) == len(self._lanes):
+                    every.set()
 
         async def end_the_others() -> None:
             await some.wait()
-            # An interrupt that comes before a fetch waits may be ignored: repeat it.
-            while len(got) < len(self._lanes):
+            # An interrupt that comes before a fetch waits may be ignored: repeat it until
+            # every wait has returned (at once, not after a pause, when they all have).
+            while not every.is_set():
                 for lane, sub in self._lanes.items():
                     if lane not in got:
                         await self._broker.interrupt(sub, consumer)
-                await anyio.sleep(_INTERRUPT_EVERY)
+                with anyio.move_on_after(_INTERRUPT_EVERY):
+                    await every.wait()
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(end_the_others)
