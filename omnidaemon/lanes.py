@@ -66,7 +66,7 @@ def parse_priority(text: str | None) -> Priority | None:
     if text is None:
         return None
     text = text.strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     if text in LANES:
         return "high" if text == "high" else "low" if text == "low" else "normal"

@@ -10,6 +10,7 @@ import pytest
 from omnidaemon.brokers import Delivery, MemoryBroker, Subscription
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.worker.acks import AckBatcher
+from omnidaemon.worker.lanes import AgentQueue
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +38,7 @@ class SlowAcks(MemoryBroker):
 
 async def test_a_flush_during_a_send_drops_nothing() -> None:
     broker = SlowAcks()
-    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.0)
+    acks = AckBatcher(AgentQueue(broker, Subscription("a.b", "g")), max_delay=0.0)
     async with anyio.create_task_group() as tg:
         tg.start_soon(acks.run)
         acks.add(Delivery("1", b"", 1), urgent=True)
@@ -53,7 +54,7 @@ async def test_a_flush_during_a_send_drops_nothing() -> None:
 
 async def test_batches_are_sent_together_after_the_delay() -> None:
     broker = SlowAcks()
-    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.05)
+    acks = AckBatcher(AgentQueue(broker, Subscription("a.b", "g")), max_delay=0.05)
     async with anyio.create_task_group() as tg:
         tg.start_soon(acks.run)
         for i in range(5):
@@ -69,7 +70,10 @@ async def test_counts_that_change_during_a_send_reach_the_bus_without_another_ac
     broker = SlowAcks()
     metrics = AgentMetrics("a.b", "g")
     acks = AckBatcher(
-        broker, Subscription("a.b", "g"), max_delay=0.0, metrics=metrics, stats_interval=0.1
+        AgentQueue(broker, Subscription("a.b", "g")),
+        max_delay=0.0,
+        metrics=metrics,
+        stats_interval=0.1,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(acks.run)
@@ -106,7 +110,7 @@ class CountingAcks(SlowAcks):
 
 async def test_deliveries_finished_during_a_send_go_out_together_in_the_next_one() -> None:
     broker = CountingAcks()
-    acks = AckBatcher(broker, Subscription("a.b", "g"), max_delay=0.01)
+    acks = AckBatcher(AgentQueue(broker, Subscription("a.b", "g")), max_delay=0.01)
     async with anyio.create_task_group() as tg:
         tg.start_soon(acks.run)
         acks.add(Delivery("0", b"", 1))
@@ -127,7 +131,10 @@ async def test_counts_are_written_once_per_interval_and_without_any_ack() -> Non
     broker = CountingAcks()
     metrics = AgentMetrics("a.b", "g")
     acks = AckBatcher(
-        broker, Subscription("a.b", "g"), max_delay=0.0, metrics=metrics, stats_interval=0.3
+        AgentQueue(broker, Subscription("a.b", "g")),
+        max_delay=0.0,
+        metrics=metrics,
+        stats_interval=0.3,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(acks.run)
