@@ -22,8 +22,9 @@ echo "== mypy --strict"
 .venv/bin/mypy
 .venv/bin/mypy --strict tests/typing
 echo "== pytest"
-# Four processes on two cores, each test file on one of them in order, each with its own
-# servers: most tests wait on worker processes and servers (measured: a process-heavy file
-# keeps 43% of one core busy), so four finish the suite in about 7 minutes where two took
-# more than 9.
-.venv/bin/python -m pytest -n 4 --dist loadfile "$@"
+# Four processes on two cores: most tests wait on worker processes and servers (measured: a
+# process-heavy file keeps 43% of one core busy), so four finish where two took more than 9
+# minutes. Tests are shared out one by one, an idle process taking work from a busy one
+# (`worksteal`): with whole files per process (`loadfile`), the longest files (250 s of
+# worker-process tests in one) left three processes idle at the end: 585 s against 478 s.
+.venv/bin/python -m pytest -n 4 --dist worksteal "$@"

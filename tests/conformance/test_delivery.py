@@ -339,18 +339,22 @@ async def test_delayed_events_are_seen_at_their_time_and_not_before(
         seen.append((event.order_id, anyio.current_time()))
 
     async with app.running():
-        start = anyio.current_time()
+        later_at = anyio.current_time()
         await app.publish(topic, {"order_id": "later"}, delay=0.6)
+        sooner_at = anyio.current_time()
         await app.publish(topic, {"order_id": "sooner"}, delay=timedelta(seconds=0.3))
         await app.publish(topic, {"order_id": "past"}, at=datetime.now(UTC) - timedelta(hours=1))
         await app.publish(topic, {"order_id": "now"})
         await wait_for(lambda: len(seen) == 4)
     order = [name for name, _ in seen]
     assert set(order[:2]) == {"past", "now"}
-    assert order[2:] == ["sooner", "later"]
     times = dict(seen)
-    assert times["sooner"] - start >= 0.25
-    assert times["later"] - start >= 0.55
+    assert times["sooner"] - sooner_at >= 0.25
+    assert times["later"] - later_at >= 0.55
+    if (
+        sooner_at + 0.3 < later_at + 0.6 - 0.1
+    ):  # unless the first publish took 0.2 s (a loaded machine)
+        assert order[2:] == ["sooner", "later"]
     with pytest.raises(ValueError, match="not both"):
         await app.publish(topic, {"order_id": "x"}, delay=1, at=datetime.now(UTC))
 
