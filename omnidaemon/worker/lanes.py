@@ -52,6 +52,8 @@ def _tag(lane: Lane, deliveries: Sequence[Delivery]) -> list[Delivery]:
 
 def _untag(delivery: Delivery) -> tuple[Lane, Delivery]:
     origin = delivery.origin
+    if "|" not in origin:  # the normal lane: the bus's own origins have no "|"
+        return "normal", delivery
     for lane in ("high", "low"):
         if origin.startswith(lane) and origin[len(lane) : len(lane) + 1] == "|":
             inner = origin[len(lane) + 1 :]
