@@ -44,6 +44,7 @@ def build_cli() -> typer.Typer:
     cli.command("asyncapi")(apps.asyncapi)
     cli.command("metrics")(monitor.metrics)
     cli.command("health")(monitor.health)
+    cli.command("limits")(monitor.limits)
     cli.command("inspect")(activity.inspect)
     cli.command("api")(api_command.api)
     register_local_commands(bus)

@@ -1,4 +1,4 @@
-"""`omnidaemon metrics` and `omnidaemon health`: the whole fleet's work and state, from the bus."""
+"""`omnidaemon metrics`, `limits` and `health`: the whole fleet's work and state, from the bus."""
 
 from typing import Annotated
 
@@ -7,7 +7,7 @@ import typer
 from omnidaemon.cli._common import BrokerOption, JsonOption, open_cli_broker, run_async
 from omnidaemon.cli._output import age, emit_json, number, print_table, say
 
-__all__ = ["health", "metrics"]
+__all__ = ["health", "limits", "metrics"]
 
 
 def metrics(
@@ -68,6 +68,45 @@ def metrics(
         )
 
     run_async("metrics", run)
+
+
+def limits(broker: BrokerOption = None, json: JsonOption = False) -> None:
+    """Every flow-control limit on the bus now, per agent, budget and key: a rate limit's or
+    budget's level (below 0: a budget in debt), a key's slots held, and how long an event
+    that asked now would wait for its turn (NEXT TURN). Reads the bus alone."""
+    from omnidaemon.flow.inspect import LimitState, limit_states
+
+    async def run() -> None:
+        async with open_cli_broker(broker) as bus:
+            states = await limit_states(bus)
+        if json:
+            emit_json([s.to_json() for s in states])
+            return
+
+        def level(s: LimitState) -> str:
+            if s.kind == "slots":
+                return f"{s.held} of {'?' if s.slots is None else s.slots} held"
+            if s.level is None or s.capacity is None:
+                return "?"
+            return f"{s.level:,.0f} of {s.capacity:,.0f}"
+
+        print_table(
+            ["LIMIT", "NAME", "KEY", "LEVEL", "PER SECOND", "NEXT TURN"],
+            [
+                [
+                    s.kind,
+                    s.name,
+                    s.key or "",
+                    level(s),
+                    "" if s.rate is None else f"{s.rate:,.4g}",
+                    age(s.waiting) if s.waiting else "now",
+                ]
+                for s in states
+            ],
+            empty="no limits on the bus: no agent with flow control has started an event",
+        )
+
+    run_async("limits", run)
 
 
 def health(

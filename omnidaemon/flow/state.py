@@ -16,6 +16,10 @@ Two shapes:
 - **Slots** (per-key concurrency): the holders, each with the time its lease runs out. A
   worker that dies stops renewing; its slot is free once the lease has run out.
 
+Each value also keeps its limit's shape (`r` and `c`, rate and capacity, for a bucket; `n`,
+the slots, for slots) as last written by a start, so that `omnidaemon limits` can show a
+level without the app's code (`omnidaemon.flow.inspect`).
+
 Both keep `w`, the *waiting horizon*: when a start is refused, it is told to come back at a
 time after every start refused before it, and `w` moves past it. Starts that have waited
 their turn go before fresh ones (a fresh start is refused while the horizon is ahead), so
@@ -101,6 +105,7 @@ def bucket_take(
     charge): a budget with no estimate then spaces starts by what they usually use.
     """
     state = _load(data)
+    state["r"], state["c"] = rate, capacity  # the limit's shape, for `omnidaemon limits`
     tat = max(float(state.get("t", now)), now)
     horizon = float(state.get("w", 0.0))
     average = float(state.get("a", 0.0))
@@ -131,6 +136,7 @@ def bucket_take_many(
     taking them early changes nothing); return `(new state, how many, seconds until one more
     is there when none was)`."""
     state = _load(data)
+    state["r"], state["c"] = rate, capacity
     tat = max(float(state.get("t", now)), now)
     level = capacity - (tat - now) * rate
     granted = min(count, int(level + 1e-9))
@@ -214,6 +220,7 @@ def slots_take(
     again = float(state.get("v", 0.0))
     hold = float(state.get("d", _FIRST_HOLD))
     state["h"] = holders
+    state["n"] = limit  # the limit's shape, for `omnidaemon limits`
     if len(holders) < limit and (waited or max(horizon, again) <= now):
         holders[token] = now + lease
         return _dump(state), Decision(True)
