@@ -333,6 +333,7 @@ async def _serve(worker: "Worker", metrics: tuple[str, int] | None) -> int | Non
                     host,
                     port,
                     snapshots=lambda: [c.metrics.snapshot() for c in worker.consumers],
+                    budgets=worker.budget_levels.gauges,
                     ready=lambda: ready,
                     worker=worker.name,
                     app=worker.app.name,

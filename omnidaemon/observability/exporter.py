@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import anyio
@@ -89,6 +89,7 @@ async def serve_metrics(
     ready: Callable[[], bool],
     worker: str,
     app: str,
+    budgets: Callable[[], Mapping[str, tuple[float, float]]] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `/metrics`, `/livez`, `/healthz` and `/readyz` over HTTP until cancelled.
@@ -102,6 +103,7 @@ async def serve_metrics(
         ready: Called on every `/readyz`: whether the worker takes events.
         worker: The worker's name, for `omnidaemon_worker_info`.
         app: The app's name, the `app` label of every series.
+        budgets: Called on every scrape for the app's budgets' `(level, capacity)` by name.
         task_status: Given the port actually listened on once the server accepts connections.
 
     Raises:
@@ -113,7 +115,9 @@ async def serve_metrics(
         raise ConfigurationError(f"cannot listen on {host}:{port} for metrics: {exc}") from exc
 
     def respond(head: bytes) -> bytes:
-        return _respond(head, snapshots=snapshots, ready=ready, worker=worker, app=app)
+        return _respond(
+            head, snapshots=snapshots, ready=ready, worker=worker, app=app, budgets=budgets
+        )
 
     async with listener:
         bound = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -320,6 +324,7 @@ def _respond(
     ready: Callable[[], bool],
     worker: str,
     app: str,
+    budgets: Callable[[], Mapping[str, tuple[float, float]]] | None = None,
 ) -> bytes:
     """The whole HTTP response to a request head."""
     request_line, *header_lines = _LINE_BREAK.split(head)
@@ -332,7 +337,8 @@ def _respond(
     path = request["target"].partition(b"?")[0]
     try:
         if path == b"/metrics":
-            body = render_prometheus(snapshots(), worker=worker, app=app)
+            levels = budgets() if budgets is not None else {}
+            body = render_prometheus(snapshots(), worker=worker, app=app, budgets=levels)
             response = _response(200, body, content_type=_METRICS_CONTENT_TYPE)
         elif path in (b"/livez", b"/healthz"):
             response = _response(200, b"ok")

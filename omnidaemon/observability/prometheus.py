@@ -13,12 +13,14 @@ counted):
 - `omnidaemon_handler_duration_seconds`: a histogram of handler run times.
 - `omnidaemon_event_latency_seconds`: a histogram of end-to-end latency of succeeded events.
 
-plus `omnidaemon_worker_info{worker, app, version}`, always 1, to tell workers apart.
+plus `omnidaemon_worker_info{worker, app, version}`, always 1, to tell workers apart, and,
+when the app declares budgets, `omnidaemon_budget_level{app, budget}` (units in the budget now,
+below 0 in debt, read from the bus once per heartbeat) and `omnidaemon_budget_capacity`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import (
@@ -44,24 +46,41 @@ _COUNTERS = (
 )
 
 
-def render_prometheus(snapshots: Sequence[AgentMetricsSnapshot], *, worker: str, app: str) -> bytes:
+def render_prometheus(
+    snapshots: Sequence[AgentMetricsSnapshot],
+    *,
+    worker: str,
+    app: str,
+    budgets: Mapping[str, tuple[float, float]] | None = None,
+) -> bytes:
     """The snapshots in the Prometheus text format (version 0.0.4), UTF-8 encoded.
 
     Args:
         snapshots: One worker's per-agent metrics, at most one per `(topic, agent)`.
         worker: The worker's name, for `omnidaemon_worker_info`.
         app: The app's name, the `app` label of every series.
+        budgets: The app's budgets' `(level, capacity)` by name (`omnidaemon.flow.levels`).
     """
-    return generate_latest(_SnapshotCollector(snapshots, worker=worker, app=app))
+    return generate_latest(
+        _SnapshotCollector(snapshots, worker=worker, app=app, budgets=budgets or {})
+    )
 
 
 class _SnapshotCollector:
     """Turns snapshots into metric families; a new one per scrape, so it holds no state."""
 
-    def __init__(self, snapshots: Sequence[AgentMetricsSnapshot], *, worker: str, app: str):
+    def __init__(
+        self,
+        snapshots: Sequence[AgentMetricsSnapshot],
+        *,
+        worker: str,
+        app: str,
+        budgets: Mapping[str, tuple[float, float]],
+    ):
         self._snapshots = snapshots
         self._worker = worker
         self._app = app
+        self._budgets = budgets
 
     def collect(self) -> Iterator[Metric]:
         # Imported here: the package's __init__ imports most of omnidaemon.
@@ -74,6 +93,23 @@ class _SnapshotCollector:
         )
         info.add_metric((self._worker, self._app, __version__), 1)
         yield info
+
+        if self._budgets:
+            level = GaugeMetricFamily(
+                "omnidaemon_budget_level",
+                "Units in the budget now (below 0: in debt), as this worker last read it.",
+                labels=("app", "budget"),
+            )
+            capacity = GaugeMetricFamily(
+                "omnidaemon_budget_capacity",
+                "Units the budget holds when full.",
+                labels=("app", "budget"),
+            )
+            for name, (units, full) in sorted(self._budgets.items()):
+                level.add_metric((self._app, name), units)
+                capacity.add_metric((self._app, name), full)
+            yield level
+            yield capacity
 
         counters = [
             (name, CounterMetricFamily(f"omnidaemon_events_{name}_total", doc, labels=_LABELS))

@@ -14,6 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from omnidaemon.errors import ConfigurationError
+from omnidaemon.flow.levels import BudgetLevels
 from omnidaemon.observability.logging import get_logger
 from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
@@ -116,6 +117,10 @@ class Worker:
             consumers=self.consumers,
             interval=app.settings.heartbeat_interval,
         )
+        self.budget_levels = BudgetLevels(
+            app.broker, app.budgets, interval=app.settings.heartbeat_interval
+        )
+        """The app's budgets' levels, for the Prometheus endpoint (read once a heartbeat)."""
 
     @property
     def abandoned_handlers(self) -> bool:
@@ -185,6 +190,8 @@ class Worker:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.heartbeat.run)
+                    if app.budgets:
+                        tg.start_soon(self.budget_levels.run)
                     if self.watchdog is not None:
                         tg.start_soon(self.watchdog.run)
                     async with anyio.create_task_group() as consumers:

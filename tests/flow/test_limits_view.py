@@ -1,15 +1,19 @@
 """`omnidaemon limits`: every limit's state read from the bus alone (a budget's level and its
-debt, a keyed rate limit's level, a key's slots held, and how long a fresh event would wait)."""
+debt, a keyed rate limit's level, a key's slots held, and how long a fresh event would wait);
+and a worker's Prometheus gauges of its app's budgets' levels."""
 
 from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any
 
 import anyio
+import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from omnidaemon import App, Budget, Context, RateLimit
 from omnidaemon.brokers import MemoryBroker
@@ -17,6 +21,7 @@ from omnidaemon.brokers.redis import RedisBroker
 from omnidaemon.cli import main as cli_main
 from omnidaemon.flow.gate import state_key
 from omnidaemon.flow.inspect import LimitState, limit_states
+from omnidaemon.observability.exporter import render_prometheus, serve_metrics
 from omnidaemon.testing import TestApp
 
 pytestmark = pytest.mark.anyio
@@ -108,3 +113,51 @@ def test_the_limits_command_reads_the_bus(
     table = run()
     line = next(line for line in table.splitlines() if "openai.tokens" in line)
     assert re.search(r" -(29|30),\d{3} of 90,000 ", line), line
+
+
+async def test_a_workers_metrics_endpoint_shows_each_budgets_level_and_its_debt() -> None:
+    app = App("budget-gauges")
+    tokens = Budget("model.tokens", 1000, per="minute")
+
+    @app.agent("spend.asked", budgets=[tokens])
+    async def spend(event: dict[str, int], ctx: Context) -> None:
+        await ctx.charge("model.tokens", event["used"])
+
+    async with TestApp(app) as bus:
+        worker = bus._worker
+        assert worker is not None
+        await worker.budget_levels.refresh()
+        assert worker.budget_levels.gauges() == {"model.tokens": (1000.0, 1000.0)}  # full
+        await bus.publish("spend.asked", {"used": 1500})
+        await bus.drain()
+        await worker.budget_levels.refresh()
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(
+                partial(
+                    serve_metrics,
+                    "127.0.0.1",
+                    0,
+                    snapshots=list,
+                    ready=lambda: True,
+                    worker="w",
+                    app=app.name,
+                    budgets=worker.budget_levels.gauges,
+                )
+            )
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                text = (await client.get("/metrics")).text
+            tg.cancel_scope.cancel()
+    samples = {
+        sample.name: sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    level = samples["omnidaemon_budget_level"]
+    assert level.labels == {"app": "budget-gauges", "budget": "model.tokens"}
+    assert -500.5 < level.value < -480  # 1,500 used of 1,000: in debt by 500, paid back slowly
+    assert samples["omnidaemon_budget_capacity"].value == 1000.0
+
+
+def test_no_budgets_no_budget_series() -> None:
+    text = render_prometheus([], worker="w", app="shop", budgets={}).decode()
+    assert "omnidaemon_budget" not in text
