@@ -377,10 +377,20 @@ async def _consume(url: str, streams: Sequence[str], expect: int) -> dict[str, A
         rec.hit()
 
     async def read(stream: str) -> None:
+        races = 0
         while rec.count < expect:
-            response: Any = await rc.xreadgroup(
-                GROUP, consumer, {stream: ">"}, count=FETCH, block=2000
-            )
+            try:
+                response: Any = await rc.xreadgroup(
+                    GROUP, consumer, {stream: ">"}, count=FETCH, block=2000
+                )
+            except AttributeError:
+                # redis-py's cluster client, when several tasks open a node's connections at
+                # once, can use one before it is connected (`_writer` is None), while finding
+                # XREADGROUP's keys: nothing was sent, so asking again loses nothing.
+                races += 1
+                if races > 3:
+                    raise
+                continue
             for _stream, entries in response or ():
                 ids = []
                 for entry_id, fields in entries:
