@@ -27,6 +27,7 @@ __all__ = [
     "Lane",
     "LaneMarks",
     "Priority",
+    "lane_named",
     "lane_of",
     "lane_topic",
     "lanes_mark_key",
@@ -40,6 +41,7 @@ Priority = Lane | int
 3-6 normal, 0-2 low (the range RabbitMQ and AMQP use, with higher meaning sooner)."""
 
 LANES: tuple[Lane, ...] = ("high", "normal", "low")
+_BY_NAME: dict[str, Lane] = {lane: lane for lane in LANES}
 _SEPARATOR = "#"
 LANES_MARK_TTL = 365 * 24 * 3600.0
 """Seconds the mark that a topic's lanes are used lives; publishers renew it hourly."""
@@ -55,9 +57,15 @@ def lane_of(priority: Priority | None) -> Lane:
         if not 0 <= priority <= 9:
             raise ValueError(f"invalid priority {priority}: an int priority is 0 (low) to 9 (high)")
         return "high" if priority >= 7 else "low" if priority <= 2 else "normal"
-    if priority not in LANES:
+    lane = lane_named(priority)
+    if lane is None:
         raise ValueError(f"invalid priority {priority!r}: use 'high', 'normal', 'low' or 0-9")
-    return priority
+    return lane
+
+
+def lane_named(name: str) -> Lane | None:
+    """The lane called `name` (`"high"`, `"normal"`, `"low"`), else `None`."""
+    return _BY_NAME.get(name)
 
 
 def parse_priority(text: str | None) -> Priority | None:
@@ -68,8 +76,9 @@ def parse_priority(text: str | None) -> Priority | None:
     text = text.strip().lower()
     if text.isascii() and text.isdigit():
         return int(text)
-    if text in LANES:
-        return "high" if text == "high" else "low" if text == "low" else "normal"
+    lane = lane_named(text)
+    if lane is not None:
+        return lane
     raise ValueError(f"invalid priority {text!r}: use 'high', 'normal', 'low' or 0-9")
 
 
@@ -80,10 +89,11 @@ def lane_topic(topic: str, lane: Lane) -> str:
 
 def split_lane_topic(name: str) -> tuple[str, Lane]:
     """The topic and lane of a bus topic (`("a.b", "high")` for `a.b#high`)."""
-    topic, separator, lane = name.rpartition(_SEPARATOR)
-    if separator and lane in ("high", "low"):
-        return topic, "high" if lane == "high" else "low"
-    return name, "normal"
+    topic, separator, suffix = name.rpartition(_SEPARATOR)
+    lane = lane_named(suffix) if separator else None
+    if lane is None or lane == "normal":
+        return name, "normal"
+    return topic, lane
 
 
 def lanes_mark_key(topic: str) -> str:

@@ -57,7 +57,6 @@ __all__ = [
     "require_group_lanes",
     "require_lanes",
     "topic_lanes",
-    "user_topics",
 ]
 
 T = TypeVar("T")
@@ -90,11 +89,6 @@ async def topic_lanes(broker: Broker) -> dict[str, tuple[Lane, ...]]:
         topic, lane = split_lane_topic(name)
         found.setdefault(topic, set()).add(lane)
     return {t: tuple(lane for lane in VIEW_ORDER if lane in found[t]) for t in sorted(found)}
-
-
-async def user_topics(broker: Broker) -> list[str]:
-    """`Broker.topics` without the lane topics: each topic once, sorted."""
-    return list(await topic_lanes(broker))
 
 
 async def describe_lanes(

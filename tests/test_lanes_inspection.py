@@ -25,7 +25,7 @@ from omnidaemon.envelope import Envelope
 from omnidaemon.errors import NotFound
 from omnidaemon.fleet import _fold_lanes, bus_stats, describe_topics, fleet_metrics
 from omnidaemon.lanes import Lane, lane_topic
-from omnidaemon.lanes_view import describe_with_lanes, merge_lanes, user_topics
+from omnidaemon.lanes_view import describe_with_lanes, merge_lanes, topic_lanes
 from omnidaemon.progress import event_progress
 from tests.servers import RedisServer
 
@@ -168,7 +168,7 @@ async def test_listing_and_describing_count_a_high_lane_backlog_in_its_topic(app
     await app.publish("alone.topic", {"n": 6}, priority="low")  # a lane without its topic
 
     assert HIGH in await broker.topics()
-    assert await user_topics(broker) == ["alone.topic", TOPIC]
+    assert list(await topic_lanes(broker)) == ["alone.topic", TOPIC]
     topics = await describe_topics(broker)
     assert [t.topic for t in topics] == ["alone.topic", TOPIC]
     info = topics[1]

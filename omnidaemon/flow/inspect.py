@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from omnidaemon.brokers.base import Broker
+from omnidaemon.flow.state import bucket_level
 
 __all__ = ["LimitState", "limit_states"]
 
@@ -87,22 +88,34 @@ def _read(key: str, data: bytes, now: float) -> LimitState | None:
     try:
         if kind == "slots":
             holders = state.get("h") or {}
-            held = sum(1 for until in holders.values() if float(until) > now)
             line = max(float(state.get("w", 0.0)), float(state.get("v", 0.0)))
             slots = state.get("n")
             return LimitState(
-                kind, name, limit_key, None, None, None, held,
-                None if slots is None else int(slots), max(0.0, line - now),
-            )  # fmt: skip
-        rate, capacity = state.get("r"), state.get("c")
+                kind=kind,
+                name=name,
+                key=limit_key,
+                level=None,
+                capacity=None,
+                rate=None,
+                held=sum(1 for until in holders.values() if float(until) > now),
+                slots=None if slots is None else int(slots),
+                waiting=max(0.0, line - now),
+            )
+        rate = None if state.get("r") is None else float(state["r"])
+        capacity = None if state.get("c") is None else float(state["c"])
         level = None
         if rate is not None and capacity is not None:
-            level = float(capacity) - max(0.0, float(state.get("t", now)) - now) * float(rate)
+            level = bucket_level(data, now, rate=rate, capacity=capacity)
         return LimitState(
-            kind, name, limit_key, level,
-            None if capacity is None else float(capacity),
-            None if rate is None else float(rate),
-            None, None, max(0.0, float(state.get("w", 0.0)) - now),
-        )  # fmt: skip
+            kind=kind,
+            name=name,
+            key=limit_key,
+            level=level,
+            capacity=capacity,
+            rate=rate,
+            held=None,
+            slots=None,
+            waiting=max(0.0, float(state.get("w", 0.0)) - now),
+        )
     except (TypeError, ValueError, AttributeError):
         return None

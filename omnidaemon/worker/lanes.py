@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 
 import anyio
 
 from omnidaemon.brokers.base import Broker, Delivery, Reclaimed, Renewal, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
-from omnidaemon.lanes import LANES, Lane, lane_topic, lanes_mark_key
+from omnidaemon.lanes import LANES, Lane, lane_named, lane_topic, lanes_mark_key
 
 __all__ = ["AgentQueue", "lane_of_delivery"]
 
@@ -47,21 +48,18 @@ _ORDERS: dict[str, tuple[Lane, ...]] = {
 def _tag(lane: Lane, deliveries: Sequence[Delivery]) -> list[Delivery]:
     if lane == "normal":
         return list(deliveries)
-    return [Delivery(d.id, d.data, d.attempt, f"{lane}|{d.origin}", d.consumer) for d in deliveries]
+    return [replace(d, origin=f"{lane}|{d.origin}") for d in deliveries]
 
 
 def _untag(delivery: Delivery) -> tuple[Lane, Delivery]:
-    origin = delivery.origin
-    if "|" not in origin:  # the normal lane: the bus's own origins have no "|"
+    # The bus's own origins have no "|": a normal delivery is found without a split.
+    if "|" not in delivery.origin:
         return "normal", delivery
-    for lane in ("high", "low"):
-        if origin.startswith(lane) and origin[len(lane) : len(lane) + 1] == "|":
-            inner = origin[len(lane) + 1 :]
-            lane_: Lane = "high" if lane == "high" else "low"
-            return lane_, Delivery(
-                delivery.id, delivery.data, delivery.attempt, inner, delivery.consumer
-            )
-    return "normal", delivery
+    prefix, _, inner = delivery.origin.partition("|")
+    lane = lane_named(prefix)
+    if lane is None or lane == "normal":
+        return "normal", delivery
+    return lane, replace(delivery, origin=inner)
 
 
 def lane_of_delivery(delivery: Delivery) -> Lane:
@@ -111,16 +109,12 @@ class AgentQueue:
         sub = self.subscription
         if not self._eager and await self._broker.get_value(lanes_mark_key(sub.topic)) is None:
             return
-        lanes: dict[Lane, Subscription] = {}
-        for lane in LANES:
+        lanes: dict[Lane, Subscription] = {"normal": sub}
+        for lane in ("high", "low"):
             # From a lane's first entry: its events may predate this group's place in it.
-            lanes[lane] = (
-                sub
-                if lane == "normal"
-                else Subscription(lane_topic(sub.topic, lane), sub.group, "earliest")
-            )
+            lanes[lane] = Subscription(lane_topic(sub.topic, lane), sub.group, "earliest")
             await self._broker.subscribe(lanes[lane])
-        self._lanes = lanes
+        self._lanes = {lane: lanes[lane] for lane in LANES}
 
     def _order(self) -> tuple[Lane, ...]:
         self._fetches += 1

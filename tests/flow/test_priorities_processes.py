@@ -90,6 +90,16 @@ def _starts(log: Path, agent: str) -> list[dict[str, Any]]:
     return sorted((line for line in lines if line["agent"] == agent), key=lambda s: s["at"])
 
 
+def _start_workers(
+    spawn: Callable[..., WorkerProcess], folder: Path, env: dict[str, str]
+) -> list[WorkerProcess]:
+    """Two worker processes of the app, once both have started."""
+    workers = [spawn(["prio_app:app"], folder, env) for _ in range(2)]
+    for worker in workers:
+        wait_for(lambda w=worker: w.has_logged("worker started"), STARTUP, "a worker to start")
+    return workers
+
+
 @pytest.mark.parametrize("bus", ["redis", "nats", "cluster"])
 def test_high_first_and_lower_lanes_still_progress(
     bus: str, request: pytest.FixtureRequest, tmp_path: Path, spawn: Callable[..., WorkerProcess]
@@ -109,9 +119,7 @@ def test_high_first_and_lower_lanes_still_progress(
             publish("prio.work", n, "low")
             publish("prio.work", EACH + n)
             publish("prio.work", 2 * EACH + n, "high")
-        workers = [spawn(["prio_app:app"], tmp_path, env) for _ in range(2)]
-        for worker in workers:
-            wait_for(lambda w=worker: w.has_logged("worker started"), STARTUP, "a worker to start")
+        _start_workers(spawn, tmp_path, env)
         wait_for(lambda: len(_starts(log, "work")) >= 3 * EACH, 60, "the backlog to drain")
 
         # A high event published into a busy topic: it overtakes the normal backlog, waiting
@@ -155,7 +163,6 @@ def test_high_first_and_lower_lanes_still_progress(
     }
     mean = {lane: sum(at) / len(at) for lane, at in position.items()}
     assert mean["high"] < mean["normal"] < mean["low"], mean
-    # Within a lane, publish order holds (one worker's fetches; the two interleave).
     assert fresh[0]["lane"] == "high"
     assert fresh[0]["at"] - published < 6.0
     print(f"{bus}: first {FIRST} starts {dict(first)}; mean positions {mean}; urgent started "
@@ -171,9 +178,7 @@ def test_a_high_event_of_a_killed_worker_is_taken_over_in_its_lane(
     write_module(tmp_path, "prio_app", SOURCE)
     log = tmp_path / "starts.jsonl"
     env = cli_env(OMNIDAEMON_BROKER_URL=url, T_LOG=str(log))
-    workers = [spawn(["prio_app:app"], tmp_path, env) for _ in range(2)]
-    for worker in workers:
-        wait_for(lambda w=worker: w.has_logged("worker started"), STARTUP, "a worker to start")
+    workers = _start_workers(spawn, tmp_path, env)
     publisher = App("prio-test", broker=url)
     with start_blocking_portal() as portal, portal.wrap_async_context_manager(publisher):
         portal.call(lambda: publisher.publish("prio.hang", {"n": 7}, priority="high"))
