@@ -308,10 +308,13 @@ def test_a_bad_app_path_makes_it_give_up_with_status_2(
 ) -> None:
     sup = supervise(2, app="tests.worker.no_such_module:app")
 
-    status, took = sup.wait_exit(timeout=15)
+    status, took = sup.wait_exit(timeout=30)
 
     assert status == 2, sup.stderr
-    assert took < 8
+    # Two Pythons that fail to import, and no backoff: seconds, even on a loaded machine
+    # (10.4 s in one CI run, with the suite's heaviest tests alongside); restarts would show
+    # as more than two starts.
+    assert took < 20
     assert len(sup.started()) == 2, "not restarted"
     problems = [e for e in sup.logs() if e["level"] in ("warning", "error")]
     assert sorted(e["index"] for e in problems) == [0, 1], sup.stderr
