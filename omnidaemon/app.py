@@ -22,7 +22,7 @@ from contextlib import (
 )
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 from pydantic import TypeAdapter
@@ -48,6 +48,10 @@ from omnidaemon.retry import Backoff
 from omnidaemon.settings import Settings
 from omnidaemon.sync import PublishesSync, SyncPublisher
 from omnidaemon.topology import TopicTypes, Topology
+
+if TYPE_CHECKING:
+    from omnidaemon.cancellation import Cancellation
+    from omnidaemon.worker.cancels import CancelWatch
 
 __all__ = ["App", "Hook", "Lifespan"]
 
@@ -138,6 +142,7 @@ class App:
         self._topic_types: TopicTypes | None = None  # built on first publish
         self._sync: PublishesSync | None = None  # publish_sync's loop, started on first use
         self._lane_marks = LaneMarks()
+        self._cancel_watches: set[CancelWatch] = set()  # of workers running in this process
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
 
@@ -753,6 +758,55 @@ class App:
         if response_type is None:
             return reply
         return TypeAdapter(response_type).validate_python(reply)
+
+    async def cancel(
+        self,
+        event_id: str | None = None,
+        *,
+        correlation_id: str | None = None,
+        reason: str = "cancelled",
+        agent: str | Iterable[str] | None = None,
+    ) -> Cancellation:
+        """Cancel one event, or every event of a run, across the whole fleet.
+
+        An event not started yet (waiting, delayed, retrying, held back by flow control) is
+        never started; a running `async def` handler is stopped within about a second on
+        whichever worker runs it (`CancelledError` at its next `await`), a plain `def` one is
+        told through `ctx.cancelled`. Either way the delivery is settled as `cancelled`, not
+        retried: recorded (`store_results`), counted, sent to its webhook, and a waiting
+        `request()` raises `Cancelled`. A handler that finishes before its worker learns of
+        the cancellation keeps its outcome: each event gets exactly one.
+
+        Args:
+            event_id: The event to cancel (what `publish` returned).
+            correlation_id: Instead, cancel the whole run: every event with this correlation
+                id not finished yet, including those its handlers publish later.
+            reason: Why; recorded with the outcome.
+            agent: Only this agent's (or these agents') handling of the event; default: all.
+
+        Returns:
+            The cancellation as stored (merged with an earlier one of the same event). It is
+            kept for `cancel_ttl` (OMNIDAEMON_CANCEL_TTL, 7 days).
+
+        Raises:
+            ValueError: neither or both of `event_id` and `correlation_id`, or `agent` with
+                `correlation_id`.
+        """
+        from omnidaemon.cancellation import cancellation_for, record_cancellation
+
+        await self.connect()
+        cancellation = cancellation_for(
+            event_id,
+            correlation_id=correlation_id,
+            reason=reason,
+            agents=agent,
+            now=self.broker.clock(),
+            ttl=self.settings.cancel_ttl,
+        )
+        stored = await record_cancellation(self.broker, cancellation)
+        for watch in list(self._cancel_watches):
+            watch.learn([stored])  # workers of this process: at once, not at their next look
+        return stored
 
     async def result(
         self, event_id: str, *, agent: str | None = None, timeout: float | None = None

@@ -10,12 +10,14 @@ import anyio.from_thread
 import structlog
 
 from omnidaemon.envelope import Envelope
+from omnidaemon.errors import Cancelled
 from omnidaemon.lanes import Lane, Priority
 from omnidaemon.observability.logging import bound_logger
 from omnidaemon.requests import is_request_reply
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
+    from omnidaemon.cancellation import Cancellation
 
 __all__ = ["Context"]
 
@@ -42,6 +44,7 @@ class Context:
 
     __slots__ = (
         "_app",
+        "_cancellation",
         "_charge",
         "_log",
         "agent",
@@ -73,6 +76,8 @@ class Context:
         self.replied = False
         # Set by the worker when the app declares budgets: pays a charge (see `charge`).
         self._charge: Callable[[str, float], Awaitable[None]] | None = None
+        # Set by the worker when the event is cancelled while the handler runs.
+        self._cancellation: Cancellation | None = None
 
     @property
     def app(self) -> App:
@@ -93,6 +98,40 @@ class Context:
     def correlation_id(self) -> str | None:
         """The correlation id shared by every event of this workflow."""
         return self.event.correlation_id
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the event was cancelled (`App.cancel`) while this handler runs.
+
+        An `async def` handler is also stopped (`CancelledError` at its next `await`); a plain
+        `def` handler runs in a thread that cannot be interrupted, so it should look at this
+        between steps and return (or call `raise_if_cancelled`). Either way the event's
+        outcome is `cancelled`: the return value is not published, and `publish` raises.
+        """
+        return self._cancellation is not None
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """The reason given to `App.cancel`, once `cancelled`."""
+        return self._cancellation.reason if self._cancellation is not None else None
+
+    def raise_if_cancelled(self) -> None:
+        """Raise `Cancelled` if the event was cancelled: a checkpoint for long handlers.
+
+        Raises:
+            Cancelled: the event was cancelled while the handler ran.
+        """
+        if self._cancellation is not None:
+            raise Cancelled(
+                "Cancelled", self._cancellation.reason, agent=self.agent, event_id=self.event.id
+            )
+
+    @property
+    def batch_ids(self) -> list[str]:
+        """The ids of the messages of a debounced agent's batch, in the batch's order (see
+        `omnidaemon.debounce`); empty for any other event."""
+        ids = self.event.headers.get("omnidaemon-batch-ids")
+        return ids.split(",") if ids else []
 
     @property
     def is_last_attempt(self) -> bool:
@@ -128,7 +167,11 @@ class Context:
         The reply carries this event's correlation id, and its id as causation id. Once a
         handler has replied, its return value is not sent to `reply_to` again. Returns the
         reply's event id, or `None` when the event asked for no reply.
+
+        Raises:
+            Cancelled: the event being handled was cancelled.
         """
+        self.raise_if_cancelled()
         if self.event.reply_to is None:
             return None
         if is_request_reply(self.event.reply_to):
@@ -197,7 +240,11 @@ class Context:
         The new event's `causation_id` is this event's id; its `correlation_id` and
         `tenant_id` are carried over, and so is its priority unless `priority` is given.
         Returns the new event's id.
+
+        Raises:
+            Cancelled: the event being handled was cancelled: its run publishes nothing more.
         """
+        self.raise_if_cancelled()
         return await self._app.publish(
             topic,
             payload,

@@ -6,6 +6,7 @@ __all__ = [
     "AgentFailed",
     "AppLoadError",
     "BusUnavailable",
+    "Cancelled",
     "ConfigurationError",
     "DelayTooLong",
     "NotFound",
@@ -57,6 +58,11 @@ class AgentFailed(OmniDaemonError):
         self.message = message
         self.agent = agent
         self.event_id = event_id
+
+
+class Cancelled(AgentFailed):
+    """The event of an `App.request` was cancelled (`App.cancel`) before its agent finished
+    it. `message` is the reason given to the cancel."""
 
 
 class AppLoadError(OmniDaemonError):

@@ -23,6 +23,8 @@ What is counted, per agent:
 - `throttled`: times an event was put back on the bus by flow control (a rate limit, budget
   or key's concurrency refused it for now; see `omnidaemon.flow`).
 - `expired`: events dead-lettered as `Expired` because they were not started in time.
+- `cancelled`: events settled as cancelled (`App.cancel`): never started, or stopped while
+  they ran.
 - `wait`: a histogram of the time events that flow control held back waited (seconds), from
   their first refusal to their start.
 
@@ -74,6 +76,7 @@ COUNTERS: tuple[str, ...] = (
     "dead_lettered",
     "throttled",
     "expired",
+    "cancelled",
 )
 """The counters of every agent, in display order."""
 
@@ -95,6 +98,7 @@ class AgentMetricsSnapshot:
         dead_lettered: Events dead-lettered.
         throttled: Times flow control put an event back on the bus to wait.
         expired: Events dead-lettered as `Expired`, unrun.
+        cancelled: Events settled as cancelled (`App.cancel`).
         in_flight: Handlers running now (from heartbeats; 0 when no worker runs).
         duration: Handler run times.
         latency: End-to-end latency of succeeded events.
@@ -110,6 +114,7 @@ class AgentMetricsSnapshot:
     dead_lettered: int = 0
     throttled: int = 0
     expired: int = 0
+    cancelled: int = 0
     in_flight: int = 0
     duration: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
     latency: HistogramSnapshot = field(default_factory=HistogramSnapshot.empty)
@@ -131,6 +136,7 @@ class AgentMetricsSnapshot:
             dead_lettered=int(fields.get("dead_lettered", 0)),
             throttled=int(fields.get("throttled", 0)),
             expired=int(fields.get("expired", 0)),
+            cancelled=int(fields.get("cancelled", 0)),
             in_flight=in_flight,
             duration=histograms["duration"],
             latency=histograms["latency"],
@@ -185,6 +191,7 @@ class AgentMetrics:
         "_wait_low_us",
         "_wait_sum_us",
         "agent",
+        "cancelled",
         "dead_lettered",
         "expired",
         "failed",
@@ -206,6 +213,7 @@ class AgentMetrics:
         self.dead_lettered = 0
         self.throttled = 0
         self.expired = 0
+        self.cancelled = 0
         self.in_flight = 0
         self._duration = [0] * (len(BOUNDS) + 1)
         self._duration_sum_us = 0

@@ -32,7 +32,7 @@ SCAN_LIMIT = 1_000
 """Recent entries read per topic (and lane), and dead-letter records per agent, to answer one
 event."""
 
-AgentState = Literal["handled", "in_progress", "dead_lettered", "not_yet", "unknown"]
+AgentState = Literal["handled", "in_progress", "dead_lettered", "cancelled", "not_yet", "unknown"]
 
 
 class PublishedEvent(BaseModel):
@@ -128,8 +128,8 @@ async def event_progress(
         state: AgentState
         if result is not None and result.status == "succeeded":
             state = "handled"
-        elif result is not None and result.status == "dead_lettered":
-            state = "dead_lettered"
+        elif result is not None and result.status in ("dead_lettered", "cancelled"):
+            state = result.status
         elif result is not None and result.status in ("running", "retrying"):
             state = "in_progress"
         else:

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 
 from omnidaemon.brokers.base import Broker, Subscription
 from omnidaemon.envelope import Envelope
-from omnidaemon.errors import AgentFailed
+from omnidaemon.errors import AgentFailed, Cancelled
 
 __all__ = [
     "FAILURE_HEADER",
@@ -110,6 +110,7 @@ async def wait_reply(broker: Broker, sub: Subscription, event_id: str) -> Any:
 
     Raises:
         AgentFailed: the reply says the agent gave up on the request.
+        Cancelled: the reply says the request's event was cancelled (`App.cancel`).
     """
     while True:
         for delivery in await broker.fetch(sub, "requester", 1, 5.0):
@@ -119,7 +120,8 @@ async def wait_reply(broker: Broker, sub: Subscription, event_id: str) -> Any:
                 continue  # not an answer to this request (cannot happen on a fresh topic)
             if reply.headers.get(FAILURE_HEADER):
                 error = reply.payload if isinstance(reply.payload, dict) else {}
-                raise AgentFailed(
+                failure = Cancelled if error.get("type") == "Cancelled" else AgentFailed
+                raise failure(
                     str(error.get("type", "Error")),
                     str(error.get("message", "")),
                     agent=str(error.get("agent", "?")),

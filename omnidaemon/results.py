@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATUSES", "Result", "ResultStatus", "event_results", "wait_result"]
 
-ResultStatus = Literal["pending", "running", "retrying", "succeeded", "dead_lettered"]
-"""Where an event is: not started yet, being handled, waiting for a retry, or finished."""
+ResultStatus = Literal["pending", "running", "retrying", "succeeded", "dead_lettered", "cancelled"]
+"""Where an event is: not started yet, being handled, waiting for a retry, or finished
+(succeeded, dead-lettered, or cancelled by `App.cancel`)."""
 
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "dead_lettered"})
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "dead_lettered", "cancelled"})
 
 
 class Result(BaseModel):
@@ -28,14 +29,15 @@ class Result(BaseModel):
     Attributes:
         event_id: The event.
         agent: The agent that handled it.
-        status: `pending` (nothing stored yet), `running`, `retrying`, `succeeded` or
-            `dead_lettered`.
+        status: `pending` (nothing stored yet), `running`, `retrying`, `succeeded`,
+            `dead_lettered` or `cancelled`.
         result: The handler's return value as JSON data (when `succeeded`).
         error: `{"type": ..., "message": ...}` of the last failure (when `retrying` or
-            `dead_lettered`).
+            `dead_lettered`); `{"type": "Cancelled", "message": <the reason>}` when
+            `cancelled`.
         attempts: The attempt the status belongs to.
         started_at: When that attempt started.
-        finished_at: When the event finished (succeeded or dead-lettered).
+        finished_at: When the event finished (succeeded, dead-lettered or cancelled).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -51,7 +53,8 @@ class Result(BaseModel):
 
     @property
     def finished(self) -> bool:
-        """True once the status can no longer change: `succeeded` or `dead_lettered`."""
+        """True once the status can no longer change: `succeeded`, `dead_lettered` or
+        `cancelled`."""
         return self.status in FINAL_STATUSES
 
     def encode(self) -> bytes:

@@ -54,6 +54,9 @@ class Settings:
         connect_timeout: `OMNIDAEMON_CONNECT_TIMEOUT`, seconds a starting worker keeps trying
             to reach the bus before it gives up (`BusUnavailable`); `None` (unset, the
             default) waits for as long as it takes, and `0` tries once.
+        cancel_ttl: `OMNIDAEMON_CANCEL_TTL`, seconds a cancellation (`App.cancel`) is kept on
+            the bus, 7 days by default: an event that comes due later (a delayed event, a
+            retry) is no longer stopped by it.
     """
 
     broker_url: str | None = None
@@ -69,6 +72,7 @@ class Settings:
     max_delay: float = 2_592_000.0
     blocked_loop_warning: float = 1.0
     connect_timeout: float | None = None
+    cancel_ttl: float = 604_800.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -102,4 +106,5 @@ class Settings:
                 if env.get("OMNIDAEMON_CONNECT_TIMEOUT")
                 else None
             ),
+            cancel_ttl=env_seconds(env, "OMNIDAEMON_CANCEL_TTL", 604_800.0) or 604_800.0,
         )

@@ -294,6 +294,7 @@ def test_a_snapshot_survives_the_round_trip_through_the_bus_fields() -> None:
         "dead_lettered": 1,
         "throttled": 0,
         "expired": 0,
+        "cancelled": 0,
     }
     assert (data["topic"], data["agent"], data["in_flight"]) == ("orders.placed", "work", 5)
     assert data["duration_seconds"]["count"] == 4

@@ -199,6 +199,7 @@ _DESCRIPTIONS = {
     403: "The token lacks the scope this needs.",
     404: "The topic, agent, event or dead letter is not on the bus.",
     413: "The body or the event is too large.",
+    409: "The request's event was cancelled (`omnidaemon cancel`) before its agent finished.",
     415: "The body is not sent as JSON (`Content-Type: application/json`).",
     422: "The request does not validate, or the payload does not match the agents' type.",
     502: "The agent gave up on the request (it was dead-lettered).",

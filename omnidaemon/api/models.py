@@ -134,6 +134,11 @@ class AgentInfo(BaseModel):
         description="Flow control (rate_limit, rate_limit_keyed, key_concurrency, budgets, "
         "estimate), or null when the agent declares none.",
     )
+    debounce: dict[str, Any] | None = Field(
+        default=None,
+        description="Debounce (seconds, max_wait, keyed, max_messages, max_bytes, batch_topic, "
+        "check_topic), or null when the agent is not debounced.",
+    )
 
 
 class AgentList(BaseModel):
@@ -258,6 +263,7 @@ class AgentMetrics(BaseModel):
     dead_lettered: int
     throttled: int = 0
     expired: int = 0
+    cancelled: int = 0
     in_flight: int
     duration_seconds: Histogram
     latency_seconds: Histogram

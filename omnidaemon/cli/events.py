@@ -182,7 +182,8 @@ def result(
 ) -> None:
     """The stored status and result of an event (agents with store_results=True).
 
-    Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying).
+    Exit status: 0 succeeded, 1 dead-lettered, 3 not finished (pending, running or retrying),
+    4 cancelled.
     """
     from omnidaemon.progress import EventProgress, event_progress
     from omnidaemon.results import Result, event_results
@@ -229,7 +230,58 @@ def result(
     statuses = {r.status for r in results}
     if statuses <= {"succeeded"}:
         return
-    raise typer.Exit(1 if "dead_lettered" in statuses else 3)
+    raise typer.Exit(
+        1 if "dead_lettered" in statuses else 4 if statuses <= {"succeeded", "cancelled"} else 3
+    )
+
+
+def cancel(
+    event_id: Annotated[
+        str | None,
+        typer.Argument(metavar="[EVENT_ID]", help="The event to cancel (the id publish printed)."),
+    ] = None,
+    correlation_id: Annotated[
+        str | None,
+        typer.Option(
+            "--correlation-id",
+            help="Cancel a whole run instead: every event with this correlation id not "
+            "finished yet, including those its handlers publish later.",
+        ),
+    ] = None,
+    agent: Annotated[
+        list[str] | None,
+        typer.Option("--agent", help="Only this agent's handling of the event (repeatable)."),
+    ] = None,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why; recorded with the outcome.")
+    ] = "cancelled from the command line",
+    broker: BrokerOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Cancel an event, or a whole run, across the fleet: not started yet, it never starts;
+    running, its handler is stopped within about a second. Its outcome is `cancelled`."""
+    if (event_id is None) == (correlation_id is None):
+        raise typer.BadParameter("give an EVENT_ID or --correlation-id, one of the two")
+    if agent and correlation_id is not None:
+        raise typer.BadParameter("a run is cancelled for every agent: drop --agent")
+
+    async def run() -> dict[str, object]:
+        from omnidaemon.app import App
+
+        async with App("cli", broker=open_cli_broker(broker)) as app:
+            stored = await app.cancel(
+                event_id, correlation_id=correlation_id, reason=reason, agent=agent or None
+            )
+        return stored.to_json()
+
+    stored = run_async("cancel", run)
+    if json:
+        emit_json(stored)
+        return
+    what = f"event {event_id}" if event_id is not None else f"run {correlation_id}"
+    agents = stored.get("agents")
+    scope = f" for {', '.join(map(str, agents))}" if isinstance(agents, list) else ""
+    say(f"cancelled {what}{scope}: workers stop it within about a second", style="bold")
 
 
 def _explain(progress: "EventProgress") -> None:

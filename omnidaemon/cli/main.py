@@ -39,6 +39,7 @@ def build_cli() -> typer.Typer:
     cli.command("worker")(worker_command.worker)
     cli.command("publish")(events.publish)
     cli.command("result")(events.result)
+    cli.command("cancel")(events.cancel)
     cli.command("agents")(apps.agents)
     cli.command("graph")(apps.graph)
     cli.command("asyncapi")(apps.asyncapi)

@@ -17,7 +17,8 @@ def metrics(
     json: JsonOption = False,
 ) -> None:
     """Per agent, summed over every worker: received, succeeded, failed, retried,
-    dead-lettered, held back by flow control (THROTTLED, and how long they waited), in flight,
+    dead-lettered, held back by flow control (THROTTLED, and how long they waited), cancelled,
+    in flight,
     handler duration and end-to-end latency."""
     from omnidaemon.fleet import fleet_metrics
 
@@ -38,6 +39,7 @@ def metrics(
                 "DLQ",
                 "THROTTLED",
                 "WAIT P99",
+                "CANCELLED",
                 "IN FLIGHT",
                 "P50",
                 "P99",
@@ -55,6 +57,7 @@ def metrics(
                     number(s.dead_lettered),
                     number(s.throttled),
                     age(s.wait.quantile(0.99)),
+                    number(s.cancelled),
                     number(s.in_flight),
                     age(s.duration.quantile(0.5)),
                     age(s.duration.quantile(0.99)),
@@ -63,7 +66,16 @@ def metrics(
                 ]
                 for s in snapshots
             ],
-            numeric=["RECEIVED", "OK", "FAILED", "RETRIED", "DLQ", "THROTTLED", "IN FLIGHT"],
+            numeric=[
+                "RECEIVED",
+                "OK",
+                "FAILED",
+                "RETRIED",
+                "DLQ",
+                "THROTTLED",
+                "CANCELLED",
+                "IN FLIGHT",
+            ],
             empty="no metrics yet: no worker has handled an event",
         )
 

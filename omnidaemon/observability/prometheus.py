@@ -43,6 +43,7 @@ _COUNTERS = (
     ("dead_lettered", "Events moved to the dead-letter queue, whatever the reason."),
     ("throttled", "Times flow control put an event back on the bus to wait for its turn."),
     ("expired", "Events dead-lettered as Expired because they were not started in time."),
+    ("cancelled", "Events settled as cancelled: never started, or stopped while they ran."),
 )
 
 

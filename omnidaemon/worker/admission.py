@@ -1,4 +1,4 @@
-"""Flow control before a handler starts: expiry, admission by the agent's limits, and putting
+"""Before a handler starts: cancellation, expiry, admission by the agent's limits, and putting
 a refused event back on the bus to wait. `AgentConsumer` inherits it; the limits themselves
 are `omnidaemon.flow`."""
 
@@ -15,6 +15,8 @@ from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability.logging import Logger
 
 if TYPE_CHECKING:
+    from omnidaemon.cancellation import Cancellation
+    from omnidaemon.worker.cancels import CancelWatch
     from omnidaemon.worker.lanes import AgentQueue
 
 __all__ = ["Admitting"]
@@ -32,6 +34,7 @@ class Admitting:
     _broker: Broker
     _queue: AgentQueue
     _gate: FlowGate | None
+    _cancels: CancelWatch
     _paid: set[tuple[str, str]]
     _trimmed: set[tuple[str, str]]
     _log: Logger
@@ -66,9 +69,23 @@ class Admitting:
 
         def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None: ...
 
+        async def _cancelled(
+            self,
+            delivery: Delivery,
+            envelope: Envelope[Any],
+            cancellation: Cancellation,
+            *,
+            ran: bool,
+        ) -> None: ...
+
         def _due_at(self, wait: float) -> None: ...
 
     async def _process_event(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
+        if not self._cancels.registry.empty:
+            found = self._cancels.check(envelope, self._spec.name)
+            if found is not None:
+                await self._cancelled(delivery, envelope, found, ran=False)
+                return
         gate = self._gate
         paid = bool(self._paid) and (delivery.origin, delivery.id) in self._paid
         if envelope.expires_at is not None and await self._expired(delivery, envelope, 0.0):

@@ -32,6 +32,7 @@ from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.admission import Admitting
+from omnidaemon.worker.cancels import CancelWatch, Handling
 from omnidaemon.worker.fetching import Fetching, prune_idle
 from omnidaemon.worker.handoff import HandOff
 from omnidaemon.worker.isolation import Isolation
@@ -67,6 +68,7 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         *,
         concurrency: int,
         isolation: Isolation | None = None,
+        cancels: CancelWatch | None = None,
     ) -> None:
         self._app = app
         self._spec = spec
@@ -115,6 +117,8 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()
         self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
+        # Shared by the worker's consumers: the cancellations it follows (see App.cancel).
+        self._cancels = cancels if cancels is not None else CancelWatch(self._broker)
         self.timeouts: set[anyio.CancelScope] = set()
         """The cancel scopes of handlers running under the agent's `timeout`, so that
         `omnidaemon.testing` can move their deadlines when a test fast-forwards time."""
@@ -400,25 +404,45 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         `(False, None)` once a failure has been settled (retry or dead letter)."""
         spec = self._spec
         metrics = self.metrics
+        cancels = self._cancels
+        handling = Handling(envelope, spec.name, ctx)
+        cancels.started(handling)  # a cancellation learnt since the check applies from here
         started = time.perf_counter()
+        error: Exception | None = None
+        ran = handling.cancellation is None  # else cancelled while it was being admitted
         try:
-            if self._direct:
-                result = await spec.invoke(envelope.payload, ctx)
+            if not ran:
+                pass
+            elif spec.is_async:
+                # Its own scope: a cancellation stops this handler alone.
+                with anyio.CancelScope() as handling.scope:
+                    if self._direct:
+                        result = await spec.invoke(envelope.payload, ctx)
+                    else:
+                        result = await self._call(envelope.payload, ctx)
             else:
                 result = await self._call(envelope.payload, ctx)
-        except Reject as exc:
-            metrics.observe_duration(time.perf_counter() - started)
-            await self._dead_letter(delivery, envelope, "Reject", exc.reason, exc, failed=True)
-            return False, None
-        except Retry as exc:
-            metrics.observe_duration(time.perf_counter() - started)
-            await self._fail(delivery, envelope, exc, exc.delay, failed=True)
-            return False, None
         except Exception as exc:
-            metrics.observe_duration(time.perf_counter() - started)
-            await self._fail(delivery, envelope, exc, None, failed=True)
+            error = exc
+        finally:
+            # From here a cancellation no longer applies: the outcome is what the handler did
+            # (exactly one outcome, whichever came first).
+            cancels.ended(handling)
+        if handling.cancellation is not None:
+            if ran:
+                metrics.observe_duration(time.perf_counter() - started)
+            await self._cancelled(delivery, envelope, handling.cancellation, ran=ran)
             return False, None
         metrics.observe_duration(time.perf_counter() - started)
+        if error is not None:
+            if isinstance(error, Reject):
+                await self._dead_letter(
+                    delivery, envelope, "Reject", error.reason, error, failed=True
+                )
+            else:
+                delay = error.delay if isinstance(error, Retry) else None
+                await self._fail(delivery, envelope, error, delay, failed=True)
+            return False, None
         if spec.return_adapter is None:
             if result is not None:
                 try:

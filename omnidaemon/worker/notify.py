@@ -93,7 +93,7 @@ class OutcomeNotifier:
         envelope: Envelope[Any],
         *,
         agent: str,
-        status: Literal["succeeded", "dead_lettered"],
+        status: Literal["succeeded", "dead_lettered", "cancelled"],
         result: Any = None,
         error: dict[str, str] | None = None,
     ) -> None:
@@ -114,7 +114,9 @@ class OutcomeNotifier:
             body["error"] = error
         if envelope.headers.get(WEBHOOK_FORMAT_HEADER) == SDK_WEBHOOK_FORMAT:
             body["task_id"] = envelope.id
-            body["status"] = "success" if status == "succeeded" else "failed"
+            body["status"] = {"succeeded": "success", "cancelled": "cancelled"}.get(
+                status, "failed"
+            )
             body["timestamp"] = body["finished_at"]
         try:
             data = dumps(body)

@@ -1,6 +1,7 @@
-"""The outcome side of handling an event: retrying, deferring or dead-lettering a delivery, and
-reporting what happened (stored results, failure replies, webhooks, metrics, logs), or nothing
-when the delivery turns out to be another worker's. `AgentConsumer` inherits it."""
+"""The outcome side of handling an event: retrying, deferring, cancelling or dead-lettering a
+delivery, and reporting what happened (stored results, failure replies, webhooks, metrics,
+logs), or nothing when the delivery turns out to be another worker's. `AgentConsumer`
+inherits it."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from omnidaemon.worker.watchdog import LoopWatchdog
 
 if TYPE_CHECKING:
     from omnidaemon.app import App
+    from omnidaemon.cancellation import Cancellation
+    from omnidaemon.worker.acks import AckBatcher
     from omnidaemon.worker.lanes import AgentQueue
 
 __all__ = ["Outcomes", "event_fields"]
@@ -57,6 +60,8 @@ class Outcomes:
     _broker: Broker
     _queue: AgentQueue
     _trimmed: set[tuple[str, str]]
+    _lost: set[tuple[str, str]]
+    _acks: AckBatcher
     _max_payload_bytes: int
     running: dict[tuple[str, str], tuple[Delivery, float]]
     _log: Logger
@@ -119,6 +124,35 @@ class Outcomes:
             "another run holds the event's idempotency key; trying again shortly",
             **event_fields(envelope, delivery),
             idempotency_key=key,
+        )
+
+    async def _cancelled(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        cancellation: Cancellation,
+        *,
+        ran: bool,
+    ) -> None:
+        """Settle a cancelled event (`App.cancel`): acknowledged, never retried, its outcome
+        `cancelled` recorded, replied to a waiting request, sent to its webhook and counted;
+        `ran` says whether its handler had started (and was stopped)."""
+        if self._lost and (delivery.origin, delivery.id) in self._lost:
+            self._report_lost(delivery, envelope)  # another worker settles it
+            return
+        self.metrics.cancelled += 1
+        self._acks.add(delivery, urgent=delivery.attempt > 1)
+        reason = cancellation.reason
+        error = {"type": "Cancelled", "message": reason}
+        await self._reply_failure(delivery, envelope, "Cancelled", reason)
+        if self._spec.store_results:
+            await self._record(delivery, envelope.id, "cancelled", error=error)
+        if self.notifier is not None:
+            self.notifier.finished(envelope, agent=self._spec.name, status="cancelled", error=error)
+        self._log.info(
+            "handler stopped: event cancelled" if ran else "event cancelled before it started",
+            **event_fields(envelope, delivery),
+            reason=reason,
         )
 
     def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:

@@ -16,6 +16,7 @@ from anyio.abc import TaskStatus
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.flow.levels import BudgetLevels
 from omnidaemon.observability.logging import get_logger
+from omnidaemon.worker.cancels import CancelWatch
 from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.isolation import Isolation
@@ -90,6 +91,8 @@ class Worker:
             app.settings.connect_timeout if connect_timeout is None else connect_timeout
         )
         isolation = Isolation()  # one per worker: its agents share one process
+        self.cancels = CancelWatch(app.broker)
+        """The cancellations this worker follows (`App.cancel`), shared by its agents."""
         self.consumers = [
             AgentConsumer(
                 app,
@@ -97,6 +100,7 @@ class Worker:
                 self.name,
                 concurrency=concurrency or spec.concurrency,
                 isolation=isolation,
+                cancels=self.cancels,
             )
             for spec in specs
         ]
@@ -151,7 +155,11 @@ class Worker:
         """
         app = self.app
         with app._agents_running(c.subscription.group for c in self.consumers):
-            await self._run(task_status)
+            app._cancel_watches.add(self.cancels)  # an App.cancel here reaches it at once
+            try:
+                await self._run(task_status)
+            finally:
+                app._cancel_watches.discard(self.cancels)
         _log.info("worker stopped", app=app.name, consumer=self.name)
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
@@ -179,6 +187,7 @@ class Worker:
                 consumer.notifier = notifier
                 await consumer.subscribe()
             await self.heartbeat.beat()
+            await self.cancels.load()
             _log.info(
                 "worker started",
                 app=app.name,
@@ -190,6 +199,7 @@ class Worker:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.heartbeat.run)
+                    tg.start_soon(self.cancels.run)
                     if app.budgets:
                         tg.start_soon(self.budget_levels.run)
                     if self.watchdog is not None:

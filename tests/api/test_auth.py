@@ -132,6 +132,8 @@ ADMIN_ROUTES = [
     ("POST", "/v1/dlq/some.topic/replay"),
     ("DELETE", "/v1/dlq/some.topic"),
     ("DELETE", "/v1/topics/some.topic"),
+    ("DELETE", "/v1/events/some-id"),
+    ("DELETE", "/v1/runs/some-run"),
 ]
 ALL_ROUTES = READ_ROUTES + PUBLISH_ROUTES + ADMIN_ROUTES
 
@@ -200,7 +202,8 @@ def test_openapi_lists_every_route_and_the_bearer_scheme(
         for path, operations in schema["paths"].items()
         for method in operations
     }
-    expected = {(m, p.replace("some.topic", "{topic}").replace("some-id", "{event_id}"))
+    expected = {(m, p.replace("some.topic", "{topic}").replace("some-id", "{event_id}")
+                  .replace("some-run", "{correlation_id}"))
                 for m, p in ALL_ROUTES}  # fmt: skip
     assert listed == expected | {("GET", "/healthz")}
     assert schema["components"]["securitySchemes"]["bearer"] == {

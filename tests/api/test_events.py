@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from omnidaemon import App
+from omnidaemon import App, Context
 from omnidaemon.brokers.redis import RedisBroker
 from tests.api._support import ADMIN, PUBLISHER, READER, Job, ServerThread, apoll, async_client
 from tests.api.conftest import LANES
@@ -276,3 +276,53 @@ async def test_the_result_of_a_pipelines_first_event_leads_to_the_next(
     assert waited.status_code == 200, waited.text
     assert waited.json()["published"] == [child]
     assert last.json()["results"][0]["result"] == {"summary": 50}
+
+
+async def test_an_admin_cancels_an_event_and_a_waiting_request_is_told_409(
+    api_server: ServerThread, redis_server: RedisServer, bus_prefix: str
+) -> None:
+    import anyio
+
+    topic = f"slow.t{uuid.uuid4().hex[:8]}"
+    worker = App("slowworker", broker=RedisBroker(redis_server.url, prefix=bus_prefix))
+    started = anyio.Event()
+    running: list[str] = []
+
+    @worker.agent(topic, name="slowly", store_results=True)
+    async def slowly(job: Job, ctx: Context) -> dict[str, int]:
+        running.append(ctx.event_id)
+        started.set()
+        await anyio.sleep(60)
+        return {"n": job.n}
+
+    answers: list[httpx.Response] = []
+    async with worker.running(), async_client(api_server.url, ADMIN) as http:
+
+        async def ask() -> None:
+            answers.append(
+                await http.post(
+                    "/v1/requests", json={"topic": topic, "payload": {"n": 1}, "timeout": 60}
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            with anyio.fail_after(10):
+                await started.wait()
+            [event_id] = running
+            async with async_client(api_server.url, READER) as reader:
+                refused = await reader.delete(f"/v1/events/{event_id}")
+                assert refused.status_code == 403
+            cancelled = await http.delete(
+                f"/v1/events/{event_id}", params={"reason": "took too long"}
+            )
+            assert cancelled.status_code == 200, cancelled.text
+            body = cancelled.json()
+            assert body["kind"] == "event" and body["target"] == event_id
+            assert body["reason"] == "took too long" and body["agents"] is None
+        run = await http.delete("/v1/runs/some-run", params={"reason": "abandoned"})
+        assert run.status_code == 200 and run.json()["kind"] == "run"
+    [answer] = answers
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["code"] == "cancelled"
+    assert "took too long" in answer.json()["message"]

@@ -1,11 +1,12 @@
-"""Events: publish (`omnidaemon publish`), request-reply (`publish --wait`), and what became
-of an event (`omnidaemon result`)."""
+"""Events: publish (`omnidaemon publish`), request-reply (`publish --wait`), what became of an
+event (`omnidaemon result`), and cancelling events and runs (`omnidaemon cancel`)."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from omnidaemon.api.auth import Scope
+from omnidaemon.api.control_models import CancelResponse
 from omnidaemon.api.dependencies import CurrentApp, Waiting, require
 from omnidaemon.api.errors import ApiError, documented
 from omnidaemon.api.models import (
@@ -15,7 +16,7 @@ from omnidaemon.api.models import (
     ReplyRequest,
     ReplyResponse,
 )
-from omnidaemon.errors import AgentFailed
+from omnidaemon.errors import AgentFailed, Cancelled
 from omnidaemon.progress import EventProgress, event_progress
 from omnidaemon.results import Result, event_results
 
@@ -57,7 +58,7 @@ async def publish_event(
 @router.post(
     "/requests",
     dependencies=[require(Scope.publish)],
-    responses=documented(400, 401, 403, 413, 415, 422, 502, 503, 504),
+    responses=documented(400, 401, 403, 409, 413, 415, 422, 502, 503, 504),
 )
 async def request_reply(
     body: ReplyRequest, app: CurrentApp, waiting: Waiting, request: Request
@@ -65,7 +66,8 @@ async def request_reply(
     """Publish a request and wait for the handling agent's return value
     (`omnidaemon publish --wait`).
 
-    502 when the agent gave up on the request (dead-lettered), with its error; 504 when no
+    502 when the agent gave up on the request (dead-lettered), with its error; 409 when the
+    request's event was cancelled (`DELETE /v1/events/{id}`), with the reason; 504 when no
     reply came within `timeout` (no worker runs the agent, or it is still retrying); 503 with
     `Retry-After` when the server's bound on waiting requests is reached (nothing was
     published). The wait ends when the client disconnects. Needs the `publish` scope.
@@ -84,6 +86,8 @@ async def request_reply(
 
     try:
         reply = await waiting.wait(request, ask)
+    except Cancelled as exc:
+        raise ApiError(409, "cancelled", str(exc)) from None
     except AgentFailed as exc:
         raise ApiError(502, "agent_failed", str(exc)) from None
     except TimeoutError as exc:
@@ -151,6 +155,52 @@ async def event_result(
             "with store_results=True, or expired)",
         )
     return EventResults(event_id=event_id, results=results)
+
+
+_REASON = Query(max_length=1000, description="Why; recorded with the event's outcome.")
+
+
+@router.delete(
+    "/events/{event_id}",
+    dependencies=[require(Scope.admin)],
+    responses=documented(401, 403, 422, 503),
+)
+async def cancel_event(
+    event_id: Annotated[str, Path(min_length=1, max_length=200, description="The event's id.")],
+    app: CurrentApp,
+    agent: Annotated[
+        list[str] | None,
+        Query(max_length=200, description="Only this agent's handling (repeatable)."),
+    ] = None,
+    reason: Annotated[str, _REASON] = "cancelled through the HTTP API",
+) -> CancelResponse:
+    """Cancel an event across the fleet (`omnidaemon cancel`): not started yet, it never
+    starts; running, its handler is stopped within about a second; its outcome is
+    `cancelled`. Answers the cancellation as stored (merged with an earlier one of the same
+    event). Needs the `admin` scope.
+    """
+    stored = await app.cancel(event_id, reason=reason, agent=agent or None)
+    return CancelResponse.model_validate(stored.to_json())
+
+
+@router.delete(
+    "/runs/{correlation_id}",
+    dependencies=[require(Scope.admin)],
+    responses=documented(401, 403, 422, 503),
+)
+async def cancel_run(
+    correlation_id: Annotated[
+        str, Path(min_length=1, max_length=200, description="The run's correlation id.")
+    ],
+    app: CurrentApp,
+    reason: Annotated[str, _REASON] = "cancelled through the HTTP API",
+) -> CancelResponse:
+    """Cancel a whole run (`omnidaemon cancel --correlation-id`): every event with this
+    correlation id not finished yet, including those its handlers publish later. Needs the
+    `admin` scope.
+    """
+    stored = await app.cancel(correlation_id=correlation_id, reason=reason)
+    return CancelResponse.model_validate(stored.to_json())
 
 
 def _with_progress(event_id: str, results: list[Result], progress: EventProgress) -> EventResults:

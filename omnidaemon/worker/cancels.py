@@ -1,0 +1,116 @@
+"""A worker's side of cancellation: following the bus's cancellations, refusing to start a
+cancelled event, and stopping a running handler whose event is cancelled.
+
+One `CancelWatch` per worker, shared by its agents. Each running handler is a `Handling`;
+when the watch learns a cancellation (from its poll of the bus, or at once from an
+`App.cancel` in the same process) it cancels the matching handlings: an `async def` handler's
+cancel scope (`CancelledError` at its next `await`), and `ctx.cancelled` for every handler
+(the only way to tell a plain `def` handler, which runs in a thread no one can interrupt).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from omnidaemon.cancellation import POLL_INTERVAL, Cancellation, CancelRegistry
+from omnidaemon.observability.logging import get_logger
+
+if TYPE_CHECKING:
+    from omnidaemon.brokers.base import Broker
+    from omnidaemon.context import Context
+    from omnidaemon.envelope import Envelope
+
+__all__ = ["CancelWatch", "Handling"]
+
+_log = get_logger("omnidaemon.worker")
+_RELOAD_EVERY = 60.0  # seconds between full reloads: a canceller that died half-way is found
+
+
+class Handling:
+    """One handler running one event in this worker, as the watch sees it."""
+
+    __slots__ = ("agent", "cancellation", "ctx", "envelope", "scope")
+
+    def __init__(self, envelope: Envelope[Any], agent: str, ctx: Context) -> None:
+        self.envelope = envelope
+        self.agent = agent
+        self.ctx = ctx
+        self.scope: anyio.CancelScope | None = None
+        """The `async def` handler's cancel scope while it runs, else `None`."""
+        self.cancellation: Cancellation | None = None
+        """Set once the event is cancelled: the handler's outcome is then `cancelled`."""
+
+    def cancel(self, cancellation: Cancellation) -> None:
+        """Stop the handler (async) or tell it to stop (`ctx.cancelled`, for every handler)."""
+        if self.cancellation is not None:
+            return
+        self.cancellation = cancellation
+        self.ctx._cancellation = cancellation
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class CancelWatch:
+    """The cancellations one worker knows, and the handlers it runs that they may stop."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.registry = CancelRegistry(broker)
+        self._running: set[Handling] = set()
+
+    def check(self, envelope: Envelope[Any], agent: str) -> Cancellation | None:
+        """The cancellation that covers `agent`'s handling of `envelope`, if any (in memory)."""
+        registry = self.registry
+        if registry.empty:
+            return None
+        return registry.match(envelope.id, envelope.correlation_id, envelope.created_at, agent)
+
+    def started(self, handling: Handling) -> None:
+        """Watch a handler from its start; a cancellation learnt since the check applies."""
+        self._running.add(handling)
+
+    def ended(self, handling: Handling) -> None:
+        """Stop watching it: from here on its outcome is what it did."""
+        self._running.discard(handling)
+
+    def learn(self, news: list[Cancellation]) -> None:
+        """Apply cancellations learnt from the bus or from this process's `App.cancel`."""
+        fresh = self.registry.apply(news)
+        self._stop_running(fresh)
+
+    def _stop_running(self, fresh: list[Cancellation]) -> None:
+        if not fresh or not self._running:
+            return
+        for handling in list(self._running):
+            found = self.check(handling.envelope, handling.agent)
+            if found is not None:
+                _log.info(
+                    "cancelling a running handler",
+                    agent=handling.agent,
+                    event_id=handling.envelope.id,
+                    reason=found.reason,
+                )
+                handling.cancel(found)
+
+    async def load(self) -> None:
+        """Read every cancellation on the bus (at the worker's start)."""
+        self._stop_running(await self.registry.load())
+
+    async def run(self) -> None:
+        """Follow the bus's cancellations until cancelled: a small read every `POLL_INTERVAL`."""
+        since_reload = 0.0
+        while True:
+            await anyio.sleep(POLL_INTERVAL)
+            since_reload += POLL_INTERVAL
+            try:
+                if since_reload >= _RELOAD_EVERY:
+                    since_reload = 0.0
+                    news = await self.registry.load()
+                else:
+                    news = await self.registry.refresh()
+            except Exception as exc:
+                # The bus is away: the consumers notice and reconnect; look again later.
+                _log.debug("could not read cancellations", error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._stop_running(news)
