@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "APPEND_IF_EXISTS",
     "APPEND_MANY",
+    "APPEND_ONCE",
     "DEAD_LETTER",
     "DELAY",
     "EXTEND",
@@ -269,6 +270,24 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     return 0
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+return 1
+"""
+
+APPEND_ONCE = """
+-- Append an entry to a topic's stream unless the key's mark is there, and leave the mark for
+-- the window: of any number of callers with one key, one appends. The mark holds the caller's
+-- token, so a caller that tries again after losing the reply learns its first try appended.
+-- The entry goes before the mark: a write that fails midway (a script is not rolled back)
+-- leaves an entry without its mark (appended twice at worst), never a mark without its entry.
+-- KEYS: the topic's stream, the key's mark (same hash tag: same cluster slot)
+-- ARGV: its approximate MAXLEN, the entry's data, the window in ms, the caller's token
+local mark = redis.call('GET', KEYS[2])
+if mark then
+    if mark == ARGV[4] then return 1 end
+    return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
 return 1
 """
 

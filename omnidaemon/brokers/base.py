@@ -271,6 +271,30 @@ class Broker(ABC):
         for topic, data in entries:
             await self.publish(topic, data)
 
+    async def publish_once(self, topic: str, data: bytes, key: str, *, window: float) -> bool:
+        """Append one entry to `topic` unless an entry was appended with the same `key` in
+        the last `window` seconds; returns whether this call appended it.
+
+        What a fleet uses to publish something exactly once although any of its processes
+        may try, and may die while trying (a schedule's tick, a debounced burst): the one
+        that takes over repeats the call with the same key. A bus that can makes the check
+        and the append one atomic step (Redis and the embedded bus: a script; NATS
+        JetStream: the stream's de-duplication by message id; memory). The default checks,
+        appends, then marks the key: concurrent calls, or a crash between the append and
+        the mark, may append twice, never zero times (at least once, like every delivery).
+
+        A key counts per topic. On NATS the stream's de-duplication window (two minutes)
+        rules: a shorter `window` holds the key for two minutes all the same, and past two
+        minutes a longer one is held by a mark written after the append (see
+        `omnidaemon.brokers.nats._publishing`).
+        """
+        mark = f"once:{topic}:{key}"
+        if await self.get_value(mark) is not None:
+            return False
+        await self.publish(topic, data)
+        await self.set_value(mark, b"1", window)
+        return True
+
     @abstractmethod
     async def publish_if_exists(self, topic: str, data: bytes) -> bool:
         """Append one entry to `topic` only if the topic exists (it was subscribed to and not

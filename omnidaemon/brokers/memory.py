@@ -80,6 +80,8 @@ class _Bus:
         # event id -> (expires at, {agent: record})
         self.results: dict[str, tuple[float, dict[str, bytes]]] = {}
         self.values: dict[str, tuple[float, bytes]] = {}  # key -> (expires at, value)
+        self.once: dict[tuple[str, str], float] = {}  # publish_once (topic, key) -> expires at
+        self.once_sweep_at = 1024  # marks held when the expired ones are next dropped
         self.stats: dict[tuple[str, str], dict[str, int]] = {}  # (topic, group) -> fields
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
@@ -217,6 +219,20 @@ class MemoryBroker(Broker):
         if appended:
             self._bus.append(topic, data)
             self._bus.notify()
+        await anyio.lowlevel.checkpoint()
+        return appended
+
+    async def publish_once(self, topic: str, data: bytes, key: str, *, window: float) -> bool:
+        # Checked, appended and marked with no await in between: atomic on this bus. Marks
+        # expire by the bus's clock, so `advance` moves them on as it does values.
+        bus, now = self._bus, self._bus.now()
+        if len(bus.once) >= bus.once_sweep_at:  # drop expired marks, amortised O(1) a call
+            bus.once = {k: until for k, until in bus.once.items() if until > now}
+            bus.once_sweep_at = max(1024, 2 * len(bus.once))
+        appended = bus.once.get((topic, key), 0.0) <= now
+        if appended:
+            bus.once[(topic, key)] = now + window
+            self.publish_nowait(topic, data)  # through here, so that TestApp records it
         await anyio.lowlevel.checkpoint()
         return appended
 

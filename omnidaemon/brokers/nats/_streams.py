@@ -10,9 +10,15 @@ from omnidaemon.brokers.base import Subscription
 from omnidaemon.brokers.nats._core import REPLICAS_ENV, JetStreamError, NatsCore, Reader
 from omnidaemon.errors import ConfigurationError
 
-__all__ = ["NatsParts", "NatsStreams"]
+__all__ = ["DUPLICATE_WINDOW", "NatsParts", "NatsStreams"]
 
 _INFO_TRIES = 3
+
+# Seconds a topic stream remembers a message id (`Nats-Msg-Id`): JetStream drops a publish
+# whose id it saw within this window. Retries, dead letters and `publish_once` rely on it.
+# JetStream's default; not shorter, for a `publish_once` repeated by a process that took over
+# from one that died (after its lease ran out) must still find the first call's id.
+DUPLICATE_WINDOW = 120.0
 
 
 class NatsStreams(NatsCore):
@@ -61,7 +67,7 @@ class NatsStreams(NatsCore):
                 "discard": "old",
                 "allow_msg_schedules": True,
                 "allow_msg_ttl": True,
-                "duplicate_window": 120_000_000_000,
+                "duplicate_window": int(DUPLICATE_WINDOW * 1e9),
             },
         )
         return stream

@@ -13,6 +13,8 @@ Cluster slot), with `omni` as the default prefix:
   server's clock.
 - `omni:{<topic>}:metrics:<group>`: a hash of the group's metrics, incremented by every worker
   with its batched acks (see `omnidaemon.metrics`).
+- `omni:{<topic>}:once:<key>`: `publish_once`'s mark of a key (the token of the call that
+  appended), expiring with its window.
 
 Outside topics: `omni:result:<event id>` (stored results, a hash by agent) and
 `omni:value:<key>` (idempotency claims, worker heartbeats `worker:<name>`).

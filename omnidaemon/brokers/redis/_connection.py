@@ -68,6 +68,7 @@ _SCRIPTS = (
     "REPLACE_VALUE",
     "APPEND_MANY",
     "APPEND_IF_EXISTS",
+    "APPEND_ONCE",
     "REPLAY",
     "DELAY",
     "REMOVE_CONSUMER",

@@ -45,6 +45,12 @@ class RedisKeys:
         """The key of a group's metrics hash."""
         return f"{self._prefix}:{{{sub.topic}}}:metrics:{sub.group}"
 
+    def once_key(self, topic: str, key: str) -> str:
+        """The key of `publish_once`'s mark for `key` on a topic (`}` and `%` escaped, so
+        that no mark looks like another kind of key to the scans by pattern)."""
+        safe = key.replace("%", "%25").replace("}", "%7D")
+        return f"{self._prefix}:{{{topic}}}:once:{safe}"
+
     def _origin_key(self, sub: Subscription, origin: str) -> str:
         return self.retry_key(sub) if origin == _RETRY else self.stream_key(sub.topic)
 

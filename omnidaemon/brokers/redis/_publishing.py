@@ -3,6 +3,7 @@ while the bus is unreachable."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,6 +159,29 @@ class RedisPublishing(RedisRouting):
             nonlocal appended
             done = await self._script(
                 "APPEND_IF_EXISTS", keys=[key], args=[maxlen, data], replicate="publish"
+            )
+            appended = bool(done)
+
+        await self._with_publish_deadline(attempt)
+        return appended
+
+    async def publish_once(self, topic: str, data: bytes, key: str, *, window: float) -> bool:
+        # One script checks the key's mark, appends and marks (APPEND_ONCE): atomic, and on a
+        # cluster both keys carry the topic's hash tag. The token, made once per call, lets a
+        # try after a lost reply tell its own earlier append from another caller's.
+        appended = False
+        stream, maxlen = self.stream_key(topic), self._maxlen_of(topic)
+        mark = self.once_key(topic, key)
+        window_ms = max(1, math.ceil(window * 1000))
+        token = f"{self._unique_prefix}-{next(self._unique)}"
+
+        async def attempt() -> None:
+            nonlocal appended
+            done = await self._script(
+                "APPEND_ONCE",
+                keys=[stream, mark],
+                args=[maxlen, data, window_ms, token],
+                replicate="publish",
             )
             appended = bool(done)
 
