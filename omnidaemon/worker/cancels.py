@@ -4,12 +4,13 @@ cancelled event, and stopping a running handler whose event is cancelled.
 One `CancelWatch` per worker, shared by its agents. Each running handler is a `Handling`;
 when the watch learns a cancellation (from its poll of the bus, or at once from an
 `App.cancel` in the same process) it cancels the matching handlings: an `async def` handler's
-cancel scope (`CancelledError` at its next `await`), and `ctx.cancelled` for every handler
-(the only way to tell a plain `def` handler, which runs in a thread no one can interrupt).
+task (`CancelledError` at the `await` it is in), and `ctx.cancelled` for every handler (the
+only way to tell a plain `def` handler, which runs in a thread no one can interrupt).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,25 +32,34 @@ _RELOAD_EVERY = 60.0  # seconds between full reloads: a canceller that died half
 class Handling:
     """One handler running one event in this worker, as the watch sees it."""
 
-    __slots__ = ("agent", "cancellation", "ctx", "envelope", "scope")
+    __slots__ = ("agent", "cancellation", "ctx", "envelope", "interrupted", "task")
 
     def __init__(self, envelope: Envelope[Any], agent: str, ctx: Context) -> None:
         self.envelope = envelope
         self.agent = agent
         self.ctx = ctx
-        self.scope: anyio.CancelScope | None = None
-        """The `async def` handler's cancel scope while it runs, else `None`."""
+        self.task: asyncio.Task[Any] | None = None
+        """The task an `async def` handler runs in, while it runs; else `None`."""
         self.cancellation: Cancellation | None = None
         """Set once the event is cancelled: the handler's outcome is then `cancelled`."""
+        self.interrupted = False
+        """Whether `task` was cancelled for it (undone by `CancelWatch.ended`)."""
 
     def cancel(self, cancellation: Cancellation) -> None:
-        """Stop the handler (async) or tell it to stop (`ctx.cancelled`, for every handler)."""
+        """Stop the handler (async) or tell it to stop (`ctx.cancelled`, for every handler).
+
+        An `async def` handler runs in one of the consumer's long-lived handler tasks: the
+        task is cancelled (the handler gets `CancelledError` at the `await` it is suspended
+        in), and `ended` takes the cancellation back once the handler is over, so the task
+        serves the next event. Workers run on asyncio (redis-py's client is asyncio's).
+        """
         if self.cancellation is not None:
             return
         self.cancellation = cancellation
         self.ctx._cancellation = cancellation
-        if self.scope is not None:
-            self.scope.cancel()
+        if self.task is not None:
+            self.interrupted = True
+            self.task.cancel()
 
 
 class CancelWatch:
@@ -71,8 +81,12 @@ class CancelWatch:
         self._running.add(handling)
 
     def ended(self, handling: Handling) -> None:
-        """Stop watching it: from here on its outcome is what it did."""
+        """Stop watching it: from here on its outcome is what it did. Called in the handler's
+        task, right after the handler returned or raised."""
         self._running.discard(handling)
+        if handling.interrupted and handling.task is not None:
+            handling.task.uncancel()  # the task serves the next event
+            handling.interrupted = False
 
     def learn(self, news: list[Cancellation]) -> None:
         """Apply cancellations learnt from the bus or from this process's `App.cancel`."""

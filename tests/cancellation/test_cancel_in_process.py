@@ -322,3 +322,36 @@ async def test_cancel_refuses_what_it_cannot_mean() -> None:
         assert first.agents == ("a",) and merged.agents == ("a", "b")
         assert merged.reason == "two"
         assert (await app.cancel("e1")).agents is None
+
+
+async def test_the_handler_slot_serves_the_next_events_after_a_cancel() -> None:
+    # One handler task (concurrency=1): the cancelled handler's task goes on serving, and
+    # the next handlers' own timeouts and awaits behave as if nothing happened.
+    app = App("c", broker="memory://")
+    started = anyio.Event()
+    done: list[int] = []
+
+    @app.agent("work.one", concurrency=1, store_results=True)
+    async def one(event: dict[str, int], ctx: Context) -> int:
+        if event["n"] == 0:
+            started.set()
+            try:
+                await anyio.sleep(60)
+            except BaseException:
+                # Swallowed: the outcome is cancelled all the same.
+                return -1
+        with anyio.move_on_after(0.01):
+            await anyio.sleep(1)
+        await anyio.sleep(0)
+        done.append(event["n"])
+        return event["n"]
+
+    async with TestApp(app) as bus:
+        first = await bus.publish("work.one", {"n": 0})
+        await started.wait()
+        await app.cancel(first, reason="swallowed")
+        later = [await bus.publish("work.one", {"n": n}) for n in (1, 2, 3)]
+        await bus.drain()
+        assert done == [1, 2, 3]
+        assert (await app.result(first)).status == "cancelled"
+        assert [(await app.result(e)).status for e in later] == ["succeeded"] * 3
