@@ -195,6 +195,7 @@ async def test_key_concurrency_caps_each_key_and_keys_take_turns() -> None:
     running: Counter[str] = Counter()
     peak: Counter[str] = Counter()
     order: list[str] = []
+    go = anyio.Event()  # A's handlers hold their slots until B has started
 
     @app.agent("a.b", key_concurrency=2, concurrency_key=lambda e: e["k"])
     async def work(event: Event) -> None:
@@ -202,6 +203,8 @@ async def test_key_concurrency_caps_each_key_and_keys_take_turns() -> None:
         order.append(key)
         running[key] += 1
         peak[key] = max(peak[key], running[key])
+        if key == "A":
+            await go.wait()
         await anyio.sleep(0.005)
         running[key] -= 1
 
@@ -210,6 +213,10 @@ async def test_key_concurrency_caps_each_key_and_keys_take_turns() -> None:
             for i in range(50):
                 await bus.publish("a.b", {"k": "A", "i": i})
             await bus.publish("a.b", {"k": "B"})
+            # B starts while A's backlog waits for A's two slots, however slow the machine.
+            while "B" not in order:
+                await anyio.sleep(0.005)
+            go.set()
             await bus.drain(timeout=30)
     assert Counter(order) == {"A": 50, "B": 1}
     assert peak == {"A": 2, "B": 1}
