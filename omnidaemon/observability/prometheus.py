@@ -8,7 +8,8 @@ counted):
 
 - `omnidaemon_events_received_total`, `omnidaemon_events_succeeded_total`,
   `omnidaemon_events_failed_total`, `omnidaemon_events_retried_total`,
-  `omnidaemon_events_dead_lettered_total`: counters.
+  `omnidaemon_events_dead_lettered_total`, `omnidaemon_events_throttled_total`,
+  `omnidaemon_events_expired_total`, `omnidaemon_events_cancelled_total`: counters.
 - `omnidaemon_events_in_flight`: a gauge, the handlers running now.
 - `omnidaemon_handler_duration_seconds`: a histogram of handler run times.
 - `omnidaemon_event_latency_seconds`: a histogram of end-to-end latency of succeeded events.
