@@ -19,6 +19,9 @@ from omnidaemon.envelope import Envelope, validate_topic
 from omnidaemon.flow.limits import Budget, FlowSpec, RateLimit, build_flow_spec
 from omnidaemon.retry import Backoff, RetryPolicy
 
+if typing.TYPE_CHECKING:
+    from omnidaemon.debounce.spec import DebounceSpec
+
 __all__ = ["AgentSpec", "Handler", "build_agent_spec", "validate_agent_name"]
 
 Handler = Callable[..., Any] | Callable[..., Awaitable[Any]]
@@ -65,6 +68,9 @@ class AgentSpec:
             among successful runs (see `omnidaemon.idempotency`).
         idempotency_ttl: Seconds a key's successful result is remembered.
         flow: Rate limit, budgets and per-key concurrency (see `omnidaemon.flow`), or `None`.
+        debounce: The debounce options and the agents a debounced agent runs as (see
+            `omnidaemon.debounce`), or `None`. A debounced agent's `payload_type` is the type
+            of one message of its topic (`X` of the handler's `list[X]`).
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         envelope_adapter: Validates an envelope with this agent's payload type from JSON bytes.
         return_adapter: Validates the return value, or `None` when it is not checked.
@@ -91,6 +97,7 @@ class AgentSpec:
     idempotency_key: Callable[[Any], Any] | None = None
     idempotency_ttl: float = 86_400.0
     flow: FlowSpec | None = None
+    debounce: DebounceSpec | None = None
 
 
 def _qualname(handler: Handler) -> str:

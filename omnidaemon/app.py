@@ -32,6 +32,7 @@ from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.brokers import Broker, Subscription, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.dead_letters import DeadLetter, warn_undecodable
+from omnidaemon.debounce import debounced_spec
 from omnidaemon.envelope import encode_new
 from omnidaemon.errors import (
     ConfigurationError,
@@ -45,6 +46,7 @@ from omnidaemon.observability import tracing
 from omnidaemon.requests import new_reply_topic, wait_reply
 from omnidaemon.results import Result, wait_result
 from omnidaemon.retry import Backoff
+from omnidaemon.schedules import ScheduleSpec, declare, timing_of
 from omnidaemon.settings import Settings
 from omnidaemon.sync import PublishesSync, SyncPublisher
 from omnidaemon.topology import TopicTypes, Topology
@@ -138,6 +140,7 @@ class App:
         self._opened_by_worker = False
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
+        self._schedules: dict[str, ScheduleSpec] = {}
         self._running_agents: Counter[str] = Counter()  # agents workers of this app run now
         self._topic_types: TopicTypes | None = None  # built on first publish
         self._sync: PublishesSync | None = None  # publish_sync's loop, started on first use
@@ -179,6 +182,9 @@ class App:
         concurrency_key: Callable[[Any], Any] | None = None,
         budgets: Sequence[Budget] | None = None,
         estimate: Callable[[Any], float | Mapping[str, float]] | None = None,
+        debounce: float | timedelta | None = None,
+        debounce_key: Callable[[Any], Any] | None = None,
+        debounce_max_wait: float | timedelta | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as an agent consuming `topic`.
 
@@ -224,6 +230,14 @@ class App:
             estimate: A function of the payload giving the units it will likely use (a
                 number for every budget, or `{name: units}`), reserved at admission and
                 settled by `ctx.charge`.
+            debounce: Seconds (or a `timedelta`) of quiet before a burst is handled: the
+                handler (payload annotated `list[X]`) runs once per burst of messages of the
+                same `debounce_key`, with all of them, in publish order. The topic carries
+                `X`. See docs/debounce.md.
+            debounce_key: A function of the message (`lambda m: m.conversation_id`): one
+                burst per key; default: one for the agent.
+            debounce_max_wait: Seconds after a burst's first message by which it is handled
+                even if messages keep coming; default: `debounce`.
 
         Raises:
             TypeError: The handler's signature cannot be used (see the message).
@@ -259,6 +273,13 @@ class App:
                 concurrency_key=concurrency_key,
                 budgets=budgets,
                 estimate=estimate,
+            )
+            spec = debounced_spec(
+                spec,
+                debounce=debounce,
+                key=debounce_key,
+                max_wait=debounce_max_wait,
+                max_payload_bytes=self.settings.max_payload_bytes,
             )
             if spec.name in self._agents:
                 raise ValueError(
@@ -317,6 +338,85 @@ class App:
         finally:
             self._running_agents.subtract(names)
 
+    # Schedules ----------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> Mapping[str, ScheduleSpec]:
+        """The registered schedules by name (read-only)."""
+        return MappingProxyType(self._schedules)
+
+    def schedule(
+        self,
+        cron: str,
+        *,
+        topic: str,
+        name: str | None = None,
+        timezone: str = "UTC",
+        catch_up: bool = False,
+        payload: Any = None,
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Publish to `topic` at the times a cron spec names, once per tick across the fleet.
+
+        Decorate a function (`async def` or `def`, taking nothing or the tick's scheduled time
+        as an aware `datetime`): its return value is the tick's payload (`None`: nothing is
+        published). Or give `payload=` and call it as a statement. Every worker of the app
+        runs its schedules; the bus decides which one fires each tick. See
+        docs/schedules.md for the guarantee.
+
+        Args:
+            cron: 5 fields (`minute hour day-of-month month day-of-week`), 6 with seconds
+                first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+            topic: Where each tick's event goes.
+            name: Unique among the app's schedules; default: the function's name, else the
+                topic.
+            timezone: The IANA time zone the cron times are read in (`"Europe/London"`).
+            catch_up: On start after a time when no worker ran, fire the latest tick missed
+                meanwhile once (True), or skip the missed ticks (False).
+            payload: The payload of every tick, instead of a function.
+
+        Raises:
+            ValueError: a bad cron spec, time zone, topic or name, a name already taken, or
+                both `payload=` and a function.
+            TypeError: the function needs more than one argument.
+            PayloadValidationError: `payload` contradicts an agent's type for `topic`.
+
+        Example:
+            ```python
+            @app.schedule("0 9 * * MON-FRI", topic="report.due", timezone="Europe/London")
+            def morning_report(tick: datetime) -> dict[str, str]:
+                return {"day": tick.date().isoformat()}
+            ```
+        """
+        timing = timing_of(cron, None, timezone)
+        return declare(
+            self._schedules, self.name, self.check_payload, timing,
+            topic=topic, name=name, catch_up=catch_up, payload=payload,
+        )  # fmt: skip
+
+    def every(
+        self,
+        interval: float | timedelta,
+        *,
+        topic: str,
+        name: str | None = None,
+        catch_up: bool = False,
+        payload: Any = None,
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Publish to `topic` every `interval` (a `timedelta`, or seconds), once per tick
+        across the fleet: ticks fall on the multiples of the interval since the epoch, UTC
+        (`timedelta(hours=1)`: on the hour). Otherwise as `schedule`.
+
+        Example:
+            ```python
+            app.every(timedelta(minutes=5), topic="health.ping", payload={"from": "beat"})
+            ```
+        """
+        timing = timing_of(None, interval, "UTC")
+        return declare(
+            self._schedules, self.name, self.check_payload, timing,
+            topic=topic, name=name, catch_up=catch_up, payload=payload,
+        )  # fmt: skip
+
     def topology(self) -> Topology:
         """The app's topics, agents and edges, as their type annotations declare them.
 
@@ -326,7 +426,7 @@ class App:
                 print(topic.name, topic.producers, "->", topic.consumers)
             ```
         """
-        return Topology.of(self._agents.values())
+        return Topology.of(self._agents.values(), self._schedules.values())
 
     def check_payload(self, topic: str, payload: Any, *, validated_as: Any = None) -> None:
         """Raise `PayloadValidationError` if `payload` contradicts a type an agent of this app
@@ -843,6 +943,12 @@ class App:
         sub = Subscription(spec.topic, spec.name)
         records = await dead_letters_with_lanes(self.broker, sub, limit)
         letters, undecodable = read_lane_dead_letters(records, spec.topic, spec.name)
+        if spec.debounce is not None:
+            from omnidaemon.debounce.view import merge_dead_letters
+
+            letters, undecodable = await merge_dead_letters(
+                self.broker, spec, letters, undecodable, limit
+            )
         warn_undecodable(undecodable, "skipped")
         return letters
 
@@ -866,12 +972,17 @@ class App:
         from omnidaemon.lanes_view import LaneSelections, replay_with_lanes
 
         spec = self.get_agent(agent)
-        select = LaneSelections(
-            spec.topic, spec.name, None if event_ids is None else set(event_ids)
-        )
+        ids = None if event_ids is None else set(event_ids)
+        select = LaneSelections(spec.topic, spec.name, ids)
         await self.connect()
         moved = await replay_with_lanes(self.broker, Subscription(spec.topic, spec.name), select)
         warn_undecodable(select.undecodable, "not replayable, left in the queue")
+        if spec.debounce is not None:
+            from omnidaemon.debounce.view import replay_internal
+
+            batches, undecodable = await replay_internal(self.broker, spec, ids)
+            warn_undecodable(undecodable, "not replayable, left in the queue")
+            moved += batches
         return moved
 
     # Running ------------------------------------------------------------------------------

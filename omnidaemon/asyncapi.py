@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 from pydantic.errors import PydanticUserError
 
+from omnidaemon.schedules import describe_schedule
 from omnidaemon.topology import type_name
 
 if TYPE_CHECKING:
@@ -62,6 +63,23 @@ def _schemas(types: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return schemas, dict(definitions.get("$defs", {}))
 
 
+def _schedule_operation(app: App, name: str, channel: str, message: str) -> dict[str, Any]:
+    """A schedule as a `send` operation, its timing in the `x-omnidaemon-schedule`
+    extension (AsyncAPI has no word for a publisher driven by the clock)."""
+    timed = app.schedules[name]
+    operation: dict[str, Any] = {
+        "action": "send",
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+        "summary": f"schedule {name} publishes to {timed.topic} on every tick of "
+        f"{timed.spec!r} ({timed.timezone})",
+        "x-omnidaemon-schedule": describe_schedule(timed),
+    }
+    if timed.description:
+        operation["description"] = timed.description
+    return operation
+
+
 def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     """The AsyncAPI 3.0 document of `app`'s agents, as JSON data.
 
@@ -77,6 +95,9 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
         edges.append((spec.topic, spec.name, spec.payload_type, "receive"))
         if spec.publishes is not None:
             edges.append((spec.publishes, spec.name, spec.return_type, "send"))
+    # A schedule sends to its topic on every tick: an operation of its own.
+    scheduled = [e for e in app.topology().edges if e.schedule]
+    edges += [(e.topic, e.agent, e.payload_type, "schedule") for e in scheduled]
     types: list[Any] = []
     for _, _, tp, _ in edges:
         if not any(tp == seen for seen in types):
@@ -105,6 +126,10 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
     for topic, agent, tp, action in edges:
         channel = channel_ids[topic]
         message = message_ids[(topic, next(i for i, seen in enumerate(types) if seen == tp))]
+        if action == "schedule":
+            timed = _schedule_operation(app, agent, channel, message)
+            operations[_identifier(f"{agent}.schedule", operations)] = timed
+            continue
         spec = app.agents[agent]
         operation: dict[str, Any] = {
             "action": action,
@@ -114,6 +139,9 @@ def asyncapi_document(app: App, *, version: str = "1.0.0") -> dict[str, Any]:
         }
         if spec.description:
             operation["description"] = spec.description
+        if action == "receive" and spec.debounce is not None:
+            # A specification extension: AsyncAPI has no word for a handler run per burst.
+            operation["x-omnidaemon-debounce"] = spec.debounce.describe()
         operations[_identifier(f"{agent}.{action}", operations)] = operation
 
     return {

@@ -111,6 +111,14 @@ async def live_workers(broker: Broker) -> list[WorkerStatus]:
     return workers
 
 
+def _topic_of(name: str) -> str:
+    """The agent's own topic of a bus topic: a debounced agent's checks and batches topics
+    (`T#debounce.A`) are its topic's (`T`), which its workers' heartbeats name."""
+    from omnidaemon.debounce import is_internal_topic
+
+    return name.partition("#")[0] if is_internal_topic(name) else name
+
+
 def _in_flight_by_agent(workers: list[WorkerStatus]) -> dict[tuple[str, str], int]:
     found: dict[tuple[str, str], int] = {}
     for worker in workers:
@@ -330,7 +338,7 @@ async def check_health(
     for g in groups:
         name = f"{g.topic}/{g.group}"
         waiting = (g.lag or 0) + g.pending + g.retries
-        if workers and waiting and (g.topic, g.group) not in served:
+        if workers and waiting and (_topic_of(g.topic), g.group) not in served:
             problems.append(f"{name}: {waiting} events wait and no live worker runs this agent")
         if g.lag is not None and g.lag > max_lag:
             problems.append(f"{name}: lag {g.lag} is above {max_lag}")

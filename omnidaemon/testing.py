@@ -15,18 +15,21 @@ async def test_pipeline():
 fan-out, load sharing, per-agent retries with their attempt counts, dead letters and
 ack-after-handler all behave as in production. Retry backoff is skipped by `drain()` (the bus's
 clock jumps to the next scheduled retry), so a test of three retries takes no longer than one.
-Handler timeouts move only on request: `await bus.advance(seconds)`. `app.publish_sync` (sync
-code, from a thread or the test itself) publishes on the test bus too. An exception raised in
-the block comes out as itself; handlers still running when it ends are cancelled after
-`shutdown_grace` (0.1 s) with a `RuntimeWarning`.
+Handler timeouts and the app's schedules move only on request: `await bus.advance(seconds)`
+fires each schedule's ticks that fall due in that time, once each, in order.
+`app.publish_sync` (sync code, from a thread or the test itself) publishes on the test bus
+too. An exception raised in the block comes out as itself; handlers still running when it ends
+are cancelled after `shutdown_grace` (0.1 s) with a `RuntimeWarning`.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -39,10 +42,13 @@ from omnidaemon.app import App
 from omnidaemon.brokers.base import Broker, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
 from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.debounce import is_internal_topic
+from omnidaemon.debounce.view import internal_subscriptions
 from omnidaemon.envelope import Envelope
 from omnidaemon.lanes import LANES, lane_topic, split_lane_topic
 from omnidaemon.sync import PublishesSync
 from omnidaemon.worker.runner import Worker
+from omnidaemon.worker.scheduler import ScheduleRunner
 
 __all__ = ["TestApp"]
 
@@ -121,6 +127,11 @@ class TestApp:
         shutdown_grace: Seconds handlers still running when the block ends get to finish;
             those that do not are cancelled with a `RuntimeWarning`. A block that ends with
             an exception cancels them at once.
+        now: The time the app's schedules start from (timezone-aware, or naive UTC), instead
+            of the real time: `TestApp(app, now=datetime(2026, 3, 28, tzinfo=london))`, then
+            `advance` to see the ticks of the days that follow. Only the schedules' time is
+            set; the bus's clock (delays, expiries, handler timeouts) keeps the real time, and
+            `advance` moves both by the same amount.
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -132,9 +143,17 @@ class TestApp:
         agents: Sequence[str] | None = None,
         fast_retries: bool = True,
         shutdown_grace: float = 0.1,
+        now: datetime | None = None,
     ) -> None:
         self.app = app
         self.broker = _RecordingBroker()
+        if now is not None and now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        self._start = now
+        # The app's schedules, driven by `advance` on the time below (not the real time
+        # that also passes), so that a test sees exactly the ticks it asked for.
+        self._schedules: ScheduleRunner | None = None
+        self._schedule_time = 0.0
         self._agents = agents
         self._fast_retries = fast_retries
         self._grace = shutdown_grace
@@ -151,7 +170,13 @@ class TestApp:
             portal = await stack.enter_async_context(BlockingPortal())
             app._sync = _TestPublisher(self.broker, portal)
             worker = self._worker = Worker(app, agents=self._agents, shutdown_grace=self._grace)
+            # The test drives the worker's schedules; the worker does not run them itself.
+            self._schedules, worker.schedules = worker.schedules, None
             await stack.enter_async_context(worker.started())
+            if self._schedules is not None:
+                start = self._start
+                self._schedule_time = self.broker.clock() if start is None else start.timestamp()
+                await self._schedules.drive(self._schedule_time)  # they start from now
         except BaseException:
             await stack.aclose()
             self._restore()
@@ -228,8 +253,11 @@ class TestApp:
         if scope.cancelled_caught:
             raise TimeoutError(f"the bus was still busy after {timeout} s")
 
-    async def advance(self, seconds: float, *, timeout: float = 10.0) -> None:
-        """Let `seconds` pass on the test's clock, at once; the clock handler timeouts run on.
+    async def advance(
+        self, seconds: float, *, timeout: float = 10.0, offline: bool = False
+    ) -> None:
+        """Let `seconds` pass on the test's clock, at once; the clock handler timeouts and
+        the app's schedules run on.
 
         First waits until every event is either handled or inside a handler (retry backoff
         skipped, as in `drain()`). Then moves the clock: a handler running under
@@ -239,6 +267,12 @@ class TestApp:
         each call times out one attempt of a hung handler. Handlers that start later get their
         whole timeout, and a handler's own `anyio.sleep` still takes real time.
 
+        Each tick of a schedule that falls due in that time fires once, in order: the clock
+        stops at the tick, the tick fires, and the bus settles before the clock moves on.
+        With `offline=True` the time passes as if no worker ran: the ticks that fell due are
+        missed, and the schedule's `catch_up` decides, at the end, whether the latest of them
+        fires once (as on a worker's start after an outage).
+
         Raises:
             TimeoutError: the bus did not settle within `timeout` real seconds (a handler
                 without a `timeout=` that never returns, or agents that keep publishing).
@@ -246,14 +280,28 @@ class TestApp:
         if seconds < 0:
             raise ValueError(f"time only goes forward, not {seconds} s")
         await self._settle(timeout)
+        runner, end = self._schedules, self._schedule_time + seconds
+        while runner is not None and not offline:
+            due = await runner.next_due(self._schedule_time)
+            if due is None or due > end:
+                break
+            self._move_clock(due - self._schedule_time)
+            await runner.drive(due)
+            await self._settle(timeout)
+        self._move_clock(end - self._schedule_time)
+        if runner is not None:
+            await runner.drive(end, gap_after=0.0 if offline else math.inf)
+        await self._settle(timeout)
+
+    def _move_clock(self, seconds: float) -> None:
         self.broker.advance(seconds)
+        self._schedule_time += seconds
         worker = self._worker
         for consumer in worker.consumers if worker is not None else ():
             for scope in consumer.timeouts:
                 # `fail_after` raises TimeoutError once its deadline has passed; moving it
                 # earlier is what `seconds` of waiting would have done.
                 scope.deadline -= seconds
-        await self._settle(timeout)
 
     async def _settle(self, timeout: float) -> None:
         """Wait until no event is unread or due, and every delivery is inside a handler with
@@ -280,25 +328,23 @@ class TestApp:
         """Every event published while the block ran, in order, optionally only on `topic`.
 
         Payloads are plain JSON data (`dict`, `list`, ...), as another process would read them.
-        Events of every priority are listed (`topic` names the topic, whatever the lane).
+        Events of every priority are listed (`topic` names the topic, whatever the lane); a
+        debounced agent's own checks and batches are not (see `omnidaemon.debounce`).
         """
         return [
             _ANY_ENVELOPE.validate_json(data)
             for t, data in self.broker.log
-            if topic is None or split_lane_topic(t)[0] == topic
+            if (topic is None or split_lane_topic(t)[0] == topic) and not is_internal_topic(t)
         ]
 
     def dead_letters(self, agent: str) -> list[DeadLetter]:
-        """The events `agent` dead-lettered, oldest first (of every priority)."""
+        """The events `agent` dead-lettered, oldest first (of every priority; a debounced
+        agent's batches included)."""
         spec = self.app.get_agent(agent)
+        queues = [Subscription(lane_topic(spec.topic, lane), spec.name) for lane in LANES]
         lanes = [
-            [
-                DeadLetter.decode(record)
-                for _, record in self.broker.dead_letters_now(
-                    Subscription(lane_topic(spec.topic, lane), spec.name)
-                )
-            ]
-            for lane in LANES
+            [DeadLetter.decode(record) for _, record in self.broker.dead_letters_now(sub)]
+            for sub in queues + internal_subscriptions(spec)
         ]
         merged = [letter for letters in lanes for letter in letters]
         if sum(1 for letters in lanes if letters) <= 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -19,6 +19,9 @@ from pydantic.errors import PydanticUserError
 from omnidaemon.agents import AgentSpec
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import PayloadValidationError
+
+if TYPE_CHECKING:
+    from omnidaemon.schedules import ScheduleSpec
 
 __all__ = [
     "Edge",
@@ -78,17 +81,31 @@ def describe_agent(spec: AgentSpec) -> dict[str, Any]:
         "store_results": spec.store_results,
         "idempotent": spec.idempotency_key is not None,
         "flow": spec.flow.describe() if spec.flow is not None else None,
+        "debounce": spec.debounce.describe() if spec.debounce is not None else None,
     }
 
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """One edge of the graph: an agent consumes or publishes to a topic."""
+    """One edge of the graph: an agent consumes or publishes to a topic.
+
+    `debounce` is `(seconds, max_wait)` when the agent consumes the topic debounced (its
+    handler runs once per burst: see `omnidaemon.debounce`)."""
 
     agent: str
     topic: str
     kind: Literal["consumes", "publishes"]
     payload_type: Any
+    debounce: tuple[float, float] | None = None
+    schedule: bool = False  # `agent` names a schedule (which publishes on its ticks)
+
+    @property
+    def label(self) -> str:
+        """The edge's label in a diagram: its type, and how it is debounced."""
+        if self.debounce is None:
+            return type_name(self.payload_type)
+        seconds, max_wait = self.debounce
+        return f"{type_name(self.payload_type)}, debounced {seconds:g}s (max {max_wait:g}s)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +115,8 @@ class TopicSpec:
     Attributes:
         name: The topic.
         consumers: Agents that consume it.
-        producers: Agents whose return value is published to it (`publishes=`).
+        producers: Agents whose return value is published to it (`publishes=`), and
+            schedules that publish to it.
         payload_types: The types declared for its payloads, raw `dict`/`Any` left out.
     """
 
@@ -110,21 +128,36 @@ class TopicSpec:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """The topics, agents and edges of an app."""
+    """The topics, agents and edges of an app; a schedule is an edge `publishes` from its
+    name (listed in `schedules`) to its topic."""
 
     topics: Mapping[str, TopicSpec]
     agents: tuple[str, ...]
     edges: tuple[Edge, ...]
+    schedules: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, agents: Iterable[AgentSpec]) -> Topology:
-        """Build the topology of these agents."""
+    def of(cls, agents: Iterable[AgentSpec], schedules: Iterable[ScheduleSpec] = ()) -> Topology:
+        """Build the topology of these agents and schedules."""
         specs = list(agents)
+        timed = list(schedules)
         edges: list[Edge] = []
         for spec in specs:
-            edges.append(Edge(spec.name, spec.topic, "consumes", spec.payload_type))
+            debounce = spec.debounce
+            edges.append(
+                Edge(
+                    spec.name,
+                    spec.topic,
+                    "consumes",
+                    spec.payload_type,
+                    None if debounce is None else (debounce.seconds, debounce.max_wait),
+                )
+            )
             if spec.publishes is not None:
                 edges.append(Edge(spec.name, spec.publishes, "publishes", spec.return_type))
+        edges += [
+            Edge(s.name, s.topic, "publishes", _schedule_type(s), schedule=True) for s in timed
+        ]
         topics: dict[str, TopicSpec] = {}
         for name in dict.fromkeys(e.topic for e in edges):
             on_topic = [e for e in edges if e.topic == name]
@@ -135,7 +168,12 @@ class Topology:
                 producers=tuple(e.agent for e in on_topic if e.kind == "publishes"),
                 payload_types=tuple(dict.fromkeys(declared)),
             )
-        return cls(topics=topics, agents=tuple(s.name for s in specs), edges=tuple(edges))
+        return cls(
+            topics=topics,
+            agents=tuple(s.name for s in specs),
+            edges=tuple(edges),
+            schedules=tuple(s.name for s in timed),
+        )
 
     def to_mermaid(self) -> str:
         """The graph as a Mermaid flowchart: topics as rounded nodes, agents as boxes."""
@@ -144,9 +182,12 @@ class Topology:
         lines += [f'    {ids[t]}(["{t}"])' for t in self.topics]
         lines += [f'    a_{a.replace(".", "_").replace(":", "_").replace("-", "_")}["{a}"]'
                   for a in self.agents]  # fmt: skip
+        # A schedule: a hexagon, its node id prefixed so it cannot meet an agent's.
+        lines += [f'    a_{_node(s)}{{{{"{s}"}}}}' for s in self.schedules]
         for e in self.edges:
-            agent = "a_" + e.agent.replace(".", "_").replace(":", "_").replace("-", "_")
-            label = type_name(e.payload_type)
+            name = e.agent.replace(".", "_").replace(":", "_").replace("-", "_")
+            agent = "a_" + (_node(e.agent) if e.schedule else name)
+            label = e.label
             if e.kind == "consumes":
                 lines.append(f"    {ids[e.topic]} -->|{label}| {agent}")
             else:
@@ -165,12 +206,40 @@ class Topology:
             f"    {quote('topic:' + t)} [label={quote(t)}, shape=ellipse];" for t in self.topics
         ]
         lines += [f"    {quote('agent:' + a)} [label={quote(a)}, shape=box];" for a in self.agents]
+        lines += [
+            f"    {quote('schedule:' + s)} [label={quote(s)}, shape=hexagon];"
+            for s in self.schedules
+        ]
         for e in self.edges:
-            topic, agent = quote("topic:" + e.topic), quote("agent:" + e.agent)
+            kind = "schedule:" if e.schedule else "agent:"
+            topic, agent = quote("topic:" + e.topic), quote(kind + e.agent)
             source, target = (topic, agent) if e.kind == "consumes" else (agent, topic)
-            lines.append(f"    {source} -> {target} [label={quote(type_name(e.payload_type))}];")
+            lines.append(f"    {source} -> {target} [label={quote(e.label)}];")
         lines.append("}")
         return "\n".join(lines)
+
+
+def _node(schedule: str) -> str:
+    """A schedule's Mermaid node id (after `a_`): apart from every agent's."""
+    return "schedule__" + schedule.replace(".", "_").replace(":", "_").replace("-", "_")
+
+
+def _schedule_type(spec: ScheduleSpec) -> Any:
+    """What a schedule publishes, as far as its declaration says: its function's return
+    annotation (Optional stripped: None publishes nothing), else the payload's type."""
+    import typing
+
+    if spec.function is None:
+        return type(spec.payload)
+    try:
+        hints = typing.get_type_hints(spec.function)
+    except Exception:  # unresolvable annotations: say nothing rather than fail
+        return Any
+    tp = hints.get("return", Any)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if type(None) in typing.get_args(tp) and len(args) == 1:
+        return args[0]
+    return tp
 
 
 def _is_raw(tp: Any) -> bool:

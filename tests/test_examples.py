@@ -20,8 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
         ("delayed_reminders.py", ["right away", "at a fixed time", "in 2 seconds"]),
         ("webhooks.py", ["dead_lettered  signature ok: True", "succeeded      signature ok: True"]),
         ("sync_publish.py", ["welcomed: user0@example.com"]),
+        ("scheduled_report.py", ["report for the period ending"]),
         ("request_reply.py", ["quote: A1 x4 = 10.00", "failed: Reject: unknown sku ZZ"]),
         ("payments.py", ["the card was charged 1 time(s)", "duplicate: {'receipt'"]),
+        (
+            "chat_debounce.py",
+            [
+                "alice: 3 message(s): hi / I have a question / about my invoice",
+                "bob: 3 message(s): bob hi / bob I have a question / bob about my invoice",
+                "alice: 1 message(s): are you there?",
+            ],
+        ),
         (
             "llm_budget.py",
             ["acme: 3 research run(s)", "globex: 1 research run(s)", "translated 4 summaries"],

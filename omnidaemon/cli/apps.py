@@ -38,8 +38,16 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
 
     loaded = _load("agents", app)
     specs = list(loaded.agents.values())
+    timed = list(loaded.schedules.values())
     if json:
-        emit_json([describe_agent(s) for s in specs])
+        # Each agent with the schedules that publish to its topic (`schedules --json` lists
+        # the schedules themselves).
+        emit_json(
+            [
+                {**describe_agent(s), "scheduled_by": [t.name for t in timed if t.topic == s.topic]}
+                for s in specs
+            ]
+        )
         return
     print_table(
         ["AGENT", "TOPIC", "PAYLOAD", "RETURNS", "PUBLISHES", "RETRIES", "CONCURRENCY", "TIMEOUT"],
@@ -60,6 +68,12 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
         numeric=["RETRIES", "CONCURRENCY"],
         empty="the app declares no agents",
     )
+    if timed:
+        print_table(
+            ["SCHEDULE", "EVERY", "TIME ZONE", "PUBLISHES", "CATCH UP"],
+            [[t.name, t.spec, t.timezone, t.topic, "yes" if t.catch_up else "no"] for t in timed],
+            title=f"{plural(len(timed), 'schedule')} (omnidaemon schedules APP: fire times)",
+        )
 
 
 class GraphFormat(StrEnum):

@@ -45,10 +45,12 @@ LimitOption = Annotated[
 
 
 def _check_topic(topic: str) -> None:
+    from omnidaemon.debounce import is_internal_topic
     from omnidaemon.envelope import validate_topic
 
     try:
-        validate_topic(topic)
+        # A debounced agent's batches and checks (`T#debounce.A`) are topics of the bus too.
+        validate_topic(topic.partition("#")[0] if is_internal_topic(topic) else topic)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="TOPIC") from None
 

@@ -77,7 +77,10 @@ def replay_edited(
     spec = app.agents.get(agent)
     if spec is None:
         raise CommandError(f"app {app.name!r} has no agent {agent!r}", 2)
-    if spec.topic != topic:
+    payload_type = spec.payload_type
+    if spec.debounce is not None and topic == spec.debounce.batch_topic:
+        payload_type = spec.debounce.parts[-1].payload_type  # a batch: `list[X]`
+    elif spec.topic != topic:
         raise CommandError(f"agent {agent!r} of app {app.name!r} reads {spec.topic!r}", 2)
 
     def bus() -> Broker:
@@ -97,7 +100,7 @@ def replay_edited(
     async def replay() -> str:
         async with bus() as bus_:
             corrected = await replay_corrected(
-                bus_, topic, agent, event_id, payload, payload_type=spec.payload_type
+                bus_, topic, agent, event_id, payload, payload_type=payload_type
             )
         return corrected.id
 

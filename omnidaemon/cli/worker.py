@@ -55,6 +55,16 @@ def worker(
         str | None,
         typer.Option("--agents", metavar="A,B", help="Run only these agents (comma-separated)."),
     ] = None,
+    schedules: Annotated[
+        bool,
+        typer.Option(
+            "--schedules/--no-schedules",
+            help=(
+                "Run the app's schedules too (the default, whatever --agents says: the bus "
+                "gives each tick to one worker); --no-schedules leaves them to other workers."
+            ),
+        ),
+    ] = True,
     processes: Annotated[
         int,
         typer.Option(
@@ -161,6 +171,7 @@ def worker(
             target,
             settings=settings,
             agents=agents,
+            schedules=schedules,
             concurrency=concurrency,
             shutdown_grace=shutdown_grace,
             connect_timeout=connect_timeout,
@@ -243,6 +254,7 @@ def _run_worker(
     settings: Any,
     agents: str | None,
     concurrency: int | None,
+    schedules: bool = True,
     shutdown_grace: float | None,
     connect_timeout: float | None,
     log_level: str,
@@ -262,6 +274,7 @@ def _run_worker(
         worker = Worker(
             load_app(target),
             agents=names,
+            schedules=schedules,
             concurrency=concurrency,
             shutdown_grace=shutdown_grace,
             connect_timeout=connect_timeout,

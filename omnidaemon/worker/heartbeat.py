@@ -93,18 +93,28 @@ class Heartbeat:
         """The heartbeat record as it is written now."""
         from omnidaemon import __version__
 
-        agents = {}
+        agents: dict[str, dict[str, Any]] = {}
         for consumer in self._consumers:
             metrics = consumer.metrics
-            agents[consumer.subscription.group] = {
-                "topic": consumer.subscription.topic,
-                "concurrency": consumer.capacity,
+            counts = {
                 "in_flight": metrics.in_flight,
                 "received": metrics.received,
                 "succeeded": metrics.succeeded,
                 "failed": metrics.failed,
                 "retried": metrics.retried,
                 "dead_lettered": metrics.dead_lettered,
+            }
+            seen = agents.get(consumer.subscription.group)
+            if seen is not None:
+                # A debounced agent's other consumers (omnidaemon.debounce): one agent, its
+                # own topic's, with the counts of all of them.
+                for name, count in counts.items():
+                    seen[name] += count
+                continue
+            agents[consumer.subscription.group] = {
+                "topic": consumer.subscription.topic,
+                "concurrency": consumer.capacity,
+                **counts,
             }
         return orjson.dumps(
             {

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from omnidaemon.debounce import consumer_specs
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.flow.levels import BudgetLevels
 from omnidaemon.observability.logging import get_logger
@@ -21,6 +22,7 @@ from omnidaemon.worker.consumer import AgentConsumer
 from omnidaemon.worker.heartbeat import Heartbeat
 from omnidaemon.worker.isolation import Isolation
 from omnidaemon.worker.notify import OutcomeNotifier
+from omnidaemon.worker.scheduler import ScheduleRunner
 from omnidaemon.worker.startup import wait_for_bus
 from omnidaemon.worker.watchdog import LoopWatchdog
 
@@ -60,9 +62,13 @@ class Worker:
         connect_timeout: Seconds `run()` keeps trying to reach the bus at start before it
             raises `BusUnavailable`; default: the app's settings (`OMNIDAEMON_CONNECT_TIMEOUT`,
             unset: for as long as it takes).
+        schedules: Run the app's schedules too (every worker does by default, whatever
+            `agents` it runs; the bus decides which one fires each tick).
 
     Raises:
-        ConfigurationError: an unknown agent name, or an app without agents.
+        ConfigurationError: an unknown agent name, or an app with neither agents nor
+            schedules to run.
+        PayloadValidationError: a schedule's `payload=` contradicts an agent's type.
     """
 
     def __init__(
@@ -73,11 +79,13 @@ class Worker:
         concurrency: int | None = None,
         shutdown_grace: float | None = None,
         connect_timeout: float | None = None,
+        schedules: bool = True,
     ) -> None:
-        if not app.agents:
+        timed = schedules and bool(app.schedules)
+        if not app.agents and not timed:
             raise ConfigurationError(f"app {app.name!r} has no agents to run")
         names = list(app.agents) if agents is None else list(dict.fromkeys(agents))
-        if not names:
+        if not names and not timed:
             raise ConfigurationError("no agents selected to run")
         specs = [app.get_agent(name) for name in names]
         if concurrency is not None and concurrency < 1:
@@ -102,7 +110,8 @@ class Worker:
                 isolation=isolation,
                 cancels=self.cancels,
             )
-            for spec in specs
+            # A debounced agent runs as three consumers (see omnidaemon.debounce.spec).
+            for spec in consumer_specs(specs)
         ]
         self._stop = anyio.Event()
         threshold = app.settings.blocked_loop_warning
@@ -121,6 +130,8 @@ class Worker:
             consumers=self.consumers,
             interval=app.settings.heartbeat_interval,
         )
+        self.schedules = ScheduleRunner(app, self.name) if timed else None
+        """The app's schedules, fired by this worker when the bus gives it a tick."""
         self.budget_levels = BudgetLevels(
             app.broker, app.budgets, interval=app.settings.heartbeat_interval
         )
@@ -192,6 +203,7 @@ class Worker:
                 "worker started",
                 app=app.name,
                 agents=[c.subscription.group for c in self.consumers],
+                schedules=list(app.schedules) if self.schedules is not None else [],
                 broker=app.broker.url,
                 consumer=self.name,
             )
@@ -200,6 +212,8 @@ class Worker:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.heartbeat.run)
                     tg.start_soon(self.cancels.run)
+                    if self.schedules is not None:
+                        tg.start_soon(self.schedules.run)
                     if app.budgets:
                         tg.start_soon(self.budget_levels.run)
                     if self.watchdog is not None:

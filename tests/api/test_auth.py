@@ -114,6 +114,7 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 
 READ_ROUTES = [
     ("GET", "/v1/agents"),
+    ("GET", "/v1/schedules"),
     ("GET", "/v1/health"),
     ("GET", "/v1/metrics"),
     ("GET", "/v1/stats"),

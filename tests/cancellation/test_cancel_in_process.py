@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 import pytest
 
@@ -342,7 +343,7 @@ async def test_the_handler_slot_serves_the_next_events_after_a_cancel() -> None:
                 return -1
         with anyio.move_on_after(0.01):
             await anyio.sleep(1)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         done.append(event["n"])
         return event["n"]
 
