@@ -1,8 +1,11 @@
-"""App: the agent registry, publishing, and the lifespan hooks a worker runs."""
+"""App: the agent registry, the broker connection, and the lifespan hooks a worker runs.
+
+Publishing is `omnidaemon.app_publishing`, schedules `omnidaemon.app_schedules`, and what
+became of events (results, cancellation, dead letters) `omnidaemon.app_outcomes`: `App`
+inherits them."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import Counter
 from collections.abc import (
@@ -20,82 +23,41 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
-from pydantic import TypeAdapter
 
-from omnidaemon._json_limits import MAX_NESTING, nesting_exceeds, too_deep, unfit_for_json
 from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
-from omnidaemon.brokers import Broker, Subscription, open_broker
+from omnidaemon.app_outcomes import EventOutcomes
+from omnidaemon.app_publishing import Publishing
+from omnidaemon.app_schedules import Scheduling
+from omnidaemon.brokers import Broker, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
-from omnidaemon.dead_letters import DeadLetter, warn_undecodable
 from omnidaemon.debounce import debounced_spec
-from omnidaemon.envelope import encode_new
-from omnidaemon.errors import (
-    ConfigurationError,
-    DelayTooLong,
-    PayloadTooLarge,
-    PayloadValidationError,
-)
+from omnidaemon.errors import ConfigurationError
 from omnidaemon.flow.limits import Budget, RateLimit, check_budgets
-from omnidaemon.lanes import Lane, LaneMarks, Priority, lane_of
-from omnidaemon.observability import tracing
-from omnidaemon.requests import new_reply_topic, wait_reply
-from omnidaemon.results import Result, wait_result
+from omnidaemon.lanes import LaneMarks
 from omnidaemon.retry import Backoff
-from omnidaemon.schedules import ScheduleSpec, declare, timing_of
+from omnidaemon.schedules import ScheduleSpec
 from omnidaemon.settings import Settings
-from omnidaemon.sync import PublishesSync, SyncPublisher
+from omnidaemon.sync import PublishesSync
 from omnidaemon.topology import TopicTypes, Topology
 
 if TYPE_CHECKING:
-    from omnidaemon.cancellation import Cancellation
     from omnidaemon.worker.cancels import CancelWatch
 
 __all__ = ["App", "Hook", "Lifespan"]
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
-ReplyT = TypeVar("ReplyT")
 Hook = Callable[[], Awaitable[None]]
 """An `on_startup` / `on_shutdown` hook: an async function without arguments."""
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
 """A lifespan: called with the app, returns an async context manager the worker runs inside."""
 
-_REPLY_TTL_MARGIN = 60.0  # seconds a reply topic outlives its request's timeout on the bus
 
-
-def _seconds_until(delay: float | timedelta | None, at: datetime | None) -> float:
-    """Seconds to hold an event back, from `publish(delay=...)` or `publish(at=...)`."""
-    if delay is not None and at is not None:
-        raise ValueError("give delay= or at=, not both")
-    if at is not None:
-        when = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
-        return max(0.0, (when - datetime.now(UTC)).total_seconds())
-    if delay is None:
-        return 0.0
-    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-    if not seconds >= 0:  # NaN too
-        raise ValueError(f"delay must be a number of seconds, not negative, not {seconds}")
-    return seconds
-
-
-def expiry_time(expires: timedelta | datetime, now: float) -> datetime:
-    """When an event published with `expires=` expires: a lifetime from `now` (seconds since
-    the epoch on the broker's clock, which a test's bus moves), or a time (timezone-aware, or
-    naive UTC)."""
-    if isinstance(expires, timedelta):
-        if not expires.total_seconds() > 0:
-            raise ValueError(f"expires must be a positive lifetime, not {expires}")
-        return datetime.fromtimestamp(now, UTC) + expires
-    if isinstance(expires, datetime):
-        return expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
-    raise TypeError(f"expires takes a timedelta or a datetime, not {type(expires).__name__}")
-
-
-class App:
+class App(Publishing, Scheduling, EventOutcomes):
     """An omnidaemon application: a name, a broker, and the agents that run on it.
 
     Args:
@@ -338,85 +300,6 @@ class App:
         finally:
             self._running_agents.subtract(names)
 
-    # Schedules ----------------------------------------------------------------------------
-
-    @property
-    def schedules(self) -> Mapping[str, ScheduleSpec]:
-        """The registered schedules by name (read-only)."""
-        return MappingProxyType(self._schedules)
-
-    def schedule(
-        self,
-        cron: str,
-        *,
-        topic: str,
-        name: str | None = None,
-        timezone: str = "UTC",
-        catch_up: bool = False,
-        payload: Any = None,
-    ) -> Callable[[HandlerT], HandlerT]:
-        """Publish to `topic` at the times a cron spec names, once per tick across the fleet.
-
-        Decorate a function (`async def` or `def`, taking nothing or the tick's scheduled time
-        as an aware `datetime`): its return value is the tick's payload (`None`: nothing is
-        published). Or give `payload=` and call it as a statement. Every worker of the app
-        runs its schedules; the bus decides which one fires each tick. See
-        docs/schedules.md for the guarantee.
-
-        Args:
-            cron: 5 fields (`minute hour day-of-month month day-of-week`), 6 with seconds
-                first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
-            topic: Where each tick's event goes.
-            name: Unique among the app's schedules; default: the function's name, else the
-                topic.
-            timezone: The IANA time zone the cron times are read in (`"Europe/London"`).
-            catch_up: On start after a time when no worker ran, fire the latest tick missed
-                meanwhile once (True), or skip the missed ticks (False).
-            payload: The payload of every tick, instead of a function.
-
-        Raises:
-            ValueError: a bad cron spec, time zone, topic or name, a name already taken, or
-                both `payload=` and a function.
-            TypeError: the function needs more than one argument.
-            PayloadValidationError: `payload` contradicts an agent's type for `topic`.
-
-        Example:
-            ```python
-            @app.schedule("0 9 * * MON-FRI", topic="report.due", timezone="Europe/London")
-            def morning_report(tick: datetime) -> dict[str, str]:
-                return {"day": tick.date().isoformat()}
-            ```
-        """
-        timing = timing_of(cron, None, timezone)
-        return declare(
-            self._schedules, self.name, self.check_payload, timing,
-            topic=topic, name=name, catch_up=catch_up, payload=payload,
-        )  # fmt: skip
-
-    def every(
-        self,
-        interval: float | timedelta,
-        *,
-        topic: str,
-        name: str | None = None,
-        catch_up: bool = False,
-        payload: Any = None,
-    ) -> Callable[[HandlerT], HandlerT]:
-        """Publish to `topic` every `interval` (a `timedelta`, or seconds), once per tick
-        across the fleet: ticks fall on the multiples of the interval since the epoch, UTC
-        (`timedelta(hours=1)`: on the hour). Otherwise as `schedule`.
-
-        Example:
-            ```python
-            app.every(timedelta(minutes=5), topic="health.ping", payload={"from": "beat"})
-            ```
-        """
-        timing = timing_of(None, interval, "UTC")
-        return declare(
-            self._schedules, self.name, self.check_payload, timing,
-            topic=topic, name=name, catch_up=catch_up, payload=payload,
-        )  # fmt: skip
-
     def topology(self) -> Topology:
         """The app's topics, agents and edges, as their type annotations declare them.
 
@@ -517,239 +400,6 @@ class App:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # Publishing ---------------------------------------------------------------------------
-
-    def _encode(
-        self,
-        topic: str,
-        payload: Any,
-        correlation_id: str | None,
-        causation_id: str | None,
-        reply_to: str | None,
-        webhook: str | None,
-        tenant_id: str | None,
-        headers: Mapping[str, str] | None,
-        expires_at: datetime | None = None,
-    ) -> tuple[str, bytes]:
-        """Validate and encode a new event from this app; return `(event_id, data)`.
-
-        Raises `PayloadTooLarge` if the encoded event exceeds `settings.max_payload_bytes`,
-        `PayloadValidationError` if JSON cannot carry it (see `omnidaemon._json_limits`).
-
-        Called once per event published; the publishing methods pass its arguments by
-        position, and it passes them on the same way (keyword calls cost measurably more).
-        """
-        if headers is not None and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            raise TypeError("headers must map str to str")
-        if tracing.TRACING_AVAILABLE:
-            headers = tracing.publish_headers(topic, headers)
-        try:
-            encoded = encode_new(
-                topic,
-                payload,
-                correlation_id,
-                causation_id,
-                reply_to,
-                webhook,
-                self.name,
-                tenant_id,
-                dict(headers) if headers else None,
-                expires_at,
-            )
-        except TypeError as exc:
-            # orjson's reason names no field: find which one, and where in it. A value of a
-            # type JSON has no place for stays the `TypeError` it is.
-            problem = unfit_for_json(
-                {
-                    "payload": payload,
-                    "headers": headers,
-                    "correlation_id": correlation_id,
-                    "causation_id": causation_id,
-                    "webhook": webhook,
-                    "tenant_id": tenant_id,
-                }
-            )
-            if problem is None:
-                raise
-            raise PayloadValidationError(f"cannot publish to {topic!r}: {problem}") from exc
-        # The envelope is one level around the payload. Deeper than this is written by orjson
-        # (up to 254 levels) and refused by the worker's parser (over 200).
-        if nesting_exceeds(encoded[1], MAX_NESTING + 1):
-            raise PayloadValidationError(f"cannot publish to {topic!r}: {too_deep('payload')}")
-        # Checked here, before any caller sends: one `len` per event is all the publish path
-        # can spare, and publish_many then refuses its whole batch before sending any of it.
-        if len(encoded[1]) > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(topic, len(encoded[1]), self.settings.max_payload_bytes)
-        return encoded
-
-    def _hold(self, topic: str, delay: float | timedelta | None, at: datetime | None) -> float:
-        """Seconds to hold an event to `topic` back; `DelayTooLong` over `max_delay`."""
-        seconds = _seconds_until(delay, at)
-        if seconds > self.settings.max_delay:
-            raise DelayTooLong(topic, seconds, self.settings.max_delay)
-        return seconds
-
-    async def publish(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        reply_to: str | None = None,
-        webhook: str | None = None,
-        tenant_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-        at: datetime | None = None,
-        expires: timedelta | datetime | None = None,
-        priority: Priority | None = None,
-    ) -> str:
-        """Publish one event and return its id.
-
-        Args:
-            topic: Where to publish, e.g. `"document.uploaded"`.
-            payload: A pydantic model, dataclass, TypedDict or any JSON-compatible value.
-            correlation_id: Ties events of one workflow together; default: the new event's id.
-            causation_id: The id of the event that caused this one (`Context.publish` sets it).
-            reply_to: A topic the handler's return value is sent to.
-            webhook: A URL the outcome is POSTed to.
-            tenant_id: Carried unchanged to handlers.
-            headers: String metadata carried unchanged.
-            delay: Seconds (or a `timedelta`) before agents see the event; held durably on
-                the bus meanwhile, so it survives restarts. At most `settings.max_delay`
-                (`OMNIDAEMON_MAX_DELAY`, 30 days).
-            at: A time (timezone-aware, or naive UTC) at which agents see the event.
-            expires: A lifetime (`timedelta`, from now) or a time (`datetime`): an agent that
-                has not started the event by then dead-letters it as `Expired` without
-                running it (for answers nobody waits for any more).
-            priority: `"high"`, `"normal"` (the default) or `"low"`, or an int from 0 (low)
-                to 9 (high): every agent of the topic starts higher ones first, with a guard
-                that keeps lower ones moving (see docs/flow-control.md).
-
-        Raises:
-            ValueError: The topic name or the priority is invalid.
-            TypeError: The payload holds a value of a type JSON has no place for.
-            PayloadValidationError: The payload contradicts the type an agent of this app
-                declares for the topic, or JSON cannot carry it: it nests arrays and objects
-                more than `MAX_NESTING` (128) levels deep, holds an integer outside the 64-bit
-                range, or a string (in it, a header or an id) that is not Unicode text (a
-                lone surrogate).
-            PayloadTooLarge: The encoded event is larger than `settings.max_payload_bytes`
-                (`OMNIDAEMON_MAX_PAYLOAD_BYTES`, 1 MiB); nothing was sent.
-            DelayTooLong: `delay` (or `at`) is further away than `settings.max_delay`
-                (`OMNIDAEMON_MAX_DELAY`, 30 days); nothing was sent.
-        """
-        self.check_payload(topic, payload)
-        lane = lane_of(priority)
-        hold = 0.0 if delay is None and at is None else self._hold(topic, delay, at)
-        event_id, data = self._encode(
-            topic,
-            payload,
-            correlation_id,
-            causation_id,
-            reply_to,
-            webhook,
-            tenant_id,
-            headers,
-            None if expires is None else expiry_time(expires, self.broker.clock()),
-        )
-        if not self._connected:
-            await self.connect()
-        if lane != "normal":
-            topic = await self._bus_topic(topic, lane)
-        await self.broker.publish(topic, data, delay=hold)
-        return event_id
-
-    def publish_sync(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        correlation_id: str | None = None,
-        reply_to: str | None = None,
-        webhook: str | None = None,
-        tenant_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-        at: datetime | None = None,
-    ) -> str:
-        """`publish` for code without an event loop: Django or Flask views, scripts, threads.
-
-        Blocks until the bus has the event and returns its id. Runs on an event loop of
-        omnidaemon's own in a background thread, with its own connection, shared by every
-        thread of the process. Same arguments and errors as `publish`.
-
-        Raises:
-            RuntimeError: called from a running event loop (use `await app.publish`).
-        """
-        try:
-            anyio.get_current_task()
-        except RuntimeError:
-            pass
-        else:
-            # omnidaemon.testing lets a test call sync code that publishes; nothing else may.
-            if self._sync is None or not self._sync.serves_current_task():
-                raise RuntimeError(
-                    "publish_sync blocks: in async code, use `await app.publish(...)`"
-                )
-        self.check_payload(topic, payload)
-        hold = self._hold(topic, delay, at)
-        event_id, data = self._encode(
-            topic,
-            payload,
-            correlation_id=correlation_id,
-            causation_id=None,
-            reply_to=reply_to,
-            webhook=webhook,
-            tenant_id=tenant_id,
-            headers=headers,
-        )
-        if self._sync is None:
-            self._sync = SyncPublisher(self.broker.clone)
-        self._sync.publish(topic, data, delay=hold)
-        return event_id
-
-    async def publish_many(
-        self,
-        events: Iterable[tuple[str, Any]],
-        *,
-        correlation_id: str | None = None,
-        priority: Priority | None = None,
-    ) -> list[str]:
-        """Publish several `(topic, payload)` events in one round trip; return their ids.
-
-        `priority` applies to every event of the batch (see `publish`).
-
-        Every event is checked and encoded before any is sent: a bad one (`ValueError`,
-        `TypeError`, `PayloadValidationError`, `PayloadTooLarge`) sends none of the batch.
-        """
-        events = list(events)
-        lane = lane_of(priority)
-        for topic, payload in events:
-            self.check_payload(topic, payload)
-        encoded = [
-            (
-                topic,
-                *self._encode(topic, payload, correlation_id, None, None, None, None, None),
-            )
-            for topic, payload in events
-        ]
-        await self.connect()
-        await self.broker.publish_many(
-            [
-                (topic if lane == "normal" else await self._bus_topic(topic, lane), data)
-                for topic, _, data in encoded
-            ]
-        )
-        return [event_id for _, event_id, _ in encoded]
-
-    async def _bus_topic(self, topic: str, lane: Lane) -> str:
-        """The bus topic of `topic`'s `lane` (see `omnidaemon.lanes`)."""
-        return await self._lane_marks.bus_topic(self.broker, topic, lane)
-
     # Inspecting ---------------------------------------------------------------------------
 
     def get_agent(self, name: str) -> AgentSpec:
@@ -761,229 +411,6 @@ class App:
             raise ConfigurationError(
                 f"app {self.name!r} has no agent {name!r} (agents: {known})"
             ) from None
-
-    @overload
-    async def request(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        timeout: float = 30.0,
-        response_type: None = None,
-        correlation_id: str | None = None,
-        tenant_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        priority: Priority | None = None,
-    ) -> Any: ...
-
-    @overload
-    async def request(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        timeout: float = 30.0,
-        response_type: type[ReplyT],
-        correlation_id: str | None = None,
-        tenant_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        priority: Priority | None = None,
-    ) -> ReplyT: ...
-
-    async def request(
-        self,
-        topic: str,
-        payload: Any,
-        *,
-        timeout: float = 30.0,
-        response_type: type[Any] | None = None,
-        correlation_id: str | None = None,
-        tenant_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        priority: Priority | None = None,
-    ) -> Any:
-        """Publish an event and wait for the handling agent's return value (request-reply).
-
-        Args:
-            topic: Where to publish the request.
-            payload: The request's payload.
-            timeout: Seconds to wait for the reply.
-            response_type: Validate the reply into this type (a model, dataclass, ...);
-                default: the reply as JSON data.
-            priority: The request's priority (see `publish`).
-
-        Returns:
-            The handler's return value (the first reply, if several agents answer).
-
-        Raises:
-            AgentFailed: the agent gave up on the request (it was dead-lettered), with the
-                remote error's type and message; raised as soon as that happens.
-            TimeoutError: no reply within `timeout` (no worker running the agent, or it is
-                still retrying).
-
-        Example:
-            ```python
-            quote = await app.request("quote.requested", {"sku": "A1"}, response_type=Quote)
-            ```
-        """
-        lane_of(priority)  # an invalid priority fails before anything is made on the bus
-        await self.connect()
-        reply_topic = new_reply_topic()
-        sub = Subscription(reply_topic, "requester")
-        try:
-            # Subscribed before publishing, so the reply cannot be missed; inside the `try`, so
-            # that a request cancelled even here deletes the topic and frees its connection.
-            await self.broker.subscribe(sub)
-            if math.isfinite(timeout):
-                # The topic is deleted below; should this process die first, the bus removes
-                # it anyway once the request is surely over (the margin covers the publish,
-                # which retries an unreachable bus, and a slow event loop).
-                await self.broker.expire_topic(reply_topic, timeout + _REPLY_TTL_MARGIN)
-            event_id = await self.publish(
-                topic,
-                payload,
-                reply_to=reply_topic,
-                correlation_id=correlation_id,
-                tenant_id=tenant_id,
-                headers=headers,
-                priority=priority,
-            )
-            with anyio.move_on_after(timeout) as waiting:
-                reply = await wait_reply(self.broker, sub, event_id)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.broker.delete_topic(reply_topic)
-        if waiting.cancelled_caught:
-            raise TimeoutError(f"no reply to {event_id} on {topic!r} within {timeout:g} s")
-        if response_type is None:
-            return reply
-        return TypeAdapter(response_type).validate_python(reply)
-
-    async def cancel(
-        self,
-        event_id: str | None = None,
-        *,
-        correlation_id: str | None = None,
-        reason: str = "cancelled",
-        agent: str | Iterable[str] | None = None,
-    ) -> Cancellation:
-        """Cancel one event, or every event of a run, across the whole fleet.
-
-        An event not started yet (waiting, delayed, retrying, held back by flow control) is
-        never started; a running `async def` handler is stopped within about a second on
-        whichever worker runs it (`CancelledError` at its next `await`), a plain `def` one is
-        told through `ctx.cancelled`. Either way the delivery is settled as `cancelled`, not
-        retried: recorded (`store_results`), counted, sent to its webhook, and a waiting
-        `request()` raises `Cancelled`. A handler that finishes before its worker learns of
-        the cancellation keeps its outcome: each event gets exactly one.
-
-        Args:
-            event_id: The event to cancel (what `publish` returned).
-            correlation_id: Instead, cancel the whole run: every event with this correlation
-                id not finished yet, including those its handlers publish later.
-            reason: Why; recorded with the outcome.
-            agent: Only this agent's (or these agents') handling of the event; default: all.
-
-        Returns:
-            The cancellation as stored (merged with an earlier one of the same event). It is
-            kept for `cancel_ttl` (OMNIDAEMON_CANCEL_TTL, 7 days).
-
-        Raises:
-            ValueError: neither or both of `event_id` and `correlation_id`, or `agent` with
-                `correlation_id`.
-        """
-        from omnidaemon.cancellation import cancellation_for, record_cancellation
-
-        await self.connect()
-        cancellation = cancellation_for(
-            event_id,
-            correlation_id=correlation_id,
-            reason=reason,
-            agents=agent,
-            now=self.broker.clock(),
-            ttl=self.settings.cancel_ttl,
-        )
-        stored = await record_cancellation(self.broker, cancellation)
-        for watch in list(self._cancel_watches):
-            watch.learn([stored])  # workers of this process: at once, not at their next look
-        return stored
-
-    async def result(
-        self, event_id: str, *, agent: str | None = None, timeout: float | None = None
-    ) -> Result:
-        """The stored status and result of an event, from agents with `store_results=True`.
-
-        Args:
-            event_id: The id `publish` returned.
-            agent: Which agent's result, when several agents store results for the event.
-            timeout: Wait up to this many seconds for the event to finish (`succeeded` or
-                `dead_lettered`); `None` returns the current status at once.
-
-        Returns:
-            The result; status `pending` while nothing is stored yet (or the id is unknown,
-            or its result expired).
-
-        Raises:
-            TimeoutError: `timeout` passed before the event finished.
-            ValueError: several agents stored results and `agent` was not given.
-        """
-        await self.connect()
-        return await wait_result(self.broker, event_id, agent, timeout)
-
-    async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
-        """The `limit` most recent events in `agent`'s dead-letter queue, oldest first: its
-        queues on the topic's priority lanes included, merged by the time the agent gave up.
-
-        A record among them that cannot be read (not written by a worker) is skipped and
-        logged as a warning with its id and why (`omnidaemon bus dlq` lists them too)."""
-        from omnidaemon.lanes_view import dead_letters_with_lanes, read_lane_dead_letters
-
-        spec = self.get_agent(agent)
-        await self.connect()
-        sub = Subscription(spec.topic, spec.name)
-        records = await dead_letters_with_lanes(self.broker, sub, limit)
-        letters, undecodable = read_lane_dead_letters(records, spec.topic, spec.name)
-        if spec.debounce is not None:
-            from omnidaemon.debounce.view import merge_dead_letters
-
-            letters, undecodable = await merge_dead_letters(
-                self.broker, spec, letters, undecodable, limit
-            )
-        warn_undecodable(undecodable, "skipped")
-        return letters
-
-    async def replay_dead_letters(
-        self, agent: str, *, event_ids: Iterable[str] | None = None
-    ) -> int:
-        """Deliver dead-lettered events to `agent` again, each as a new first attempt.
-
-        Only `agent` sees them again; other agents on the topic are not disturbed. The records
-        leave the dead-letter queue as they are re-queued; an event of a priority lane goes
-        back into that lane, keeping its priority.
-
-        Args:
-            agent: Whose dead-letter queue.
-            event_ids: Replay only these events; default: every record in the queue.
-
-        Returns:
-            How many events were re-queued. A record that cannot be read is not: it stays in
-            the queue and is logged as a warning.
-        """
-        from omnidaemon.lanes_view import LaneSelections, replay_with_lanes
-
-        spec = self.get_agent(agent)
-        ids = None if event_ids is None else set(event_ids)
-        select = LaneSelections(spec.topic, spec.name, ids)
-        await self.connect()
-        moved = await replay_with_lanes(self.broker, Subscription(spec.topic, spec.name), select)
-        warn_undecodable(select.undecodable, "not replayable, left in the queue")
-        if spec.debounce is not None:
-            from omnidaemon.debounce.view import replay_internal
-
-            batches, undecodable = await replay_internal(self.broker, spec, ids)
-            warn_undecodable(undecodable, "not replayable, left in the queue")
-            moved += batches
-        return moved
 
     # Running ------------------------------------------------------------------------------
 
