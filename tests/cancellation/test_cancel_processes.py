@@ -174,14 +174,22 @@ def test_cancellation_across_worker_processes(
         assert stopped[0]["at"] - asked < STOP_WITHIN
         settles_as(slow_id, "cancelled")
 
-        # A plain def handler: told through ctx.cancelled, and its return value dropped.
-        sync_id = publish("sync", {"n": 1})
-        wait_for(lambda: _steps(log, "sync"), 10, "the sync handler to start")
+        # Plain def handlers: told through ctx.cancelled, their return values dropped. Two
+        # workers run two each: the fifth event waits on the topic, and is never started.
+        syncs = [publish("sync", {"n": n}) for n in range(5)]
+        started = wait_for(lambda: len(_steps(log, "sync")) >= 4 and _steps(log, "sync"), 10)
+        [waiting] = set(range(5)) - {s["n"] for s in started}
+        cancel(syncs[waiting], reason="never mind")  # settled once a worker reaches it
         asked = time.time()
-        cancel(sync_id)
-        saw = wait_for(lambda: _steps(log, "sync", "saw"), 10, "the sync handler to see it")
-        assert saw[0]["cancelled"] is True and saw[0]["at"] - asked < STOP_WITHIN
-        settles_as(sync_id, "cancelled")
+        for n, event_id in enumerate(syncs):
+            if n != waiting:
+                cancel(event_id)
+        saw = wait_for(
+            lambda: len(_steps(log, "sync", "saw")) >= 4 and _steps(log, "sync", "saw"), 10
+        )
+        assert all(s["cancelled"] is True and s["at"] - asked < STOP_WITHIN for s in saw)
+        for event_id in syncs:
+            settles_as(event_id, "cancelled")
 
         # A delayed event, and one waiting for its retry: never started (again).
         delayed_id = publish("slow", {"n": 2}, delay=2)
@@ -258,7 +266,7 @@ def test_cancellation_across_worker_processes(
 
     # Nothing cancelled was started again.
     assert [s["attempt"] for s in _steps(log, "slow")] == [1]
-    assert len(_steps(log, "sync")) == 1
+    assert len(_steps(log, "sync")) == 4  # the waiting one never started
 
 
 async def _children(client: App, prefix: str, run: str) -> list[str]:
