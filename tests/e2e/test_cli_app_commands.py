@@ -1,21 +1,19 @@
 """The commands that read an app, not a bus (`agents`, `graph`), and the refusal of bad
-arguments, as real subprocesses. Apart from `test_cli_commands.py` (whose tests share a bus
-and a worker), so that the test runners can share the two out."""
+arguments, run in the test process (`tests/e2e/_in_process.py`: what they print and their exit
+status need no process of their own). Apart from `test_cli_commands.py` (whose tests share a
+bus and a worker process)."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.e2e._in_process import Ran
 from tests.e2e._support import cli_env, write_module
 from tests.e2e.test_cli_commands import parse, rows, run
-
-pytestmark = pytest.mark.slow
 
 SHOP_APP = '''
     from pydantic import BaseModel
@@ -164,14 +162,12 @@ BAD_ARGUMENTS: list[tuple[str, list[str], str | None, str]] = [
 
 
 @pytest.fixture(scope="module")
-def bad_runs(shop: Path) -> dict[int, subprocess.CompletedProcess[str]]:
-    """Every row of BAD_ARGUMENTS run (at once), by row: none may reach a bus."""
+def bad_runs(shop: Path) -> dict[int, Ran]:
+    """Every row of BAD_ARGUMENTS run, by row: none may reach a bus."""
     home = Path(tempfile.mkdtemp(prefix="odb"))
     env = cli_env(OMNIDAEMON_HOME=str(home))  # memory://, and no embedded server to be found
     try:
-        with ThreadPoolExecutor(4) as pool:
-            done = pool.map(lambda row: run(row[1], env, shop, row[2]), BAD_ARGUMENTS)
-            return dict(enumerate(done))
+        return {i: run(row[1], env, shop, row[2]) for i, row in enumerate(BAD_ARGUMENTS)}
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -181,9 +177,7 @@ def bad_runs(shop: Path) -> dict[int, subprocess.CompletedProcess[str]]:
     range(len(BAD_ARGUMENTS)),
     ids=[" ".join(row[1]) for row in BAD_ARGUMENTS],
 )
-def test_a_bad_argument_is_one_line_and_status_2(
-    bad_runs: dict[int, subprocess.CompletedProcess[str]], index: int
-) -> None:
+def test_a_bad_argument_is_one_line_and_status_2(bad_runs: dict[int, Ran], index: int) -> None:
     command, _, _, fragment = BAD_ARGUMENTS[index]
     done = bad_runs[index]
 

@@ -1,5 +1,6 @@
 """Naming the app on the command line: near misses get a suggestion, and a file path works
-wherever a `module:attribute` does (every command that takes APP)."""
+wherever a `module:attribute` does (every command that takes APP). The commands run in the
+test process (`tests/e2e/_in_process.py`), but for a worker that must start from a file."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._support import WorkerProcess, cli_env, run_cli, wait_for, write_module
+from tests.e2e._in_process import run_in_process
+from tests.e2e._support import WorkerProcess, cli_env, wait_for, write_module
 from tests.e2e.test_cli_loader import assert_one_line_error
-
-pytestmark = pytest.mark.slow
 
 RESEARCH_APP = """
     from omnidaemon import App
@@ -51,7 +51,7 @@ def project(tmp_path: Path) -> Path:
     ids=lambda c: c[0],
 )
 def test_a_misspelt_attribute_suggests_the_app(project: Path, command: list[str]) -> None:
-    result = run_cli([*command, "researchapp:ap"], cwd=project)
+    result = run_in_process([*command, "researchapp:ap"], cwd=project)
 
     assert_one_line_error(
         result, "no attribute 'ap'", "did you mean 'researchapp:app'?", f"omnidaemon {command[0]}"
@@ -59,7 +59,7 @@ def test_a_misspelt_attribute_suggests_the_app(project: Path, command: list[str]
 
 
 def test_a_misspelt_module_suggests_the_module_in_the_folder(project: Path) -> None:
-    result = run_cli(["worker", "reserchapp:app"], cwd=project)
+    result = run_in_process(["worker", "reserchapp:app"], cwd=project)
 
     assert_one_line_error(result, "no module named 'reserchapp'", "did you mean 'researchapp'?")
 
@@ -68,12 +68,13 @@ def test_a_misspelt_module_suggests_the_module_in_the_folder(project: Path) -> N
     "target", ["./researchapp.py", "researchapp.py:app", "agents/main.py", "agents/main.py:app"]
 )
 def test_a_file_path_names_the_app(project: Path, target: str) -> None:
-    result = run_cli(["agents", target, "--json"], cwd=project)
+    result = run_in_process(["agents", target, "--json"], cwd=project)
 
     assert result.returncode == 0, result.stderr
     assert '"summarise"' in result.stdout and '"paper.added"' in result.stdout
 
 
+@pytest.mark.slow
 def test_worker_runs_the_app_of_a_file(project: Path) -> None:
     worker = WorkerProcess(["./agents/main.py"], project, cli_env())
     try:
@@ -100,6 +101,6 @@ def test_worker_runs_the_app_of_a_file(project: Path) -> None:
 def test_a_file_path_that_names_no_app_is_one_line(
     project: Path, target: str, fragments: list[str]
 ) -> None:
-    result = run_cli(["worker", target], cwd=project)
+    result = run_in_process(["worker", target], cwd=project)
 
     assert_one_line_error(result, *fragments)

@@ -1,4 +1,6 @@
-"""Which embedded bus a command uses, wherever it runs: the CLI as real subprocesses.
+"""Which embedded bus a command uses, wherever it runs: the commands run in the test process
+(`tests/e2e/_in_process.py`, with the folder and environment a subprocess would get), workers
+and bus servers are real processes.
 
 Each test gets its own temporary `HOME`, so the per-user default (`~/.omnidaemon`) is its own,
 and works in folders inside it: looking up from there stops at that home, so no `.omnidaemon`
@@ -20,7 +22,8 @@ import pytest
 
 from omnidaemon.brokers.embedded_process import _pid_alive
 from omnidaemon.brokers.embedded_server import server_status, stop_server
-from tests.e2e._support import WorkerProcess, cli_env, run_cli, spawn_workers, wait_for
+from tests.e2e._in_process import run_in_process
+from tests.e2e._support import WorkerProcess, cli_env, spawn_workers, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +95,7 @@ def test_a_publisher_in_a_subfolder_reaches_the_worker_of_its_project(
     worker = start_worker(spawn, project, env)
 
     deeper = folder(project / "src" / "tools")
-    done = run_cli(
+    done = run_in_process(
         ["publish", "greeting.requested", '{"name": "Ada"}', "--wait", "--timeout", "10"],
         deeper,
         env,
@@ -113,7 +116,7 @@ def test_a_publisher_in_a_subfolder_reaches_the_worker_of_its_project(
 def test_outside_any_project_the_per_user_bus_is_used_and_a_new_one_is_announced(
     home: Path, env: dict[str, str]
 ) -> None:
-    first = run_cli(["publish", "orders", '{"id": 1}'], folder(home / "a"), env)
+    first = run_in_process(["publish", "orders", '{"id": 1}'], folder(home / "a"), env)
     assert first.returncode == 0, first.stderr
     announced = [line for line in first.stderr.splitlines() if line.startswith("omnidaemon: ")]
     assert announced == [
@@ -122,10 +125,10 @@ def test_outside_any_project_the_per_user_bus_is_used_and_a_new_one_is_announced
     ]
 
     # From another folder: the same bus, already running, so nothing to announce.
-    second = run_cli(["publish", "orders", '{"id": 2}'], folder(home / "b" / "c"), env)
+    second = run_in_process(["publish", "orders", '{"id": 2}'], folder(home / "b" / "c"), env)
     assert second.returncode == 0, second.stderr
     assert "started a new embedded bus" not in second.stderr
-    listed = run_cli(["bus", "list", "--json"], folder(home / "d"), env)
+    listed = run_in_process(["bus", "list", "--json"], folder(home / "d"), env)
     assert [t["length"] for t in orjson.loads(listed.stdout) if t["topic"] == "orders"] == [2]
 
 
@@ -134,7 +137,7 @@ def test_bus_status_says_which_bus_is_used_and_why(home: Path, env: dict[str, st
     sub = folder(project / "sub")
     bus = project / ".omnidaemon"
 
-    stopped = run_cli(["bus", "status"], sub, env)
+    stopped = run_in_process(["bus", "status"], sub, env)
     assert stopped.returncode == 1
     assert stopped.stdout == (
         f"bus:    {bus}\n"
@@ -142,15 +145,15 @@ def test_bus_status_says_which_bus_is_used_and_why(home: Path, env: dict[str, st
         "server: not running (a worker or a publisher starts it)\n"
         f"socket: {bus}/valkey.sock\n"
     )
-    assert run_cli(["publish", "t", "{}"], sub, env).returncode == 0
+    assert run_in_process(["publish", "t", "{}"], sub, env).returncode == 0
     pid = server_status(bus)["pid"]
-    here = run_cli(["bus", "status"], project, env)
+    here = run_in_process(["bus", "status"], project, env)
     assert (here.returncode, here.stdout.splitlines()[1:3]) == (
         0,
         ["why:    found in this folder", f"server: runs (pid {pid})"],
     )
 
-    elsewhere = run_cli(["bus", "status", "--json"], folder(home / "x"), env)
+    elsewhere = run_in_process(["bus", "status", "--json"], folder(home / "x"), env)
     assert orjson.loads(elsewhere.stdout) == {
         "home": f"{home}/.omnidaemon",
         "source": "user",
@@ -161,7 +164,7 @@ def test_bus_status_says_which_bus_is_used_and_why(home: Path, env: dict[str, st
         "log": f"{home}/.omnidaemon/valkey.log",
         "overridden_by_broker_url": False,
     }
-    forced = run_cli(["bus", "status"], sub, {**env, "OMNIDAEMON_HOME": str(home / "x")})
+    forced = run_in_process(["bus", "status"], sub, {**env, "OMNIDAEMON_HOME": str(home / "x")})
     assert forced.stdout.splitlines()[:2] == [f"bus:    {home}/x", "why:    OMNIDAEMON_HOME is set"]
 
 
@@ -169,25 +172,25 @@ def test_bus_ps_lists_a_started_server_and_bus_stop_stops_it(
     home: Path, env: dict[str, str]
 ) -> None:
     project = project_with_bus(home)
-    assert run_cli(["publish", "t", "{}"], project, env).returncode == 0
+    assert run_in_process(["publish", "t", "{}"], project, env).returncode == 0
     bus = project / ".omnidaemon"
     pid = server_status(bus)["pid"]
     assert pid is not None
 
     # Other people's servers may run on this machine too: look for ours among them.
-    listed = orjson.loads(run_cli(["bus", "ps", "--json"], home, env).stdout)
+    listed = orjson.loads(run_in_process(["bus", "ps", "--json"], home, env).stdout)
     assert {"pid": pid, "home": str(bus), "workers": 0} in listed
-    table = run_cli(["bus", "ps"], home, env).stdout
+    table = run_in_process(["bus", "ps"], home, env).stdout
     assert any(line.split() == [str(pid), "0", str(bus)] for line in table.splitlines())
 
     # Stopped by its folder, from a folder that would use another bus.
-    stopped = run_cli(["bus", "stop", str(bus)], home, env)
+    stopped = run_in_process(["bus", "stop", str(bus)], home, env)
     assert (stopped.returncode, stopped.stdout) == (
         0,
         f"stopped the embedded bus server in {bus}\n",
     )
     assert not _pid_alive(pid)
-    listed = orjson.loads(run_cli(["bus", "ps", "--json"], home, env).stdout)
+    listed = orjson.loads(run_in_process(["bus", "ps", "--json"], home, env).stdout)
     assert all(server["home"] != str(bus) for server in listed)
 
 
@@ -199,13 +202,13 @@ def test_bus_stop_warns_of_live_workers(
     bus = str(project / ".omnidaemon")
 
     def heard() -> bool:
-        listed = orjson.loads(run_cli(["bus", "ps", "--json"], home, env).stdout)
+        listed = orjson.loads(run_in_process(["bus", "ps", "--json"], home, env).stdout)
         return {"home": bus, "workers": 1} in [
             {"home": s["home"], "workers": s["workers"]} for s in listed
         ]
 
     wait_for(heard, 20, "the worker's heartbeat")
-    stopped = run_cli(["bus", "stop"], project, env)
+    stopped = run_in_process(["bus", "stop"], project, env)
     assert stopped.returncode == 0
     warning = stopped.stderr.splitlines()
     assert len(warning) == 1
@@ -218,16 +221,16 @@ def test_bus_init_makes_a_private_bus_folder_that_git_ignores(
     home: Path, env: dict[str, str]
 ) -> None:
     project = folder(home / "proj")
-    done = run_cli(["bus", "init"], project, env)
+    done = run_in_process(["bus", "init"], project, env)
     bus = project / ".omnidaemon"
     assert done.stdout == f"created {bus}: commands run in {project} or below it use this bus\n"
     assert (bus.stat().st_mode & 0o777) == 0o700
     assert "*" in (bus / ".gitignore").read_text().splitlines()
-    again = run_cli(["bus", "init"], project, env)
+    again = run_in_process(["bus", "init"], project, env)
     assert again.stdout == f"{bus} exists already: commands run in {project} or below it use it\n"
 
     # The per-user bus, made by the first command that needs it, ignores itself too.
-    assert run_cli(["publish", "t", "{}"], folder(home / "x"), env).returncode == 0
+    assert run_in_process(["publish", "t", "{}"], folder(home / "x"), env).returncode == 0
     assert "*" in (home / ".omnidaemon" / ".gitignore").read_text().splitlines()
 
     if shutil.which("git") is None:
@@ -236,7 +239,7 @@ def test_bus_init_makes_a_private_bus_folder_that_git_ignores(
     subprocess.run(
         [*git, "init", "-q"], cwd=project, check=True, env={**os.environ, "HOME": str(home)}
     )
-    assert run_cli(["publish", "t", "{}"], project, env).returncode == 0  # data, socket, log
+    assert run_in_process(["publish", "t", "{}"], project, env).returncode == 0  # data, socket, log
     untracked = subprocess.run(
         [*git, "status", "--porcelain", "--untracked-files=all"],
         cwd=project,

@@ -19,6 +19,7 @@ import pytest
 from omnidaemon import App
 from omnidaemon.errors import AppLoadError, OmniDaemonError
 from omnidaemon.worker import load_app
+from tests.e2e._in_process import Ran, run_in_process
 from tests.e2e._support import cli_env, run_cli, write_module
 
 GOOD_APP = """
@@ -54,7 +55,7 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+def assert_one_line_error(result: Ran | subprocess.CompletedProcess[str], *fragments: str) -> str:
     """Status 2, no stdout, one stderr line holding every fragment, and no traceback."""
     stderr = result.stderr
     assert result.returncode == 2, f"status {result.returncode}; stderr:\n{stderr}"
@@ -68,10 +69,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
-# The command line, as a subprocess ---------------------------------------------------------
+# The command line, in process (a subprocess for the entry point itself) --------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
@@ -146,25 +146,23 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 def test_bad_invocation_is_one_line_and_status_2(
     project: Path, args: list[str], fragments: list[str]
 ) -> None:
-    result = run_cli(["worker", *args], cwd=project)
+    result = run_in_process(["worker", *args], cwd=project)
 
     assert_one_line_error(result, *fragments)
 
 
-@pytest.mark.slow
 def test_bad_setting_in_environment_is_one_line_and_status_2(project: Path) -> None:
-    result = run_cli(
+    result = run_in_process(
         ["worker", "goodapp:app"], cwd=project, env=cli_env(OMNIDAEMON_LOG_FORMAT="xml")
     )
 
     assert_one_line_error(result, "OMNIDAEMON_LOG_FORMAT", "'xml'")
 
 
-@pytest.mark.slow
 def test_app_named_by_environment_is_loaded(project: Path) -> None:
     # The app is loaded from OMNIDAEMON_APP: asking it for an agent it lacks proves which app
     # was loaded without running a worker.
-    result = run_cli(
+    result = run_in_process(
         ["worker", "--agents", "ghost"],
         cwd=project,
         env=cli_env(OMNIDAEMON_APP="goodapp:app"),
@@ -173,16 +171,14 @@ def test_app_named_by_environment_is_loaded(project: Path) -> None:
     assert_one_line_error(result, "app 'goodapp' has no agent 'ghost'")
 
 
-@pytest.mark.slow
 def test_bad_app_in_environment_is_reported(project: Path) -> None:
-    result = run_cli(["worker"], cwd=project, env=cli_env(OMNIDAEMON_APP="nosuchmodule:app"))
+    result = run_in_process(["worker"], cwd=project, env=cli_env(OMNIDAEMON_APP="nosuchmodule:app"))
 
     assert_one_line_error(result, "'nosuchmodule'", "no module named")
 
 
-@pytest.mark.slow
 def test_app_argument_wins_over_environment(project: Path) -> None:
-    result = run_cli(
+    result = run_in_process(
         ["worker", "goodapp:app", "--agents", "ghost"],
         cwd=project,
         env=cli_env(OMNIDAEMON_APP="nosuchmodule:app"),
@@ -191,9 +187,8 @@ def test_app_argument_wins_over_environment(project: Path) -> None:
     assert_one_line_error(result, "app 'goodapp' has no agent 'ghost'")
 
 
-@pytest.mark.slow
 def test_syntax_error_points_at_the_users_file(project: Path) -> None:
-    result = run_cli(["worker", "syntaxerror:app"], cwd=project)
+    result = run_in_process(["worker", "syntaxerror:app"], cwd=project)
 
     line = assert_one_line_error(result, "'syntaxerror'", "SyntaxError", "syntaxerror.py")
     assert "importlib" not in line, line

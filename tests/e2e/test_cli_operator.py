@@ -1,5 +1,6 @@
-"""Operator commands of issue 16 as real subprocesses on the session's Redis: purging a
-backlog while keeping the groups, output cut short by `| head`, unknown agents, plurals.
+"""Operator commands of issue 16 on the session's Redis: purging a backlog while keeping the
+groups, output cut short by `| head`, unknown agents, plurals. The commands run in the test
+process (`tests/e2e/_in_process.py`); `| head` is a real subprocess, and workers are processes.
 
 Every test uses topics of its own: the Redis server is shared with the rest of the session.
 """
@@ -18,18 +19,16 @@ import orjson
 import pytest
 
 from omnidaemon.brokers import RedisBroker, Subscription
+from tests.e2e._in_process import run_in_process
 from tests.e2e._support import (
     CLI,
     WorkerProcess,
     cli_env,
-    run_cli,
     spawn_workers,
     wait_for,
     write_module,
 )
 from tests.servers import RedisServer
-
-pytestmark = pytest.mark.slow
 
 ONE_AGENT_APP = """
     from pydantic import BaseModel
@@ -60,7 +59,7 @@ def spawn() -> Iterator[Callable[..., WorkerProcess]]:
 
 
 def cli_json(args: list[str], cwd: Path, env: dict[str, str]) -> Any:
-    done = run_cli([*args, "--json"], cwd, env)
+    done = run_in_process([*args, "--json"], cwd, env)
     assert done.returncode == 0, done.stderr
     return orjson.loads(done.stdout)
 
@@ -79,7 +78,7 @@ def test_bus_purge_keep_groups_drops_the_backlog_and_keeps_the_agents_groups(
 
     anyio.run(prepare)
 
-    purged = run_cli(["bus", "purge", topic, "--keep-groups", "--yes"], tmp_path, env)
+    purged = run_in_process(["bus", "purge", topic, "--keep-groups", "--yes"], tmp_path, env)
     assert purged.returncode == 0, purged.stderr
     assert purged.stdout == (
         f"purged the backlog of {topic} (3 entries, 1 delayed, 0 pending or retrying); "
@@ -91,16 +90,17 @@ def test_bus_purge_keep_groups_drops_the_backlog_and_keeps_the_agents_groups(
         ("alpha", 0, 0),
         ("beta", 0, 0),
     ]
-    published = run_cli(["publish", topic, '{"n": 1}'], tmp_path, env)
+    published = run_in_process(["publish", topic, '{"n": 1}'], tmp_path, env)
     assert published.returncode == 0, published.stderr
     [later] = [t for t in cli_json(["bus", "list"], tmp_path, env) if t["topic"] == topic]
     assert [g["lag"] for g in later["groups"]] == [1, 1]  # the groups see what comes next
 
-    both = run_cli(["bus", "purge", topic, "--keep-groups", "--dlq", "--yes"], tmp_path, env)
+    both = run_in_process(["bus", "purge", topic, "--keep-groups", "--dlq", "--yes"], tmp_path, env)
     assert both.returncode == 2
     assert len(both.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["bus", "list"], ["agents", "solo"]])
 def test_a_reader_that_goes_away_ends_the_command_quietly(
     args: list[str], env: dict[str, str], tmp_path: Path
@@ -135,9 +135,9 @@ def test_bus_dlq_of_an_unknown_agent_says_so_like_replay(
             await broker.subscribe(Subscription(topic, "research"))
 
     anyio.run(prepare)
-    on_topic = run_cli(["bus", "dlq", topic, "--agent", "reserch"], tmp_path, env)
-    anywhere = run_cli(["bus", "dlq", "--agent", "reserch", "--json"], tmp_path, env)
-    replay = run_cli(["bus", "replay", topic, "--agent", "reserch", "--all"], tmp_path, env)
+    on_topic = run_in_process(["bus", "dlq", topic, "--agent", "reserch"], tmp_path, env)
+    anywhere = run_in_process(["bus", "dlq", "--agent", "reserch", "--json"], tmp_path, env)
+    replay = run_in_process(["bus", "replay", topic, "--agent", "reserch", "--all"], tmp_path, env)
 
     for done in (on_topic, anywhere, replay):
         assert (done.returncode, done.stdout) == (1, ""), done.stderr
@@ -154,7 +154,7 @@ def test_bus_dlq_of_an_unknown_agent_says_so_like_replay(
 
 def test_agents_of_a_one_agent_app_says_one_agent(env: dict[str, str], tmp_path: Path) -> None:
     write_module(tmp_path, "solo", ONE_AGENT_APP)
-    done = run_cli(["agents", "solo"], tmp_path, env)
+    done = run_in_process(["agents", "solo"], tmp_path, env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].strip() == "app solo: 1 agent:"
     [agent] = cli_json(["agents", "solo"], tmp_path, env)
@@ -186,6 +186,7 @@ SLOW_APP = """
 """
 
 
+@pytest.mark.slow
 def test_inspect_shows_the_events_each_worker_runs_now(
     env: dict[str, str], tmp_path: Path, spawn: Callable[..., WorkerProcess]
 ) -> None:
@@ -199,7 +200,7 @@ def test_inspect_shows_the_events_each_worker_runs_now(
     wait_for(lambda: worker.has_logged("worker started"), 20, "the worker")
     ids = []
     for n in (1, 2):
-        done = run_cli(["publish", topic, orjson.dumps({"n": n}).decode()], tmp_path, env)
+        done = run_in_process(["publish", topic, orjson.dumps({"n": n}).decode()], tmp_path, env)
         assert done.returncode == 0, done.stderr
         ids.append(done.stdout.strip())
 
@@ -217,7 +218,7 @@ def test_inspect_shows_the_events_each_worker_runs_now(
     payloads = {r["event_id"]: r["payload"] for w in with_payload for r in w["running"]}
     assert payloads == {ids[0]: {"n": 1}, ids[1]: {"n": 2}}
 
-    table = run_cli(["inspect", "--agent", "crawler", "--payload"], tmp_path, env)
+    table = run_in_process(["inspect", "--agent", "crawler", "--payload"], tmp_path, env)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[1].split()[:4] == ["WORKER", "AGENT", "EVENT", "ID"]
@@ -247,7 +248,7 @@ def test_agents_json_has_schemas_and_asyncapi_prints_the_document(
     }
     assert agent["return_schema"] == {"type": "null"}
 
-    as_json = run_cli(["asyncapi", "solo", "--api-version", "3.1.4"], tmp_path, env)
+    as_json = run_in_process(["asyncapi", "solo", "--api-version", "3.1.4"], tmp_path, env)
     assert as_json.returncode == 0, as_json.stderr
     document = orjson.loads(as_json.stdout)
     assert (document["asyncapi"], document["info"]["version"]) == ("3.0.0", "3.1.4")
@@ -257,10 +258,10 @@ def test_agents_json_has_schemas_and_asyncapi_prints_the_document(
     assert operation["action"] == "receive"
     assert document["components"]["schemas"]["Note"] == agent["payload_schema"]
 
-    as_yaml = run_cli(["asyncapi", "solo", "--format", "yaml"], tmp_path, env)
+    as_yaml = run_in_process(["asyncapi", "solo", "--format", "yaml"], tmp_path, env)
     assert as_yaml.returncode == 0, as_yaml.stderr
     assert as_yaml.stdout.startswith("asyncapi: 3.0.0\ninfo:\n  title: solo\n")
-    bad = run_cli(["asyncapi", "solo", "--format", "xml"], tmp_path, env)
+    bad = run_in_process(["asyncapi", "solo", "--format", "xml"], tmp_path, env)
     assert bad.returncode == 2
     assert len(bad.stderr.splitlines()) == 1
 
@@ -298,6 +299,7 @@ with open(path, "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_bus_replay_edit_replays_one_dead_letter_with_a_corrected_payload(
     env: dict[str, str], tmp_path: Path, spawn: Callable[..., WorkerProcess]
 ) -> None:
@@ -309,7 +311,7 @@ def test_bus_replay_edit_replays_one_dead_letter_with_a_corrected_payload(
     env = {**env, "E2E_LOG": str(log), "E2E_TOPIC": topic}
     worker = spawn(["notes:app"], tmp_path, env)
     wait_for(lambda: worker.has_logged("worker started"), 20, "the worker")
-    published = run_cli(["publish", topic, '{"txt": "buy milk"}'], tmp_path, env)
+    published = run_in_process(["publish", topic, '{"txt": "buy milk"}'], tmp_path, env)
     assert published.returncode == 0, published.stderr
     dead = published.stdout.strip()
     wait_for(
@@ -317,18 +319,18 @@ def test_bus_replay_edit_replays_one_dead_letter_with_a_corrected_payload(
     )
     replay = ["bus", "replay", topic, "--agent", "keeper", "--id", dead, "--app", "notes:app"]
 
-    invalid = run_cli([*replay, "--payload", '{"text": 5}'], tmp_path, env)
+    invalid = run_in_process([*replay, "--payload", '{"text": 5}'], tmp_path, env)
     assert (invalid.returncode, invalid.stdout) == (1, "")
     assert invalid.stderr.splitlines() == [
         "omnidaemon bus replay: error: the corrected payload is not a valid Note: "
         "text: Input should be a valid string"
     ]
-    unchecked = run_cli([*replay[:-2], "--payload", '{"text": "x"}'], tmp_path, env)
+    unchecked = run_in_process([*replay[:-2], "--payload", '{"text": "x"}'], tmp_path, env)
     assert unchecked.returncode == 2
     assert "--app" in unchecked.stderr and len(unchecked.stderr.splitlines()) == 1
     assert len(cli_json(["bus", "dlq", topic], tmp_path, env)) == 1  # nothing changed
 
-    edited = run_cli([*replay, "--edit"], tmp_path, {**env, "EDITOR": f"{CLI[0]} {editor}"})
+    edited = run_in_process([*replay, "--edit"], tmp_path, {**env, "EDITOR": f"{CLI[0]} {editor}"})
     assert edited.returncode == 0, edited.stderr
     *_, new_id = edited.stdout.split(" as ")[1].split(",")[0].split()
     assert edited.stdout == (

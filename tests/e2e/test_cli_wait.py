@@ -1,21 +1,20 @@
-"""`publish --wait` and `result` as real subprocesses, against a real Redis and worker: every
-dead letter answers a waiting request at once, and `result` follows a pipeline from the id
-publish printed."""
+"""`publish --wait` and `result` against a real Redis and a real worker process: every dead
+letter answers a waiting request at once, and `result` follows a pipeline from the id publish
+printed. The commands run in the test process (`tests/e2e/_in_process.py`)."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.e2e._support import CLI, WorkerProcess, cli_env, wait_for, write_module
+from tests.e2e._in_process import Ran, run_in_process
+from tests.e2e._support import WorkerProcess, cli_env, wait_for, write_module
 from tests.servers import running_redis
 
 pytestmark = pytest.mark.slow
@@ -76,19 +75,10 @@ class Bus:
     def topic(self, name: str) -> str:
         return f"{name}.{self.suffix}"
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*CLI, *args],
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=PATIENCE + 30,
-            check=False,
-        )
+    def cli(self, *args: str) -> Ran:
+        return run_in_process(args, self.cwd, self.env)
 
-    def timed(self, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    def timed(self, *args: str) -> tuple[Ran, float]:
         started = time.monotonic()
         done = self.cli(*args)
         return done, time.monotonic() - started
@@ -120,11 +110,10 @@ def test_publish_wait_fails_at_once_with_the_dead_letters_reason(bus: Bus) -> No
         ("flaky", '{"n": 7}', "RuntimeError: job 7 never works"),
     ]
 
-    def wait(topic: str, data: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    def wait(topic: str, data: str) -> tuple[Ran, float]:
         return bus.timed("publish", bus.topic(topic), data, "--wait", "--timeout", str(PATIENCE))
 
-    with ThreadPoolExecutor(len(waits)) as pool:
-        done = list(pool.map(lambda w: wait(w[0], w[1]), waits))
+    done = [wait(topic, data) for topic, data, _ in waits]
 
     for (topic, _, reason), (run, elapsed) in zip(waits, done, strict=True):
         assert run.returncode == 1, (topic, reason, run.stdout, run.stderr)
@@ -132,7 +121,7 @@ def test_publish_wait_fails_at_once_with_the_dead_letters_reason(bus: Bus) -> No
         assert f"agent '{topic}' failed" in run.stderr
         assert "TimeoutError" not in run.stderr
         # Answered by the dead letter, not by the timeout: well under PATIENCE even on a busy
-        # machine (a CLI run takes about a second).
+        # machine.
         assert elapsed < PATIENCE / 3, (reason, elapsed)
 
 

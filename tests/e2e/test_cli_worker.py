@@ -196,25 +196,6 @@ def test_sigterm_lets_in_flight_handlers_finish(
     assert not any("grace period over" in event for event in logged)
 
 
-def test_idle_worker_stops_promptly_on_sigterm(
-    spawn: Callable[..., WorkerProcess], tmp_path: Path, log_file: Path
-) -> None:
-    worker = start_worker(spawn, tmp_path, log_file, [], E2E_EVENTS="0")
-    wait_for(lambda: worker.has_logged("worker started"), STARTUP_TIMEOUT, "the worker to start")
-
-    worker.send(signal.SIGTERM)
-    status, _ = worker.wait_exit(timeout=PROMPT)
-
-    assert status == 0, worker.stderr
-    assert read_lines(log_file) == ["shutdown"]
-    started = worker.logs()[0]
-    assert started["event"] == "worker started"
-    assert started["app"] == "jobs"
-    assert started["agents"] == ["work"]
-    assert started["broker"] == "memory://"
-    assert events(worker)[-1] == "worker stopped"
-
-
 @pytest.mark.parametrize(
     ("kind", "signum"),
     [("async", signal.SIGTERM), ("sync", signal.SIGINT)],
@@ -282,7 +263,7 @@ def test_shutdown_grace_runs_out_for_sync_handler(
     assert lines_starting(log_file, "done") == []
 
 
-def test_concurrency_option_bounds_handlers_in_flight(
+def test_concurrency_option_bounds_handlers_in_flight_and_an_idle_worker_stops_promptly(
     spawn: Callable[..., WorkerProcess], tmp_path: Path, log_file: Path
 ) -> None:
     # The agent declares concurrency=16; `--concurrency 1` overrides it: one at a time.
@@ -295,12 +276,19 @@ def test_concurrency_option_bounds_handlers_in_flight(
         "three handlers to finish",
     )
 
+    # Every event handled: the worker is idle, waiting for the next; SIGTERM stops it promptly.
     worker.send(signal.SIGTERM)
     status, _ = worker.wait_exit(timeout=PROMPT)
 
     assert status == 0, worker.stderr
     handled = [line.split()[0] for line in read_lines(log_file)]
     assert handled == ["start", "done"] * 3 + ["shutdown"]
+    started = worker.logs()[0]
+    assert started["event"] == "worker started"
+    assert started["app"] == "jobs"
+    assert started["agents"] == ["work"]
+    assert started["broker"] == "memory://"
+    assert events(worker)[-1] == "worker stopped"
 
 
 def test_agents_option_runs_only_the_named_agents(
