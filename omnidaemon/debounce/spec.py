@@ -80,6 +80,12 @@ def is_internal_topic(name: str) -> bool:
     return _BATCHES in name or _CHECKS in name
 
 
+def is_check_topic(name: str) -> bool:
+    """Whether `name` is a debounced agent's topic of window timers (never cancelled: a check
+    serves every message of its window, whatever run each belongs to)."""
+    return _CHECKS in name
+
+
 class Check(BaseModel):
     """A window check: the key, and the token of the check (which owns the window if the
     window still records it)."""

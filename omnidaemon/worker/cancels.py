@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["CancelWatch", "Handling"]
 
 _log = get_logger("omnidaemon.worker")
-_RELOAD_EVERY = 60.0  # seconds between full reloads: a canceller that died half-way is found
 
 
 class Handling:
@@ -112,17 +111,12 @@ class CancelWatch:
         self._stop_running(await self.registry.load())
 
     async def run(self) -> None:
-        """Follow the bus's cancellations until cancelled: a small read every `POLL_INTERVAL`."""
-        since_reload = 0.0
+        """Follow the bus's cancellations until cancelled: a small read every `POLL_INTERVAL`
+        (the records are read in full only at start, and when the log shows a gap)."""
         while True:
             await anyio.sleep(POLL_INTERVAL)
-            since_reload += POLL_INTERVAL
             try:
-                if since_reload >= _RELOAD_EVERY:
-                    since_reload = 0.0
-                    news = await self.registry.load()
-                else:
-                    news = await self.registry.refresh()
+                news = await self.registry.refresh()
             except Exception as exc:
                 # The bus is away: the consumers notice and reconnect; look again later.
                 _log.debug("could not read cancellations", error=f"{type(exc).__name__}: {exc}")

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from omnidaemon.agents import AgentSpec
 from omnidaemon.brokers.base import Delivery, Subscription
 from omnidaemon.context import Context
+from omnidaemon.debounce.spec import is_check_topic
 from omnidaemon.envelope import WIRE_VERSION, Envelope, UnsupportedVersion, dumps
 from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.flow.gate import Admission, FlowGate
@@ -118,8 +119,14 @@ class AgentConsumer(Admitting, Fetching, Outcomes):
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()
         self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
-        # Shared by the worker's consumers: the cancellations it follows (see App.cancel).
-        self._cancels = cancels if cancels is not None else CancelWatch(self._broker)
+        # Shared by the worker's consumers: the cancellations it follows (see App.cancel). A
+        # debounced agent's window timers get a watch of their own that never learns any:
+        # they are not cancelled (their messages are, when they are collected).
+        self._cancels = (
+            cancels
+            if cancels is not None and not is_check_topic(spec.topic)
+            else CancelWatch(self._broker)
+        )
         self.timeouts: set[anyio.CancelScope] = set()
         """The cancel scopes of handlers running under the agent's `timeout`, so that
         `omnidaemon.testing` can move their deadlines when a test fast-forwards time."""
