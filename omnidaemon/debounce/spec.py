@@ -50,9 +50,13 @@ __all__ = [
 MAX_WINDOW_MESSAGES = 500
 """Most messages one window holds: the window that reaches it is flushed at once."""
 WINDOW_BYTES_SHARE = 4
-"""A window holds at most `max_payload_bytes // 4` of payloads (256 KiB by default), so that
-its batch, and the key's value on the bus, stay well under the bus's size limits."""
+"""A window holds at most `max_payload_bytes // 4` of messages (256 KiB by default; a message
+counts its payload and ids), so that its batch, and the key's value on the bus (at most two
+windows and the flushed ids), stay well under the bus's size limits."""
 MAX_DONE = 2000  # flushed message ids remembered per key, for duplicate redeliveries
+DONE_BYTES_SHARE = 8
+"""The flushed ids of a key take at most `max_payload_bytes // 8` (128 KiB by default): the
+key's value is at most 5/8 of `max_payload_bytes`, and a few hundred bytes."""
 MIN_RETENTION = 600.0  # seconds a flushed message's id is remembered, at least
 BATCH_IDS_HEADER = "omnidaemon-batch-ids"
 """Header of a batch: the ids of its messages, comma-separated, in the batch's order."""
@@ -207,6 +211,7 @@ def debounced_spec(
         retention=max(MIN_RETENTION, 10 * spec.reclaim_idle, 2 * wait),
         max_done=MAX_DONE,
         heal_after=max(60.0, 2 * spec.reclaim_idle),
+        max_done_bytes=max(1, max_payload_bytes // DONE_BYTES_SHARE),
     )
     options = DebounceSpec(
         seconds=seconds,

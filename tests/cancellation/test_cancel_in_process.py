@@ -356,3 +356,46 @@ async def test_the_handler_slot_serves_the_next_events_after_a_cancel() -> None:
         assert done == [1, 2, 3]
         assert (await app.result(first)).status == "cancelled"
         assert [(await app.result(e)).status for e in later] == ["succeeded"] * 3
+
+
+async def test_cancelling_a_run_never_strands_a_debounce_window_of_other_runs() -> None:
+    # Run A's message opens the window, run B's joins it: the window's timer must outlive the
+    # cancel of run A, and B's message reach the handler.
+    from datetime import timedelta
+
+    app = App("c", broker="memory://")
+    calls: list[list[str]] = []
+
+    @app.agent(
+        "chat.message", debounce=timedelta(seconds=5), debounce_key=lambda m: m["conversation"]
+    )
+    async def answer(messages: list[dict[str, str]]) -> None:
+        calls.append([m["text"] for m in messages])
+
+    async with TestApp(app, fast_retries=False) as bus:
+        await bus.publish("chat.message", {"conversation": "c", "text": "a"}, correlation_id="A")
+        await bus.publish("chat.message", {"conversation": "c", "text": "b"}, correlation_id="B")
+        await bus.advance(1)
+        await app.cancel(correlation_id="A", reason="user stopped run A")
+        await bus.advance(120)
+    assert calls == [["a", "b"]]
+
+
+async def test_a_message_cancelled_before_it_is_collected_is_left_out_of_its_burst() -> None:
+    from datetime import timedelta
+
+    app = App("c", broker="memory://")
+    calls: list[list[str]] = []
+
+    @app.agent("chat.line", debounce=timedelta(seconds=5))
+    async def answer(messages: list[dict[str, str]]) -> None:
+        calls.append([m["text"] for m in messages])
+
+    async with TestApp(app, fast_retries=False) as bus:
+        kept = await bus.publish("chat.line", {"text": "kept"})
+        dropped = await bus.publish("chat.line", {"text": "dropped"}, delay=2)
+        await app.cancel(dropped)
+        await bus.advance(1)
+        await bus.advance(2)
+        await bus.advance(10)
+    assert kept and calls == [["kept"]]

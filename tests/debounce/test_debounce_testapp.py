@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import anyio
+import orjson
 import pytest
 import typer
 from pydantic import BaseModel
@@ -73,9 +75,11 @@ async def test_one_burst_is_one_call_with_every_message_in_publish_order() -> No
         assert calls == []  # 4.9 s of quiet after the last message: not yet
         await bus.advance(0.2)
         assert calls == [("c1", [f"m{n}" for n in range(6)] + ["late"], ids, 1)]
-        # The batch event: the first message's correlation id, the burst's ids in order.
-        batch = next(e for e in bus.broker.log if "#debounce." in e[0])
-        assert b'"correlation_id":"' + ids[0].encode() in batch[1]
+        # The batch event: the burst's ids in order; its messages are of seven runs (each its
+        # own), so the batch is a run of its own.
+        batch = orjson.loads(next(e for e in bus.broker.log if "#debounce." in e[0])[1])
+        assert batch["correlation_id"] == batch["id"]
+        assert batch["headers"]["omnidaemon-batch-ids"] == ",".join(ids)
         # The next message opens a new window.
         after = await say(bus, "c1", "again")
         await bus.advance(5)
@@ -305,3 +309,79 @@ async def test_the_bus_commands_reach_a_dead_lettered_batch() -> None:
         assert outcome.replayed == 1
         await bus.drain()
         assert [c[1] for c in calls] == [["m0"], ["m0"]]
+
+
+async def test_a_batch_is_in_its_messages_run_only_if_they_all_share_one() -> None:
+    runs: dict[str, tuple[str, str]] = {}  # key: the batch's correlation id and event id
+    app = App("t", broker="memory://")
+
+    @app.agent("chat.message", debounce=5, debounce_key=lambda m: m.conversation_id)
+    async def answer(messages: list[Message], ctx: Context) -> None:
+        runs[messages[0].conversation_id] = (ctx.event.correlation_id, ctx.event_id)
+
+    async with TestApp(app, fast_retries=False) as bus:
+        for conversation, run in (("c1", "run-a"), ("c1", "run-a"), ("c2", "run-a")):
+            await bus.publish("chat.message", {"conversation_id": conversation, "text": "t"},
+                              correlation_id=run)  # fmt: skip
+        await bus.publish("chat.message", {"conversation_id": "c2", "text": "t"},
+                          correlation_id="run-b")  # fmt: skip
+        await bus.advance(5)
+    assert runs["c1"][0] == "run-a"
+    # Messages of two runs: the batch is a run of its own (cancelling run-a must not cancel
+    # run-b's message with it).
+    assert runs["c2"][0] == runs["c2"][1]
+
+
+async def test_collecting_faster_than_windows_flush(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Windows of two messages, collected concurrently: a collect that finds its window full
+    # and the window before it not yet published publishes that one itself (the key's value
+    # holds one sealed window at most), without failing.
+    monkeypatch.setattr(debounce_spec, "MAX_WINDOW_MESSAGES", 2)
+    calls: list[Call] = []
+    app = make_app(calls)
+    async with TestApp(app, fast_retries=False) as bus:
+        ids = [await say(bus, "c1", f"m{n}") for n in range(41)]
+        await bus.advance(0)  # the full windows go
+        assert len(calls) == 20
+        await bus.advance(5)
+        batches = [c[2] for c in calls]
+        assert sorted(i for batch in batches for i in batch) == sorted(ids)
+        assert all(batch == sorted(batch) for batch in batches)  # publish order
+        assert [len(batch) for batch in batches] == [2] * 20 + [1]
+        [value] = (await bus.broker.scan_values("debounce:")).values()
+        state = orjson.loads(value)
+        assert state["open"] is None and state["sealed"] == []
+        assert bus.dead_letters("answer") == []
+    assert "handler failed" not in caplog.text
+
+
+async def test_cancel_a_message_before_it_is_collected_or_else_its_batch() -> None:
+    calls: list[Call] = []
+    app = make_app(calls)
+    async with TestApp(app, fast_retries=False) as bus:
+        dropped = await say(bus, "c1", "a")
+        await app.cancel(dropped, reason="withdrawn")  # still waiting on the topic
+        kept = await say(bus, "c1", "b")
+        await bus.advance(5)
+        assert [(c[1], c[2]) for c in calls] == [(["b"], [kept])]
+
+    # Once collected, a message is its burst's: cancel the batch, by its event id.
+    started = anyio.Event()
+    batch_ids: list[str] = []
+    slow = App("t", broker="memory://")
+
+    @slow.agent("chat.message", debounce=1, store_results=True)
+    async def answer(messages: list[Message], ctx: Context) -> None:
+        batch_ids.append(ctx.event_id)
+        started.set()
+        await anyio.sleep(3600)
+
+    async with TestApp(slow) as bus:
+        await say(bus, "c1", "a")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bus.drain)
+            await started.wait()
+            await slow.cancel(batch_ids[0], reason="stop")
+        assert (await slow.result(batch_ids[0])).status == "cancelled"
