@@ -103,6 +103,7 @@ class App(Publishing, Scheduling, EventOutcomes):
         self._lifespan = lifespan
         self._agents: dict[str, AgentSpec] = {}
         self._schedules: dict[str, ScheduleSpec] = {}
+        self._undecorated_schedules: dict[object, str] = {}  # see Scheduling.check_schedules
         self._running_agents: Counter[str] = Counter()  # agents workers of this app run now
         self._topic_types: TopicTypes | None = None  # built on first publish
         self._sync: PublishesSync | None = None  # publish_sync's loop, started on first use

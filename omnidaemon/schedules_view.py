@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from omnidaemon.cron import Cron
 from omnidaemon.schedules import ScheduleSpec, describe_schedule, tick_time
 from omnidaemon.worker.schedule_state import ScheduleState, state_key
 
@@ -21,7 +22,9 @@ def _when(spec: ScheduleSpec, tick: float | None) -> str | None:
         return None
     moment = tick_time(tick)
     timing = spec.timing
-    return moment.astimezone(timing.tz).isoformat() if hasattr(timing, "tz") else moment.isoformat()
+    return (
+        moment.astimezone(timing.tz).isoformat() if isinstance(timing, Cron) else moment.isoformat()
+    )
 
 
 def _view(spec: ScheduleSpec, state: ScheduleState | None, now: float) -> dict[str, Any]:

@@ -28,7 +28,7 @@ AppBrokerOption = Annotated[
 
 
 def _short(when: str | None) -> str:
-    """An ISO time without its seconds' fraction, `T` as a space: `2026-12-03 09:00:00+00:00`."""
+    """An ISO time with a space for its `T` (`2026-12-03 09:00:00+00:00`); `-` for none."""
     return "-" if when is None else when.replace("T", " ")
 
 
@@ -52,7 +52,7 @@ def schedules(app: AppArgument, broker: AppBrokerOption = None, json: JsonOption
             emit_json(views)
             return
         print_table(
-            ["SCHEDULE", "EVERY", "TIME ZONE", "TOPIC", "NEXT FIRE", "LAST FIRE", "OUTCOME"],
+            ["SCHEDULE", "WHEN", "TIME ZONE", "TOPIC", "NEXT FIRE", "LAST FIRE", "OUTCOME"],
             [
                 [
                     v["name"],

@@ -66,8 +66,8 @@ class Worker:
             `agents` it runs; the bus decides which one fires each tick).
 
     Raises:
-        ConfigurationError: an unknown agent name, or an app with neither agents nor
-            schedules to run.
+        ConfigurationError: an unknown agent name, an app with neither agents nor
+            schedules to run, or a schedule declared without `payload=` and never decorated.
         PayloadValidationError: a schedule's `payload=` contradicts an agent's type.
     """
 
@@ -81,6 +81,7 @@ class Worker:
         connect_timeout: float | None = None,
         schedules: bool = True,
     ) -> None:
+        app.check_schedules()  # a schedule declared without payload= and never decorated
         timed = schedules and bool(app.schedules)
         if not app.agents and not timed:
             raise ConfigurationError(f"app {app.name!r} has no agents to run")

@@ -9,9 +9,11 @@ Two kinds of value, each changed only through `Broker.update_value` (atomic on e
 - `schedule-watch:<app>`: when a worker last ran each schedule (`seen`), refreshed every
   `WATCH_EVERY` seconds by every worker that runs it, and the `gaps`: spans longer than
   `GAP_AFTER` in which no worker ran it. A tick that fell due in a gap was *missed* (the
-  schedule's `catch_up` decides what happens to it); any other unsettled tick is *owed* and
-  fired, late if need be. The worker that first refreshes after a gap records it, in the
-  same atomic step that reads the stamps, so every worker agrees on what was missed.
+  schedule's `catch_up` decides what happens to it) if the gap ended more than the misfire
+  grace after it (`MISFIRE_GRACE`, or the schedule's period if shorter) and no worker had
+  claimed it; any other unsettled tick is *owed* and fired, late if need be. The worker that
+  first refreshes after a gap records it, in the same atomic step that reads the stamps, so
+  every worker agrees on what was missed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import orjson
 __all__ = [
     "GAP_AFTER",
     "LEASE",
+    "MISFIRE_GRACE",
     "STATE_TTL",
     "WATCH_EVERY",
     "Claim",
@@ -36,6 +39,7 @@ __all__ = [
 LEASE = 5.0  # seconds a claim lasts unless renewed: a dead holder's tick waits this long
 WATCH_EVERY = 2.0  # seconds between a worker's refreshes of the watch stamps
 GAP_AFTER = 10.0  # seconds without a refresh that make a gap (a fleet outage)
+MISFIRE_GRACE = 60.0  # at most this late after a gap, a tick is still owed (see `missed`)
 STATE_TTL = 400 * 86_400.0  # kept for over a year: a yearly schedule writes once a year
 _GAPS_KEPT = 8  # per schedule: older gaps concern ticks settled long ago
 
@@ -90,10 +94,18 @@ class ScheduleState:
 
     @classmethod
     def decode(cls, data: bytes) -> ScheduleState:
-        """Read a state written by `encode`."""
+        """Read a state written by `encode`. Fields this version does not know are ignored:
+        during a rolling upgrade a newer worker may have written some."""
         fields = orjson.loads(data)
-        claim = fields.pop("claim", None)
-        return cls(**fields, claim=Claim(**claim) if claim else None)
+        claim = fields.get("claim")
+        known = {name: fields[name] for name in _STATE_FIELDS if name in fields}
+        held = None
+        if claim:
+            held = Claim(**{name: claim[name] for name in ("tick", "holder", "until")})
+        return cls(**known, claim=held)
+
+
+_STATE_FIELDS = ("last", "fired", "outcome", "outcome_tick", "error")
 
 
 def _stored(state: ScheduleState, answer: Any) -> tuple[bytes, float, Any]:

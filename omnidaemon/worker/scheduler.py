@@ -7,9 +7,10 @@ computes the payload and publishes it with `Broker.publish_once` under a key nam
 then records the tick as settled. A holder that dies loses its claim when its lease runs out,
 and the next worker to ask takes the tick over: if the dead one had published already, the
 same key makes the new publish a no-op, so the tick is neither lost nor doubled. Ticks are
-settled in order; a tick that fell due while no worker ran was *missed*, and the schedule's
-`catch_up` decides whether its latest missed tick fires once or none does
-(`schedule_state.watch`). See docs/schedules.md.
+settled in order. A tick that fell due while no worker ran (`schedule_state.watch`) is
+*owed* (fired, late) if a worker claimed it, or if the first worker after the outage came
+within its grace (`missed`); otherwise it was *missed*, and the schedule's `catch_up` decides
+whether the latest missed tick fires once or none does. See docs/schedules.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from omnidaemon.worker import schedule_state as states
 from omnidaemon.worker.schedule_state import (
     GAP_AFTER,
     LEASE,
+    MISFIRE_GRACE,
     WATCH_EVERY,
     Outcome,
     ScheduleState,
@@ -37,14 +39,32 @@ if TYPE_CHECKING:
     from omnidaemon.app import App
     from omnidaemon.brokers.base import Broker
 
-__all__ = ["ONCE_WINDOW", "ScheduleRunner"]
+__all__ = ["ScheduleRunner", "missed", "once_window"]
 
 _log = get_logger("omnidaemon.schedules")
 
-ONCE_WINDOW = 3600.0
-"""Seconds a tick's publish key is remembered (`Broker.publish_once`): longer than any
-takeover of a dead holder's tick (its lease, then the new holder's function) can take."""
+
+def once_window(period: float) -> float:
+    """Seconds a tick's publish key is remembered (`Broker.publish_once`): 10,000 periods,
+    at least an hour, at most a week. A tick whose holder died is fired by the next worker
+    to run the schedule, after an outage of the whole fleet too (it is owed); if the dead
+    holder had published it, the key refuses the second publish for this long (an outage
+    longer than that may publish it twice). Counted in periods so that a schedule keeps at
+    most about 10,000 keys on the bus, however often it fires."""
+    return min(7 * 86_400.0, max(3600.0, 10_000 * period))
+
+
 _RETRY = 1.0  # seconds before a schedule tries again after the bus failed it
+_MAX_SLEEP = 60.0  # a schedule's task looks at the wall clock at least this often
+
+
+def missed(spec: ScheduleSpec, tick: float, gap_end: float) -> bool:
+    """Whether `tick`, which fell due in a gap (a time when no worker ran the schedule)
+    that ended at `gap_end` (when the first worker after it ran the schedule), was missed:
+    `gap_end` came more than the misfire grace after it, the shorter of `MISFIRE_GRACE`
+    (60 s) and the schedule's period around the tick. Otherwise it is owed, and fires late:
+    a worker restarted within seconds does not skip its daily report."""
+    return gap_end - tick > min(MISFIRE_GRACE, spec.period_at(tick))
 
 
 class ScheduleRunner:
@@ -57,9 +77,11 @@ class ScheduleRunner:
     Raises:
         PayloadValidationError: a schedule's `payload=` contradicts the type an agent of the
             app declares for its topic.
+        ConfigurationError: a schedule was declared without `payload=` and never decorated.
     """
 
     def __init__(self, app: App, holder: str) -> None:
+        app.check_schedules()
         self.app = app
         self.holder = holder
         self.specs = list(app.schedules.values())
@@ -101,20 +123,19 @@ class ScheduleRunner:
             tick = spec.next_after(state.last)
             if tick > now:
                 return tick
-            target = tick
+            target, catching_up = tick, False
+            held = state.claim
             gap = in_gap(tick, self._gaps.get(spec.name, ()))
-            if gap is not None:
-                # Missed while no worker ran: the latest of them fires once, or none does.
-                latest = spec.latest_at_or_before(min(gap[1], now), state.last) or tick
-                if not spec.catch_up:
-                    why = f"missed the ticks from {tick_time(tick).isoformat()} to " + (
-                        f"{tick_time(latest).isoformat()} (no worker ran; catch_up=False)"
-                    )
-                    _log.warning("schedule missed ticks", schedule=spec.name, reason=why)
-                    update = states.settle(latest, "missed", why)
-                    state = await self.broker.update_value(self._key(spec), update)
+            if held is not None and state.last < held.tick <= now:
+                # Claimed and not settled: its holder is firing it, or died doing so. Owed,
+                # whatever gap it fell in (the holder ran; its stamps may predate the tick).
+                target = held.tick
+            elif gap is not None and missed(spec, tick, gap[1]):
+                after = await self._skip_missed(spec, state, tick, gap[1], now)
+                if isinstance(after, ScheduleState):
+                    state = after
                     continue
-                target = latest
+                target, catching_up = after, True
             answer, state = await self.broker.update_value(
                 self._key(spec), states.claim(target, self.holder, now)
             )
@@ -124,7 +145,38 @@ class ScheduleRunner:
                 # Another worker holds it: look again when the next tick is due (it has
                 # settled this one by then) or when its lease runs out (it died).
                 return min(float(answer), spec.next_after(target))
+            if not catching_up and now - target > spec.period_at(target):
+                # Logged by the worker that fires the tick, once: the next tick is due too.
+                _log.warning(
+                    "schedule behind",
+                    schedule=spec.name,
+                    tick=tick_time(target).isoformat(),
+                    late=round(now - target, 3),
+                )
             state = await self._fire(spec, target)
+
+    async def _skip_missed(
+        self, spec: ScheduleSpec, state: ScheduleState, tick: float, gap_end: float, now: float
+    ) -> ScheduleState | float:
+        """`tick` and maybe later ticks of its gap were missed: skip them (settled as
+        `missed`) up to the last missed one, and answer the new state; or, with `catch_up`
+        and no owed tick after them, answer the latest of them, to fire once."""
+        latest = spec.latest_at_or_before(min(gap_end, now), state.last) or tick
+        last_missed: float | None = latest
+        # The owed ticks of a gap are its last one or two (see `missed`): a short walk back.
+        while last_missed is not None and not missed(spec, last_missed, gap_end):
+            last_missed = spec.previous(last_missed, state.last)
+        last_missed = tick if last_missed is None else last_missed
+        if spec.catch_up and last_missed == latest:
+            return latest
+        why = f"missed the ticks from {tick_time(tick).isoformat()} to " + (
+            f"{tick_time(last_missed).isoformat()} (no worker ran; "
+            + ("a later tick is owed and fires)" if spec.catch_up else "catch_up=False)")
+        )
+        _log.warning("schedule missed ticks", schedule=spec.name, reason=why)
+        update = states.settle(last_missed, "missed", why)
+        settled: ScheduleState = await self.broker.update_value(self._key(spec), update)
+        return settled
 
     async def _fire(self, spec: ScheduleSpec, tick: float) -> ScheduleState:
         """Publish `tick`'s event while holding its claim, then settle the tick."""
@@ -148,8 +200,15 @@ class ScheduleRunner:
         """Make the tick's payload and publish it once. A function that raises, or a payload
         the app refuses, fails the tick (logged, not retried); the bus failing raises."""
         app, at = self.app, tick_time(tick).isoformat()
+        limit = spec.timeout_at(tick)
         try:
-            payload: Any = await spec.make_payload(tick)
+            payload: Any = None
+            with anyio.move_on_after(limit) as scope:
+                payload = await spec.make_payload(tick)
+            if scope.cancelled_caught:
+                why = f"TimeoutError: the function ran past its timeout of {limit:g} s"
+                _log.error("schedule failed", schedule=spec.name, tick=at, reason=why)
+                return "failed", why
             if payload is None:
                 return "empty", None
             app.check_payload(spec.topic, payload)
@@ -167,7 +226,8 @@ class ScheduleRunner:
             _log.exception("schedule failed", schedule=spec.name, tick=at, topic=spec.topic)
             return "failed", f"{type(exc).__name__}: {exc}"
         key = f"{self._key(spec)}:{tick!r}"
-        appended = await self.broker.publish_once(spec.topic, data, key, window=ONCE_WINDOW)
+        window = once_window(spec.period_at(tick))
+        appended = await self.broker.publish_once(spec.topic, data, key, window=window)
         _log.info("schedule fired", schedule=spec.name, tick=at, topic=spec.topic, new=appended)
         return "fired", None
 
@@ -223,4 +283,6 @@ class ScheduleRunner:
             except Exception:
                 _log.exception("schedule could not run", schedule=spec.name)
                 wake = clock() + _RETRY
-            await anyio.sleep(max(0.001, wake - clock()))
+            # At most a minute at a time: a long sleep on the monotonic clock drifts from the
+            # wall clock the ticks are on (a suspended machine, a clock set by NTP).
+            await anyio.sleep(min(_MAX_SLEEP, max(0.001, wake - clock())))

@@ -101,20 +101,22 @@ async def test_cron_in_a_time_zone_across_the_clocks_going_forward() -> None:
 @pytest.mark.parametrize("catch_up", [False, True])
 async def test_catch_up_after_a_time_without_workers(catch_up: bool) -> None:
     app = App(f"sched-catch-{catch_up}")
-    app.every(60.0, topic="minutely", payload={}, catch_up=catch_up)
-    start = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    app.every(3600.0, topic="hourly", payload={}, catch_up=catch_up)
+    start = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
     async with TestApp(app, now=start) as bus:
-        await bus.advance(60)  # 00:01 fires
-        await bus.advance(600, offline=True)  # 00:02 .. 00:11 fall due while no worker runs
-        fired = [t.strftime("%H:%M") for t in ticks(bus, "minutely")]
-        assert fired == (["00:01", "00:11"] if catch_up else ["00:01"])
-        state = await bus.broker.get_value(state_key(app.name, "minutely"))
+        await bus.advance(3600)  # 01:00 fires
+        await bus.advance(10 * 3600, offline=True)  # 02:00 .. 11:00 fall due, no worker runs
+        # The first worker comes back at 11:30: half an hour after the last of them, past
+        # the grace (a minute), so they were all missed.
+        fired = [t.strftime("%H:%M") for t in ticks(bus, "hourly")]
+        assert fired == (["01:00", "11:00"] if catch_up else ["01:00"])
+        state = await bus.broker.get_value(state_key(app.name, "hourly"))
         assert state is not None
         decoded = ScheduleState.decode(state)
         assert decoded.outcome == ("fired" if catch_up else "missed")
-        await bus.advance(120)  # then every tick again
-        fired = [t.strftime("%H:%M") for t in ticks(bus, "minutely")]
-        assert fired[-2:] == ["00:12", "00:13"]
+        await bus.advance(7200)  # then every tick again
+        fired = [t.strftime("%H:%M") for t in ticks(bus, "hourly")]
+        assert fired[-2:] == ["12:00", "13:00"]
 
 
 async def test_a_function_that_raises_fails_its_tick_only(caplog: pytest.LogCaptureFixture) -> None:
@@ -243,9 +245,9 @@ async def test_a_state_without_any_stamp_counts_its_past_as_missed(catch_up: boo
     # the ticks since its last settled one are missed, not a backlog to fire one by one.
     broker = MemoryBroker()
     app = App("sched-unstamped", broker=broker)
-    app.every(1.0, topic="tick", payload={}, catch_up=catch_up)
-    now = 2_000_000.0
-    await broker.update_value(state_key(app.name, "tick"), states.start(now - 3600))
+    app.every(3600.0, topic="tick", payload={}, catch_up=catch_up)
+    now = 2_000_000.0  # 2000 s past the last tick: past the grace, that tick was missed too
+    await broker.update_value(state_key(app.name, "tick"), states.start(now - 10 * 3600))
     await ScheduleRunner(app, "a").drive(now)
     entries = await broker.entries("tick", 10_000)
     assert len(entries) == (1 if catch_up else 0)
