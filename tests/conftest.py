@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from omnidaemon.brokers.embedded_server import ensure_server, stop_server
 from tests.cluster import RedisCluster, running_cluster
+from tests.e2e._support import WorkerProcess, spawn_workers
 from tests.nats import NatsServer, running_nats
 from tests.servers import RedisServer, running_redis
 
@@ -104,3 +105,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     """
     with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., WorkerProcess]]:
+    """Starts `omnidaemon worker` processes (`spawn(args, cwd, env)`); kills any left running
+    when the test ends."""
+    yield from spawn_workers()

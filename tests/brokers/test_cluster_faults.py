@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from uuid import uuid4
 
@@ -24,7 +24,7 @@ from omnidaemon.brokers import RedisBroker
 from omnidaemon.brokers.base import Subscription
 from omnidaemon.envelope import encode_new
 from tests.cluster import RedisCluster
-from tests.e2e._support import WorkerProcess, cli_env, read_lines, spawn_workers, write_module
+from tests.e2e._support import WorkerProcess, cli_env, read_lines, write_module
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -56,11 +56,6 @@ APP = """
         finally:
             os.close(fd)
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 class Fleet:

@@ -30,17 +30,12 @@ from nats.js.api import StreamInfo
 from omnidaemon.brokers.nats import NatsBroker
 from omnidaemon.brokers.nats._names import Names
 from tests.brokers.test_cluster_faults import APP, SETTLE, Fleet, Publisher, _until_published
-from tests.e2e._support import WorkerProcess, cli_env, spawn_workers, write_module
+from tests.e2e._support import WorkerProcess, cli_env, write_module
 from tests.nats import NatsCluster, NatsServer, running_nats_cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ELECTION = 20.0  # seconds the two nodes left may take to elect the stream's new leader
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @pytest.fixture

@@ -44,7 +44,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -236,11 +235,6 @@ def running(url: str, cwd: Path, spawn: Callable[..., WorkerProcess]) -> Iterato
         app = App("tester", broker=url)
         with portal.wrap_async_context_manager(app):
             yield Run(url=url, cwd=cwd, spawn=spawn, portal=portal, app=app)
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @pytest.fixture(params=BROKER_BUSES)

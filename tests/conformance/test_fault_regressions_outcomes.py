@@ -44,15 +44,10 @@ from omnidaemon.fleet import fleet_metrics
 from omnidaemon.metrics import AgentMetricsSnapshot
 from omnidaemon.results import Result
 from tests.conformance.test_worker_processes import BROKER_BUSES, BUSES, SETTLE, Fleet
-from tests.e2e._support import WorkerProcess, spawn_workers, wait_for
+from tests.e2e._support import WorkerProcess, wait_for
 from tests.http_receiver import Receiver, serving
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @pytest.fixture(params=BROKER_BUSES)

@@ -47,7 +47,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -430,11 +429,6 @@ class Fleet:
                     await bus.publish(self.topic, data or b"")
 
         self.call(publish)
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def _make_fleet(url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> Fleet:

@@ -14,13 +14,11 @@ Cluster (windows on several masters).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,10 @@ from anyio.from_thread import start_blocking_portal
 from omnidaemon import App
 from tests.e2e._support import (
     WorkerProcess,
+    buses_chosen,
     cli_env,
     read_lines,
-    spawn_workers,
+    side_by_side,
     wait_for,
     write_module,
 )
@@ -87,17 +86,6 @@ SOURCE = """
         finally:
             os.close(fd)
 """
-
-BUSES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
-    "redis": lambda request: request.getfixturevalue("redis_url"),
-    "nats": lambda request: request.getfixturevalue("nats_url"),
-    "cluster": lambda request: request.getfixturevalue("cluster_url"),
-}
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def _calls(log: Path) -> list[dict[str, Any]]:
@@ -206,16 +194,7 @@ def _scenario(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess])
 def test_bursts_across_three_processes_are_handled_whole_and_survive_a_sigkill(
     request: pytest.FixtureRequest, tmp_path: Path, spawn: Callable[..., WorkerProcess]
 ) -> None:
-    only = os.environ.get("T_DEBOUNCE_BUSES")  # to run some: T_DEBOUNCE_BUSES=redis,nats
-    urls = {
-        name: url_of(request)
-        for name, url_of in BUSES.items()
-        if only is None or name in only.split(",")
-    }
-    with ThreadPoolExecutor(len(urls)) as pool:
-        runs = {
-            name: pool.submit(_scenario, url, tmp_path / name, spawn) for name, url in urls.items()
-        }
-        figures = {name: run.result() for name, run in runs.items()}
-    for name, line in figures.items():
-        print(f"{name}: {line}")
+    urls = buses_chosen(request, "T_DEBOUNCE_BUSES")  # T_DEBOUNCE_BUSES=redis runs one
+    side_by_side(
+        {name: partial(_scenario, url, tmp_path / name, spawn) for name, url in urls.items()}
+    )

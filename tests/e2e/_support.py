@@ -8,17 +8,22 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 __all__ = [
+    "SHARED_BUSES",
     "WorkerProcess",
+    "buses_chosen",
     "cli_env",
     "read_lines",
     "run_cli",
+    "side_by_side",
     "spawn_workers",
     "wait_for",
     "write_module",
@@ -145,3 +150,30 @@ def spawn_workers() -> Iterator[Callable[..., WorkerProcess]]:
     finally:
         for worker in started:
             worker.kill()
+
+
+SHARED_BUSES: dict[str, str] = {"redis": "redis_url", "nats": "nats_url", "cluster": "cluster_url"}
+"""The buses a process test runs a scenario on, by name: the fixture giving each one's URL."""
+
+
+def buses_chosen(request: pytest.FixtureRequest, variable: str) -> dict[str, str]:
+    """The URLs of the shared buses, by name: all of them, or those listed in the environment
+    variable `variable` (`T_FLOW_BUSES=redis,nats`), to run a long test on some."""
+    only = os.environ.get(variable)
+    return {
+        name: request.getfixturevalue(fixture)
+        for name, fixture in SHARED_BUSES.items()
+        if only is None or name in only.split(",")
+    }
+
+
+def side_by_side(runs: Mapping[str, Callable[[], str]]) -> dict[str, str]:
+    """Run scenarios at once, one thread each (each with its own worker processes, mostly
+    waiting: one after another would cost the suite their sum), and print their figures for
+    `pytest -s`. A scenario's failure is raised once all have ended."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {name: pool.submit(run) for name, run in runs.items()}
+        figures = {name: future.result() for name, future in futures.items()}
+    for name, line in figures.items():
+        print(f"{name}: {line}")
+    return figures

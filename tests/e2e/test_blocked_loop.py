@@ -8,7 +8,7 @@ event from an `on_startup` hook and notes `done <event id>` in the file `E2E_LOG
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -68,11 +67,6 @@ APP = """
         time.sleep(1.5)  # a plain `def` runs in a thread: the loop stays free
         note(f"half {ctx.event.id}")
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def _run(

@@ -23,7 +23,7 @@ import pytest
 from omnidaemon.brokers.embedded_process import _pid_alive
 from omnidaemon.brokers.embedded_server import server_status, stop_server
 from tests.e2e._in_process import run_in_process
-from tests.e2e._support import WorkerProcess, cli_env, spawn_workers, wait_for
+from tests.e2e._support import WorkerProcess, cli_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +57,6 @@ def env(home: Path) -> dict[str, str]:
     found = cli_env(HOME=str(home))
     del found["OMNIDAEMON_BROKER_URL"]
     return found
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def folder(path: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from tests.e2e._support import (
     CLI,
     WorkerProcess,
     cli_env,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -51,11 +50,6 @@ ONE_AGENT_APP = """
 @pytest.fixture
 def env(redis_server: RedisServer) -> dict[str, str]:
     return cli_env(OMNIDAEMON_BROKER_URL=redis_server.url)
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def cli_json(args: list[str], cwd: Path, env: dict[str, str]) -> Any:

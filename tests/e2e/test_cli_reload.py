@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -17,7 +17,6 @@ from tests.e2e._support import (
     cli_env,
     read_lines,
     run_cli,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -38,11 +37,6 @@ VERSIONED_APP = """
         with open(os.environ["E2E_LOG"], "a") as f:
             f.write(f"VERSION {event['n']}\\n")
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def publish(url: str, topic: str, n: int) -> None:

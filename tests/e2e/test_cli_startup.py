@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -17,7 +17,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -40,11 +39,6 @@ ECHO_APP = """
         with open(os.environ["E2E_LOG"], "a") as f:
             f.write(f"handled {event['id']}\\n")
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @pytest.fixture

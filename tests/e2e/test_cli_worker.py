@@ -7,7 +7,7 @@ the worker process) and record what their handlers do in a file named by `E2E_LO
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -117,11 +116,6 @@ PIPELINE_APP = """
         caused = ctx.event.causation_id is not None
         note(f"c {event['id']} checked_by={event['checked_by']} causation={caused}")
 """
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @pytest.fixture

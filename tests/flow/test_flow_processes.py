@@ -13,14 +13,13 @@ a Redis Cluster (flow state on several masters).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from itertools import pairwise
 from math import inf
 from pathlib import Path
@@ -33,9 +32,10 @@ from omnidaemon import App
 from omnidaemon.brokers.base import Subscription
 from tests.e2e._support import (
     WorkerProcess,
+    buses_chosen,
     cli_env,
     read_lines,
-    spawn_workers,
+    side_by_side,
     wait_for,
     write_module,
 )
@@ -49,17 +49,6 @@ PACED = 210  # events at 10/s with a burst of 2: a little over 20 s
 BACKLOG = 2000  # key A's events queued before key B's single one: 100 s of A's work
 A_HOLD = 0.1  # seconds each of A's handlers runs
 STAGGER = 5.0  # seconds between the buses' backlogs
-
-BUSES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
-    "redis": lambda request: request.getfixturevalue("redis_url"),
-    "nats": lambda request: request.getfixturevalue("nats_url"),
-    "cluster": lambda request: request.getfixturevalue("cluster_url"),
-}
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 @dataclass(frozen=True)
@@ -236,17 +225,10 @@ def test_every_limit_holds_across_three_worker_processes(
 ) -> None:
     # The buses side by side, each with its own three workers: the limits keep them mostly
     # waiting, and one at a time would cost the suite a minute more.
-    only = os.environ.get("T_FLOW_BUSES")  # to run some: T_FLOW_BUSES=redis,nats
-    urls = {
-        name: url_of(request)
-        for name, url_of in BUSES.items()
-        if only is None or name in only.split(",")
-    }
-    with ThreadPoolExecutor(len(urls)) as pool:
-        runs = {
-            name: pool.submit(_scenario, url, tmp_path / name, spawn, STAGGER * index)
+    urls = buses_chosen(request, "T_FLOW_BUSES")  # T_FLOW_BUSES=redis,nats runs those
+    side_by_side(
+        {
+            name: partial(_scenario, url, tmp_path / name, spawn, STAGGER * index)
             for index, (name, url) in enumerate(urls.items())
         }
-        figures = {name: run.result() for name, run in runs.items()}
-    for name, line in figures.items():
-        print(f"{name}: {line}")  # the figures, for the resolution note (pytest -s)
+    )

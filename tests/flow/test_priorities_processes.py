@@ -9,7 +9,7 @@ import json
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from tests.e2e._support import (
     WorkerProcess,
     cli_env,
     read_lines,
-    spawn_workers,
     wait_for,
     write_module,
 )
@@ -78,11 +77,6 @@ EACH = 150  # events per lane in the backlog
 STARTUP = 30.0
 URGENT = 10_000  # the high event published into a busy topic
 FIRST = 96  # the first starts looked at: six rounds of the guard's 16 fetches per worker
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def _starts(log: Path, agent: str) -> list[dict[str, Any]]:

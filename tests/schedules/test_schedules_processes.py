@@ -26,8 +26,8 @@ import signal
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ import pytest
 
 from tests.e2e._support import (
     WorkerProcess,
+    buses_chosen,
     cli_env,
     read_lines,
-    spawn_workers,
+    side_by_side,
     wait_for,
     write_module,
 )
@@ -50,17 +51,6 @@ pytestmark = pytest.mark.slow
 RUN_SECONDS = float(os.environ.get("T_SCHEDULE_SECONDS", "120"))
 STARTUP = 30.0  # seconds a worker may take to start (nine processes share two cores)
 CATCH_UP_INTERVAL = 15.0
-
-BUSES: dict[str, Callable[[pytest.FixtureRequest], str]] = {
-    "redis": lambda request: request.getfixturevalue("redis_url"),
-    "nats": lambda request: request.getfixturevalue("nats_url"),
-    "cluster": lambda request: request.getfixturevalue("cluster_url"),
-}
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., WorkerProcess]]:
-    yield from spawn_workers()
 
 
 def _lines(log: Path, kind: str, schedule: str = "main") -> list[dict[str, Any]]:
@@ -178,19 +168,9 @@ def test_schedules_fire_once_per_tick_across_worker_processes(
     request: pytest.FixtureRequest, tmp_path: Path, spawn: Callable[..., WorkerProcess]
 ) -> None:
     # The buses (and the outage run) side by side: the schedules keep them mostly idle.
-    only = os.environ.get("T_SCHEDULE_BUSES")  # to run some: T_SCHEDULE_BUSES=redis,nats
-    urls = {
-        name: url_of(request)
-        for name, url_of in BUSES.items()
-        if only is None or name in only.split(",")
-    }
-    with ThreadPoolExecutor(len(urls) + 1) as pool:
-        runs = {
-            name: pool.submit(_fleet, url, tmp_path / name, spawn) for name, url in urls.items()
-        }
-        runs["outage"] = pool.submit(
-            _outage, request.getfixturevalue("redis_url"), tmp_path / "outage", spawn
-        )
-        figures = {name: run.result() for name, run in runs.items()}
-    for name, line in figures.items():
-        print(f"{name}: {line}")  # the figures, for the resolution note (pytest -s)
+    urls = buses_chosen(request, "T_SCHEDULE_BUSES")  # T_SCHEDULE_BUSES=redis runs one
+    runs = {name: partial(_fleet, url, tmp_path / name, spawn) for name, url in urls.items()}
+    runs["outage"] = partial(
+        _outage, request.getfixturevalue("redis_url"), tmp_path / "outage", spawn
+    )
+    side_by_side(runs)
