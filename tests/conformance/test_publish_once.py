@@ -6,27 +6,19 @@ its processes may call, at the same time or after another died, with the same ke
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from uuid import uuid4
 
 import anyio
 import pytest
 
 from omnidaemon.brokers import Broker, MemoryBroker, RedisBroker, Subscription, open_broker
-from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.brokers.nats import NatsBroker
 from omnidaemon.brokers.nats._publishing import ONCE_HEADER
 from omnidaemon.errors import NotReplicated
+from tests.conformance.test_broker_contract import BROKERS  # the same buses, one list
 
 pytestmark = pytest.mark.anyio
-
-BROKERS: dict[str, Callable[[pytest.FixtureRequest], Broker]] = {
-    "memory": lambda request: MemoryBroker(None),
-    "redis": lambda request: RedisBroker(request.getfixturevalue("redis_url")),
-    "cluster": lambda request: RedisBroker(request.getfixturevalue("cluster_url")),
-    "embedded": lambda request: EmbeddedBroker(request.getfixturevalue("embedded_home")),
-    "nats": lambda request: open_broker(request.getfixturevalue("nats_url")),
-}
 
 
 @pytest.fixture(params=sorted(BROKERS))
