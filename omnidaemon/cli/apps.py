@@ -33,7 +33,8 @@ def _load(command: str, target: str) -> "App":
 
 
 def agents(app: AppArgument, json: JsonOption = False) -> None:
-    """The agents of APP: topics, payload and return types, what each publishes, policies."""
+    """The agents of APP: topics, payload and return types (and debouncing), what each
+    publishes, policies; then its schedules."""
     from omnidaemon.topology import describe_agent, type_name
 
     loaded = _load("agents", app)
@@ -55,7 +56,10 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
             [
                 s.name,
                 s.topic,
-                type_name(s.payload_type),
+                type_name(s.payload_type)
+                if s.debounce is None
+                else f"{type_name(s.payload_type)}, debounced {s.debounce.seconds:g}s "
+                f"(max {s.debounce.max_wait:g}s)",
                 type_name(s.return_type),
                 s.publishes or "-",
                 str(s.policy.max_retries),
@@ -70,7 +74,7 @@ def agents(app: AppArgument, json: JsonOption = False) -> None:
     )
     if timed:
         print_table(
-            ["SCHEDULE", "EVERY", "TIME ZONE", "PUBLISHES", "CATCH UP"],
+            ["SCHEDULE", "WHEN", "TIME ZONE", "PUBLISHES", "CATCH UP"],
             [[t.name, t.spec, t.timezone, t.topic, "yes" if t.catch_up else "no"] for t in timed],
             title=f"{plural(len(timed), 'schedule')} (omnidaemon schedules APP: fire times)",
         )
