@@ -44,6 +44,10 @@ KEYS = 50
 PER_BURST = 3  # messages per key per burst
 BURSTS = 2  # the second is the one workers are SIGKILLed in
 SETTLE = 30.0  # seconds a burst's batches may take to be handled (the killed one: reclaims)
+# The quiet time that ends a burst. A burst's messages are timed when they are collected: on
+# a loaded machine, collecting 150 messages with three workers took over 1 s, which split
+# bursts the test expects whole.
+DEBOUNCE = 2.5
 
 SOURCE = """
     import json
@@ -60,9 +64,9 @@ SOURCE = """
 
     @app.agent(
         os.environ["T_TOPIC"],
-        debounce=1.0,
+        debounce=float(os.environ["T_DEBOUNCE"]),
         debounce_key=lambda m: m["k"],
-        debounce_max_wait=3.0,
+        debounce_max_wait=3 * float(os.environ["T_DEBOUNCE"]),
         reclaim_idle=1.0,
         max_retries=10,
         retry_backoff=0.2,
@@ -97,7 +101,9 @@ def _scenario(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess])
     write_module(tmp_path, "debounce_app", SOURCE)
     log = tmp_path / "calls.jsonl"
     topic = f"chat.message.t{secrets.token_hex(4)}"  # the servers are shared by the session
-    env = cli_env(OMNIDAEMON_BROKER_URL=bus_url, T_LOG=str(log), T_TOPIC=topic)
+    env = cli_env(
+        OMNIDAEMON_BROKER_URL=bus_url, T_LOG=str(log), T_TOPIC=topic, T_DEBOUNCE=str(DEBOUNCE)
+    )
     workers = [spawn(["debounce_app:app"], tmp_path, env) for _ in range(3)]
     for worker in workers:
         wait_for(partial(worker.has_logged, "worker started"), STARTUP, "a worker to start")
@@ -127,7 +133,7 @@ def _scenario(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess])
             if burst == 1:
                 # Then another while the burst's checks seal windows and its batches run;
                 # replacements start, as a supervisor would start them.
-                time.sleep(1.2)
+                time.sleep(DEBOUNCE + 0.2)
                 workers[1].send(signal.SIGKILL)
                 workers += [spawn(["debounce_app:app"], tmp_path, env) for _ in range(2)]
             try:
