@@ -1,4 +1,6 @@
-"""`omnidaemon api` as a real subprocess: serving, stopping on SIGTERM, and its refusals."""
+"""`omnidaemon api`: serving and stopping on SIGTERM as a real subprocess; its refusals run in
+the test process (`tests/e2e/_in_process.py`, with the folder and environment a subprocess
+would get), where only what the command prints and its exit status are checked."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from tests.api._support import ADMIN, PUBLISHER, READER, auth
+from tests.e2e._in_process import Ran, run_in_process
 from tests.e2e._support import CLI, cli_env, wait_for, write_module
 from tests.servers import RedisServer, free_port
 
@@ -127,16 +129,8 @@ def test_the_api_command_serves_and_stops_gracefully(
     assert "Traceback" not in log
 
 
-def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, "api", *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+def _run(args: list[str], cwd: Path, **env: str) -> Ran:
+    return run_in_process(["api", *args], cwd, cli_env(**env))
 
 
 def _assert_one_line(status: int, stderr: str, expected: int, fragment: str) -> None:
@@ -147,18 +141,17 @@ def _assert_one_line(status: int, stderr: str, expected: int, fragment: str) -> 
     assert ADMIN not in stderr
 
 
-def test_refusals_of_the_real_command(project: Path) -> None:
+def test_refusals_of_the_whole_command(project: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = str(taken.getsockname()[1])
-        runs = [
-            (["shop:app", "--insecure-no-auth", "--host", "0.0.0.0"], {}),
-            (["shop:app"], {}),
-            (["shop:app", "--port", busy], {"OMNIDAEMON_API_TOKENS": f"ops:admin:{ADMIN}"}),
-        ]
-        with ThreadPoolExecutor(len(runs)) as pool:
-            public, tokenless, in_use = pool.map(lambda r: _run(r[0], project, **r[1]), runs)
+        # One after the other: the commands share this process's environment and streams.
+        public = _run(["shop:app", "--insecure-no-auth", "--host", "0.0.0.0"], project)
+        tokenless = _run(["shop:app"], project)
+        in_use = _run(
+            ["shop:app", "--port", busy], project, OMNIDAEMON_API_TOKENS=f"ops:admin:{ADMIN}"
+        )
     _assert_one_line(public.returncode, public.stderr, 2, "only on a loopback --host")
     _assert_one_line(
         tokenless.returncode,
