@@ -467,6 +467,51 @@ class Broker(ABC):
     async def get_results(self, event_id: str) -> dict[str, bytes]:
         """The stored result records of an event, by agent (empty when none is stored)."""
 
+    # Output logs --------------------------------------------------------------------------
+    # An output log is an append-only sequence of entries under a key, written by one
+    # producer (a handler streaming partial output) and read by any number of readers, each
+    # at its own pace, from the start: a reader that comes late misses nothing. The bus does
+    # not bound a log's length: its writer does.
+
+    @abstractmethod
+    async def append_output(self, key: str, data: bytes, *, ttl: float) -> str:
+        """Append one entry to the output log `key` (made by its first append); durable when
+        this returns, like `publish`. Returns the entry's id: a string, unique within the
+        log, that orders its entries (a reader resumes after it with `read_output`).
+
+        Every entry is kept at least `ttl` seconds after its append, and the log is gone at
+        most `ttl` seconds after its last append (give or take the bus's rounding: NATS
+        counts whole seconds, rounded up). Redis and memory keep the whole log until `ttl`
+        after its last append; on NATS each entry expires `ttl` after its own append, so
+        choose a `ttl` longer than the log is written for plus how long readers need it.
+
+        A call that fails because the bus did not answer may be repeated, and may then
+        append the entry twice (at least once, like `publish`).
+        """
+
+    @abstractmethod
+    async def read_output(
+        self, key: str, *, after: str | None = None, count: int = 100, timeout: float = 0.0
+    ) -> list[tuple[str, bytes]]:
+        """Up to `count` entries of the output log `key` as `(id, data)`, oldest first: those
+        after the entry `after` (from the first when `None`).
+
+        When there are none yet, waits up to `timeout` seconds for one to be appended and
+        returns as soon as one is (0: answers at once). A log that does not exist (not yet,
+        or no longer: expired or deleted) reads as `[]`. Reading removes nothing: many
+        readers may read one log at once, each at its own pace. `after` need not be an
+        entry the log still holds (a reader resumes where it left off), but it must be an
+        id of this bus.
+
+        Raises:
+            ValueError: `after` is not an id this bus makes, or `count` is below 1.
+        """
+
+    @abstractmethod
+    async def delete_output(self, key: str) -> None:
+        """Remove the output log `key` with every entry it holds (nothing if there is no such
+        log). A later `append_output` starts a new log."""
+
     # Keys and values ----------------------------------------------------------------------
 
     @abstractmethod

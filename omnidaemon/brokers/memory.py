@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from omnidaemon.brokers._memory_output import OutputLogs, parse_memory_id
 from omnidaemon.brokers.base import (
     Broker,
     ConsumerInfo,
@@ -83,6 +84,7 @@ class _Bus:
         self.once: dict[tuple[str, str], float] = {}  # publish_once (topic, key) -> expires at
         self.once_sweep_at = 1024  # marks held when the expired ones are next dropped
         self.stats: dict[tuple[str, str], dict[str, int]] = {}  # (topic, group) -> fields
+        self.outputs = OutputLogs()  # output logs (append_output), by key
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
 
@@ -499,6 +501,35 @@ class MemoryBroker(Broker):
             self._bus.results.pop(event_id, None)
             return {}
         return dict(records)
+
+    # Output logs --------------------------------------------------------------------------
+
+    async def append_output(self, key: str, data: bytes, *, ttl: float) -> str:
+        bus = self._bus
+        entry_id = bus.outputs.append(key, data, ttl, bus.now())
+        bus.notify()  # wakes the readers waiting in read_output
+        await anyio.lowlevel.checkpoint()
+        return entry_id
+
+    async def read_output(
+        self, key: str, *, after: str | None = None, count: int = 100, timeout: float = 0.0
+    ) -> list[tuple[str, bytes]]:
+        if count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
+        seq = 0 if after is None else parse_memory_id(after)
+        bus = self._bus
+        deadline = bus.now() + timeout
+        while True:
+            found = bus.outputs.read(key, seq, count, bus.now())
+            left = deadline - bus.now()
+            if found or left <= 0:
+                await anyio.lowlevel.checkpoint()
+                return found
+            await bus.wait_changed(left)
+
+    async def delete_output(self, key: str) -> None:
+        self._bus.outputs.delete(key)
+        await anyio.lowlevel.checkpoint()
 
     # Keys and values ----------------------------------------------------------------------
 

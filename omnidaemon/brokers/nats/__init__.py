@@ -11,6 +11,7 @@ from omnidaemon.brokers.nats._core import REPLICAS_ENV
 from omnidaemon.brokers.nats._dead_letters import NatsDeadLetters
 from omnidaemon.brokers.nats._delivery import NatsDelivery
 from omnidaemon.brokers.nats._inspection import NatsInspection
+from omnidaemon.brokers.nats._output import NatsOutput
 from omnidaemon.brokers.nats._publishing import NatsPublishing
 from omnidaemon.brokers.nats._url import parse_nats_url, redact_nats_url
 from omnidaemon.brokers.nats._values import NatsValues
@@ -18,7 +19,9 @@ from omnidaemon.brokers.nats._values import NatsValues
 __all__ = ["REPLICAS_ENV", "NatsBroker", "parse_nats_url", "redact_nats_url"]
 
 
-class NatsBroker(NatsPublishing, NatsDelivery, NatsValues, NatsDeadLetters, NatsInspection):
+class NatsBroker(
+    NatsPublishing, NatsDelivery, NatsValues, NatsDeadLetters, NatsInspection, NatsOutput
+):
     """The NATS JetStream broker.
 
     Args:

@@ -18,6 +18,8 @@ Outside topics: stream `p_kv` (one message per subject, per-message TTLs) holds 
 redelivery marks (`p.kv.h.<t>.<g>.<seq>`), deliveries never run (`p.kv.f.<t>.<g>.<seq>`) and the
 consumer registry (`p.kv.c.<t>.<g>.<consumer>`);
 stream `p_m` (a counter stream) holds metric sums (`p.m.<t>.<g>.<field>`).
+stream `p_out` holds every output log (`p.out.<key>`, the key encoded), each entry with its own
+TTL.
 """
 
 from __future__ import annotations
@@ -179,3 +181,16 @@ class Names:
 
     def metrics_of_topic(self, topic: str) -> str:
         return f"{self.prefix}.m.{encode(topic)}.>"
+
+    # Output logs -------------------------------------------------------------------------
+
+    @property
+    def output_stream(self) -> str:
+        return f"{self.prefix}_out"
+
+    @property
+    def outputs_all(self) -> str:
+        return f"{self.prefix}.out.*"
+
+    def output(self, key: str) -> str:
+        return f"{self.prefix}.out.{encode(key)}"

@@ -16,8 +16,10 @@ Cluster slot), with `omni` as the default prefix:
 - `omni:{<topic>}:once:<key>`: `publish_once`'s mark of a key (the token of the call that
   appended), expiring with its window.
 
-Outside topics: `omni:result:<event id>` (stored results, a hash by agent) and
-`omni:value:<key>` (idempotency claims, worker heartbeats `worker:<name>`).
+Outside topics: `omni:result:<event id>` (stored results, a hash by agent),
+`omni:value:<key>` (idempotency claims, worker heartbeats `worker:<name>`) and
+`omni:output:<key>` (output logs: a stream each, one field `d` per entry, expiring `ttl` after
+its last append).
 
 Trimming: each publish trims the topic stream to about `maxlen` entries (`XADD MAXLEN ~`). An
 entry no group has read yet is trimmed only once at least `maxlen` newer entries were published
@@ -29,12 +31,13 @@ from __future__ import annotations
 from omnidaemon.brokers.redis._connection import MAX_CONNECTIONS, redact_url
 from omnidaemon.brokers.redis._delivery import RedisDelivery
 from omnidaemon.brokers.redis._inspection import RedisInspection
+from omnidaemon.brokers.redis._output import RedisOutput
 from omnidaemon.brokers.redis._publishing import RedisPublishing
 
 __all__ = ["MAX_CONNECTIONS", "RedisBroker", "redact_url"]
 
 
-class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
+class RedisBroker(RedisOutput, RedisPublishing, RedisDelivery, RedisInspection):
     """The Redis Streams broker.
 
     Args:
@@ -64,7 +67,8 @@ class RedisBroker(RedisPublishing, RedisDelivery, RedisInspection):
     # `_cluster` (seed lists, telling a cluster, its nodes), `_routing` (the broker's own
     # connections, which server each command goes to, replica confirmation, scripts, missing
     # groups: the one place that knows where a key lives), `_keys` (the key layout),
-    # `_publishing`, `_delivery` (fetching and settling) and `_inspection`.
+    # `_publishing`, `_delivery` (fetching and settling), `_inspection` and `_output`
+    # (output logs).
 
     def clone(self) -> RedisBroker:
         return RedisBroker(

@@ -62,6 +62,10 @@ class RedisKeys:
         """The Redis key of a stored value."""
         return f"{self._prefix}:value:{key}"
 
+    def output_key(self, key: str) -> str:
+        """The key of an output log (a stream, one field `d` per entry)."""
+        return f"{self._prefix}:output:{key}"
+
 
 def _is_nogroup(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc)
