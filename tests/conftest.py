@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from omnidaemon.brokers.embedded_server import ensure_server, stop_server
 from tests.cluster import RedisCluster, running_cluster
@@ -21,6 +22,20 @@ from tests.servers import RedisServer, running_redis
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found() -> Iterator[None]:
+    """Leave structlog's configuration as the test found it. `structlog.testing.capture_logs`
+    ends by *configuring* structlog (with its default logger, printing to standard output),
+    so after it every omnidaemon line of the process went to stdout, and a later test reading
+    a command's JSON output from stdout read log lines too (seen once in CI, by test order)."""
+    configured, config = structlog.is_configured(), structlog.get_config()
+    yield
+    if configured:
+        structlog.configure(**config)
+    else:
+        structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
