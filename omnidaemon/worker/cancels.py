@@ -76,8 +76,12 @@ class CancelWatch:
         return registry.match(envelope.id, envelope.correlation_id, envelope.created_at, agent)
 
     def started(self, handling: Handling) -> None:
-        """Watch a handler from its start; a cancellation learnt since the check applies."""
+        """Watch a handler from its start; a cancellation learnt since the event was checked
+        (while it was being admitted) applies now, so the handler never starts."""
         self._running.add(handling)
+        found = self.check(handling.envelope, handling.agent)
+        if found is not None:
+            handling.cancel(found)
 
     def ended(self, handling: Handling) -> None:
         """Stop watching it: from here on its outcome is what it did. Called in the handler's
