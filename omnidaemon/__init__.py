@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from omnidaemon.flow import Budget, RateLimit
     from omnidaemon.results import Result
     from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
+    from omnidaemon.streaming.stream import OutputStream, StreamChunk
 
 # Names are imported on first use, so that `omnidaemon --help` and other light commands do not
 # pay for pydantic, redis and the rest at start-up.
@@ -65,6 +66,8 @@ _LAZY = {
     "Reject": "omnidaemon.retry",
     "Retry": "omnidaemon.retry",
     "RetryPolicy": "omnidaemon.retry",
+    "OutputStream": "omnidaemon.streaming.stream",
+    "StreamChunk": "omnidaemon.streaming.stream",
     # The OmniDaemon SDK's top-level names (see omnidaemon.compat); not in __all__.
     "AgentConfig": "omnidaemon.compat",
     "EventEnvelope": "omnidaemon.compat",
@@ -104,6 +107,7 @@ __all__ = [
     "DelayTooLong",
     "Envelope",
     "OmniDaemonError",
+    "OutputStream",
     "PayloadTooLarge",
     "PayloadValidationError",
     "RateLimit",
@@ -111,6 +115,7 @@ __all__ = [
     "Result",
     "Retry",
     "RetryPolicy",
+    "StreamChunk",
     "__version__",
 ]
 

@@ -74,6 +74,9 @@ class AgentSpec:
         is_async: Whether the handler is a coroutine function (else it runs in a thread).
         envelope_adapter: Validates an envelope with this agent's payload type from JSON bytes.
         return_adapter: Validates the return value, or `None` when it is not checked.
+        stream_type: The type of the chunks the handler streams with `ctx.emit` (`stream=`),
+            or `None` when it declared none (any JSON value may then be emitted).
+        stream_adapter: Validates an emitted chunk against `stream_type`, or `None`.
     """
 
     name: str
@@ -98,6 +101,8 @@ class AgentSpec:
     idempotency_ttl: float = 86_400.0
     flow: FlowSpec | None = None
     debounce: DebounceSpec | None = None
+    stream_type: Any = None
+    stream_adapter: TypeAdapter[Any] | None = None
 
 
 def _qualname(handler: Handler) -> str:
@@ -182,6 +187,7 @@ def build_agent_spec(
     concurrency_key: Callable[[Any], Any] | None = None,
     budgets: Sequence[Budget] | None = None,
     estimate: Callable[[Any], float | Mapping[str, float]] | None = None,
+    stream: Any = None,
 ) -> AgentSpec:
     """Inspect `handler` and the decorator's options; raise `TypeError`/`ValueError` if unusable.
 
@@ -290,6 +296,14 @@ def build_agent_spec(
         raise ValueError(f"{qualname}: result_ttl must be > 0 seconds")
     if start not in ("earliest", "latest"):
         raise ValueError(f"{qualname}: start must be 'earliest' or 'latest', not {start!r}")
+    stream_adapter: TypeAdapter[Any] | None = None
+    if stream is not None:
+        try:
+            stream_adapter = TypeAdapter(stream)
+        except (PydanticSchemaGenerationError, PydanticUserError, TypeError) as exc:
+            raise TypeError(
+                f"{qualname}: cannot validate chunks of type {stream!r}: {exc}"
+            ) from exc
     flow = build_flow_spec(
         qualname,
         rate_limit=rate_limit,
@@ -322,4 +336,6 @@ def build_agent_spec(
         idempotency_key=idempotency_key,
         idempotency_ttl=_seconds(idempotency_ttl),
         flow=flow,
+        stream_type=stream,
+        stream_adapter=stream_adapter,
     )

@@ -1,8 +1,8 @@
 """App: the agent registry, the broker connection, and the lifespan hooks a worker runs.
 
-Publishing is `omnidaemon.app_publishing`, schedules `omnidaemon.app_schedules`, and what
-became of events (results, cancellation, dead letters) `omnidaemon.app_outcomes`: `App`
-inherits them."""
+Publishing is `omnidaemon.app_publishing`, schedules `omnidaemon.app_schedules`, what
+became of events (results, cancellation, dead letters) `omnidaemon.app_outcomes`, and reading
+streamed output `omnidaemon.app_streaming`: `App` inherits them."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from omnidaemon.agents import AgentSpec, build_agent_spec, validate_agent_name
 from omnidaemon.app_outcomes import EventOutcomes
 from omnidaemon.app_publishing import Publishing
 from omnidaemon.app_schedules import Scheduling
+from omnidaemon.app_streaming import Streaming
 from omnidaemon.brokers import Broker, open_broker
 from omnidaemon.brokers.embedded import EmbeddedBroker
 from omnidaemon.debounce import debounced_spec
@@ -57,7 +58,7 @@ Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
 """A lifespan: called with the app, returns an async context manager the worker runs inside."""
 
 
-class App(Publishing, Scheduling, EventOutcomes):
+class App(Publishing, Scheduling, EventOutcomes, Streaming):
     """An omnidaemon application: a name, a broker, and the agents that run on it.
 
     Args:
@@ -148,6 +149,7 @@ class App(Publishing, Scheduling, EventOutcomes):
         debounce: float | timedelta | None = None,
         debounce_key: Callable[[Any], Any] | None = None,
         debounce_max_wait: float | timedelta | None = None,
+        stream: Any = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as an agent consuming `topic`.
 
@@ -201,6 +203,10 @@ class App(Publishing, Scheduling, EventOutcomes):
                 burst per key; default: one for the agent.
             debounce_max_wait: Seconds after a burst's first message by which it is handled
                 even if messages keep coming; default: `debounce`.
+            stream: The type of the chunks the handler streams with `ctx.emit` (a model,
+                `str`, ...): each chunk is validated against it. Without it, any JSON value
+                may be emitted, and only attempts that emit write an end to the stream. See
+                "Streaming output" in docs/patterns.md.
 
         Raises:
             TypeError: The handler's signature cannot be used (see the message).
@@ -236,6 +242,7 @@ class App(Publishing, Scheduling, EventOutcomes):
                 concurrency_key=concurrency_key,
                 budgets=budgets,
                 estimate=estimate,
+                stream=stream,
             )
             spec = debounced_spec(
                 spec,

@@ -1,9 +1,11 @@
-"""What became of events, and stopping them: `cancel`, `result`, `dead_letters` and
-`replay_dead_letters`. `App` inherits it."""
+"""What became of events, and stopping them: `cancel`, `result`, `trace`, `runs`,
+`dead_letters` and `replay_dead_letters`. `App` inherits it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from omnidaemon.agents import AgentSpec
@@ -14,6 +16,7 @@ from omnidaemon.settings import Settings
 
 if TYPE_CHECKING:
     from omnidaemon.cancellation import Cancellation
+    from omnidaemon.traces import RunStatus, RunSummary, Trace
     from omnidaemon.worker.cancels import CancelWatch
 
 __all__ = ["EventOutcomes"]
@@ -105,6 +108,49 @@ class EventOutcomes:
         """
         await self.connect()
         return await wait_result(self.broker, event_id, agent, timeout)
+
+    async def trace(self, run_or_event_id: str) -> Trace | None:
+        """The trace of a whole run: every event sharing one correlation id, as a causal
+        tree of events, each agent's handling of them with every attempt (worker, times,
+        outcome, error), and the events each handling published.
+
+        Workers write it with their acknowledgements, and keep it `OMNIDAEMON_TRACE_TTL`
+        (24 h) after the run's last write.
+
+        Args:
+            run_or_event_id: The run's correlation id, or the id of any of its events
+                (the first event's id is the run's id unless the publisher chose one).
+
+        Returns:
+            The trace, or `None` when the bus holds none (unknown id, nothing handled yet,
+            or expired).
+        """
+        from omnidaemon.traces.reading import find_trace
+
+        await self.connect()
+        return await find_trace(self.broker, run_or_event_id)
+
+    async def runs(
+        self,
+        *,
+        since: timedelta = timedelta(hours=1),
+        status: RunStatus | None = None,
+        limit: int = 50,
+    ) -> list[RunSummary]:
+        """Recent runs, the most recently active first: each with its status, start,
+        duration, size and the agent that failed (`omnidaemon runs`).
+
+        Args:
+            since: How far back to look (by each run's last activity).
+            status: Only runs with this status (`running`, `succeeded`, `failed`,
+                `cancelled`).
+            limit: The most runs returned.
+        """
+        from omnidaemon.traces.reading import list_runs
+
+        await self.connect()
+        start = time.time() - since.total_seconds()
+        return await list_runs(self.broker, since=start, status=status, limit=limit)
 
     async def dead_letters(self, agent: str, *, limit: int = 100) -> list[DeadLetter]:
         """The `limit` most recent events in `agent`'s dead-letter queue, oldest first: its

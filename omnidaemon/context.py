@@ -18,6 +18,7 @@ from omnidaemon.requests import is_request_reply
 if TYPE_CHECKING:
     from omnidaemon.app import App
     from omnidaemon.cancellation import Cancellation
+    from omnidaemon.streaming.writer import StreamWriter
 
 __all__ = ["Context"]
 
@@ -47,6 +48,8 @@ class Context:
         "_cancellation",
         "_charge",
         "_log",
+        "_published",
+        "_stream",
         "agent",
         "attempt",
         "event",
@@ -78,6 +81,10 @@ class Context:
         self._charge: Callable[[str, float], Awaitable[None]] | None = None
         # Set by the worker when the event is cancelled while the handler runs.
         self._cancellation: Cancellation | None = None
+        # This attempt's output stream, made by its first `emit`.
+        self._stream: StreamWriter | None = None
+        # `(topic, event id)` of what the handler published, for the run's trace.
+        self._published: list[tuple[str, str]] | None = None
 
     @property
     def app(self) -> App:
@@ -190,6 +197,7 @@ class Context:
             if not await self._app.broker.publish_if_exists(self.event.reply_to, data):
                 self.log.debug("reply dropped: the request no longer waits")
             self.replied = True
+            self._note_published(self.event.reply_to, event_id)
             return event_id
         event_id = await self._app.publish(
             self.event.reply_to,
@@ -200,7 +208,53 @@ class Context:
             headers=headers,
         )
         self.replied = True
+        self._note_published(self.event.reply_to, event_id)
         return event_id
+
+    def _note_published(self, topic: str, event_id: str) -> None:
+        if self._published is None:
+            self._published = []
+        self._published.append((topic, event_id))
+
+    async def emit(self, chunk: Any) -> bool:
+        """Append `chunk` to this event's output stream, where `App.stream` readers (and
+        `GET /v1/events/{id}/stream`) get it; the handler's return value ends the stream.
+
+        `chunk` is a str, any JSON value, or a value of the agent's `stream=` type (checked
+        against it). Durable when this returns (one bus round trip). Each attempt streams
+        anew: a retry's readers are told, and never get chunks of two attempts mixed. Past
+        the bound (`OMNIDAEMON_OUTPUT_MAX_CHUNKS`, `OMNIDAEMON_OUTPUT_MAX_BYTES`) chunks are
+        dropped and the stream is marked truncated; the handler runs on.
+
+        Returns:
+            `True` once the bus holds the chunk; `False` when it was dropped past the bound.
+
+        Raises:
+            Cancelled: the event being handled was cancelled.
+            PayloadValidationError: the chunk does not match the agent's `stream=` type.
+            TypeError: JSON cannot carry the chunk.
+
+        Example:
+            ```python
+            @app.agent("chat.asked", stream=str)
+            async def answer(question: dict, ctx: Context) -> str:
+                words = []
+                for word in ["Hello", " world"]:
+                    await ctx.emit(word)
+                    words.append(word)
+                return "".join(words)
+            ```
+        """
+        self.raise_if_cancelled()
+        if self._stream is None:
+            from omnidaemon.streaming.writer import open_writer
+
+            self._stream = open_writer(self)
+        return await self._stream.emit(chunk)
+
+    def emit_sync(self, chunk: Any) -> bool:
+        """`emit` for plain `def` handlers, which run in a worker thread."""
+        return anyio.from_thread.run(self.emit, chunk)
 
     async def charge(self, budget: str, units: float) -> None:
         """Pay `units` of `budget` for what this handler used (the tokens a model call
@@ -245,7 +299,7 @@ class Context:
             Cancelled: the event being handled was cancelled: its run publishes nothing more.
         """
         self.raise_if_cancelled()
-        return await self._app.publish(
+        event_id = await self._app.publish(
             topic,
             payload,
             correlation_id=self.event.correlation_id,
@@ -259,6 +313,8 @@ class Context:
             expires=expires,
             priority=self.priority if priority is None else priority,
         )
+        self._note_published(topic, event_id)
+        return event_id
 
     def publish_sync(
         self,

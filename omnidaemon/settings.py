@@ -57,6 +57,15 @@ class Settings:
         cancel_ttl: `OMNIDAEMON_CANCEL_TTL`, seconds a cancellation (`App.cancel`) is kept on
             the bus, 7 days by default: an event that comes due later (a delayed event, a
             retry) is no longer stopped by it.
+        output_max_chunks: `OMNIDAEMON_OUTPUT_MAX_CHUNKS`, the most chunks one attempt of a
+            handler may stream with `ctx.emit` (10,000 by default); past it (or past
+            `output_max_bytes`) the stream is truncated: one `truncated` marker, nothing more.
+        output_max_bytes: `OMNIDAEMON_OUTPUT_MAX_BYTES`, the most bytes of JSON one attempt
+            may stream (4 MiB by default).
+        trace_ttl: `OMNIDAEMON_TRACE_TTL`, seconds a run's trace (`omnidaemon trace`) is kept
+            after its last write, 24 h by default; `0` turns the traces off.
+        trace_max_records: `OMNIDAEMON_TRACE_MAX_RECORDS`, the most attempt records one run's
+            trace keeps (1,000 by default); later ones are counted, not kept.
     """
 
     broker_url: str | None = None
@@ -73,6 +82,10 @@ class Settings:
     blocked_loop_warning: float = 1.0
     connect_timeout: float | None = None
     cancel_ttl: float = 604_800.0
+    output_max_chunks: int = 10_000
+    output_max_bytes: int = 4_194_304
+    trace_ttl: float = 86_400.0
+    trace_max_records: int = 1_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -107,4 +120,8 @@ class Settings:
                 else None
             ),
             cancel_ttl=env_seconds(env, "OMNIDAEMON_CANCEL_TTL", 604_800.0) or 604_800.0,
+            output_max_chunks=env_count(env, "OMNIDAEMON_OUTPUT_MAX_CHUNKS", 10_000),
+            output_max_bytes=env_count(env, "OMNIDAEMON_OUTPUT_MAX_BYTES", 4_194_304),
+            trace_ttl=env_seconds(env, "OMNIDAEMON_TRACE_TTL", 86_400.0),
+            trace_max_records=env_count(env, "OMNIDAEMON_TRACE_MAX_RECORDS", 1_000) or 1_000,
         )

@@ -242,7 +242,7 @@ class TestApp:
         """
         with anyio.move_on_after(timeout) as scope:
             while True:
-                if self.broker.busy():
+                if self.broker.busy() or self._traces_unsent():
                     await self.broker.wait_changed(0.05)
                 elif self._fast_retries and self.broker.fast_forward():
                     continue
@@ -252,6 +252,12 @@ class TestApp:
                     return
         if scope.cancelled_caught:
             raise TimeoutError(f"the bus was still busy after {timeout} s")
+
+    def _traces_unsent(self) -> bool:
+        """Whether a consumer holds trace records not written yet (they go with its next
+        acks, or within 50 ms): `App.trace` after `drain()` sees the whole run."""
+        worker = self._worker
+        return worker is not None and any(c.traces_unsent for c in worker.consumers)
 
     async def advance(
         self, seconds: float, *, timeout: float = 10.0, offline: bool = False

@@ -27,6 +27,7 @@ DOCUMENTED_NAMES = {
     "DelayTooLong",
     "Envelope",
     "OmniDaemonError",
+    "OutputStream",
     "PayloadTooLarge",
     "PayloadValidationError",
     "RateLimit",
@@ -34,6 +35,7 @@ DOCUMENTED_NAMES = {
     "Result",
     "Retry",
     "RetryPolicy",
+    "StreamChunk",
     "__version__",
 }
 
@@ -54,12 +56,14 @@ DEFINED_IN = {
     "DelayTooLong": "omnidaemon.errors",
     "Envelope": "omnidaemon.envelope",
     "OmniDaemonError": "omnidaemon.errors",
+    "OutputStream": "omnidaemon.streaming.stream",
     "PayloadTooLarge": "omnidaemon.errors",
     "PayloadValidationError": "omnidaemon.errors",
     "Reject": "omnidaemon.retry",
     "Result": "omnidaemon.results",
     "Retry": "omnidaemon.retry",
     "RetryPolicy": "omnidaemon.retry",
+    "StreamChunk": "omnidaemon.streaming.stream",
 }
 
 # `python -m omnidaemon` entry point: a script, not a module anyone imports names from.

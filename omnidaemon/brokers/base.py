@@ -37,6 +37,8 @@ from typing import Literal, Self, TypeVar
 
 import anyio
 
+from omnidaemon.brokers.traces import TraceStore, TraceWrite
+
 __all__ = [
     "Broker",
     "ConsumerInfo",
@@ -206,7 +208,7 @@ class TopicInfo:
     delayed_bytes: int | None = 0
 
 
-class Broker(ABC):
+class Broker(TraceStore, ABC):
     """An event bus that omnidaemon runs on.
 
     Use it as an async context manager, or call `connect` and `close`. Every method except
@@ -360,13 +362,16 @@ class Broker(ABC):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
         """Settle deliveries as done. Acking an already settled delivery is a no-op.
 
         `stats` are increments of the group's metrics (see `omnidaemon.metrics`), written in
         the same round trip, except the extremes (`omnidaemon.metrics.is_extreme`): a
         `...:min_us` field keeps the smaller of its value and the one given, any other the
-        larger. `deliveries` may be empty to write only them.
+        larger. `trace` are records of runs to store (see `omnidaemon.brokers.traces`), in
+        the same round trip where the bus allows it (a cluster sends one to each node that
+        holds some, all at once). `deliveries` may be empty to write only them.
         """
 
     @abstractmethod

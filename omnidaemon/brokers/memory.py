@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from omnidaemon.brokers._memory_output import OutputLogs, parse_memory_id
+from omnidaemon.brokers._memory_traces import TraceRecords
 from omnidaemon.brokers.base import (
     Broker,
     ConsumerInfo,
@@ -30,6 +31,7 @@ from omnidaemon.brokers.base import (
     Subscription,
     TopicInfo,
 )
+from omnidaemon.brokers.traces import StoredTrace, TraceWrite
 from omnidaemon.metrics import is_extreme
 
 __all__ = ["MemoryBroker"]
@@ -85,6 +87,7 @@ class _Bus:
         self.once_sweep_at = 1024  # marks held when the expired ones are next dropped
         self.stats: dict[tuple[str, str], dict[str, int]] = {}  # (topic, group) -> fields
         self.outputs = OutputLogs()  # output logs (append_output), by key
+        self.traces = TraceRecords()  # runs' trace records (ack with trace=)
         self._changed = anyio.Event()
         self._tiebreak = itertools.count()
 
@@ -347,10 +350,13 @@ class MemoryBroker(Broker):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
         group = self._group(sub)
         for delivery in deliveries:
             group.pending.pop((delivery.origin, delivery.id), None)
+        if trace:
+            self._bus.traces.write(trace, self._bus.now())
         if stats:
             fields = self._bus.stats.setdefault((sub.topic, sub.group), {})
             for name, value in stats.items():
@@ -530,6 +536,20 @@ class MemoryBroker(Broker):
     async def delete_output(self, key: str) -> None:
         self._bus.outputs.delete(key)
         await anyio.lowlevel.checkpoint()
+
+    # Traces -------------------------------------------------------------------------------
+
+    async def read_trace(self, run_id: str) -> StoredTrace | None:
+        await anyio.lowlevel.checkpoint()
+        return self._bus.traces.read(run_id, self._bus.now())
+
+    async def run_of(self, event_id: str) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        return self._bus.traces.run_of(event_id, self._bus.now())
+
+    async def recent_runs(self, *, since: float, limit: int) -> list[tuple[str, float]]:
+        await anyio.lowlevel.checkpoint()
+        return self._bus.traces.recent(since, limit, self._bus.now())
 
     # Keys and values ----------------------------------------------------------------------
 

@@ -98,6 +98,14 @@ def publish(
         bool,
         typer.Option("--wait", help="Wait for the handling agent's result and print it."),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="With --wait: print the chunks the handler streams (ctx.emit) as they come; "
+            "--timeout is then the longest wait for the next one.",
+        ),
+    ] = False,
     timeout: WaitTimeoutOption = 30.0,
     app_target: Annotated[
         str | None,
@@ -110,7 +118,8 @@ def publish(
     broker: BrokerOption = None,
     json: JsonOption = False,
 ) -> None:
-    """Publish one event; prints its id (with --wait, the agent's result).
+    """Publish one event; prints its id (with --wait, the agent's result; with --wait
+    --stream, the chunks its handler streams as they come, then with --json the result).
 
     Exit status: 1 when the handling agent gave up on a --wait request (its reason is
     printed), or when --app's types refuse DATA (nothing is sent). A topic no agent reads yet
@@ -124,6 +133,8 @@ def publish(
         raise typer.BadParameter(str(exc), param_hint="TOPIC") from None
     if wait and (reply_to or delay):
         raise typer.BadParameter("--wait waits for a reply itself: drop --reply-to and --delay")
+    if stream and not wait:
+        raise typer.BadParameter("--stream prints what --wait waits for: add --wait")
     from omnidaemon.lanes import lane_of, parse_priority
 
     try:
@@ -140,6 +151,21 @@ def publish(
             load_cli_app(app_target).check_payload(topic, payload)
         app = App("cli", broker=open_cli_broker(broker, start_embedded=True))
         async with app:
+            if wait and stream:
+                from omnidaemon.cli._streaming import print_stream
+
+                await _warn_if_unread(app, topic)
+                await print_stream(
+                    app,
+                    topic,
+                    payload,
+                    timeout=timeout,
+                    json=json,
+                    correlation_id=correlation_id,
+                    tenant_id=tenant_id,
+                    priority=lane,
+                )
+                return
             if wait:
                 await _warn_if_unread(app, topic)
                 reply = await app.request(

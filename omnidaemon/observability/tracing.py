@@ -197,6 +197,7 @@ def handle_span(
     headers: Mapping[str, str] | None,
     tracer_provider: TracerProvider | None = None,
     trust_parent: bool = True,
+    run_id: str | None = None,
 ) -> AbstractContextManager[Any]:
     """A context manager that traces one handling attempt as the CONSUMER span `process <topic>`.
 
@@ -220,13 +221,15 @@ def handle_span(
         tracer_provider: Use this provider instead of the global one (mainly for tests).
         trust_parent: Whether the publisher's context becomes the span's parent (its trace
             and its sampled flag), or only a link from a new trace.
+        run_id: The event's correlation id, recorded as `messaging.message.conversation_id`:
+            the id `omnidaemon trace` shows the run under.
     """
     if not TRACING_AVAILABLE:
         return _NULL_CONTEXT
     tracer = _tracer(tracer_provider)
     if tracer is None:
         return _NULL_CONTEXT
-    return _consumer_span(tracer, topic, agent, event_id, attempt, headers, trust_parent)
+    return _consumer_span(tracer, topic, agent, event_id, attempt, headers, trust_parent, run_id)
 
 
 @contextlib.contextmanager
@@ -238,6 +241,7 @@ def _consumer_span(
     attempt: int,
     headers: Mapping[str, str] | None,
     trust_parent: bool,
+    run_id: str | None,
 ) -> Iterator[Span]:
     from opentelemetry import propagate, trace
     from opentelemetry.context import Context
@@ -260,6 +264,8 @@ def _consumer_span(
         "messaging.operation.type": "process",
         "omnidaemon.attempt": attempt,
     }
+    if run_id is not None:
+        attributes["messaging.message.conversation_id"] = run_id
     with tracer.start_as_current_span(
         f"process {topic}",
         context=parent,
@@ -272,6 +278,19 @@ def _consumer_span(
             yield span
         finally:
             _handling_span.reset(token)
+
+
+def current_ids() -> tuple[str, str] | None:
+    """`(trace id, span id)` in hex of the handling span under way in this task (see
+    `handle_span`), as OpenTelemetry exporters show them; `None` outside one or when it is
+    not recorded."""
+    if not TRACING_AVAILABLE:
+        return None
+    span = _handling_span.get()
+    if span is None or not span.is_recording():
+        return None
+    context = span.get_span_context()
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
 def record_failure(exc: BaseException, description: str | None = None) -> None:

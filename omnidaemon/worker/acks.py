@@ -7,6 +7,7 @@ import anyio
 from omnidaemon.brokers.base import Delivery
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability.logging import get_logger
+from omnidaemon.traces.records import TraceBook
 from omnidaemon.worker.lanes import AgentQueue
 
 __all__ = ["AckBatcher"]
@@ -37,9 +38,13 @@ class AckBatcher:
         max_delay: float = 0.002,
         metrics: AgentMetrics | None = None,
         stats_interval: float = 1.0,
+        trace: TraceBook | None = None,
+        trace_delay: float = 0.05,
     ) -> None:
         self._queue = queue
         self._metrics = metrics
+        self._trace = trace if trace is not None and trace.enabled else None
+        self._trace_delay = trace_delay
         self._sub = queue.subscription
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -62,6 +67,12 @@ class AckBatcher:
         if len(self._pending) == 1 or len(self._pending) >= self._max_batch or urgent:
             self._ready.set()
 
+    def traced(self) -> None:
+        """Trace records were added to the agent's `TraceBook`: they go with the next batch,
+        or on their own `trace_delay` seconds after the first of them if no ack comes."""
+        if not self._pending and self._trace is not None and len(self._trace) == 1:
+            self._ready.set()
+
     def waiting(self) -> set[tuple[str, str]]:
         """`(origin, id)` of the deliveries queued or on their way, not acknowledged yet."""
         return {(d.origin, d.id) for d in self._pending}
@@ -82,6 +93,11 @@ class AckBatcher:
             with anyio.move_on_after(wait):
                 await self._ready.wait()
             self._ready = anyio.Event()
+            if not self._pending and self._trace is not None and len(self._trace):
+                # Woken for trace records alone: more may come, and an ack to carry them.
+                with anyio.move_on_after(self._trace_delay):
+                    await self._ready.wait()
+                self._ready = anyio.Event()
             if self._pending and len(self._pending) < self._max_batch and not self._urgent:
                 await anyio.sleep(self._max_delay)
             self._urgent = False
@@ -104,7 +120,7 @@ class AckBatcher:
         shutdown and before a delivery that might kill the worker runs."""
         with anyio.CancelScope(shield=True):
             for attempt in range(attempts):
-                if not self._pending and not self._metrics_delta():
+                if not self._pending and not self._metrics_delta() and not self._traces_waiting():
                     return
                 try:
                     await self._send(everything=True)
@@ -123,6 +139,9 @@ class AckBatcher:
     def _metrics_delta(self) -> dict[str, int]:
         return self._metrics.delta() if self._metrics is not None else {}
 
+    def _traces_waiting(self) -> bool:
+        return self._trace is not None and len(self._trace) > 0
+
     async def _send(self, *, everything: bool) -> None:
         """Send one batch (with the counts, when due), or with `everything` all that is
         queued and every count."""
@@ -136,10 +155,17 @@ class AckBatcher:
                     stats = self._metrics_delta()
                     if not stats:
                         self._stats_due = now + self._stats_interval
-                if not self._pending and not stats:
+                trace = self._trace.take() if self._trace is not None else None
+                if not self._pending and not stats and trace is None:
                     break
                 batch = self._pending[: self._max_batch]
-                await self._queue.ack(batch, stats=stats)
+                try:
+                    await self._queue.ack(batch, stats=stats, trace=trace)
+                except BaseException:
+                    if trace is not None:
+                        assert self._trace is not None
+                        self._trace.restore(trace)
+                    raise
                 del self._pending[: len(batch)]  # appends happen at the end only
                 if stats and self._metrics is not None:
                     self._metrics.commit(stats)

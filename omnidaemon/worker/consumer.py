@@ -26,6 +26,7 @@ from omnidaemon.idempotency import Idempotency
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability import tracing
 from omnidaemon.observability.logging import get_logger
+from omnidaemon.traces.records import TraceBook
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.admission import Admitting
 from omnidaemon.worker.cancels import CancelWatch
@@ -109,7 +110,11 @@ class AgentConsumer(Admitting, Fetching, Running):
         self._trimmed: set[tuple[str, str]] = set()
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
-        self._acks = AckBatcher(self._queue, metrics=self.metrics)
+        settings = app.settings
+        self._trace = TraceBook(spec.name, consumer, settings.trace_ttl, settings.trace_max_records)
+        """This worker's records of the agent's attempts for the runs' traces, written to
+        the bus with the acks."""
+        self._acks = AckBatcher(self._queue, metrics=self.metrics, trace=self._trace)
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()
         self._isolation.join(self._in_flight, self._nudge, self._acks.flush)
@@ -158,6 +163,11 @@ class AgentConsumer(Admitting, Fetching, Running):
     def subscriptions(self) -> tuple[Subscription, ...]:
         """The subscriptions the agent reads: its topic's, and its priority lanes' once used."""
         return self._queue.subscriptions
+
+    @property
+    def traces_unsent(self) -> bool:
+        """Whether trace records of the agent wait for their write (with the next acks)."""
+        return len(self._trace) > 0
 
     @property
     def capacity(self) -> int:
@@ -316,5 +326,6 @@ class AgentConsumer(Admitting, Fetching, Running):
             attempt=delivery.attempt,
             headers=envelope.headers,
             trust_parent=self._app.settings.trust_trace_context,
+            run_id=envelope.correlation_id,
         ):
             await self._process_event(delivery, envelope)

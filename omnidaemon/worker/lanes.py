@@ -26,6 +26,7 @@ import anyio
 
 from omnidaemon.brokers.base import Broker, Delivery, Reclaimed, Renewal, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
+from omnidaemon.brokers.traces import TraceWrite
 from omnidaemon.lanes import LANES, Lane, lane_named, lane_topic, lanes_mark_key
 
 __all__ = ["AgentQueue", "lane_of_delivery"]
@@ -220,16 +221,22 @@ class AgentQueue:
     # Settling -------------------------------------------------------------------------------
 
     async def ack(
-        self, deliveries: Sequence[Delivery], *, stats: Mapping[str, int] | None = None
+        self,
+        deliveries: Sequence[Delivery],
+        *,
+        stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
-        """`Broker.ack`; the agent's metrics go with the normal lane's acks (one round trip
-        when every delivery is of one lane)."""
+        """`Broker.ack`; the agent's metrics and trace records go with the normal lane's acks
+        (one round trip when every delivery is of one lane)."""
         if not self.lanes_used:
-            await self._broker.ack(self.subscription, deliveries, stats=stats)
+            await self._broker.ack(self.subscription, deliveries, stats=stats, trace=trace)
             return
         grouped = self._by_lane(deliveries)
-        if stats or "normal" in grouped:
-            await self._broker.ack(self.subscription, grouped.pop("normal", []), stats=stats)
+        if stats or trace or "normal" in grouped:
+            await self._broker.ack(
+                self.subscription, grouped.pop("normal", []), stats=stats, trace=trace
+            )
         for lane, inner in grouped.items():
             await self._broker.ack(self._lanes[lane], inner)
 

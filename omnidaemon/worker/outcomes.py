@@ -6,7 +6,9 @@ inherits it."""
 from __future__ import annotations
 
 import contextlib
+import time
 import traceback
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +23,9 @@ from omnidaemon.observability import tracing
 from omnidaemon.observability.logging import Logger
 from omnidaemon.requests import FAILURE_HEADER, ReplyTarget, is_request_reply, reply_target
 from omnidaemon.results import FINAL_STATUSES, Result, ResultStatus
+from omnidaemon.streaming.writer import end_attempt
 from omnidaemon.topology import type_name
+from omnidaemon.traces.records import Outcome, TraceBook
 from omnidaemon.worker.notify import OutcomeNotifier
 from omnidaemon.worker.watchdog import LoopWatchdog
 
@@ -62,6 +66,7 @@ class Outcomes:
     _trimmed: set[tuple[str, str]]
     _lost: set[tuple[str, str]]
     _acks: AckBatcher
+    _trace: TraceBook
     _max_payload_bytes: int
     running: dict[tuple[str, str], tuple[Delivery, float]]
     _log: Logger
@@ -98,9 +103,11 @@ class Outcomes:
         if failed:
             self.metrics.failed += 1
         self.metrics.retried += 1
+        error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
+        self._trace_ended(delivery, envelope, "retrying", error=error)
         if self._spec.store_results:
-            error = {"type": type(exc).__name__, "message": str(exc) or repr(exc)}
             await self._record(delivery, envelope.id, "retrying", error=error)
+        await end_attempt(self, delivery, envelope.id, "retrying", error=error)
         self._log.warning(
             "handler failed; will retry",
             **event_fields(envelope, delivery),
@@ -144,9 +151,11 @@ class Outcomes:
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         reason = cancellation.reason
         error = {"type": "Cancelled", "message": reason}
+        self._trace_ended(delivery, envelope, "cancelled", error=error)
         await self._reply_failure(delivery, envelope, "Cancelled", reason)
         if self._spec.store_results:
             await self._record(delivery, envelope.id, "cancelled", error=error)
+        await end_attempt(self, delivery, envelope.id, "cancelled", error=error)
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=self._spec.name, status="cancelled", error=error)
         self._log.info(
@@ -154,6 +163,36 @@ class Outcomes:
             **event_fields(envelope, delivery),
             reason=reason,
         )
+
+    def _trace_started(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
+        """Record in the run's trace that an attempt began (sent with the next acks)."""
+        if self._trace.enabled:
+            running = self.running.get((delivery.origin, delivery.id))
+            started = running[1] if running is not None else time.time()
+            self._trace.started(envelope, delivery.attempt, started)
+            self._acks.traced()
+
+    def _trace_ended(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Any],
+        outcome: Outcome,
+        *,
+        error: dict[str, str] | None = None,
+        published: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Record in the run's trace how an attempt ended (sent with the next acks): called
+        once the delivery is settled, never for one this worker lost."""
+        if self._trace.enabled:
+            self._trace.ended(
+                envelope,
+                delivery.attempt,
+                outcome,
+                error=error,
+                published=published,
+                otel=tracing.current_ids(),
+            )
+            self._acks.traced()
 
     def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:
         """A settle or renewal found the delivery taken over by another worker: that worker
@@ -318,10 +357,17 @@ class Outcomes:
         if failed:
             self.metrics.failed += 1
         self.metrics.dead_lettered += 1
+        if envelope is not None:
+            outcome: Outcome = "rejected" if error_type == "Reject" else "dead_lettered"
+            self._trace_ended(
+                delivery, envelope, outcome, error={"type": error_type, "message": message}
+            )
         await self._reply_failure(delivery, envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:
             error = {"type": error_type, "message": message}
             await self._record(delivery, record.event_id, "dead_lettered", error=error)
+        end_error = {"type": error_type, "message": message}
+        await end_attempt(self, delivery, record.event_id, "dead_lettered", error=end_error)
         if self.notifier is not None and envelope is not None:
             self.notifier.finished(
                 envelope,

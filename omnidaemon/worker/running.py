@@ -22,6 +22,7 @@ from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.lanes import Lane
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
+from omnidaemon.streaming.writer import end_attempt
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.cancels import CancelWatch, Handling
 from omnidaemon.worker.lanes import lane_of_delivery
@@ -50,6 +51,7 @@ class Running(Outcomes):
         self, delivery: Delivery, envelope: Envelope[Any], admission: Admission | None
     ) -> None:
         spec = self._spec
+        self._trace_started(delivery, envelope)
         if spec.store_results:
             await self._record(delivery, envelope.id, "running")
         ctx = Context(
@@ -95,10 +97,11 @@ class Running(Outcomes):
                 await idempotency.succeeded(idempotency_key, envelope.id, output)
             self._report_lost(delivery, envelope)
             return
+        published = ctx._published or []
         # A request (App.request) always gets its reply, even an empty one.
         if output is not None or is_request_reply(envelope.reply_to):
             try:
-                await self._publish_outputs(
+                published += await self._publish_outputs(
                     envelope, output, replied=ctx.replied, lane=ctx.priority
                 )
             except Exception as exc:
@@ -119,6 +122,8 @@ class Running(Outcomes):
             await idempotency.succeeded(idempotency_key, envelope.id, output)
         if spec.store_results:
             await self._record(delivery, envelope.id, "succeeded", result=output)
+        await end_attempt(self, delivery, envelope.id, "succeeded", result=output)
+        self._trace_ended(delivery, envelope, "succeeded", published=published)
         self.metrics.succeeded += 1
         self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
@@ -233,18 +238,21 @@ class Running(Outcomes):
 
     async def _publish_outputs(
         self, envelope: Envelope[Any], output: Any, *, replied: bool, lane: Lane
-    ) -> None:
+    ) -> list[tuple[str, str]]:
+        """Publish the handler's return value to `publishes=` and `reply_to`; returns `(topic,
+        event id)` of each event published."""
         reply_to = None if replied else envelope.reply_to
         publishes = self._spec.publishes if output is not None else None
         targets = [t for t in (publishes, reply_to) if t is not None]
         if not targets:
-            return
+            return []
         entries = []
+        published = []
         for topic in targets:
             # Checked like any publish: `reply_to` is the publisher's choice, and an agent of
             # this app may declare another type for that topic than this handler returns.
             self._app.check_payload(topic, output, validated_as=self._spec.return_type)
-            _, data = self._app._encode(
+            event_id, data = self._app._encode(
                 topic,
                 output,
                 correlation_id=envelope.correlation_id,
@@ -254,6 +262,7 @@ class Running(Outcomes):
                 tenant_id=envelope.tenant_id,
                 headers=None,
             )
+            published.append((topic, event_id))
             if lane != "normal" and not is_request_reply(topic):
                 # The handler's return value keeps the event's priority.
                 topic = await self._app._bus_topic(topic, lane)
@@ -264,5 +273,6 @@ class Running(Outcomes):
             if entries:
                 await self._broker.publish_many(entries)
             await self._send_reply(envelope.id, reply_to, reply)
-            return
+            return published
         await self._broker.publish_many(entries)
+        return published

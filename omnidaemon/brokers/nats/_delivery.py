@@ -32,11 +32,14 @@ from omnidaemon.brokers.nats._fetching import (
 )
 from omnidaemon.brokers.nats._names import encode
 from omnidaemon.brokers.nats._publishing import schedule_headers
+from omnidaemon.brokers.nats._traces import NatsTraces
+from omnidaemon.brokers.nats._values import _together
+from omnidaemon.brokers.traces import TraceWrite
 
 __all__ = ["NatsDelivery"]
 
 
-class NatsDelivery(NatsFetching):
+class NatsDelivery(NatsFetching, NatsTraces):
     """The settles, `extend`, and the group membership of `NatsBroker`'s consumers."""
 
     # Settling ------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ class NatsDelivery(NatsFetching):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
         client = await self._nc()
         readers = [r for _, r in self._readers_of(sub)] if deliveries else []
@@ -75,8 +79,14 @@ class NatsDelivery(NatsFetching):
             seq = int(delivery.id)
             for reader in readers:
                 reader.held.pop(seq, None)
+        # The trace's messages and the metrics' are all sent before any answer is awaited:
+        # one round trip for both (`_traces`).
+        writes: list[Awaitable[None]] = []
+        if trace:
+            writes.append(self._write_trace(trace))
         if stats:
-            await self._add_stats(sub, stats)
+            writes.append(self._add_stats(sub, stats))
+        await _together(writes)
         if deliveries:
             await self._flush()  # the server has every ack when this returns
 

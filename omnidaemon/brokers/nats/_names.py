@@ -20,6 +20,9 @@ consumer registry (`p.kv.c.<t>.<g>.<consumer>`);
 stream `p_m` (a counter stream) holds metric sums (`p.m.<t>.<g>.<field>`).
 stream `p_out` holds every output log (`p.out.<key>`, the key encoded), each entry with its own
 TTL.
+stream `p_trace` (one message per subject, per-message TTLs) holds the trace store (`_traces`):
+records (`p.trace.rec.<run>.<field>`), refused-record counts (`p.trace.drop.<run>.<writer>`),
+pointers (`p.trace.of.<event>`) and the index of runs (`p.trace.run.<run>`).
 """
 
 from __future__ import annotations
@@ -194,3 +197,34 @@ class Names:
 
     def output(self, key: str) -> str:
         return f"{self.prefix}.out.{encode(key)}"
+
+    # Traces ------------------------------------------------------------------------------
+
+    @property
+    def trace_stream(self) -> str:
+        return f"{self.prefix}_trace"
+
+    @property
+    def traces_all(self) -> str:
+        return f"{self.prefix}.trace.>"
+
+    def trace_record(self, run_id: str, field: str) -> str:
+        return f"{self.prefix}.trace.rec.{encode(run_id)}.{encode(field)}"
+
+    def trace_dropped(self, run_id: str, writer: str) -> str:
+        return f"{self.prefix}.trace.drop.{encode(run_id)}.{encode(writer)}"
+
+    def trace_of_run(self, run_id: str) -> str:
+        """A run's records and refused-record counts (no other kind has a token after the
+        run's)."""
+        return f"{self.prefix}.trace.*.{encode(run_id)}.*"
+
+    def trace_pointer(self, event_id: str) -> str:
+        return f"{self.prefix}.trace.of.{encode(event_id)}"
+
+    def trace_index(self, run_id: str) -> str:
+        return f"{self.prefix}.trace.run.{encode(run_id)}"
+
+    @property
+    def trace_index_all(self) -> str:
+        return f"{self.prefix}.trace.run.*"

@@ -14,7 +14,8 @@ from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _log
 from omnidaemon.brokers.redis._keys import _RETRY, _STREAM, _decode, _field, _is_nogroup
-from omnidaemon.brokers.redis._routing import RedisRouting
+from omnidaemon.brokers.redis._traces import RedisTraces
+from omnidaemon.brokers.traces import TraceWrite
 from omnidaemon.metrics import is_extreme
 
 __all__ = ["RedisDelivery"]
@@ -23,7 +24,7 @@ _RETRY_CHECK_INTERVAL = 0.05  # seconds between looks at the due-retry set while
 _MAX_BLOCK_MS = 5_000
 
 
-class RedisDelivery(RedisRouting):
+class RedisDelivery(RedisTraces):
     """The consuming commands of `RedisBroker`."""
 
     async def subscribe(self, sub: Subscription) -> None:
@@ -149,8 +150,9 @@ class RedisDelivery(RedisRouting):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
-        if not deliveries and not stats:
+        if not deliveries and not stats and not trace:
             return
         from_stream = [d.id for d in deliveries if d.origin != _RETRY]
         from_retry = [d.id for d in deliveries if d.origin == _RETRY]
@@ -171,6 +173,23 @@ class RedisDelivery(RedisRouting):
                     commands.append(("HINCRBY", key, name, value))
             if extremes:
                 commands.append(("EVAL", scripts.KEEP_EXTREMES, 1, key, *extremes))
+        traced = self.trace_commands(trace) if trace else []
+        if self._cluster is not None and traced:
+            # A cluster spreads runs over slots: their writes go to each node at once, beside
+            # the acks (one round trip, in parallel), and fail or succeed with them.
+            errors = await self._settle_and_trace(sub, commands, traced)
+        else:
+            errors = await self._settle(sub, commands + [command for _, command in traced])
+        if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
+            # Nothing is pending in a group that is gone: these acks have nothing to settle.
+            await self._regroup(sub)
+        elif errors:
+            raise errors[0]
+
+    async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send an ack's commands to the server of the topic; the error replies."""
+        if not commands:
+            return []
         replies: list[Any]
         if self._min_replicas > 0 or self._cluster is not None:
             # One connection of the broker's own: WAIT must follow these writes on it, and a
@@ -189,12 +208,35 @@ class RedisDelivery(RedisRouting):
                 for command in commands:
                     pipe.execute_command(*command)
                 replies = await pipe.execute(raise_on_error=False)
-        errors = [reply for reply in replies if isinstance(reply, Exception)]
-        if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
-            # Nothing is pending in a group that is gone: these acks have nothing to settle.
-            await self._regroup(sub)
-        elif errors:
-            raise errors[0]
+        return [reply for reply in replies if isinstance(reply, Exception)]
+
+    async def _settle_and_trace(
+        self,
+        sub: Subscription,
+        commands: list[tuple[Any, ...]],
+        traced: list[tuple[str, tuple[Any, ...]]],
+    ) -> list[Any]:
+        """On a cluster: the ack's commands and the trace's, each group on its own node, all
+        at once; the error replies."""
+        errors: list[Any] = []
+
+        async def settle() -> None:
+            errors.extend(await self._settle(sub, commands))
+
+        async def write(key: str, group: list[tuple[Any, ...]]) -> None:
+            try:
+                replies = await self._exchange(
+                    group, key=key, timeout=_SOCKET_TIMEOUT + self._replica_wait
+                )
+            except ResponseError as exc:
+                replies = [exc]
+            errors.extend(reply for reply in replies if isinstance(reply, Exception))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(settle)
+            for key, group in self.by_node(traced):
+                tg.start_soon(write, key, group)
+        return errors
 
     async def retry(
         self,

@@ -66,6 +66,18 @@ class RedisKeys:
         """The key of an output log (a stream, one field `d` per entry)."""
         return f"{self._prefix}:output:{key}"
 
+    def trace_key(self, run_id: str) -> str:
+        """The key of a run's trace records (a hash: field -> record, and `!dropped`)."""
+        return f"{self._prefix}:trace:{run_id}"
+
+    def trace_pointer_key(self, event_id: str) -> str:
+        """The key naming the run an event belongs to."""
+        return f"{self._prefix}:trace-of:{event_id}"
+
+    def runs_key(self) -> str:
+        """The key of the index of runs (a sorted set: run id by its last write)."""
+        return f"{self._prefix}:runs"
+
 
 def _is_nogroup(exc: ResponseError) -> bool:
     return "NOGROUP" in str(exc)

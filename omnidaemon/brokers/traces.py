@@ -1,0 +1,97 @@
+"""The trace store: what a bus keeps of each run so that `omnidaemon trace` can show it whole.
+
+A run is every event that shares one correlation id. Workers write one *record* per attempt
+of an agent at an event (opaque bytes to the bus, see `omnidaemon.traces`), under a field
+that names the attempt: a later record of the same attempt (its end after its start)
+replaces the earlier one. The records ride on `Broker.ack` (`TraceWrite`), in the round trip
+that settles the deliveries, never in one of their own per event.
+
+A bus keeps, per run, its records for `ttl` seconds after the run's last write, at most
+`max_records` distinct fields (past that, new fields are counted as dropped, not stored);
+per event that is not its run's first, which run it belongs to (so any event id finds its
+run); and an index of runs by their last write, for listing recent runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["StoredTrace", "TraceStore", "TraceWrite"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceWrite:
+    """Trace records to store with an acknowledgement (`Broker.ack(..., trace=)`).
+
+    Attributes:
+        records: Per run id, the records to store by field (a field's record replaces the
+            one stored under it).
+        pointers: Per event id, the run it belongs to, for events that are not their run's
+            first (whose id is not the run id).
+        ttl: Seconds the run's records, its pointers and its place in the index are kept
+            after this write.
+        max_records: The most fields a run keeps; a new field past it is dropped and counted.
+        now: The writer's wall-clock time (Unix seconds): the runs' place in the index.
+    """
+
+    records: Mapping[str, Mapping[str, bytes]]
+    pointers: Mapping[str, str]
+    ttl: float
+    max_records: int
+    now: float
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.pointers)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTrace:
+    """What a bus holds of one run.
+
+    Attributes:
+        records: The run's records by field.
+        dropped: How many records the per-run bound refused.
+    """
+
+    records: dict[str, bytes]
+    dropped: int = 0
+
+
+class TraceStore(ABC):
+    """The trace part of the broker contract (`Broker` inherits it); written by `ack`."""
+
+    @abstractmethod
+    async def read_trace(self, run_id: str) -> StoredTrace | None:
+        """The records stored for the run `run_id`, or `None` when it has none (never
+        written, or expired)."""
+
+    @abstractmethod
+    async def run_of(self, event_id: str) -> str | None:
+        """The run an event belongs to, when a record of it was written (its run's id is
+        the event's own id when it started the run, which this does not check)."""
+
+    @abstractmethod
+    async def recent_runs(self, *, since: float, limit: int) -> list[tuple[str, float]]:
+        """Up to `limit` runs written to at or after `since` (Unix seconds), as `(run id,
+        time of its last write)`, the most recently written first."""
+
+
+def merge_writes(writes: list[TraceWrite]) -> TraceWrite | None:
+    """One write holding every record and pointer of `writes` (later ones win), or `None`."""
+    if not writes:
+        return None
+    records: dict[str, dict[str, bytes]] = {}
+    pointers: dict[str, str] = {}
+    for write in writes:
+        for run, fields in write.records.items():
+            records.setdefault(run, {}).update(fields)
+        pointers.update(write.pointers)
+    last = writes[-1]
+    return TraceWrite(records, pointers, last.ttl, last.max_records, last.now)
+
+
+def records_of(write: TraceWrite | None) -> Mapping[str, Mapping[str, bytes]]:
+    """The write's records (none for `None`)."""
+    return write.records if write is not None else {}
