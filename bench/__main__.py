@@ -7,6 +7,7 @@
     python -m bench --cases cluster --no-peers  # on a local Redis Cluster (writes its section)
     python -m bench --cases nats --no-peers     # on a local nats-server (writes its section)
     python -m bench --cases flow --no-peers     # a rate limit that never binds, Redis and NATS
+    python -m bench --cases traces --reps 5     # the drain with and without run traces
 
 Progress goes to stderr, the table to stdout. Exit status: 0 when every case was measured
 (whether or not targets were met), 1 when a case failed, 2 when the benchmark cannot run.
@@ -27,7 +28,7 @@ from types import FrameType
 from typing import Any
 
 from bench import report
-from bench.cases import cluster, flow, memory, nats, omni, peers, raw, scale
+from bench.cases import cluster, flow, memory, nats, omni, peers, raw, scale, traces
 from bench.common import (
     BenchError,
     Children,
@@ -50,14 +51,17 @@ CASES = ("publish", "drain", "latency", "scale", "fanout", "memory")
 # --smoke, most of it starting workers and stopping them: a NATS worker's graceful stop waits
 # about 2.3 s for its last pull request to expire), and the flow-control rows (the drain
 # with a rate limit that never binds against the same drain without, on Redis and on a
-# nats-server of their own: 4 worker runs a repetition on each).
+# nats-server of their own: 4 worker runs a repetition on each), and the run-trace rows (the
+# drain with traces, as workers run by default, against the same drain with
+# OMNIDAEMON_TRACE_TTL=0, and the raw drain: 3 consumer runs a repetition, on Redis).
 _FLOW_VARIANTS = (
     ("plain", "no limit"),
     ("limited", "rate limit never binding"),
     ("lanes", "priority lanes in use"),
 )
-EXTRA_CASES = ("concurrency", "cluster", "nats", "flow")
-SECTIONS = ("cluster", "nats", "flow")  # extra cases that write their own section of RESULTS.md
+EXTRA_CASES = ("concurrency", "cluster", "nats", "flow", "traces")
+# The extra cases that write their own section of RESULTS.md.
+SECTIONS = ("cluster", "nats", "flow", "traces")
 SWEEP = (16, 32, 64, 100, 256)
 
 
@@ -80,7 +84,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool, frozenset[str]]:
         help=f"comma-separated, from {','.join(CASES + EXTRA_CASES)} (default: all but "
         f"{','.join(EXTRA_CASES)}: the drain at concurrency {', '.join(map(str, SWEEP))}, "
         "publish and drain on a local Redis Cluster of 3 masters with a replica each, and on a "
-        "local nats-server with JetStream, and the drain with a rate limit that never binds)",
+        "local nats-server with JetStream, the drain with a rate limit that never binds, and "
+        "the drain with and without run traces)",
     )
     parser.add_argument("--no-peers", action="store_true", help="skip FastStream and Taskiq")
     parser.add_argument("-n", type=int, help="events per case (default 20,000)")
@@ -134,6 +139,8 @@ class Bench:
         self.nats_info: dict[str, str] = {}  # nats-server's and nats-py's versions
         self.flow_notes: list[str] = []  # the flow-control section's
         self.flow_elapsed = 0.0
+        self.traces_notes: list[str] = []  # the run-trace section's
+        self.traces_elapsed = 0.0
         self.failed = False
         self.peers_python: Path | None = None
 
@@ -148,6 +155,8 @@ class Bench:
             notes = self.notes
             if what.startswith("flow"):
                 notes = self.flow_notes
+            elif what.startswith("traces"):
+                notes = self.traces_notes
             elif what.startswith("cluster"):
                 notes = self.cluster_notes
             elif what.startswith("nats"):
@@ -179,6 +188,7 @@ class Bench:
             self.cluster_notes.append(self.notes[-1])
             self.nats_notes.append(self.notes[-1])
             self.flow_notes.append(self.notes[-1])
+            self.traces_notes.append(self.notes[-1])
 
         if cases - set(SECTIONS):
             raw.warm_server(s, cfg)
@@ -243,6 +253,9 @@ class Bench:
 
         if "flow" in cases:
             self.flow()
+
+        if "traces" in cases:
+            self.traces()
 
     def cluster(self) -> None:
         """The Redis Cluster rows, on a cluster of their own (stopped when they end)."""
@@ -345,6 +358,30 @@ class Bench:
         finally:
             self.flow_elapsed = time.monotonic() - started
 
+    def traces(self) -> None:
+        """The run-trace rows: the raw drain, then the omnidaemon drain with traces and
+        without (in either order, turn about), on the benchmark's redis-server; each
+        repetition's cost of traces (`1 - with/without`) when both of its drains ran."""
+        cfg, s, ch, out = self.cfg, self.server, self.children, self.out
+        started = time.monotonic()
+        try:
+            raw.warm_server(s, cfg)
+            for i in self.reps():
+                run = partial(traces.raw_drain, s, ch, cfg, out)
+                self.measure(f"traces drain raw #{i}", run)
+                rates: dict[str, float] = {}
+                # Which of the two goes first alternates: neither always follows the raw drain.
+                order = list(traces.VARIANTS)[:: 1 if i % 2 else -1]
+                for variant in order:
+                    key = f"traces.drain{traces.VARIANTS[variant]}"
+                    run = partial(traces.omni_drain, s, ch, cfg, out, variant=variant)
+                    if self.measure(f"traces drain omnidaemon, {variant} traces #{i}", run):
+                        rates[variant] = self.results[key][-1]
+                if len(rates) == len(traces.VARIANTS):
+                    self.results["traces.cost"].append(1 - rates["with"] / rates["without"])
+        finally:
+            self.traces_elapsed = time.monotonic() - started
+
     def _omni_drain(self) -> dict[str, float]:
         result = omni.drain(self.server, self.children, self.cfg, self.out, n=self.cfg.n)
         return {"omni.drain": result["rate"], "omni.drain_cpu": result["cpu"]}
@@ -440,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         nats_elapsed=bench.nats_elapsed,
         flow_notes=bench.flow_notes,
         flow_elapsed=bench.flow_elapsed,
+        traces_notes=bench.traces_notes,
+        traces_elapsed=bench.traces_elapsed,
     )
     print(rendered.printed, flush=True)
     if full or sections:

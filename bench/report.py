@@ -36,6 +36,10 @@ def _mb(v: float) -> str:
     return f"{v:,.1f} MB"
 
 
+def _pct(v: float) -> str:
+    return f"{v * 100:.1f} %"
+
+
 Target = Callable[[Runs, Config], tuple[str, bool | None]]
 
 
@@ -292,6 +296,26 @@ FLOW_ROWS: tuple[Row, ...] = (
         "binds", _cpu, "flow.nats.drain_cpu", lower_is_better=True),
 )  # fmt: skip
 
+# Run traces (--cases traces): the omnidaemon drain with traces (the default) and with
+# OMNIDAEMON_TRACE_TTL=0, and the raw drain, same server, same run (bench/cases/traces.py).
+TRACES_ROWS: tuple[Row, ...] = (
+    Row("traces.raw.drain", "raw", "drain: XREADGROUP 100 + XACK per batch", _rate,
+        "traces.raw.drain"),
+    Row("traces.drain", "omnidaemon", "drain, with traces (the default): 1 worker process, "
+        "default concurrency (16)", _rate, "traces.raw.drain"),
+    Row("traces.drain_off", "omnidaemon", "drain, without traces: the same, "
+        "OMNIDAEMON_TRACE_TTL=0", _rate, "traces.raw.drain"),
+    Row("traces.raw.drain_cpu", "raw", "CPU per event: raw drain consumer", _cpu,
+        "traces.raw.drain_cpu", lower_is_better=True),
+    Row("traces.drain_cpu", "omnidaemon", "CPU per event: worker, with traces", _cpu,
+        "traces.raw.drain_cpu", lower_is_better=True),
+    Row("traces.drain_off_cpu", "omnidaemon", "CPU per event: worker, without traces", _cpu,
+        "traces.raw.drain_cpu", lower_is_better=True),
+    Row("traces.cost", "traces", "cost of traces, each run: 1 - with/without of its two "
+        "drains", _pct),
+)  # fmt: skip
+TRACES_TARGET = 0.10  # issue 21: the trace bookkeeping costs under 10 % of the drain rate
+
 _MARK = {True: "✓", False: "✗", None: ""}
 
 
@@ -418,6 +442,21 @@ def flow_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
             f"benchmark's redis-server and on a local nats-server; {_reps(cfg)}",
             "",
             *_machine(info, elapsed, None, both=True),
+        ]
+    )
+
+
+TRACES_HEADING = "## Run traces"
+
+
+def traces_header(cfg: Config, info: Mapping[str, str], elapsed: float) -> str:
+    return "\n".join(
+        [
+            f"{TRACES_HEADING} ({cfg.mode}): N = {cfg.n:,} events of ~200 bytes a case, drained "
+            "by one worker process with and without run traces, and by the raw redis-py "
+            f"consumer, on the benchmark's redis-server; {_reps(cfg)}",
+            "",
+            *_machine(info, elapsed, None),
         ]
     )
 
@@ -554,6 +593,51 @@ flow --no-peers` runs them alone, and writes this section of RESULTS.md):
 """
 
 
+TRACES_METHOD = """\
+How the run-trace figures are measured (`bench/cases/traces.py`; `bash bench/run.sh --cases
+traces --reps 5` runs them alone, and writes this section of RESULTS.md):
+
+- The drain of the main rows (N-1 events pre-filled, the consumer process started and woken,
+  timed inside it from its first handled event to its N-th), each repetition three times on
+  the same server: the raw redis-py consumer, and one omnidaemon worker process at the
+  default concurrency (16) with run traces (as workers run by default: a record per attempt,
+  written with the batched acks, one script per batch, `omnidaemon/brokers/redis/_traces.py`)
+  and with `OMNIDAEMON_TRACE_TTL=0` (none), these two in either order, turn about. After each
+  omnidaemon drain the benchmark checks the index of runs on the bus (`omni:runs`): N runs
+  with traces (each event is a run of its own), none without. **vs raw** is the ratio to the
+  raw drain of the same run. **cost of traces**: `1 - with/without`, from the two medians (the
+  figure the target applies to: under 10 %) and, in its row, of each repetition's own pair.
+  CPU per event: the consumer's `time.process_time()` over the same window, divided by N.
+"""
+
+
+def traces_section(
+    results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
+) -> tuple[str, list[bool]]:
+    """The run-trace figures: RESULTS.md's section, without its method; the target's outcome."""
+    body, _ = table(results, cfg, TRACES_ROWS, targets=False)
+    parts = [traces_header(cfg, info, elapsed), "", body]
+    outcomes: list[bool] = []
+    on, off = _value(results, "traces.drain"), _value(results, "traces.drain_off")
+    if on is not None and off:
+        cost = 1 - on / off
+        outcomes.append(cost < TRACES_TARGET)
+        line = (
+            f"cost of traces: 1 - with/without = {_pct(cost)} of the drain rate (medians; "
+            f"target < {_pct(TRACES_TARGET)}: {_MARK[outcomes[0]]})"
+        )
+        cpu_on, cpu_off = (
+            _value(results, "traces.drain_cpu"),
+            _value(results, "traces.drain_off_cpu"),
+        )
+        if cpu_on is not None and cpu_off:
+            line += f"; CPU per event {(cpu_on / cpu_off - 1) * 100:+.1f} %"
+        parts += ["", line]
+    if notes:
+        parts += ["", *(f"- note: {note}" for note in notes)]
+    return "\n".join(parts), outcomes
+
+
 def flow_section(
     results: Runs, cfg: Config, info: Mapping[str, str], elapsed: float, notes: Sequence[str]
 ) -> str:
@@ -611,6 +695,7 @@ class Rendered:
     cluster: str | None  # RESULTS.md's cluster section, when the cluster case ran
     nats: str | None  # RESULTS.md's NATS section, when the nats case ran
     flow: str | None  # RESULTS.md's flow-control section, when the flow case ran
+    traces: str | None  # RESULTS.md's run-trace section, when the traces case ran
     outcomes: list[bool]  # the targets' outcomes
 
 
@@ -627,9 +712,11 @@ def render(
     nats_elapsed: float = 0.0,
     flow_notes: Sequence[str] = (),
     flow_elapsed: float = 0.0,
+    traces_notes: Sequence[str] = (),
+    traces_elapsed: float = 0.0,
 ) -> Rendered:
     printed: list[str] = []
-    main = cluster = nats = flow = None
+    main = cluster = nats = flow = traces = None
     outcomes: list[bool] = []
     if set(cfg.cases) - set(_HEADINGS):
         body, outcomes = table(results, cfg)
@@ -650,11 +737,21 @@ def render(
     if "flow" in cfg.cases:
         printed.append(flow_section(results, cfg, info, flow_elapsed, flow_notes))
         flow = "\n".join([printed[-1], "", FLOW_METHOD])
-    return Rendered("\n\n".join(printed), main, cluster, nats, flow, outcomes)
+    if "traces" in cfg.cases:
+        section, traces_outcomes = traces_section(results, cfg, info, traces_elapsed, traces_notes)
+        printed.append(section)
+        outcomes += traces_outcomes
+        traces = "\n".join([printed[-1], "", TRACES_METHOD])
+    return Rendered("\n\n".join(printed), main, cluster, nats, flow, traces, outcomes)
 
 
 # The sections, in RESULTS.md's order.
-_HEADINGS = {"cluster": CLUSTER_HEADING, "nats": NATS_HEADING, "flow": FLOW_HEADING}
+_HEADINGS = {
+    "cluster": CLUSTER_HEADING,
+    "nats": NATS_HEADING,
+    "flow": FLOW_HEADING,
+    "traces": TRACES_HEADING,
+}
 
 
 def split_results(text: str) -> dict[str, str]:
@@ -673,12 +770,12 @@ def split_results(text: str) -> dict[str, str]:
 
 
 def write_results(rendered: Rendered, *, main: bool, sections: Collection[str] = ()) -> None:
-    """Write RESULTS.md's main part and/or the `sections` named (`cluster`, `nats`), keeping
+    """Write RESULTS.md's main part and/or the `sections` named (`cluster`, `nats`, ...), keeping
     the other parts as they were."""
     old = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
     kept = split_results(old)
     new = {"main": rendered.main if main else None, "cluster": rendered.cluster,
-           "nats": rendered.nats, "flow": rendered.flow}  # fmt: skip
+           "nats": rendered.nats, "flow": rendered.flow, "traces": rendered.traces}  # fmt: skip
     parts = []
     for name in ("main", *_HEADINGS):
         part = new[name] if name == "main" or name in sections else None

@@ -1,0 +1,58 @@
+"""Run traces (`--cases traces`): what recording every attempt costs a draining worker.
+
+The omnidaemon drain of `bench.cases.omni` (Redis, one worker process at the default
+concurrency) twice in the same run on the same server: with traces, as a worker runs by
+default, and with `OMNIDAEMON_TRACE_TTL=0`, which turns them off. With traces the worker
+writes a record for each attempt (`omnidaemon.traces.records.TraceBook`) with its batched
+acks: one script per batch of acks (`omnidaemon/brokers/redis/_traces.py`) storing every run's
+records, plus the `omni:runs` index. The raw redis-py drain of `bench.cases.raw` runs in the
+same repetition, for the ratios. After each omnidaemon drain the benchmark checks the index of
+runs on the bus: every event's run in it with traces, none without.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.cases import omni, raw
+from bench.common import BenchError, Children, Config, RedisServer
+from omnidaemon.brokers.redis import RedisBroker
+
+OFF = {"OMNIDAEMON_TRACE_TTL": "0"}
+VARIANTS = {"with": "", "without": "_off"}
+"""The drains measured, and the suffix of their figures' names."""
+
+
+def _runs_indexed(server: RedisServer) -> int:
+    """How many runs the bus's index of runs (`omni:runs`, a sorted set) holds."""
+    key = RedisBroker(server.url).runs_key()  # not connected: only its key names
+    with server.client() as r:
+        return int(r.zcard(key))
+
+
+def _check(server: RedisServer, n: int, traced: bool) -> None:
+    """`BenchError` unless the drain just measured did (or did not) write its N runs' traces:
+    each drained event starts a run of its own (no correlation id)."""
+    runs = _runs_indexed(server)
+    expected = n if traced else 0
+    if runs != expected:
+        said = "with" if traced else "without"
+        raise BenchError(f"after the drain {said} traces: {runs} runs indexed, not {expected}")
+
+
+def raw_drain(server: RedisServer, children: Children, cfg: Config, out: Path) -> dict[str, float]:
+    """The raw redis-py drain (`raw.drain`), under this case's names."""
+    result = raw.drain(server, children, cfg, out)
+    return {f"traces.{key}": value for key, value in result.items()}
+
+
+def omni_drain(
+    server: RedisServer, children: Children, cfg: Config, out: Path, *, variant: str
+) -> dict[str, float]:
+    """The omnidaemon drain (`omni.drain`) with traces (`variant="with"`) or without."""
+    traced = variant == "with"
+    result = omni.drain(server, children, cfg, out, n=cfg.n, env=None if traced else OFF)
+    _check(server, cfg.n, traced)
+    name = f"traces.drain{VARIANTS[variant]}"
+    cpu = result.get("cpu")
+    return {name: result["rate"]} | ({f"{name}_cpu": cpu} if cpu is not None else {})
