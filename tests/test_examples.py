@@ -35,6 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
             "llm_budget.py",
             ["acme: 3 research run(s)", "globex: 1 research run(s)", "translated 4 summaries"],
         ),
+        (
+            "streaming_llm.py",
+            [
+                "status: succeeded",
+                "streamed 14 tokens over HTTP",
+                "a late reader got all 14 tokens; result: Event buses keep work durable:",
+            ],
+        ),
     ],
 )
 @pytest.mark.parametrize("bus", ["embedded", "nats"])
@@ -64,6 +72,11 @@ def test_example_runs(
             "at a fixed time, 1 second from now",
             "in 2 seconds",
         ]
+    if example == "streaming_llm.py":
+        # The tokens came as the model made them (50 ms apart), not all at the end.
+        [timing] = [line for line in lines if line.startswith("streamed 14 tokens")]
+        first, total = (float(part.split()[-2]) for part in timing.split(": ")[1].split(", "))
+        assert total - first >= 0.5, timing
     if example == "llm_budget.py":
         # acme's three requests, published at once, start 2 s apart (30/m for that tenant);
         # globex's starts at once, not behind them.

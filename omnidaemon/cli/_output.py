@@ -4,7 +4,7 @@ on request. Rich is imported only when a terminal is there to show it."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -110,9 +110,11 @@ def print_table(
     title: str | None = None,
     numeric: Sequence[str] = (),
     empty: str = "(none)",
+    styles: Mapping[str, Callable[[str], str | None]] | None = None,
 ) -> None:
     """Print rows under column headings: a Rich table on a terminal, aligned plain text (no
-    box, no colour) when piped. Columns named in `numeric` are right-aligned."""
+    box, no colour) when piped. Columns named in `numeric` are right-aligned; `styles` maps a
+    column to what gives each of its cells a Rich style (`None`: none), on a terminal."""
     if not is_terminal():
         if title:
             print(f"{title}:")
@@ -135,6 +137,7 @@ def print_table(
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console(highlight=False)
     if not rows:
@@ -160,8 +163,13 @@ def print_table(
             overflow="fold" if free_text else "ellipsis",
             min_width=len(name) if name in numeric else None,
         )
+    given = styles or {}
+    styled = [(i, given[name]) for i, name in enumerate(columns) if name in given]
     for row in rows:
-        table.add_row(*row)
+        cells: list[str | Text] = list(row)
+        for index, style in styled:
+            cells[index] = Text(row[index], style=style(row[index]) or "")
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -214,16 +214,22 @@ def result(
     from omnidaemon.progress import EventProgress, event_progress
     from omnidaemon.results import Result, event_results
 
+    run_hint: tuple[str, str] | None = None  # the id and status of the event's run
+
     async def run() -> tuple[list[Result], EventProgress | None]:
         from omnidaemon.app import App
+        from omnidaemon.cli.traces import run_of
 
+        nonlocal run_hint
         async with App("cli", broker=open_cli_broker(broker)) as app:
             found = await event_results(
                 app, event_id, agent=agent, timeout=timeout if wait else None
             )
             if json or any(r.status != "pending" for r in found):
                 return found, None
-            # Nothing stored: say what the bus knows instead of a bare `pending`.
+            # Nothing stored: say what the bus knows instead of a bare `pending`, and where
+            # the rest of its run went.
+            run_hint = await run_of(app, event_id)
             return found, await event_progress(app.broker, event_id)
 
     results, progress = run_async("result", run)
@@ -253,6 +259,11 @@ def result(
             ],
             numeric=["ATTEMPTS"],
         )
+    if run_hint is not None:
+        from omnidaemon.cli.traces import print_run_hint
+
+        sys.stdout.flush()  # the hint follows what the command printed
+        print_run_hint(*run_hint)
     statuses = {r.status for r in results}
     if statuses <= {"succeeded"}:
         return

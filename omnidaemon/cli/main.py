@@ -15,7 +15,7 @@ import typer
 # takes over error output (standalone_mode=False).
 from typer._click.exceptions import BadParameter, ClickException, NoArgsIsHelpError, UsageError
 
-from omnidaemon.cli import activity, apps, events, monitor, schedules
+from omnidaemon.cli import activity, apps, events, monitor, schedules, traces
 from omnidaemon.cli import api as api_command
 from omnidaemon.cli import bus_dead_letters as bus_dead_letters  # registers `bus dlq`, `replay`
 from omnidaemon.cli import worker as worker_command
@@ -40,6 +40,8 @@ def build_cli() -> typer.Typer:
     cli.command("publish")(events.publish)
     cli.command("result")(events.result)
     cli.command("cancel")(events.cancel)
+    cli.command("trace")(traces.trace)
+    cli.command("runs")(traces.runs)
     cli.command("agents")(apps.agents)
     cli.command("graph")(apps.graph)
     cli.command("asyncapi")(apps.asyncapi)

@@ -42,10 +42,54 @@ def decode_record(data: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-@dataclass(slots=True)
 class _Attempt:
-    run: str
-    fields: dict[str, Any]
+    """One attempt's record as it waits in the buffer: kept as the values it is made of,
+    encoded only when sent (a start replaced by its end before then is never encoded)."""
+
+    __slots__ = ("attempt", "ended", "envelope", "error", "otel", "outcome", "published", "started")
+
+    def __init__(
+        self,
+        envelope: Envelope[Any],
+        attempt: int,
+        started: float,
+        ended: float | None = None,
+        outcome: Outcome = "running",
+        error: dict[str, str] | None = None,
+        published: Sequence[tuple[str, str]] = (),
+        otel: tuple[str, str] | None = None,
+    ) -> None:
+        self.envelope = envelope
+        self.attempt = attempt
+        self.started = started
+        self.ended = ended
+        self.outcome = outcome
+        self.error = error
+        self.published = published
+        self.otel = otel
+
+    def fields(self, agent: str, worker: str) -> dict[str, Any]:
+        envelope = self.envelope
+        fields: dict[str, Any] = {
+            "event": envelope.id,
+            "topic": envelope.topic,
+            "causation": envelope.causation_id,
+            "created": envelope.created_at.timestamp(),
+            "source": envelope.source,
+            "agent": agent,
+            "attempt": self.attempt,
+            "worker": worker,
+            "started": self.started,
+            "ended": self.ended,
+            "outcome": self.outcome,
+        }
+        if self.error is not None:
+            fields["error"] = self.error
+        if self.published:
+            fields["published"] = [list(item) for item in self.published]
+        if self.otel is not None:
+            fields["otel_trace_id"], fields["otel_span_id"] = self.otel
+        return fields
 
 
 @dataclass(slots=True)
@@ -64,7 +108,9 @@ class TraceBook:
     ttl: float
     max_records: int
     _waiting: dict[str, _Attempt] = field(default_factory=dict)
-    _pointers: dict[str, str] = field(default_factory=dict)
+    # Records and pointers of a write that failed, encoded, to go with the next one.
+    _failed: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # field -> (run, record)
+    _failed_pointers: dict[str, str] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -72,11 +118,13 @@ class TraceBook:
         return self.ttl > 0
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._failed)
 
     def started(self, envelope: Envelope[Any], attempt: int, at: float) -> None:
         """Record that an attempt began at `at` (Unix seconds)."""
-        self._put(envelope, attempt, at, None, "running", None, ())
+        self._waiting[attempt_field(envelope.id, self.agent, attempt)] = _Attempt(
+            envelope, attempt, at
+        )
 
     def ended(
         self,
@@ -92,67 +140,40 @@ class TraceBook:
         """Record how an attempt ended (now), replacing its start record if that is still
         waiting here; `started` defaults to the start recorded, else now."""
         now = time.time()
-        field_name = attempt_field(envelope.id, self.agent, attempt)
-        waiting = self._waiting.get(field_name)
+        name = attempt_field(envelope.id, self.agent, attempt)
         if started is None:
-            started = waiting.fields["started"] if waiting is not None else now
-        self._put(envelope, attempt, started, now, outcome, error, published, otel)
+            waiting = self._waiting.get(name)
+            started = waiting.started if waiting is not None else now
+        self._waiting[name] = _Attempt(
+            envelope, attempt, started, now, outcome, error, published, otel
+        )
 
     def take(self) -> TraceWrite | None:
         """Everything waiting, as one write (`None` when nothing is); `restore` it if the
         write fails."""
-        if not self._waiting and not self._pointers:
+        if not self._waiting and not self._failed:
             return None
         records: dict[str, dict[str, bytes]] = {}
-        for name, attempt in self._waiting.items():
-            records.setdefault(attempt.run, {})[name] = dumps(attempt.fields)
-        write = TraceWrite(records, self._pointers, self.ttl, self.max_records, time.time())
+        pointers = self._failed_pointers
+        for name, (run, data) in self._failed.items():
+            records.setdefault(run, {})[name] = data
+        agent, worker = self.agent, self.worker
+        for name, waiting in self._waiting.items():
+            envelope = waiting.envelope
+            run = envelope.correlation_id or envelope.id
+            records.setdefault(run, {})[name] = dumps(waiting.fields(agent, worker))
+            if envelope.id != run:
+                pointers[envelope.id] = run
         self._waiting = {}
-        self._pointers = {}
-        return write
+        self._failed = {}
+        self._failed_pointers = {}
+        return TraceWrite(records, pointers, self.ttl, self.max_records, time.time())
 
     def restore(self, write: TraceWrite) -> None:
         """Put back a write that failed, under what was recorded since (which is newer)."""
         for run, fields in write.records.items():
             for name, data in fields.items():
-                if name not in self._waiting:
-                    decoded = decode_record(data)
-                    if decoded is not None:
-                        self._waiting[name] = _Attempt(run, decoded)
+                if name not in self._waiting and name not in self._failed:
+                    self._failed[name] = (run, data)
         for event_id, run in write.pointers.items():
-            self._pointers.setdefault(event_id, run)
-
-    def _put(
-        self,
-        envelope: Envelope[Any],
-        attempt: int,
-        started: float,
-        ended: float | None,
-        outcome: Outcome,
-        error: dict[str, str] | None,
-        published: Sequence[tuple[str, str]],
-        otel: tuple[str, str] | None = None,
-    ) -> None:
-        run = envelope.correlation_id or envelope.id
-        fields: dict[str, Any] = {
-            "event": envelope.id,
-            "topic": envelope.topic,
-            "causation": envelope.causation_id,
-            "created": envelope.created_at.timestamp(),
-            "source": envelope.source,
-            "agent": self.agent,
-            "attempt": attempt,
-            "worker": self.worker,
-            "started": started,
-            "ended": ended,
-            "outcome": outcome,
-        }
-        if error is not None:
-            fields["error"] = error
-        if published:
-            fields["published"] = [list(item) for item in published]
-        if otel is not None:
-            fields["otel_trace_id"], fields["otel_span_id"] = otel
-        self._waiting[attempt_field(envelope.id, self.agent, attempt)] = _Attempt(run, fields)
-        if envelope.id != run:
-            self._pointers[envelope.id] = run
+            self._failed_pointers.setdefault(event_id, run)
