@@ -254,10 +254,11 @@ class TestApp:
             raise TimeoutError(f"the bus was still busy after {timeout} s")
 
     def _traces_unsent(self) -> bool:
-        """Whether a consumer holds trace records not written yet (they go with its next
-        acks, or within 50 ms): `App.trace` after `drain()` sees the whole run."""
+        """Whether a consumer is still finishing a delivery the bus counts as settled, or
+        holds trace records not written yet (they go with its next acks, or within 50 ms):
+        `App.trace` after `drain()` sees the whole run."""
         worker = self._worker
-        return worker is not None and any(c.traces_unsent for c in worker.consumers)
+        return worker is not None and any(c.running or c.traces_unsent for c in worker.consumers)
 
     async def advance(
         self, seconds: float, *, timeout: float = 10.0, offline: bool = False

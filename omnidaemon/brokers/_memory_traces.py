@@ -35,7 +35,7 @@ class TraceRecords:
             self._runs = {k: r for k, r in self._runs.items() if r.expires_at > now}
             self._pointers = {k: p for k, p in self._pointers.items() if p[0] > now}
             self._sweep_at = max(1024, 2 * (len(self._runs) + len(self._pointers)))
-        for run_id, fields in write.records.items():
+        for run_id, fields in write.by_run().items():
             run = self._live(run_id, now)
             if run is None:
                 run = self._runs[run_id] = _Run()
@@ -46,7 +46,7 @@ class TraceRecords:
                     run.dropped += 1
             run.expires_at = now + write.ttl
             run.written_at = write.now
-        for event_id, run_id in write.pointers.items():
+        for event_id, run_id in write.pointers:
             self._pointers[event_id] = (now + write.ttl, run_id)
 
     def read(self, run_id: str, now: float) -> StoredTrace | None:

@@ -15,7 +15,7 @@ run); and an index of runs by their last write, for listing recent runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["StoredTrace", "TraceStore", "TraceWrite"]
@@ -26,24 +26,31 @@ class TraceWrite:
     """Trace records to store with an acknowledgement (`Broker.ack(..., trace=)`).
 
     Attributes:
-        records: Per run id, the records to store by field (a field's record replaces the
-            one stored under it).
-        pointers: Per event id, the run it belongs to, for events that are not their run's
-            first (whose id is not the run id).
+        records: `(run id, field, record)`, stored in this order: a field's record replaces
+            the one stored under it, so a later one of the same field wins.
+        pointers: `(event id, run id)` for events that are not their run's first (whose id is
+            not the run id).
         ttl: Seconds the run's records, its pointers and its place in the index are kept
             after this write.
         max_records: The most fields a run keeps; a new field past it is dropped and counted.
         now: The writer's wall-clock time (Unix seconds): the runs' place in the index.
     """
 
-    records: Mapping[str, Mapping[str, bytes]]
-    pointers: Mapping[str, str]
+    records: Sequence[tuple[str, str, bytes]]
+    pointers: Sequence[tuple[str, str]]
     ttl: float
     max_records: int
     now: float
 
     def __bool__(self) -> bool:
         return bool(self.records or self.pointers)
+
+    def by_run(self) -> dict[str, dict[str, bytes]]:
+        """The records grouped by run, the last of each field kept."""
+        runs: dict[str, dict[str, bytes]] = {}
+        for run, name, record in self.records:
+            runs.setdefault(run, {})[name] = record
+        return runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +83,3 @@ class TraceStore(ABC):
     async def recent_runs(self, *, since: float, limit: int) -> list[tuple[str, float]]:
         """Up to `limit` runs written to at or after `since` (Unix seconds), as `(run id,
         time of its last write)`, the most recently written first."""
-
-
-def merge_writes(writes: list[TraceWrite]) -> TraceWrite | None:
-    """One write holding every record and pointer of `writes` (later ones win), or `None`."""
-    if not writes:
-        return None
-    records: dict[str, dict[str, bytes]] = {}
-    pointers: dict[str, str] = {}
-    for write in writes:
-        for run, fields in write.records.items():
-            records.setdefault(run, {}).update(fields)
-        pointers.update(write.pointers)
-    last = writes[-1]
-    return TraceWrite(records, pointers, last.ttl, last.max_records, last.now)
-
-
-def records_of(write: TraceWrite | None) -> Mapping[str, Mapping[str, bytes]]:
-    """The write's records (none for `None`)."""
-    return write.records if write is not None else {}

@@ -111,10 +111,12 @@ def print_table(
     numeric: Sequence[str] = (),
     empty: str = "(none)",
     styles: Mapping[str, Callable[[str], str | None]] | None = None,
+    whole: Sequence[str] = (),
 ) -> None:
     """Print rows under column headings: a Rich table on a terminal, aligned plain text (no
     box, no colour) when piped. Columns named in `numeric` are right-aligned; `styles` maps a
-    column to what gives each of its cells a Rich style (`None`: none), on a terminal."""
+    column to what gives each of its cells a Rich style (`None`: none), on a terminal; columns
+    named in `whole` are never cut on a narrow terminal (ids to copy)."""
     if not is_terminal():
         if title:
             print(f"{title}:")
@@ -154,26 +156,30 @@ def print_table(
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    for name in columns:
+    for index, name in enumerate(columns):
         free_text = name in _FREE_TEXT
+        least = len(name) if name in numeric else None
+        if name in whole:
+            least = max(len(name), *(len(r[index]) for r in rows))
         table.add_column(
             name,
             justify="right" if name in numeric else "left",
             no_wrap=not free_text,
             overflow="fold" if free_text else "ellipsis",
-            min_width=len(name) if name in numeric else None,
+            min_width=least,
         )
     given = styles or {}
     styled = [(i, given[name]) for i, name in enumerate(columns) if name in given]
     for row in rows:
-        cells: list[str | Text] = list(row)
+        # Text, not markup: a cell holds what the bus holds (an error's `[...]` stays as is).
+        cells = [Text(cell) for cell in row]
         for index, style in styled:
-            cells[index] = Text(row[index], style=style(row[index]) or "")
+            cells[index].stylize(style(row[index]) or "")
         table.add_row(*cells)
     console.print(table)
 
 
-_FREE_TEXT = frozenset({"ERROR", "PAYLOAD", "RESULT / ERROR", "AGENTS"})
+_FREE_TEXT = frozenset({"ERROR", "PAYLOAD", "RESULT / ERROR", "AGENTS", "FAILURE"})
 
 
 class Progress(Protocol):

@@ -94,7 +94,8 @@ def _attempt(attempt: AttemptTrace, now: datetime) -> Text:
 def _event_label(event: EventTrace, full_ids: bool, root: bool) -> Text:
     from rich.text import Text
 
-    line = Text(event.topic or "(topic unknown)", style="bold cyan")
+    line = Text()
+    line.append(event.topic or "(topic unknown)", style="bold cyan")
     line.append(f"  {event.id if full_ids else short_id(event.id)}", style="dim")
     if root and event.source:
         line.append(f"  from {event.source}")
@@ -108,7 +109,8 @@ def _event_label(event: EventTrace, full_ids: bool, root: bool) -> Text:
 def _handling_label(handling: HandlingTrace) -> Text:
     from rich.text import Text
 
-    line = Text(handling.agent, style="bold")
+    line = Text()
+    line.append(handling.agent, style="bold")
     line.append("  ")
     line.append(handling.status, style=STATUS_STYLES.get(handling.status, ""))
     if len(handling.attempts) > 1:

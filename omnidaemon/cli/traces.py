@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
@@ -31,6 +32,7 @@ __all__ = ["parse_duration", "print_run_hint", "run_of", "runs", "trace"]
 
 FOLLOW_INTERVAL = 0.5  # seconds between two reads of a followed run
 FOLLOW_APPEAR = 5.0  # seconds --follow waits for a run just published to be recorded
+FOLLOW_SETTLE = 1.5  # seconds with nothing recorded after which a run not running is over
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
@@ -89,29 +91,50 @@ def _unknown(run_or_event_id: str) -> CommandError:
     )
 
 
-async def _follow(app: App, first: Trace, full_ids: bool) -> Trace:
-    """Redraw the run on a terminal (Rich Live) until it is no longer running; return its
-    last trace. Piped, wait quietly and let the caller print the end."""
+def _settled(trace: Trace, last_change: float) -> bool:
+    """Whether a run is over: not running, and nothing recorded for `FOLLOW_SETTLE` seconds
+    (an event a handling just published is recorded once an agent takes it up, a moment
+    later: until then the tree cannot tell it from one no agent reads)."""
+    if trace.status == "running":
+        return False
+    if time.monotonic() - last_change >= FOLLOW_SETTLE:
+        return True
+    ended = trace.ended_at
+    return ended is not None and time.time() - ended.timestamp() >= FOLLOW_SETTLE
+
+
+async def _follow(app: App, first: Trace, on_change: Callable[[Trace], None]) -> Trace:
+    """Read the run every `FOLLOW_INTERVAL` seconds until it is over; call `on_change` with
+    each new state; return the last one."""
     import anyio
+
+    current, last_change = first, time.monotonic()
+    while not _settled(current, last_change):
+        await anyio.sleep(FOLLOW_INTERVAL)
+        newer = await app.trace(current.run_id)
+        if newer is None:  # expired, or deleted, while followed: show the last state
+            break
+        if newer != current:
+            current, last_change = newer, time.monotonic()
+            on_change(current)
+    return current
+
+
+async def _follow_live(app: App, first: Trace, full_ids: bool) -> Trace:
+    """`_follow`, redrawing the tree on the terminal (Rich Live) at each read, for the
+    durations of attempts still running."""
+    from rich.live import Live
 
     from omnidaemon.cli._trace_view import trace_view
 
-    current = first
-    if not is_terminal():
-        while current.status == "running":
-            await anyio.sleep(FOLLOW_INTERVAL)
-            current = await app.trace(current.run_id) or current
-        return current
-    from rich.live import Live
+    with Live(trace_view(first, full_ids=full_ids), console=_console(), auto_refresh=False) as live:
 
-    with Live(
-        trace_view(current, full_ids=full_ids), console=_console(), auto_refresh=False
-    ) as live:
-        while current.status == "running":
-            await anyio.sleep(FOLLOW_INTERVAL)
-            current = await app.trace(current.run_id) or current
+        def redraw(current: Trace) -> None:
             live.update(trace_view(current, full_ids=full_ids), refresh=True)
-    return current
+
+        last = await _follow(app, first, redraw)
+        redraw(last)
+    return last
 
 
 def trace(
@@ -124,7 +147,10 @@ def trace(
     follow: Annotated[
         bool,
         typer.Option(
-            "--follow", "-f", help="Redraw the run as it goes until it ends (Ctrl-C stops)."
+            "--follow",
+            "-f",
+            help="Redraw the run as it goes, until it is over (Ctrl-C stops); piped, print "
+            "it once it is.",
         ),
     ] = False,
     full_ids: Annotated[
@@ -141,6 +167,8 @@ def trace(
     1 when the bus holds no trace of ID.
     """
 
+    live = is_terminal() and not json
+
     async def run() -> Trace:
         from omnidaemon.app import App
 
@@ -148,45 +176,36 @@ def trace(
             found = await _wait_for_record(app, run_or_event_id, FOLLOW_APPEAR if follow else 0)
             if found is None:
                 raise _unknown(run_or_event_id)
-            if follow and not json:
-                return await _follow(app, found, full_ids)
-            if follow:
-                while found.status == "running":
-                    import anyio
-
-                    await anyio.sleep(FOLLOW_INTERVAL)
-                    found = await app.trace(found.run_id) or found
+            if follow and live:
+                return await _follow_live(app, found, full_ids)
+            if follow:  # piped: print the end only
+                return await _follow(app, found, lambda _: None)
             return found
 
     found = run_async("trace", run)
     if json:
         emit_json(found.model_dump(mode="json"))
-    elif not (follow and is_terminal()):  # the live view left its last frame on screen
+    elif not (follow and live):  # the live view left its last frame on screen
         from omnidaemon.cli._trace_view import trace_view
 
         _console().print(trace_view(found, full_ids=full_ids), soft_wrap=True)
 
 
 def _run_row(summary: RunSummary, now: datetime) -> list[str]:
-    error = ""
-    if summary.error:
-        error = f"{summary.error.get('type', 'Error')}: {summary.error.get('message', '')}"
-        error = error if len(error) <= 80 else error[:79] + "…"
+    failure = ""
+    if summary.failed_agent is not None:
+        error = summary.error or {}
+        failure = (
+            f"{summary.failed_agent}: {error.get('type', 'Error')}: {error.get('message', '')}"
+        )
+        failure = failure if len(failure) <= 100 else failure[:99] + "…"
     started = "-"
     if summary.started_at is not None:
-        started = summary.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        started = age(max(0.0, (now - summary.started_at).total_seconds())) + " ago"
     duration = age(summary.duration)
     if summary.status == "running" and summary.started_at is not None:
         duration = f"{age((now - summary.started_at).total_seconds())} so far"
-    return [
-        summary.run_id,
-        summary.status,
-        started,
-        duration,
-        str(summary.events),
-        summary.failed_agent or "",
-        error,
-    ]
+    return [summary.run_id, summary.status, started, duration, str(summary.events), failure]
 
 
 def runs(
@@ -229,10 +248,11 @@ def runs(
     now = datetime.now(UTC)
     which = f"{status.value} runs" if status is not None else "runs"
     print_table(
-        ["RUN ID", "STATUS", "STARTED", "DURATION", "EVENTS", "FAILED AGENT", "ERROR"],
+        ["RUN ID", "STATUS", "STARTED", "DURATION", "EVENTS", "FAILURE"],
         [_run_row(r, now) for r in found],
-        numeric=["DURATION", "EVENTS"],
+        numeric=["STARTED", "DURATION", "EVENTS"],
         styles={"STATUS": _status_style},
+        whole=["RUN ID", "STATUS"],
         empty=f"no {which} in the last {_span(span)}",
     )
 

@@ -6,10 +6,12 @@ Each attempt writes a stream of its own (its entries carry its attempt number), 
 `truncated` marker, logs one warning and drops the rest of the attempt's chunks (`emit`
 returns `False`), while the handler runs on; its return value still ends the stream.
 
-An end marker is written for an attempt that emitted at least one chunk, or of an agent that
-declared `stream=` (whose readers wait for it even when nothing was emitted), so agents that
-do not stream pay nothing. The worker writes it only for deliveries it settled itself: one
-taken over by another worker (`Outcomes._report_lost`) gets its end from that worker.
+An end marker is written for an attempt that emitted at least one chunk, of an agent that
+declared `stream=` (whose readers wait for it even when nothing was emitted), or a later
+attempt (a retry, a redelivery) of an event whose stream an earlier attempt began, so agents
+that do not stream pay nothing (a redelivery of theirs, one read of the bus). The worker
+writes it only for deliveries it settled itself: one taken over by another worker
+(`Outcomes._report_lost`) gets its end from that worker.
 """
 
 from __future__ import annotations
@@ -197,14 +199,21 @@ async def end_attempt(
     raised: the outcome stands, and readers of the stream wait until their timeout.
     """
     spec = outcomes._spec
-    if event_id is None:
-        return
+    if event_id is None or (not _open and spec.stream_type is None and delivery.attempt == 1):
+        return  # the common case, on every event's path: nothing streams
     writer = _open.pop((id(outcomes._app), spec.name, event_id, delivery.attempt), None)
-    if writer is None and spec.stream_type is None:
-        return
+    key = output_key(event_id)
     try:
+        # A later attempt that emitted nothing still ends what an earlier one began (readers
+        # wait for an end); one look at the bus, paid by redeliveries only.
+        if (
+            writer is None
+            and spec.stream_type is None
+            and (delivery.attempt == 1 or not await outcomes._broker.read_output(key, count=1))
+        ):
+            return
         entry = end_entry(spec.name, delivery.attempt, status, result=result, error=error)
-        await outcomes._broker.append_output(output_key(event_id), entry, ttl=spec.result_ttl)
+        await outcomes._broker.append_output(key, entry, ttl=spec.result_ttl)
     except Exception as exc:
         _log.warning(
             "could not end the event's output stream: its readers wait until their timeout",

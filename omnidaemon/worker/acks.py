@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 
 from omnidaemon.brokers.base import Delivery
@@ -68,10 +70,15 @@ class AckBatcher:
             self._ready.set()
 
     def traced(self) -> None:
-        """Trace records were added to the agent's `TraceBook`: they go with the next batch,
-        or on their own `trace_delay` seconds after the first of them if no ack comes."""
+        """A trace record was added to the agent's `TraceBook`: it goes with the next batch,
+        or on its own `trace_delay` seconds after the first of them if no ack comes."""
         if not self._pending and self._trace is not None and len(self._trace) == 1:
             self._ready.set()
+
+    @property
+    def traces_unsent(self) -> bool:
+        """Whether trace records wait in the book or are on their way to the bus."""
+        return self._trace is not None and (len(self._trace) > 0 or self._sending.locked())
 
     def waiting(self) -> set[tuple[str, str]]:
         """`(origin, id)` of the deliveries queued or on their way, not acknowledged yet."""
@@ -90,6 +97,11 @@ class AckBatcher:
             wait = None
             if self._metrics is not None:
                 wait = max(0.0, self._stats_due - anyio.current_time())
+            # A long handler's start record falls due while nothing else may be sent.
+            start_due = self._trace.start_due() if self._trace is not None else None
+            if start_due is not None:
+                until = max(0.0, start_due - time.time())
+                wait = until if wait is None else min(wait, until)
             with anyio.move_on_after(wait):
                 await self._ready.wait()
             self._ready = anyio.Event()

@@ -111,7 +111,9 @@ class AgentConsumer(Admitting, Fetching, Running):
         self.metrics = AgentMetrics(spec.topic, spec.name)
         """This worker's counts for the agent; written to the bus with the acks."""
         settings = app.settings
-        self._trace = TraceBook(spec.name, consumer, settings.trace_ttl, settings.trace_max_records)
+        self._trace = TraceBook(
+            spec.name, consumer, settings.trace_ttl, settings.trace_max_records, self.running
+        )
         """This worker's records of the agent's attempts for the runs' traces, written to
         the bus with the acks."""
         self._acks = AckBatcher(self._queue, metrics=self.metrics, trace=self._trace)
@@ -167,7 +169,7 @@ class AgentConsumer(Admitting, Fetching, Running):
     @property
     def traces_unsent(self) -> bool:
         """Whether trace records of the agent wait for their write (with the next acks)."""
-        return len(self._trace) > 0
+        return self._acks.traces_unsent
 
     @property
     def capacity(self) -> int:

@@ -6,7 +6,6 @@ inherits it."""
 from __future__ import annotations
 
 import contextlib
-import time
 import traceback
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -164,14 +163,6 @@ class Outcomes:
             reason=reason,
         )
 
-    def _trace_started(self, delivery: Delivery, envelope: Envelope[Any]) -> None:
-        """Record in the run's trace that an attempt began (sent with the next acks)."""
-        if self._trace.enabled:
-            running = self.running.get((delivery.origin, delivery.id))
-            started = running[1] if running is not None else time.time()
-            self._trace.started(envelope, delivery.attempt, started)
-            self._acks.traced()
-
     def _trace_ended(
         self,
         delivery: Delivery,
@@ -184,10 +175,14 @@ class Outcomes:
         """Record in the run's trace how an attempt ended (sent with the next acks): called
         once the delivery is settled, never for one this worker lost."""
         if self._trace.enabled:
+            key = (delivery.origin, delivery.id)
+            running = self.running.get(key)
             self._trace.ended(
+                key,
                 envelope,
                 delivery.attempt,
                 outcome,
+                started=running[1] if running is not None else None,
                 error=error,
                 published=published,
                 otel=tracing.current_ids(),

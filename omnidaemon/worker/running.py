@@ -51,7 +51,6 @@ class Running(Outcomes):
         self, delivery: Delivery, envelope: Envelope[Any], admission: Admission | None
     ) -> None:
         spec = self._spec
-        self._trace_started(delivery, envelope)
         if spec.store_results:
             await self._record(delivery, envelope.id, "running")
         ctx = Context(
@@ -122,12 +121,14 @@ class Running(Outcomes):
             await idempotency.succeeded(idempotency_key, envelope.id, output)
         if spec.store_results:
             await self._record(delivery, envelope.id, "succeeded", result=output)
-        await end_attempt(self, delivery, envelope.id, "succeeded", result=output)
-        self._trace_ended(delivery, envelope, "succeeded", published=published)
+        if ctx._stream is not None or spec.stream_type is not None or delivery.attempt > 1:
+            # Ends the stream this attempt (or an earlier one) began; skipped when none could.
+            await end_attempt(self, delivery, envelope.id, "succeeded", result=output)
         self.metrics.succeeded += 1
         self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
+        self._trace_ended(delivery, envelope, "succeeded", published=published)  # with the ack
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
 

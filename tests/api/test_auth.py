@@ -125,6 +125,9 @@ READ_ROUTES = [
     ("GET", "/v1/dlq"),
     ("GET", "/v1/dlq/some.topic"),
     ("GET", "/v1/events/some-id/result"),
+    ("GET", "/v1/traces/some-trace"),
+    ("GET", "/v1/runs"),
+    ("GET", "/v1/events/some-id/stream"),
     ("GET", "/v1/inspect"),
     ("GET", "/asyncapi.json"),
 ]
@@ -204,7 +207,8 @@ def test_openapi_lists_every_route_and_the_bearer_scheme(
         for method in operations
     }
     expected = {(m, p.replace("some.topic", "{topic}").replace("some-id", "{event_id}")
-                  .replace("some-run", "{correlation_id}"))
+                  .replace("some-run", "{correlation_id}")
+                  .replace("some-trace", "{run_or_event_id}"))
                 for m, p in ALL_ROUTES}  # fmt: skip
     assert listed == expected | {("GET", "/healthz")}
     assert schema["components"]["securitySchemes"]["bearer"] == {

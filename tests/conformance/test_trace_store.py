@@ -42,8 +42,13 @@ def write(
     max_records: int = 100,
     now: float | None = None,
 ) -> TraceWrite:
+    flat = [(run, name, data) for run, fields in records.items() for name, data in fields.items()]
     return TraceWrite(
-        records, pointers or {}, ttl, max_records, time.time() if now is None else now
+        flat,
+        list((pointers or {}).items()),
+        ttl,
+        max_records,
+        time.time() if now is None else now,
     )
 
 
@@ -62,6 +67,15 @@ async def test_records_are_stored_with_the_ack_and_replaced_by_field(
     )
     assert await broker.fetch(sub, "c2", 10, 0.05) == []  # the ack settled the delivery
     assert await broker.read_trace(run_id()) is None
+
+
+async def test_the_last_record_of_a_field_in_one_write_wins(
+    broker: Broker, sub: Subscription
+) -> None:
+    run = run_id()
+    records = [(run, "f", b"start"), (run, "g", b"x"), (run, "f", b"end")]
+    await broker.ack(sub, [], trace=TraceWrite(records, [], 60, 100, time.time()))
+    assert await broker.read_trace(run) == StoredTrace({"f": b"end", "g": b"x"}, 0)
 
 
 async def test_many_runs_and_pointers_in_one_write(broker: Broker, sub: Subscription) -> None:

@@ -15,7 +15,14 @@ import pytest
 from omnidaemon import App, Context
 from omnidaemon.api.routes import streams
 from omnidaemon.brokers.redis import RedisBroker
-from tests.api._support import PUBLISHER, READER, ServerThread, async_client, running_api
+from tests.api._support import (
+    PUBLISHER,
+    READER,
+    ServerThread,
+    apoll,
+    async_client,
+    running_api,
+)
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -159,3 +166,28 @@ async def test_nothing_streamed_is_404_and_reading_needs_a_token(api: ServerThre
     async with async_client(api.url) as anonymous:
         refused = await anonymous.get(f"/v1/events/{uuid.uuid4()}/stream")
         assert refused.status_code == 401
+
+
+async def test_open_streams_count_against_the_bound_on_waiting_requests(
+    make_bus_app: Callable[[], App],
+) -> None:
+    with running_api(make_bus_app(), max_waiting=1) as server:
+        async with async_client(server.url, READER) as http:
+            answers: list[int] = []
+
+            async def wait_for_nothing() -> None:
+                got = await http.get(f"/v1/events/{uuid.uuid4()}/stream", params={"timeout": 1})
+                answers.append(got.status_code)
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait_for_nothing)
+                waiting = server.server.config.app.state.omnidaemon.waiting
+
+                async def holding() -> bool:  # the first request holds the only slot
+                    return bool(waiting.waiting == 1)
+
+                await apoll(holding, message="the first request to wait")
+                busy = await http.get(f"/v1/events/{uuid.uuid4()}/stream")
+                assert busy.status_code == 503
+                assert busy.headers["retry-after"] == "1"
+            assert answers == [404]

@@ -71,9 +71,11 @@ async def test_chunks_come_in_order_complete_and_to_a_late_reader() -> None:
     assert [c.index for c in chunks] == list(range(30))
     assert {(c.agent, c.attempt, c.restarted) for c in chunks} == {("chat", 1, False)}
     assert len({c.id for c in chunks}) == 30
-    assert (stream.status, stream.result, stream.attempt) == ("succeeded", "".join(
-        f"w{i} " for i in range(30)
-    ), 1)
+    assert (stream.status, stream.result, stream.attempt) == (
+        "succeeded",
+        "".join(f"w{i} " for i in range(30)),
+        1,
+    )
     assert not stream.truncated
 
 
@@ -191,7 +193,7 @@ async def test_dead_letters_and_cancellations_end_the_stream_with_their_error() 
         chunks: list[StreamChunk[Any]] = []
         with pytest.raises(AgentFailed, match="attempt 3 broke"):
             async for chunk in app.stream(failed, timeout=2):
-                chunks.append(chunk)
+                chunks.append(chunk)  # noqa: PERF401 - kept up to the failure
         assert [c.attempt for c in chunks if c.index == 0] == [1, 2, 3]
 
         cancelled = await bus.publish("long.asked", {})
@@ -210,8 +212,7 @@ async def test_past_the_bound_the_stream_is_truncated_and_the_handler_finishes()
 
     @app.agent("many.asked", stream=str)
     async def many(question: dict[str, Any], ctx: Context) -> str:
-        for i in range(10):
-            kept.append(await ctx.emit(f"c{i}"))
+        kept.extend([await ctx.emit(f"c{i}") for i in range(10)])
         return "done"
 
     async with TestApp(app) as bus:
@@ -292,6 +293,28 @@ async def test_agents_that_do_not_stream_write_nothing() -> None:
         quiet_stream = app.stream(quiet_id, timeout=2)
         assert await collect(quiet_stream) == []
         assert quiet_stream.result == "no chunks"
+
+
+async def test_a_retry_that_emits_nothing_still_ends_what_the_first_attempt_began() -> None:
+    app = App("undeclared", broker=MemoryBroker(None))
+
+    @app.agent("once.asked", retry_backoff=0.01)  # no `stream=`: chunks of any JSON value
+    async def once(question: dict[str, Any], ctx: Context) -> str:
+        if ctx.attempt == 1:
+            await ctx.emit({"partial": 1})
+            raise RuntimeError("broke after a chunk")
+        return "answered without streaming"
+
+    async with TestApp(app) as bus:
+        event_id = await bus.publish("once.asked", {})
+        await bus.drain()
+        stream = app.stream(event_id, timeout=2)
+        assert [c.data for c in await collect(stream)] == [{"partial": 1}]
+    assert (stream.restarts, stream.attempt, stream.result) == (
+        1,
+        2,
+        "answered without streaming",
+    )
 
 
 async def test_agent_picks_one_of_several_streaming_agents() -> None:

@@ -1,43 +1,55 @@
-"""The worker's buffer of trace records (`TraceBook`): a start replaced by its end before
-it is sent, and a failed write put back under what was recorded since."""
+"""The worker's buffer of trace records (`TraceBook`): one record per attempt, written when it
+ends; a start record only for an attempt still running after `START_AFTER`; and a failed
+write put back before what was recorded since."""
 
 from __future__ import annotations
 
 import time
 
+from omnidaemon.brokers.base import Delivery
 from omnidaemon.envelope import Envelope
-from omnidaemon.traces.records import TraceBook, attempt_field, decode_record
+from omnidaemon.traces.records import START_AFTER, TraceBook, attempt_field, decode_record
 
 
-def test_an_end_replaces_its_start_and_a_failed_write_goes_with_the_next() -> None:
+def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
     root = Envelope.new("doc.uploaded", {"n": 1})
     child = Envelope.new("text.extracted", {}, correlation_id=root.id, causation_id=root.id)
-    book = TraceBook("extract", "worker-1", ttl=60, max_records=100)
-    book.started(root, 1, time.time() - 1)
-    book.ended(root, 1, "succeeded", published=[("text.extracted", child.id)])
-    book.started(child, 1, time.time())
+    running: dict[tuple[str, str], tuple[Delivery, float]] = {}
+    book = TraceBook("extract", "worker-1", ttl=60, max_records=100, running=running)
+    began = time.time() - 1
+    book.ended(("s", "1"), root, 1, "succeeded", started=began, published=[("t", child.id)])
+    # The child's attempt has run for longer than START_AFTER: its start goes out too.
+    running[("s", "2")] = (Delivery("2", child.encode(), 1, "s", "c"), time.time() - START_AFTER)
     first = book.take()
     assert first is not None and book.take() is None and len(book) == 0
-    assert set(first.records[root.id]) == {
-        attempt_field(root.id, "extract", 1),
-        attempt_field(child.id, "extract", 1),
-    }
-    assert first.pointers == {child.id: root.id}
-    root_record = decode_record(first.records[root.id][attempt_field(root.id, "extract", 1)])
-    assert root_record is not None and root_record["outcome"] == "succeeded"
-    assert root_record["ended"] - root_record["started"] >= 1  # the start time was kept
-    # The write fails; meanwhile the child's attempt ends: the newer end wins, the rest returns.
-    book.ended(child, 1, "retrying", error={"type": "RuntimeError", "message": "x"})
+    names = [name for _, name, _ in first.records]
+    assert names == [attempt_field(root.id, "extract", 1), attempt_field(child.id, "extract", 1)]
+    assert list(first.pointers) == [(child.id, root.id)]
+    records = [decode_record(data) for _, _, data in first.records]
+    assert records[0] is not None and records[0]["outcome"] == "succeeded"
+    assert records[0]["started"] == began and records[0]["ended"] >= began + 1
+    assert records[1] is not None and records[1]["outcome"] == "running"
+    assert records[1]["ended"] is None
+    # The write fails; meanwhile the child's attempt ends: its end is stored after its start.
+    del running[("s", "2")]
+    book.ended(("s", "2"), child, 1, "retrying", error={"type": "RuntimeError", "message": "x"})
     book.restore(first)
     again = book.take()
-    assert again is not None and again.pointers == {child.id: root.id}
-    records = {name: decode_record(data) for name, data in again.records[root.id].items()}
-    assert {name: r["outcome"] for name, r in records.items() if r} == {
-        attempt_field(root.id, "extract", 1): "succeeded",
-        attempt_field(child.id, "extract", 1): "retrying",
-    }
+    assert again is not None
+    assert [decode_record(data)["outcome"] for _, _, data in again.records] == [  # type: ignore[index]
+        "succeeded",
+        "running",
+        "retrying",
+    ]
+    assert again.by_run()[root.id][attempt_field(child.id, "extract", 1)] == again.records[-1][2]
 
 
-def test_a_book_with_no_ttl_is_off() -> None:
+def test_a_start_record_is_written_once_and_a_book_with_no_ttl_is_off() -> None:
+    event = Envelope.new("doc.uploaded", {})
+    running = {("s", "1"): (Delivery("1", event.encode(), 2, "s", "c"), time.time() - 5)}
+    book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
+    assert book.start_due() is not None
+    first = book.take()
+    assert first is not None and len(first.records) == 1
+    assert book.take() is None and book.start_due() is None
     assert not TraceBook("a", "w", ttl=0, max_records=10).enabled
-    assert TraceBook("a", "w", ttl=1, max_records=10).enabled

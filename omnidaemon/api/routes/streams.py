@@ -107,11 +107,11 @@ async def event_stream(
         float,
         Query(
             gt=0,
-            le=3600,
+            le=300,
             description="Seconds to wait for the stream to start (404 after), and then for "
             "each next event (the stream closes with a `timeout` event after).",
         ),
-    ] = 60.0,
+    ] = 30.0,
     last_event_id: Annotated[
         str | None,
         Header(

@@ -137,7 +137,7 @@ class NatsTraces(NatsValues):
         messages: list[_Message] = []
         refused: list[tuple[_Written, int]] = []
         stamp = repr(float(write.now)).encode()  # a float's repr reads back exactly
-        for run_id, records in write.records.items():
+        for run_id, records in write.by_run().items():
             admitted, written = self._trace_bound.admit(run_id, list(records), write.max_records)
             messages += [(names.trace_record(run_id, n), records[n], headers) for n in admitted]
             if len(admitted) < len(records):
@@ -146,7 +146,7 @@ class NatsTraces(NatsValues):
                 count = str(written.dropped).encode()
                 messages.append((names.trace_dropped(run_id, written.writer), count, headers))
             messages.append((names.trace_index(run_id), stamp, headers))
-        for event_id, run_id in write.pointers.items():
+        for event_id, run_id in write.pointers:
             messages.append((names.trace_pointer(event_id), run_id.encode(), headers))
         return messages, refused
 

@@ -6,9 +6,11 @@
 - `omni:runs`: a sorted set of run ids by the wall-clock time of their last write, trimmed of
   runs older than `ttl` by every write.
 
-Writes go in the ack's pipeline (one script for every run and pointer of the batch, on one
-server); on a cluster, where a script's keys must share a slot, one script per key, sent to
-each node at once (`trace_commands_by_node`).
+Writes go in the ack's pipeline: on one server one script for every record and pointer of
+the batch, passed as two arguments (packing an argument per record cost the worker more than
+the rest of the trace); on a cluster, where a script's keys must be declared and share a
+slot, one script per run and a command per pointer, sent to each node at once (`by_node`).
+The index is trimmed of runs older than the TTL once a second per process.
 """
 
 from __future__ import annotations
@@ -57,48 +59,110 @@ return 0
 """
 
 
+_TRIM_EVERY = 1.0  # seconds between trims of the index of runs by one process
+
+# One server: every record and pointer of an ack batch in two arguments of netstrings
+# (`<length>:<bytes>`), read by the script; the keys are made from the prefix, as
+# `RedisKeys` makes them (a cluster, where a script must declare its keys, uses `_WRITE`).
+# ARGV: prefix, TTL ms, most fields a run keeps, index score, trim below ('' for none),
+# records (run, field, record, ...), pointers (event, run, ...).
+_WRITE_BATCH = """
+local prefix, ttl, max, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local function reader(blob)
+    local pos = 1
+    return function()
+        if pos > #blob then return nil end
+        local colon = string.find(blob, ':', pos, true)
+        local n = tonumber(string.sub(blob, pos, colon - 1))
+        local item = string.sub(blob, colon + 1, colon + n)
+        pos = colon + n + 1
+        return item
+    end
+end
+local index = prefix .. ':runs'
+local sizes = {}
+local item = reader(ARGV[6])
+while true do
+    local run = item()
+    if run == nil then break end
+    local field, record = item(), item()
+    local key = prefix .. ':trace:' .. run
+    local size = sizes[run]
+    if size == nil then
+        size = redis.call('HLEN', key)
+        redis.call('ZADD', index, now, run)
+    end
+    if size < max or redis.call('HEXISTS', key, field) == 1 then
+        size = size + redis.call('HSET', key, field, record)
+    else
+        redis.call('HINCRBY', key, '!dropped', 1)
+    end
+    sizes[run] = size
+end
+for run in pairs(sizes) do
+    redis.call('PEXPIRE', prefix .. ':trace:' .. run, ttl)
+end
+item = reader(ARGV[7])
+while true do
+    local event = item()
+    if event == nil then break end
+    redis.call('SET', prefix .. ':trace-of:' .. event, item(), 'PX', ttl)
+end
+if ARGV[5] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. ARGV[5])
+end
+return 0
+"""
+
+
 class RedisTraces(RedisRouting):
     """The trace commands of `RedisBroker`."""
 
+    _trace_trimmed_at = 0.0  # when this process last trimmed the index of runs (wall clock)
+
     def trace_commands(self, write: TraceWrite) -> list[tuple[str, tuple[Any, ...]]]:
         """The commands that store `write`, each with a key that routes it: on one server a
-        single script and the index's update; on a cluster a script per key."""
+        single script for the whole batch; on a cluster one script per run, a `SET` per
+        pointer and the index's update."""
         ttl_ms = max(1, math.ceil(write.ttl * 1000))
-        runs = list(write.records.items())
-        pointers = list(write.pointers.items())
         index = self.runs_key()
         now = f"{write.now:.6f}"
-        update_index: tuple[Any, ...] = ("ZADD", index)
-        for run_id, _ in runs:
-            update_index += (now, run_id)
-        trim = ("ZREMRANGEBYSCORE", index, "-inf", f"({write.now - write.ttl:.6f}")
-        commands: list[tuple[str, tuple[Any, ...]]] = []
+        trim = ""
+        if write.now - self._trace_trimmed_at >= _TRIM_EVERY:
+            # Old runs leave the index once a second, not with every batch.
+            self._trace_trimmed_at = write.now
+            trim = f"{write.now - write.ttl:.6f}"
         if self._cluster is None:
-            keys = [self.trace_key(r) for r, _ in runs] + [
-                self.trace_pointer_key(e) for e, _ in pointers
-            ]
-            args: list[Any] = [ttl_ms, write.max_records, len(runs)]
-            for _, fields in runs:
-                args.append(len(fields))
-                for name, record in fields.items():
-                    args += (name, record)
-            args += [run_id for _, run_id in pointers]
-            if keys:
-                commands.append((keys[0], ("EVAL", _WRITE, len(keys), *keys, *args)))
-        else:
-            for run_id, fields in runs:
-                key = self.trace_key(run_id)
-                flat: list[Any] = [len(fields)]
-                for name, record in fields.items():
-                    flat += (name, record)
-                commands.append(
-                    (key, ("EVAL", _WRITE, 1, key, ttl_ms, write.max_records, 1, *flat))
+            args = (self._prefix, ttl_ms, write.max_records, now, trim)
+            blob = b"".join(
+                b"%d:%b%d:%b%d:%b" % (len(r), r, len(f), f, len(record), record)
+                for r, f, record in (
+                    (run.encode(), name.encode(), record) for run, name, record in write.records
                 )
-            for event_id, run_id in pointers:
-                key = self.trace_pointer_key(event_id)
-                commands.append((key, ("SET", key, run_id, "PX", ttl_ms)))
+            )
+            pointers = b"".join(
+                b"%d:%b%d:%b" % (len(e), e, len(r), r)
+                for e, r in ((e.encode(), r.encode()) for e, r in write.pointers)
+            )
+            return [(index, ("EVAL", _WRITE_BATCH, 0, *args, blob, pointers))]
+        commands: list[tuple[str, tuple[Any, ...]]] = []
+        runs = write.by_run()
+        for run_id, fields in runs.items():
+            key = self.trace_key(run_id)
+            flat: list[Any] = [len(fields)]
+            for name, record in fields.items():
+                flat += (name, record)
+            commands.append((key, ("EVAL", _WRITE, 1, key, ttl_ms, write.max_records, 1, *flat)))
+        for event_id, run_id in write.pointers:
+            key = self.trace_pointer_key(event_id)
+            commands.append((key, ("SET", key, run_id, "PX", ttl_ms)))
         if runs:
-            commands += [(index, update_index), (index, trim)]
+            update: tuple[Any, ...] = ("ZADD", index)
+            for run_id in runs:
+                update += (now, run_id)
+            commands.append((index, update))
+        if trim:
+            commands.append((index, ("ZREMRANGEBYSCORE", index, "-inf", f"({trim}")))
         return commands
 
     def by_node(
