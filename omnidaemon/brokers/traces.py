@@ -7,7 +7,9 @@ replaces the earlier one. The records ride on `Broker.ack` (`TraceWrite`), in th
 that settles the deliveries, never in one of their own per event.
 
 A bus keeps, per run, its records for `ttl` seconds after the run's last write, at most
-`max_records` distinct fields (past that, new fields are counted as dropped, not stored);
+`max_records` distinct fields (past that, new fields are counted as dropped, not stored; a
+bus may check the bound only beyond the first few records each process writes to a run, as
+Redis does past 32, or per writing process, as NATS does);
 per event that is not its run's first, which run it belongs to (so any event id finds its
 run); and an index of runs by their last write, for listing recent runs.
 """

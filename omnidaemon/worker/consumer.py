@@ -116,6 +116,7 @@ class AgentConsumer(Admitting, Fetching, Running):
         )
         """This worker's records of the agent's attempts for the runs' traces, written to
         the bus with the acks."""
+        self._tracing = self._trace.enabled
         self._acks = AckBatcher(self._queue, metrics=self.metrics, trace=self._trace)
         # Shared by the worker's consumers: a last attempt runs with nothing else in the worker.
         self._isolation = isolation if isolation is not None else Isolation()

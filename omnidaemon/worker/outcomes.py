@@ -66,6 +66,7 @@ class Outcomes:
     _lost: set[tuple[str, str]]
     _acks: AckBatcher
     _trace: TraceBook
+    _tracing: bool
     _max_payload_bytes: int
     running: dict[tuple[str, str], tuple[Delivery, float]]
     _log: Logger
@@ -174,7 +175,7 @@ class Outcomes:
     ) -> None:
         """Record in the run's trace how an attempt ended (sent with the next acks): called
         once the delivery is settled, never for one this worker lost."""
-        if self._trace.enabled:
+        if self._tracing:
             key = (delivery.origin, delivery.id)
             running = self.running.get(key)
             self._trace.ended(
@@ -182,10 +183,10 @@ class Outcomes:
                 envelope,
                 delivery.attempt,
                 outcome,
-                started=running[1] if running is not None else None,
-                error=error,
-                published=published,
-                otel=tracing.current_ids(),
+                running[1] if running is not None else None,
+                error,
+                published,
+                tracing.current_ids(),
             )
             self._acks.traced()
 

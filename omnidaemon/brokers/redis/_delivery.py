@@ -173,25 +173,32 @@ class RedisDelivery(RedisTraces):
                     commands.append(("HINCRBY", key, name, value))
             if extremes:
                 commands.append(("EVAL", scripts.KEEP_EXTREMES, 1, key, *extremes))
-        traced = self.trace_commands(trace) if trace else []
-        if self._cluster is not None and traced:
+        if not trace:
+            errors = await self._settle(sub, commands)
+        elif self._cluster is not None:
             # A cluster spreads runs over slots: their writes go to each node at once, beside
             # the acks (one round trip, in parallel), and fail or succeed with them.
-            errors = await self._settle_and_trace(sub, commands, traced)
+            errors = await self._settle_and_trace(sub, commands, self.trace_commands(trace))
         else:
-            errors = await self._settle(sub, commands + [command for _, command in traced])
+            errors = await self._settle(sub, commands, self.packed_trace(trace))
         if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
             # Nothing is pending in a group that is gone: these acks have nothing to settle.
             await self._regroup(sub)
         elif errors:
             raise errors[0]
 
-    async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send an ack's commands to the server of the topic; the error replies."""
-        if not commands:
+    async def _settle(
+        self,
+        sub: Subscription,
+        commands: list[tuple[Any, ...]],
+        packed: tuple[bytes, int] | None = None,
+    ) -> list[Any]:
+        """Send an ack's commands (and `packed` ones, see `_exchange`) to the server of the
+        topic; the error replies."""
+        if not commands and packed is None:
             return []
         replies: list[Any]
-        if self._min_replicas > 0 or self._cluster is not None:
+        if self._min_replicas > 0 or self._cluster is not None or packed is not None:
             # One connection of the broker's own: WAIT must follow these writes on it, and a
             # cluster's ASK must be followed on it (see `_script`).
             try:
@@ -200,6 +207,7 @@ class RedisDelivery(RedisTraces):
                     key=self.stream_key(sub.topic),
                     timeout=_SOCKET_TIMEOUT + self._replica_wait,
                     replicate="settle",
+                    packed=packed,
                 )
             except ResponseError as exc:
                 replies = [exc]

@@ -82,9 +82,13 @@ class RedisRouting(RedisConnection):
         owner: Hashable | None = None,
         timeout: float,
         replicate: str | None = None,
+        packed: tuple[bytes, int] | None = None,
     ) -> list[Any]:
         """Send commands, pipelined on one connection of the broker's own, to the server that
         holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
+
+        `packed` is more commands already in the protocol, with how many replies they get
+        (theirs follow the others'): for one server only, where nothing is redirected.
 
         The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
         command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
@@ -107,6 +111,8 @@ class RedisRouting(RedisConnection):
         if not self._mode_known:
             await self._learn_mode()
         if self._cluster is not None:
+            if packed is not None:
+                raise ValueError("packed commands go to one server, not a cluster")
             await self._load_slots()
         node = self._node_of(key)
         replies: list[Any] = [None] * len(commands)
@@ -121,7 +127,12 @@ class RedisRouting(RedisConnection):
                 timeout=timeout,
                 asking=asking,
                 replicate=replicate if self._min_replicas > 0 else None,
+                packed=packed,
             )
+            if packed is not None:
+                replies += [None] * packed[1]
+                todo += range(len(commands), len(replies))
+                packed = None
             moved: AskError | TryAgainError | None = None
             redirected = []
             for index, reply in zip(todo, got, strict=True):
@@ -198,20 +209,29 @@ class RedisRouting(RedisConnection):
         timeout: float,
         asking: bool,
         replicate: str | None,
+        packed: tuple[bytes, int] | None = None,
     ) -> list[Any]:
-        """One round trip on one connection to `node`: every reply, error replies as values."""
+        """One round trip on one connection to `node`: every reply, error replies as values
+        (those of `packed`, commands already in the protocol, last)."""
         conn = self._take(owner, node)
         try:
             if conn is None:
                 conn = await self._open(owner, node, timeout)
-            packed: list[Sequence[Any]] = []
+            commands_out: list[Sequence[Any]] = []
             for command in commands:
-                packed += [("ASKING",), command] if asking else [command]
+                commands_out += [("ASKING",), command] if asking else [command]
+            chunks = conn.pack_commands(commands_out)
+            expected = len(commands_out)
+            if packed is not None:
+                chunks.append(packed[0])
+                expected += packed[1]
             if replicate:
-                packed.append(("WAIT", self._min_replicas, int(self._publish_timeout * 1000)))
-            await conn.send_packed_command(conn.pack_commands(packed))
+                wait = ("WAIT", self._min_replicas, int(self._publish_timeout * 1000))
+                chunks += conn.pack_commands([wait])
+                expected += 1
+            await conn.send_packed_command(chunks)
             raw: list[Any] = []
-            for _ in packed:
+            for _ in range(expected):
                 try:
                     raw.append(await conn.read_response(timeout=timeout))
                 except ResponseError as exc:

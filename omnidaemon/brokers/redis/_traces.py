@@ -3,167 +3,208 @@
 - `omni:trace:<run id>`: a hash of the run's records by field, plus `!dropped` (records the
   per-run bound refused), expiring `ttl` after the run's last write.
 - `omni:trace-of:<event id>`: the run of an event that is not its run's first.
-- `omni:runs`: a sorted set of run ids by the wall-clock time of their last write, trimmed of
-  runs older than `ttl` by every write.
+- `omni:runs`: the index of runs, a stream with one entry per written batch (field `r`, the
+  batch's run ids as netstrings, field `t`, the writer's time), trimmed by every write of the
+  entries older than the TTL (`MINID`): one command per batch however many runs it wrote.
 
-Writes go in the ack's pipeline: on one server one script for every record and pointer of
-the batch, passed as two arguments (packing an argument per record cost the worker more than
-the rest of the trace); on a cluster, where a script's keys must be declared and share a
-slot, one script per run and a command per pointer, sent to each node at once (`by_node`).
-The index is trimmed of runs older than the TTL once a second per process.
+Every event writes its records, so the write is built for cost, measured by the benchmark
+(`--cases traces`): on one server the commands go in the ack's round trip, packed here in one
+pass (redis-py's packer, one Python call per argument, cost the worker more than the rest of
+the trace). A run's records are a plain `HSET` and `PEXPIRE` while this process has written
+at most `_UNCHECKED` records to it, and a script that checks the per-run bound beyond: a Lua
+script per run cost the server over 20 µs a record, more than the rest of the event. So a run
+holds at most `max_records`, plus up to `_UNCHECKED` from each process that writes to it.
+On a cluster the same commands are sent to each node at once, beside the ack (`by_node`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode
 
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT
-from omnidaemon.brokers.redis._keys import _decode
+from omnidaemon.brokers.redis._keys import _decode, _field
 from omnidaemon.brokers.redis._routing import RedisRouting
 from omnidaemon.brokers.traces import StoredTrace, TraceWrite
 
 __all__ = ["RedisTraces"]
 
 _DROPPED = b"!dropped"
+_UNCHECKED = 32  # records a process writes to one run before the bound is checked on write
+_RUNS_REMEMBERED = 4096  # runs whose record counts a process keeps (least recent forgotten)
+_SCAN_BATCH = 200  # index entries read at a time by `recent_runs`
 
-# KEYS: the runs' hashes, then the pointers' keys. ARGV[1] the TTL in ms, ARGV[2] the most
-# fields a run keeps, ARGV[3] how many KEYS are runs; then per run its field count and its
-# fields and records, then per pointer its run id.
+# KEYS[1] the run's hash. ARGV[1] the TTL in ms, ARGV[2] the most fields a run keeps; then its
+# fields and records. A field already stored is always replaced (an attempt's end its start).
 _WRITE = """
-local ttl, max, runs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local i = 4
-for r = 1, runs do
-    local key, count = KEYS[r], tonumber(ARGV[i])
-    local size = redis.call('HLEN', key)
-    i = i + 1
-    for _ = 1, count do
-        local field, record = ARGV[i], ARGV[i + 1]
-        i = i + 2
-        if size < max or redis.call('HEXISTS', key, field) == 1 then
-            size = size + redis.call('HSET', key, field, record)
-        else
-            redis.call('HINCRBY', key, '!dropped', 1)
-        end
-    end
-    redis.call('PEXPIRE', key, ttl)
-end
-for p = runs + 1, #KEYS do
-    redis.call('SET', KEYS[p], ARGV[i], 'PX', ttl)
-    i = i + 1
-end
-return 0
-"""
-
-
-_TRIM_EVERY = 1.0  # seconds between trims of the index of runs by one process
-
-# One server: every record and pointer of an ack batch in two arguments of netstrings
-# (`<length>:<bytes>`), read by the script; the keys are made from the prefix, as
-# `RedisKeys` makes them (a cluster, where a script must declare its keys, uses `_WRITE`).
-# ARGV: prefix, TTL ms, most fields a run keeps, index score, trim below ('' for none),
-# records (run, field, record, ...), pointers (event, run, ...).
-_WRITE_BATCH = """
-local prefix, ttl, max, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local function reader(blob)
-    local pos = 1
-    return function()
-        if pos > #blob then return nil end
-        local colon = string.find(blob, ':', pos, true)
-        local n = tonumber(string.sub(blob, pos, colon - 1))
-        local item = string.sub(blob, colon + 1, colon + n)
-        pos = colon + n + 1
-        return item
-    end
-end
-local index = prefix .. ':runs'
-local sizes = {}
-local item = reader(ARGV[6])
-while true do
-    local run = item()
-    if run == nil then break end
-    local field, record = item(), item()
-    local key = prefix .. ':trace:' .. run
-    local size = sizes[run]
-    if size == nil then
-        size = redis.call('HLEN', key)
-        redis.call('ZADD', index, now, run)
-    end
+local ttl, max = ARGV[1], tonumber(ARGV[2])
+local key = KEYS[1]
+local size = redis.call('HLEN', key)
+for i = 3, #ARGV, 2 do
+    local field, record = ARGV[i], ARGV[i + 1]
     if size < max or redis.call('HEXISTS', key, field) == 1 then
         size = size + redis.call('HSET', key, field, record)
     else
         redis.call('HINCRBY', key, '!dropped', 1)
     end
-    sizes[run] = size
 end
-for run in pairs(sizes) do
-    redis.call('PEXPIRE', prefix .. ':trace:' .. run, ttl)
-end
-item = reader(ARGV[7])
-while true do
-    local event = item()
-    if event == nil then break end
-    redis.call('SET', prefix .. ':trace-of:' .. event, item(), 'PX', ttl)
+redis.call('PEXPIRE', key, ttl)
+return 0
+"""
+
+
+# One server: every record and pointer of an ack batch in one script, one reply. Its keys are
+# made from the prefix as `RedisKeys` makes them (only a cluster needs them declared).
+# ARGV: prefix, TTL ms, most fields a run keeps, the index's trim point (ms), the batch's run
+# ids (netstrings, '' for none), the writer's time; then items: `u` or `c` (unchecked or
+# checked run), run id, record count, fields and records; or `p`, event id, run id.
+_WRITE_BATCH = """
+local prefix, ttl, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local i, n = 7, #ARGV
+while i <= n do
+    local kind = ARGV[i]
+    if kind == 'p' then
+        redis.call('SET', prefix .. ':trace-of:' .. ARGV[i + 1], ARGV[i + 2], 'PX', ttl)
+        i = i + 3
+    else
+        local key = prefix .. ':trace:' .. ARGV[i + 1]
+        local last = i + 2 + 2 * tonumber(ARGV[i + 2])
+        if kind == 'u' then
+            redis.call('HSET', key, unpack(ARGV, i + 3, last))
+        else
+            local size = redis.call('HLEN', key)
+            for j = i + 3, last, 2 do
+                if size < max or redis.call('HEXISTS', key, ARGV[j]) == 1 then
+                    size = size + redis.call('HSET', key, ARGV[j], ARGV[j + 1])
+                else
+                    redis.call('HINCRBY', key, '!dropped', 1)
+                end
+            end
+        end
+        redis.call('PEXPIRE', key, ttl)
+        i = last + 1
+    end
 end
 if ARGV[5] ~= '' then
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. ARGV[5])
+    redis.call('XADD', prefix .. ':runs', 'MINID', '~', ARGV[4], '*', 'r', ARGV[5], 't', ARGV[6])
 end
 return 0
 """
+_WRITE_BATCH_BYTES = _WRITE_BATCH.encode()
+
+
+def _netstrings(items: Sequence[str]) -> bytes:
+    """`items` as `<length>:<bytes>` each, one after another."""
+    return b"".join(b"%d:%b" % (len(b), b) for b in (item.encode() for item in items))
+
+
+def _parse_netstrings(data: bytes) -> list[str]:
+    items, pos = [], 0
+    while pos < len(data):
+        colon = data.index(b":", pos)
+        size = int(data[pos:colon])
+        items.append(data[colon + 1 : colon + 1 + size].decode())
+        pos = colon + 1 + size
+    return items
 
 
 class RedisTraces(RedisRouting):
     """The trace commands of `RedisBroker`."""
 
-    _trace_trimmed_at = 0.0  # when this process last trimmed the index of runs (wall clock)
+    _trace_counts: OrderedDict[str, int] | None = None  # run -> records this process wrote
 
     def trace_commands(self, write: TraceWrite) -> list[tuple[str, tuple[Any, ...]]]:
-        """The commands that store `write`, each with a key that routes it: on one server a
-        single script for the whole batch; on a cluster one script per run, a `SET` per
-        pointer and the index's update."""
-        ttl_ms = max(1, math.ceil(write.ttl * 1000))
-        index = self.runs_key()
-        now = f"{write.now:.6f}"
-        trim = ""
-        if write.now - self._trace_trimmed_at >= _TRIM_EVERY:
-            # Old runs leave the index once a second, not with every batch.
-            self._trace_trimmed_at = write.now
-            trim = f"{write.now - write.ttl:.6f}"
-        if self._cluster is None:
-            args = (self._prefix, ttl_ms, write.max_records, now, trim)
-            blob = b"".join(
-                b"%d:%b%d:%b%d:%b" % (len(r), r, len(f), f, len(record), record)
-                for r, f, record in (
-                    (run.encode(), name.encode(), record) for run, name, record in write.records
-                )
-            )
-            pointers = b"".join(
-                b"%d:%b%d:%b" % (len(e), e, len(r), r)
-                for e, r in ((e.encode(), r.encode()) for e, r in write.pointers)
-            )
-            return [(index, ("EVAL", _WRITE_BATCH, 0, *args, blob, pointers))]
+        """The commands that store `write`, each with a key that routes it (a cluster's
+        path; one server sends `packed_trace` instead)."""
+        ttl = str(max(1, math.ceil(write.ttl * 1000))).encode()
         commands: list[tuple[str, tuple[Any, ...]]] = []
         runs = write.by_run()
         for run_id, fields in runs.items():
             key = self.trace_key(run_id)
-            flat: list[Any] = [len(fields)]
-            for name, record in fields.items():
-                flat += (name, record)
-            commands.append((key, ("EVAL", _WRITE, 1, key, ttl_ms, write.max_records, 1, *flat)))
+            flat = [item for pair in fields.items() for item in pair]
+            if self._unchecked(run_id, len(fields)):
+                commands.append((key, ("HSET", key, *flat)))
+                commands.append((key, ("PEXPIRE", key, ttl)))
+            else:
+                commands.append((key, ("EVAL", _WRITE, 1, key, ttl, write.max_records, *flat)))
         for event_id, run_id in write.pointers:
             key = self.trace_pointer_key(event_id)
-            commands.append((key, ("SET", key, run_id, "PX", ttl_ms)))
+            commands.append((key, ("SET", key, run_id, "PX", ttl)))
         if runs:
-            update: tuple[Any, ...] = ("ZADD", index)
-            for run_id in runs:
-                update += (now, run_id)
-            commands.append((index, update))
-        if trim:
-            commands.append((index, ("ZREMRANGEBYSCORE", index, "-inf", f"({trim}")))
+            index = self.runs_key()
+            commands.append((index, self._index_command(write, list(runs))))
         return commands
+
+    def packed_trace(self, write: TraceWrite) -> tuple[bytes, int]:
+        """The write for one server: one script, packed here in one pass, `(bytes, 1)`."""
+        runs = list(dict.fromkeys(run for run, _, _ in write.records))
+        head = [
+            b"EVAL",
+            _WRITE_BATCH_BYTES,
+            b"0",
+            self._prefix.encode(),
+            b"%d" % max(1, math.ceil(write.ttl * 1000)),
+            b"%d" % write.max_records,
+            b"%d" % max(0, int((write.now - write.ttl) * 1000)),
+            _netstrings(runs),
+            repr(float(write.now)).encode(),
+        ]
+        parts = [b"$%d\r\n%b\r\n" % (len(a), a) for a in head]
+        unchecked = self._unchecked
+        # A record at a time, in order (a later record of a field replaces an earlier one).
+        for run_id, name, record in write.records:
+            run, field = run_id.encode(), name.encode()
+            parts.append(
+                b"$1\r\n%b\r\n$%d\r\n%b\r\n$1\r\n1\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                % (
+                    b"u" if unchecked(run_id, 1) else b"c",
+                    len(run),
+                    run,
+                    len(field),
+                    field,
+                    len(record),
+                    record,
+                )
+            )
+        for event_id, run_id in write.pointers:
+            event, run = event_id.encode(), run_id.encode()
+            parts.append(
+                b"$1\r\np\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(event), event, len(run), run)
+            )
+        count = len(head) + 5 * len(write.records) + 3 * len(write.pointers)
+        return b"*%d\r\n" % count + b"".join(parts), 1
+
+    def _index_command(self, write: TraceWrite, runs: list[str]) -> tuple[Any, ...]:
+        oldest_ms = max(0, int((write.now - write.ttl) * 1000))
+        return (
+            "XADD",
+            self.runs_key(),
+            "MINID",
+            "~",
+            oldest_ms,
+            "*",
+            "r",
+            _netstrings(runs),
+            "t",
+            repr(float(write.now)),
+        )
+
+    def _unchecked(self, run_id: str, records: int) -> bool:
+        """Whether `records` more for `run_id` may be written without checking the bound:
+        while this process has written at most `_UNCHECKED` to it (counted here)."""
+        counts = self._trace_counts
+        if counts is None:
+            counts = self._trace_counts = OrderedDict()
+        total = counts.get(run_id, 0) + records
+        counts[run_id] = total
+        counts.move_to_end(run_id)  # the least recently written first, to be forgotten
+        if len(counts) > _RUNS_REMEMBERED:
+            counts.popitem(last=False)
+        return total <= _UNCHECKED
 
     def by_node(
         self, commands: Sequence[tuple[str, tuple[Any, ...]]]
@@ -197,11 +238,21 @@ class RedisTraces(RedisRouting):
         if limit < 1:
             return []
         key = self.runs_key()
-        args = ("ZREVRANGEBYSCORE", key, "+inf", f"{since:.6f}", "WITHSCORES", "LIMIT", 0, limit)
-        reply = await self._direct(args, key=key, timeout=_SOCKET_TIMEOUT)
-        if reply and isinstance(reply[0], list):  # RESP3: [[member, score], ...]
-            return [(_decode(member), float(score)) for member, score in reply]
-        return [
-            (_decode(member), float(score))
-            for member, score in zip(reply[::2], reply[1::2], strict=True)
-        ]
+        # Entries are in the server's time order; each carries its writer's time, which is
+        # what `since` and the result are in. A minute of slack covers clocks that disagree.
+        start = f"{max(0, int((since - 60) * 1000))}-0"
+        end = "+"
+        found: dict[str, float] = {}
+        while len(found) < limit:
+            args = ("XREVRANGE", key, end, start, "COUNT", _SCAN_BATCH)
+            entries = await self._direct(args, key=key, timeout=_SOCKET_TIMEOUT)
+            for _, flat in entries:
+                written = float(_field(flat, b"t") or 0)
+                if written >= since:
+                    for run_id in _parse_netstrings(_field(flat, b"r")):
+                        found.setdefault(run_id, written)
+            if len(entries) < _SCAN_BATCH:
+                break
+            end = f"({_decode(entries[-1][0])}"
+        ranked = sorted(found.items(), key=lambda item: item[1], reverse=True)
+        return ranked[:limit]
