@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from omnidaemon.results import Result
     from omnidaemon.retry import Backoff, Reject, Retry, RetryPolicy
     from omnidaemon.streaming.stream import OutputStream, StreamChunk
+    from omnidaemon.traces.reading import RunSummary
+    from omnidaemon.traces.tree import Trace
 
 # Names are imported on first use, so that `omnidaemon --help` and other light commands do not
 # pay for pydantic, redis and the rest at start-up.
@@ -68,6 +70,8 @@ _LAZY = {
     "RetryPolicy": "omnidaemon.retry",
     "OutputStream": "omnidaemon.streaming.stream",
     "StreamChunk": "omnidaemon.streaming.stream",
+    "RunSummary": "omnidaemon.traces.reading",
+    "Trace": "omnidaemon.traces.tree",
     # The OmniDaemon SDK's top-level names (see omnidaemon.compat); not in __all__.
     "AgentConfig": "omnidaemon.compat",
     "EventEnvelope": "omnidaemon.compat",
@@ -115,7 +119,9 @@ __all__ = [
     "Result",
     "Retry",
     "RetryPolicy",
+    "RunSummary",
     "StreamChunk",
+    "Trace",
     "__version__",
 ]
 

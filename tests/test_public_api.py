@@ -35,7 +35,9 @@ DOCUMENTED_NAMES = {
     "Result",
     "Retry",
     "RetryPolicy",
+    "RunSummary",
     "StreamChunk",
+    "Trace",
     "__version__",
 }
 
@@ -64,6 +66,8 @@ DEFINED_IN = {
     "Retry": "omnidaemon.retry",
     "RetryPolicy": "omnidaemon.retry",
     "StreamChunk": "omnidaemon.streaming.stream",
+    "RunSummary": "omnidaemon.traces.reading",
+    "Trace": "omnidaemon.traces.tree",
 }
 
 # `python -m omnidaemon` entry point: a script, not a module anyone imports names from.

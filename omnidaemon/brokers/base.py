@@ -372,6 +372,10 @@ class Broker(TraceStore, ABC):
         larger. `trace` are records of runs to store (see `omnidaemon.brokers.traces`), in
         the same round trip where the bus allows it (a cluster sends one to each node that
         holds some, all at once). `deliveries` may be empty to write only them.
+
+        Raises:
+            TraceNotWritten: the deliveries were settled and the counts written, but the trace
+                records were not (kept by the caller, to write again).
         """
 
     @abstractmethod

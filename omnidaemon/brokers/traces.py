@@ -20,7 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["StoredTrace", "TraceStore", "TraceWrite"]
+__all__ = ["StoredTrace", "TraceNotWritten", "TraceStore", "TraceWrite"]
+
+
+class TraceNotWritten(Exception):
+    """`Broker.ack` settled its deliveries and wrote its counts, but not its trace records
+    (the cause is chained): the caller keeps the records to write again, and must not send
+    the counts a second time."""
 
 
 @dataclass(frozen=True, slots=True)

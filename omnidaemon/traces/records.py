@@ -129,7 +129,10 @@ class TraceBook:
     ttl: float
     max_records: int
     running: Mapping[tuple[str, str], tuple[Delivery, float]] = field(default_factory=dict)
-    _started: set[tuple[str, str]] = field(default_factory=set)  # start records written
+    # Attempts under way whose start record is written or whose end is recorded (no start
+    # record may follow: it would replace the end), by when each began (which tells a later
+    # attempt of the same delivery key from this one).
+    _started: dict[tuple[str, str], float] = field(default_factory=dict)
     _records: list[tuple[str, str, bytes]] = field(default_factory=list)  # (run, field, record)
     _pointers: list[tuple[str, str]] = field(default_factory=list)  # (event id, run)
 
@@ -157,8 +160,10 @@ class TraceBook:
         # On every event's path: one flat function, no helper calls, the record encoded by
         # orjson directly (every item is a str, a number, None, or lists and dicts of them).
         now = time.time()
-        if self._started:
-            self._started.discard(delivery)
+        if started is not None:
+            # Still among the running deliveries until its settle is over: a batch sent
+            # meanwhile must not add its start record after (so over) this end.
+            self._started[delivery] = started
         event_id = envelope.id
         run = envelope.correlation_id or event_id
         agent = self.agent
@@ -189,7 +194,8 @@ class TraceBook:
 
     def start_due(self) -> float | None:
         """When the next start record falls due (Unix seconds), if any attempt has none."""
-        starts = [at for key, (_, at) in self.running.items() if key not in self._started]
+        started = self._started
+        starts = [at for key, (_, at) in self.running.items() if started.get(key) != at]
         return min(starts) + START_AFTER if starts else None
 
     def take(self) -> TraceWrite | None:
@@ -198,6 +204,8 @@ class TraceBook:
         now = time.time()
         if self.running:
             self._add_starts(now)
+        elif self._started:
+            self._started.clear()
         if not self._records:
             return None
         write = TraceWrite(self._records, self._pointers, self.ttl, self.max_records, now)
@@ -213,12 +221,14 @@ class TraceBook:
 
     def _add_starts(self, now: float) -> None:
         started = self._started
-        if started:  # forget deliveries no longer under way (lost, or ended elsewhere)
-            started.intersection_update(self.running)
+        if started:  # forget deliveries no longer under way (settled, or lost)
+            running = self.running
+            for key in [k for k, at in started.items() if k not in running or running[k][1] != at]:
+                del started[key]
         for key, (delivery, at) in list(self.running.items()):
-            if key in started or at + START_AFTER > now:
+            if started.get(key) == at or at + START_AFTER > now:
                 continue
-            started.add(key)
+            started[key] = at
             try:
                 envelope = _ANY_ENVELOPE.validate_json(delivery.data)
             except ValidationError:

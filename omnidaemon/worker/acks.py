@@ -7,6 +7,7 @@ import time
 import anyio
 
 from omnidaemon.brokers.base import Delivery
+from omnidaemon.brokers.traces import TraceNotWritten
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.observability.logging import get_logger
 from omnidaemon.traces.records import TraceBook
@@ -47,6 +48,7 @@ class AckBatcher:
         self._metrics = metrics
         self._trace = trace if trace is not None and trace.enabled else None
         self._trace_delay = trace_delay
+        self._trace_failures = 0  # writes of trace records failed in a row
         self._sub = queue.subscription
         self._max_batch = max_batch
         self._max_delay = max_delay
@@ -151,6 +153,15 @@ class AckBatcher:
     def _metrics_delta(self) -> dict[str, int]:
         return self._metrics.delta() if self._metrics is not None else {}
 
+    def _trace_failed(self, exc: TraceNotWritten) -> None:
+        self._trace_failures += 1
+        if self._trace_failures == 1:
+            _log.warning(
+                "trace records not written; they go again with the next acknowledgements",
+                agent=self._sub.group,
+                error=f"{type(exc.__cause__).__name__}: {exc.__cause__}",
+            )
+
     def _traces_waiting(self) -> bool:
         return self._trace is not None and len(self._trace) > 0
 
@@ -173,11 +184,18 @@ class AckBatcher:
                 batch = self._pending[: self._max_batch]
                 try:
                     await self._queue.ack(batch, stats=stats, trace=trace)
+                except TraceNotWritten as exc:
+                    # Acked and counted: only the records go again, with the next batch.
+                    assert self._trace is not None and trace is not None
+                    self._trace.restore(trace)
+                    self._trace_failed(exc)
                 except BaseException:
                     if trace is not None:
                         assert self._trace is not None
                         self._trace.restore(trace)
                     raise
+                else:
+                    self._trace_failures = 0
                 del self._pending[: len(batch)]  # appends happen at the end only
                 if stats and self._metrics is not None:
                     self._metrics.commit(stats)

@@ -65,6 +65,7 @@ class Admitting:
             *,
             event_id: str | None = None,
             failed: bool = False,
+            traced: Envelope[Any] | None = None,
         ) -> None: ...
 
         def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None: ...

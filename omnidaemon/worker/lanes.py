@@ -26,7 +26,7 @@ import anyio
 
 from omnidaemon.brokers.base import Broker, Delivery, Reclaimed, Renewal, Subscription
 from omnidaemon.brokers.memory import MemoryBroker
-from omnidaemon.brokers.traces import TraceWrite
+from omnidaemon.brokers.traces import TraceNotWritten, TraceWrite
 from omnidaemon.lanes import LANES, Lane, lane_named, lane_topic, lanes_mark_key
 
 __all__ = ["AgentQueue", "lane_of_delivery"]
@@ -233,12 +233,18 @@ class AgentQueue:
             await self._broker.ack(self.subscription, deliveries, stats=stats, trace=trace)
             return
         grouped = self._by_lane(deliveries)
+        unwritten: TraceNotWritten | None = None
         if stats or trace or "normal" in grouped:
-            await self._broker.ack(
-                self.subscription, grouped.pop("normal", []), stats=stats, trace=trace
-            )
+            try:
+                await self._broker.ack(
+                    self.subscription, grouped.pop("normal", []), stats=stats, trace=trace
+                )
+            except TraceNotWritten as exc:
+                unwritten = exc  # the other lanes' acks still go
         for lane, inner in grouped.items():
             await self._broker.ack(self._lanes[lane], inner)
+        if unwritten is not None:
+            raise unwritten
 
     async def retry(
         self,

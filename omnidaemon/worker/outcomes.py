@@ -307,15 +307,16 @@ class Outcomes:
             await self._dead_letter(delivery, None, "UnsupportedVersion", str(version_error))
             return
         if payload_only:
-            event_id: str | None = None
+            read: Envelope[Any] | None = None
             with contextlib.suppress(ValidationError):
-                event_id = Envelope[Any].model_validate_json(delivery.data).id
+                read = Envelope[Any].model_validate_json(delivery.data)
             await self._dead_letter(
                 delivery,
                 None,
                 "PayloadValidationError",
                 f"payload does not match {type_name(self._spec.payload_type)}: {exc}",
-                event_id=event_id,
+                event_id=read.id if read is not None else None,
+                traced=read,
             )
         else:
             await self._dead_letter(
@@ -332,7 +333,11 @@ class Outcomes:
         *,
         event_id: str | None = None,
         failed: bool = False,
+        traced: Envelope[Any] | None = None,
     ) -> None:
+        """Dead-letter the delivery (`envelope`: the event as its agent reads it, `None` when
+        it could not be read that way; `traced`: the event as any reader can, for its run's
+        trace, when only its payload is wrong)."""
         if exc is not None:
             tracing.record_failure(exc, f"{error_type}: {message}")
         record = DeadLetter(
@@ -353,10 +358,11 @@ class Outcomes:
         if failed:
             self.metrics.failed += 1
         self.metrics.dead_lettered += 1
-        if envelope is not None:
+        traced = envelope if envelope is not None else traced
+        if traced is not None:
             outcome: Outcome = "rejected" if error_type == "Reject" else "dead_lettered"
             self._trace_ended(
-                delivery, envelope, outcome, error={"type": error_type, "message": message}
+                delivery, traced, outcome, error={"type": error_type, "message": message}
             )
         await self._reply_failure(delivery, envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:

@@ -53,3 +53,24 @@ def test_a_start_record_is_written_once_and_a_book_with_no_ttl_is_off() -> None:
     assert first is not None and len(first.records) == 1
     assert book.take() is None and book.start_due() is None
     assert not TraceBook("a", "w", ttl=0, max_records=10).enabled
+
+
+def test_an_end_recorded_while_its_delivery_is_still_running_is_never_replaced_by_a_start() -> None:
+    # The worker records an end, then awaits (the result, the stream's end) with the delivery
+    # still among the running ones: a batch sent meanwhile must not add its start after it.
+    event = Envelope.new("doc.uploaded", {})
+    began = time.time() - 1
+    running = {("s", "1"): (Delivery("1", event.encode(), 1, "s", "c"), began)}
+    book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
+    first = book.take()
+    assert first is not None and decode_record(first.records[0][2])["outcome"] == "running"  # type: ignore[index]
+    book.ended(("s", "1"), event, 1, "retrying", started=began)
+    again = book.take()
+    assert again is not None
+    assert [decode_record(data)["outcome"] for _, _, data in again.records] == ["retrying"]  # type: ignore[index]
+    assert book.take() is None and book.start_due() is None
+    # A later attempt under the same delivery key gets its own start record.
+    del running[("s", "1")]
+    running[("s", "1")] = (Delivery("1", event.encode(), 2, "s", "c"), time.time() - 1)
+    later = book.take()
+    assert later is not None and decode_record(later.records[0][2])["attempt"] == 2  # type: ignore[index]

@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from omnidaemon.brokers import Delivery, MemoryBroker, Subscription
+from omnidaemon.brokers.traces import TraceWrite
 from omnidaemon.metrics import AgentMetrics
 from omnidaemon.worker.acks import AckBatcher
 from omnidaemon.worker.lanes import AgentQueue
@@ -29,6 +30,7 @@ class SlowAcks(MemoryBroker):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
         await anyio.sleep(0.05)
         self.acked += [d.id for d in deliveries]
@@ -103,9 +105,10 @@ class CountingAcks(SlowAcks):
         deliveries: Sequence[Delivery],
         *,
         stats: Mapping[str, int] | None = None,
+        trace: TraceWrite | None = None,
     ) -> None:
         self.sends.append((len(deliveries), bool(stats)))
-        await super().ack(sub, deliveries, stats=stats)
+        await super().ack(sub, deliveries, stats=stats, trace=trace)
 
 
 async def test_deliveries_finished_during_a_send_go_out_together_in_the_next_one() -> None:

@@ -34,7 +34,7 @@ from omnidaemon.brokers.nats._names import encode
 from omnidaemon.brokers.nats._publishing import schedule_headers
 from omnidaemon.brokers.nats._traces import NatsTraces
 from omnidaemon.brokers.nats._values import _together
-from omnidaemon.brokers.traces import TraceWrite
+from omnidaemon.brokers.traces import TraceNotWritten, TraceWrite
 
 __all__ = ["NatsDelivery"]
 
@@ -82,13 +82,24 @@ class NatsDelivery(NatsFetching, NatsTraces):
         # The trace's messages and the metrics' are all sent before any answer is awaited:
         # one round trip for both (`_traces`).
         writes: list[Awaitable[None]] = []
+        trace_failures: list[Exception] = []
+
+        async def write_trace(trace: TraceWrite) -> None:
+            try:
+                await self._write_trace(trace)
+            except Exception as exc:  # reported after the acks and counts are done
+                trace_failures.append(exc)
+
         if trace:
-            writes.append(self._write_trace(trace))
+            writes.append(write_trace(trace))
         if stats:
             writes.append(self._add_stats(sub, stats))
         await _together(writes)
         if deliveries:
             await self._flush()  # the server has every ack when this returns
+        if trace_failures:
+            failure = trace_failures[0]
+            raise TraceNotWritten(f"trace records not written: {failure}") from failure
 
     async def retry(
         self,

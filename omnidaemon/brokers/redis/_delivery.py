@@ -15,7 +15,7 @@ from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, _log
 from omnidaemon.brokers.redis._keys import _RETRY, _STREAM, _decode, _field, _is_nogroup
 from omnidaemon.brokers.redis._traces import RedisTraces
-from omnidaemon.brokers.traces import TraceWrite
+from omnidaemon.brokers.traces import TraceNotWritten, TraceWrite
 from omnidaemon.metrics import is_extreme
 
 __all__ = ["RedisDelivery"]
@@ -173,32 +173,49 @@ class RedisDelivery(RedisTraces):
                     commands.append(("HINCRBY", key, name, value))
             if extremes:
                 commands.append(("EVAL", scripts.KEEP_EXTREMES, 1, key, *extremes))
+        trace_errors: list[Any] = []
         if not trace:
             errors = await self._settle(sub, commands)
         elif self._cluster is not None:
             # A cluster spreads runs over slots: their writes go to each node at once, beside
-            # the acks (one round trip, in parallel), and fail or succeed with them.
-            errors = await self._settle_and_trace(sub, commands, self.trace_commands(trace))
+            # the acks (one round trip, in parallel).
+            errors, trace_errors = await self._settle_and_trace(
+                sub, commands, self.trace_commands(trace)
+            )
         else:
-            errors = await self._settle(sub, commands, self.packed_trace(trace))
+            errors, trace_errors = await self._settle_traced(sub, commands, trace)
         if any(isinstance(e, ResponseError) and _is_nogroup(e) for e in errors):
             # Nothing is pending in a group that is gone: these acks have nothing to settle.
             await self._regroup(sub)
         elif errors:
             raise errors[0]
+        if trace_errors:
+            raise TraceNotWritten(f"trace records not written: {trace_errors[0]}") from (
+                trace_errors[0]
+            )
 
-    async def _settle(
-        self,
-        sub: Subscription,
-        commands: list[tuple[Any, ...]],
-        packed: tuple[bytes, int] | None = None,
-    ) -> list[Any]:
-        """Send an ack's commands (and `packed` ones, see `_exchange`) to the server of the
-        topic; the error replies."""
-        if not commands and packed is None:
+    async def _settle_traced(
+        self, sub: Subscription, commands: list[tuple[Any, ...]], trace: TraceWrite
+    ) -> tuple[list[Any], list[Any]]:
+        """On one server: the ack's commands and the trace's script in one round trip; the
+        error replies of each."""
+        replies = await self._exchange(
+            commands,
+            key=self.stream_key(sub.topic),
+            timeout=_SOCKET_TIMEOUT + self._replica_wait,
+            replicate="settle",
+            packed=self.packed_trace(trace),
+            raise_errors=False,
+        )
+        errors = [r for r in replies[: len(commands)] if isinstance(r, Exception)]
+        return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
+
+    async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send an ack's commands to the server of the topic; the error replies."""
+        if not commands:
             return []
         replies: list[Any]
-        if self._min_replicas > 0 or self._cluster is not None or packed is not None:
+        if self._min_replicas > 0 or self._cluster is not None:
             # One connection of the broker's own: WAIT must follow these writes on it, and a
             # cluster's ASK must be followed on it (see `_script`).
             try:
@@ -207,7 +224,6 @@ class RedisDelivery(RedisTraces):
                     key=self.stream_key(sub.topic),
                     timeout=_SOCKET_TIMEOUT + self._replica_wait,
                     replicate="settle",
-                    packed=packed,
                 )
             except ResponseError as exc:
                 replies = [exc]
@@ -223,28 +239,35 @@ class RedisDelivery(RedisTraces):
         sub: Subscription,
         commands: list[tuple[Any, ...]],
         traced: list[tuple[str, tuple[Any, ...]]],
-    ) -> list[Any]:
+    ) -> tuple[list[Any], list[Any]]:
         """On a cluster: the ack's commands and the trace's, each group on its own node, all
-        at once; the error replies."""
+        at once; the error replies of each."""
         errors: list[Any] = []
+        trace_errors: list[Any] = []
+        failed: list[BaseException] = []
 
         async def settle() -> None:
-            errors.extend(await self._settle(sub, commands))
+            try:
+                errors.extend(await self._settle(sub, commands))
+            except Exception as exc:  # raised as itself below, not in an ExceptionGroup
+                failed.append(exc)
 
         async def write(key: str, group: list[tuple[Any, ...]]) -> None:
             try:
                 replies = await self._exchange(
                     group, key=key, timeout=_SOCKET_TIMEOUT + self._replica_wait
                 )
-            except ResponseError as exc:
+            except Exception as exc:  # reported as the trace's failure
                 replies = [exc]
-            errors.extend(reply for reply in replies if isinstance(reply, Exception))
+            trace_errors.extend(reply for reply in replies if isinstance(reply, Exception))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(settle)
             for key, group in self.by_node(traced):
                 tg.start_soon(write, key, group)
-        return errors
+        if failed:
+            raise failed[0]  # callers catch bus errors by type
+        return errors, trace_errors
 
     async def retry(
         self,

@@ -75,7 +75,7 @@ class RedisKeys:
         return f"{self._prefix}:trace-of:{event_id}"
 
     def runs_key(self) -> str:
-        """The key of the index of runs (a sorted set: run id by its last write)."""
+        """The key of the index of runs (a stream: one entry per written batch, its runs)."""
         return f"{self._prefix}:runs"
 
 

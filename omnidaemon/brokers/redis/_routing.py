@@ -83,12 +83,14 @@ class RedisRouting(RedisConnection):
         timeout: float,
         replicate: str | None = None,
         packed: tuple[bytes, int] | None = None,
+        raise_errors: bool = True,
     ) -> list[Any]:
         """Send commands, pipelined on one connection of the broker's own, to the server that
         holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
 
         `packed` is more commands already in the protocol, with how many replies they get
-        (theirs follow the others'): for one server only, where nothing is redirected.
+        (theirs follow the others'): for one server only, where nothing is redirected. With
+        `raise_errors` off, error replies are returned as values, not raised.
 
         The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
         command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
@@ -163,7 +165,7 @@ class RedisRouting(RedisConnection):
         error = next((r for r in replies if isinstance(r, ResponseError)), None)
         if isinstance(error, ClusterDownError):
             self._stale_slots = True  # a slot without a master: a failover is under way
-        if error is not None:
+        if error is not None and raise_errors:
             raise error
         return replies
 
