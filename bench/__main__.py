@@ -364,6 +364,7 @@ class Bench:
         repetition's cost of traces (`1 - with/without`) when both of its drains ran."""
         cfg, s, ch, out = self.cfg, self.server, self.children, self.out
         started = time.monotonic()
+        pinned = traces.pin(s)
         try:
             raw.warm_server(s, cfg)
             for i in self.reps():
@@ -380,6 +381,7 @@ class Bench:
                 if len(rates) == len(traces.VARIANTS):
                     self.results["traces.cost"].append(1 - rates["with"] / rates["without"])
         finally:
+            traces.unpin(pinned)
             self.traces_elapsed = time.monotonic() - started
 
     def _omni_drain(self) -> dict[str, float]:

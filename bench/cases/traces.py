@@ -4,14 +4,17 @@ The omnidaemon drain of `bench.cases.omni` (Redis, one worker process at the def
 concurrency) twice in the same run on the same server: with traces, as a worker runs by
 default, and with `OMNIDAEMON_TRACE_TTL=0`, which turns them off. With traces the worker
 writes a record for each attempt (`omnidaemon.traces.records.TraceBook`) with its batched
-acks: one script per batch of acks (`omnidaemon/brokers/redis/_traces.py`) storing every run's
-records, plus the index of runs. The raw redis-py drain of `bench.cases.raw` runs in the
-same repetition, for the ratios. After each omnidaemon drain the benchmark checks the index of
-runs on the bus: every event's run in it with traces, none without.
+acks: one script per batch of acks (`omnidaemon/brokers/redis/_traces.py`) storing every
+run's records and the batch's entry in the index of runs. The raw redis-py drain of
+`bench.cases.raw` runs in the same repetition, for the ratios. After each omnidaemon drain
+the benchmark checks the runs on the bus: every event's run there with traces, none without.
+redis-server runs on one CPU and the drains on the others (`pin`), so that the scheduler's
+placement does not swamp the few per cent measured.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bench.cases import omni, raw
@@ -21,6 +24,31 @@ from omnidaemon.brokers.redis import RedisBroker
 OFF = {"OMNIDAEMON_TRACE_TTL": "0"}
 VARIANTS = {"with": "", "without": "_off"}
 """The drains measured, and the suffix of their figures' names."""
+
+
+def pin(server: RedisServer) -> set[int] | None:
+    """Keep redis-server on the first CPU and this process, and the workers and consumers
+    it starts from now on, on the others; returns this process's CPUs before, to `unpin`.
+
+    Two drains compared within a few per cent must not differ by where the scheduler put
+    the worker: sharing a CPU with redis-server, a drain runs at half its rate. Nothing is
+    pinned on a machine with one CPU, or where affinity cannot be set.
+    """
+    if not hasattr(os, "sched_setaffinity") or server.process is None:
+        return None
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        return None
+    first, *rest = sorted(cpus)
+    os.sched_setaffinity(server.process.pid, {first})
+    os.sched_setaffinity(0, set(rest))
+    return cpus
+
+
+def unpin(cpus: set[int] | None) -> None:
+    """Undo `pin` for this process (redis-server stays where it is)."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def _runs_indexed(server: RedisServer) -> int:

@@ -48,7 +48,10 @@ async def print_stream(
         priority=priority,
     )
     open_line = False  # text printed without its line's end
+    announced = 0  # restarts told so far
     async for chunk in stream:
+        if chunk.restarted:
+            announced = stream.restarts
         if json:
             if chunk.restarted:
                 out.write(_line({"event": "restart", "attempt": chunk.attempt}) + "\n")
@@ -69,6 +72,20 @@ async def print_stream(
             out.write(text)
             open_line = bool(text) and not text.endswith("\n")
         out.flush()
+    if stream.restarts > announced:
+        # A retry that streamed nothing before it ended: what was printed is the failed one's.
+        if json:
+            out.write(_line({"event": "restart", "attempt": stream.attempt}) + "\n")
+        else:
+            if open_line:
+                out.write("\n")
+                open_line = False
+            out.flush()
+            print(
+                f"omnidaemon publish: the attempt before failed; attempt {stream.attempt} "
+                "ended without streaming: the output above is the failed attempt's",
+                file=sys.stderr,
+            )
     if json:
         end = {"event": "end", "status": stream.status, "result": stream.result}
         out.write(_line(end) + "\n")

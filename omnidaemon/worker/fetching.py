@@ -241,13 +241,14 @@ class Fetching:
     async def _orphans(self) -> list[Delivery]:
         """Deliveries the bus handed this consumer that it never saw (a fetch whose reply was
         lost), as they were delivered: same attempt, nothing charged."""
+        # Seen by this worker: running, or finished with their acks not through yet, before
+        # the bus answers or after. An ack that lands while `recover` is on its way leaves its
+        # delivery in the answer but no longer waiting here: it was handled, not orphaned
+        # (taken for an orphan, it ran twice).
+        seen = set(self._in_flight) | self._acks.waiting()
         held = await self._queue.recover(self.consumer, _ORPHANS)
-        known = self._acks.waiting()  # finished, their acks not sent yet
-        orphans = [
-            d
-            for d in held
-            if (d.origin, d.id) not in self._in_flight and (d.origin, d.id) not in known
-        ]
+        seen |= set(self._in_flight) | self._acks.waiting()
+        orphans = [d for d in held if (d.origin, d.id) not in seen]
         if orphans:
             self._log.info("took back events a failed fetch had left pending", count=len(orphans))
         return orphans

@@ -27,6 +27,11 @@ async def test_publish_wait_stream_prints_the_chunks(redis_url: str, tmp_path: P
 
     @app.agent(topic, max_retries=1, retry_backoff=0.01)  # chunks of any JSON value
     async def chat(question: dict[str, Any], ctx: Context) -> dict[str, int]:
+        if question.get("quiet_retry"):  # the retry streams nothing
+            if ctx.attempt == 1:
+                await ctx.emit("half ")
+                raise RuntimeError("first attempt broke")
+            return {"tokens": 0}
         for i in range(3):
             await ctx.emit(f"w{i} ")
             if i == 1 and question.get("fail") and ctx.attempt == 1:
@@ -64,6 +69,16 @@ async def test_publish_wait_stream_prints_the_chunks(redis_url: str, tmp_path: P
         restarted = await cli("publish", topic, '{"fail": true}', "--wait", "--stream")
         assert restarted.stdout == 'w0 w1 \nw0 w1 w2 {"tokens":3}\n'
         assert "attempt 2 streams from its start" in restarted.stderr
+
+        quiet = await cli("publish", topic, '{"quiet_retry": true}', "--wait", "--stream")
+        assert quiet.returncode == 0, quiet.stderr
+        assert quiet.stdout == "half \n"
+        assert "attempt 2 ended without streaming" in quiet.stderr
+        quiet_json = await cli(
+            "publish", topic, '{"quiet_retry": true}', "--wait", "--stream", "--json"
+        )
+        events = [orjson.loads(line) for line in quiet_json.stdout.splitlines()]
+        assert [e["event"] for e in events] == ["chunk", "restart", "end"]
 
         failed = await cli("publish", topic, '{"give_up": true}', "--wait", "--stream")
         assert failed.returncode == 1
