@@ -106,7 +106,7 @@ async def publish_and_report(*, in_process: bool = False, timeout: float = 60) -
     """
     watcher = App("docs-watcher")
     notified: list[Notified] = []
-    ours: set[str] = set()
+    ours: list[str] = []  # each document's event id: its run's id too
 
     @watcher.agent("user.notified", start="latest")
     async def collect(event: Notified, ctx: Context) -> None:
@@ -117,8 +117,7 @@ async def publish_and_report(*, in_process: bool = False, timeout: float = 60) -
         await stack.enter_async_context(watcher.running())
         if in_process:
             await stack.enter_async_context(app.running())
-        for document in DOCUMENTS:
-            ours.add(await app.publish("document.uploaded", document))
+        ours.extend([await app.publish("document.uploaded", d) for d in DOCUMENTS])
         print(f"published {len(DOCUMENTS)} documents; waiting for the pipeline...")
         dead: list[DeadLetter] = []
         with anyio.move_on_after(timeout) as waiting:
@@ -142,6 +141,7 @@ async def publish_and_report(*, in_process: bool = False, timeout: float = 60) -
             f"  {letter.payload['file_path']:<22} after {letter.attempts} attempt(s): "
             f"{letter.error_type}: {letter.error_message}"
         )
+    print(f"\nthe first document's whole run: python -m omnidaemon trace {ours[0]}")
     return 0
 
 

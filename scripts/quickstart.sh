@@ -28,7 +28,10 @@ stop() {
 trap stop EXIT
 
 echo "== publishing: python examples/document_pipeline.py"
-.venv/bin/python examples/document_pipeline.py
+report=$(mktemp)
+.venv/bin/python examples/document_pipeline.py | tee "$report"
+first_run=$(sed -n 's/.*python -m omnidaemon trace //p' "$report")
+rm -f "$report"
 
 # A running worker writes its counts to the bus about once a second; one that stops on SIGTERM
 # writes them all before it exits. Stopped first, the table below is exact: it matches the
@@ -40,3 +43,5 @@ echo "== what every worker did, from the bus: python -m omnidaemon metrics"
 if [ "$rerun" = 1 ]; then
     echo "== (totals of every run on this bus, which keeps them; rm -rf .omnidaemon to start afresh)"
 fi
+echo "== the first document's whole run, from the bus: python -m omnidaemon trace $first_run"
+.venv/bin/python -m omnidaemon trace "$first_run"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,7 @@ def check_report(stdout: str) -> None:
     assert "ada" in stdout and "edsger" in stdout and "grace" in stdout
     assert "reports/corrupt.pdf" in stdout and "after 3 attempt(s)" in stdout
     assert "notes.txt" in stdout and "Reject" in stdout
+    assert "the first document's whole run: python -m omnidaemon trace " in stdout
 
 
 @pytest.mark.slow
@@ -99,6 +101,20 @@ def test_worker_and_publisher_processes_on_the_embedded_bus(embedded_home: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     check_report(result.stdout)
     assert worker.returncode == 0, worker_log.decode(errors="replace")
+    # The first document's whole run, as the report says to look at it: four events, one per
+    # agent of the pipeline and the watcher's, each handled once.
+    first = result.stdout.rsplit("omnidaemon trace ", 1)[1].strip()
+    shown = subprocess.run(
+        [sys.executable, "-m", "omnidaemon", "trace", first, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    trace = json.loads(shown.stdout)
+    assert (trace["status"], trace["event_count"], trace["attempt_count"]) == ("succeeded", 4, 4)
     assert (embedded_home / "valkey.sock").exists()  # one server, shared by both processes
 
 
