@@ -133,7 +133,15 @@ class Trace(BaseModel):
 
 
 def _time(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else None
+    """A record's time: Unix seconds, or RFC 3339 text (an event's creation)."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _attempt(record: dict[str, Any], outcome: AttemptOutcome) -> AttemptTrace:
@@ -203,8 +211,8 @@ def build_trace(run_id: str, stored: StoredTrace) -> Trace:
         children.setdefault(parent if parent in ids else None, []).append(event_id)
 
     def created(event_id: str) -> float:
-        value = info.get(event_id, {}).get("created")
-        return float(value) if isinstance(value, int | float) else float("inf")
+        when = _time(info.get(event_id, {}).get("created"))
+        return when.timestamp() if when is not None else float("inf")
 
     handlings: dict[str, list[HandlingTrace]] = {
         event_id: [_handling(agent, found) for agent, found in sorted(by_agent.items())]

@@ -19,8 +19,8 @@ On a cluster the same commands are sent to each node at once, beside the ack (`b
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,20 +59,27 @@ return 0
 
 # One server: every record and pointer of an ack batch in one script, one reply. Its keys are
 # made from the prefix as `RedisKeys` makes them (only a cluster needs them declared).
-# ARGV: prefix, TTL ms, most fields a run keeps, the index's trim point (ms), the batch's run
-# ids (netstrings, '' for none), the writer's time; then items: `u` or `c` (unchecked or
-# checked run), run id, record count, fields and records; or `p`, event id, run id.
+# ARGV: prefix, TTL ms, most fields a run keeps, the index's trim point (ms), (unused), the
+# writer's time; then items: `u` or `c` (unchecked or checked run), run id, record count,
+# fields and records; or `p`, event id, run id. The index entry lists the runs written, each
+# as a netstring, made here (string work the server does faster than the worker).
 _WRITE_BATCH = """
 local prefix, ttl, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local i, n = 7, #ARGV
+local runs, seen = {}, {}
 while i <= n do
     local kind = ARGV[i]
     if kind == 'p' then
         redis.call('SET', prefix .. ':trace-of:' .. ARGV[i + 1], ARGV[i + 2], 'PX', ttl)
         i = i + 3
     else
-        local key = prefix .. ':trace:' .. ARGV[i + 1]
+        local run = ARGV[i + 1]
+        local key = prefix .. ':trace:' .. run
         local last = i + 2 + 2 * tonumber(ARGV[i + 2])
+        if not seen[run] then
+            seen[run] = true
+            runs[#runs + 1] = #run .. ':' .. run
+        end
         if kind == 'u' then
             redis.call('HSET', key, unpack(ARGV, i + 3, last))
         else
@@ -89,8 +96,9 @@ while i <= n do
         i = last + 1
     end
 end
-if ARGV[5] ~= '' then
-    redis.call('XADD', prefix .. ':runs', 'MINID', '~', ARGV[4], '*', 'r', ARGV[5], 't', ARGV[6])
+if #runs > 0 then
+    local listed = table.concat(runs)
+    redis.call('XADD', prefix .. ':runs', 'MINID', '~', ARGV[4], '*', 'r', listed, 't', ARGV[6])
 end
 return 0
 """
@@ -115,7 +123,7 @@ def _parse_netstrings(data: bytes) -> list[str]:
 class RedisTraces(RedisRouting):
     """The trace commands of `RedisBroker`."""
 
-    _trace_counts: OrderedDict[str, int] | None = None  # run -> records this process wrote
+    _trace_counts: dict[str, int] | None = None  # run -> records this process wrote, by recency
 
     def trace_commands(self, write: TraceWrite) -> list[tuple[str, tuple[Any, ...]]]:
         """The commands that store `write`, each with a key that routes it (a cluster's
@@ -141,7 +149,6 @@ class RedisTraces(RedisRouting):
 
     def packed_trace(self, write: TraceWrite) -> tuple[bytes, int]:
         """The write for one server: one script, packed here in one pass, `(bytes, 1)`."""
-        runs = list(dict.fromkeys(run for run, _, _ in write.records))
         head = [
             b"EVAL",
             _WRITE_BATCH_BYTES,
@@ -150,18 +157,23 @@ class RedisTraces(RedisRouting):
             b"%d" % max(1, math.ceil(write.ttl * 1000)),
             b"%d" % write.max_records,
             b"%d" % max(0, int((write.now - write.ttl) * 1000)),
-            _netstrings(runs),
+            b"",
             repr(float(write.now)).encode(),
         ]
         parts = [b"$%d\r\n%b\r\n" % (len(a), a) for a in head]
-        unchecked = self._unchecked
-        # A record at a time, in order (a later record of a field replaces an earlier one).
+        counts = self._trace_counts
+        if counts is None:
+            counts = self._trace_counts = {}
+        # A record at a time, in order (a later record of a field replaces an earlier one). On
+        # every event's path: one format per record, the run's count kept inline.
         for run_id, name, record in write.records:
+            written = counts.pop(run_id, 0) + 1  # put back last: the least recent come first
+            counts[run_id] = written
             run, field = run_id.encode(), name.encode()
             parts.append(
                 b"$1\r\n%b\r\n$%d\r\n%b\r\n$1\r\n1\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                 % (
-                    b"u" if unchecked(run_id, 1) else b"c",
+                    b"u" if written <= _UNCHECKED else b"c",
                     len(run),
                     run,
                     len(field),
@@ -170,6 +182,9 @@ class RedisTraces(RedisRouting):
                     record,
                 )
             )
+        if len(counts) > _RUNS_REMEMBERED:
+            for run_id in list(itertools.islice(counts, len(counts) - _RUNS_REMEMBERED // 2)):
+                del counts[run_id]
         for event_id, run_id in write.pointers:
             event, run = event_id.encode(), run_id.encode()
             parts.append(
@@ -198,12 +213,12 @@ class RedisTraces(RedisRouting):
         while this process has written at most `_UNCHECKED` to it (counted here)."""
         counts = self._trace_counts
         if counts is None:
-            counts = self._trace_counts = OrderedDict()
-        total = counts.get(run_id, 0) + records
+            counts = self._trace_counts = {}
+        total = counts.pop(run_id, 0) + records  # put back last: the least recent come first
         counts[run_id] = total
-        counts.move_to_end(run_id)  # the least recently written first, to be forgotten
         if len(counts) > _RUNS_REMEMBERED:
-            counts.popitem(last=False)
+            for forgotten in list(itertools.islice(counts, len(counts) - _RUNS_REMEMBERED // 2)):
+                del counts[forgotten]
         return total <= _UNCHECKED
 
     def by_node(
