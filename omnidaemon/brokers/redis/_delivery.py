@@ -211,27 +211,22 @@ class RedisDelivery(RedisTraces):
         return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send an ack's commands to the server of the topic; the error replies."""
+        """Send an ack's commands to the server of the topic; the error replies.
+
+        On a connection of the broker's own (`_exchange`), not through redis-py's pipeline:
+        measured in the same run (`--cases traces`, both drains without traces), the drain
+        was about 14 % faster this way. WAIT must follow these writes on that connection
+        (`min_replicas`), and a cluster's ASK is followed on it.
+        """
         if not commands:
             return []
-        replies: list[Any]
-        if self._min_replicas > 0 or self._cluster is not None:
-            # One connection of the broker's own: WAIT must follow these writes on it, and a
-            # cluster's ASK must be followed on it (see `_script`).
-            try:
-                replies = await self._exchange(
-                    commands,
-                    key=self.stream_key(sub.topic),
-                    timeout=_SOCKET_TIMEOUT + self._replica_wait,
-                    replicate="settle",
-                )
-            except ResponseError as exc:
-                replies = [exc]
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+        replies = await self._exchange(
+            commands,
+            key=self.stream_key(sub.topic),
+            timeout=_SOCKET_TIMEOUT + self._replica_wait,
+            replicate="settle",
+            raise_errors=False,
+        )
         return [reply for reply in replies if isinstance(reply, Exception)]
 
     async def _settle_and_trace(
