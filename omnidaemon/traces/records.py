@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.brokers.base import Delivery
 from omnidaemon.brokers.traces import TraceWrite
-from omnidaemon.envelope import Envelope, dumps
+from omnidaemon.envelope import Envelope
 
 __all__ = ["START_AFTER", "Outcome", "TraceBook", "attempt_field", "decode_record"]
 
@@ -78,39 +78,6 @@ def decode_record(data: bytes) -> dict[str, Any] | None:
     return dict(zip(_FIELDS, record[1:], strict=False))
 
 
-def _encode(
-    envelope: Envelope[Any],
-    agent: str,
-    attempt: int,
-    worker: str,
-    started: float,
-    ended: float | None,
-    outcome: Outcome,
-    error: dict[str, str] | None,
-    published: Sequence[tuple[str, str]],
-    otel: tuple[str, str] | None,
-) -> bytes:
-    return dumps(
-        [
-            _VERSION,
-            envelope.id,
-            envelope.topic,
-            envelope.causation_id,
-            envelope.created_at,
-            envelope.source,
-            agent,
-            attempt,
-            worker,
-            started,
-            ended,
-            outcome,
-            error,
-            published or None,
-            *(otel or (None, None)),
-        ]
-    )
-
-
 @dataclass(slots=True)
 class TraceBook:
     """The trace records of one agent in one worker that wait for its next ack.
@@ -157,16 +124,37 @@ class TraceBook:
         otel: tuple[str, str] | None = None,
     ) -> None:
         """Record how an attempt ended (now); it began at `started` (default: now)."""
-        # On every event's path: one flat function, no helper calls, the record encoded by
-        # orjson directly (every item is a str, a number, None, or lists and dicts of them).
         now = time.time()
         if started is not None:
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
+        self._add(
+            envelope,
+            attempt,
+            now if started is None else started,
+            now,
+            outcome,
+            error,
+            published,
+            otel,
+        )
+
+    def _add(
+        self,
+        envelope: Envelope[Any],
+        attempt: int,
+        started: float,
+        ended: float | None,
+        outcome: Outcome,
+        error: dict[str, str] | None,
+        published: Sequence[tuple[str, str]],
+        otel: tuple[str, str] | None,
+    ) -> None:
+        """Encode a record (orjson directly: every item is a str, a number, a datetime,
+        None, or lists and dicts of them) and queue it, with its event's pointer."""
         event_id = envelope.id
         run = envelope.correlation_id or event_id
-        agent = self.agent
         trace_id, span_id = otel if otel is not None else (None, None)
         record = orjson.dumps(
             (
@@ -174,13 +162,13 @@ class TraceBook:
                 event_id,
                 envelope.topic,
                 envelope.causation_id,
-                envelope.created_at,  # orjson writes it (RFC 3339) faster than timestamp()
+                envelope.created_at,
                 envelope.source,
-                agent,
+                self.agent,
                 attempt,
                 self.worker,
-                now if started is None else started,
-                now,
+                started,
+                ended,
                 outcome,
                 error,
                 published or None,
@@ -188,7 +176,7 @@ class TraceBook:
                 span_id,
             )
         )
-        self._records.append((run, f"{event_id}|{agent}|{attempt}", record))
+        self._records.append((run, attempt_field(event_id, self.agent, attempt), record))
         if event_id != run:
             self._pointers.append((event_id, run))
 
@@ -233,20 +221,4 @@ class TraceBook:
                 envelope = _ANY_ENVELOPE.validate_json(delivery.data)
             except ValidationError:
                 continue  # it will be dead-lettered as unreadable: no run to record it in
-            run = envelope.correlation_id or envelope.id
-            record = _encode(
-                envelope,
-                self.agent,
-                delivery.attempt,
-                self.worker,
-                at,
-                None,
-                "running",
-                None,
-                (),
-                None,
-            )
-            name = attempt_field(envelope.id, self.agent, delivery.attempt)
-            self._records.append((run, name, record))
-            if envelope.id != run:
-                self._pointers.append((envelope.id, run))
+            self._add(envelope, delivery.attempt, at, None, "running", None, (), None)

@@ -169,7 +169,6 @@ class Outcomes:
         delivery: Delivery,
         envelope: Envelope[Any],
         outcome: Outcome,
-        *,
         error: dict[str, str] | None = None,
         published: Sequence[tuple[str, str]] = (),
     ) -> None:
@@ -358,24 +357,21 @@ class Outcomes:
         if failed:
             self.metrics.failed += 1
         self.metrics.dead_lettered += 1
+        error = {"type": error_type, "message": message}
         traced = envelope if envelope is not None else traced
         if traced is not None:
             outcome: Outcome = "rejected" if error_type == "Reject" else "dead_lettered"
-            self._trace_ended(
-                delivery, traced, outcome, error={"type": error_type, "message": message}
-            )
+            self._trace_ended(delivery, traced, outcome, error)
         await self._reply_failure(delivery, envelope, error_type, message)
         if self._spec.store_results and record.event_id is not None:
-            error = {"type": error_type, "message": message}
             await self._record(delivery, record.event_id, "dead_lettered", error=error)
-        end_error = {"type": error_type, "message": message}
-        await end_attempt(self, delivery, record.event_id, "dead_lettered", error=end_error)
+        await end_attempt(self, delivery, record.event_id, "dead_lettered", error=error)
         if self.notifier is not None and envelope is not None:
             self.notifier.finished(
                 envelope,
                 agent=self._spec.name,
                 status="dead_lettered",
-                error={"type": error_type, "message": message},
+                error=error,
             )
         fields = event_fields(envelope, delivery)
         fields["event_id"] = record.event_id

@@ -20,7 +20,6 @@ from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.flow.gate import Admission, FlowGate
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.lanes import Lane
-from omnidaemon.observability import tracing
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.streaming.writer import end_attempt
@@ -129,19 +128,7 @@ class Running(Outcomes):
         self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
-        if self._tracing:  # `_trace_ended`, inline on the path every event takes
-            key = (delivery.origin, delivery.id)
-            began = self.running.get(key)
-            self._trace.ended(
-                key,
-                envelope,
-                delivery.attempt,
-                "succeeded",
-                began[1] if began is not None else None,
-                None,
-                published,
-                tracing.current_ids(),
-            )  # goes with the ack just queued
+        self._trace_ended(delivery, envelope, "succeeded", None, published)  # with the ack
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
 

@@ -59,46 +59,39 @@ return 0
 
 # One server: every record and pointer of an ack batch in one script, one reply. Its keys are
 # made from the prefix as `RedisKeys` makes them (only a cluster needs them declared).
-# ARGV: prefix, TTL ms, most fields a run keeps, the index's trim point (ms), (unused), the
-# writer's time; then items: `u` or `c` (unchecked or checked run), run id, record count,
-# fields and records; or `p`, event id, run id. The index entry lists the runs written, each
+# ARGV: prefix, TTL ms, most fields a run keeps, the index's trim point (ms), the writer's
+# time; then items: `u` or `c` (a record written unchecked or past the bound's check), run
+# id, field, record; or `p`, event id, run id. The index entry lists the runs written, each
 # as a netstring, made here (string work the server does faster than the worker).
 _WRITE_BATCH = """
 local prefix, ttl, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local i, n = 7, #ARGV
+local i, n = 6, #ARGV
 local runs, seen = {}, {}
 while i <= n do
-    local kind = ARGV[i]
+    local kind, id, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if kind == 'p' then
-        redis.call('SET', prefix .. ':trace-of:' .. ARGV[i + 1], ARGV[i + 2], 'PX', ttl)
+        redis.call('SET', prefix .. ':trace-of:' .. id, value, 'PX', ttl)
         i = i + 3
     else
-        local run = ARGV[i + 1]
-        local key = prefix .. ':trace:' .. run
-        local last = i + 2 + 2 * tonumber(ARGV[i + 2])
-        if not seen[run] then
-            seen[run] = true
-            runs[#runs + 1] = #run .. ':' .. run
+        local key = prefix .. ':trace:' .. id
+        local record = ARGV[i + 3]
+        if not seen[id] then
+            seen[id] = true
+            runs[#runs + 1] = #id .. ':' .. id
         end
-        if kind == 'u' then
-            redis.call('HSET', key, unpack(ARGV, i + 3, last))
+        if kind == 'u' or redis.call('HLEN', key) < max
+                or redis.call('HEXISTS', key, value) == 1 then
+            redis.call('HSET', key, value, record)
         else
-            local size = redis.call('HLEN', key)
-            for j = i + 3, last, 2 do
-                if size < max or redis.call('HEXISTS', key, ARGV[j]) == 1 then
-                    size = size + redis.call('HSET', key, ARGV[j], ARGV[j + 1])
-                else
-                    redis.call('HINCRBY', key, '!dropped', 1)
-                end
-            end
+            redis.call('HINCRBY', key, '!dropped', 1)
         end
         redis.call('PEXPIRE', key, ttl)
-        i = last + 1
+        i = i + 4
     end
 end
 if #runs > 0 then
     local listed = table.concat(runs)
-    redis.call('XADD', prefix .. ':runs', 'MINID', '~', ARGV[4], '*', 'r', listed, 't', ARGV[6])
+    redis.call('XADD', prefix .. ':runs', 'MINID', '~', ARGV[4], '*', 'r', listed, 't', ARGV[5])
 end
 return 0
 """
@@ -157,23 +150,18 @@ class RedisTraces(RedisRouting):
             b"%d" % max(1, math.ceil(write.ttl * 1000)),
             b"%d" % write.max_records,
             b"%d" % max(0, int((write.now - write.ttl) * 1000)),
-            b"",
             repr(float(write.now)).encode(),
         ]
         parts = [b"$%d\r\n%b\r\n" % (len(a), a) for a in head]
-        counts = self._trace_counts
-        if counts is None:
-            counts = self._trace_counts = {}
-        # A record at a time, in order (a later record of a field replaces an earlier one). On
-        # every event's path: one format per record, the run's count kept inline.
+        unchecked = self._unchecked
+        # A record at a time, in order (a later record of a field replaces an earlier one):
+        # one format per record, on every event's path.
         for run_id, name, record in write.records:
-            written = counts.pop(run_id, 0) + 1  # put back last: the least recent come first
-            counts[run_id] = written
             run, field = run_id.encode(), name.encode()
             parts.append(
-                b"$1\r\n%b\r\n$%d\r\n%b\r\n$1\r\n1\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                 % (
-                    b"u" if written <= _UNCHECKED else b"c",
+                    b"u" if unchecked(run_id, 1) else b"c",
                     len(run),
                     run,
                     len(field),
@@ -182,15 +170,12 @@ class RedisTraces(RedisRouting):
                     record,
                 )
             )
-        if len(counts) > _RUNS_REMEMBERED:
-            for run_id in list(itertools.islice(counts, len(counts) - _RUNS_REMEMBERED // 2)):
-                del counts[run_id]
         for event_id, run_id in write.pointers:
             event, run = event_id.encode(), run_id.encode()
             parts.append(
                 b"$1\r\np\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(event), event, len(run), run)
             )
-        count = len(head) + 5 * len(write.records) + 3 * len(write.pointers)
+        count = len(head) + 4 * len(write.records) + 3 * len(write.pointers)
         return b"*%d\r\n" % count + b"".join(parts), 1
 
     def _index_command(self, write: TraceWrite, runs: list[str]) -> tuple[Any, ...]:
