@@ -72,10 +72,14 @@ class Bus:
         done = self.cli("trace", run_or_event_id, "--json")
         return Trace.model_validate_json(done.stdout) if done.returncode == 0 else None
 
-    def finished(self, run_or_event_id: str) -> Trace:
+    def finished(self, run_or_event_id: str, status: str) -> Trace:
+        """The run's trace once it has ended with `status` and holds its 3 attempts (a run can
+        look ended for a moment before its last event's handling is recorded)."""
+
         def ended() -> Trace | None:
             found = self.trace(run_or_event_id)
-            return found if found is not None and found.status != "running" else None
+            done = found is not None and (found.status, found.attempt_count) == (status, 3)
+            return found if done else None
 
         found: Trace = wait_for(ended, 20, f"run {run_or_event_id} to end", interval=0.05)
         return found
@@ -108,12 +112,12 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
 @pytest.fixture(scope="module")
 def failed(bus: Bus) -> Trace:
     """A run of the pipeline whose second stage dead-letters its event."""
-    return bus.finished(bus.publish(DOC, {"name": "a.pdf", "fail": True}))
+    return bus.finished(bus.publish(DOC, {"name": "a.pdf", "fail": True}), "failed")
 
 
 @pytest.fixture(scope="module")
 def succeeded(bus: Bus) -> Trace:
-    return bus.finished(bus.publish(DOC, {"name": "b.pdf"}))
+    return bus.finished(bus.publish(DOC, {"name": "b.pdf"}), "succeeded")
 
 
 def test_trace_draws_events_agents_attempts_and_what_each_handling_published(
