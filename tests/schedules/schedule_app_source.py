@@ -16,6 +16,10 @@ SOURCE = """
     INTERVAL = float(os.environ.get("T_INTERVAL", "1"))
     HOLD = float(os.environ.get("T_HOLD", "0"))
 
+    # The outage test spawns a worker early and lets it come up at a chosen moment: starting
+    # Python may take seconds on a loaded machine, which would make that moment a guess.
+    time.sleep(max(0.0, float(os.environ.get("T_START_AT", "0")) - time.time()))
+
 
     def note(**fields):
         # One O_APPEND write, then fsync: a SIGKILL loses nothing already recorded.

@@ -5,16 +5,17 @@ Four scenarios run side by side, each in its own worker processes
 (`tests/schedules/schedule_app_source.py`), which write one fsynced JSON line per step:
 
 - On Redis, NATS JetStream and a Redis Cluster: three workers run an every-second schedule
-  for `RUN_SECONDS`. Halfway, the worker running a tick's function (it holds the tick's
-  claim; the function takes 0.3 s) is SIGKILLed, and a replacement starts. Every tick of
-  the run must have been published exactly once: one event id per tick (an agent may see an
-  event twice, at least once; a second *event* for a tick would be a double fire), no tick
-  missing.
-- On Redis: one worker runs two every-15-s schedules, one with `catch_up=True`; it stops,
-  two ticks fall due with no worker, and a new worker starts 4.5 s after the second: the
-  first was missed (skipped), the second is owed (within the misfire grace: its period) and
-  fires once, whatever `catch_up` says, and both go on from there. (`catch_up` itself, which
-  only matters for periods over a minute, is tested in-process.)
+  for `RUN_SECONDS` (14 s by default). Halfway, the worker running a tick's function (it
+  holds the tick's claim; the function takes 0.3 s) is SIGKILLed, and a replacement starts.
+  Every tick of the run must have been published exactly once: one event id per tick (an
+  agent may see an event twice, at least once; a second *event* for a tick would be a
+  double fire), no tick missing.
+- On Redis: one worker runs two every-4-s schedules, one with `catch_up=True`; it stops,
+  ticks fall due with no worker for longer than `GAP_AFTER` (a shorter pause is no outage),
+  and a new worker comes up 1 s after the last of them: the earlier ones were missed
+  (skipped), the last is owed (within the misfire grace: its period) and fires once,
+  whatever `catch_up` says, and both go on from there. (`catch_up` itself, which only
+  matters for periods over a minute, is tested in-process.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from omnidaemon.worker.schedule_state import GAP_AFTER
 from tests.e2e._support import (
     WorkerProcess,
     buses_chosen,
@@ -47,10 +49,11 @@ from tests.schedules.schedule_app_source import SOURCE
 pytestmark = pytest.mark.slow
 
 # How long the three workers of each bus run the every-second schedule (shorter for a quick
-# look: T_SCHEDULE_SECONDS=20).
-RUN_SECONDS = float(os.environ.get("T_SCHEDULE_SECONDS", "120"))
+# look; longer for a soak: T_SCHEDULE_SECONDS=120).
+RUN_SECONDS = float(os.environ.get("T_SCHEDULE_SECONDS", "14"))
 STARTUP = 30.0  # seconds a worker may take to start (nine processes share two cores)
-CATCH_UP_INTERVAL = 15.0
+CATCH_UP_INTERVAL = 4.0
+BACK_AFTER = 1.0  # the outage's new worker comes up this long after the owed tick
 
 
 def _lines(log: Path, kind: str, schedule: str = "main") -> list[dict[str, Any]]:
@@ -123,9 +126,10 @@ def _fleet(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) ->
 
 
 def _outage(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> str:
-    """Two ticks fall due while no worker runs; a worker starts 4.5 s after the second: the
-    first was missed and is skipped, the second is owed and fires once, on the start (with
-    either catch_up: the catch-up one would have fired it anyway)."""
+    """Ticks fall due while no worker runs, for longer than `GAP_AFTER`; a worker comes up
+    `BACK_AFTER` after the last of them: the earlier ones were missed and are skipped, the
+    last is owed and fires once, on the start (with either catch_up: the catch-up one would
+    have fired it anyway)."""
     tmp_path.mkdir()
     write_module(tmp_path, "sched_app", SOURCE)
     log, run = tmp_path / "ticks.jsonl", uuid.uuid4().hex[:8]
@@ -144,24 +148,30 @@ def _outage(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -
         up, skip = _events_by_tick(log, "up"), _events_by_tick(log, "skip")
         return max(set(up) & set(skip), default=None)
 
-    tick = wait_for(both_fired, CATCH_UP_INTERVAL + 10, "a tick of both schedules")
+    wait_for(both_fired, CATCH_UP_INTERVAL + 10, "a tick of both schedules")
     first.send(signal.SIGTERM)
     first.wait_exit(30)
-    # Ticks tick+15 and tick+30 fall due with no worker running; then one starts.
-    time.sleep(max(0.0, tick + 2.3 * CATCH_UP_INTERVAL - time.time()))
-    second = spawn(["sched_app:app"], tmp_path, env)
-    _started(second)
-    after = tick + 3 * CATCH_UP_INTERVAL
-    wait_for(lambda: (both_fired() or 0) >= after, CATCH_UP_INTERVAL + 15, "the next tick")
+    stopped, step = time.time(), CATCH_UP_INTERVAL
+    tick = both_fired() or 0.0  # the last tick the first worker fired
+    # The owed tick: the first after the next one (so that at least one is missed) at least
+    # GAP_AFTER after the stop: the worker, up BACK_AFTER later, ends a pause longer than
+    # GAP_AFTER (the first worker's last watch stamp is at or before `stopped`).
+    owed = tick + step * max(2, math.ceil((stopped + GAP_AFTER - tick) / step))
+    # Spawned now, up at `owed + BACK_AFTER` (T_START_AT): however long Python takes to start.
+    second = spawn(["sched_app:app"], tmp_path, {**env, "T_START_AT": str(owed + BACK_AFTER)})
+    up_within = owed + BACK_AFTER - time.time() + STARTUP
+    wait_for(lambda: second.has_logged("worker started"), up_within, "the worker to come up")
+    after = owed + step
+    wait_for(lambda: (both_fired() or 0) >= after, step + 15, "the next tick")
 
     up, skip = _events_by_tick(log, "up"), _events_by_tick(log, "skip")
-    step = CATCH_UP_INTERVAL
+    skipped = {tick + n * step for n in range(1, round((owed - tick) / step))}
     assert all(len(ids) == 1 for ids in [*up.values(), *skip.values()])
-    assert tick + step not in up and tick + 2 * step in up and after in up  # the later one
-    assert tick + step not in skip and tick + 2 * step in skip and after in skip  # owed too
+    assert not skipped & set(up) and owed in up and after in up  # the later one
+    assert not skipped & set(skip) and owed in skip and after in skip  # owed too
     assert second.has_logged("schedule missed ticks")
-    late = next(f["at"] for f in _lines(log, "fn", "skip") if f["tick"] == tick + 2 * step)
-    return f"owed tick+{2 * step:.0f} s fired {late - (tick + 2 * step):.1f} s late, once"
+    late = next(f["at"] for f in _lines(log, "fn", "skip") if f["tick"] == owed)
+    return f"{len(skipped)} ticks skipped; owed tick fired {late - owed:.1f} s late, once"
 
 
 def test_schedules_fire_once_per_tick_across_worker_processes(
