@@ -197,7 +197,7 @@ class RedisDelivery(RedisTraces):
     async def _settle_traced(
         self, sub: Subscription, commands: list[tuple[Any, ...]], trace: TraceWrite
     ) -> tuple[list[Any], list[Any]]:
-        """On one server: the ack's commands and the trace's script in one round trip; the
+        """On one server: the ack's commands and the trace's in one round trip; the
         error replies of each."""
         replies = await self._exchange(
             commands,
@@ -208,7 +208,8 @@ class RedisDelivery(RedisTraces):
             raise_errors=False,
         )
         errors = [r for r in replies[: len(commands)] if isinstance(r, Exception)]
-        return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
+        traced = replies[len(commands) :]
+        return errors, [r for r in traced if isinstance(r, Exception)]
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send an ack's commands to the server of the topic; the error replies.

@@ -9,6 +9,7 @@ the one place that knows which server a key lives on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -42,6 +43,10 @@ from omnidaemon.errors import NotReplicated
 __all__ = ["RedisRouting"]
 
 _MAX_REDIRECTS = 5  # MOVED/ASK replies followed for one command before giving up
+# Replies are read under one deadline for the whole exchange (`anyio.fail_after`), not one per
+# reply: redis-py's per-read timeout returns `None` when it expires (leaving the late reply to
+# be read as the next command's) and costs a timer per reply.
+_NO_TIMEOUT = math.inf
 
 
 class RedisRouting(RedisConnection):
@@ -62,8 +67,9 @@ class RedisRouting(RedisConnection):
         try:
             if conn is None:
                 conn = await self._open(owner, None, timeout)
-            await conn.send_packed_command(conn.pack_command(*args))
-            reply = await conn.read_response(timeout=timeout)
+            with anyio.fail_after(timeout):
+                await conn.send_packed_command(conn.pack_command(*args))
+                reply = await conn.read_response(timeout=_NO_TIMEOUT)
         except ResponseError:
             if conn is not None:  # an error reply (NOGROUP...) leaves the connection usable
                 await self._keep(conn, None, owner)
@@ -231,13 +237,15 @@ class RedisRouting(RedisConnection):
                 wait = ("WAIT", self._min_replicas, int(self._publish_timeout * 1000))
                 chunks += conn.pack_commands([wait])
                 expected += 1
-            await conn.send_packed_command(chunks)
             raw: list[Any] = []
-            for _ in range(expected):
-                try:
-                    raw.append(await conn.read_response(timeout=timeout))
-                except ResponseError as exc:
-                    raw.append(exc)
+            with anyio.fail_after(timeout):
+                await conn.send_packed_command(chunks)
+                read = conn.read_response
+                for _ in range(expected):
+                    try:
+                        raw.append(await read(timeout=_NO_TIMEOUT))
+                    except ResponseError as exc:
+                        raw.append(exc)
         except BaseException as exc:
             await self._discard(conn, node, owner, exc)
             raise
