@@ -24,6 +24,8 @@ _log = get_logger("omnidaemon.api")
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_FORM = "application/x-www-form-urlencoded"
+_DASHBOARD = "/ui/"
 
 
 class RequestGuard:
@@ -138,7 +140,14 @@ class RequestGuard:
         )
         if scope["method"] in _BODY_METHODS and has_body:
             content_type = _header_text(scope, b"content-type").split(";")[0].strip().lower()
-            if content_type != "application/json" and not content_type.endswith("+json"):
+            # The dashboard's forms post as forms; each carries a CSRF token and must come
+            # from the dashboard's own origin (omnidaemon.dashboard.session).
+            form = content_type == _FORM and scope["path"].startswith(_DASHBOARD)
+            if (
+                content_type != "application/json"
+                and not content_type.endswith("+json")
+                and not form
+            ):
                 return error_response(
                     415,
                     "unsupported_media_type",

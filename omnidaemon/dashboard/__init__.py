@@ -1,0 +1,79 @@
+"""The web dashboard at `/ui`: the fleet, the graph, topics and agents, dead letters and runs.
+
+Served by `omnidaemon api` (and `omnidaemon dashboard`) beside the JSON API, on the same
+control-plane code and the same tokens (`omnidaemon.dashboard.session`). Pages are rendered
+on the server (Jinja2, escaped) with one small script of our own (`static/ui.js`) for the
+live parts: no third-party front end, no CDN, nothing to build; it works offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from omnidaemon.dashboard import (
+    pages_dead_letters,
+    pages_graph,
+    pages_overview,
+    pages_runs,
+    pages_session,
+    pages_topics,
+)
+from omnidaemon.dashboard.rates import RateHistory
+from omnidaemon.dashboard.session import ActionRefused, SignInRequired, signed_in
+from omnidaemon.dashboard.templating import page
+
+__all__ = ["PREFIX", "install_dashboard"]
+
+PREFIX = "/ui"
+"""Where the dashboard is served."""
+
+_STATIC = Path(__file__).parent / "static"
+
+
+async def _sign_in(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SignInRequired)
+    if exc.fragment:
+        return Response(status_code=401, headers={"X-Omnidaemon-Signin": "required"})
+    return RedirectResponse(
+        f"{PREFIX}/login?next={_quote(exc.next_path)}",
+        status_code=303,
+    )
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ActionRefused)
+    return page(
+        request,
+        "message.html",
+        signed_in(request),
+        status=exc.status,
+        title="Not allowed" if exc.status == 403 else "Not done",
+        message=exc.message,
+    )
+
+
+def _quote(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
+
+
+def install_dashboard(api: FastAPI) -> None:
+    """Serve the dashboard from `api` (made by `create_api`) at `/ui`."""
+    api.state.dashboard_rates = RateHistory()
+    api.add_exception_handler(SignInRequired, _sign_in)
+    api.add_exception_handler(ActionRefused, _refused)
+    api.mount(f"{PREFIX}/static", StaticFiles(directory=_STATIC), name="dashboard-static")
+    for module in (
+        pages_session,
+        pages_overview,
+        pages_graph,
+        pages_topics,
+        pages_dead_letters,
+        pages_runs,
+    ):
+        api.include_router(module.router, prefix=PREFIX, include_in_schema=False)

@@ -1,0 +1,7 @@
+"""(Being built.)"""
+
+from fastapi import APIRouter
+
+__all__ = ["router"]
+
+router = APIRouter()
