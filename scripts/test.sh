@@ -3,14 +3,19 @@
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh" dev,api,docs
 
-# Integration tests start their own redis-server on a free loopback port.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Integration tests start their own redis-server on a free loopback port; the dashboard's
+# browser tests drive Debian's chromium through its matching chromium-driver.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "installing redis-server from Debian's packages" >&2
+        echo "installing ${missing[*]} from Debian's packages" >&2
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "redis-server is missing: install it (sudo apt-get install -y redis-server)" >&2
+        echo "missing: ${missing[*]}: install them (sudo apt-get install -y ${missing[*]})" >&2
         exit 1
     fi
 fi

@@ -13,68 +13,134 @@ import typer
 
 from omnidaemon.cli._common import BrokerOption, ServedAppArgument
 from omnidaemon.cli._output import fail
-from omnidaemon.cli.worker import LogFormatOption, LogLevelOption
+from omnidaemon.cli.worker import LogFormat, LogFormatOption, LogLevel, LogLevelOption
 from omnidaemon.observability.logging import get_logger
 
 if TYPE_CHECKING:
     from omnidaemon.api.auth import ApiToken
     from omnidaemon.app import App
 
-__all__ = ["api"]
+__all__ = ["api", "dashboard"]
 
 _COMMAND = "api"
 
 
+HostOption = Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on.")]
+PortOption = Annotated[
+    int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port (0: any).")
+]
+TokensFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokens-file",
+        metavar="PATH",
+        help="API tokens, NAME:SCOPES:TOKEN per line (also: $OMNIDAEMON_API_TOKENS).",
+        show_default=False,
+    ),
+]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-auth",
+        help="Serve without tokens: anyone who reaches the port may do anything. "
+        "Loopback --host only.",
+    ),
+]
+ShutdownGraceOption = Annotated[
+    float,
+    typer.Option(
+        "--shutdown-grace",
+        min=0.0,
+        metavar="S",
+        help="Seconds requests in progress get after a stop signal.",
+    ),
+]
+MaxWaitingOption = Annotated[
+    int,
+    typer.Option(
+        "--max-waiting",
+        min=1,
+        metavar="N",
+        help="Requests that may wait at once (request-reply, results with wait); "
+        "more get 503 with Retry-After. Each holds a bus connection.",
+    ),
+]
+
+
 def api(
     app: ServedAppArgument = None,
-    host: Annotated[
-        str, typer.Option("--host", metavar="HOST", help="Address to listen on.")
-    ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port (0: any).")
-    ] = 8765,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8765,
     broker: BrokerOption = None,
-    tokens_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--tokens-file",
-            metavar="PATH",
-            help="API tokens, NAME:SCOPES:TOKEN per line (also: $OMNIDAEMON_API_TOKENS).",
-            show_default=False,
-        ),
-    ] = None,
-    insecure_no_auth: Annotated[
-        bool,
-        typer.Option(
-            "--insecure-no-auth",
-            help="Serve without tokens: anyone who reaches the port may do anything. "
-            "Loopback --host only.",
-        ),
-    ] = False,
-    shutdown_grace: Annotated[
-        float,
-        typer.Option(
-            "--shutdown-grace",
-            min=0.0,
-            metavar="S",
-            help="Seconds requests in progress get after a stop signal.",
-        ),
-    ] = 10.0,
-    max_waiting: Annotated[
-        int,
-        typer.Option(
-            "--max-waiting",
-            min=1,
-            metavar="N",
-            help="Requests that may wait at once (request-reply, results with wait); "
-            "more get 503 with Retry-After. Each holds a bus connection.",
-        ),
-    ] = 32,
+    tokens_file: TokensFileOption = None,
+    insecure_no_auth: InsecureOption = False,
+    shutdown_grace: ShutdownGraceOption = 10.0,
+    max_waiting: MaxWaitingOption = 32,
     log_level: LogLevelOption = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Serve the HTTP API of APP (publish, results, topics, dead letters, health, metrics)
-    until SIGINT or SIGTERM. Tokens come from $OMNIDAEMON_API_TOKENS or --tokens-file."""
+    and its dashboard (/ui) until SIGINT or SIGTERM. Tokens come from
+    $OMNIDAEMON_API_TOKENS or --tokens-file."""
+    _run(
+        app,
+        host=host,
+        port=port,
+        broker=broker,
+        tokens_file=tokens_file,
+        insecure_no_auth=insecure_no_auth,
+        shutdown_grace=shutdown_grace,
+        max_waiting=max_waiting,
+        log_level=log_level,
+        log_format=log_format,
+        dashboard=False,
+    )
+
+
+def dashboard(
+    app: ServedAppArgument = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8765,
+    broker: BrokerOption = None,
+    tokens_file: TokensFileOption = None,
+    insecure_no_auth: InsecureOption = False,
+    shutdown_grace: ShutdownGraceOption = 10.0,
+    max_waiting: MaxWaitingOption = 32,
+    log_level: LogLevelOption = None,
+    log_format: LogFormatOption = None,
+) -> None:
+    """Serve the web dashboard of APP at /ui (with the HTTP API) until SIGINT or SIGTERM.
+    Sign in with a token of $OMNIDAEMON_API_TOKENS or --tokens-file; with none, on a
+    loopback --host, it is served without sign-in to this machine only."""
+    _run(
+        app,
+        host=host,
+        port=port,
+        broker=broker,
+        tokens_file=tokens_file,
+        insecure_no_auth=insecure_no_auth,
+        shutdown_grace=shutdown_grace,
+        max_waiting=max_waiting,
+        log_level=log_level,
+        log_format=log_format,
+        dashboard=True,
+    )
+
+
+def _run(
+    app: str | None,
+    *,
+    host: str,
+    port: int,
+    broker: str | None,
+    tokens_file: Path | None,
+    insecure_no_auth: bool,
+    shutdown_grace: float,
+    max_waiting: int,
+    log_level: LogLevel | None,
+    log_format: LogFormat | None,
+    dashboard: bool,
+) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -102,6 +168,10 @@ def api(
             tokens = load_tokens(os.environ, tokens_file)
     except OmniDaemonError as exc:
         raise typer.Exit(fail(_COMMAND, str(exc), 2)) from None
+    if dashboard and not insecure_no_auth and not tokens and is_loopback(host):
+        # The quick look at a local app: nothing but this machine can reach a loopback port
+        # (and the API refuses other Host names), so no sign-in, as with --insecure-no-auth.
+        insecure_no_auth = True
     if not insecure_no_auth and not tokens:
         raise typer.Exit(
             fail(
@@ -136,6 +206,7 @@ def api(
             tokens_file=tokens_file,
             shutdown_grace=shutdown_grace,
             max_waiting=max_waiting,
+            dashboard=dashboard,
         )
     )
 
@@ -182,6 +253,7 @@ def _serve(
     tokens_file: Path | None,
     shutdown_grace: float,
     max_waiting: int,
+    dashboard: bool = False,
 ) -> int:
     from omnidaemon.api import create_api
     from omnidaemon.api.server import listen, serve_api
@@ -217,7 +289,17 @@ def _serve(
         return fail(_COMMAND, f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
-    log.info("api listening", url=url, docs=f"{url}/docs", app=app.name, bus=app.broker.url)
+    if dashboard:
+        log.info("dashboard listening", url=f"{url}/ui/", app=app.name, bus=app.broker.url)
+    else:
+        log.info(
+            "api listening",
+            url=url,
+            docs=f"{url}/docs",
+            ui=f"{url}/ui/",
+            app=app.name,
+            bus=app.broker.url,
+        )
     sys.stderr.flush()
     return serve_api(asgi, sock, shutdown_grace=shutdown_grace)
 

@@ -51,6 +51,7 @@ def build_cli() -> typer.Typer:
     cli.command("limits")(monitor.limits)
     cli.command("inspect")(activity.inspect)
     cli.command("api")(api_command.api)
+    cli.command("dashboard")(api_command.dashboard)
     register_local_commands(bus)
     cli.add_typer(bus)
     return cli
