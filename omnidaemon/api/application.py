@@ -15,7 +15,6 @@ from omnidaemon.api.routes import probe_router, v1_router
 from omnidaemon.api.routes.asyncapi import router as asyncapi_router
 from omnidaemon.api.waiting import DEFAULT_MAX_WAITING, WaitingRequests
 from omnidaemon.app import App
-from omnidaemon.dashboard import install_dashboard
 from omnidaemon.errors import ConfigurationError
 from omnidaemon.observability.logging import get_logger
 
@@ -131,5 +130,8 @@ def create_api(
     api.include_router(probe_router)
     api.include_router(v1_router())
     api.include_router(asyncapi_router)
+    # Imported here: the dashboard's modules build on this package's (auth, dependencies).
+    from omnidaemon.dashboard import install_dashboard
+
     install_dashboard(api)
     return api

@@ -115,7 +115,11 @@ def signed_in(request: Request) -> UiUser | None:
 def _viewer(request: Request) -> UiUser:
     user = signed_in(request)
     if user is None:
-        fragment = request.headers.get("x-omnidaemon-fragment") == "1"
+        # A live fragment, or an EventSource (which can set no header but sends this Accept):
+        # 401, not a redirect to a page it could not show.
+        fragment = request.headers.get("x-omnidaemon-fragment") == "1" or (
+            "text/event-stream" in request.headers.get("accept", "")
+        )
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise SignInRequired(path, fragment=fragment)
     setattr(request.state, TOKEN_NAME_KEY, user.token.name)

@@ -26,6 +26,7 @@ class RunSummary(BaseModel):
         started_at: When its first event was published.
         duration: Seconds from start to its last attempt's end (`None` while running).
         events: How many events it holds.
+        attempts: How many attempts its trace records.
         failed_agent: The first agent that failed for good, if any.
         error: That failure's `{"type", "message"}`.
         last_write: When a worker last wrote to its trace.
@@ -38,6 +39,7 @@ class RunSummary(BaseModel):
     started_at: datetime | None
     duration: float | None
     events: int
+    attempts: int = 0
     failed_agent: str | None = None
     error: dict[str, str] | None = None
     last_write: datetime
@@ -103,6 +105,7 @@ def _summary(trace: Trace, written: float) -> RunSummary:
         started_at=trace.started_at,
         duration=trace.duration,
         events=trace.event_count,
+        attempts=trace.attempt_count,
         failed_agent=first.get("agent"),
         error=first.get("error"),
         last_write=datetime.fromtimestamp(written, UTC),

@@ -24,10 +24,12 @@ from fastapi.responses import StreamingResponse
 from omnidaemon.api.auth import Scope
 from omnidaemon.api.dependencies import CurrentApp, Waiting, require
 from omnidaemon.api.errors import ApiError, documented
+from omnidaemon.api.waiting import WaitingRequests
+from omnidaemon.app import App
 from omnidaemon.envelope import dumps
 from omnidaemon.streaming.follower import StreamEvent, StreamFollower
 
-__all__ = ["HEARTBEAT", "router", "sse_frame"]
+__all__ = ["HEARTBEAT", "router", "sse_frame", "stream_response"]
 
 router = APIRouter(tags=["events"])
 
@@ -135,9 +137,10 @@ async def event_stream(
     expired); 204 when resumed after the end; 503 with `Retry-After` when the server's bound
     on waiting requests is reached. Needs the `read` scope.
     """
-    follower = StreamFollower(app.broker, event_id, agent=agent, after=last_event_id)
-    first = await waiting.wait(request, lambda: _first(follower, timeout))
-    if not follower.seen:
+    response = await stream_response(
+        app, waiting, request, event_id, agent=agent, timeout=timeout, after=last_event_id
+    )
+    if response is None:
         who = f"agent {agent!r}" if agent else "any agent"
         raise ApiError(
             404,
@@ -145,6 +148,30 @@ async def event_stream(
             f"nothing was streamed for event {event_id!r} by {who} within {timeout:g} s (not "
             "handled yet, by an agent that does not stream, or the stream expired)",
         )
+    return response
+
+
+async def stream_response(
+    app: App,
+    waiting: WaitingRequests,
+    request: Request,
+    event_id: str,
+    *,
+    agent: str | None,
+    timeout: float,
+    after: str | None,
+) -> Response | None:
+    """The stream of `event_id` as Server-Sent Events (this route's, and the dashboard's
+    `/ui/events/{id}/stream`): `None` when nothing was streamed within `timeout`, 204 when
+    resumed `after` the end.
+
+    Raises:
+        ApiError: 503 when the server's bound on waiting requests is reached.
+    """
+    follower = StreamFollower(app.broker, event_id, agent=agent, after=after)
+    first = await waiting.wait(request, lambda: _first(follower, timeout))
+    if not follower.seen:
+        return None
     if follower.end is not None and not first:
         return Response(status_code=204)
     slot = AsyncExitStack()

@@ -39,31 +39,55 @@ function followLive(element) {
 }
 
 // An element with data-stream="/ui/events/<id>/stream" shows an event's streamed output as
-// it comes (Server-Sent Events): chunks are appended to its [data-chunks] child; a restart
-// (a retry began) clears them; the end says how the event ended.
+// it comes (Server-Sent Events, as GET /v1/events/<id>/stream sends them): chunks
+// ({agent, attempt, index, data}) are appended to its [data-chunks] child; a restart (a retry
+// began) clears them; the end ({status, result | error}) says how the event ended and closes
+// the stream. After a `timeout` event the server closes the stream and the browser
+// reconnects by itself with Last-Event-ID, so nothing is lost or shown twice.
 function followStream(element) {
   const chunks = element.querySelector("[data-chunks]");
   const state = element.querySelector("[data-stream-state]");
   const source = new EventSource(element.dataset.stream);
+  let received = false;
+  let ended = false;
   const say = (text) => { if (state) state.textContent = text; };
+  const read = (event) => { received = true; return JSON.parse(event.data); };
   say("waiting for output…");
   source.addEventListener("chunk", (event) => {
-    const data = JSON.parse(event.data);
+    const data = read(event);
     const text = typeof data.data === "string" ? data.data : JSON.stringify(data.data);
     chunks.append(document.createTextNode(text));
     say(`streaming (attempt ${data.attempt})…`);
   });
   source.addEventListener("restart", (event) => {
+    const data = read(event);
     chunks.textContent = "";
-    say(`a retry began: attempt ${JSON.parse(event.data).attempt}`);
+    const why = data.error && data.error.message ? ` after ${data.error.message}` : "";
+    say(`attempt ${data.attempt} ended${why}: a retry streams anew…`);
   });
-  source.addEventListener("truncated", () => say("output truncated (too long to keep)"));
+  source.addEventListener("truncated", (event) => {
+    read(event);
+    say("output truncated (too long to keep)");
+  });
+  source.addEventListener("timeout", () => say("nothing new for a while: still waiting…"));
   source.addEventListener("end", (event) => {
-    const data = JSON.parse(event.data);
-    say(`ended: ${data.status}${data.error ? ` (${data.error.type || "error"})` : ""}`);
+    const data = read(event);
+    ended = true;
+    const error = data.error ? ` (${data.error.type || "error"}: ${data.error.message || ""})` : "";
+    say(`ended: ${String(data.status).replace("_", " ")}${error}`);
+    element.dataset.ended = data.status;
     source.close();
   });
-  source.onerror = () => { if (source.readyState === EventSource.CLOSED) say("stream closed"); };
+  source.onerror = () => {
+    if (ended) return;
+    if (source.readyState === EventSource.CONNECTING) { say("reconnecting…"); return; }
+    // Closed for good: a 404 (nothing streamed in time), a 204 (resumed after the end) or a
+    // 401 (the sign-in ended).
+    say(received
+      ? "stream closed: reload the page to follow it again"
+      : "no streamed output: the event is not handled yet, its agent does not stream, or " +
+        "the output expired (reload the page to look again)");
+  };
 }
 
 // Forms with data-confirm ask before they post (the server asks again for a purge).
