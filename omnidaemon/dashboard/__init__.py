@@ -8,11 +8,14 @@ live parts: no third-party front end, no CDN, nothing to build; it works offline
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from inspect import isawaitable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from omnidaemon.dashboard import (
     pages_dead_letters,
@@ -25,6 +28,7 @@ from omnidaemon.dashboard import (
 from omnidaemon.dashboard.rates import RateHistory
 from omnidaemon.dashboard.session import ActionRefused, SignInRequired, signed_in
 from omnidaemon.dashboard.templating import page
+from omnidaemon.errors import BusUnavailable
 
 __all__ = ["PREFIX", "install_dashboard"]
 
@@ -32,6 +36,11 @@ PREFIX = "/ui"
 """Where the dashboard is served."""
 
 _STATIC = Path(__file__).parent / "static"
+
+# What a bus that fails raises (the API answers them 503 in JSON; pages answer a page).
+_BUS_FAILURES = (BusUnavailable, MaxConnectionsError, RedisError, OSError)
+
+_Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
 
 
 async def _sign_in(request: Request, exc: Exception) -> Response:
@@ -56,6 +65,26 @@ async def _refused(request: Request, exc: Exception) -> Response:
     )
 
 
+def _bus_failed(api_handler: _Handler) -> _Handler:
+    """The handler of a bus failure: a page under `/ui/`, else the API's JSON answer."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        if not request.url.path.startswith(f"{PREFIX}/"):
+            answer = api_handler(request, exc)
+            return await answer if isawaitable(answer) else answer
+        reason = "no answer" if isinstance(exc, TimeoutError) else type(exc).__name__
+        return page(
+            request,
+            "message.html",
+            signed_in(request),
+            status=503,
+            title="The bus does not answer",
+            message=f"The bus failed ({reason}): retry shortly.",
+        )
+
+    return handle
+
+
 def _quote(path: str) -> str:
     from urllib.parse import quote
 
@@ -67,6 +96,8 @@ def install_dashboard(api: FastAPI) -> None:
     api.state.dashboard_rates = RateHistory()
     api.add_exception_handler(SignInRequired, _sign_in)
     api.add_exception_handler(ActionRefused, _refused)
+    for failure in _BUS_FAILURES:  # the API's handlers of these are installed already
+        api.add_exception_handler(failure, _bus_failed(api.exception_handlers[failure]))
     api.mount(f"{PREFIX}/static", StaticFiles(directory=_STATIC), name="dashboard-static")
     for module in (
         pages_session,

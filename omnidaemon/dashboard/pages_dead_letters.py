@@ -15,6 +15,7 @@ from omnidaemon import admin
 from omnidaemon.dashboard import dead_letters_view as view
 from omnidaemon.dashboard.session import ActionRefused, Admin, UiUser, Viewer, read_form
 from omnidaemon.dashboard.templating import page
+from omnidaemon.debounce import is_internal_topic
 from omnidaemon.envelope import validate_topic
 from omnidaemon.errors import NotFound, PayloadValidationError
 from omnidaemon.observability.logging import get_logger
@@ -48,7 +49,9 @@ def _missing(request: Request, user: UiUser, message: str) -> Response:
 
 def _valid(topic: str) -> bool:
     try:
-        validate_topic(topic)
+        # A debounced agent's batches and checks (`T#debounce.A`) are topics with dead
+        # letters too (as `omnidaemon bus dlq` takes them).
+        validate_topic(topic.partition("#")[0] if is_internal_topic(topic) else topic)
     except ValueError:
         return False
     return True
@@ -149,11 +152,20 @@ async def replay(request: Request, topic: str, user: Admin) -> Response:
     return _back(topic, done=said, problem=problem)
 
 
-async def _purge_form(
-    request: Request, topic: str, user: UiUser, *, error: str | None = None
-) -> Response:
+async def _queued(request: Request, topic: str) -> list[tuple[str, int]]:
+    """Each agent of `topic` holding dead letters, with how many."""
     info = await admin.require_topic(request.app.state.omnidaemon.app.broker, topic)
-    agents = [(g.group, g.dead_letters) for g in info.groups if g.dead_letters]
+    return [(g.group, g.dead_letters) for g in info.groups if g.dead_letters]
+
+
+def _purge_form(
+    request: Request,
+    topic: str,
+    user: UiUser,
+    agents: list[tuple[str, int]],
+    *,
+    error: str | None = None,
+) -> Response:
     return page(
         request,
         "purge_confirm.html",
@@ -175,22 +187,32 @@ async def purge_confirm(request: Request, topic: str, user: Viewer) -> Response:
     if not _valid(topic):
         return _missing(request, user, f"no topic {topic!r} on the bus")
     try:
-        return await _purge_form(request, topic, user)
+        return _purge_form(request, topic, user, await _queued(request, topic))
     except NotFound as exc:
         return _missing(request, user, str(exc))
 
 
 @router.post("/dead-letters/{topic}/purge", response_class=HTMLResponse)
 async def purge(request: Request, topic: str, user: Admin) -> Response:
-    """Empty the topic's dead-letter queues, once the user typed the topic's name."""
+    """Empty the topic's dead-letter queues, once the user typed the topic's name, if they
+    still hold as many dead letters as the confirmation showed (else it asks again: those
+    that arrived since were not seen, and are not purged unseen)."""
     if not _valid(topic):
         return _missing(request, user, f"no topic {topic!r} on the bus")
     form = await read_form(request)
     broker = request.app.state.omnidaemon.app.broker
     try:
+        agents = await _queued(request, topic)
+        shown = _first(form, "count") or ""
         if (_first(form, "confirm") or "").strip() != topic:
             error = f"type the topic's name, {topic}, to confirm: nothing was purged"
-            return await _purge_form(request, topic, user, error=error)
+            return _purge_form(request, topic, user, agents, error=error)
+        if shown != str(sum(n for _, n in agents)):
+            error = (
+                f"the dead letters changed since the confirmation counted {shown or 'them'}: "
+                "nothing was purged; check the count and confirm again"
+            )
+            return _purge_form(request, topic, user, agents, error=error)
         removed = await admin.purge_dead_letters(broker, topic)
     except NotFound as exc:
         return _missing(request, user, str(exc))
@@ -217,7 +239,9 @@ def _edit_form(
         title=f"Edit and replay {letter.event_id}",
         letter=letter,
         base=_topic_url(letter.topic),
-        action=request.url.path,
+        # Not the request's path: it comes decoded, and an id holding `%` would then name
+        # another event when posted.
+        action=f"{_topic_url(letter.topic)}/{quote(letter.event_id, safe='')}/edit",
         type_name=type_name(payload_type),
         text=text,
         error=error,

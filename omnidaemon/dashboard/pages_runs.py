@@ -122,7 +122,8 @@ def _no_trace(any_id: str) -> str:
     )
 
 
-@router.get("/runs/{run_id}", response_class=HTMLResponse)
+# `:path`: a run id is a correlation id, which the publisher chooses (`order/7` holds a `/`).
+@router.get("/runs/{run_id:path}", response_class=HTMLResponse)
 async def run(request: Request, user: Viewer, run_id: IdPath) -> Response:
     """A run's trace as a timeline: every event, each agent's handling and every attempt."""
     context = await _run_context(request, run_id)
@@ -131,7 +132,7 @@ async def run(request: Request, user: Viewer, run_id: IdPath) -> Response:
     return page(request, "run.html", user, title=f"Run {run_id}", **context)
 
 
-@router.get("/live/runs/{run_id}", response_class=HTMLResponse)
+@router.get("/live/runs/{run_id:path}", response_class=HTMLResponse)
 async def run_live(request: Request, user: Viewer, run_id: IdPath) -> Response:
     """A run's timeline alone (what the page swaps in while the run goes on)."""
     context = await _run_context(request, run_id)

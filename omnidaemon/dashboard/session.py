@@ -51,6 +51,7 @@ SESSION_SECONDS = 8 * 3600
 
 _CSRF_LABEL = b"omnidaemon dashboard csrf v1"
 _NO_AUTH_KEY = secrets.token_bytes(32)  # this process's CSRF key when there are no tokens
+_MAX_FIELDS = 10_000  # fields of a posted form (replaying the selected dead letters: one each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +150,10 @@ async def read_form(request: Request) -> dict[str, list[str]]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ActionRefused("the form is not UTF-8 text", 400) from None
-    return parse_qs(text, keep_blank_values=True, max_num_fields=10_000)
+    try:
+        return parse_qs(text, keep_blank_values=True, max_num_fields=_MAX_FIELDS)
+    except ValueError:  # more fields than that: a 400, not a server error
+        raise ActionRefused(f"the form has over {_MAX_FIELDS:,} fields", 400) from None
 
 
 async def _actor(request: Request) -> UiUser:

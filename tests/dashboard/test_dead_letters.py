@@ -7,22 +7,26 @@ without its CSRF token and to another site's page."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
 import httpx
+import orjson
 import pytest
 from fastapi.testclient import TestClient
 from markupsafe import escape
 from pydantic import BaseModel
 
 from omnidaemon import App, admin
+from omnidaemon.api import create_api, parse_tokens
 from omnidaemon.brokers.redis import RedisBroker
 from omnidaemon.dead_letters import DeadLetter
+from omnidaemon.envelope import Envelope
 from tests.api._support import apoll
-from tests.dashboard._support import ADMIN_TOKEN, READ_TOKEN, csrf_of, dashboard
+from tests.dashboard._support import ADMIN_TOKEN, ORIGIN, READ_TOKEN, TOKENS, csrf_of, dashboard
 
 
 class Job(BaseModel):
@@ -246,7 +250,7 @@ def test_purge_needs_the_topic_typed(bus: Bus, client: TestClient) -> None:
     assert "nothing was purged" in wrong.text
     assert len(bus.letters()) == 2
 
-    html = _after(client.post(purge, data={"csrf": csrf, "confirm": bus.topic}))
+    html = _after(client.post(purge, data={"csrf": csrf, "confirm": bus.topic, "count": "2"}))
     assert 'data-testid="flash">purged 2<' in html
     assert bus.letters() == []
     assert bus.topic not in client.get("/ui/dead-letters").text
@@ -304,3 +308,90 @@ def test_actions_are_refused_to_readers_stale_forms_and_other_sites(bus: Bus) ->
         assert "does not declare agent" in refused.text.replace("&#39;", "'")
 
     assert [d.event_id for d in bus.letters()] == [event_id], "nothing was replayed or purged"
+
+
+def test_purge_deletes_only_what_its_confirmation_counted(bus: Bus, client: TestClient) -> None:
+    bus.dead_letter(1)
+    purge = f"/ui/dead-letters/{bus.topic}/purge"
+    confirm = client.get(purge).text
+    assert 'name="count" value="1"' in confirm
+    bus.dead_letter(2)  # arrives while the user reads the confirmation
+
+    late = client.post(purge, data={"csrf": csrf_of(confirm), "confirm": bus.topic, "count": "1"})
+    assert late.status_code == 400
+    assert "nothing was purged" in late.text
+    assert re.search(r'data-testid="purge-count"><strong>2</strong>', late.text)
+    assert len(bus.letters()) == 2
+
+    again = client.post(purge, data={"csrf": csrf_of(confirm), "confirm": bus.topic, "count": "2"})
+    assert 'data-testid="flash">purged 2<' in _after(again)
+    assert bus.letters() == []
+
+
+def test_an_event_id_holding_url_characters_is_edited_and_replayed(bus: Bus) -> None:
+    odd = "ev%41/?#é 1"  # another producer's envelope: an id is any text
+
+    async def run() -> None:
+        app = bus.app()
+        api = create_api(app, tokens=parse_tokens(TOKENS, source="tests"))
+        # httpx's own ASGI transport, not TestClient: TestClient decodes a path twice, so a
+        # `%` in it could not be tested.
+        transport = httpx.ASGITransport(app=api)
+        try:
+            async with (
+                app.running(),
+                httpx.AsyncClient(
+                    transport=transport, base_url=ORIGIN, headers={"Origin": ORIGIN}
+                ) as client,
+            ):
+                fields = orjson.loads(Envelope.new(bus.topic, {"n": -1}).encode())
+                await app.broker.publish(bus.topic, orjson.dumps({**fields, "id": odd}))
+
+                async def dead() -> bool:
+                    return [d.event_id for d in await app.dead_letters("keeper")] == [odd]
+
+                await apoll(dead, message="the dead letter")
+                await client.post("/ui/login", data={"token": ADMIN_TOKEN, "next": "/ui/"})
+                html = (await client.get(f"/ui/dead-letters/{bus.topic}")).text
+                [edit] = re.findall(r'href="([^"]+/edit)\?agent=keeper"', html)
+                form = await client.get(edit, params={"agent": "keeper"})
+                assert form.status_code == 200, form.text
+                [action] = re.findall(r'action="([^"]+)" data-testid="edit-form"', form.text)
+                assert action == edit
+                fields = {"csrf": csrf_of(form.text), "agent": "keeper", "payload": '{"n": 5}'}
+                answer = await client.post(action, data=fields)
+                assert answer.status_code == 303, answer.text
+                assert "replayed+1+with+a+corrected+payload" in answer.headers["location"]
+        finally:
+            await app.close()
+
+    anyio.run(run)
+    assert bus.letters() == []
+
+
+def test_a_debounced_agents_batches_have_a_dead_letter_page() -> None:
+    app = App("burst", broker="memory://")
+
+    @app.agent("signal.in", debounce=0.05, max_retries=0)
+    async def burst(items: list[Job]) -> None:
+        raise RuntimeError("the batch failed")
+
+    with (
+        dashboard(app) as client,
+        client.portal.wrap_async_context_manager(app.running()),  # type: ignore[union-attr]
+    ):
+        client.portal.call(app.publish, "signal.in", {"n": 1})  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while 'data-testid="dead-letter-topic"' not in (
+            index := client.get("/ui/dead-letters").text
+        ):
+            assert time.monotonic() < deadline, "no dead letter of the batch"
+            time.sleep(0.02)
+        [link] = re.findall(r'<th scope="row"><a href="([^"]+)">', index)
+        assert link == "/ui/dead-letters/signal.in%23debounce.burst"
+        page = client.get(link)
+        assert page.status_code == 200
+        assert "the batch failed" in page.text
+        assert 'data-testid="edit"' in page.text, "a corrected batch is checked as list[Job]"
+        replayed = client.post(f"{link}/replay", data={"csrf": csrf_of(page.text), "all": "1"})
+        assert 'data-testid="flash">replayed 1<' in _after(replayed)

@@ -274,3 +274,19 @@ def test_signing_in_is_needed() -> None:
         # An EventSource sends no custom header, but this Accept.
         stream = client.get("/ui/events/x/stream", headers={"Accept": "text/event-stream"})
         assert stream.status_code == 401
+
+
+def test_a_run_whose_id_holds_a_slash_opens() -> None:
+    with running() as (app, client):
+
+        async def send() -> str:
+            return await app.publish("order.placed", {"card": "ok"}, correlation_id="order/7")
+
+        client.portal.call(send)  # type: ignore[union-attr]
+        finished_trace(app, client, "order/7", attempts=2)
+        html = client.get("/ui/runs").text
+        assert 'href="/ui/runs/order/7"' in html
+        for path in ("/ui/runs/order/7", "/ui/live/runs/order/7", "/ui/runs?id=order/7"):
+            answer = client.get(path)
+            assert answer.status_code == 200, path
+            assert 'data-testid="timeline"' in answer.text, path

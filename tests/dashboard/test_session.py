@@ -145,3 +145,26 @@ def test_without_authentication_the_dashboard_opens_on_loopback_only() -> None:
         # A name that resolves to 127.0.0.1 (DNS rebinding) is not this server.
         rebound = local.get("/ui/", headers={"Host": "evil.example"})
         assert rebound.status_code == 403
+
+
+def test_a_form_of_too_many_fields_is_refused() -> None:
+    with dashboard(_app(), token=None) as client:
+        body = "&".join(f"f{i}=1" for i in range(10_001))
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        answer = client.post("/ui/login", content=body, headers=form)
+        assert answer.status_code == 400
+        assert "over 10,000 fields" in answer.text
+
+
+def test_pages_of_a_bus_that_is_down_say_so() -> None:
+    app = App("down", broker="redis://127.0.0.1:1/0")  # nothing listens there
+    with dashboard(app) as client:
+        for path in ("/ui/dead-letters", "/ui/dead-letters/a.b", "/ui/runs", "/ui/events/x"):
+            answer = client.get(path)
+            assert answer.status_code == 503, path
+            assert answer.headers["content-type"].startswith("text/html"), path
+            assert "The bus does not answer" in answer.text
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        api = client.get("/v1/topics", headers=bearer)
+        assert api.status_code == 503
+        assert api.json()["code"] == "bus_unavailable", "the JSON API answers as before"
