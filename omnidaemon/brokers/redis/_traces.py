@@ -120,7 +120,7 @@ class RedisTraces(RedisRouting):
         ttl = b"%d" % max(1, math.ceil(write.ttl * 1000))
         ttl_part = b"$%d\r\n%b\r\n" % (len(ttl), ttl)
         trace_prefix = f"{self._prefix}:trace:".encode()
-        unchecked = self._unchecked
+        counts = self._record_counts()
         parts: list[bytes] = []
         runs: dict[str, bytes] = {}  # run -> its key, in the order first written
         checked: dict[str, list[bytes]] = {}
@@ -131,13 +131,16 @@ class RedisTraces(RedisRouting):
             if key is None:
                 key = runs[run_id] = trace_prefix + run_id.encode()
             field = name.encode()
-            if run_id not in checked and unchecked(run_id, 1):
+            # `_unchecked`, inline: this loop runs once per event.
+            written = counts[run_id] = counts.pop(run_id, 0) + 1
+            if written <= _UNCHECKED and run_id not in checked:
                 parts.append(
                     b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                     % (len(key), key, len(field), field, len(record), record)
                 )
             else:
                 checked.setdefault(run_id, []).extend((field, record))
+        self._forget_runs()
         replies = len(parts)
         for run_id, key in runs.items():
             if run_id in checked:
@@ -179,15 +182,25 @@ class RedisTraces(RedisRouting):
     def _unchecked(self, run_id: str, records: int) -> bool:
         """Whether `records` more for `run_id` may be written without checking the bound:
         while this process has written at most `_UNCHECKED` to it (counted here)."""
+        counts = self._record_counts()
+        total = counts.pop(run_id, 0) + records  # put back last: the least recent come first
+        counts[run_id] = total
+        self._forget_runs()
+        return total <= _UNCHECKED
+
+    def _record_counts(self) -> dict[str, int]:
+        """Per run, the records this process wrote to it, the least recently written first."""
         counts = self._trace_counts
         if counts is None:
             counts = self._trace_counts = {}
-        total = counts.pop(run_id, 0) + records  # put back last: the least recent come first
-        counts[run_id] = total
+        return counts
+
+    def _forget_runs(self) -> None:
+        """Forget the least recently written half of the runs once over `_RUNS_REMEMBERED`."""
+        counts = self._record_counts()
         if len(counts) > _RUNS_REMEMBERED:
             for forgotten in list(itertools.islice(counts, len(counts) - _RUNS_REMEMBERED // 2)):
                 del counts[forgotten]
-        return total <= _UNCHECKED
 
     def by_node(
         self, commands: Sequence[tuple[str, tuple[Any, ...]]]
