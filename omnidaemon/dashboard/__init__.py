@@ -13,6 +13,7 @@ from inspect import isawaitable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import MaxConnectionsError, RedisError
@@ -65,24 +66,46 @@ async def _refused(request: Request, exc: Exception) -> Response:
     )
 
 
-def _bus_failed(api_handler: _Handler) -> _Handler:
-    """The handler of a bus failure: a page under `/ui/`, else the API's JSON answer."""
+def _on_pages(api_handler: _Handler, page_handler: _Handler) -> _Handler:
+    """A handler answering with `page_handler` under `/ui/`, and as the API did elsewhere."""
 
     async def handle(request: Request, exc: Exception) -> Response:
-        if not request.url.path.startswith(f"{PREFIX}/"):
-            answer = api_handler(request, exc)
-            return await answer if isawaitable(answer) else answer
-        reason = "no answer" if isinstance(exc, TimeoutError) else type(exc).__name__
-        return page(
-            request,
-            "message.html",
-            signed_in(request),
-            status=503,
-            title="The bus does not answer",
-            message=f"The bus failed ({reason}): retry shortly.",
-        )
+        chosen = page_handler if request.url.path.startswith(f"{PREFIX}/") else api_handler
+        answer = chosen(request, exc)
+        return await answer if isawaitable(answer) else answer
 
     return handle
+
+
+def _bus_failed(request: Request, exc: Exception) -> Response:
+    """A bus that fails or does not answer: a page saying so (503)."""
+    reason = "no answer" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return page(
+        request,
+        "message.html",
+        signed_in(request),
+        status=503,
+        title="The bus does not answer",
+        message=f"The bus failed ({reason}): retry shortly.",
+    )
+
+
+def _bad_request(request: Request, exc: Exception) -> Response:
+    """A page's query or path value it cannot take (`?limit=abc`): a page saying which (400),
+    not the API's JSON."""
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        f"{e.get('loc', ('request',))[-1]}: {str(e.get('msg', '')).removeprefix('Value error, ')}"
+        for e in exc.errors()[:5]
+    ]
+    return page(
+        request,
+        "message.html",
+        signed_in(request),
+        status=400,
+        title="Bad request",
+        message="This page cannot take " + ("; ".join(problems) or "that request") + ".",
+    )
 
 
 def _quote(path: str) -> str:
@@ -96,8 +119,13 @@ def install_dashboard(api: FastAPI) -> None:
     api.state.dashboard_rates = RateHistory()
     api.add_exception_handler(SignInRequired, _sign_in)
     api.add_exception_handler(ActionRefused, _refused)
-    for failure in _BUS_FAILURES:  # the API's handlers of these are installed already
-        api.add_exception_handler(failure, _bus_failed(api.exception_handlers[failure]))
+    # The API's handlers of these are installed already: they still answer outside `/ui/`.
+    for failure in _BUS_FAILURES:
+        api.add_exception_handler(failure, _on_pages(api.exception_handlers[failure], _bus_failed))
+    api.add_exception_handler(
+        RequestValidationError,
+        _on_pages(api.exception_handlers[RequestValidationError], _bad_request),
+    )
     api.mount(f"{PREFIX}/static", StaticFiles(directory=_STATIC), name="dashboard-static")
     for module in (
         pages_session,

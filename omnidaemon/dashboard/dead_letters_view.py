@@ -9,7 +9,6 @@ event can be dead-lettered by several agents of a topic, and replay is per agent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ from urllib.parse import quote
 import orjson
 
 from omnidaemon import admin
+from omnidaemon.dashboard.formatting import pretty_json
 from omnidaemon.dead_letters import DeadLetter, UndecodableRecord
 from omnidaemon.errors import NotFound
 from omnidaemon.fleet import describe_topics
@@ -37,7 +37,6 @@ __all__ = [
     "parse_choice",
     "parse_payload",
     "payload_type_of",
-    "pretty_json",
     "read_topic",
     "replay_all",
     "replay_chosen",
@@ -68,16 +67,6 @@ async def dead_letter_topics(broker: Broker) -> list[TopicDeadLetters]:
         if agents:
             found.append(TopicDeadLetters(info.topic, sum(n for _, n in agents), agents))
     return found
-
-
-def pretty_json(data: Any) -> str:
-    """`data` as indented JSON text; what JSON cannot hold is written as `str`."""
-    try:
-        return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode()
-    except TypeError:
-        # orjson refuses integers beyond 64 bits, which another producer's payload may hold:
-        # showing a dead letter must not fail.
-        return json.dumps(data, indent=2, default=str, ensure_ascii=False)
 
 
 def _path(part: str) -> str:

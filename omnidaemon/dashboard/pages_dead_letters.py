@@ -13,8 +13,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from omnidaemon import admin
 from omnidaemon.dashboard import dead_letters_view as view
+from omnidaemon.dashboard.formatting import pretty_json
 from omnidaemon.dashboard.session import ActionRefused, Admin, UiUser, Viewer, read_form
-from omnidaemon.dashboard.templating import page
+from omnidaemon.dashboard.templating import not_found, page, served_app
 from omnidaemon.debounce import is_internal_topic
 from omnidaemon.envelope import validate_topic
 from omnidaemon.errors import NotFound, PayloadValidationError
@@ -43,10 +44,6 @@ def _back(topic: str, *, done: str | None = None, problem: str | None = None) ->
     return RedirectResponse(_topic_url(topic) + query, status_code=303)
 
 
-def _missing(request: Request, user: UiUser, message: str) -> Response:
-    return page(request, "message.html", user, status=404, title="Not found", message=message)
-
-
 def _valid(topic: str) -> bool:
     try:
         # A debounced agent's batches and checks (`T#debounce.A`) are topics with dead
@@ -73,7 +70,7 @@ def _must_act(user: UiUser) -> None:
 @router.get("/dead-letters", response_class=HTMLResponse)
 async def dead_letter_topics(request: Request, user: Viewer) -> Response:
     """Every topic holding dead letters, with how many each agent's queue holds."""
-    app = request.app.state.omnidaemon.app
+    app = served_app(request)
     topics = await view.dead_letter_topics(app.broker)
     return page(request, "dead_letters.html", user, title="Dead letters", topics=topics)
 
@@ -90,12 +87,12 @@ async def topic_dead_letters(
 ) -> Response:
     """A topic's most recent dead letters, newest first, with the actions an admin may take."""
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
-    app = request.app.state.omnidaemon.app
+        return not_found(request, user, f"no topic {topic!r} on the bus")
+    app = served_app(request)
     try:
         data = await view.read_topic(app, topic, agent=agent, limit=limit)
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
     return page(
         request,
         "dead_letter_topic.html",
@@ -125,9 +122,9 @@ async def replay(request: Request, topic: str, user: Admin) -> Response:
     """Replay one dead letter, the selected ones (`id`: `agent/event_id`, repeated), or all
     of them (`all`, only `agent`'s when given); back to the list with what was done."""
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
+        return not_found(request, user, f"no topic {topic!r} on the bus")
     form = await read_form(request)
-    broker = request.app.state.omnidaemon.app.broker
+    broker = served_app(request).broker
     chosen = [value for value in form.get("id", []) if value]
     everything = bool(_first(form, "all"))
     if not everything and not chosen:
@@ -139,7 +136,7 @@ async def replay(request: Request, topic: str, user: Admin) -> Response:
         else:
             done = await view.replay_chosen(broker, topic, chosen)
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
     _log.warning(
         "dead letters replayed",
         topic=topic,
@@ -154,7 +151,7 @@ async def replay(request: Request, topic: str, user: Admin) -> Response:
 
 async def _queued(request: Request, topic: str) -> list[tuple[str, int]]:
     """Each agent of `topic` holding dead letters, with how many."""
-    info = await admin.require_topic(request.app.state.omnidaemon.app.broker, topic)
+    info = await admin.require_topic(served_app(request).broker, topic)
     return [(g.group, g.dead_letters) for g in info.groups if g.dead_letters]
 
 
@@ -185,11 +182,11 @@ async def purge_confirm(request: Request, topic: str, user: Viewer) -> Response:
     """Ask before purging: how many dead letters would go, and the topic's name to type."""
     _must_act(user)
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
+        return not_found(request, user, f"no topic {topic!r} on the bus")
     try:
         return _purge_form(request, topic, user, await _queued(request, topic))
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
 
 
 @router.post("/dead-letters/{topic}/purge", response_class=HTMLResponse)
@@ -198,9 +195,9 @@ async def purge(request: Request, topic: str, user: Admin) -> Response:
     still hold as many dead letters as the confirmation showed (else it asks again: those
     that arrived since were not seen, and are not purged unseen)."""
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
+        return not_found(request, user, f"no topic {topic!r} on the bus")
     form = await read_form(request)
-    broker = request.app.state.omnidaemon.app.broker
+    broker = served_app(request).broker
     try:
         agents = await _queued(request, topic)
         shown = _first(form, "count") or ""
@@ -215,7 +212,7 @@ async def purge(request: Request, topic: str, user: Admin) -> Response:
             return _purge_form(request, topic, user, agents, error=error)
         removed = await admin.purge_dead_letters(broker, topic)
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
     _log.warning(
         "dead letters purged", topic=topic, removed=removed, token=user.token.name, via="dashboard"
     )
@@ -249,8 +246,8 @@ def _edit_form(
 
 
 def _undeclared(request: Request, user: UiUser, topic: str, agent: str) -> Response:
-    app = request.app.state.omnidaemon.app
-    return _missing(
+    app = served_app(request)
+    return not_found(
         request,
         user,
         f"app {app.name!r} does not declare agent {agent!r} on {topic!r}, so a corrected "
@@ -266,16 +263,16 @@ async def edit_form(
     """A dead letter's payload in a text area, to correct and replay."""
     _must_act(user)
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
-    app = request.app.state.omnidaemon.app
+        return not_found(request, user, f"no topic {topic!r} on the bus")
+    app = served_app(request)
     try:
         letter = await view.find_letter(app.broker, topic, event_id, agent)
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
     payload_type = view.payload_type_of(app, topic, letter.agent)
     if payload_type is None:
         return _undeclared(request, user, topic, letter.agent)
-    return _edit_form(request, user, letter, payload_type, view.pretty_json(letter.payload))
+    return _edit_form(request, user, letter, payload_type, pretty_json(letter.payload))
 
 
 @router.post("/dead-letters/{topic}/{event_id:path}/edit", response_class=HTMLResponse)
@@ -284,9 +281,9 @@ async def edit_and_replay(request: Request, topic: str, event_id: str, user: Adm
     agent's declared type: an invalid one re-renders the form with the error and the text
     as typed; nothing changes on the bus."""
     if not _valid(topic):
-        return _missing(request, user, f"no topic {topic!r} on the bus")
+        return not_found(request, user, f"no topic {topic!r} on the bus")
     form = await read_form(request)
-    app = request.app.state.omnidaemon.app
+    app = served_app(request)
     text = _first(form, "payload") or ""
     try:
         agent = _first(form, "agent") or None
@@ -302,7 +299,7 @@ async def edit_and_replay(request: Request, topic: str, event_id: str, user: Adm
         except (ValueError, PayloadValidationError) as exc:
             return _edit_form(request, user, letter, payload_type, text, error=str(exc))
     except NotFound as exc:
-        return _missing(request, user, str(exc))
+        return not_found(request, user, str(exc))
     _log.warning(
         "dead letter replayed with a corrected payload",
         topic=topic,

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from omnidaemon.dashboard.graph import draw, topic_rows
 from omnidaemon.dashboard.session import Viewer
-from omnidaemon.dashboard.templating import page
+from omnidaemon.dashboard.templating import page, served_app
 
 __all__ = ["router"]
 
@@ -20,7 +20,7 @@ router = APIRouter()
 async def graph(request: Request, user: Viewer) -> Response:
     """The app's topology, as its agents' declarations describe it (`App.topology()`, which
     `omnidaemon graph` prints as Mermaid or DOT)."""
-    topology = request.app.state.omnidaemon.app.topology()
+    topology = served_app(request).topology()
     drawing = draw(topology)
     return page(
         request,

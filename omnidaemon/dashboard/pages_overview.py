@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from omnidaemon.dashboard.overview import read_overview
 from omnidaemon.dashboard.rates import RateHistory
 from omnidaemon.dashboard.session import Viewer
-from omnidaemon.dashboard.templating import page
+from omnidaemon.dashboard.templating import page, served_app
 
 __all__ = ["router"]
 
@@ -31,7 +31,7 @@ async def root() -> Response:
 @router.get("/", response_class=HTMLResponse)
 async def overview(request: Request, user: Viewer) -> Response:
     """The bus, the workers and every agent at a glance."""
-    app = request.app.state.omnidaemon.app
+    app = served_app(request)
     data = await read_overview(app, _history(request))
     return page(request, "overview.html", user, title="Overview", overview=data)
 
@@ -39,6 +39,6 @@ async def overview(request: Request, user: Viewer) -> Response:
 @router.get("/live/overview", response_class=HTMLResponse)
 async def overview_live(request: Request, user: Viewer) -> Response:
     """The overview's live part alone (what the page swaps in)."""
-    app = request.app.state.omnidaemon.app
+    app = served_app(request)
     data = await read_overview(app, _history(request))
     return page(request, "overview_live.html", user, overview=data)

@@ -17,9 +17,8 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 
 from omnidaemon.api.dependencies import Waiting
 from omnidaemon.api.routes.streams import stream_response
-from omnidaemon.app import App
-from omnidaemon.dashboard.session import UiUser, Viewer
-from omnidaemon.dashboard.templating import page
+from omnidaemon.dashboard.session import Viewer
+from omnidaemon.dashboard.templating import not_found, page, served_app
 from omnidaemon.dashboard.timeline import SCALE, find_event, lay_out
 from omnidaemon.results import event_results
 from omnidaemon.traces import RunStatus
@@ -44,11 +43,6 @@ IdPath = Annotated[str, Path(min_length=1, max_length=200)]
 Choice = Annotated[str | None, Query(max_length=20)]
 
 
-def _app(request: Request) -> App:
-    app: App = request.app.state.omnidaemon.app
-    return app
-
-
 def _filters(since: str | None, status: str | None) -> tuple[str, RunStatus | None]:
     """The list's filters; a value the form does not offer is read as its default."""
     chosen = since if since in SINCE else "1h"
@@ -58,7 +52,7 @@ def _filters(since: str | None, status: str | None) -> tuple[str, RunStatus | No
 
 async def _runs_context(request: Request, since: str | None, status: str | None) -> dict[str, Any]:
     chosen, wanted = _filters(since, status)
-    runs = await _app(request).runs(since=SINCE[chosen], status=wanted, limit=_LIMIT)
+    runs = await served_app(request).runs(since=SINCE[chosen], status=wanted, limit=_LIMIT)
     query = f"since={chosen}" + (f"&status={wanted}" if wanted else "")
     return {
         "runs": runs,
@@ -97,12 +91,8 @@ async def runs_live(
     return page(request, "runs_live.html", user, **context)
 
 
-def _not_found(request: Request, user: UiUser, what: str) -> Response:
-    return page(request, "message.html", user, status=404, title="Not found", message=what)
-
-
 async def _run_context(request: Request, any_id: str) -> dict[str, Any] | None:
-    trace = await _app(request).trace(any_id)
+    trace = await served_app(request).trace(any_id)
     if trace is None:
         return None
     now = datetime.now(UTC)
@@ -128,7 +118,7 @@ async def run(request: Request, user: Viewer, run_id: IdPath) -> Response:
     """A run's trace as a timeline: every event, each agent's handling and every attempt."""
     context = await _run_context(request, run_id)
     if context is None:
-        return _not_found(request, user, _no_trace(run_id))
+        return not_found(request, user, _no_trace(run_id))
     return page(request, "run.html", user, title=f"Run {run_id}", **context)
 
 
@@ -149,7 +139,7 @@ async def event(
     agent: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     """An event: its stored results, its place in its run, and its streamed output live."""
-    app = _app(request)
+    app = served_app(request)
     results = [r for r in await event_results(app, event_id) if r.status != "pending"]
     trace = await app.trace(event_id)
     node = find_event(trace, event_id) if trace is not None else None
@@ -160,7 +150,7 @@ async def event(
         # Neither a result nor a trace yet: the bus may still hold it, waiting for a worker.
         progress = await event_progress(app.broker, event_id)
         if progress.topic is None:
-            return _not_found(
+            return not_found(
                 request,
                 user,
                 f"No event {event_id!r} on the bus: an unknown id, or one whose results and "
@@ -204,8 +194,9 @@ async def event_stream(
     """The event's streamed output as Server-Sent Events, as `GET /v1/events/{id}/stream`
     sends them (signed in by the dashboard's cookie instead of a bearer token): 404 when
     nothing was streamed within `timeout`, 204 when resumed after the end."""
+    app = served_app(request)
     response = await stream_response(
-        _app(request), waiting, request, event_id, agent=agent, timeout=timeout, after=last_event_id
+        app, waiting, request, event_id, agent=agent, timeout=timeout, after=last_event_id
     )
     if response is None:
         return PlainTextResponse(

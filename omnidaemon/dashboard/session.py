@@ -113,6 +113,18 @@ def signed_in(request: Request) -> UiUser | None:
     return UiUser(token, csrf_token(presented))
 
 
+def _back_after_sign_in(request: Request) -> str:
+    """Where sign-in leads back to: the page asked for; for a form posted with an expired
+    session, the page the form was on (the action's own path takes no GET), if this
+    dashboard's, else the overview."""
+    if request.method in ("GET", "HEAD"):
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    referer = urlsplit(request.headers.get("referer", ""))
+    if (referer.scheme, referer.netloc) != (request.url.scheme, request.url.netloc):
+        return "/ui/"
+    return safe_next(referer.path + (f"?{referer.query}" if referer.query else ""))
+
+
 def _viewer(request: Request) -> UiUser:
     user = signed_in(request)
     if user is None:
@@ -121,8 +133,7 @@ def _viewer(request: Request) -> UiUser:
         fragment = request.headers.get("x-omnidaemon-fragment") == "1" or (
             "text/event-stream" in request.headers.get("accept", "")
         )
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise SignInRequired(path, fragment=fragment)
+        raise SignInRequired(_back_after_sign_in(request), fragment=fragment)
     setattr(request.state, TOKEN_NAME_KEY, user.token.name)
     if not user.token.allows(Scope.read):
         raise ActionRefused(f"token {user.token.name!r} lacks the 'read' scope the dashboard needs")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -19,7 +19,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from omnidaemon import __version__
 from omnidaemon.dashboard.session import UiUser
 
-__all__ = ["CSP", "ago", "duration", "page", "render_text"]
+if TYPE_CHECKING:
+    from omnidaemon.app import App
+
+__all__ = ["CSP", "ago", "duration", "not_found", "page", "render_text", "served_app"]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -88,3 +91,14 @@ def page(
         },
     )
     return HTMLResponse(body, status_code=status, headers={"Content-Security-Policy": CSP})
+
+
+def not_found(request: Request, user: UiUser | None, message: str) -> HTMLResponse:
+    """The 404 page of something missing (an unknown topic, agent, run), saying what."""
+    return page(request, "message.html", user, status=404, title="Not found", message=message)
+
+
+def served_app(request: Request) -> App:
+    """The app the dashboard serves (connected by the API's lifespan)."""
+    app: App = request.app.state.omnidaemon.app
+    return app

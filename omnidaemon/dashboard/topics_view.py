@@ -15,12 +15,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import orjson
 
 from omnidaemon.activity import RunningEvent, fleet_activity
 from omnidaemon.admin import recent_entries, require_topic
 from omnidaemon.app import App
 from omnidaemon.brokers.base import GroupInfo, TopicInfo
+from omnidaemon.dashboard.formatting import cut, pretty_json
 from omnidaemon.errors import NotFound
 from omnidaemon.fleet import WorkerStatus, describe_topics, fleet_metrics, live_workers
 from omnidaemon.lanes import split_lane_topic
@@ -148,17 +148,6 @@ class AgentView:
     read_at: datetime
 
 
-def pretty_json(value: Any) -> tuple[str, bool]:
-    """`value` as indented JSON text, cut at a length a page can show; and whether it was."""
-    try:
-        text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
-    except TypeError:  # decoded from JSON, so always encodable: kept for safety's sake
-        text = str(value)
-    if len(text) > _PAYLOAD_CHARS:
-        return text[:_PAYLOAD_CHARS], True
-    return text, False
-
-
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -176,9 +165,9 @@ def _time(value: Any) -> datetime | None:
 def _entry_row(entry: Mapping[str, Any]) -> EntryRow:
     unreadable = entry.get("unreadable")
     if isinstance(unreadable, str):
-        payload, truncated = unreadable[:_PAYLOAD_CHARS], len(unreadable) > _PAYLOAD_CHARS
+        payload, truncated = cut(unreadable, _PAYLOAD_CHARS)
     else:
-        payload, truncated = pretty_json(entry.get("payload"))
+        payload, truncated = cut(pretty_json(entry.get("payload")), _PAYLOAD_CHARS)
     return EntryRow(
         entry_id=str(entry["entry_id"]),
         event_id=_text(entry.get("id")),
@@ -234,16 +223,24 @@ async def read_topics(app: App) -> list[TopicInfo]:
 
 async def read_topic(app: App, topic: str, *, limit: int) -> TopicView:
     """The topic page's data: `limit` most recent entries, groups with consumers, the
-    deliveries live workers hold.
+    deliveries live workers hold. A topic the app declares but the bus does not hold yet
+    is shown empty.
 
     Raises:
-        NotFound: the bus has no such topic.
+        NotFound: the bus has no such topic, and the app declares none of that name.
         TimeoutError: the bus took longer than `READ_TIMEOUT`.
     """
     now = datetime.now(UTC)
     with anyio.fail_after(READ_TIMEOUT):
-        info = await require_topic(app.broker, topic, consumers=True)
-        entries = await recent_entries(app.broker, topic, limit)
+        try:
+            info = await require_topic(app.broker, topic, consumers=True)
+            entries = await recent_entries(app.broker, topic, limit)
+        except NotFound:
+            # A topic the app declares has a page (the graph links it) before anything was
+            # published to it or any worker ran: empty, not "not found".
+            if topic not in app.topology().topics:
+                raise
+            info, entries = TopicInfo(topic, 0, 0, ()), []
         live = {w.id for w in await live_workers(app.broker)}
         running = [
             (consumer, event)
@@ -325,7 +322,7 @@ async def read_agent(app: App, agent: str) -> AgentView:
     schemas = {}
     if declared is not None:
         for kind in ("payload_schema", "return_schema", "flow", "debounce"):
-            schemas[kind] = pretty_json(declared[kind])[0]
+            schemas[kind] = pretty_json(declared[kind])
     return AgentView(
         name=agent,
         declared=declared,

@@ -168,3 +168,47 @@ def test_pages_of_a_bus_that_is_down_say_so() -> None:
         api = client.get("/v1/topics", headers=bearer)
         assert api.status_code == 503
         assert api.json()["code"] == "bus_unavailable", "the JSON API answers as before"
+
+
+def test_a_bad_query_value_is_a_page_saying_so_and_the_api_answers_as_before() -> None:
+    with dashboard(_app()) as client:
+        for path, name in (
+            ("/ui/dead-letters/doc.uploaded?limit=0", "limit"),
+            ("/ui/dead-letters/doc.uploaded?limit=abc", "limit"),
+            ("/ui/topics/doc.uploaded?limit=abc", "limit"),
+            ("/ui/events/x/stream?timeout=-1", "timeout"),
+        ):
+            answer = client.get(path)
+            assert answer.status_code == 400, path
+            assert answer.headers["content-type"].startswith("text/html"), path
+            assert "Bad request" in answer.text and name in answer.text, path
+        bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        api = client.get("/v1/dlq?limit=abc", headers=bearer)
+        assert api.status_code == 422 and api.json()["code"] == "invalid_request"
+    with dashboard(_app(), token=None) as client:  # signing in comes first
+        answer = client.get("/ui/dead-letters/doc.uploaded?limit=0", follow_redirects=False)
+        assert answer.status_code == 303
+
+
+def test_an_action_with_an_expired_session_signs_in_back_to_the_form_s_page() -> None:
+    with dashboard(_app(), token=None) as client:
+        _with_action(client)
+        sent = {
+            f"{ORIGIN}/ui/dead-letters/doc.uploaded?agent=extract": (
+                "/ui/dead-letters/doc.uploaded%3Fagent%3Dextract"
+            ),
+            "": "/ui/",  # no Referer
+            "https://evil.example/ui/x": "/ui/",  # another site's
+            f"{ORIGIN}/v1/topics": "/ui/",  # not the dashboard's
+        }
+        for referer, back in sent.items():
+            headers = {"Referer": referer} if referer else {}
+            answer = client.post(
+                "/ui/test-action", data={"csrf": "x"}, headers=headers, follow_redirects=False
+            )
+            assert answer.status_code == 303, referer
+            assert answer.headers["location"] == f"/ui/login?next={back}", referer
+        # Signing in then leads to the page, not to the action's POST-only path.
+        form = {"token": ADMIN_TOKEN, "next": "/ui/dead-letters/doc.uploaded?agent=extract"}
+        signed = client.post("/ui/login", data=form, follow_redirects=False)
+        assert signed.headers["location"] == "/ui/dead-letters/doc.uploaded?agent=extract"

@@ -223,3 +223,19 @@ def test_unknown_topics_and_agents_are_not_found(redis_url: str, prefix: str) ->
         answer = client.get(f"/ui/topics/{TOPIC}", follow_redirects=False)
         assert answer.status_code == 303
         assert answer.headers["location"].startswith("/ui/login?next=")
+
+
+def test_a_declared_topic_nothing_was_published_to_has_an_empty_page(
+    redis_url: str, prefix: str
+) -> None:
+    app = make_app(redis_url, prefix)
+    with dashboard(app, token=READ_TOKEN) as client:
+        done = client.get("/ui/topics/orders.done")  # `work` publishes to it: the graph links it
+        assert done.status_code == 200
+        assert 'data-testid="no-entries"' in done.text and "No events yet" in done.text
+        assert "No agent reads this topic yet" in done.text
+        assert 'href="/ui/agents/work"' in done.text and "Published to by" in done.text
+        asked = client.get("/ui/topics/refunds.asked")  # consumed by `refund`, never run
+        assert asked.status_code == 200 and 'href="/ui/agents/refund"' in asked.text
+        missing = client.get("/ui/topics/orders.nowhere")
+        assert missing.status_code == 404 and "orders.nowhere" in missing.text
