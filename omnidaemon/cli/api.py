@@ -141,12 +141,13 @@ def _run(
     log_format: LogFormat | None,
     dashboard: bool,
 ) -> None:
+    command = "dashboard" if dashboard else _COMMAND
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise typer.Exit(
-            fail(_COMMAND, "the HTTP API needs FastAPI: pip install 'omnidaemon[api]'", 2)
+            fail(command, "the HTTP API needs FastAPI: pip install 'omnidaemon[api]'", 2)
         ) from None
     from omnidaemon.api.auth import TOKENS_ENV, ApiToken, is_loopback, load_tokens
     from omnidaemon.errors import OmniDaemonError
@@ -155,7 +156,7 @@ def _run(
     if insecure_no_auth and not is_loopback(host):
         raise typer.Exit(
             fail(
-                _COMMAND,
+                command,
                 f"--insecure-no-auth serves without tokens, so only on a loopback --host "
                 f"(127.0.0.1, ::1, localhost), not {host!r}",
                 2,
@@ -167,7 +168,7 @@ def _run(
         if not insecure_no_auth:
             tokens = load_tokens(os.environ, tokens_file)
     except OmniDaemonError as exc:
-        raise typer.Exit(fail(_COMMAND, str(exc), 2)) from None
+        raise typer.Exit(fail(command, str(exc), 2)) from None
     if dashboard and not insecure_no_auth and not tokens and is_loopback(host):
         # The quick look at a local app: nothing but this machine can reach a loopback port
         # (and the API refuses other Host names), so no sign-in, as with --insecure-no-auth.
@@ -175,7 +176,7 @@ def _run(
     if not insecure_no_auth and not tokens:
         raise typer.Exit(
             fail(
-                _COMMAND,
+                command,
                 f"no API tokens: set {TOKENS_ENV} or pass --tokens-file (NAME:SCOPES:TOKEN "
                 "entries), or serve a loopback --host with --insecure-no-auth",
                 2,
@@ -187,7 +188,7 @@ def _run(
             "name the app to serve, e.g. 'omnidaemon api myapp:app' (or set OMNIDAEMON_APP)",
             param_hint="APP",
         )
-    loaded = _load_app(target, broker)
+    loaded = _load_app(target, broker, command)
 
     from omnidaemon.observability.logging import configure_logging
 
@@ -211,7 +212,7 @@ def _run(
     )
 
 
-def _load_app(target: str, broker: str | None) -> "App":
+def _load_app(target: str, broker: str | None, command: str = _COMMAND) -> "App":
     """Import the app and resolve its bus; `--broker` is its bus unless its code names
     another (an error)."""
     from omnidaemon.brokers import open_broker
@@ -229,11 +230,11 @@ def _load_app(target: str, broker: str | None) -> "App":
         loaded = load_cli_app(target)
         bus = loaded.broker.url  # a bad URL in the environment is one line here
     except OmniDaemonError as exc:
-        raise typer.Exit(fail(_COMMAND, str(exc), 2)) from None
+        raise typer.Exit(fail(command, str(exc), 2)) from None
     if wanted is not None and bus != wanted:
         raise typer.Exit(
             fail(
-                _COMMAND,
+                command,
                 f"app {loaded.name!r} names its own bus ({bus}), not --broker ({wanted}): "
                 "drop --broker",
                 2,
@@ -260,6 +261,7 @@ def _serve(
     from omnidaemon.brokers.embedded import EmbeddedBroker
     from omnidaemon.errors import ConfigurationError, OmniDaemonError
 
+    command = "dashboard" if dashboard else _COMMAND
     log = get_logger("omnidaemon.api")
     if insecure_no_auth:
         log.warning("serving without authentication (--insecure-no-auth)", host=host)
@@ -273,7 +275,7 @@ def _serve(
             app.broker.ensure_server()
         except (OmniDaemonError, OSError) as exc:
             status = 2 if isinstance(exc, ConfigurationError) else 1
-            return fail(_COMMAND, f"cannot start the embedded bus: {exc}", status)
+            return fail(command, f"cannot start the embedded bus: {exc}", status)
     try:
         asgi = create_api(
             app,
@@ -282,11 +284,11 @@ def _serve(
             max_waiting=max_waiting,
         )
     except ConfigurationError as exc:
-        return fail(_COMMAND, str(exc), 2)
+        return fail(command, str(exc), 2)
     try:
         sock = listen(host, port)
     except OSError as exc:
-        return fail(_COMMAND, f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+        return fail(command, f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
     if dashboard:

@@ -220,21 +220,23 @@ def test_refusals_are_one_line_with_status_2(
     assert "s3cretpw" not in err
 
 
-def test_without_fastapi_the_command_says_what_to_install(project: Path) -> None:
-    # fastapi and uvicorn made unimportable; every other module must still import.
+@pytest.mark.parametrize("command", ["api", "dashboard"])
+def test_without_fastapi_the_command_says_what_to_install(project: Path, command: str) -> None:
+    # fastapi and uvicorn made unimportable; every other module (but the extra's: the API and
+    # the dashboard) must still import.
     script = """
 import importlib, pkgutil, sys
 sys.modules["fastapi"] = None
 sys.modules["uvicorn"] = None
 import omnidaemon
 for info in pkgutil.walk_packages(omnidaemon.__path__, prefix="omnidaemon."):
-    if not info.name.startswith(("omnidaemon.api", "omnidaemon.__main__")):
+    if not info.name.startswith(("omnidaemon.api", "omnidaemon.dashboard", "omnidaemon.__main__")):
         importlib.import_module(info.name)
 from omnidaemon.cli import main
-main(["api", "shop:app"])
+main([sys.argv[1], "shop:app"])
 """
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script, command],
         cwd=project,
         env=cli_env(OMNIDAEMON_API_TOKENS=f"ops:admin:{ADMIN}"),
         capture_output=True,
@@ -244,5 +246,5 @@ main(["api", "shop:app"])
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
-        "omnidaemon api: error: the HTTP API needs FastAPI: pip install 'omnidaemon[api]'\n"
+        f"omnidaemon {command}: error: the HTTP API needs FastAPI: pip install 'omnidaemon[api]'\n"
     )

@@ -481,7 +481,10 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
             append(reply)
             remaining -= 1
         elif reply is _NOT_ENOUGH_DATA:
-            await parser.read_from_socket()  # type: ignore[no-untyped-call]
+            try:
+                await parser.read_from_socket()  # type: ignore[no-untyped-call]
+            except OSError as exc:  # as redis-py reports it: a ConnectionError
+                raise RedisConnectionError(f"Error while reading from the server: {exc}") from exc
         elif isinstance(reply, RedisConnectionError):  # hiredis's protocol errors
             raise reply
         elif isinstance(reply, push):
