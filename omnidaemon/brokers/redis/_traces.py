@@ -122,34 +122,54 @@ class RedisTraces(RedisRouting):
         trace_prefix = f"{self._prefix}:trace:".encode()
         counts = self._record_counts()
         parts: list[bytes] = []
+        listed: list[bytes] = []  # the index entry's runs, as netstrings
         runs: dict[str, bytes] = {}  # run -> its key, in the order first written
         checked: dict[str, list[bytes]] = {}
+        replies = 0
         # A record at a time, in order (a later record of a field replaces an earlier one):
-        # one format per record, on every event's path.
+        # one format per record, on every event's path. A run's first record carries its
+        # PEXPIRE in the same format (after the HSET that makes the key: a later HSET keeps
+        # the TTL).
         for run_id, name, record in write.records:
-            key = runs.get(run_id)
-            if key is None:
-                key = runs[run_id] = trace_prefix + run_id.encode()
             field = name.encode()
             # `_unchecked`, inline: this loop runs once per event.
             written = counts[run_id] = counts.pop(run_id, 0) + 1
-            if written <= _UNCHECKED and run_id not in checked:
+            key = runs.get(run_id)
+            if key is None:
+                run = run_id.encode()
+                key = runs[run_id] = trace_prefix + run
+                listed.append(b"%d:%b" % (len(run), run))
+                if written <= _UNCHECKED:
+                    parts.append(
+                        b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                        b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b"
+                        % (
+                            len(key),
+                            key,
+                            len(field),
+                            field,
+                            len(record),
+                            record,
+                            len(key),
+                            key,
+                            ttl_part,
+                        )
+                    )
+                    replies += 2
+                    continue
+            elif written <= _UNCHECKED and run_id not in checked:
                 parts.append(
                     b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                     % (len(key), key, len(field), field, len(record), record)
                 )
-            else:
-                checked.setdefault(run_id, []).extend((field, record))
+                replies += 1
+                continue
+            checked.setdefault(run_id, []).extend((field, record))
         self._forget_runs()
-        replies = len(parts)
-        for run_id, key in runs.items():
-            if run_id in checked:
-                args = [b"EVAL", _WRITE_BYTES, b"1", key, ttl, b"%d" % write.max_records]
-                args += checked[run_id]
-                parts.append(_packed(args))
-            else:
-                parts.append(b"*3\r\n$7\r\nPEXPIRE\r\n$%d\r\n%b\r\n%b" % (len(key), key, ttl_part))
-        replies += len(runs)
+        for run_id, fields in checked.items():
+            args = [b"EVAL", _WRITE_BYTES, b"1", runs[run_id], ttl, b"%d" % write.max_records]
+            parts.append(_packed(args + fields))
+        replies += len(checked)
         pointer_prefix = f"{self._prefix}:trace-of:".encode()
         for event_id, run_id in write.pointers:
             key, run = pointer_prefix + event_id.encode(), run_id.encode()
@@ -159,8 +179,10 @@ class RedisTraces(RedisRouting):
             )
         replies += len(write.pointers)
         if runs:
-            index = self._index_command(write, list(runs))
-            parts.append(_packed([a if isinstance(a, bytes) else str(a).encode() for a in index]))
+            oldest_ms = b"%d" % max(0, int((write.now - write.ttl) * 1000))
+            args = [self.runs_key().encode(), b"MINID", b"~", oldest_ms, b"*", b"r"]
+            args += [b"".join(listed), b"t", repr(float(write.now)).encode()]
+            parts.append(_packed([b"XADD", *args]))
             replies += 1
         return b"".join(parts), replies
 
