@@ -19,6 +19,8 @@ function followLive(element) {
         cache: "no-store",
       });
       if (response.status === 401) { window.location.reload(); return; }
+      // Gone (a run's trace expired while its page was open): nothing more will come.
+      if (response.status === 404) return;
       if (response.ok) {
         const html = await response.text();
         // Keep keyboard focus where it was when the part holding it is replaced.
