@@ -176,6 +176,15 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error (see the server's log)")
 
 
+BUS_FAILURES: tuple[type[Exception], ...] = (
+    BusUnavailable,
+    MaxConnectionsError,
+    RedisError,
+    OSError,
+)
+"""What a bus that fails, does not answer, or has no connection free raises (answered 503)."""
+
+
 def install_error_handlers(api: FastAPI) -> None:
     """Answer every error of `api` as JSON (`ErrorResponse`)."""
     api.add_exception_handler(ApiError, _api_error)
@@ -185,10 +194,9 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(PayloadValidationError, _invalid_payload)
     api.add_exception_handler(PayloadTooLarge, _too_large)
     api.add_exception_handler(DelayTooLong, _delay_too_long)
-    api.add_exception_handler(BusUnavailable, _bus_unavailable)
-    api.add_exception_handler(MaxConnectionsError, _pool_exhausted)
-    api.add_exception_handler(RedisError, _bus_unavailable)
-    api.add_exception_handler(OSError, _bus_unavailable)
+    for failure in BUS_FAILURES:
+        handler = _pool_exhausted if failure is MaxConnectionsError else _bus_unavailable
+        api.add_exception_handler(failure, handler)
     api.add_exception_handler(OmniDaemonError, _omnidaemon_error)
     api.add_exception_handler(Exception, _unexpected)
 

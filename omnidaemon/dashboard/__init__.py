@@ -16,8 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from redis.exceptions import MaxConnectionsError, RedisError
 
+from omnidaemon.api.errors import BUS_FAILURES
 from omnidaemon.dashboard import (
     pages_dead_letters,
     pages_graph,
@@ -29,7 +29,6 @@ from omnidaemon.dashboard import (
 from omnidaemon.dashboard.rates import RateHistory
 from omnidaemon.dashboard.session import ActionRefused, SignInRequired, signed_in
 from omnidaemon.dashboard.templating import page
-from omnidaemon.errors import BusUnavailable
 
 __all__ = ["PREFIX", "install_dashboard"]
 
@@ -37,9 +36,6 @@ PREFIX = "/ui"
 """Where the dashboard is served."""
 
 _STATIC = Path(__file__).parent / "static"
-
-# What a bus that fails raises (the API answers them 503 in JSON; pages answer a page).
-_BUS_FAILURES = (BusUnavailable, MaxConnectionsError, RedisError, OSError)
 
 _Handler = Callable[[Request, Exception], Response | Awaitable[Response]]
 
@@ -120,7 +116,7 @@ def install_dashboard(api: FastAPI) -> None:
     api.add_exception_handler(SignInRequired, _sign_in)
     api.add_exception_handler(ActionRefused, _refused)
     # The API's handlers of these are installed already: they still answer outside `/ui/`.
-    for failure in _BUS_FAILURES:
+    for failure in BUS_FAILURES:  # the API answers them 503 in JSON; pages answer a page
         api.add_exception_handler(failure, _on_pages(api.exception_handlers[failure], _bus_failed))
     api.add_exception_handler(
         RequestValidationError,

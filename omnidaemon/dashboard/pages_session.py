@@ -12,9 +12,9 @@ from omnidaemon.dashboard.session import (
     COOKIE,
     SESSION_SECONDS,
     ActionRefused,
-    _same_origin,
     read_form,
     safe_next,
+    same_origin,
     signed_in,
 )
 from omnidaemon.dashboard.templating import page
@@ -42,7 +42,7 @@ async def login(request: Request) -> Response:
     form = await read_form(request)
     presented = (form.get("token") or [""])[0].strip()
     next_path = safe_next((form.get("next") or [""])[0])
-    if not _same_origin(request):
+    if not same_origin(request):
         raise ActionRefused("sign in from this dashboard's own page")
     if state.authenticator is None:
         return RedirectResponse(next_path, status_code=303)

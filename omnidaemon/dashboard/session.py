@@ -40,6 +40,7 @@ __all__ = [
     "csrf_token",
     "read_form",
     "safe_next",
+    "same_origin",
     "signed_in",
 ]
 
@@ -119,10 +120,11 @@ def _back_after_sign_in(request: Request) -> str:
     dashboard's, else the overview."""
     if request.method in ("GET", "HEAD"):
         return request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    referer = urlsplit(request.headers.get("referer", ""))
-    if (referer.scheme, referer.netloc) != (request.url.scheme, request.url.netloc):
+    referer = request.headers.get("referer", "")
+    if not _from_here(request, referer):
         return "/ui/"
-    return safe_next(referer.path + (f"?{referer.query}" if referer.query else ""))
+    parts = urlsplit(referer)
+    return safe_next(parts.path + (f"?{parts.query}" if parts.query else ""))
 
 
 def _viewer(request: Request) -> UiUser:
@@ -140,13 +142,16 @@ def _viewer(request: Request) -> UiUser:
     return user
 
 
-def _same_origin(request: Request) -> bool:
+def _from_here(request: Request, url: str) -> bool:
+    """Whether `url` is on this server (its scheme and host are the request's)."""
+    theirs = urlsplit(url)
+    return (theirs.scheme, theirs.netloc) == (request.url.scheme, request.url.netloc)
+
+
+def same_origin(request: Request) -> bool:
     """Whether the request's `Origin` (or, without one, its `Referer`) is this server."""
     source = request.headers.get("origin") or request.headers.get("referer")
-    if not source or source == "null":
-        return False
-    theirs = urlsplit(source)
-    return (theirs.scheme, theirs.netloc) == (request.url.scheme, request.url.netloc)
+    return bool(source) and source != "null" and _from_here(request, source or "")
 
 
 async def read_form(request: Request) -> dict[str, list[str]]:
@@ -173,7 +178,7 @@ async def _actor(request: Request) -> UiUser:
     sent = (form.get("csrf") or [""])[0]
     if not hmac.compare_digest(sent.encode(), user.csrf.encode()):
         raise ActionRefused("the form is stale or came from elsewhere: reload the page and retry")
-    if not _same_origin(request):
+    if not same_origin(request):
         raise ActionRefused("actions are only taken from this dashboard's own pages")
     if not user.can_act:
         raise ActionRefused(

@@ -208,8 +208,7 @@ class RedisDelivery(RedisTraces):
             raise_errors=False,
         )
         errors = [r for r in replies[: len(commands)] if isinstance(r, Exception)]
-        traced = replies[len(commands) :]
-        return errors, [r for r in traced if isinstance(r, Exception)]
+        return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send an ack's commands to the server of the topic; the error replies.

@@ -65,9 +65,14 @@ def _packed(args: Sequence[bytes]) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
 
 
+def _netstring(item: bytes) -> bytes:
+    """`item` as `<length>:<bytes>`."""
+    return b"%d:%b" % (len(item), item)
+
+
 def _netstrings(items: Sequence[str]) -> bytes:
-    """`items` as `<length>:<bytes>` each, one after another."""
-    return b"".join(b"%d:%b" % (len(b), b) for b in (item.encode() for item in items))
+    """`items` as netstrings, one after another."""
+    return b"".join(_netstring(item.encode()) for item in items)
 
 
 def _parse_netstrings(data: bytes) -> list[str]:
@@ -104,7 +109,7 @@ class RedisTraces(RedisRouting):
             commands.append((key, ("SET", key, run_id, "PX", ttl)))
         if runs:
             index = self.runs_key()
-            commands.append((index, self._index_command(write, list(runs))))
+            commands.append((index, self._index_command(write, _netstrings(list(runs)))))
         return commands
 
     def packed_trace(self, write: TraceWrite) -> tuple[bytes, int]:
@@ -138,7 +143,7 @@ class RedisTraces(RedisRouting):
             if key is None:
                 run = run_id.encode()
                 key = runs[run_id] = trace_prefix + run
-                listed.append(b"%d:%b" % (len(run), run))
+                listed.append(_netstring(run))
                 if written <= _UNCHECKED:
                     parts.append(
                         b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
@@ -179,26 +184,24 @@ class RedisTraces(RedisRouting):
             )
         replies += len(write.pointers)
         if runs:
-            oldest_ms = b"%d" % max(0, int((write.now - write.ttl) * 1000))
-            args = [self.runs_key().encode(), b"MINID", b"~", oldest_ms, b"*", b"r"]
-            args += [b"".join(listed), b"t", repr(float(write.now)).encode()]
-            parts.append(_packed([b"XADD", *args]))
+            parts.append(_packed(self._index_command(write, b"".join(listed))))
             replies += 1
         return b"".join(parts), replies
 
-    def _index_command(self, write: TraceWrite, runs: list[str]) -> tuple[Any, ...]:
+    def _index_command(self, write: TraceWrite, listed: bytes) -> tuple[bytes, ...]:
+        """The batch's entry in the index of runs: `listed`, its runs as netstrings."""
         oldest_ms = max(0, int((write.now - write.ttl) * 1000))
         return (
-            "XADD",
-            self.runs_key(),
-            "MINID",
-            "~",
-            oldest_ms,
-            "*",
-            "r",
-            _netstrings(runs),
-            "t",
-            repr(float(write.now)),
+            b"XADD",
+            self.runs_key().encode(),
+            b"MINID",
+            b"~",
+            b"%d" % oldest_ms,
+            b"*",
+            b"r",
+            listed,
+            b"t",
+            repr(float(write.now)).encode(),
         )
 
     def _unchecked(self, run_id: str, records: int) -> bool:
