@@ -1,15 +1,15 @@
 """The trace store: what a bus keeps of each run so that `omnidaemon trace` can show it whole.
 
 A run is every event that shares one correlation id. Workers write one *record* per attempt
-of an agent at an event (a JSON array, opaque to the bus, see `omnidaemon.traces`), under a
-field that names the attempt: a later record of the same attempt (its end after its start)
+of an agent at an event (opaque bytes to the bus, see `omnidaemon.traces`), under a field
+that names the attempt: a later record of the same attempt (its end after its start)
 replaces the earlier one. The records ride on `Broker.ack` (`TraceWrite`), in the round trip
 that settles the deliveries, never in one of their own per event.
 
 A bus keeps, per run, its records for `ttl` seconds after the run's last write, at most
 `max_records` distinct fields (past that, new fields are counted as dropped, not stored; a
 bus may check the bound only beyond the first few records each process writes to a run, as
-a Redis Cluster does past 32, or per writing process, as NATS does);
+Redis does past 32, or per writing process, as NATS does);
 per event that is not its run's first, which run it belongs to (so any event id finds its
 run); and an index of runs by their last write, for listing recent runs.
 """
@@ -19,9 +19,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 __all__ = ["StoredTrace", "TraceNotWritten", "TraceStore", "TraceWrite"]
 
@@ -36,16 +33,9 @@ class TraceNotWritten(Exception):
 class TraceWrite:
     """Trace records to store with an acknowledgement (`Broker.ack(..., trace=)`).
 
-    A record is given as the values of a JSON array (str, numbers, None, and lists and
-    dicts of them, a datetime as orjson writes it), not yet encoded: the worker's hot path
-    only collects them, and a bus encodes a batch as it stores it best (`encoded` one record
-    at a time; Redis sends the whole batch as one JSON document, see `_BATCH` in
-    `omnidaemon/brokers/redis/_traces.py`, and its server writes the arrays, keeping numbers
-    to 14 significant digits).
-
     Attributes:
-        records: `(run id, field, record values)`, stored in this order: a field's record
-            replaces the one stored under it, so a later one of the same field wins.
+        records: `(run id, field, record)`, stored in this order: a field's record replaces
+            the one stored under it, so a later one of the same field wins.
         pointers: `(event id, run id)` for events that are not their run's first (whose id is
             not the run id).
         ttl: Seconds the run's records, its pointers and its place in the index are kept
@@ -54,7 +44,7 @@ class TraceWrite:
         now: The writer's wall-clock time (Unix seconds): the runs' place in the index.
     """
 
-    records: Sequence[tuple[str, str, Sequence[Any]]]
+    records: Sequence[tuple[str, str, bytes]]
     pointers: Sequence[tuple[str, str]]
     ttl: float
     max_records: int
@@ -63,15 +53,10 @@ class TraceWrite:
     def __bool__(self) -> bool:
         return bool(self.records or self.pointers)
 
-    def encoded(self) -> list[tuple[str, str, bytes]]:
-        """`records` with each record encoded: `(run id, field, JSON array)`."""
-        dumps = orjson.dumps
-        return [(run, name, dumps(values)) for run, name, values in self.records]
-
     def by_run(self) -> dict[str, dict[str, bytes]]:
-        """The records encoded and grouped by run, the last of each field kept."""
+        """The records grouped by run, the last of each field kept."""
         runs: dict[str, dict[str, bytes]] = {}
-        for run, name, record in self.encoded():
+        for run, name, record in self.records:
             runs.setdefault(run, {})[name] = record
         return runs
 

@@ -13,10 +13,7 @@ shows of a long handler, and what is left of an attempt whose worker is killed. 
 replaces it (same field).
 
 A record is a JSON array, its first item the format's version: half the bytes of an object
-with named fields, and cheaper to encode, on a path every event takes. The end of an attempt
-only collects the record's values (the bus encodes a whole batch at once, see `TraceWrite`).
-Version 2 holds an attempt's duration where version 1 held its end: a bus may keep numbers to
-14 significant digits (Redis's scripts do), which keeps a start to 0.1 ms and a duration whole.
+with named fields, and cheaper to encode, on a path every event takes.
 """
 
 from __future__ import annotations
@@ -44,8 +41,7 @@ START_AFTER = 0.5
 """Seconds an attempt runs before its start is recorded (a faster one writes its end only)."""
 
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
-_VERSION = 2
-_NO_SPAN = (None, None)  # the OpenTelemetry ids of an attempt whose span is not recorded
+_VERSION = 1
 _FIELDS = (
     "event",
     "topic",
@@ -77,14 +73,9 @@ def decode_record(data: bytes) -> dict[str, Any] | None:
         record = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(record, list) or not record or record[0] not in (1, _VERSION):
+    if not isinstance(record, list) or not record or record[0] != _VERSION:
         return None
-    fields = dict(zip(_FIELDS, record[1:], strict=False))
-    if record[0] == _VERSION:  # `ended` holds the duration: the end is the start plus it
-        started, duration = fields.get("started"), fields.get("ended")
-        numbers = isinstance(started, int | float) and isinstance(duration, int | float)
-        fields["ended"] = started + duration if numbers else None  # type: ignore[operator]
-    return fields
+    return dict(zip(_FIELDS, record[1:], strict=False))
 
 
 @dataclass(slots=True)
@@ -109,9 +100,7 @@ class TraceBook:
     # record may follow: it would replace the end), by when each began (which tells a later
     # attempt of the same delivery key from this one).
     _started: dict[tuple[str, str], float] = field(default_factory=dict)
-    _records: list[tuple[str, str, Sequence[Any]]] = field(
-        default_factory=list
-    )  # run, field, values
+    _records: list[tuple[str, str, bytes]] = field(default_factory=list)  # (run, field, record)
     _pointers: list[tuple[str, str]] = field(default_factory=list)  # (event id, run)
 
     @property
@@ -135,66 +124,59 @@ class TraceBook:
         otel: tuple[str, str] | None = None,
     ) -> None:
         """Record how an attempt ended (now); it began at `started` (default: now)."""
-        # On every event's path: one tuple of the record's values, nothing encoded, no call.
         now = time.time()
-        if started is None:
-            started = now
-        else:
+        if started is not None:
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
+        self._add(
+            envelope,
+            attempt,
+            now if started is None else started,
+            now,
+            outcome,
+            error,
+            published,
+            otel,
+        )
+
+    def _add(
+        self,
+        envelope: Envelope[Any],
+        attempt: int,
+        started: float,
+        ended: float | None,
+        outcome: Outcome,
+        error: dict[str, str] | None,
+        published: Sequence[tuple[str, str]],
+        otel: tuple[str, str] | None,
+    ) -> None:
+        """Encode a record (orjson directly: every item is a str, a number, a datetime,
+        None, or lists and dicts of them) and queue it, with its event's pointer."""
         event_id = envelope.id
         run = envelope.correlation_id or event_id
-        agent = self.agent
-        self._records.append(
+        trace_id, span_id = otel if otel is not None else (None, None)
+        record = orjson.dumps(
             (
-                run,
-                f"{event_id}|{agent}|{attempt}",  # attempt_field, inline
-                (
-                    _VERSION,
-                    event_id,
-                    envelope.topic,
-                    envelope.causation_id,
-                    envelope.created_at,
-                    envelope.source,
-                    agent,
-                    attempt,
-                    self.worker,
-                    started,
-                    now - started,
-                    outcome,
-                    error,
-                    published or None,
-                    *(otel or _NO_SPAN),
-                ),
+                _VERSION,
+                event_id,
+                envelope.topic,
+                envelope.causation_id,
+                envelope.created_at,
+                envelope.source,
+                self.agent,
+                attempt,
+                self.worker,
+                started,
+                ended,
+                outcome,
+                error,
+                published or None,
+                trace_id,
+                span_id,
             )
         )
-        if event_id != run:
-            self._pointers.append((event_id, run))
-
-    def _add_start(self, envelope: Envelope[Any], attempt: int, started: float) -> None:
-        """Queue the start record of an attempt still running, with its event's pointer."""
-        event_id, agent = envelope.id, self.agent
-        run = envelope.correlation_id or event_id
-        values = (
-            _VERSION,
-            event_id,
-            envelope.topic,
-            envelope.causation_id,
-            envelope.created_at,
-            envelope.source,
-            agent,
-            attempt,
-            self.worker,
-            started,
-            None,
-            "running",
-            None,
-            None,
-            None,
-            None,
-        )
-        self._records.append((run, attempt_field(event_id, agent, attempt), values))
+        self._records.append((run, attempt_field(event_id, self.agent, attempt), record))
         if event_id != run:
             self._pointers.append((event_id, run))
 
@@ -239,4 +221,4 @@ class TraceBook:
                 envelope = _ANY_ENVELOPE.validate_json(delivery.data)
             except ValidationError:
                 continue  # it will be dead-lettered as unreadable: no run to record it in
-            self._add_start(envelope, delivery.attempt, at)
+            self._add(envelope, delivery.attempt, at, None, "running", None, (), None)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 from uuid import uuid4
 
 import anyio
-import orjson
 import pytest
 
 from omnidaemon.brokers import Broker, MemoryBroker, Subscription
@@ -36,15 +34,8 @@ def run_id() -> str:
     return f"run-{uuid4().hex[:12]}"
 
 
-def decoded(stored: StoredTrace | None) -> tuple[dict[str, Any], int] | None:
-    """A stored run as its records decoded (a bus may encode them its own way) and dropped."""
-    if stored is None:
-        return None
-    return {name: orjson.loads(data) for name, data in stored.records.items()}, stored.dropped
-
-
 def write(
-    records: dict[str, dict[str, list[Any]]],
+    records: dict[str, dict[str, bytes]],
     pointers: dict[str, str] | None = None,
     *,
     ttl: float = 60,
@@ -67,13 +58,12 @@ async def test_records_are_stored_with_the_ack_and_replaced_by_field(
     run = run_id()
     await broker.publish(sub.topic, b"e")
     [delivery] = await broker.fetch(sub, "c1", 10, 1.0)
-    start = write({run: {"e1|a|1": ["running", 1.5], "e2|a|1": ["x", None]}})
+    start = write({run: {"e1|a|1": b'{"o":"running"}', "e2|a|1": b"x"}})
     await broker.ack(sub, [], trace=start)
-    end = write({run: {"e1|a|1": ["succeeded", {"error": "é/\n"}, [["t", "id"]]]}})
+    end = write({run: {"e1|a|1": b'{"o":"succeeded"}'}})
     await broker.ack(sub, [delivery], trace=end)
-    assert decoded(await broker.read_trace(run)) == (
-        {"e1|a|1": ["succeeded", {"error": "é/\n"}, [["t", "id"]]], "e2|a|1": ["x", None]},
-        0,
+    assert await broker.read_trace(run) == StoredTrace(
+        {"e1|a|1": b'{"o":"succeeded"}', "e2|a|1": b"x"}, 0
     )
     assert await broker.fetch(sub, "c2", 10, 0.05) == []  # the ack settled the delivery
     assert await broker.read_trace(run_id()) is None
@@ -83,52 +73,51 @@ async def test_the_last_record_of_a_field_in_one_write_wins(
     broker: Broker, sub: Subscription
 ) -> None:
     run = run_id()
-    records = [(run, "f", ["start"]), (run, "g", ["x"]), (run, "f", ["end"])]
+    records = [(run, "f", b"start"), (run, "g", b"x"), (run, "f", b"end")]
     await broker.ack(sub, [], trace=TraceWrite(records, [], 60, 100, time.time()))
-    assert decoded(await broker.read_trace(run)) == ({"f": ["end"], "g": ["x"]}, 0)
+    assert await broker.read_trace(run) == StoredTrace({"f": b"end", "g": b"x"}, 0)
 
 
 async def test_many_runs_and_pointers_in_one_write(broker: Broker, sub: Subscription) -> None:
     runs = [run_id() for _ in range(5)]
-    records = {run: {f"{run}-child|a|1": [run], f"{run}|a|1": ["root"]} for run in runs}
+    records = {run: {f"{run}-child|a|1": run.encode(), f"{run}|a|1": b"root"} for run in runs}
     pointers = {f"{run}-child": run for run in runs}
     await broker.ack(sub, [], trace=write(records, pointers))
     for run in runs:
-        assert decoded(await broker.read_trace(run)) == (records[run], 0)
+        stored = await broker.read_trace(run)
+        assert stored is not None and stored.records == records[run]
         assert await broker.run_of(f"{run}-child") == run
     assert await broker.run_of(f"{uuid4()}") is None
 
 
-UNCHECKED = 32  # records a process may write to a run before a bus checks the bound (cluster)
+UNCHECKED = 32  # records a process may write to a run before a bus checks the bound (Redis)
 
 
 async def test_a_run_keeps_at_most_max_records_and_counts_the_rest(
     broker: Broker, sub: Subscription
 ) -> None:
     run = run_id()
-    await broker.ack(sub, [], trace=write({run: {f"f{i}": [1] for i in range(3)}}, max_records=4))
+    await broker.ack(sub, [], trace=write({run: {f"f{i}": b"1" for i in range(3)}}, max_records=4))
     for batch in range(10):  # 100 new fields, 10 a write, from this one process
-        fields = {f"g{batch}-{i}": [2] for i in range(10)}
+        fields = {f"g{batch}-{i}": b"2" for i in range(10)}
         await broker.ack(sub, [], trace=write({run: fields}, max_records=4))
     # A field already stored is replaced whatever the bound.
-    await broker.ack(sub, [], trace=write({run: {"f0": ["end"]}}, max_records=4))
+    await broker.ack(sub, [], trace=write({run: {"f0": b"end"}}, max_records=4))
     stored = await broker.read_trace(run)
-    assert stored is not None and orjson.loads(stored.records["f0"]) == ["end"]
+    assert stored is not None and stored.records["f0"] == b"end"
     assert 4 <= len(stored.records) <= 4 + UNCHECKED
     assert len(stored.records) + stored.dropped == 103  # every record kept or counted
-    if not getattr(broker, "is_cluster", False):
-        assert len(stored.records) == 4  # checked exactly but on a cluster
+    if isinstance(broker, MemoryBroker):
+        assert len(stored.records) == 4
 
 
 async def test_recent_runs_newest_first_since_a_time(broker: Broker, sub: Subscription) -> None:
     old, middle, new = run_id(), run_id(), run_id()
     ours = {old, middle, new}
     base = time.time()
-    await broker.ack(sub, [], trace=write({old: {"f": ["x"]}}, now=base))
-    await broker.ack(
-        sub, [], trace=write({middle: {"f": ["x"]}, new: {"f": ["x"]}}, now=base + 0.01)
-    )
-    await broker.ack(sub, [], trace=write({new: {"g": ["y"]}}, now=base + 0.02))  # written again
+    await broker.ack(sub, [], trace=write({old: {"f": b"x"}}, now=base))
+    await broker.ack(sub, [], trace=write({middle: {"f": b"x"}, new: {"f": b"x"}}, now=base + 0.01))
+    await broker.ack(sub, [], trace=write({new: {"g": b"y"}}, now=base + 0.02))  # written again
     # Other tests write runs to a shared bus meanwhile: look at ours only.
     got = [(r, t) for r, t in await broker.recent_runs(since=base, limit=10_000) if r in ours]
     assert [(r, round(t, 3)) for r, t in got] == [
@@ -147,9 +136,9 @@ async def test_a_run_expires_its_ttl_after_its_last_write(
 ) -> None:
     run = run_id()
     if isinstance(broker, MemoryBroker):
-        await broker.ack(sub, [], trace=write({run: {"a": [1]}}, {"child": run}, ttl=10))
+        await broker.ack(sub, [], trace=write({run: {"a": b"1"}}, {"child": run}, ttl=10))
         broker.advance(6)
-        await broker.ack(sub, [], trace=write({run: {"b": [2]}}, ttl=10))
+        await broker.ack(sub, [], trace=write({run: {"b": b"2"}}, ttl=10))
         broker.advance(6)
         stored = await broker.read_trace(run)
         assert stored is not None and set(stored.records) == {"a", "b"}
@@ -159,7 +148,7 @@ async def test_a_run_expires_its_ttl_after_its_last_write(
         return
     ttl = 1.0 if "Nats" in type(broker).__name__ else 0.3
     child = f"child-{uuid4().hex[:8]}"
-    await broker.ack(sub, [], trace=write({run: {"a": [1]}}, {child: run}, ttl=ttl))
+    await broker.ack(sub, [], trace=write({run: {"a": b"1"}}, {child: run}, ttl=ttl))
     assert await broker.read_trace(run) is not None
     with anyio.fail_after(ttl + 5):
         while await broker.read_trace(run) is not None or await broker.run_of(child):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import time
 
-import orjson
-
 from omnidaemon.brokers.base import Delivery
 from omnidaemon.envelope import Envelope
 from omnidaemon.traces.records import START_AFTER, TraceBook, attempt_field, decode_record
@@ -27,10 +25,9 @@ def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
     names = [name for _, name, _ in first.records]
     assert names == [attempt_field(root.id, "extract", 1), attempt_field(child.id, "extract", 1)]
     assert list(first.pointers) == [(child.id, root.id)]
-    records = [decode_record(data) for _, _, data in first.encoded()]
+    records = [decode_record(data) for _, _, data in first.records]
     assert records[0] is not None and records[0]["outcome"] == "succeeded"
     assert records[0]["started"] == began and records[0]["ended"] >= began + 1
-    assert records[0]["ended"] - began <= time.time() - began  # the duration, whole
     assert records[1] is not None and records[1]["outcome"] == "running"
     assert records[1]["ended"] is None
     # The write fails; meanwhile the child's attempt ends: its end is stored after its start.
@@ -39,12 +36,12 @@ def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
     book.restore(first)
     again = book.take()
     assert again is not None
-    assert [decode_record(data)["outcome"] for _, _, data in again.encoded()] == [  # type: ignore[index]
+    assert [decode_record(data)["outcome"] for _, _, data in again.records] == [  # type: ignore[index]
         "succeeded",
         "running",
         "retrying",
     ]
-    assert again.by_run()[root.id][attempt_field(child.id, "extract", 1)] == again.encoded()[-1][2]
+    assert again.by_run()[root.id][attempt_field(child.id, "extract", 1)] == again.records[-1][2]
 
 
 def test_a_start_record_is_written_once_and_a_book_with_no_ttl_is_off() -> None:
@@ -66,27 +63,14 @@ def test_an_end_recorded_while_its_delivery_is_still_running_is_never_replaced_b
     running = {("s", "1"): (Delivery("1", event.encode(), 1, "s", "c"), began)}
     book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
     first = book.take()
-    assert first is not None and decode_record(first.encoded()[0][2])["outcome"] == "running"  # type: ignore[index]
+    assert first is not None and decode_record(first.records[0][2])["outcome"] == "running"  # type: ignore[index]
     book.ended(("s", "1"), event, 1, "retrying", started=began)
     again = book.take()
     assert again is not None
-    assert [decode_record(data)["outcome"] for _, _, data in again.encoded()] == ["retrying"]  # type: ignore[index]
+    assert [decode_record(data)["outcome"] for _, _, data in again.records] == ["retrying"]  # type: ignore[index]
     assert book.take() is None and book.start_due() is None
     # A later attempt under the same delivery key gets its own start record.
     del running[("s", "1")]
     running[("s", "1")] = (Delivery("1", event.encode(), 2, "s", "c"), time.time() - 1)
     later = book.take()
-    assert later is not None and decode_record(later.encoded()[0][2])["attempt"] == 2  # type: ignore[index]
-
-
-def test_records_of_both_versions_are_read_and_others_refused() -> None:
-    # Version 1 stored the end; version 2 stores the duration (a bus may keep 14 digits).
-    common = ["e", "t", None, "2026-01-01T00:00:00Z", "app", "a", 1, "w"]
-    v1 = decode_record(orjson.dumps([1, *common, 100.0, 100.25, "succeeded"]))
-    v2 = decode_record(orjson.dumps([2, *common, 100.0, 0.25, "succeeded"]))
-    running = decode_record(orjson.dumps([2, *common, 100.0, None, "running"]))
-    assert v1 is not None and v2 is not None and running is not None
-    assert v1["ended"] == v2["ended"] == 100.25 and v1["started"] == v2["started"] == 100.0
-    assert running["ended"] is None and running["outcome"] == "running"
-    assert decode_record(orjson.dumps([3, *common])) is None
-    assert decode_record(b"not json") is None
+    assert later is not None and decode_record(later.records[0][2])["attempt"] == 2  # type: ignore[index]

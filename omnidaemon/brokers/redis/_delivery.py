@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
@@ -197,28 +197,18 @@ class RedisDelivery(RedisTraces):
     async def _settle_traced(
         self, sub: Subscription, commands: list[tuple[Any, ...]], trace: TraceWrite
     ) -> tuple[list[Any], list[Any]]:
-        """On one server: the ack's commands and the trace's one (`batch_command`) in one
-        round trip; the error replies of each. A server without the trace script (restarted,
-        or its scripts flushed) refused it whole: it is sent again with its text."""
+        """On one server: the ack's commands and the trace's in one round trip; the
+        error replies of each."""
         replies = await self._exchange(
-            [*commands, self.batch_command(trace)],
+            commands,
             key=self.stream_key(sub.topic),
             timeout=_SOCKET_TIMEOUT + self._replica_wait,
             replicate="settle",
+            packed=self.packed_trace(trace),
             raise_errors=False,
         )
-        errors = [r for r in replies[:-1] if isinstance(r, Exception)]
-        written = replies[-1]
-        if isinstance(written, NoScriptError):
-            written = (
-                await self._exchange(
-                    [self.batch_command(trace, loaded=False)],
-                    key=self.stream_key(sub.topic),
-                    timeout=_SOCKET_TIMEOUT + self._replica_wait,
-                    raise_errors=False,
-                )
-            )[0]
-        return errors, [written] if isinstance(written, Exception) else []
+        errors = [r for r in replies[: len(commands)] if isinstance(r, Exception)]
+        return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send an ack's commands to the server of the topic; the error replies.

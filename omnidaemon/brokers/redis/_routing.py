@@ -95,12 +95,15 @@ class RedisRouting(RedisConnection):
         owner: Hashable | None = None,
         timeout: float,
         replicate: str | None = None,
+        packed: tuple[bytes, int] | None = None,
         raise_errors: bool = True,
     ) -> list[Any]:
         """Send commands, pipelined on one connection of the broker's own, to the server that
         holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
 
-        With `raise_errors` off, error replies are returned as values, not raised.
+        `packed` is more commands already in the protocol, with how many replies they get
+        (theirs follow the others'): for one server only, where nothing is redirected. With
+        `raise_errors` off, error replies are returned as values, not raised.
 
         The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
         command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
@@ -123,6 +126,8 @@ class RedisRouting(RedisConnection):
         if not self._mode_known:
             await self._learn_mode()
         if self._cluster is not None:
+            if packed is not None:
+                raise ValueError("packed commands go to one server, not a cluster")
             await self._load_slots()
         node = self._node_of(key)
         replies: list[Any] = [None] * len(commands)
@@ -137,7 +142,12 @@ class RedisRouting(RedisConnection):
                 timeout=timeout,
                 asking=asking,
                 replicate=replicate if self._min_replicas > 0 else None,
+                packed=packed,
             )
+            if packed is not None:
+                replies += [None] * packed[1]
+                todo += range(len(commands), len(replies))
+                packed = None
             moved: AskError | TryAgainError | None = None
             redirected = []
             for index, reply in zip(todo, got, strict=True):
@@ -214,8 +224,10 @@ class RedisRouting(RedisConnection):
         timeout: float,
         asking: bool,
         replicate: str | None,
+        packed: tuple[bytes, int] | None = None,
     ) -> list[Any]:
-        """One round trip on one connection to `node`: every reply, error replies as values."""
+        """One round trip on one connection to `node`: every reply, error replies as values
+        (those of `packed`, commands already in the protocol, last)."""
         conn = self._take(owner, node)
         try:
             if conn is None:
@@ -225,6 +237,9 @@ class RedisRouting(RedisConnection):
                 commands_out += [("ASKING",), command] if asking else [command]
             chunks = conn.pack_commands(commands_out)
             expected = len(commands_out)
+            if packed is not None:
+                chunks.append(packed[0])
+                expected += packed[1]
             if replicate:
                 wait = ("WAIT", self._min_replicas, int(self._publish_timeout * 1000))
                 chunks += conn.pack_commands([wait])
@@ -441,10 +456,10 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
     wait).
 
     Straight from the connection's hiredis reader when it has one, one `gets()` a reply:
-    redis-py's `read_response` wraps each reply in five calls and a timeout, about 2 µs a
-    reply, as much as the rest of a small command's round trip costs the worker. A push
-    message (RESP3) goes to the parser's handler, as redis-py does; a connection parsed in
-    Python goes through `read_response`.
+    redis-py's `read_response` wraps each reply in five calls and a timeout, about 2 µs, and an
+    ack batch carrying trace records gets two replies a record (measured with cProfile: the
+    drain's biggest cost of traces). A push message (RESP3) goes to the parser's handler, as
+    redis-py does; a connection parsed in Python goes through `read_response`.
     """
     parser = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
