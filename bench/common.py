@@ -402,13 +402,15 @@ class Children:
         env: dict[str, str] | None = None,
         stdout: Any = subprocess.DEVNULL,
         log: Path | None = None,
+        cwd: Path = ROOT,
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` in the repository, its stderr into `log` (else inherited)."""
+        """Start `argv` in the repository (or in `cwd`: another checkout, whose code it then
+        runs), its stderr into `log` (else inherited)."""
         with contextlib.ExitStack() as stack:
             stderr = stack.enter_context(log.open("wb")) if log is not None else None
             proc = subprocess.Popen(
                 list(argv),
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,

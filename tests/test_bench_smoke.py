@@ -94,3 +94,38 @@ def test_bench_smoke_runs_the_flow_case() -> None:
     assert "failed" not in table
     assert "publish: pipelined XADD, 1,000 per batch" not in table  # the single-server rows
     assert "RESULTS.md not written" in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_ab_compares_a_revision_and_a_setting_in_one_run() -> None:
+    """`python -m bench.ab`: the drain under each variant, one of them from a checkout of a
+    git revision (a temporary worktree, removed afterwards)."""
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True)
+    variants = ["before:rev=HEAD", "after", "off:OMNIDAEMON_TRACE_TTL=0,concurrency=4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "-n", "300", "--reps", "1", *variants],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| before", "| after", "| off"]
+    assert rows[1].split(" | ")[3] == "1.000"  # the first variant against itself
+    after = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True)
+    assert after.stdout == worktrees.stdout  # the revision's checkout is gone
+
+
+def test_bench_ab_refuses_a_bad_variant_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "a:concurrency"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "bench.ab: 'a:concurrency': 'concurrency' is not KEY=VALUE"
+    ]

@@ -21,6 +21,7 @@ import redis
 
 from bench.apps import build_app
 from bench.common import (
+    ROOT,
     BenchError,
     Children,
     Config,
@@ -87,7 +88,7 @@ async def _prefill(url: str, n: int, batch: int) -> None:
 class WorkerRun:
     """`python -m omnidaemon worker bench.apps:<kind>` against the benchmark's server (or
     cluster, or nats-server: anything with a broker `url`); `env` adds to the worker's
-    environment."""
+    environment; `root` is the checkout whose code it runs (default: this one)."""
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class WorkerRun:
         expect: int | None = None,
         concurrency: int | None = None,
         env: Mapping[str, str] | None = None,
+        root: Path = ROOT,
     ) -> None:
         for old in [*out.glob("ready-*"), *out.glob("stats-*.json")]:
             old.unlink()
@@ -122,7 +124,7 @@ class WorkerRun:
             "OMNI_BENCH_EXPECT": str(expect or ""),
             **(env or {}),
         }
-        self.proc = children.start(argv, env=environment, log=self.log)
+        self.proc = children.start(argv, env=environment, log=self.log, cwd=root)
 
     def check(self) -> None:
         """`BenchError` with the end of the worker's log if it exited."""
@@ -189,6 +191,7 @@ def drain(
     concurrency: int | None = None,
     env: Mapping[str, str] | None = None,
     setup: Callable[[], None] | None = None,
+    root: Path = ROOT,
 ) -> dict[str, float]:
     """Time a worker (`processes` processes, `fanout` agents on the topic, each handling every
     event) draining N pre-filled events, from its first handled event to its last. Returns
@@ -200,7 +203,7 @@ def drain(
     neither start-up nor processes starting at different times are counted. `concurrency`
     is passed to the worker as `--concurrency` (default: the agents' own, 16); `env` adds to
     the worker's environment (`OMNI_BENCH_RATE_LIMIT`, say); `setup` runs once the bus is
-    filled, before the worker starts.
+    filled, before the worker starts; `root` is the checkout whose worker runs (`bench.ab`).
     """
     groups = [f"sink_{i}" for i in range(fanout)]
     with server.client() as r:
@@ -220,6 +223,7 @@ def drain(
             expect=n * fanout if processes == 1 else None,
             concurrency=concurrency,
             env=env,
+            root=root,
         )
         worker.wait(
             lambda: blocked_readers(r) >= processes * fanout,
