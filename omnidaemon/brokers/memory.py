@@ -11,25 +11,19 @@ import heapq
 import itertools
 import math
 import time
-import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import anyio
 
-from omnidaemon.brokers._memory_output import OutputLogs, parse_memory_id
-from omnidaemon.brokers._memory_traces import TraceRecords
+from omnidaemon.brokers._memory_bus import BUSES, Bus, Group, Pending
+from omnidaemon.brokers._memory_inspection import MemoryInspection
+from omnidaemon.brokers._memory_output import parse_memory_id
 from omnidaemon.brokers.base import (
-    Broker,
-    ConsumerInfo,
     Delivery,
-    GroupInfo,
     R,
     Reclaimed,
     Renewal,
     Subscription,
-    TopicInfo,
 )
 from omnidaemon.brokers.traces import StoredTrace, TraceWrite
 from omnidaemon.metrics import is_extreme
@@ -40,132 +34,7 @@ _STREAM = "stream"
 _RETRY = "retry"
 
 
-@dataclass(slots=True)
-class _Pending:
-    delivery: Delivery
-    consumer: str
-    leased_at: float
-    # Wall-clock seconds the entry entered the queue it was delivered from: published (topic
-    # entries) or handed out (retries, like Redis's retry stream), for `oldest_pending_age`.
-    queued_at: float = 0.0
-
-
-@dataclass(slots=True)
-class _Group:
-    cursor: int
-    pending: dict[tuple[str, str], _Pending] = field(default_factory=dict)
-    # consumer -> when it last fetched or renewed anything
-    consumers: dict[str, float] = field(default_factory=dict)
-    # (due, tiebreak, data, attempt): a heap ordered by due time.
-    scheduled: list[tuple[float, int, bytes, int]] = field(default_factory=list)
-    # (record id, record); ids count up per group, as a stream's would.
-    dead: list[tuple[str, bytes]] = field(default_factory=list)
-    dead_seq: int = 0
-
-
-@dataclass(slots=True)
-class _Topic:
-    # (sequence number, data, published at in wall-clock seconds)
-    entries: deque[tuple[int, bytes, float]] = field(default_factory=deque)
-    next_seq: int = 0
-    groups: dict[str, _Group] = field(default_factory=dict)
-    # (due, tiebreak, data): delayed publishes, appended to `entries` when due.
-    delayed: list[tuple[float, int, bytes]] = field(default_factory=list)
-
-
-class _Bus:
-    """The shared state behind every `MemoryBroker` opened on one name."""
-
-    def __init__(self, maxlen: int) -> None:
-        self.maxlen = maxlen
-        self.topics: dict[str, _Topic] = {}
-        self.offset = 0.0  # seconds added to the monotonic clock by `fast_forward`
-        # event id -> (expires at, {agent: record})
-        self.results: dict[str, tuple[float, dict[str, bytes]]] = {}
-        self.values: dict[str, tuple[float, bytes]] = {}  # key -> (expires at, value)
-        self.once: dict[tuple[str, str], float] = {}  # publish_once (topic, key) -> expires at
-        self.once_sweep_at = 1024  # marks held when the expired ones are next dropped
-        self.stats: dict[tuple[str, str], dict[str, int]] = {}  # (topic, group) -> fields
-        self.outputs = OutputLogs()  # output logs (append_output), by key
-        self.traces = TraceRecords()  # runs' trace records (ack with trace=)
-        self._changed = anyio.Event()
-        self._tiebreak = itertools.count()
-
-    def now(self) -> float:
-        return time.monotonic() + self.offset
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_changed(self, timeout: float) -> None:
-        changed = self._changed
-        with anyio.move_on_after(max(0.0, timeout)):
-            await changed.wait()
-
-    def topic(self, name: str) -> _Topic:
-        topic = self.topics.get(name)
-        if topic is None:
-            topic = self.topics[name] = _Topic()
-        return topic
-
-    def append(self, name: str, data: bytes) -> None:
-        topic = self.topic(name)
-        topic.entries.append((topic.next_seq, data, time.time()))
-        topic.next_seq += 1
-        self._trim(topic)
-
-    def _trim(self, topic: _Topic) -> None:
-        # Beyond maxlen, drop the oldest entries, but only those every group has read:
-        # the memory bus never loses an entry a group has yet to see.
-        floor = min((g.cursor for g in topic.groups.values()), default=topic.next_seq)
-        while len(topic.entries) > self.maxlen and topic.entries[0][0] < floor:
-            topic.entries.popleft()
-
-    def schedule(self, group: _Group, due: float, data: bytes, attempt: int) -> None:
-        heapq.heappush(group.scheduled, (due, next(self._tiebreak), data, attempt))
-
-    def next_due(self) -> float | None:
-        dues = [
-            g.scheduled[0][0]
-            for t in self.topics.values()
-            for g in t.groups.values()
-            if g.scheduled
-        ]
-        dues += [t.delayed[0][0] for t in self.topics.values() if t.delayed]
-        return min(dues, default=None)
-
-    def delay(self, name: str, data: bytes, seconds: float) -> None:
-        topic = self.topic(name)
-        heapq.heappush(topic.delayed, (self.now() + seconds, next(self._tiebreak), data))
-
-    def release_due(self, topic: _Topic) -> None:
-        """Append the topic's delayed entries whose time has come."""
-        now = self.now()
-        while topic.delayed and topic.delayed[0][0] <= now:
-            _, _, data = heapq.heappop(topic.delayed)
-            topic.entries.append((topic.next_seq, data, time.time()))
-            topic.next_seq += 1
-
-    def busy(self, *, pending: bool = True) -> bool:
-        """True while any group has unread entries, due retries, or (with `pending`)
-        pending deliveries."""
-        now = self.now()
-        for topic in self.topics.values():
-            if topic.delayed and topic.delayed[0][0] <= now and topic.groups:
-                return True
-            for group in topic.groups.values():
-                if group.cursor < topic.next_seq or (pending and group.pending):
-                    return True
-                if group.scheduled and group.scheduled[0][0] <= now:
-                    return True
-        return False
-
-
-_buses: weakref.WeakValueDictionary[str, _Bus] = weakref.WeakValueDictionary()
-
-
-class MemoryBroker(Broker):
+class MemoryBroker(MemoryInspection):
     """The in-process broker.
 
     Args:
@@ -177,12 +46,12 @@ class MemoryBroker(Broker):
     def __init__(self, name: str | None = None, *, maxlen: int = 10_000) -> None:
         self._name = name
         if name is None:
-            self._bus = _Bus(maxlen)
+            self._bus = Bus(maxlen)
         else:
-            bus = _buses.get(name)
+            bus = BUSES.get(name)
             if bus is None:
-                bus = _Bus(maxlen)
-                _buses[name] = bus
+                bus = Bus(maxlen)
+                BUSES[name] = bus
             self._bus = bus
         self._ids = itertools.count()
         self._interrupted: set[tuple[Subscription, str]] = set()
@@ -243,7 +112,7 @@ class MemoryBroker(Broker):
 
     # Consuming ----------------------------------------------------------------------------
 
-    def _group(self, sub: Subscription) -> _Group:
+    def _group(self, sub: Subscription) -> Group:
         try:
             return self._bus.topics[sub.topic].groups[sub.group]
         except KeyError:
@@ -255,10 +124,10 @@ class MemoryBroker(Broker):
             start = topic.entries[0][0] if topic.entries else topic.next_seq
             if sub.start == "latest":
                 start = topic.next_seq
-            topic.groups[sub.group] = _Group(cursor=start)
+            topic.groups[sub.group] = Group(cursor=start)
         await anyio.lowlevel.checkpoint()
 
-    def _holds(self, group: _Group, consumer: str) -> bool:
+    def _holds(self, group: Group, consumer: str) -> bool:
         return any(p.consumer == consumer for p in group.pending.values())
 
     async def remove_consumer(self, sub: Subscription, consumer: str) -> bool:
@@ -340,7 +209,7 @@ class MemoryBroker(Broker):
                 index += 1
         for delivery, queued_at in taken:
             key = (delivery.origin, delivery.id)
-            group.pending[key] = _Pending(delivery, consumer, now, queued_at)
+            group.pending[key] = Pending(delivery, consumer, now, queued_at)
         group.consumers[consumer] = now
         return [delivery for delivery, _ in taken]
 
@@ -402,7 +271,7 @@ class MemoryBroker(Broker):
         return settled or trimmed
 
     @staticmethod
-    def _settle(group: _Group, delivery: Delivery) -> bool:
+    def _settle(group: Group, delivery: Delivery) -> bool:
         """Remove the delivery from the pending ones if its consumer still holds it."""
         key = (delivery.origin, delivery.id)
         pending = group.pending.get(key)
@@ -601,123 +470,6 @@ class MemoryBroker(Broker):
 
     def clock(self) -> float:
         return time.time() + self._bus.offset
-
-    def _value(self, key: str) -> bytes | None:
-        expires, value = self._bus.values.get(key, (0.0, b""))
-        if expires <= self._bus.now():
-            self._bus.values.pop(key, None)
-            return None
-        return value
-
-    # Inspection ---------------------------------------------------------------------------
-
-    async def replay_dead_letters(
-        self, sub: Subscription, select: Callable[[str, bytes], bytes | None]
-    ) -> int:
-        await anyio.lowlevel.checkpoint()
-        topic = self._bus.topics.get(sub.topic)
-        group = topic.groups.get(sub.group) if topic else None
-        if group is None:
-            return 0
-        # From here on no await: the records are read and moved in one step of this
-        # single-threaded bus, so replays running at once never move a record twice.
-        kept: list[tuple[str, bytes]] = []
-        moved = 0
-        now = self._bus.now()
-        for record_id, record in group.dead:
-            entry = select(record_id, record)
-            if entry is None:
-                kept.append((record_id, record))
-            else:
-                self._bus.schedule(group, now, entry, 1)
-                moved += 1
-        group.dead = kept
-        self._bus.notify()
-        return moved
-
-    async def dead_letters(self, sub: Subscription, limit: int) -> list[tuple[str, bytes]]:
-        await anyio.lowlevel.checkpoint()
-        return self.dead_letters_now(sub)[-limit:] if limit > 0 else []
-
-    def dead_letters_now(self, sub: Subscription) -> list[tuple[str, bytes]]:
-        """Every `(record id, record)` in the group's dead-letter queue, oldest first (no
-        await needed)."""
-        topic = self._bus.topics.get(sub.topic)
-        group = topic.groups.get(sub.group) if topic else None
-        return list(group.dead) if group else []
-
-    async def server_info(self) -> dict[str, str]:
-        await anyio.lowlevel.checkpoint()
-        return {"server": "in-process memory bus"}
-
-    async def topics(self) -> list[str]:
-        await anyio.lowlevel.checkpoint()
-        return sorted(self._bus.topics)
-
-    async def describe(self, topic: str, *, consumers: bool = False) -> TopicInfo | None:
-        await anyio.lowlevel.checkpoint()
-        bus = self._bus
-        state = bus.topics.get(topic)
-        if state is None:
-            return None
-        now, wall = bus.now(), time.time()
-        groups = []
-        for name, group in sorted(state.groups.items()):
-            ages = [max(0.0, wall - p.queued_at) for p in group.pending.values()]
-            details = tuple(
-                ConsumerInfo(
-                    consumer,
-                    sum(1 for p in group.pending.values() if p.consumer == consumer),
-                    max(0.0, now - seen),
-                )
-                for consumer, seen in sorted(group.consumers.items())
-            )
-            groups.append(
-                GroupInfo(
-                    topic=topic,
-                    group=name,
-                    consumers=len(group.consumers),
-                    pending=len(group.pending),
-                    lag=state.next_seq - group.cursor,
-                    retries=len(group.scheduled),
-                    dead_letters=len(group.dead),
-                    oldest_pending_age=max(ages) if ages else None,
-                    consumer_details=details if consumers else (),
-                )
-            )
-        delayed_bytes = sum(len(data) for _, _, data in state.delayed)
-        return TopicInfo(
-            topic, len(state.entries), len(state.delayed), tuple(groups), delayed_bytes
-        )
-
-    async def entries(self, topic: str, limit: int) -> list[tuple[str, bytes]]:
-        await anyio.lowlevel.checkpoint()
-        state = self._bus.topics.get(topic)
-        if state is None or limit <= 0:
-            return []
-        return [(str(seq), data) for seq, data, _ in list(state.entries)[-limit:]]
-
-    async def purge_dead_letters(self, sub: Subscription) -> int:
-        await anyio.lowlevel.checkpoint()
-        topic = self._bus.topics.get(sub.topic)
-        group = topic.groups.get(sub.group) if topic else None
-        if group is None:
-            return 0
-        count, group.dead = len(group.dead), []
-        return count
-
-    async def stats(self) -> dict[tuple[str, str], dict[str, int]]:
-        await anyio.lowlevel.checkpoint()
-        return {key: dict(fields) for key, fields in self._bus.stats.items()}
-
-    async def scan_values(self, prefix: str) -> dict[str, bytes]:
-        await anyio.lowlevel.checkpoint()
-        found = {}
-        for key in [k for k in self._bus.values if k.startswith(prefix)]:
-            value = self._value(key)
-            if value is not None:
-                found[key] = value
-        return found
 
     # Test support -------------------------------------------------------------------------
 
