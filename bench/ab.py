@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,8 @@ def parse_variant(spec: str) -> Variant:
             if not (variant.root / "omnidaemon").is_dir():
                 raise ValueError(f"{spec!r}: {value} is not an omnidaemon checkout")
         elif key == "concurrency":
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{spec!r}: concurrency must be a whole number above 0")
             variant.concurrency = int(value)
         else:
             variant.env[key] = value
@@ -92,6 +95,7 @@ def worktree(rev: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def run(variants: list[Variant], cfg: Config) -> None:
