@@ -87,6 +87,10 @@ class RedisCluster:
                     "--cluster-node-timeout", str(node_timeout_ms),
                     "--cluster-port", str(free_port()),
                     "--appendfsync", appendfsync,
+                    # A full sync starts at once: Redis waits 5 s by default so that more
+                    # replicas can share one transfer, but a master here has one replica, and
+                    # every start and every rejoin after a kill paid those 5 s.
+                    "--repl-diskless-sync-delay", "0",
                 ],
             )  # fmt: skip
             self.nodes[server.port] = server

@@ -1,5 +1,5 @@
 """The chaos run's short modes, run in CI: every kind of fault once, on one redis-server in
-well under a minute (here), on a Redis Cluster with `min_replicas=1` in about a minute
+well under a minute (here), on a Redis Cluster with `min_replicas=1` in about 35 s
 (`test_chaos_short_cluster.py`), and on one NATS JetStream server in well under a minute
 (`test_chaos_short_nats.py`): one file each, so that the test runners share them out.
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -73,8 +74,11 @@ def _started(worker: WorkerProcess) -> None:
     wait_for(lambda: worker.has_logged("worker started"), STARTUP, "a worker to start")
 
 
-def _fleet(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> str:
-    """Three workers, an every-second schedule, one SIGKILL: each tick fired exactly once."""
+def _fleet(
+    bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess], after: threading.Event
+) -> str:
+    """Three workers, an every-second schedule, one SIGKILL: each tick fired exactly once.
+    The workers are started once `after` is set (or `STARTUP` has gone by)."""
     tmp_path.mkdir()
     write_module(tmp_path, "sched_app", SOURCE)
     log, run = tmp_path / "ticks.jsonl", uuid.uuid4().hex[:8]
@@ -85,6 +89,7 @@ def _fleet(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) ->
         T_LOG=str(log),
         T_HOLD="0.3",
     )
+    after.wait(STARTUP)
     workers = [spawn(["sched_app:app"], tmp_path, env) for _ in range(3)]
     for worker in workers:
         _started(worker)
@@ -125,7 +130,9 @@ def _fleet(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) ->
     )
 
 
-def _outage(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -> str:
+def _outage(
+    bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess], first_up: threading.Event
+) -> str:
     """Ticks fall due while no worker runs, for longer than `GAP_AFTER`; a worker comes up
     `BACK_AFTER` after the last of them: the earlier ones were missed and are skipped, the
     last is owed and fires once, on the start (with either catch_up: the catch-up one would
@@ -142,7 +149,10 @@ def _outage(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -
         T_INTERVAL=str(CATCH_UP_INTERVAL),
     )
     first = spawn(["sched_app:app"], tmp_path, env)
-    _started(first)
+    try:
+        _started(first)
+    finally:
+        first_up.set()  # the fleets' workers start now
 
     def both_fired() -> float | None:
         up, skip = _events_by_tick(log, "up"), _events_by_tick(log, "skip")
@@ -177,10 +187,15 @@ def _outage(bus_url: str, tmp_path: Path, spawn: Callable[..., WorkerProcess]) -
 def test_schedules_fire_once_per_tick_across_worker_processes(
     request: pytest.FixtureRequest, tmp_path: Path, spawn: Callable[..., WorkerProcess]
 ) -> None:
-    # The buses (and the outage run) side by side: the schedules keep them mostly idle.
+    # The buses (and the outage run) side by side: the schedules keep them mostly idle. The
+    # outage's first worker starts before the fleets' nine: started among them, it took 14 s of
+    # the two cores, and the outage, which then waits out GAP_AFTER, was the longest run.
+    outage_up = threading.Event()
     urls = buses_chosen(request, "T_SCHEDULE_BUSES")  # T_SCHEDULE_BUSES=redis runs one
-    runs = {name: partial(_fleet, url, tmp_path / name, spawn) for name, url in urls.items()}
+    runs = {
+        name: partial(_fleet, url, tmp_path / name, spawn, outage_up) for name, url in urls.items()
+    }
     runs["outage"] = partial(
-        _outage, request.getfixturevalue("redis_url"), tmp_path / "outage", spawn
+        _outage, request.getfixturevalue("redis_url"), tmp_path / "outage", spawn, outage_up
     )
     side_by_side(runs)
