@@ -114,8 +114,8 @@ class EventOutcomes:
         tree of events, each agent's handling of them with every attempt (worker, times,
         outcome, error), and the events each handling published.
 
-        Workers write it with their acknowledgements, and keep it `OMNIDAEMON_TRACE_TTL`
-        (24 h) after the run's last write.
+        Workers write it with their acknowledgements, and the bus keeps each record
+        `OMNIDAEMON_TRACE_TTL` (24 h) after its write.
 
         Args:
             run_or_event_id: The run's correlation id, or the id of any of its events

@@ -62,8 +62,8 @@ class Settings:
             `output_max_bytes`) the stream is truncated: one `truncated` marker, nothing more.
         output_max_bytes: `OMNIDAEMON_OUTPUT_MAX_BYTES`, the most bytes of JSON one attempt
             may stream (4 MiB by default).
-        trace_ttl: `OMNIDAEMON_TRACE_TTL`, seconds a run's trace (`omnidaemon trace`) is kept
-            after its last write, 24 h by default; `0` turns the traces off.
+        trace_ttl: `OMNIDAEMON_TRACE_TTL`, seconds a run's trace records (`omnidaemon trace`)
+            are kept after their write, 24 h by default; `0` turns the traces off.
         trace_max_records: `OMNIDAEMON_TRACE_MAX_RECORDS`, the most attempt records one run's
             trace keeps (1,000 by default); later ones are counted, not kept.
     """

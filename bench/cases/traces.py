@@ -3,9 +3,10 @@
 The omnidaemon drain of `bench.cases.omni` (Redis, one worker process at the default
 concurrency) twice in the same run on the same server: with traces, as a worker runs by
 default, and with `OMNIDAEMON_TRACE_TTL=0`, which turns them off. With traces the worker
-writes a record for each attempt (`omnidaemon.traces.records.TraceBook`) with its batched
-acks: one script per batch of acks (`omnidaemon/brokers/redis/_traces.py`) storing every
-run's records and the batch's entry in the index of runs. The raw redis-py drain of
+keeps a record for each attempt (`omnidaemon.traces.records.TraceBook`) and writes them with
+its batched acks: one JSON document and one script per batch
+(`omnidaemon/brokers/redis/_traces.py`) filing it under every run it holds, and the batch's
+entry in the index of runs. The raw redis-py drain of
 `bench.cases.raw` runs in the same repetition, for the ratios. After each omnidaemon drain
 the benchmark checks the runs on the bus: every event's run there with traces, none without.
 redis-server runs on one CPU and the drains on the others (`pin`), so that the scheduler's
@@ -52,11 +53,12 @@ def unpin(cpus: set[int] | None) -> None:
 
 
 def _runs_indexed(server: RedisServer) -> int:
-    """How many runs have a trace on the bus (`omni:trace:<run>` hashes, counted by a scan of
-    the keyspace, which after a drain holds little else)."""
-    pattern = RedisBroker(server.url).trace_key("*")  # not connected: only its key names
+    """How many runs have a trace on the bus: the runs filed in the trace directories
+    (`omni:{trace-0}:dir:*` hashes, run -> its batches, found by a scan of the keyspace,
+    which after a drain holds little else)."""
+    pattern = RedisBroker(server.url).trace_dir_key(0, 0, 0).replace(":0:0", ":*")
     with server.client() as r:
-        return sum(1 for _ in r.scan_iter(match=pattern, count=10_000))
+        return sum(int(r.hlen(key)) for key in r.scan_iter(match=pattern, count=10_000))
 
 
 def _check(server: RedisServer, n: int, traced: bool) -> None:

@@ -13,7 +13,9 @@ shows of a long handler, and what is left of an attempt whose worker is killed. 
 replaces it (same field).
 
 A record is a JSON array, its first item the format's version: half the bytes of an object
-with named fields, and cheaper to encode, on a path every event takes.
+with named fields (`omnidaemon.brokers.traces.encode_attempt`). The book keeps an attempt's
+values as they are (`AttemptRow`) and encodes nothing on the hot path: a bus encodes a whole
+batch at once (Redis: one `orjson` call a batch), or each record (the others).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from omnidaemon.brokers.base import Delivery
-from omnidaemon.brokers.traces import TraceWrite
+from omnidaemon.brokers.traces import RECORD_VERSION, AttemptRow, Attempts, TraceWrite
 from omnidaemon.envelope import Envelope
 
 __all__ = ["START_AFTER", "Outcome", "TraceBook", "attempt_field", "decode_record"]
@@ -41,7 +43,6 @@ START_AFTER = 0.5
 """Seconds an attempt runs before its start is recorded (a faster one writes its end only)."""
 
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
-_VERSION = 1
 _FIELDS = (
     "event",
     "topic",
@@ -73,7 +74,7 @@ def decode_record(data: bytes) -> dict[str, Any] | None:
         record = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(record, list) or not record or record[0] != _VERSION:
+    if not isinstance(record, list) or not record or record[0] != RECORD_VERSION:
         return None
     return dict(zip(_FIELDS, record[1:], strict=False))
 
@@ -85,7 +86,7 @@ class TraceBook:
     Args:
         agent: The agent's name.
         worker: The worker's consumer name, recorded with each attempt.
-        ttl: Seconds a run's trace is kept after its last write; 0 turns tracing off.
+        ttl: Seconds a record is kept after its write; 0 turns tracing off.
         max_records: The most records one run keeps.
         running: The worker's deliveries under way with when each began (wall clock),
             where start records are found.
@@ -100,7 +101,10 @@ class TraceBook:
     # record may follow: it would replace the end), by when each began (which tells a later
     # attempt of the same delivery key from this one).
     _started: dict[tuple[str, str], float] = field(default_factory=dict)
-    _records: list[tuple[str, str, bytes]] = field(default_factory=list)  # (run, field, record)
+    # Attempts whose start record went out, by when each began: their end replaces it.
+    _start_written: dict[tuple[str, str], float] = field(default_factory=dict)
+    _rows: list[AttemptRow] = field(default_factory=list)
+    _replacing: dict[str, int] = field(default_factory=dict)  # run -> rows ending a start
     _pointers: list[tuple[str, str]] = field(default_factory=list)  # (event id, run)
 
     @property
@@ -110,7 +114,7 @@ class TraceBook:
 
     def __len__(self) -> int:
         """How many records wait to be sent."""
-        return len(self._records)
+        return len(self._rows)
 
     def ended(
         self,
@@ -124,23 +128,42 @@ class TraceBook:
         otel: tuple[str, str] | None = None,
     ) -> None:
         """Record how an attempt ended (now); it began at `started` (default: now)."""
+        # Every event's attempt comes here: its values are kept as they are, encoded with
+        # the whole batch by the bus (see `take`).
         now = time.time()
-        if started is not None:
+        if started is None:
+            started = now
+        else:
+            if self._start_written and self._start_written.pop(delivery, None) == started:
+                run = envelope.correlation_id or envelope.id
+                self._replacing[run] = self._replacing.get(run, 0) + 1
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
-        self._add(
-            envelope,
-            attempt,
-            now if started is None else started,
-            now,
-            outcome,
-            error,
-            published,
-            otel,
+        # `_append`, written out: a call is a good part of the cost here.
+        event_id = envelope.id
+        run = envelope.correlation_id or event_id
+        self._rows.append(
+            (
+                run,
+                event_id,
+                envelope.topic,
+                envelope.causation_id,
+                envelope.created_at,
+                envelope.source,
+                attempt,
+                started,
+                now,
+                outcome,
+                error,
+                published or None,
+                otel,
+            )
         )
+        if event_id != run:
+            self._pointers.append((event_id, run))
 
-    def _add(
+    def _append(
         self,
         envelope: Envelope[Any],
         attempt: int,
@@ -148,35 +171,28 @@ class TraceBook:
         ended: float | None,
         outcome: Outcome,
         error: dict[str, str] | None,
-        published: Sequence[tuple[str, str]],
+        published: Sequence[tuple[str, str]] | None,
         otel: tuple[str, str] | None,
     ) -> None:
-        """Encode a record (orjson directly: every item is a str, a number, a datetime,
-        None, or lists and dicts of them) and queue it, with its event's pointer."""
         event_id = envelope.id
         run = envelope.correlation_id or event_id
-        trace_id, span_id = otel if otel is not None else (None, None)
-        record = orjson.dumps(
+        self._rows.append(
             (
-                _VERSION,
+                run,
                 event_id,
                 envelope.topic,
                 envelope.causation_id,
                 envelope.created_at,
                 envelope.source,
-                self.agent,
                 attempt,
-                self.worker,
                 started,
                 ended,
                 outcome,
                 error,
-                published or None,
-                trace_id,
-                span_id,
+                published,
+                otel,
             )
         )
-        self._records.append((run, attempt_field(event_id, self.agent, attempt), record))
         if event_id != run:
             self._pointers.append((event_id, run))
 
@@ -194,17 +210,23 @@ class TraceBook:
             self._add_starts(now)
         elif self._started:
             self._started.clear()
-        if not self._records:
+            self._start_written.clear()
+        if not self._rows:
             return None
-        write = TraceWrite(self._records, self._pointers, self.ttl, self.max_records, now)
-        self._records = []
+        attempts = Attempts(self.agent, self.worker, self._rows, self._replacing)
+        write = TraceWrite((), self._pointers, self.ttl, self.max_records, now, attempts)
+        self._rows = []
+        self._replacing = {}
         self._pointers = []
         return write
 
     def restore(self, write: TraceWrite) -> None:
         """Put back a write that failed, before what was recorded since (which is newer and
         so must be stored after it)."""
-        self._records[:0] = write.records
+        if write.attempts is not None:
+            self._rows[:0] = write.attempts.rows
+            for run, count in write.attempts.replacing.items():
+                self._replacing[run] = self._replacing.get(run, 0) + count
         self._pointers[:0] = write.pointers
 
     def _add_starts(self, now: float) -> None:
@@ -213,6 +235,7 @@ class TraceBook:
             running = self.running
             for key in [k for k, at in started.items() if k not in running or running[k][1] != at]:
                 del started[key]
+                self._start_written.pop(key, None)
         for key, (delivery, at) in list(self.running.items()):
             if started.get(key) == at or at + START_AFTER > now:
                 continue
@@ -221,4 +244,5 @@ class TraceBook:
                 envelope = _ANY_ENVELOPE.validate_json(delivery.data)
             except ValidationError:
                 continue  # it will be dead-lettered as unreadable: no run to record it in
-            self._add(envelope, delivery.attempt, at, None, "running", None, (), None)
+            self._start_written[key] = at
+            self._append(envelope, delivery.attempt, at, None, "running", None, None, None)

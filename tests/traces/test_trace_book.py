@@ -22,10 +22,10 @@ def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
     running[("s", "2")] = (Delivery("2", child.encode(), 1, "s", "c"), time.time() - START_AFTER)
     first = book.take()
     assert first is not None and book.take() is None and len(book) == 0
-    names = [name for _, name, _ in first.records]
+    names = [name for _, name, _ in first.encoded()]
     assert names == [attempt_field(root.id, "extract", 1), attempt_field(child.id, "extract", 1)]
     assert list(first.pointers) == [(child.id, root.id)]
-    records = [decode_record(data) for _, _, data in first.records]
+    records = [decode_record(data) for _, _, data in first.encoded()]
     assert records[0] is not None and records[0]["outcome"] == "succeeded"
     assert records[0]["started"] == began and records[0]["ended"] >= began + 1
     assert records[1] is not None and records[1]["outcome"] == "running"
@@ -36,12 +36,12 @@ def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
     book.restore(first)
     again = book.take()
     assert again is not None
-    assert [decode_record(data)["outcome"] for _, _, data in again.records] == [  # type: ignore[index]
+    assert [decode_record(data)["outcome"] for _, _, data in again.encoded()] == [  # type: ignore[index]
         "succeeded",
         "running",
         "retrying",
     ]
-    assert again.by_run()[root.id][attempt_field(child.id, "extract", 1)] == again.records[-1][2]
+    assert again.by_run()[root.id][attempt_field(child.id, "extract", 1)] == again.encoded()[-1][2]
 
 
 def test_a_start_record_is_written_once_and_a_book_with_no_ttl_is_off() -> None:
@@ -50,7 +50,7 @@ def test_a_start_record_is_written_once_and_a_book_with_no_ttl_is_off() -> None:
     book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
     assert book.start_due() is not None
     first = book.take()
-    assert first is not None and len(first.records) == 1
+    assert first is not None and len(first.encoded()) == 1
     assert book.take() is None and book.start_due() is None
     assert not TraceBook("a", "w", ttl=0, max_records=10).enabled
 
@@ -63,14 +63,14 @@ def test_an_end_recorded_while_its_delivery_is_still_running_is_never_replaced_b
     running = {("s", "1"): (Delivery("1", event.encode(), 1, "s", "c"), began)}
     book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
     first = book.take()
-    assert first is not None and decode_record(first.records[0][2])["outcome"] == "running"  # type: ignore[index]
+    assert first is not None and decode_record(first.encoded()[0][2])["outcome"] == "running"  # type: ignore[index]
     book.ended(("s", "1"), event, 1, "retrying", started=began)
     again = book.take()
     assert again is not None
-    assert [decode_record(data)["outcome"] for _, _, data in again.records] == ["retrying"]  # type: ignore[index]
+    assert [decode_record(data)["outcome"] for _, _, data in again.encoded()] == ["retrying"]  # type: ignore[index]
     assert book.take() is None and book.start_due() is None
     # A later attempt under the same delivery key gets its own start record.
     del running[("s", "1")]
     running[("s", "1")] = (Delivery("1", event.encode(), 2, "s", "c"), time.time() - 1)
     later = book.take()
-    assert later is not None and decode_record(later.records[0][2])["attempt"] == 2  # type: ignore[index]
+    assert later is not None and decode_record(later.encoded()[0][2])["attempt"] == 2  # type: ignore[index]

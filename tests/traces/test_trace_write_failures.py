@@ -31,8 +31,10 @@ async def test_a_refused_trace_write_settles_and_counts_once_then_goes_again(
     raw = aioredis.Redis.from_url(redis_url)
     async with app, anyio.create_task_group() as tg:
         run = await app.publish(topic, {"n": 1})
-        # The run's trace key holds a string: the bus refuses the trace script (WRONGTYPE).
-        await raw.set(app.broker.trace_key(run), b"in the way")  # type: ignore[attr-defined]
+        # The list of the run's trace directories holds a string: the bus refuses the trace
+        # script (WRONGTYPE).
+        in_the_way = app.broker.trace_dirs_key(app.broker.trace_shard(run))  # type: ignore[attr-defined]
+        await raw.set(in_the_way, b"in the way")
         worker = Worker(app)
         tg.start_soon(worker.run)
         with anyio.fail_after(15):
@@ -42,8 +44,8 @@ async def test_a_refused_trace_write_settles_and_counts_once_then_goes_again(
             while group["pending"]:
                 await anyio.sleep(0.02)
                 [group] = await raw.xinfo_groups(app.broker.stream_key(topic))  # type: ignore[attr-defined]
-        assert await raw.get(app.broker.trace_key(run)) == b"in the way"  # type: ignore[attr-defined]
-        await raw.delete(app.broker.trace_key(run))  # type: ignore[attr-defined]
+        assert await raw.get(in_the_way) == b"in the way"
+        await raw.delete(in_the_way)
         with anyio.fail_after(15):
             while (trace := await app.trace(run)) is None:
                 await anyio.sleep(0.02)  # it goes again with the next batch (or the counts')

@@ -199,16 +199,17 @@ class RedisDelivery(RedisTraces):
     ) -> tuple[list[Any], list[Any]]:
         """On one server: the ack's commands and the trace's in one round trip; the
         error replies of each."""
+        trace_errors: list[Any] = []
         replies = await self._exchange(
             commands,
             key=self.stream_key(sub.topic),
             timeout=_SOCKET_TIMEOUT + self._replica_wait,
             replicate="settle",
             packed=self.packed_trace(trace),
+            packed_errors=trace_errors,
             raise_errors=False,
         )
-        errors = [r for r in replies[: len(commands)] if isinstance(r, Exception)]
-        return errors, [r for r in replies[len(commands) :] if isinstance(r, Exception)]
+        return [r for r in replies if isinstance(r, Exception)], trace_errors
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send an ack's commands to the server of the topic; the error replies.

@@ -66,13 +66,22 @@ class RedisKeys:
         """The key of an output log (a stream, one field `d` per entry)."""
         return f"{self._prefix}:output:{key}"
 
-    def trace_key(self, run_id: str) -> str:
-        """The key of a run's trace records (a hash: field -> record, and `!dropped`)."""
-        return f"{self._prefix}:trace:{run_id}"
+    def trace_dir_key(self, shard: int, span_ms: int, bucket: int) -> str:
+        """The key of a trace directory: a sorted set (all scores 0, read by lexical range) of
+        the runs (and pointers) written in one span of time, each naming its batch."""
+        return f"{self._prefix}:{{trace-{shard}}}:dir:{span_ms}:{bucket}"
 
-    def trace_pointer_key(self, event_id: str) -> str:
-        """The key naming the run an event belongs to."""
-        return f"{self._prefix}:trace-of:{event_id}"
+    def trace_dirs_key(self, shard: int) -> str:
+        """The key of a shard's live directories (a sorted set: key -> when it expires, ms)."""
+        return f"{self._prefix}:{{trace-{shard}}}:dirs"
+
+    def trace_batch_key(self, shard: int, ref: str) -> str:
+        """The key of one written batch of trace records (one JSON document)."""
+        return f"{self._prefix}:{{trace-{shard}}}:batch:{ref}"
+
+    def trace_count_key(self, shard: int, run_id: str) -> str:
+        """The key of a large run's counts (a hash: `n` records kept, `dropped`)."""
+        return f"{self._prefix}:{{trace-{shard}}}:n:{run_id}"
 
     def runs_key(self) -> str:
         """The key of the index of runs (a stream: one entry per written batch, its runs)."""

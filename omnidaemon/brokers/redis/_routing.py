@@ -96,14 +96,17 @@ class RedisRouting(RedisConnection):
         timeout: float,
         replicate: str | None = None,
         packed: tuple[bytes, int] | None = None,
+        packed_errors: list[Any] | None = None,
         raise_errors: bool = True,
     ) -> list[Any]:
         """Send commands, pipelined on one connection of the broker's own, to the server that
         holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
 
-        `packed` is more commands already in the protocol, with how many replies they get
-        (theirs follow the others'): for one server only, where nothing is redirected. With
-        `raise_errors` off, error replies are returned as values, not raised.
+        `packed` is more commands already in the protocol, with how many replies they get,
+        sent after the others: for one server only, where nothing is redirected. Their
+        replies are not returned: only their error replies, appended to `packed_errors`
+        (never raised), so that a write of many small commands costs one check a reply.
+        With `raise_errors` off, error replies are returned as values, not raised.
 
         The hot commands (a consumer's XREADGROUP, a publish's XADD) skip the client's
         command machinery (pool checkout, retry wrapper, per-command bookkeeping, reply
@@ -143,16 +146,14 @@ class RedisRouting(RedisConnection):
                 asking=asking,
                 replicate=replicate if self._min_replicas > 0 else None,
                 packed=packed,
+                packed_errors=packed_errors,
             )
-            if packed is not None:
-                replies += [None] * packed[1]
-                todo += range(len(commands), len(replies))
-                packed = None
+            packed = None
             moved: AskError | TryAgainError | None = None
             redirected = []
             for index, reply in zip(todo, got, strict=True):
                 # MovedError is an AskError; only a cluster redirects (elsewhere: an error).
-                if isinstance(reply, AskError | TryAgainError) and self._cluster is not None:
+                if self._cluster is not None and isinstance(reply, _REDIRECTS):
                     moved = reply if moved is None or isinstance(reply, MovedError) else moved
                     redirected.append(index)
                 else:
@@ -225,9 +226,11 @@ class RedisRouting(RedisConnection):
         asking: bool,
         replicate: str | None,
         packed: tuple[bytes, int] | None = None,
+        packed_errors: list[Any] | None = None,
     ) -> list[Any]:
-        """One round trip on one connection to `node`: every reply, error replies as values
-        (those of `packed`, commands already in the protocol, last)."""
+        """One round trip on one connection to `node`: every reply to `commands`, error
+        replies as values; `packed` (commands already in the protocol, sent after them) has
+        only its error replies kept, appended to `packed_errors`."""
         conn = self._take(owner, node)
         try:
             if conn is None:
@@ -236,17 +239,20 @@ class RedisRouting(RedisConnection):
             for command in commands:
                 commands_out += [("ASKING",), command] if asking else [command]
             chunks = conn.pack_commands(commands_out)
-            expected = len(commands_out)
             if packed is not None:
                 chunks.append(packed[0])
-                expected += packed[1]
             if replicate:
                 wait = ("WAIT", self._min_replicas, int(self._publish_timeout * 1000))
                 chunks += conn.pack_commands([wait])
-                expected += 1
             with anyio.fail_after(timeout):
                 await conn.send_packed_command(chunks)
-                raw = await _read_replies(conn, expected)
+                raw = await _read_replies(conn, len(commands_out))
+                if packed is not None:
+                    errors = await _read_replies(conn, packed[1], errors_only=True)
+                    if packed_errors is not None:
+                        packed_errors += errors
+                if replicate:
+                    raw += await _read_replies(conn, 1)
         except BaseException as exc:
             await self._discard(conn, node, owner, exc)
             raise
@@ -451,9 +457,12 @@ class RedisRouting(RedisConnection):
             return None
 
 
-async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+async def _read_replies(
+    conn: AbstractConnection, count: int, *, errors_only: bool = False
+) -> list[Any]:
     """`count` replies from `conn`, error replies as values (the caller's deadline bounds the
-    wait).
+    wait); with `errors_only`, only the error replies among them (a batch of writes whose
+    replies say nothing else).
 
     Straight from the connection's hiredis reader when it has one, one `gets()` a reply:
     redis-py's `read_response` wraps each reply in five calls and a timeout, about 2 µs, and an
@@ -467,9 +476,12 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
         replies: list[Any] = []
         for _ in range(count):
             try:
-                replies.append(await conn.read_response(timeout=_NO_TIMEOUT))
+                reply = await conn.read_response(timeout=_NO_TIMEOUT)
             except ResponseError as exc:
                 replies.append(exc)
+            else:
+                if not errors_only:
+                    replies.append(reply)
         return replies
     replies = []
     append, gets = replies.append, reader.gets
@@ -478,7 +490,8 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
     while remaining:
         reply = gets()
         if type(reply) in _PLAIN:  # the common replies, with one check
-            append(reply)
+            if not errors_only:
+                append(reply)
             remaining -= 1
         elif reply is _NOT_ENOUGH_DATA:
             try:
@@ -490,12 +503,14 @@ async def _read_replies(conn: AbstractConnection, count: int) -> list[Any]:
         elif isinstance(reply, push):
             await parser.handle_push_response(reply)  # type: ignore[no-untyped-call]
         else:
-            append(reply)
+            if not errors_only or isinstance(reply, Exception):
+                append(reply)
             remaining -= 1
     return replies
 
 
 _PLAIN = frozenset({int, bytes, list, dict, type(None)})
+_REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
 
 
 class _NeverPushed:

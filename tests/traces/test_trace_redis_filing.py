@@ -1,0 +1,77 @@
+"""How Redis files a worker's attempt records (one document and one script a batch), on a real
+redis-server: past a run's bound a batch's new records are dropped together, counted, while
+an attempt's end still replaces its start; any event finds its run; the records of a run
+are read back exactly as a worker encodes them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from omnidaemon.brokers import RedisBroker, Subscription
+from omnidaemon.brokers.traces import Attempts, TraceWrite, encode_attempt
+from omnidaemon.traces.records import decode_record
+
+pytestmark = pytest.mark.anyio
+
+CREATED = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def broker(redis_url: str) -> AsyncIterator[RedisBroker]:
+    async with RedisBroker(redis_url, prefix=f"tf{uuid4().hex[:8]}") as b:
+        yield b
+
+
+def row(run: str, event: str, outcome: str = "running", ended: float | None = None) -> Any:
+    return (
+        run,
+        event,
+        "doc.uploaded",
+        None,
+        CREATED,
+        "app",
+        1,
+        1.5,
+        ended,
+        outcome,
+        None,
+        None,
+        None,
+    )
+
+
+def write(
+    rows: list[Any], *, replacing: dict[str, int] | None = None, bound: int = 2
+) -> TraceWrite:
+    attempts = Attempts("extract", "w1", rows, replacing or {})
+    pointers = [(r[1], r[0]) for r in rows if r[1] != r[0]]
+    return TraceWrite((), pointers, 60, bound, time.time(), attempts)
+
+
+async def test_past_the_bound_new_records_are_dropped_and_an_end_still_replaces_its_start(
+    broker: RedisBroker,
+) -> None:
+    sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
+    await broker.subscribe(sub)
+    run = f"run-{uuid4().hex[:8]}"
+    starts = [row(run, f"e{i}") for i in range(3)]
+    await broker.ack(sub, [], trace=write(starts))  # within the unchecked records: all kept
+    await broker.ack(sub, [], trace=write([row(run, f"x{i}") for i in range(30)]))  # past it
+    end = row(run, "e0", "succeeded", 2.5)
+    more = [row(run, f"y{i}") for i in range(5)]
+    await broker.ack(sub, [], trace=write([end, *more], replacing={run: 1}))
+    stored = await broker.read_trace(run)
+    assert stored is not None
+    assert set(stored.records) == {"e0|extract|1", "e1|extract|1", "e2|extract|1"}
+    assert stored.records["e0|extract|1"] == encode_attempt("extract", "w1", end)[2]
+    decoded = decode_record(stored.records["e0|extract|1"])
+    assert decoded is not None and decoded["outcome"] == "succeeded" and decoded["ended"] == 2.5
+    assert stored.dropped == 35  # 30, then the 5 new ones of the last batch
+    assert await broker.run_of("e1") == run and await broker.run_of("y0") == run
+    assert await broker.run_of(f"nothing-{uuid4().hex[:6]}") is None
