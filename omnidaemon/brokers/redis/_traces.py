@@ -1,356 +1,59 @@
 """The trace store on Redis (`Broker.ack(..., trace=)` and its readers).
 
 Every event writes a record, so the write is built for cost (measured by the benchmark,
-`--cases traces`): each batch of acks stores its records as one JSON document, encoded by one
-`orjson` call, and one script files the batch under each run it holds. Per-record keys and
-commands cost the drain about 20 % (a Python call or two a record to encode and pack, and a
-reply each); this costs it about half that. All keys of a shard share one hash tag (`{trace-N}`:
-one shard on one server, `_CLUSTER_SHARDS` on a cluster, a run's shard by the CRC of its id):
+`--cases traces`, and `python -m bench.ab`): each batch of acks stores its records as one
+JSON document, encoded by one `orjson` call, and one script files the batch under each run it
+holds (`_trace_writes.py`). Per-record commands (an `HSET` a record, a `PEXPIRE` a run) cost
+the no-op drain 22-25 %, mostly the Python that encodes and packs each record; this costs it
+about 12-20 %. All keys of a shard share one hash tag (`{trace-N}`: one shard on one server,
+16 on a cluster, a run's shard by the CRC of its id):
 
 - `…:batch:<ref>`: one written batch, `[1, agent, worker, rows, records]` (the attempts' values,
   see `omnidaemon.brokers.traces.AttemptRow`, and any records written as bytes), kept for the
   TTL plus one span. `<ref>` starts with the writer's time in ms, so refs sort as written.
-- `…:dir:<span ms>:<n>`: a directory of the batches written in the `n`-th span of time (a
-  sorted set, every score 0, read by lexical range): per run `<len>:<run id>|<ref>`, and per
-  event that is not its run's first `@<len>:<event id><run id>`. A span is a sixteenth of the
-  TTL (at most an hour); a directory expires the TTL after its span ends, so a record is kept
-  at least the TTL after its write and at most one span more.
+- `…:dir:<span ms>:<n>`: the directory of the batches written in the `n`-th span of time, a
+  hash: run id -> its batches' refs, comma-separated, a ref marked `~` when the run was over
+  its bound (below). A span is a sixteenth of the TTL (at most an hour); a directory expires
+  the TTL after its span ends, so a record is kept at least the TTL after its write and at
+  most one span more.
+- `…:ptr:<span ms>:<n>`: the span's pointers, a hash: event id -> run id, for every event that
+  is not its run's first.
 - `…:dirs`: the shard's live directories (a sorted set: key -> when it expires), for readers.
 - `…:n:<run id>`: the counts of a run past `_UNCHECKED` records from one writer (`n` kept,
-  `dropped`): past `max_records`, a batch's new records of the run are filed with `~` instead
-  of `|`, which tells readers to take from it only the records that replace one already read
-  (an attempt's end replacing its start), and counted as dropped.
+  `dropped`): past `max_records`, a batch's new records of the run are filed under a `~` ref,
+  which tells readers to take from it only the records that replace one already read (an
+  attempt's end replacing its start), and counted as dropped.
 - `omni:runs`: the index of runs, a stream with one entry per written batch (field `r`, the
   batch's run ids as netstrings, field `t`, the writer's time), trimmed by every write of the
   entries older than the TTL (`MINID`).
 
-A reader of a run lists the shard's live directories, reads the run's range from each, and
-then the batches they name, newest last: a later record of a field replaces an earlier one.
+A reader of a run lists the shard's live directories, `HGET`s the run in each, and `MGET`s the
+batches they name, oldest first: a later record of a field replaces an earlier one.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import operator
-import secrets
 import time
-import zlib
-from collections import Counter
-from collections.abc import Sequence
-from typing import Any
 
 import orjson
-from redis.asyncio.cluster import ClusterNode
 
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT
 from omnidaemon.brokers.redis._keys import _decode, _field
-from omnidaemon.brokers.redis._routing import RedisRouting
-from omnidaemon.brokers.traces import AttemptRow, StoredTrace, TraceWrite, encode_attempt
+from omnidaemon.brokers.redis._trace_writes import (
+    BATCH_FORMAT,
+    RedisTraceWrites,
+    parse_netstrings,
+    pointers_key,
+)
+from omnidaemon.brokers.traces import StoredTrace, encode_attempt
 
 __all__ = ["RedisTraces"]
 
-_UNCHECKED = 32  # records a writer files under one run before the bound is checked
-_RUNS_REMEMBERED = 4096  # runs whose record counts a process keeps (then all forgotten)
 _SCAN_BATCH = 200  # index entries read at a time by `recent_runs`
-_CLUSTER_SHARDS = 16  # trace shards on a cluster (one on a single server)
-_MAX_SPAN = 3600.0  # seconds of writes one directory holds, at most
-_MIN_SPAN = 0.05
-_BATCH_FORMAT = 1
-_RUN = operator.itemgetter(0)  # a row's run, taken by a C loop
-
-# KEYS: the directory, the pointers, the batch, the shard's list of directories, the index
-# of runs (on a cluster, where it lives elsewhere, the list of directories again), then the
-# count key of each checked run. ARGV: the batch's TTL (ms), when the directory expires (ms),
-# now (ms), the batch's ref, the most records a run keeps, the batch, `[pointers, checked,
-# runs or null]` as JSON (pointers `[event, run]`; checked `[run, new records]`), the runs
-# joined by NUL when none holds one (else they are in the JSON; runs may repeat), and, to add
-# the batch's entry to the index of runs, the oldest entry to keep (ms) and the writer's time.
-_WRITE = """
--- The list of directories first: a write refused there (a key in the way) writes nothing.
-redis.call('ZADD', KEYS[4], 'GT', ARGV[2], KEYS[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[3])
-local index = cjson.decode(ARGV[7])
-local pointers, checked = index[1], index[2]
-local ttl, ref, max = ARGV[1], ARGV[4], tonumber(ARGV[5])
-local over = {}
-for i, item in ipairs(checked) do
-    local key, new = KEYS[5 + i], tonumber(item[2])
-    if new > 0 then
-        local kept = tonumber(redis.call('HGET', key, 'n') or '0')
-        if kept + new > max then
-            redis.call('HINCRBY', key, 'dropped', new)
-            over[item[1]] = true
-        else
-            redis.call('HINCRBY', key, 'n', new)
-        end
-        redis.call('PEXPIRE', key, ttl)
-    end
-end
-redis.call('SET', KEYS[3], ARGV[6], 'PX', ttl)
-local runs, seen = {}, {}
-local function add(run)
-    if not seen[run] then
-        seen[run] = true
-        runs[#runs + 1] = run
-    end
-end
-if type(index[3]) == 'table' then
-    for _, run in ipairs(index[3]) do add(run) end
-else
-    for run in string.gmatch(ARGV[8], '[^%z]+') do add(run) end
-end
--- Per run, its batches in this directory: `<ref>` or `~<ref>` (over the bound), comma-separated.
-for i = 1, #runs, 1000 do
-    local last = math.min(i + 999, #runs)
-    local old = redis.call('HMGET', KEYS[1], unpack(runs, i, last))
-    local args = {}
-    for j = i, last do
-        local run = runs[j]
-        local entry = over[run] and ('~' .. ref) or ref
-        local before = old[j - i + 1]
-        args[#args + 1] = run
-        args[#args + 1] = before and (before .. ',' .. entry) or entry
-    end
-    redis.call('HSET', KEYS[1], unpack(args))
-end
-if #runs > 0 then
-    redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-end
-if #pointers > 0 then
-    local args = {}
-    for _, pair in ipairs(pointers) do
-        args[#args + 1] = pair[1]
-        args[#args + 1] = pair[2]
-    end
-    for i = 1, #args, 2000 do
-        redis.call('HSET', KEYS[2], unpack(args, i, math.min(i + 1999, #args)))
-    end
-    redis.call('PEXPIREAT', KEYS[2], ARGV[2])
-end
-if ARGV[9] and #runs > 0 then
-    local listed = {}
-    for i, run in ipairs(runs) do listed[i] = #run .. ':' .. run end
-    local entry = {'r', table.concat(listed), 't', ARGV[10]}
-    redis.call('XADD', KEYS[5], 'MINID', '~', ARGV[9], '*', unpack(entry))
-end
-return 0
-"""
 
 
-def _packed(args: Sequence[bytes]) -> bytes:
-    """One command in the protocol."""
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
-
-
-def _netstring(item: str) -> str:
-    """`item` as `<length in bytes>:<item>` (how runs and events are named in a directory)."""
-    return f"{len(item.encode())}:{item}"
-
-
-def _netstrings(items: Sequence[str]) -> bytes:
-    """`items` as netstrings, one after another."""
-    return b"".join(_netstring(item).encode() for item in items)
-
-
-def _parse_netstrings(data: bytes) -> list[str]:
-    items, pos = [], 0
-    while pos < len(data):
-        colon = data.index(b":", pos)
-        size = int(data[pos:colon])
-        items.append(data[colon + 1 : colon + 1 + size].decode())
-        pos = colon + 1 + size
-    return items
-
-
-def _pointers_key(directory: str) -> str:
-    """The pointers of a directory's span (a hash: event id -> run id)."""
-    head, _, tail = directory.rpartition(":dir:")
-    return f"{head}:ptr:{tail}"
-
-
-def _span(ttl: float) -> float:
-    """Seconds of writes one directory holds, for records kept `ttl` seconds."""
-    return min(_MAX_SPAN, max(_MIN_SPAN, ttl / 16))
-
-
-class RedisTraces(RedisRouting):
-    """The trace commands of `RedisBroker`."""
-
-    _trace_counts: Counter[str] | None = None  # run -> records this process wrote
-    _large_runs: set[str] | None = None  # runs past `_UNCHECKED` from this process: checked
-    _trace_writer: str = ""  # this process's part of a batch's ref
-    _trace_batches = itertools.count(1)
-
-    # Writing ---------------------------------------------------------------------------------
-
-    def _trace_shards(self) -> int:
-        return _CLUSTER_SHARDS if self._cluster is not None else 1
-
-    def trace_shard(self, item_id: str) -> int:
-        """The shard that files a run (or an event's pointer)."""
-        shards = self._trace_shards()
-        return zlib.crc32(item_id.encode()) % shards if shards > 1 else 0
-
-    def _filing(self, write: TraceWrite, shard: int, part: _Part, *, indexed: bool) -> list[bytes]:
-        """The `EVAL` of `_WRITE` filing `part` of `write` on `shard`, as its arguments;
-        `indexed`: with the batch's entry in the index of runs (one server only)."""
-        if not self._trace_writer:
-            type(self)._trace_writer = secrets.token_hex(5)
-        now_ms = int(write.now * 1000)
-        ref = f"{now_ms:013d}.{self._trace_writer}.{next(self._trace_batches)}"
-        span = _span(write.ttl)
-        span_ms = max(1, int(span * 1000))
-        bucket = now_ms // span_ms
-        ttl_ms = max(1, math.ceil((write.ttl + span) * 1000))
-        expires_ms = (bucket + 1) * span_ms + max(1, math.ceil(write.ttl * 1000))
-        attempts = write.attempts
-        batch = orjson.dumps(
-            (
-                _BATCH_FORMAT,
-                attempts.agent if attempts is not None else "",
-                attempts.worker if attempts is not None else "",
-                part.rows,
-                part.records,
-            )
-        )
-        runs = "\0".join(part.runs)
-        if runs.count("\0") != len(part.runs) - 1 and part.runs:  # a run's id holds a NUL
-            index = orjson.dumps((part.pointers, part.checked, part.runs))
-            runs = ""
-        else:
-            index = orjson.dumps((part.pointers, part.checked, None))
-        directory = self.trace_dir_key(shard, span_ms, bucket)
-        keys = [
-            directory,
-            _pointers_key(directory),
-            self.trace_batch_key(shard, ref),
-            self.trace_dirs_key(shard),
-            self.runs_key() if indexed else self.trace_dirs_key(shard),
-            *(self.trace_count_key(shard, run) for run, _ in part.checked),
-        ]
-        indexing: list[bytes] = []
-        if indexed:
-            oldest_ms = max(0, int((write.now - write.ttl) * 1000))
-            indexing = [b"%d" % oldest_ms, repr(float(write.now)).encode()]
-        return [
-            b"EVAL",
-            _WRITE.encode(),
-            b"%d" % len(keys),
-            *(key.encode() for key in keys),
-            b"%d" % ttl_ms,
-            b"%d" % expires_ms,
-            b"%d" % now_ms,
-            ref.encode(),
-            b"%d" % write.max_records,
-            batch,
-            index,
-            runs.encode(),
-            *indexing,
-        ]
-
-    def _parts(self, write: TraceWrite) -> dict[int, _Part]:
-        """`write` split by shard, each part with the runs its records must be checked for."""
-        attempts = write.attempts
-        rows: Sequence[AttemptRow] = attempts.rows if attempts is not None else ()
-        records = [(run, name, data.decode()) for run, name, data in write.records]
-        if self._trace_shards() == 1:  # one server: everything in one part, in one pass
-            runs = list(map(_RUN, rows))
-            parts = {0: _Part(rows, records, runs, list(write.pointers))}
-            parts[0].runs += [run for run, _, _ in records]
-        else:
-            parts = {}
-            shard_of = self.trace_shard
-            rows_of: dict[int, list[AttemptRow]] = {}
-            for row in rows:
-                shard = shard_of(row[0])
-                rows_of.setdefault(shard, []).append(row)
-                parts.setdefault(shard, _Part(rows_of[shard], [], [], [])).runs.append(row[0])
-            for record in records:
-                part = parts.setdefault(shard_of(record[0]), _Part([], [], [], []))
-                part.records.append(record)
-                part.runs.append(record[0])
-            for pointer in write.pointers:
-                parts.setdefault(shard_of(pointer[0]), _Part([], [], [], [])).pointers.append(
-                    pointer
-                )
-        self._check_bound(parts, attempts.replacing if attempts is not None else {})
-        return parts
-
-    def _check_bound(self, parts: dict[int, _Part], replacing: dict[str, int]) -> None:
-        """Name in each part the runs whose bound its script checks: those past `_UNCHECKED`
-        records from this process (counted here: a `Counter` updated, and its largest count
-        among the batch's runs found, by C loops, as every event's run passes here)."""
-        counts = self._trace_counts
-        if counts is None:
-            counts = self._trace_counts = Counter()
-        large = self._large_runs
-        if large is None:
-            large = self._large_runs = set()
-        for part in parts.values():
-            runs = part.runs
-            if not runs:
-                continue
-            counts.update(runs)
-            if max(map(counts.__getitem__, runs)) <= _UNCHECKED and large.isdisjoint(runs):
-                continue
-            for run, written in Counter(runs).items():
-                if counts[run] > _UNCHECKED or run in large:
-                    large.add(run)
-                    part.checked.append((run, written - replacing.get(run, 0)))
-        if len(counts) > _RUNS_REMEMBERED:
-            counts.clear()  # a large run stays checked: it is in `_large_runs`
-        if len(large) > _RUNS_REMEMBERED:
-            large.clear()
-
-    def trace_commands(self, write: TraceWrite) -> list[tuple[str, tuple[Any, ...]]]:
-        """The commands that store `write`, each with a key that routes it (a cluster's
-        path; one server sends `packed_trace` instead)."""
-        commands: list[tuple[str, tuple[Any, ...]]] = []
-        runs: dict[str, None] = {}
-        for shard, part in self._parts(write).items():
-            args = self._filing(write, shard, part, indexed=False)
-            commands.append((args[3].decode(), tuple(args)))  # the directory routes it
-            runs.update(dict.fromkeys(part.runs))
-        if runs:
-            index = self.runs_key()
-            commands.append((index, self._index_command(write, _netstrings(list(runs)))))
-        return commands
-
-    def packed_trace(self, write: TraceWrite) -> tuple[bytes, int]:
-        """The write for one server in the protocol: `(bytes, how many replies they get)`:
-        the script that files the batch, and the batch's entry in the index of runs."""
-        part = self._parts(write)[0]
-        return _packed(self._filing(write, 0, part, indexed=True)), 1
-
-    def _index_command(self, write: TraceWrite, listed: bytes) -> tuple[bytes, ...]:
-        """The batch's entry in the index of runs: `listed`, its runs as netstrings."""
-        oldest_ms = max(0, int((write.now - write.ttl) * 1000))
-        return (
-            b"XADD",
-            self.runs_key().encode(),
-            b"MINID",
-            b"~",
-            b"%d" % oldest_ms,
-            b"*",
-            b"r",
-            listed,
-            b"t",
-            repr(float(write.now)).encode(),
-        )
-
-    def by_node(
-        self, commands: Sequence[tuple[str, tuple[Any, ...]]]
-    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """`commands` grouped by the cluster node that holds their keys, each group with a
-        key that routes it there."""
-        groups: dict[ClusterNode | None, tuple[str, list[tuple[Any, ...]]]] = {}
-        for key, command in commands:
-            node = self._node_of(key)
-            groups.setdefault(node, (key, []))[1].append(command)
-        return list(groups.values())
-
-    # Reading ---------------------------------------------------------------------------------
+class RedisTraces(RedisTraceWrites):
+    """The trace store of `RedisBroker`: its reads here, its writes inherited."""
 
     async def _live_dirs(self, shard: int) -> list[str]:
         """The shard's directories that may still hold records."""
@@ -402,7 +105,7 @@ class RedisTraces(RedisRouting):
         if not dirs:
             return None
         runs = await self._exchange(
-            [("HGET", _pointers_key(d), event_id) for d in dirs],
+            [("HGET", pointers_key(d), event_id) for d in dirs],
             key=self.trace_dirs_key(shard),
             timeout=_SOCKET_TIMEOUT,
         )
@@ -423,33 +126,13 @@ class RedisTraces(RedisRouting):
             for _, flat in entries:
                 written = float(_field(flat, b"t") or 0)
                 if written >= since:
-                    for run_id in _parse_netstrings(_field(flat, b"r")):
+                    for run_id in parse_netstrings(_field(flat, b"r")):
                         found.setdefault(run_id, written)
             if len(entries) < _SCAN_BATCH:
                 break
             end = f"({_decode(entries[-1][0])}"
         ranked = sorted(found.items(), key=lambda item: item[1], reverse=True)
         return ranked[:limit]
-
-
-class _Part:
-    """What one shard files of a write: rows, records (text), every run they name (with
-    repeats), pointers, and the runs whose bound the script checks, with their new records."""
-
-    __slots__ = ("checked", "pointers", "records", "rows", "runs")
-
-    def __init__(
-        self,
-        rows: Sequence[AttemptRow],
-        records: list[tuple[str, str, str]],
-        runs: list[str],
-        pointers: list[tuple[str, str]],
-    ) -> None:
-        self.rows = rows
-        self.records = records
-        self.runs = runs
-        self.pointers = pointers
-        self.checked: list[tuple[str, int]] = []
 
 
 def _records_of(data: bytes, run_id: str) -> list[tuple[str, bytes]]:
@@ -460,7 +143,7 @@ def _records_of(data: bytes, run_id: str) -> list[tuple[str, bytes]]:
         version, agent, worker, rows, records = batch
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return []
-    if version != _BATCH_FORMAT:
+    if version != BATCH_FORMAT:
         return []
     found = [(name, record.encode()) for run, name, record in records if run == run_id]
     for row in rows:
