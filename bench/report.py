@@ -601,10 +601,11 @@ traces --reps 5` runs them alone, and writes this section of RESULTS.md):
   timed inside it from its first handled event to its N-th), each repetition three times on
   the same server: the raw redis-py consumer, and one omnidaemon worker process at the
   default concurrency (16) with run traces (as workers run by default: a record per attempt,
-  written with the batched acks, one script per batch, `omnidaemon/brokers/redis/_traces.py`)
-  and with `OMNIDAEMON_TRACE_TTL=0` (none), these two in either order, turn about. After each
-  omnidaemon drain the benchmark checks the index of runs on the bus (`omni:runs`): N runs
-  with traces (each event is a run of its own), none without. **vs raw** is the ratio to the
+  written with the batched acks, one JSON document and one script per batch,
+  `omnidaemon/brokers/redis/_trace_writes.py`) and with `OMNIDAEMON_TRACE_TTL=0` (none), these
+  two in either order, turn about. After each omnidaemon drain the benchmark checks the runs
+  filed in the trace directories on the bus: N runs with traces (each event is a run of its
+  own), none without. **vs raw** is the ratio to the
   raw drain of the same run. **cost of traces**: `1 - with/without`, from the two medians (the
   figure the target applies to: under 10 %) and, in its row, of each repetition's own pair.
   CPU per event: the consumer's `time.process_time()` over the same window, divided by N.

@@ -99,9 +99,14 @@ if #pointers > 0 then
     redis.call('PEXPIREAT', KEYS[2], ARGV[2])
 end
 if ARGV[9] and #runs > 0 then
-    local listed = {}
-    for i, run in ipairs(runs) do listed[i] = #run .. ':' .. run end
-    local entry = {'r', table.concat(listed), 't', ARGV[10]}
+    -- The runs as they came (NUL-joined, repeats and all: readers skip repeats), or as
+    -- netstrings when a run's id holds a NUL.
+    local entry = {'z', ARGV[8], 't', ARGV[10]}
+    if ARGV[8] == '' then
+        local listed = {}
+        for i, run in ipairs(runs) do listed[i] = #run .. ':' .. run end
+        entry = {'r', table.concat(listed), 't', ARGV[10]}
+    end
     redis.call('XADD', KEYS[5], 'MINID', '~', ARGV[9], '*', unpack(entry))
 end
 return 0

@@ -23,9 +23,10 @@ about 12-20 %. All keys of a shard share one hash tag (`{trace-N}`: one shard on
   `dropped`): past `max_records`, a batch's new records of the run are filed under a `~` ref,
   which tells readers to take from it only the records that replace one already read (an
   attempt's end replacing its start), and counted as dropped.
-- `omni:runs`: the index of runs, a stream with one entry per written batch (field `r`, the
-  batch's run ids as netstrings, field `t`, the writer's time), trimmed by every write of the
-  entries older than the TTL (`MINID`).
+- `omni:runs`: the index of runs, a stream with one entry per written batch (field `z`, the
+  batch's run ids joined by NUL, as the script got them, or `r`, as netstrings, when one
+  holds a NUL; field `t`, the writer's time), trimmed by every write of the entries older
+  than the TTL (`MINID`).
 
 A reader of a run lists the shard's live directories, `HGET`s the run in each, and `MGET`s the
 batches they name, oldest first: a later record of a field replaces an earlier one.
@@ -126,7 +127,12 @@ class RedisTraces(RedisTraceWrites):
             for _, flat in entries:
                 written = float(_field(flat, b"t") or 0)
                 if written >= since:
-                    for run_id in parse_netstrings(_field(flat, b"r")):
+                    joined = _field(flat, b"z")
+                    if joined:
+                        runs = _decode(joined).split("\0")
+                    else:
+                        runs = parse_netstrings(_field(flat, b"r"))
+                    for run_id in runs:
                         found.setdefault(run_id, written)
             if len(entries) < _SCAN_BATCH:
                 break
