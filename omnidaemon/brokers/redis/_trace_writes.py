@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import os
 import secrets
 import zlib
 from collections import Counter
@@ -154,7 +155,8 @@ class RedisTraceWrites(RedisRouting):
 
     _trace_counts: Counter[str] | None = None  # run -> records this process wrote
     _large_runs: set[str] | None = None  # runs past `_UNCHECKED` from this process: checked
-    _trace_writer: str = ""  # this process's part of a batch's ref
+    _trace_writer: str = ""  # this process's part of a batch's ref (random)
+    _trace_writer_pid = 0
     _trace_batches = itertools.count(1)
 
     def _trace_shards(self) -> int:
@@ -168,8 +170,9 @@ class RedisTraceWrites(RedisRouting):
     def _filing(self, write: TraceWrite, shard: int, part: _Part, *, indexed: bool) -> list[bytes]:
         """The `EVAL` of `_WRITE` filing `part` of `write` on `shard`, as its arguments;
         `indexed`: with the batch's entry in the index of runs (one server only)."""
-        if not self._trace_writer:
-            type(self)._trace_writer = secrets.token_hex(5)
+        if self._trace_writer_pid != os.getpid():  # a forked process names its own batches
+            cls = type(self)
+            cls._trace_writer, cls._trace_writer_pid = secrets.token_hex(5), os.getpid()
         now_ms = int(write.now * 1000)
         ref = f"{now_ms:013d}.{self._trace_writer}.{next(self._trace_batches)}"
         span = _span(write.ttl)
@@ -322,8 +325,6 @@ class RedisTraceWrites(RedisRouting):
             node = self._node_of(key)
             groups.setdefault(node, (key, []))[1].append(command)
         return list(groups.values())
-
-    # Reading ---------------------------------------------------------------------------------
 
 
 class _Part:
