@@ -75,3 +75,17 @@ async def test_past_the_bound_new_records_are_dropped_and_an_end_still_replaces_
     assert stored.dropped == 35  # 30, then the 5 new ones of the last batch
     assert await broker.run_of("e1") == run and await broker.run_of("y0") == run
     assert await broker.run_of(f"nothing-{uuid4().hex[:6]}") is None
+
+
+async def test_a_server_without_the_script_still_takes_the_batch(broker: RedisBroker) -> None:
+    # The script goes by its digest; a server that lost it (restarted, or a new master after
+    # a failover) refuses it whole, and the batch goes again with the script's text.
+    sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
+    await broker.subscribe(sub)
+    first, second = f"run-{uuid4().hex[:8]}", f"run-{uuid4().hex[:8]}"
+    await broker.ack(sub, [], trace=write([row(first, first, "succeeded", 2.0)]))
+    await broker._direct(("SCRIPT", "FLUSH"), key="any", timeout=5)
+    await broker.ack(sub, [], trace=write([row(second, second, "succeeded", 2.0)]))
+    for run in (first, second):
+        stored = await broker.read_trace(run)
+        assert stored is not None and list(stored.records) == [f"{run}|extract|1"]

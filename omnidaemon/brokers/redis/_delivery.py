@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from omnidaemon.brokers import _redis_scripts as scripts
 from omnidaemon.brokers.base import Delivery, Reclaimed, Renewal, Subscription
@@ -209,6 +209,17 @@ class RedisDelivery(RedisTraces):
             packed_errors=trace_errors,
             raise_errors=False,
         )
+        if any(isinstance(e, NoScriptError) or "NOSCRIPT" in str(e) for e in trace_errors):
+            # The server lacks the script (restarted, or a new master): it refused it whole,
+            # so the trace goes again with the script's text, which the server then keeps.
+            trace_errors = []
+            await self._exchange(
+                (),
+                key=self.stream_key(sub.topic),
+                timeout=_SOCKET_TIMEOUT,
+                packed=self.packed_trace(trace, by_digest=False),
+                packed_errors=trace_errors,
+            )
         return [r for r in replies if isinstance(r, Exception)], trace_errors
 
     async def _settle(self, sub: Subscription, commands: list[tuple[Any, ...]]) -> list[Any]:

@@ -4,6 +4,7 @@ script filing it under each of its runs (the layout is in `omnidaemon.brokers.re
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import operator
@@ -114,6 +115,11 @@ return 0
 """
 
 
+_WRITE_TEXT = _WRITE.encode()
+# Sent by its digest: the text is 2 KB, which the server would hash again for every batch.
+_WRITE_SHA = hashlib.sha1(_WRITE_TEXT, usedforsecurity=False).hexdigest().encode()
+
+
 def _packed(args: Sequence[bytes]) -> bytes:
     """One command in the protocol."""
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
@@ -167,9 +173,12 @@ class RedisTraceWrites(RedisRouting):
         shards = self._trace_shards()
         return zlib.crc32(item_id.encode()) % shards if shards > 1 else 0
 
-    def _filing(self, write: TraceWrite, shard: int, part: _Part, *, indexed: bool) -> list[bytes]:
-        """The `EVAL` of `_WRITE` filing `part` of `write` on `shard`, as its arguments;
-        `indexed`: with the batch's entry in the index of runs (one server only)."""
+    def _filing(
+        self, write: TraceWrite, shard: int, part: _Part, *, indexed: bool, by_digest: bool
+    ) -> list[bytes]:
+        """The `EVAL` of `_WRITE` filing `part` of `write` on `shard`, as its arguments
+        (`EVALSHA` with `by_digest`); `indexed`: with the batch's entry in the index of runs
+        (one server only)."""
         if self._trace_writer_pid != os.getpid():  # a forked process names its own batches
             cls = type(self)
             cls._trace_writer, cls._trace_writer_pid = secrets.token_hex(5), os.getpid()
@@ -210,8 +219,8 @@ class RedisTraceWrites(RedisRouting):
             oldest_ms = max(0, int((write.now - write.ttl) * 1000))
             indexing = [b"%d" % oldest_ms, repr(float(write.now)).encode()]
         return [
-            b"EVAL",
-            _WRITE.encode(),
+            b"EVALSHA" if by_digest else b"EVAL",
+            _WRITE_SHA if by_digest else _WRITE_TEXT,
             b"%d" % len(keys),
             *(key.encode() for key in keys),
             b"%d" % ttl_ms,
@@ -285,7 +294,7 @@ class RedisTraceWrites(RedisRouting):
         commands: list[tuple[str, tuple[Any, ...]]] = []
         runs: dict[str, None] = {}
         for shard, part in self._parts(write).items():
-            args = self._filing(write, shard, part, indexed=False)
+            args = self._filing(write, shard, part, indexed=False, by_digest=False)
             commands.append((args[3].decode(), tuple(args)))  # the directory routes it
             runs.update(dict.fromkeys(part.runs))
         if runs:
@@ -293,11 +302,13 @@ class RedisTraceWrites(RedisRouting):
             commands.append((index, self._index_command(write, _netstrings(list(runs)))))
         return commands
 
-    def packed_trace(self, write: TraceWrite) -> tuple[bytes, int]:
+    def packed_trace(self, write: TraceWrite, *, by_digest: bool = True) -> tuple[bytes, int]:
         """The write for one server in the protocol: `(bytes, how many replies they get)`:
-        the script that files the batch, and the batch's entry in the index of runs."""
+        the script that files the batch and adds its entry to the index of runs, by its
+        digest unless `by_digest` is off (a server that does not have it refuses it whole:
+        `NOSCRIPT`, and nothing ran)."""
         part = self._parts(write)[0]
-        return _packed(self._filing(write, 0, part, indexed=True)), 1
+        return _packed(self._filing(write, 0, part, indexed=True, by_digest=by_digest)), 1
 
     def _index_command(self, write: TraceWrite, listed: bytes) -> tuple[bytes, ...]:
         """The batch's entry in the index of runs: `listed`, its runs as netstrings."""
