@@ -198,9 +198,14 @@ class TraceBook:
 
     def start_due(self) -> float | None:
         """When the next start record falls due (Unix seconds), if any attempt has none."""
+        # `running` holds attempts in the order they began (a worker adds each as it starts,
+        # removes it when it ends): the first without a record is the earliest. Asked with
+        # every batch, so it stops there rather than looking at every attempt under way.
         started = self._started
-        starts = [at for key, (_, at) in self.running.items() if started.get(key) != at]
-        return min(starts) + START_AFTER if starts else None
+        for key, (_, at) in self.running.items():
+            if started.get(key) != at:
+                return at + START_AFTER
+        return None
 
     def take(self) -> TraceWrite | None:
         """Everything waiting, with the start records that fell due, as one write (`None`
@@ -236,6 +241,9 @@ class TraceBook:
             for key in [k for k, at in started.items() if k not in running or running[k][1] != at]:
                 del started[key]
                 self._start_written.pop(key, None)
+        due = self.start_due()
+        if due is None or due > now:
+            return
         for key, (delivery, at) in list(self.running.items()):
             if started.get(key) == at or at + START_AFTER > now:
                 continue
