@@ -140,28 +140,7 @@ class TraceBook:
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
-        # `_append`, written out: a call is a good part of the cost here.
-        event_id = envelope.id
-        run = envelope.correlation_id or event_id
-        self._rows.append(
-            (
-                run,
-                event_id,
-                envelope.topic,
-                envelope.causation_id,
-                envelope.created_at,
-                envelope.source,
-                attempt,
-                started,
-                now,
-                outcome,
-                error,
-                published or None,
-                otel,
-            )
-        )
-        if event_id != run:
-            self._pointers.append((event_id, run))
+        self._append(envelope, attempt, started, now, outcome, error, published or None, otel)
 
     def _append(
         self,

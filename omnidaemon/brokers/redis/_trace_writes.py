@@ -240,25 +240,28 @@ class RedisTraceWrites(RedisRouting):
         rows: Sequence[AttemptRow] = attempts.rows if attempts is not None else ()
         records = [(run, name, data.decode()) for run, name, data in write.records]
         if self._trace_shards() == 1:  # one server: everything in one part, in one pass
-            runs = list(map(_RUN, rows))
-            parts = {0: _Part(rows, records, runs, list(write.pointers))}
-            parts[0].runs += [run for run, _, _ in records]
+            runs = [*map(_RUN, rows), *(run for run, _, _ in records)]
+            parts = {0: _Part(list(rows), records, runs, list(write.pointers))}
         else:
             parts = {}
             shard_of = self.trace_shard
-            rows_of: dict[int, list[AttemptRow]] = {}
+
+            def part_of(item_id: str) -> _Part:
+                shard = shard_of(item_id)
+                if shard not in parts:
+                    parts[shard] = _Part([], [], [], [])
+                return parts[shard]
+
             for row in rows:
-                shard = shard_of(row[0])
-                rows_of.setdefault(shard, []).append(row)
-                parts.setdefault(shard, _Part(rows_of[shard], [], [], [])).runs.append(row[0])
+                part = part_of(row[0])
+                part.rows.append(row)
+                part.runs.append(row[0])
             for record in records:
-                part = parts.setdefault(shard_of(record[0]), _Part([], [], [], []))
+                part = part_of(record[0])
                 part.records.append(record)
                 part.runs.append(record[0])
             for pointer in write.pointers:
-                parts.setdefault(shard_of(pointer[0]), _Part([], [], [], [])).pointers.append(
-                    pointer
-                )
+                part_of(pointer[0]).pointers.append(pointer)
         self._check_bound(parts, attempts.replacing if attempts is not None else {})
         return parts
 
@@ -299,7 +302,7 @@ class RedisTraceWrites(RedisRouting):
             runs.update(dict.fromkeys(part.runs))
         if runs:
             index = self.runs_key()
-            commands.append((index, self._index_command(write, _netstrings(list(runs)))))
+            commands.append((index, self._index_command(write, list(runs))))
         return commands
 
     def packed_trace(self, write: TraceWrite, *, by_digest: bool = True) -> tuple[bytes, int]:
@@ -310,9 +313,14 @@ class RedisTraceWrites(RedisRouting):
         part = self._parts(write)[0]
         return _packed(self._filing(write, 0, part, indexed=True, by_digest=by_digest)), 1
 
-    def _index_command(self, write: TraceWrite, listed: bytes) -> tuple[bytes, ...]:
-        """The batch's entry in the index of runs: `listed`, its runs as netstrings."""
+    def _index_command(self, write: TraceWrite, runs: Sequence[str]) -> tuple[bytes, ...]:
+        """The batch's entry in the index of runs, as the script writes it on one server:
+        `z`, the runs joined by NUL, or `r`, as netstrings, when a run's id holds a NUL."""
         oldest_ms = max(0, int((write.now - write.ttl) * 1000))
+        joined = "\0".join(runs)
+        named = (b"z", joined.encode())
+        if joined.count("\0") != len(runs) - 1:
+            named = (b"r", _netstrings(runs))
         return (
             b"XADD",
             self.runs_key().encode(),
@@ -320,8 +328,7 @@ class RedisTraceWrites(RedisRouting):
             b"~",
             b"%d" % oldest_ms,
             b"*",
-            b"r",
-            listed,
+            *named,
             b"t",
             repr(float(write.now)).encode(),
         )
@@ -346,7 +353,7 @@ class _Part:
 
     def __init__(
         self,
-        rows: Sequence[AttemptRow],
+        rows: list[AttemptRow],
         records: list[tuple[str, str, str]],
         runs: list[str],
         pointers: list[tuple[str, str]],
