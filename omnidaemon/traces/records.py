@@ -140,7 +140,30 @@ class TraceBook:
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
-        self._append(envelope, attempt, started, now, outcome, error, published or None, otel)
+        # `_append`, written out: every event's attempt comes here, and the drain measured the
+        # call (same run, 16 repetitions: 0.866 of the drain without traces with the call,
+        # 0.933 without it).
+        event_id = envelope.id
+        run = envelope.correlation_id or event_id
+        self._rows.append(
+            (
+                run,
+                event_id,
+                envelope.topic,
+                envelope.causation_id,
+                envelope.created_at,
+                envelope.source,
+                attempt,
+                started,
+                now,
+                outcome,
+                error,
+                published or None,
+                otel,
+            )
+        )
+        if event_id != run:
+            self._pointers.append((event_id, run))
 
     def _append(
         self,
