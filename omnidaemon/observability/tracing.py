@@ -280,6 +280,11 @@ def _consumer_span(
             _handling_span.reset(token)
 
 
+handling_span = _handling_span.get
+"""The handling span under way in this task (see `handle_span`), or `None`: one C call, for a
+hot path that asks `current_ids` only when there is one."""
+
+
 def current_ids() -> tuple[str, str] | None:
     """`(trace id, span id)` in hex of the handling span under way in this task (see
     `handle_span`), as OpenTelemetry exporters show them; `None` outside one or when it is

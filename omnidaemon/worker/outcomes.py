@@ -151,7 +151,7 @@ class Outcomes:
         self._acks.add(delivery, urgent=delivery.attempt > 1)
         reason = cancellation.reason
         error = {"type": "Cancelled", "message": reason}
-        self._trace_ended(delivery, envelope, "cancelled", error=error)
+        self._trace_ended(delivery, envelope, "cancelled", error=error, acked=True)
         await self._reply_failure(delivery, envelope, "Cancelled", reason)
         if self._spec.store_results:
             await self._record(delivery, envelope.id, "cancelled", error=error)
@@ -171,12 +171,18 @@ class Outcomes:
         outcome: Outcome,
         error: dict[str, str] | None = None,
         published: Sequence[tuple[str, str]] = (),
+        *,
+        acked: bool = False,
+        done: bool = False,
     ) -> None:
         """Record in the run's trace how an attempt ended (sent with the next acks): called
-        once the delivery is settled, never for one this worker lost."""
+        once the delivery is settled, never for one this worker lost. `acked`: its ack was
+        just queued, which sends the record too (no batch of its own is needed); `done`:
+        nothing reads the delivery's entry among the running ones any more, so it is removed
+        now (and the book need not keep the attempt from getting a start record later)."""
         if self._tracing:
             key = (delivery.origin, delivery.id)
-            running = self.running.get(key)
+            running = self.running.pop(key, None) if done else self.running.get(key)
             self._trace.ended(
                 key,
                 envelope,
@@ -185,9 +191,11 @@ class Outcomes:
                 running[1] if running is not None else None,
                 error,
                 published,
-                tracing.current_ids(),
+                tracing.current_ids() if tracing.handling_span() is not None else None,
+                under_way=not done,
             )
-            self._acks.traced()
+            if not acked:
+                self._acks.traced()
 
     def _report_lost(self, delivery: Delivery, envelope: Envelope[Any] | None) -> None:
         """A settle or renewal found the delivery taken over by another worker: that worker

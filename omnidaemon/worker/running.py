@@ -128,7 +128,7 @@ class Running(Outcomes):
         self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
-        self._trace_ended(delivery, envelope, "succeeded", None, published)  # with the ack
+        self._trace_ended(delivery, envelope, "succeeded", None, published, acked=True, done=True)
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
 

@@ -74,3 +74,28 @@ def test_an_end_recorded_while_its_delivery_is_still_running_is_never_replaced_b
     running[("s", "1")] = (Delivery("1", event.encode(), 2, "s", "c"), time.time() - 1)
     later = book.take()
     assert later is not None and decode_record(later.encoded()[0][2])["attempt"] == 2  # type: ignore[index]
+
+
+def test_what_the_book_keeps_of_attempts_that_are_over_stays_bounded() -> None:
+    # Every ended attempt leaves an entry (a start record must never follow its end); the
+    # entries of attempts no longer under way are dropped together once they are many.
+    running: dict[tuple[str, str], tuple[Delivery, float]] = {}
+    book = TraceBook("a", "w", ttl=60, max_records=10, running=running)
+    event = Envelope.new("doc.uploaded", {})
+    # Another attempt under way all along (it began "later": its start is never due).
+    running[("s", "other")] = (Delivery("other", event.encode(), 1, "s", "c"), time.time() + 3600)
+    for i in range(2000):
+        book.ended(("s", str(i)), event, 1, "succeeded", started=time.time())
+        if i % 50 == 0:
+            assert book.take() is not None
+    book.take()
+    assert len(book._started) <= 300
+    # A long attempt under way still gets its start record, once.
+    del running[("s", "other")]
+    began = time.time() - 1
+    running[("s", "long")] = (Delivery("long", event.encode(), 1, "s", "c"), began)
+    write = book.take()
+    assert write is not None and [decode_record(d)["outcome"] for _, _, d in write.encoded()] == [  # type: ignore[index]
+        "running"
+    ]
+    assert book.take() is None

@@ -95,15 +95,15 @@ class RedisRouting(RedisConnection):
         owner: Hashable | None = None,
         timeout: float,
         replicate: str | None = None,
-        packed: tuple[bytes, int] | None = None,
+        packed: tuple[Sequence[bytes], int] | None = None,
         packed_errors: list[Any] | None = None,
         raise_errors: bool = True,
     ) -> list[Any]:
         """Send commands, pipelined on one connection of the broker's own, to the server that
         holds `key` (every command's keys are in `key`'s slot); return their unparsed replies.
 
-        `packed` is more commands already in the protocol, with how many replies they get,
-        sent after the others: for one server only, where nothing is redirected. Their
+        `packed` is more commands already in the protocol (in pieces), with how many replies
+        they get, sent after the others: for one server only, where nothing is redirected. Their
         replies are not returned: only their error replies, appended to `packed_errors`
         (never raised), so that a write of many small commands costs one check a reply.
         With `raise_errors` off, error replies are returned as values, not raised.
@@ -225,7 +225,7 @@ class RedisRouting(RedisConnection):
         timeout: float,
         asking: bool,
         replicate: str | None,
-        packed: tuple[bytes, int] | None = None,
+        packed: tuple[Sequence[bytes], int] | None = None,
         packed_errors: list[Any] | None = None,
     ) -> list[Any]:
         """One round trip on one connection to `node`: every reply to `commands`, error
@@ -240,7 +240,7 @@ class RedisRouting(RedisConnection):
                 commands_out += [("ASKING",), command] if asking else [command]
             chunks = conn.pack_commands(commands_out)
             if packed is not None:
-                chunks.append(packed[0])
+                chunks += packed[0]
             if replicate:
                 wait = ("WAIT", self._min_replicas, int(self._publish_timeout * 1000))
                 chunks += conn.pack_commands([wait])

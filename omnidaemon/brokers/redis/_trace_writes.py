@@ -120,9 +120,13 @@ _WRITE_TEXT = _WRITE.encode()
 _WRITE_SHA = hashlib.sha1(_WRITE_TEXT, usedforsecurity=False).hexdigest().encode()
 
 
-def _packed(args: Sequence[bytes]) -> bytes:
-    """One command in the protocol."""
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+def _packed(args: Sequence[bytes]) -> list[bytes]:
+    """One command in the protocol, in pieces: the batch's document is not copied into it
+    (the socket's write joins the pieces, once)."""
+    pieces = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        pieces += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return pieces
 
 
 def _netstring(item: str) -> str:
@@ -305,8 +309,8 @@ class RedisTraceWrites(RedisRouting):
             commands.append((index, self._index_command(write, list(runs))))
         return commands
 
-    def packed_trace(self, write: TraceWrite, *, by_digest: bool = True) -> tuple[bytes, int]:
-        """The write for one server in the protocol: `(bytes, how many replies they get)`:
+    def packed_trace(self, write: TraceWrite, *, by_digest: bool = True) -> tuple[list[bytes], int]:
+        """The write for one server in the protocol: `(pieces, how many replies they get)`:
         the script that files the batch and adds its entry to the index of runs, by its
         digest unless `by_digest` is off (a server that does not have it refuses it whole:
         `NOSCRIPT`, and nothing ran)."""
