@@ -80,6 +80,14 @@ def parse_variant(spec: str) -> Variant:
     return variant
 
 
+def parse_variants(specs: list[str]) -> list[Variant]:
+    """The variants named on a command line; `ValueError` with what is wrong."""
+    variants = [parse_variant(spec) for spec in specs]
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError("variant names must differ")
+    return variants
+
+
 @contextlib.contextmanager
 def worktree(rev: str) -> Iterator[Path]:
     """A detached checkout of `rev`, removed afterwards (its worker runs with this
@@ -160,12 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="repetitions (10)")
     args = parser.parse_args(argv)
     try:
-        variants = [parse_variant(spec) for spec in args.variants]
+        variants = parse_variants(args.variants)
     except ValueError as exc:
         print(f"bench.ab: {exc}", file=sys.stderr)
-        return 2
-    if len({v.name for v in variants}) != len(variants):
-        print("bench.ab: variant names must differ", file=sys.stderr)
         return 2
     cfg = Config(n=max(2, args.n), reps=max(1, args.reps))
     try:

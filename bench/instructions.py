@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.ab import Variant, parse_variant, worktree
+from bench.ab import Variant, parse_variants, worktree
 from bench.cases.omni import TOPIC, _prefill, groups_done, stream_key
 from bench.common import ROOT, BenchError, RedisServer, progress
 
@@ -148,12 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n2", type=int, default=4_000, help="events of the long drain")
     args = parser.parse_args(argv)
     try:
-        variants = [parse_variant(spec) for spec in args.variants]
+        variants = parse_variants(args.variants)
+        if not 0 < args.n1 < args.n2:
+            raise ValueError("--n1 and --n2 must be 0 < n1 < n2")
     except ValueError as exc:
         print(f"bench.instructions: {exc}", file=sys.stderr)
-        return 2
-    if len({v.name for v in variants}) != len(variants) or not 0 < args.n1 < args.n2:
-        print("bench.instructions: variant names must differ, and 0 < n1 < n2", file=sys.stderr)
         return 2
     if shutil.which("valgrind") is None:
         print("bench.instructions: valgrind not found (apt-get install valgrind)", file=sys.stderr)

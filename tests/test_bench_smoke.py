@@ -129,3 +129,20 @@ def test_bench_ab_refuses_a_bad_variant_in_one_line() -> None:
     assert done.stderr.strip().splitlines() == [
         "bench.ab: 'a:concurrency': 'concurrency' is not KEY=VALUE"
     ]
+
+
+def test_bench_instructions_refuses_bad_arguments_in_one_line() -> None:
+    # Checked before anything starts (valgrind is not needed to be told).
+    for argv, said in (
+        (["a", "a"], "bench.instructions: variant names must differ"),
+        (["a", "--n1", "5", "--n2", "2"], "bench.instructions: --n1 and --n2 must be 0 < n1 < n2"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.instructions", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [said]
