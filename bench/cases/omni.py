@@ -35,6 +35,9 @@ from bench.common import (
     wait_until,
 )
 from bench.peers._shared import BenchEvent, paced
+from omnidaemon import App
+from omnidaemon.brokers import open_broker
+from omnidaemon.settings import Settings
 
 TOPIC = "bench.events"
 
@@ -75,8 +78,16 @@ def publish(server: RedisServer, cfg: Config) -> dict[str, float]:
     return asyncio.run(_publish_rates(server.url, events, cfg.batch))
 
 
+def _publisher(url: str, backlog: int) -> App:
+    """The drain's publishing app, its topic keeping at least `backlog` events: with the
+    default cap (`OMNIDAEMON_STREAM_MAXLEN`, 100,000) a larger pre-filled backlog would be
+    trimmed before the worker read it, and the drain would never end."""
+    maxlen = max(backlog + 1, Settings.from_env().stream_maxlen)
+    return build_app("drain", topic=TOPIC, broker=open_broker(url, maxlen=maxlen))
+
+
 async def _prefill(url: str, n: int, batch: int) -> None:
-    app = build_app("drain", topic=TOPIC, broker=url)
+    app = _publisher(url, n)
     async with app:
         for i in range(0, n, batch):
             await app.publish_many([(TOPIC, make_event(j)) for j in range(i, min(n, i + batch))])
@@ -250,7 +261,7 @@ def drain(
 
 
 async def _publish_one(url: str, seq: int) -> None:
-    app = build_app("drain", topic=TOPIC, broker=url)
+    app = _publisher(url, seq + 1)
     async with app:
         await app.publish(TOPIC, make_event(seq))
 
