@@ -3,6 +3,7 @@ broker: what `omnidaemon trace` and `omnidaemon runs` read."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from uuid import uuid4
@@ -11,6 +12,7 @@ import anyio
 import pytest
 
 from omnidaemon.brokers import Broker, MemoryBroker, Subscription
+from omnidaemon.brokers.redis._trace_writes import RedisTraceWrites
 from omnidaemon.brokers.traces import StoredTrace, TraceWrite
 from tests.conformance.test_broker_contract import BROKERS
 
@@ -67,6 +69,18 @@ async def test_records_are_stored_with_the_ack_and_replaced_by_field(
     )
     assert await broker.fetch(sub, "c2", 10, 0.05) == []  # the ack settled the delivery
     assert await broker.read_trace(run_id()) is None
+
+
+async def test_of_writes_made_in_the_same_millisecond_the_last_wins(
+    broker: Broker, sub: Subscription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On Redis a batch's ref ends with its writer's count of batches: 8, 9, 10, 11 here, so
+    # the tenth must not be read before the ninth (as text, "10" < "9").
+    monkeypatch.setattr(RedisTraceWrites, "_trace_batches", itertools.count(8))
+    run, now = run_id(), time.time()
+    for i in range(4):
+        await broker.ack(sub, [], trace=write({run: {"f": b"%d" % i}}, now=now))
+    assert await broker.read_trace(run) == StoredTrace({"f": b"3"}, 0)
 
 
 async def test_the_last_record_of_a_field_in_one_write_wins(
