@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variants", nargs="+", help="NAME[:KEY=VALUE,...] (as bench.ab)")
     parser.add_argument("--n1", type=int, default=1_000, help="events of the short drain")
     parser.add_argument("--n2", type=int, default=4_000, help="events of the long drain")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep cachegrind's files there (compare variants by function with cg_diff)",
+    )
     args = parser.parse_args(argv)
     try:
         variants = parse_variants(args.variants)
@@ -164,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
                 if variant.rev is not None:
                     variant.root = stack.enter_context(worktree(variant.rev))
             server.start()
-            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omnibench-vg-")))
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                out = args.keep
+            else:
+                out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="omnibench-vg-")))
             results = [(v, measure(v, server, args.n1, args.n2, out)) for v in variants]
     except BenchError as exc:
         print(f"bench.instructions: {exc}", file=sys.stderr)

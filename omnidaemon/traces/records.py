@@ -44,10 +44,9 @@ START_AFTER = 0.5
 """Seconds an attempt runs before its start is recorded (a faster one writes its end only)."""
 
 _ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(Envelope[Any])
-# What a record takes from its event, read by one C call from the model's `__dict__`.
-_EVENT_FIELDS = operator.itemgetter(
-    "id", "correlation_id", "topic", "causation_id", "created_at", "source"
-)
+# What a success's record takes from its event (its creation comes as Unix seconds, which
+# the worker has computed already), read by one C call from the model's `__dict__`.
+_EVENT_FIELDS = operator.itemgetter("id", "correlation_id", "topic", "causation_id", "source")
 _FORGET_PAST = 256  # entries of attempts that are over, kept until they are all dropped
 _FIELDS = (
     "event",
@@ -133,30 +132,44 @@ class TraceBook:
         error: dict[str, str] | None = None,
         published: Sequence[tuple[str, str]] = (),
         otel: tuple[str, str] | None = None,
-        *,
-        under_way: bool = True,
     ) -> None:
-        """Record how an attempt ended (now); it began at `started` (default: now).
-        `under_way`: its delivery is still among the running ones (until its settle is over),
-        so a start record must not follow; off when the caller removed it already."""
-        # Every event's attempt comes here: its values are kept as they are, encoded with
-        # the whole batch by the bus (see `take`).
+        """Record how an attempt ended (now); it began at `started` (default: now). Its
+        delivery is still among the running ones (until its settle is over): no start record
+        may follow this end."""
         now = time.time()
         if started is None:
             started = now
         else:
-            if self._start_written and self._start_written.pop(delivery, None) == started:
-                run = envelope.correlation_id or envelope.id
-                self._replacing[run] = self._replacing.get(run, 0) + 1
-            if under_way:
-                # Still among the running deliveries until its settle is over: a batch sent
-                # meanwhile must not add its start record after (so over) this end.
-                self._started[delivery] = started
-        # `_append`, written out: every event's attempt comes here, and the drain measured the
-        # call (same run, 16 repetitions: 0.866 of the drain without traces with the call,
-        # 0.933 without it). The event's fields are read from the model's `__dict__` by one C
-        # call: a pydantic model's attributes are slower to read one by one.
-        event_id, correlation, topic, causation, created, source = _EVENT_FIELDS(envelope.__dict__)
+            self._replaces_start(delivery, envelope, started)
+            # Still among the running deliveries until its settle is over: a batch sent
+            # meanwhile must not add its start record after (so over) this end.
+            self._started[delivery] = started
+        self._append(envelope, attempt, started, now, outcome, error, published or None, otel)
+
+    def succeeded(
+        self,
+        delivery: tuple[str, str],
+        envelope: Envelope[Any],
+        attempt: int,
+        started: float,
+        ended: float,
+        created: float,
+        published: Sequence[tuple[str, str]],
+        otel: tuple[str, str] | None,
+    ) -> None:
+        """Record an attempt that succeeded, begun at `started` and ended at `ended`, its
+        delivery already out of the running ones (so no start record can follow); `created`
+        is the event's creation in Unix seconds (what the record stores; readers take it as
+        they take the text of a datetime).
+
+        Every event that succeeds comes here, so it is written for that path: no default or
+        keyword argument to bind, the row appended here (not by `_append`: the drain measured
+        the call), and the event's fields read by one C call from the model's `__dict__`
+        (pydantic's attributes are slower one by one). The values are kept as they are and
+        encoded with the whole batch by the bus (see `take`)."""
+        if self._start_written and self._start_written.pop(delivery, None) == started:
+            self._count_replacing(envelope)
+        event_id, correlation, topic, causation, source = _EVENT_FIELDS(envelope.__dict__)
         run = correlation or event_id
         self._rows.append(
             (
@@ -168,15 +181,26 @@ class TraceBook:
                 source,
                 attempt,
                 started,
-                now,
-                outcome,
-                error,
+                ended,
+                "succeeded",
+                None,
                 published or None,
                 otel,
             )
         )
         if event_id != run:
             self._pointers.append((event_id, run))
+
+    def _replaces_start(
+        self, delivery: tuple[str, str], envelope: Envelope[Any], started: float
+    ) -> None:
+        """Count the end of an attempt whose start record went out: it replaces that record."""
+        if self._start_written and self._start_written.pop(delivery, None) == started:
+            self._count_replacing(envelope)
+
+    def _count_replacing(self, envelope: Envelope[Any]) -> None:
+        run = envelope.correlation_id or envelope.id
+        self._replacing[run] = self._replacing.get(run, 0) + 1
 
     def _append(
         self,

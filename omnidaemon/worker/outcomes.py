@@ -173,16 +173,14 @@ class Outcomes:
         published: Sequence[tuple[str, str]] = (),
         *,
         acked: bool = False,
-        done: bool = False,
     ) -> None:
         """Record in the run's trace how an attempt ended (sent with the next acks): called
         once the delivery is settled, never for one this worker lost. `acked`: its ack was
-        just queued, which sends the record too (no batch of its own is needed); `done`:
-        nothing reads the delivery's entry among the running ones any more, so it is removed
-        now (and the book need not keep the attempt from getting a start record later)."""
+        just queued, which sends the record too (no batch of its own is needed). (A success
+        is recorded by `Running._run_event` itself: `TraceBook.succeeded`.)"""
         if self._tracing:
             key = (delivery.origin, delivery.id)
-            running = self.running.pop(key, None) if done else self.running.get(key)
+            running = self.running.get(key)
             self._trace.ended(
                 key,
                 envelope,
@@ -192,7 +190,6 @@ class Outcomes:
                 error,
                 published,
                 tracing.current_ids() if tracing.handling_span() is not None else None,
-                under_way=not done,
             )
             if not acked:
                 self._acks.traced()

@@ -20,6 +20,7 @@ from omnidaemon.errors import PayloadTooLarge, PayloadValidationError
 from omnidaemon.flow.gate import Admission, FlowGate
 from omnidaemon.idempotency import HELD, NOT_STORED, Idempotency
 from omnidaemon.lanes import Lane
+from omnidaemon.observability import tracing
 from omnidaemon.requests import is_request_reply
 from omnidaemon.retry import Reject, Retry
 from omnidaemon.streaming.writer import end_attempt
@@ -125,10 +126,27 @@ class Running(Outcomes):
             # Ends the stream this attempt (or an earlier one) began; skipped when none could.
             await end_attempt(self, delivery, envelope.id, "succeeded", result=output)
         self.metrics.succeeded += 1
-        self.metrics.observe_latency(time.time() - envelope.created_at.timestamp())
+        now = time.time()
+        created = envelope.created_at.timestamp()
+        self.metrics.observe_latency(now - created)
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)
-        self._trace_ended(delivery, envelope, "succeeded", None, published, acked=True, done=True)
+        if self._tracing:
+            # `_trace_ended`, written out for the path every event that succeeds takes (the
+            # queued ack carries the record). Its delivery leaves the running ones now: nothing
+            # reads its entry any more, and no start record may follow this end.
+            key = (delivery.origin, delivery.id)
+            under_way = self.running.pop(key, None)
+            self._trace.succeeded(
+                key,
+                envelope,
+                delivery.attempt,
+                under_way[1] if under_way is not None else now,
+                now,
+                created,
+                published,
+                tracing.current_ids() if tracing.handling_span() is not None else None,
+            )
         if self.notifier is not None:
             self.notifier.finished(envelope, agent=spec.name, status="succeeded", result=output)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 
 from omnidaemon.brokers.base import Delivery
+from omnidaemon.brokers.traces import StoredTrace
 from omnidaemon.envelope import Envelope
 from omnidaemon.traces.records import START_AFTER, TraceBook, attempt_field, decode_record
+from omnidaemon.traces.tree import build_trace
 
 
 def test_records_starts_of_long_attempts_and_puts_back_a_failed_write() -> None:
@@ -99,3 +101,28 @@ def test_what_the_book_keeps_of_attempts_that_are_over_stays_bounded() -> None:
         "running"
     ]
     assert book.take() is None
+
+
+def test_a_success_replaces_its_start_record_and_keeps_the_events_creation_exactly() -> None:
+    # The worker records a success with the event's creation as Unix seconds (computed for
+    # its latency metric already); the trace shows the event's own time, to the microsecond.
+    root = Envelope.new("doc.uploaded", {"n": 1})
+    child = Envelope.new("text.extracted", {}, correlation_id=root.id, causation_id=root.id)
+    began = time.time() - 1
+    running = {("s", "2"): (Delivery("2", child.encode(), 1, "s", "c"), began)}
+    book = TraceBook("extract", "worker-1", ttl=60, max_records=100, running=running)
+    start = book.take()
+    assert start is not None and decode_record(start.encoded()[0][2])["outcome"] == "running"  # type: ignore[index]
+    del running[("s", "2")]  # the worker takes it out, then records the success
+    now = time.time()
+    book.succeeded(("s", "2"), child, 1, began, now, child.created_at.timestamp(), [], None)
+    end = book.take()
+    assert end is not None and end.attempts is not None
+    assert end.attempts.replacing == {root.id: 1}  # it replaces the start: never dropped
+    assert list(end.pointers) == [(child.id, root.id)]
+    trace = build_trace(root.id, StoredTrace(end.by_run()[root.id]))
+    [event] = trace.events
+    assert event.id == child.id and event.created_at == child.created_at
+    [attempt] = event.handlings[0].attempts
+    assert attempt.outcome == "succeeded" and attempt.duration == round(now - began, 6)
+    assert book.take() is None and book.start_due() is None

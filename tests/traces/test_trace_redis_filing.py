@@ -28,7 +28,9 @@ async def broker(redis_url: str) -> AsyncIterator[RedisBroker]:
         yield b
 
 
-def row(run: str, event: str, outcome: str = "running", ended: float | None = None) -> Any:
+def row(
+    run: str, event: str, outcome: str = "running", ended: float | None = None, attempt: int = 1
+) -> Any:
     return (
         run,
         event,
@@ -36,7 +38,7 @@ def row(run: str, event: str, outcome: str = "running", ended: float | None = No
         None,
         CREATED,
         "app",
-        1,
+        attempt,
         1.5,
         ended,
         outcome,
@@ -75,6 +77,22 @@ async def test_past_the_bound_new_records_are_dropped_and_an_end_still_replaces_
     assert stored.dropped == 35  # 30, then the 5 new ones of the last batch
     assert await broker.run_of("e1") == run and await broker.run_of("y0") == run
     assert await broker.run_of(f"nothing-{uuid4().hex[:6]}") is None
+
+
+async def test_the_bound_holds_what_a_run_grows_by_and_keeps_its_first_events_records(
+    broker: RedisBroker,
+) -> None:
+    # A run grows by the events its handlers publish; its first event's records are as many as
+    # the agents and attempts at it, so they never make the run one whose bound is checked.
+    sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
+    await broker.subscribe(sub)
+    run = f"run-{uuid4().hex[:8]}"
+    firsts = [row(run, run, "retrying", 2.0, attempt) for attempt in range(1, 41)]
+    await broker.ack(sub, [], trace=write(firsts))  # 40 records, bound 2: all kept
+    await broker.ack(sub, [], trace=write([row(run, f"c{i}") for i in range(40)]))  # grows
+    stored = await broker.read_trace(run)
+    assert stored is not None and len(stored.records) == 40 and stored.dropped == 40
+    assert all(name.startswith(f"{run}|") for name in stored.records)
 
 
 async def test_a_server_without_the_script_still_takes_the_batch(broker: RedisBroker) -> None:

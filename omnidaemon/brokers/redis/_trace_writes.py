@@ -204,7 +204,7 @@ class RedisTraceWrites(RedisRouting):
             )
         )
         runs = "\0".join(part.runs)
-        if runs.count("\0") != len(part.runs) - 1 and part.runs:  # a run's id holds a NUL
+        if "\0" in "".join(part.runs):  # a run's id holds a NUL (found by memchr, not a count)
             index = orjson.dumps((part.pointers, part.checked, part.runs))
             runs = ""
         else:
@@ -246,6 +246,10 @@ class RedisTraceWrites(RedisRouting):
         if self._trace_shards() == 1:  # one server: everything in one part, in one pass
             runs = [*map(_RUN, rows), *(run for run, _, _ in records)]
             parts = {0: _Part(list(rows), records, runs, list(write.pointers))}
+            parts[0].grown = [
+                *(row[0] for row in rows if row[0] != row[1]),
+                *(run for run, _, _ in records),
+            ]
         else:
             parts = {}
             shard_of = self.trace_shard
@@ -260,10 +264,13 @@ class RedisTraceWrites(RedisRouting):
                 part = part_of(row[0])
                 part.rows.append(row)
                 part.runs.append(row[0])
+                if row[0] != row[1]:
+                    part.grown.append(row[0])
             for record in records:
                 part = part_of(record[0])
                 part.records.append(record)
                 part.runs.append(record[0])
+                part.grown.append(record[0])
             for pointer in write.pointers:
                 part_of(pointer[0]).pointers.append(pointer)
         self._check_bound(parts, attempts.replacing if attempts is not None else {})
@@ -272,7 +279,12 @@ class RedisTraceWrites(RedisRouting):
     def _check_bound(self, parts: dict[int, _Part], replacing: dict[str, int]) -> None:
         """Name in each part the runs whose bound its script checks: those past `_UNCHECKED`
         records from this process (counted here: a `Counter` updated, and its largest count
-        among the batch's runs found, by C loops, as every event's run passes here)."""
+        among the batch's runs found, by C loops).
+
+        Only the records of events a run's handlers published are counted: a run grows by
+        them. Its first event's (whose id is the run's) are as many as its agents and their
+        attempts, so they are not; once a run is past `_UNCHECKED`, all of its records are
+        checked. A batch of runs of one event each, the usual case, so hashes nothing."""
         counts = self._trace_counts
         if counts is None:
             counts = self._trace_counts = Counter()
@@ -280,15 +292,15 @@ class RedisTraceWrites(RedisRouting):
         if large is None:
             large = self._large_runs = set()
         for part in parts.values():
-            runs = part.runs
-            if not runs:
+            grown = part.grown
+            if grown:
+                counts.update(grown)
+                if max(map(counts.__getitem__, grown)) > _UNCHECKED:
+                    large.update(run for run in grown if counts[run] > _UNCHECKED)
+            if not large or large.isdisjoint(part.runs):
                 continue
-            counts.update(runs)
-            if max(map(counts.__getitem__, runs)) <= _UNCHECKED and large.isdisjoint(runs):
-                continue
-            for run, written in Counter(runs).items():
-                if counts[run] > _UNCHECKED or run in large:
-                    large.add(run)
+            for run, written in Counter(part.runs).items():
+                if run in large:
                     part.checked.append((run, written - replacing.get(run, 0)))
         if len(counts) > _RUNS_REMEMBERED:
             counts.clear()  # a large run stays checked: it is in `_large_runs`
@@ -321,9 +333,8 @@ class RedisTraceWrites(RedisRouting):
         """The batch's entry in the index of runs, as the script writes it on one server:
         `z`, the runs joined by NUL, or `r`, as netstrings, when a run's id holds a NUL."""
         oldest_ms = max(0, int((write.now - write.ttl) * 1000))
-        joined = "\0".join(runs)
-        named = (b"z", joined.encode())
-        if joined.count("\0") != len(runs) - 1:
+        named = (b"z", "\0".join(runs).encode())
+        if "\0" in "".join(runs):
             named = (b"r", _netstrings(runs))
         return (
             b"XADD",
@@ -351,9 +362,10 @@ class RedisTraceWrites(RedisRouting):
 
 class _Part:
     """What one shard files of a write: rows, records (text), every run they name (with
-    repeats), pointers, and the runs whose bound the script checks, with their new records."""
+    repeats), pointers, the runs of the records that count towards the bound, and the runs
+    whose bound the script checks, with their new records."""
 
-    __slots__ = ("checked", "pointers", "records", "rows", "runs")
+    __slots__ = ("checked", "grown", "pointers", "records", "rows", "runs")
 
     def __init__(
         self,
@@ -367,3 +379,5 @@ class _Part:
         self.runs = runs
         self.pointers = pointers
         self.checked: list[tuple[str, int]] = []
+        # The runs of the records that count towards their run's bound (see `_check_bound`).
+        self.grown: list[str] = []
