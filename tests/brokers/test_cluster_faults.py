@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import anyio
@@ -299,10 +300,18 @@ async def _lagging_replica_failover(cluster: RedisCluster, min_replicas: int) ->
             await _until(lambda: len(acknowledged) >= 200)
             process = cluster.nodes[replica].process
             assert process is not None
-            # What the replica confirmed (WAIT on the master) before it stalls: that much it has.
+            # What the replica confirmed before it stalls: that much it has. WAIT waits for the
+            # replica to take the calling connection's last write, so that connection writes
+            # first (in the stream's slot), after every publish counted here was acknowledged.
             confirmed = set(acknowledged)
             master_client = cluster.client(master.port)
-            synced = await anyio.to_thread.run_sync(master_client.execute_command, "WAIT", 1, 5000)
+            probe = stream.rsplit(":", 1)[0] + ":probe"  # the stream's hash tag: its slot
+
+            def confirm() -> Any:
+                master_client.set(probe, b"1")
+                return master_client.execute_command("WAIT", 1, 5000)
+
+            synced = await anyio.to_thread.run_sync(confirm)
             process.send_signal(signal.SIGSTOP)
             await anyio.sleep(1.0)
             cluster.kill(master.port)
