@@ -69,7 +69,13 @@ def test_editing_the_app_restarts_the_worker_with_the_new_code(
     app_file.write_text(app_file.read_text().replace("v1", "v2"))
     wait_for(lambda: started() == 2, STARTUP_TIMEOUT, "the worker to restart")
     publish(redis_url, topic, 2)
-    wait_for(lambda: read_lines(log) == ["v1 1", "v2 2"], 10, "the next event, by the new code")
+    # The new worker may still be starting its consumers on a loaded machine: as long as a
+    # start may take. On a timeout, say what was handled and what the worker logged.
+    try:
+        wait_for(lambda: read_lines(log) == ["v1 1", "v2 2"], STARTUP_TIMEOUT, "the next event")
+    except AssertionError as exc:
+        events = [e["event"] for e in worker.logs()]
+        raise AssertionError(f"{exc}: handled {read_lines(log)}; worker logged {events}") from None
 
     worker.send(signal.SIGTERM)
     status, _ = worker.wait_exit(timeout=15)
