@@ -42,7 +42,8 @@ RECORD_VERSION = 1
 AttemptRow = tuple[Any, ...]
 """One attempt's values as a worker collects them, before any encoding: `(run, event, topic,
 causation, created, source, attempt, started, ended, outcome, error, published, otel)`, where
-`otel` is `(trace id, span id)` or `None` and `ended` is `None` for a start record."""
+`created` is the event's creation (a datetime, or Unix seconds: a success's row has the
+latter), `otel` is `(trace id, span id)` or `None` and `ended` is `None` for a start record."""
 
 
 def encode_attempt(agent: str, worker: str, row: Sequence[Any]) -> tuple[str, str, bytes]:
