@@ -6,19 +6,26 @@ is slow next to a real deploy."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
-__all__ = ["child_command", "reload_available", "run_with_reload", "watched_folders"]
+__all__ = [
+    "child_command",
+    "drop_cached_bytecode",
+    "reload_available",
+    "run_with_reload",
+    "watched_folders",
+]
 
 _log = structlog.get_logger("omnidaemon.reload")
 
@@ -71,11 +78,27 @@ def run_with_reload(child_argv: Sequence[str], folders: Sequence[Path], grace: f
             files = sorted({os.path.relpath(path) for _, path in changes})
             _log.info("files changed; restarting the worker", files=files)
             _stop(child, signal.SIGTERM, grace)
+            drop_cached_bytecode(path for _, path in changes)
             child = _start(child_argv)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return _stop(child, stop_signal[0] if stop_signal else signal.SIGTERM, grace)
+
+
+def drop_cached_bytecode(paths: Iterable[str]) -> None:
+    """Delete the cached bytecode (`.pyc`) of the `.py` files among `paths`, where this
+    process's settings put it (`__pycache__`, or `PYTHONPYCACHEPREFIX`), so the next worker
+    compiles them afresh.
+
+    Python trusts a `.pyc` whose recorded source mtime (whole seconds) and size match the
+    file's: an edit within the second of the last compile that keeps the size (`v1` to `v2`)
+    would otherwise run the old code."""
+    for path in paths:
+        if not path.endswith(".py"):
+            continue
+        with contextlib.suppress(OSError, NotImplementedError, ValueError):
+            os.remove(importlib.util.cache_from_source(path))
 
 
 def _start(argv: Sequence[str]) -> subprocess.Popen[bytes]:
