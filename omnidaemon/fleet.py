@@ -16,7 +16,8 @@ from typing import Any, Literal
 import anyio
 import orjson
 
-from omnidaemon.brokers.base import Broker, GroupInfo, NodeInfo, TopicInfo
+from omnidaemon.brokers.base import Broker
+from omnidaemon.brokers.inspection import GroupInfo, NodeInfo, TopicInfo
 from omnidaemon.lanes import split_lane_topic
 from omnidaemon.lanes_view import describe_with_lanes, topic_lanes
 from omnidaemon.metrics import AgentMetricsSnapshot, is_extreme

@@ -20,11 +20,11 @@ from omnidaemon.brokers._memory_inspection import MemoryInspection
 from omnidaemon.brokers._memory_output import parse_memory_id
 from omnidaemon.brokers.base import (
     Delivery,
-    R,
     Reclaimed,
     Renewal,
     Subscription,
 )
+from omnidaemon.brokers.stores import R
 from omnidaemon.brokers.traces import StoredTrace, TraceWrite
 from omnidaemon.metrics import is_extreme
 

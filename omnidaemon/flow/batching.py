@@ -16,7 +16,8 @@ from typing import Any, cast
 
 import anyio
 
-from omnidaemon.brokers.base import Broker, R
+from omnidaemon.brokers.base import Broker
+from omnidaemon.brokers.stores import R
 
 __all__ = ["Step", "StateUpdates"]
 

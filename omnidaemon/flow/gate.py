@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from omnidaemon.brokers.base import Broker, R
+from omnidaemon.brokers.base import Broker
+from omnidaemon.brokers.stores import R
 from omnidaemon.flow import state
 from omnidaemon.flow.batching import StateUpdates
 from omnidaemon.flow.limits import Budget, FlowSpec

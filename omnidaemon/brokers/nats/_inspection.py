@@ -15,7 +15,8 @@ import math
 import time
 from typing import Any
 
-from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
+from omnidaemon.brokers.base import Subscription
+from omnidaemon.brokers.inspection import ConsumerInfo, GroupInfo, NodeInfo, TopicInfo
 from omnidaemon.brokers.nats._core import JetStreamError
 from omnidaemon.brokers.nats._core import msg_seq as _seq
 from omnidaemon.brokers.nats._core import server_time as _time

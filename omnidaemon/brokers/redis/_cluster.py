@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from omnidaemon.brokers.base import NodeInfo
+from omnidaemon.brokers.inspection import NodeInfo
 from omnidaemon.errors import ConfigurationError
 
 __all__ = [

@@ -9,7 +9,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from omnidaemon.brokers.base import ConsumerInfo, GroupInfo, NodeInfo, Subscription, TopicInfo
+from omnidaemon.brokers.base import Subscription
+from omnidaemon.brokers.inspection import ConsumerInfo, GroupInfo, NodeInfo, TopicInfo
 from omnidaemon.brokers.redis._cluster import cluster_server_info, describe_nodes
 from omnidaemon.brokers.redis._connection import _SOCKET_TIMEOUT, release_connection
 from omnidaemon.brokers.redis._keys import _decode, _escape_glob
