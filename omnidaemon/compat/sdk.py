@@ -12,33 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-import os
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio.to_thread
 import orjson
 
 from omnidaemon.app import App
-from omnidaemon.brokers import Broker, Subscription
+from omnidaemon.brokers import Broker
+from omnidaemon.compat.bus_env import broker_url_from_env
+from omnidaemon.compat.bus_views import BusViews
 from omnidaemon.compat.models import AgentConfig, EventEnvelope, SubscriptionConfig
 from omnidaemon.context import Context
-from omnidaemon.dead_letters import DeadLetter, warn_undecodable
 from omnidaemon.envelope import dumps
 from omnidaemon.errors import ConfigurationError
-from omnidaemon.fleet import check_health, describe_topics, fleet_metrics, live_workers
-from omnidaemon.lanes_view import (
-    dead_letters_with_lanes,
-    describe_lanes,
-    describe_with_lanes,
-    entries_with_lanes,
-    lanes_with_group,
-    merge_lanes,
-    read_lane_dead_letters,
-)
+from omnidaemon.fleet import check_health
 from omnidaemon.observability.logging import get_logger
 from omnidaemon.requests import is_request_reply
 from omnidaemon.worker.notify import SDK_WEBHOOK_FORMAT, WEBHOOK_FORMAT_HEADER
@@ -52,11 +43,6 @@ SOURCE_HEADER = "omnidaemon-compat-source"
 
 _RESULT_PREFIX = "compat:result:"
 _RESULT_TTL = 86_400.0
-_STREAM_PREFIX = "omni-stream:"  # OmniDaemon's stream key prefix, accepted in stream names
-# EVENT_BUS_TYPE -> the variable naming its URL. "nats" (NATS_URL, the NATS tools' variable):
-# OmniDaemon announced NATS without naming its variables.
-_BUS_URL_VARIABLES = {"redis_stream": "REDIS_URL", "nats": "NATS_URL"}
-_NATS_SCHEMES = ("nats", "tls")
 
 _log = get_logger("omnidaemon.compat")
 
@@ -67,83 +53,11 @@ _CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
 )
 
 
-def broker_url_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """The broker URL OmniDaemon's `EVENT_BUS_TYPE` selects, or `None`.
-
-    - `EVENT_BUS_TYPE` unset or `redis_stream`: `REDIS_URL` (Redis Streams); `None` without it.
-    - `EVENT_BUS_TYPE=nats`: `NATS_URL` (NATS JetStream), as the NATS tools take it:
-      `nats://[user:password@|token@]host:port`, `tls://...`, `host:port` alone, or a
-      comma-separated list of servers. Without `NATS_URL`, `OMNIDAEMON_BROKER_URL` must name a
-      NATS bus (then `None`).
-
-    `None` leaves the choice to `App` (`OMNIDAEMON_BROKER_URL`, else the embedded bus).
-
-    Raises:
-        ConfigurationError: `EVENT_BUS_TYPE` names a bus other than `redis_stream` or `nats`,
-            or `nats` without a NATS URL, or `NATS_URL` is not one (errors never echo it).
-    """
-    env = os.environ if env is None else env
-    bus_type = (env.get("EVENT_BUS_TYPE") or "").strip().lower() or "redis_stream"
-    if bus_type not in _BUS_URL_VARIABLES:
-        raise ConfigurationError(
-            f"EVENT_BUS_TYPE={env.get('EVENT_BUS_TYPE', '').strip()!r} is not supported: "
-            "omnidaemon runs the OmniDaemon SDK on Redis Streams (EVENT_BUS_TYPE=redis_stream "
-            "with REDIS_URL) and NATS JetStream (EVENT_BUS_TYPE=nats with NATS_URL); or unset "
-            "it to use OMNIDAEMON_BROKER_URL or the embedded bus"
-        )
-    url = (env.get(_BUS_URL_VARIABLES[bus_type]) or "").strip()
-    if bus_type == "redis_stream":
-        return url or None
-    if url:
-        return _nats_url(url)
-    fallback = env.get("OMNIDAEMON_BROKER_URL") or ""
-    if fallback.partition("://")[0].lower() in _NATS_SCHEMES:
-        return None
-    raise ConfigurationError(
-        "EVENT_BUS_TYPE=nats needs NATS_URL (nats://host:4222), or OMNIDAEMON_BROKER_URL "
-        "naming a nats:// or tls:// bus"
-    )
-
-
-def _nats_url(value: str) -> str:
-    """`NATS_URL` as one omnidaemon broker URL: `host:port` gets `nats://`, and a list of
-    server URLs (`nats://u:p@a:4222,nats://u:p@b:4222`) becomes one URL listing the hosts
-    (`nats://u:p@a:4222,b:4222`). Errors never echo the value: it may hold a password."""
-    schemes: set[str] = set()
-    credentials: set[str] = set()
-    hosts: list[str] = []
-    for server in filter(None, (part.strip() for part in value.split(","))):
-        scheme, sep, rest = server.partition("://")
-        scheme, rest = (scheme.lower(), rest) if sep else ("nats", server)
-        if scheme not in _NATS_SCHEMES:
-            raise ConfigurationError(
-                f"NATS_URL names a {scheme}:// server; EVENT_BUS_TYPE=nats takes nats:// or "
-                "tls:// servers (or host:port)"
-            )
-        userinfo, at, host = rest.rpartition("@")
-        if at:
-            credentials.add(userinfo)
-        schemes.add(scheme)
-        hosts.append(host)
-    if not hosts:
-        raise ConfigurationError("NATS_URL names no server")
-    if len(schemes) > 1:
-        raise ConfigurationError("NATS_URL mixes nats:// and tls:// servers")
-    if len(credentials) > 1:
-        raise ConfigurationError("NATS_URL gives its servers different credentials")
-    userinfo = f"{credentials.pop()}@" if credentials else ""
-    return f"{schemes.pop()}://{userinfo}{','.join(hosts)}"
-
-
 def _agent_name(callback: Callable[..., Any]) -> str:
     # A stable default keeps every instance of one program in one consumer group.
     raw = getattr(callback, "__name__", None) or type(callback).__name__
     name = re.sub(r"[^A-Za-z0-9_.:-]", "_", raw).lstrip(".:-") or "agent"
     return name[:200]
-
-
-def _stream_topic(stream: str) -> str:
-    return stream[len(_STREAM_PREFIX) :] if stream.startswith(_STREAM_PREFIX) else stream
 
 
 @dataclass(slots=True)
@@ -168,7 +82,7 @@ class _Registered:
         }
 
 
-class OmniDaemonSDK:
+class OmniDaemonSDK(BusViews):
     """The OmniDaemon SDK on omnidaemon's engine.
 
     Args:
@@ -480,118 +394,4 @@ class OmniDaemonSDK:
             "is_running": self._running,
             "uptime_seconds": uptime,
             "registered_agents": len(self._agents),
-        }
-
-    async def metrics(self, topic: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-        """Per topic and agent, summed over every worker: `tasks_received`,
-        `tasks_processed`, `tasks_failed`, `tasks_retried`, `tasks_dead_lettered`,
-        `in_flight` and `avg_processing_time_sec`."""
-        await self.app.connect()
-        found: dict[str, dict[str, dict[str, Any]]] = {}
-        for snap in await fleet_metrics(self.app.broker, topic=topic):
-            found.setdefault(snap.topic, {})[snap.agent] = {
-                "tasks_received": snap.received,
-                "tasks_processed": snap.succeeded,
-                "tasks_failed": snap.failed,
-                "tasks_retried": snap.retried,
-                "tasks_dead_lettered": snap.dead_lettered,
-                "in_flight": snap.in_flight,
-                "avg_processing_time_sec": snap.duration.mean,
-            }
-        return found
-
-    async def list_streams(self) -> list[dict[str, Any]]:
-        """Every topic on the bus: `stream` (the topic's name) and `length`."""
-        await self.app.connect()
-        return [
-            {"stream": t.topic, "length": t.length} for t in await describe_topics(self.app.broker)
-        ]
-
-    async def inspect_stream(self, stream: str, limit: int = 10) -> list[dict[str, Any]]:
-        """The `limit` most recent entries of a topic (its priority lanes' included): `id` (the
-        entry's) and `data` (the decoded envelope). OmniDaemon's `omni-stream:` prefix is
-        accepted."""
-        await self.app.connect()
-        entries = await entries_with_lanes(self.app.broker, _stream_topic(stream), limit)
-        out = []
-        for _, entry_id, data in entries:
-            try:
-                decoded: Any = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                decoded = {"unreadable": data.decode("utf-8", "replace")}
-            out.append({"id": entry_id, "data": decoded})
-        return out
-
-    async def list_groups(self, stream: str) -> list[dict[str, Any]]:
-        """The consumer groups (agents) of a topic: `name`, `consumers`, `pending`, `lag`,
-        `retries`, `dead_letters` and `oldest_pending_age`."""
-        await self.app.connect()
-        info = await describe_with_lanes(self.app.broker, _stream_topic(stream))
-        if info is None:
-            return []
-        return [
-            {
-                "name": g.group,
-                "consumers": g.consumers,
-                "pending": g.pending,
-                "lag": g.lag,
-                "retries": g.retries,
-                "dead_letters": g.dead_letters,
-                "oldest_pending_age": g.oldest_pending_age,
-            }
-            for g in info.groups
-        ]
-
-    async def inspect_dlq(self, topic: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The dead letters of every agent on `topic` (its priority lanes' included), up to
-        `limit` per agent: `id` (the event's), `agent`, `data` (the envelope), `error_type`,
-        `error_message`, `traceback`, `attempts` and `failed_at`."""
-        await self.app.connect()
-        lanes = await describe_lanes(self.app.broker, topic)
-        info = merge_lanes(topic, lanes)
-        if info is None:
-            return []
-        letters: list[DeadLetter] = []
-        for group in info.groups:
-            sub, where = Subscription(topic, group.group), lanes_with_group(lanes, group.group)
-            records = await dead_letters_with_lanes(self.app.broker, sub, limit, lanes=where)
-            readable, undecodable = read_lane_dead_letters(records, topic, group.group)
-            warn_undecodable(undecodable, "skipped")
-            letters.extend(readable)
-        return [
-            {
-                "id": letter.event_id,
-                "agent": letter.agent,
-                "data": letter.envelope.model_dump(mode="json") if letter.envelope else None,
-                "error_type": letter.error_type,
-                "error_message": letter.error_message,
-                "traceback": letter.traceback,
-                "attempts": letter.attempts,
-                "failed_at": letter.failed_at.isoformat(),
-            }
-            for letter in letters
-        ]
-
-    async def get_bus_stats(self) -> dict[str, Any]:
-        """The bus at a glance (as `omnidaemon bus stats --json`): `bus`, `server`, `topics`
-        (each with its groups) and live `workers`."""
-        await self.app.connect()
-        broker = self.app.broker
-        topics = await describe_topics(broker)
-        workers = await live_workers(broker)
-        return {
-            "bus": broker.url,
-            "server": await broker.server_info(),
-            "topics": {
-                t.topic: {
-                    "length": t.length,
-                    "delayed": t.delayed,
-                    "groups": {
-                        g.group: {k: v for k, v in asdict(g).items() if k != "consumer_details"}
-                        for g in t.groups
-                    },
-                }
-                for t in topics
-            },
-            "workers": [w.to_json() for w in workers],
         }
