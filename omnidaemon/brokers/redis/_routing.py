@@ -1,6 +1,7 @@
 """Where the Redis broker's commands go: the fast path on connections of the broker's own
-(`_direct`, `_exchange`), routed to the master of a key's slot on a cluster (following `MOVED`
-and `ASK`), replica confirmation (`min_replicas`), scripts, and recreating missing groups.
+(`_direct`, `_exchange`; the connections are `_own_connections`'s), routed to the master of
+a key's slot on a cluster (following `MOVED` and `ASK`), replica confirmation
+(`min_replicas`), scripts, and recreating missing groups.
 
 Every command the broker sends goes through `client` (redis-py routes those itself) or
 `_exchange`, and a command that finds its consumer group gone goes through `_regroup`: this is
@@ -9,13 +10,11 @@ the one place that knows which server a key lives on.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import anyio
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -23,43 +22,29 @@ from redis.exceptions import (
     MovedError,
     NoScriptError,
     ResponseError,
-    SlotNotCoveredError,
     TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from omnidaemon.brokers.base import Subscription
 from omnidaemon.brokers.redis._connection import (
-    _MAX_SPARES,
     _SOCKET_TIMEOUT,
-    _UNAVAILABLE,
-    RedisConnection,
     _log,
-    release_connection,
 )
 from omnidaemon.brokers.redis._keys import _is_nogroup
+from omnidaemon.brokers.redis._own_connections import RedisOwnConnections
+from omnidaemon.brokers.redis._replies import NO_TIMEOUT, read_replies
 from omnidaemon.errors import NotReplicated
 
 __all__ = ["RedisRouting"]
 
 _MAX_REDIRECTS = 5  # MOVED/ASK replies followed for one command before giving up
-# Replies are read under one deadline for the whole exchange (`anyio.fail_after`), not one per
-# reply: redis-py's per-read timeout returns `None` when it expires (leaving the late reply to
-# be read as the next command's) and costs a timer per reply.
-_NO_TIMEOUT = math.inf
-
-try:  # redis-py's hiredis parser, read directly by `_read_replies` (else through redis-py)
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-    from redis._parsers.hiredis import _AsyncHiredisParser
-except ImportError:  # pragma: no cover - a redis-py without them
-    _NOT_ENOUGH_DATA = None
-    _AsyncHiredisParser = type(None)  # type: ignore[assignment,misc]
+_REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
 
 
-class RedisRouting(RedisConnection):
-    """The broker's own connections and command routing; the commands build on it."""
+class RedisRouting(RedisOwnConnections):
+    """Command routing on the broker's own connections; the commands build on it."""
 
-    # The broker's own connections -------------------------------------------------------
+    # Round trips ----------------------------------------------------------------------------
 
     async def _direct(
         self, args: Sequence[Any], *, key: str, owner: Hashable | None = None, timeout: float
@@ -76,7 +61,7 @@ class RedisRouting(RedisConnection):
                 conn = await self._open(owner, None, timeout)
             with anyio.fail_after(timeout):
                 await conn.send_packed_command(conn.pack_command(*args))
-                reply = await conn.read_response(timeout=_NO_TIMEOUT)
+                reply = await conn.read_response(timeout=NO_TIMEOUT)
         except ResponseError:
             if conn is not None:  # an error reply (NOGROUP...) leaves the connection usable
                 await self._keep(conn, None, owner)
@@ -183,39 +168,6 @@ class RedisRouting(RedisConnection):
             raise error
         return replies
 
-    async def _load_slots(self) -> None:
-        """Fetch the cluster's slot map if none was yet, or a node failed since (one caller
-        fetches it; the others wait for that one)."""
-        assert self._cluster is not None
-        await self._cluster.initialize()  # a no-op once the client has its map
-        if self._stale_slots:
-            async with self._slots_lock:
-                if self._stale_slots:
-                    await self._cluster.refresh_slots()
-                    self._stale_slots = False
-
-    def _node_of(self, key: str) -> ClusterNode | None:
-        """The master that holds `key`'s slot, by the cached slot map (None: not a cluster)."""
-        if self._cluster is None:
-            return None
-        slot = self._cluster.keyslot(key)
-        try:
-            return self._cluster.nodes_manager.get_node_from_slot(slot)
-        except (KeyError, SlotNotCoveredError):
-            # No master serves the slot in the map we have (a failover under way): fetch the
-            # map again before the next command, and let the caller retry as for a lost node.
-            self._stale_slots = True
-            raise RedisConnectionError(f"no master serves slot {slot} of the cluster") from None
-
-    def _cluster_node(self, host: str, port: int) -> ClusterNode:
-        assert self._cluster is not None
-        manager = self._cluster.nodes_manager
-        found = manager.get_node(host=host, port=port)
-        if found is None:  # a node the map does not know yet
-            found = ClusterNode(host, port, **manager.connection_kwargs)
-            manager.set_nodes(manager.nodes_cache, {found.name: found})
-        return found
-
     async def _send(
         self,
         commands: Sequence[Sequence[Any]],
@@ -246,13 +198,13 @@ class RedisRouting(RedisConnection):
                 chunks += conn.pack_commands([wait])
             with anyio.fail_after(timeout):
                 await conn.send_packed_command(chunks)
-                raw = await _read_replies(conn, len(commands_out))
+                raw = await read_replies(conn, len(commands_out))
                 if packed is not None:
-                    errors = await _read_replies(conn, packed[1], errors_only=True)
+                    errors = await read_replies(conn, packed[1], errors_only=True)
                     if packed_errors is not None:
                         packed_errors += errors
                 if replicate:
-                    raw += await _read_replies(conn, 1)
+                    raw += await read_replies(conn, 1)
         except BaseException as exc:
             await self._discard(conn, node, owner, exc)
             raise
@@ -264,41 +216,6 @@ class RedisRouting(RedisConnection):
         if replicate and not all(isinstance(reply, AskError) for reply in replies):
             self._check_replicas(acknowledged, replicate)
         return replies
-
-    async def _open(
-        self, owner: Hashable | None, node: ClusterNode | None, timeout: float
-    ) -> AbstractConnection:
-        """A new connection of the broker's own to `node`; a consumer's learns its client id."""
-        conn = await self._acquire(node)
-        if owner is not None:
-            try:
-                # A consumer's reads block; `interrupt` ends a block by this connection's id.
-                await conn.send_command("CLIENT", "ID")
-                client_id = int(await conn.read_response(timeout=timeout))
-            except BaseException as exc:
-                await self._discard(conn, node, owner, exc)
-                raise
-            self._reader_ids[owner] = (client_id, node)
-        return conn
-
-    async def _discard(
-        self,
-        conn: AbstractConnection | None,
-        node: ClusterNode | None,
-        owner: Hashable | None,
-        exc: BaseException,
-    ) -> None:
-        """After a command failed or was cancelled midway: a reply may still be on its way on
-        `conn`, so it is closed and given back, never reused as it is."""
-        if owner is not None:
-            self._reader_ids.pop(owner, None)
-        if isinstance(exc, _UNAVAILABLE) and self._cluster is not None:
-            self._stale_slots = True  # the node may be gone: fetch the map again
-        if conn is not None:
-            with anyio.CancelScope(shield=True):
-                await conn.disconnect(nowait=True)
-                if self._client is not None:
-                    await release_connection(self._client, conn, node)
 
     def _check_replicas(self, acknowledged: Any, what: str) -> None:
         if isinstance(acknowledged, int) and acknowledged >= self._min_replicas:
@@ -323,59 +240,6 @@ class RedisRouting(RedisConnection):
         if what == "publish":
             raise NotReplicated(message)
         _log.warning(message)
-
-    def _take(self, owner: Hashable | None, node: ClusterNode | None) -> AbstractConnection | None:
-        """A kept connection to `node` for `owner` (or a spare); None if there is none."""
-        if owner is not None:
-            held = self._readers.pop(owner, None)
-            if held is None:
-                return None
-            if held[1] is node:
-                return held[0]
-            # The topic's slot moved to another node (only a cluster's connections have one):
-            # this one has nothing to read; it goes back to its node's pool.
-            self._reader_ids.pop(owner, None)
-            if held[1] is not None:
-                held[1].release(held[0])  # type: ignore[arg-type]
-            return None
-        for index in range(len(self._spares) - 1, -1, -1):
-            if self._spares[index][1] is node:
-                return self._spares.pop(index)[0]
-        return None
-
-    async def _acquire(self, node: ClusterNode | None) -> AbstractConnection:
-        if node is None:
-            return await self.client.connection_pool.get_connection()  # type: ignore[no-any-return]
-        return node.acquire_connection()
-
-    async def interrupt(self, sub: Subscription, consumer: str) -> None:
-        # CLIENT UNBLOCK ends the consumer's blocking XREADGROUP as if it had timed out: what the
-        # server already delivered still reaches the reader, unlike a cancelled read (whose
-        # entries would stay pending and be charged an attempt when taken over).
-        self._interrupted.add((sub, consumer))
-        reader = self._reader_ids.get((sub, consumer))
-        if reader is None:
-            return
-        client_id, node = reader
-        try:
-            if node is None:
-                await self.client.execute_command("CLIENT", "UNBLOCK", client_id)
-            else:  # sent to the node the reader's connection is on
-                await node.execute_command("CLIENT", "UNBLOCK", client_id)
-        except ResponseError as exc:  # not allowed by the server's ACL: the fetch times out
-            _log.debug("cannot interrupt a blocking read", error=str(exc))
-
-    async def _keep(
-        self, conn: AbstractConnection, node: ClusterNode | None, owner: Hashable | None
-    ) -> None:
-        if self._client is None:  # the broker closed while the command ran
-            await conn.disconnect(nowait=True)
-        elif owner is not None:
-            self._readers[owner] = (conn, node)
-        elif len(self._spares) < _MAX_SPARES:
-            self._spares.append((conn, node))
-        else:
-            await release_connection(self._client, conn, node)
 
     # Scripts ------------------------------------------------------------------------------
 
@@ -455,63 +319,3 @@ class RedisRouting(RedisConnection):
                 raise
             await self._regroup(sub)
             return None
-
-
-async def _read_replies(
-    conn: AbstractConnection, count: int, *, errors_only: bool = False
-) -> list[Any]:
-    """`count` replies from `conn`, error replies as values (the caller's deadline bounds the
-    wait); with `errors_only`, only the error replies among them (a batch of writes whose
-    replies say nothing else).
-
-    Straight from the connection's hiredis reader when it has one, one `gets()` a reply:
-    redis-py's `read_response` wraps each reply in five calls and a timeout, about 2 µs, and an
-    ack batch carrying trace records gets two replies a record (measured with cProfile: the
-    drain's biggest cost of traces). A push message (RESP3) goes to the parser's handler, as
-    redis-py does; a connection parsed in Python goes through `read_response`.
-    """
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    if _NOT_ENOUGH_DATA is None or reader is None or not isinstance(parser, _AsyncHiredisParser):
-        replies: list[Any] = []
-        for _ in range(count):
-            try:
-                reply = await conn.read_response(timeout=_NO_TIMEOUT)
-            except ResponseError as exc:
-                replies.append(exc)
-            else:
-                if not errors_only:
-                    replies.append(reply)
-        return replies
-    replies = []
-    append, gets = replies.append, reader.gets
-    push = getattr(parser, "_hiredis_PushNotificationType", None) or _NeverPushed
-    remaining = count
-    while remaining:
-        reply = gets()
-        if type(reply) in _PLAIN:  # the common replies, with one check
-            if not errors_only:
-                append(reply)
-            remaining -= 1
-        elif reply is _NOT_ENOUGH_DATA:
-            try:
-                await parser.read_from_socket()  # type: ignore[no-untyped-call]
-            except OSError as exc:  # as redis-py reports it: a ConnectionError
-                raise RedisConnectionError(f"Error while reading from the server: {exc}") from exc
-        elif isinstance(reply, RedisConnectionError):  # hiredis's protocol errors
-            raise reply
-        elif isinstance(reply, push):
-            await parser.handle_push_response(reply)  # type: ignore[no-untyped-call]
-        else:
-            if not errors_only or isinstance(reply, Exception):
-                append(reply)
-            remaining -= 1
-    return replies
-
-
-_PLAIN = frozenset({int, bytes, list, dict, type(None)})
-_REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
-
-
-class _NeverPushed:
-    """No reply is one (a hiredis without push notifications)."""
