@@ -12,8 +12,10 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+import redis
 
 from omnidaemon.brokers import RedisBroker, Subscription
+from omnidaemon.brokers.redis._traces import BatchCache
 from omnidaemon.brokers.traces import Attempts, TraceWrite, encode_attempt
 from omnidaemon.traces.records import decode_record
 
@@ -22,9 +24,12 @@ pytestmark = pytest.mark.anyio
 CREATED = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
 
 
+PREFIX = f"tf{uuid4().hex[:8]}"
+
+
 @pytest.fixture
 async def broker(redis_url: str) -> AsyncIterator[RedisBroker]:
-    async with RedisBroker(redis_url, prefix=f"tf{uuid4().hex[:8]}") as b:
+    async with RedisBroker(redis_url, prefix=PREFIX) as b:
         yield b
 
 
@@ -107,3 +112,46 @@ async def test_a_server_without_the_script_still_takes_the_batch(broker: RedisBr
     for run in (first, second):
         stored = await broker.read_trace(run)
         assert stored is not None and list(stored.records) == [f"{run}|extract|1"]
+
+
+def _mget_calls(redis_url: str) -> int:
+    with redis.Redis.from_url(redis_url) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+async def test_a_run_read_again_fetches_only_the_batches_written_since(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    # What `trace --follow` and the dashboard do: read one run again and again. Its batches
+    # never change once written, so a reader fetches each once.
+    sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
+    await broker.subscribe(sub)
+    run = f"run-{uuid4().hex[:8]}"
+    for i in range(5):
+        await broker.ack(sub, [], trace=write([row(run, f"e{i}", "succeeded", 2.0)], bound=100))
+    first = await broker.read_trace(run)
+    assert first is not None and len(first.records) == 5
+    calls = _mget_calls(redis_url)
+    assert await broker.read_trace(run) == first
+    assert _mget_calls(redis_url) == calls  # nothing fetched again
+    await broker.ack(sub, [], trace=write([row(run, "e5", "succeeded", 2.0)], bound=100))
+    third = await broker.read_trace(run)
+    assert third is not None and set(third.records) == {f"e{i}|extract|1" for i in range(6)}
+    assert _mget_calls(redis_url) == calls + 1  # the new batch alone
+    # Another reader (no cache) reads the same.
+    async with RedisBroker(redis_url, prefix=PREFIX) as fresh:
+        assert await fresh.read_trace(run) == third
+
+
+def test_the_batch_cache_is_bounded_in_bytes_and_time() -> None:
+    cache = BatchCache(max_bytes=10, ttl=60)
+    cache.put("a", b"12345", 0)
+    cache.put("b", b"12345", 0)
+    assert cache.get("a", 1) == b"12345"  # used: "b" is now the least recently used
+    cache.put("c", b"123", 1)
+    assert cache.get("b", 1) is None and cache.get("a", 1) == b"12345"
+    assert cache.get("c", 1) == b"123"
+    assert cache.get("a", 61) is None  # read from the bus too long ago: read it again
+    cache.put("big", b"x" * 11, 1)  # larger than the whole cache: not kept
+    assert cache.get("big", 1) is None and cache.get("c", 1) == b"123"

@@ -29,12 +29,15 @@ about 12-20 %. All keys of a shard share one hash tag (`{trace-N}`: one shard on
   than the TTL (`MINID`).
 
 A reader of a run lists the shard's live directories, `HGET`s the run in each, and `MGET`s the
-batches they name, oldest first: a later record of a field replaces an earlier one.
+batches they name, oldest first: a later record of a field replaces an earlier one. A batch
+never changes once written, so a reader keeps those it read (`BatchCache`, for a minute
+each, 16 MiB at most) and fetches only the new ones when it reads the run again.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import orjson
 
@@ -51,10 +54,54 @@ from omnidaemon.brokers.traces import StoredTrace, encode_attempt
 __all__ = ["RedisTraces"]
 
 _SCAN_BATCH = 200  # index entries read at a time by `recent_runs`
+# A reader keeps the batch documents it read (they never change once written), so reading a
+# run again (`trace --follow`, the dashboard, `runs`) fetches only the batches written since.
+_CACHE_BYTES = 16 * 1024 * 1024
+_CACHE_FOR = 60.0  # seconds a kept batch is used before it is read again (it may expire)
+
+
+class BatchCache:
+    """Batch documents by key, at most `max_bytes` of them (the least recently used go
+    first), each used for `ttl` seconds after it was read from the bus: a batch expires with
+    its records, which a reader must stop showing."""
+
+    def __init__(self, max_bytes: int, ttl: float) -> None:
+        self._max_bytes = max_bytes
+        self._ttl = ttl
+        self._bytes = 0
+        self._kept: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> bytes | None:
+        """The document kept under `key`, unless it is unknown or was read too long ago."""
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        if kept[0] <= now:
+            self._drop(key)
+            return None
+        self._kept.move_to_end(key)
+        return kept[1]
+
+    def put(self, key: str, data: bytes, now: float) -> None:
+        """Keep `data`, read from the bus at `now`, under `key`."""
+        if len(data) > self._max_bytes:
+            return
+        if key in self._kept:
+            self._drop(key)
+        self._kept[key] = (now + self._ttl, data)
+        self._bytes += len(data)
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._kept)))
+
+    def _drop(self, key: str) -> None:
+        _, data = self._kept.pop(key)
+        self._bytes -= len(data)
 
 
 class RedisTraces(RedisTraceWrites):
     """The trace store of `RedisBroker`: its reads here, its writes inherited."""
+
+    _batch_cache: BatchCache | None = None  # made by the first read (workers never read)
 
     async def _live_dirs(self, shard: int) -> list[str]:
         """The shard's directories that may still hold records."""
@@ -87,10 +134,7 @@ class RedisTraces(RedisTraceWrites):
             ),
             key=_written_order,
         )
-        batches = []
-        if refs:
-            keys = [self.trace_batch_key(shard, ref) for ref, _ in refs]
-            batches = await self._direct(("MGET", *keys), key=count_key, timeout=_SOCKET_TIMEOUT)
+        batches = await self._batches([self.trace_batch_key(shard, ref) for ref, _ in refs])
         records: dict[str, bytes] = {}
         for (_, over), data in zip(refs, batches, strict=True):
             if data is None:  # expired
@@ -102,6 +146,28 @@ class RedisTraces(RedisTraceWrites):
         if not records and not dropped:
             return None
         return StoredTrace(records, dropped)
+
+    async def _batches(self, keys: list[str]) -> list[bytes | None]:
+        """The batch documents under `keys` (`None`: expired), those read lately from this
+        reader's cache and the others in one `MGET`."""
+        if not keys:
+            return []
+        cache = self._batch_cache
+        if cache is None:
+            cache = self._batch_cache = BatchCache(_CACHE_BYTES, _CACHE_FOR)
+        now = time.monotonic()
+        found = [cache.get(key, now) for key in keys]
+        missing = [key for key, data in zip(keys, found, strict=True) if data is None]
+        if missing:
+            fetched = iter(
+                await self._direct(("MGET", *missing), key=missing[0], timeout=_SOCKET_TIMEOUT)
+            )
+            for index, data in enumerate(found):
+                if data is None:
+                    data = found[index] = next(fetched)
+                    if data is not None:
+                        cache.put(keys[index], data, now)
+        return found
 
     async def run_of(self, event_id: str) -> str | None:
         shard = self.trace_shard(event_id)
