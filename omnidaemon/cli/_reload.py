@@ -97,8 +97,9 @@ def drop_cached_bytecode(paths: Iterable[str]) -> None:
     for path in paths:
         if not path.endswith(".py"):
             continue
-        with contextlib.suppress(OSError, NotImplementedError, ValueError):
-            os.remove(importlib.util.cache_from_source(path))
+        for optimization in ("", 1, 2):  # whatever the worker was started with (`-O`...)
+            with contextlib.suppress(OSError, NotImplementedError, ValueError):
+                os.remove(importlib.util.cache_from_source(path, optimization=optimization))
 
 
 def _start(argv: Sequence[str]) -> subprocess.Popen[bytes]:

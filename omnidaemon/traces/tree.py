@@ -138,9 +138,11 @@ def _time(value: Any) -> datetime | None:
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value)
+            when = datetime.fromisoformat(value)
         except ValueError:
             return None
+        # A publisher's time with no zone is UTC, as the worker takes it.
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC
 from functools import partial
 from typing import Any
 
@@ -127,7 +128,10 @@ class Running(Outcomes):
             await end_attempt(self, delivery, envelope.id, "succeeded", result=output)
         self.metrics.succeeded += 1
         now = time.time()
-        created = envelope.created_at.timestamp()
+        created_at = envelope.created_at
+        if created_at.tzinfo is None:  # a publisher's time with no zone: taken as UTC
+            created_at = created_at.replace(tzinfo=UTC)
+        created = created_at.timestamp()
         self.metrics.observe_latency(now - created)
         # A redelivery's ack goes out at once: its worker may be one a poison message kills.
         self._acks.add(delivery, urgent=delivery.attempt > 1)

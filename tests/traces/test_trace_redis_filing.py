@@ -54,9 +54,13 @@ def row(
 
 
 def write(
-    rows: list[Any], *, replacing: dict[str, int] | None = None, bound: int = 2
+    rows: list[Any],
+    *,
+    replacing: dict[str, int] | None = None,
+    bound: int = 2,
+    agent: str = "extract",
 ) -> TraceWrite:
-    attempts = Attempts("extract", "w1", rows, replacing or {})
+    attempts = Attempts(agent, "w1", rows, replacing or {})
     pointers = [(r[1], r[0]) for r in rows if r[1] != r[0]]
     return TraceWrite((), pointers, 60, bound, time.time(), attempts)
 
@@ -87,17 +91,23 @@ async def test_past_the_bound_new_records_are_dropped_and_an_end_still_replaces_
 async def test_the_bound_holds_what_a_run_grows_by_and_keeps_its_first_events_records(
     broker: RedisBroker,
 ) -> None:
-    # A run grows by the events its handlers publish; its first event's records are as many as
-    # the agents and attempts at it, so they never make the run one whose bound is checked.
+    # A run grows by the events its handlers publish and by retries. The first attempts at
+    # its first event, one per agent of the topic, never make it a run whose bound is checked.
     sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
     await broker.subscribe(sub)
     run = f"run-{uuid4().hex[:8]}"
-    firsts = [row(run, run, "retrying", 2.0, attempt) for attempt in range(1, 41)]
-    await broker.ack(sub, [], trace=write(firsts))  # 40 records, bound 2: all kept
+    for n in range(40):  # 40 agents on the first event's topic, bound 2: all kept
+        await broker.ack(sub, [], trace=write([row(run, run, "succeeded", 2.0)], agent=f"a{n}"))
     await broker.ack(sub, [], trace=write([row(run, f"c{i}") for i in range(40)]))  # grows
     stored = await broker.read_trace(run)
     assert stored is not None and len(stored.records) == 40 and stored.dropped == 40
-    assert all(name.startswith(f"{run}|") for name in stored.records)
+    assert all(name.startswith(f"{run}|a") for name in stored.records)
+    # Retries of the first event count: 40 of them make another run one that is checked.
+    other = f"run-{uuid4().hex[:8]}"
+    retries = [row(other, other, "retrying", 2.0, attempt) for attempt in range(1, 41)]
+    await broker.ack(sub, [], trace=write(retries))
+    stored = await broker.read_trace(other)
+    assert stored is None or stored.dropped > 0
 
 
 async def test_a_server_without_the_script_still_takes_the_batch(broker: RedisBroker) -> None:
@@ -120,6 +130,13 @@ def _mget_calls(redis_url: str) -> int:
     return int(stats.get("cmdstat_mget", {}).get("calls", 0))
 
 
+def _lookups(redis_url: str) -> int:
+    """Keys the server has looked up for reads (found or not)."""
+    with redis.Redis.from_url(redis_url) as client:
+        stats: dict[str, Any] = client.info("stats")
+    return int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
+
+
 async def test_a_run_read_again_fetches_only_the_batches_written_since(
     broker: RedisBroker, redis_url: str
 ) -> None:
@@ -132,20 +149,24 @@ async def test_a_run_read_again_fetches_only_the_batches_written_since(
         await broker.ack(sub, [], trace=write([row(run, f"e{i}", "succeeded", 2.0)], bound=100))
     first = await broker.read_trace(run)
     assert first is not None and len(first.records) == 5
-    calls = _mget_calls(redis_url)
+    calls, lookups = _mget_calls(redis_url), _lookups(redis_url)
     assert await broker.read_trace(run) == first
-    assert _mget_calls(redis_url) == calls  # nothing fetched again
+    assert _mget_calls(redis_url) == calls  # no batch fetched again
+    again = _lookups(redis_url) - lookups  # the directories alone
     await broker.ack(sub, [], trace=write([row(run, "e5", "succeeded", 2.0)], bound=100))
+    calls, lookups = _mget_calls(redis_url), _lookups(redis_url)
     third = await broker.read_trace(run)
     assert third is not None and set(third.records) == {f"e{i}|extract|1" for i in range(6)}
-    assert _mget_calls(redis_url) == calls + 1  # the new batch alone
+    assert _mget_calls(redis_url) == calls + 1
+    assert _lookups(redis_url) - lookups == again + 1  # the new batch alone
     # Another reader (no cache) reads the same.
     async with RedisBroker(redis_url, prefix=PREFIX) as fresh:
         assert await fresh.read_trace(run) == third
 
 
 def test_the_batch_cache_is_bounded_in_bytes_and_time() -> None:
-    cache = BatchCache(max_bytes=10, ttl=60)
+    # Each batch counts its bytes, its key's and about 200 for its entry.
+    cache = BatchCache(max_bytes=2 * 201 + 10, ttl=60)
     cache.put("a", b"12345", 0)
     cache.put("b", b"12345", 0)
     assert cache.get("a", 1) == b"12345"  # used: "b" is now the least recently used
@@ -153,5 +174,5 @@ def test_the_batch_cache_is_bounded_in_bytes_and_time() -> None:
     assert cache.get("b", 1) is None and cache.get("a", 1) == b"12345"
     assert cache.get("c", 1) == b"123"
     assert cache.get("a", 61) is None  # read from the bus too long ago: read it again
-    cache.put("big", b"x" * 11, 1)  # larger than the whole cache: not kept
+    cache.put("big", b"x" * 500, 1)  # larger than the whole cache: not kept
     assert cache.get("big", 1) is None and cache.get("c", 1) == b"123"

@@ -4,17 +4,20 @@ per-run bound; traces turned off; and the OpenTelemetry ids agreeing with the tr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 import pytest
 
 from omnidaemon import App, Context, Reject, Retry
+from omnidaemon.envelope import Envelope
 from omnidaemon.settings import Settings
 from omnidaemon.testing import TestApp
 from omnidaemon.traces import EventTrace
+from omnidaemon.traces.records import START_AFTER
 
 pytestmark = pytest.mark.anyio
 
@@ -152,6 +155,57 @@ async def test_a_cancelled_event_and_a_run_still_going() -> None:
     [attempt] = trace.events[0].handlings[0].attempts
     assert attempt.outcome == "cancelled"
     assert attempt.error == {"type": "Cancelled", "message": "user left"}
+
+
+async def test_a_long_attempt_that_succeeds_keeps_when_it_began_and_replaces_its_start() -> None:
+    app = App("slow", broker="memory://", settings=Settings(trace_max_records=1))
+    started, release = anyio.Event(), anyio.Event()
+
+    @app.agent("job.asked")
+    async def job(event: dict[str, Any]) -> None:
+        started.set()
+        await release.wait()
+
+    async with TestApp(app) as bus:
+        event_id = await bus.publish("job.asked", {})
+        await started.wait()
+        with anyio.fail_after(5):
+            while await app.trace(event_id) is None:
+                await anyio.sleep(0.01)  # its start record, once it has run START_AFTER
+        release.set()
+        await bus.drain()
+        trace = await app.trace(event_id)
+    assert trace is not None and trace.status == "succeeded"
+    [attempt] = trace.events[0].handlings[0].attempts
+    assert attempt.outcome == "succeeded"
+    assert attempt.duration is not None and attempt.duration >= START_AFTER
+    assert trace.dropped == 0  # the end replaced the start (the bound is 1 record)
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is not UTC (as on a developer's machine)."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("berlin")
+async def test_a_publishers_time_with_no_zone_is_taken_as_utc() -> None:
+    app = App("naive", broker="memory://")
+
+    @app.agent("job.asked")
+    async def job(event: dict[str, Any]) -> None: ...
+
+    naive = datetime(2026, 12, 4, 10, 0)
+    async with TestApp(app) as bus:
+        event = Envelope.new("job.asked", {}).model_copy(update={"created_at": naive})
+        await app.broker.publish("job.asked", event.encode())
+        await bus.drain()
+        trace = await app.trace(event.id)
+    assert trace is not None and trace.events[0].created_at == naive.replace(tzinfo=UTC)
 
 
 async def test_a_run_keeps_at_most_its_bound_and_counts_the_rest() -> None:

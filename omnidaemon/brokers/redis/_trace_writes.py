@@ -247,7 +247,7 @@ class RedisTraceWrites(RedisRouting):
             runs = [*map(_RUN, rows), *(run for run, _, _ in records)]
             parts = {0: _Part(list(rows), records, runs, list(write.pointers))}
             parts[0].grown = [
-                *(row[0] for row in rows if row[0] != row[1]),
+                *(row[0] for row in rows if row[0] != row[1] or row[6] > 1),
                 *(run for run, _, _ in records),
             ]
         else:
@@ -264,7 +264,7 @@ class RedisTraceWrites(RedisRouting):
                 part = part_of(row[0])
                 part.rows.append(row)
                 part.runs.append(row[0])
-                if row[0] != row[1]:
+                if row[0] != row[1] or row[6] > 1:
                     part.grown.append(row[0])
             for record in records:
                 part = part_of(record[0])
@@ -281,10 +281,10 @@ class RedisTraceWrites(RedisRouting):
         records from this process (counted here: a `Counter` updated, and its largest count
         among the batch's runs found, by C loops).
 
-        Only the records of events a run's handlers published are counted: a run grows by
-        them. Its first event's (whose id is the run's) are as many as its agents and their
-        attempts, so they are not; once a run is past `_UNCHECKED`, all of its records are
-        checked. A batch of runs of one event each, the usual case, so hashes nothing."""
+        The first attempts at a run's first event (whose id is the run's), one per agent of
+        its topic, are not counted: a run grows by the events its handlers publish and by
+        retries, which are. Once a run is past `_UNCHECKED`, all of its records are checked.
+        A batch of runs of one event each, the usual case, so hashes nothing."""
         counts = self._trace_counts
         if counts is None:
             counts = self._trace_counts = Counter()

@@ -84,18 +84,24 @@ class BatchCache:
 
     def put(self, key: str, data: bytes, now: float) -> None:
         """Keep `data`, read from the bus at `now`, under `key`."""
-        if len(data) > self._max_bytes:
+        if _size(key, data) > self._max_bytes:
             return
         if key in self._kept:
             self._drop(key)
         self._kept[key] = (now + self._ttl, data)
-        self._bytes += len(data)
+        self._bytes += _size(key, data)
         while self._bytes > self._max_bytes:
             self._drop(next(iter(self._kept)))
 
     def _drop(self, key: str) -> None:
         _, data = self._kept.pop(key)
-        self._bytes -= len(data)
+        self._bytes -= _size(key, data)
+
+
+def _size(key: str, data: bytes) -> int:
+    """What a kept batch takes: its document and key, and about 200 bytes of entry (the
+    objects and the dict's slot), which count when batches are small."""
+    return len(data) + len(key) + 200
 
 
 class RedisTraces(RedisTraceWrites):
@@ -234,4 +240,4 @@ def _written_order(filed: tuple[str, bool]) -> tuple[str, str, int]:
     writer's tenth batch in one millisecond comes after its ninth)."""
     when, _, rest = filed[0].partition(".")
     writer, _, count = rest.rpartition(".")
-    return when, writer, int(count) if count.isdigit() else 0
+    return when, writer, int(count) if count.isascii() and count.isdigit() else 0
