@@ -91,6 +91,16 @@ async def test_past_the_bound_new_records_are_dropped_and_an_end_still_replaces_
 async def test_the_bound_holds_what_a_run_grows_by_and_keeps_its_first_events_records(
     broker: RedisBroker,
 ) -> None:
+    await _the_bound_holds_what_a_run_grows_by(broker)
+
+
+async def test_on_a_cluster_the_bound_holds_what_a_run_grows_by(cluster_url: str) -> None:
+    # The records are split by shard there (16 on a cluster), each part counted on its own.
+    async with RedisBroker(cluster_url, prefix=PREFIX) as broker:
+        await _the_bound_holds_what_a_run_grows_by(broker)
+
+
+async def _the_bound_holds_what_a_run_grows_by(broker: RedisBroker) -> None:
     # A run grows by the events its handlers publish and by retries. The first attempts at
     # its first event, one per agent of the topic, never make it a run whose bound is checked.
     sub = Subscription(f"t-{uuid4().hex[:8]}", "extract")
