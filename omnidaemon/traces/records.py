@@ -140,7 +140,8 @@ class TraceBook:
         if started is None:
             started = now
         else:
-            self._replaces_start(delivery, envelope, started)
+            if self._start_written:
+                self._replaces_start(delivery, envelope, started)
             # Still among the running deliveries until its settle is over: a batch sent
             # meanwhile must not add its start record after (so over) this end.
             self._started[delivery] = started
@@ -167,8 +168,8 @@ class TraceBook:
         the call), and the event's fields read by one C call from the model's `__dict__`
         (pydantic's attributes are slower one by one). The values are kept as they are and
         encoded with the whole batch by the bus (see `take`)."""
-        if self._start_written and self._start_written.pop(delivery, None) == started:
-            self._count_replacing(envelope)
+        if self._start_written:  # checked here: the call is for the rare long attempt
+            self._replaces_start(delivery, envelope, started)
         event_id, correlation, topic, causation, source = _EVENT_FIELDS(envelope.__dict__)
         run = correlation or event_id
         self._rows.append(
@@ -195,12 +196,9 @@ class TraceBook:
         self, delivery: tuple[str, str], envelope: Envelope[Any], started: float
     ) -> None:
         """Count the end of an attempt whose start record went out: it replaces that record."""
-        if self._start_written and self._start_written.pop(delivery, None) == started:
-            self._count_replacing(envelope)
-
-    def _count_replacing(self, envelope: Envelope[Any]) -> None:
-        run = envelope.correlation_id or envelope.id
-        self._replacing[run] = self._replacing.get(run, 0) + 1
+        if self._start_written.pop(delivery, None) == started:
+            run = envelope.correlation_id or envelope.id
+            self._replacing[run] = self._replacing.get(run, 0) + 1
 
     def _append(
         self,

@@ -246,10 +246,6 @@ class RedisTraceWrites(RedisRouting):
         if self._trace_shards() == 1:  # one server: everything in one part, in one pass
             runs = [*map(_RUN, rows), *(run for run, _, _ in records)]
             parts = {0: _Part(list(rows), records, runs, list(write.pointers))}
-            parts[0].grown = [
-                *(row[0] for row in rows if row[0] != row[1] or row[6] > 1),
-                *(run for run, _, _ in records),
-            ]
         else:
             parts = {}
             shard_of = self.trace_shard
@@ -264,13 +260,10 @@ class RedisTraceWrites(RedisRouting):
                 part = part_of(row[0])
                 part.rows.append(row)
                 part.runs.append(row[0])
-                if row[0] != row[1] or row[6] > 1:
-                    part.grown.append(row[0])
             for record in records:
                 part = part_of(record[0])
                 part.records.append(record)
                 part.runs.append(record[0])
-                part.grown.append(record[0])
             for pointer in write.pointers:
                 part_of(pointer[0]).pointers.append(pointer)
         self._check_bound(parts, attempts.replacing if attempts is not None else {})
@@ -292,7 +285,10 @@ class RedisTraceWrites(RedisRouting):
         if large is None:
             large = self._large_runs = set()
         for part in parts.values():
-            grown = part.grown
+            # The runs of the records that count: every record but a first attempt at a
+            # run's first event (a row whose event is its run, attempt 1).
+            grown = [row[0] for row in part.rows if row[0] != row[1] or row[6] > 1]
+            grown += [run for run, _, _ in part.records]
             if grown:
                 counts.update(grown)
                 if max(map(counts.__getitem__, grown)) > _UNCHECKED:
@@ -362,10 +358,9 @@ class RedisTraceWrites(RedisRouting):
 
 class _Part:
     """What one shard files of a write: rows, records (text), every run they name (with
-    repeats), pointers, the runs of the records that count towards the bound, and the runs
-    whose bound the script checks, with their new records."""
+    repeats), pointers, and the runs whose bound the script checks, with their new records."""
 
-    __slots__ = ("checked", "grown", "pointers", "records", "rows", "runs")
+    __slots__ = ("checked", "pointers", "records", "rows", "runs")
 
     def __init__(
         self,
@@ -379,5 +374,3 @@ class _Part:
         self.runs = runs
         self.pointers = pointers
         self.checked: list[tuple[str, int]] = []
-        # The runs of the records that count towards their run's bound (see `_check_bound`).
-        self.grown: list[str] = []
